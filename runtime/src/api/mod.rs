@@ -1,0 +1,163 @@
+//! The HTTP front door: guest handlers under `/v1/handlers`, and the Open Inference Protocol
+//! (KServe v2) under `/v2` for direct model calls.
+
+mod error;
+mod oip;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use bytes::Bytes;
+use http_body_util::{Full, LengthLimitError};
+
+pub use self::error::ApiError;
+use crate::executor::ModelHandle;
+use crate::sandbox::Handler;
+
+/// What every route can see. Built once at start-up.
+pub struct AppState {
+    pub handlers: HashMap<String, Arc<Handler>>,
+    pub models: HashMap<String, ModelHandle>,
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    fn model(&self, name: &str) -> Result<&ModelHandle, ApiError> {
+        self.models
+            .get(name)
+            .ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))
+    }
+}
+
+/// All routes, with `{"error": ...}` 404s for everything else.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/handlers/{name}", any(invoke_root))
+        .route("/v1/handlers/{name}/", any(invoke_root))
+        .route("/v1/handlers/{name}/{*rest}", any(invoke))
+        .route("/v2", get(oip::server_metadata))
+        .route("/v2/health/live", get(oip::live))
+        .route("/v2/health/ready", get(oip::ready))
+        .route("/v2/models/{model}", get(oip::model_metadata))
+        .route("/v2/models/{model}/ready", get(oip::model_ready))
+        .route("/v2/models/{model}/infer", post(oip::infer))
+        .fallback(|request: Request| async move {
+            ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
+        })
+        .with_state(state)
+}
+
+async fn invoke_root(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    call_handler(&app, &name, "", request).await
+}
+
+async fn invoke(
+    State(app): State<Arc<AppState>>,
+    Path((name, rest)): Path<(String, String)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    call_handler(&app, &name, &rest, request).await
+}
+
+/// Runs handler `name` on `request`. The guest sees the part of the path after the handler's
+/// name, so a component written for `wasmtime serve` runs unchanged under its mount point.
+async fn call_handler(
+    app: &AppState,
+    name: &str,
+    rest: &str,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let handler = app
+        .handlers
+        .get(name)
+        .ok_or_else(|| ApiError::NotFound(format!("handler '{name}' not found")))?;
+    let (mut parts, body) = request.into_parts();
+    // Buffered before the sandbox starts, so a slow upload never holds a sandbox slot.
+    let body = read_body(body, &parts.headers, app.max_body_bytes).await?;
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("/{rest}?{q}"),
+        None => format!("/{rest}"),
+    };
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    parts.uri = http::Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path_and_query.as_str())
+        .build()
+        .map_err(|e| ApiError::BadRequest(format!("invalid request URI: {e}")))?;
+    let request = http::Request::from_parts(parts, Full::new(body));
+    let response = handler.call(request).await?;
+    Ok(response.map(Body::new))
+}
+
+/// Reads a whole body, refusing one over `limit` with 413 before reading it when the client
+/// declared its length.
+async fn read_body(body: Body, headers: &http::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        discard_body(body, limit.saturating_mul(DRAIN_FACTOR)).await;
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::iter::successors(
+            Some(&e as &(dyn std::error::Error + 'static)),
+            |e| e.source(),
+        )
+        .any(|e| e.is::<LengthLimitError>());
+        if too_large {
+            // The rest of the body is still in flight; `to_bytes` consumed the stream, so the
+            // connection closes after the response, which the client reads first.
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::BadRequest(format!("cannot read request body: {e}"))
+        }
+    })
+}
+
+/// Over-size bodies up to this multiple of the limit are read and dropped before answering 413,
+/// so that a client still writing gets the answer instead of a reset connection. Larger ones
+/// are cut off.
+const DRAIN_FACTOR: usize = 4;
+
+async fn discard_body(body: Body, budget: usize) {
+    use http_body_util::BodyExt as _;
+    let mut body = body;
+    let mut seen = 0usize;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > budget {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+}
+
+/// A JSON response with an explicit content type.
+fn json_response(status: http::StatusCode, value: &serde_json::Value) -> Response {
+    let mut response = (status, value.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,366 @@
+//! Open Inference Protocol (KServe v2) REST: health, metadata and `infer` with JSON tensors, plus
+//! the binary tensor data extension that the official clients use by default.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{ApiError, AppState, json_response, read_body};
+use crate::backend::OutputMeta;
+use crate::executor::{ModelHandle, ModelState};
+use crate::tensor::{self, DType, HostTensor};
+
+/// Header that splits a binary-extension body into its JSON part and raw tensor bytes.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// Models have one version; clients that name none get this one.
+const VERSION: &str = "1";
+
+pub(super) async fn live() -> Response {
+    json_response(StatusCode::OK, &json!({ "live": true }))
+}
+
+pub(super) async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    let ready = app
+        .models
+        .values()
+        .all(|m| matches!(m.state(), ModelState::Ready(_)));
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &json!({ "ready": ready }))
+}
+
+pub(super) async fn server_metadata() -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "name": "kiln",
+            "version": env!("CARGO_PKG_VERSION"),
+            "extensions": ["binary_tensor_data"],
+        }),
+    )
+}
+
+pub(super) async fn model_ready(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let model = app.model(&model)?;
+    let (status, ready) = match model.state() {
+        ModelState::Ready(_) => (StatusCode::OK, true),
+        ModelState::Loading | ModelState::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, false),
+    };
+    Ok(json_response(
+        status,
+        &json!({ "name": model.name(), "ready": ready }),
+    ))
+}
+
+pub(super) async fn model_metadata(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let model = app.model(&model)?;
+    let inputs: Vec<Value> = model
+        .config()
+        .inputs
+        .iter()
+        .map(|i| {
+            json!({
+                "name": i.name,
+                "datatype": i.dtype.wire_name(),
+                "shape": dims(&i.shape),
+            })
+        })
+        .collect();
+    let outputs: Vec<Value> = match model.state() {
+        ModelState::Ready(meta) => meta.iter().map(output_metadata).collect(),
+        // Output types are learned at warm-up; until then only the names are known.
+        ModelState::Loading | ModelState::Failed(_) => model
+            .config()
+            .outputs
+            .iter()
+            .map(|o| json!({ "name": o.name }))
+            .collect(),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "name": model.name(),
+            "versions": [VERSION],
+            "platform": "pytorch_libtorch",
+            "inputs": inputs,
+            "outputs": outputs,
+        }),
+    ))
+}
+
+fn output_metadata(meta: &OutputMeta) -> Value {
+    json!({
+        "name": meta.name,
+        "datatype": meta.dtype.wire_name(),
+        "shape": dims(&meta.shape),
+    })
+}
+
+fn dims(shape: &[Option<u32>]) -> Vec<i64> {
+    shape.iter().map(|d| d.map_or(-1, i64::from)).collect()
+}
+
+#[derive(Debug, Deserialize)]
+struct InferRequest {
+    #[serde(default)]
+    id: Option<String>,
+    inputs: Vec<RequestInput>,
+    #[serde(default)]
+    outputs: Option<Vec<RequestOutput>>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+pub(super) async fn infer(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let model = app.model(&model)?;
+    let body = read_body(body, &headers, app.max_body_bytes).await?;
+    let (header, mut binary) = split_binary(&headers, body)?;
+    let request: InferRequest = serde_json::from_slice(&header)
+        .map_err(|e| ApiError::BadRequest(format!("invalid inference request: {e}")))?;
+
+    let mut named = Vec::with_capacity(request.inputs.len());
+    for input in request.inputs {
+        let tensor = decode_input(&input, &mut binary)?;
+        named.push((input.name, tensor));
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} bytes of binary tensor data were not claimed by any input",
+            binary.len()
+        )));
+    }
+    let arranged = model.arrange_inputs(named)?;
+    let outputs = model.infer(arranged).await?;
+    encode_response(model, request.id, request.outputs, &request.parameters, outputs)
+}
+
+/// Splits the body at `Inference-Header-Content-Length`, if the client sent one.
+fn split_binary(headers: &HeaderMap, body: Bytes) -> Result<(Bytes, Bytes), ApiError> {
+    let Some(value) = headers.get(HEADER_LENGTH) else {
+        return Ok((body, Bytes::new()));
+    };
+    let len = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n <= body.len())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{HEADER_LENGTH} must be a byte count no larger than the body ({} bytes)",
+                body.len()
+            ))
+        })?;
+    let mut header = body;
+    let binary = header.split_off(len);
+    Ok((header, binary))
+}
+
+fn decode_input(input: &RequestInput, binary: &mut Bytes) -> Result<HostTensor, ApiError> {
+    let name = &input.name;
+    let dtype = DType::from_wire_name(&input.datatype).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "input '{name}': unsupported datatype '{}'",
+            input.datatype
+        ))
+    })?;
+    let shape = input
+        .shape
+        .iter()
+        .map(|&d| u32::try_from(d))
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "input '{name}': shape {:?} has a negative or oversized dimension",
+                input.shape
+            ))
+        })?;
+    let data = match (input.parameters.get("binary_data_size"), &input.data) {
+        (Some(size), _) => {
+            let size = size
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n <= binary.len())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "input '{name}': binary_data_size {size} exceeds the {} binary bytes left",
+                        binary.len()
+                    ))
+                })?;
+            binary.split_to(size).to_vec()
+        }
+        (None, Some(data)) => {
+            let mut flat = Vec::new();
+            flatten(data, &mut flat);
+            let expected = tensor::element_count(&shape).unwrap_or(usize::MAX);
+            if flat.len() != expected {
+                return Err(ApiError::BadRequest(format!(
+                    "input '{name}': shape {:?} needs {expected} values, got {}",
+                    shape,
+                    flat.len()
+                )));
+            }
+            tensor::json::encode(name, dtype, &flat)?
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(format!(
+                "input '{name}' has neither data nor binary_data_size"
+            )));
+        }
+    };
+    Ok(HostTensor::new(name, dtype, shape, data)?)
+}
+
+/// Row-major flattening of nested JSON arrays.
+fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
+        other => out.push(other),
+    }
+}
+
+fn wants_binary(parameters: &Map<String, Value>, key: &str) -> bool {
+    parameters.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn encode_response(
+    model: &ModelHandle,
+    id: Option<String>,
+    requested: Option<Vec<RequestOutput>>,
+    parameters: &Map<String, Value>,
+    outputs: Vec<HostTensor>,
+) -> Result<Response, ApiError> {
+    let all_binary = wants_binary(parameters, "binary_data_output");
+    let names = &model.config().outputs;
+    // Which outputs to return, and whether each goes as binary.
+    let selection: Vec<(usize, bool)> = match requested {
+        None => (0..names.len()).map(|i| (i, all_binary)).collect(),
+        Some(requested) => requested
+            .iter()
+            .map(|r| {
+                let at = names.iter().position(|o| o.name == r.name).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "requested output '{}' is not an output of model '{}'",
+                        r.name,
+                        model.name()
+                    ))
+                })?;
+                let binary = r
+                    .parameters
+                    .get("binary_data")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(all_binary);
+                Ok((at, binary))
+            })
+            .collect::<Result<_, ApiError>>()?,
+    };
+    let mut tail: Vec<u8> = Vec::new();
+    let mut described = Vec::with_capacity(selection.len());
+    for (at, binary) in selection {
+        let tensor = &outputs[at];
+        let mut out = json!({
+            "name": names[at].name,
+            "datatype": tensor.dtype.wire_name(),
+            "shape": tensor.shape,
+        });
+        if binary {
+            out["parameters"] = json!({ "binary_data_size": tensor.data.len() });
+            tail.extend_from_slice(&tensor.data);
+        } else {
+            out["data"] = Value::Array(tensor::json::decode(tensor.dtype, &tensor.data));
+        }
+        described.push(out);
+    }
+    let mut document = json!({
+        "model_name": model.name(),
+        "model_version": VERSION,
+        "outputs": described,
+    });
+    if let Some(id) = id {
+        document["id"] = Value::String(id);
+    }
+    if tail.is_empty() {
+        return Ok(json_response(StatusCode::OK, &document));
+    }
+    let header = document.to_string().into_bytes();
+    let header_len = header.len();
+    let mut body = header;
+    body.extend_from_slice(&tail);
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(HEADER_LENGTH, HeaderValue::from(header_len));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::ShapeSpec;
+
+    #[test]
+    fn flatten_is_row_major() {
+        let v = json!([[1, 2], [3, [4, 5]]]);
+        let mut out = Vec::new();
+        flatten(&v, &mut out);
+        let got: Vec<i64> = out.iter().filter_map(|v| v.as_i64()).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn binary_split_respects_the_header_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_LENGTH, HeaderValue::from_static("3"));
+        let (json, bin) = split_binary(&headers, Bytes::from_static(b"abcdef")).expect("split");
+        assert_eq!(&json[..], b"abc");
+        assert_eq!(&bin[..], b"def");
+        headers.insert(HEADER_LENGTH, HeaderValue::from_static("7"));
+        assert!(split_binary(&headers, Bytes::from_static(b"abcdef")).is_err());
+    }
+
+    #[test]
+    fn shape_display_matches_config_syntax() {
+        assert_eq!(ShapeSpec(&[None, Some(3)]).to_string(), "[-1, 3]");
+    }
+}

@@ -1,0 +1,223 @@
+//! The libtorch backend: loads a TorchScript module and runs `forward` on host tensors.
+//!
+//! Everything here blocks and must run on the model's own thread, never on an async worker.
+//! Fallible `f_*` calls are used throughout: a shape the model rejects is an error, not a panic.
+
+use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
+
+use crate::config::{Device, ModelConfig};
+use crate::tensor::{DType, HostTensor};
+
+/// A loaded TorchScript module, in eval mode on its device.
+pub struct TorchModel {
+    module: CModule,
+    device: TchDevice,
+    output_names: usize,
+}
+
+/// The dtype and shape of one output, as seen at warm-up (batch dimension reported as dynamic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputMeta {
+    pub name: String,
+    pub dtype: DType,
+    /// `None` where the dimension followed the batch (dimension 0).
+    pub shape: Vec<Option<u32>>,
+}
+
+fn tch_device(device: Device) -> Result<TchDevice, String> {
+    match device {
+        Device::Cpu => Ok(TchDevice::Cpu),
+        Device::Cuda(n) => {
+            let available = tch::Cuda::device_count().max(0) as usize;
+            if n < available {
+                Ok(TchDevice::Cuda(n))
+            } else {
+                Err(format!(
+                    "device cuda:{n} is not available (libtorch sees {available} CUDA devices)"
+                ))
+            }
+        }
+    }
+}
+
+fn kind(dtype: DType) -> Kind {
+    match dtype {
+        DType::F16 => Kind::Half,
+        DType::F32 => Kind::Float,
+        DType::F64 => Kind::Double,
+        DType::BF16 => Kind::BFloat16,
+        DType::U8 => Kind::Uint8,
+        DType::I32 => Kind::Int,
+        DType::I64 => Kind::Int64,
+    }
+}
+
+fn dtype(kind: Kind) -> Option<DType> {
+    Some(match kind {
+        Kind::Half => DType::F16,
+        Kind::Float => DType::F32,
+        Kind::Double => DType::F64,
+        Kind::BFloat16 => DType::BF16,
+        Kind::Uint8 => DType::U8,
+        Kind::Int => DType::I32,
+        Kind::Int64 => DType::I64,
+        _ => return None,
+    })
+}
+
+impl TorchModel {
+    /// Loads the module named by `config` onto its device.
+    pub fn load(config: &ModelConfig) -> Result<TorchModel, String> {
+        let device = tch_device(config.device)?;
+        let mut module = CModule::load_on_device(&config.path, device).map_err(|e| {
+            format!(
+                "cannot load TorchScript file {}: {}",
+                config.path.display(),
+                first_line(&e.to_string())
+            )
+        })?;
+        module.set_eval();
+        Ok(TorchModel {
+            module,
+            device,
+            output_names: config.outputs.len(),
+        })
+    }
+
+    /// Runs `forward` with `inputs` as positional arguments, under no-grad.
+    ///
+    /// Returns one tensor per configured output name, in order; a module that returns fewer
+    /// tensors than configured is an error, extra ones are ignored.
+    pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, String> {
+        tch::no_grad(|| {
+            let args = inputs
+                .iter()
+                .map(|t| self.to_torch(t).map(IValue::Tensor))
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = self
+                .module
+                .forward_is(&args)
+                .map_err(|e| format!("forward failed: {}", first_line(&e.to_string())))?;
+            let mut tensors = Vec::with_capacity(self.output_names);
+            flatten_outputs(out, &mut tensors)?;
+            if tensors.len() < self.output_names {
+                return Err(format!(
+                    "the model returned {} tensors but {} outputs are configured",
+                    tensors.len(),
+                    self.output_names
+                ));
+            }
+            tensors.truncate(self.output_names);
+            tensors.iter().map(from_torch).collect()
+        })
+    }
+
+    fn to_torch(&self, t: &HostTensor) -> Result<Tensor, String> {
+        let shape: Vec<i64> = t.shape.iter().map(|&d| i64::from(d)).collect();
+        let cpu = Tensor::f_from_data_size(&t.data, &shape, kind(t.dtype))
+            .map_err(|e| format!("cannot build input tensor: {e}"))?;
+        if self.device == TchDevice::Cpu {
+            Ok(cpu)
+        } else {
+            cpu.f_to_device(self.device)
+                .map_err(|e| format!("cannot move input to {:?}: {e}", self.device))
+        }
+    }
+}
+
+fn flatten_outputs(value: IValue, out: &mut Vec<Tensor>) -> Result<(), String> {
+    match value {
+        IValue::Tensor(t) => out.push(t),
+        IValue::Tuple(items) | IValue::GenericList(items) => {
+            for item in items {
+                flatten_outputs(item, out)?;
+            }
+        }
+        IValue::TensorList(ts) => out.extend(ts),
+        other => {
+            return Err(format!(
+                "the model returned a value Kiln cannot map to tensors: {}",
+                ivalue_kind(&other)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::None => "None",
+        IValue::Bool(_) => "bool",
+        IValue::Int(_) => "int",
+        IValue::Double(_) => "float",
+        IValue::String(_) => "string",
+        IValue::GenericDict(_) => "dict",
+        IValue::Object(_) => "object",
+        _ => "value",
+    }
+}
+
+fn from_torch(t: &Tensor) -> Result<HostTensor, String> {
+    let dtype = dtype(t.kind())
+        .ok_or_else(|| format!("the model returned a {:?} tensor, which Kiln cannot carry", t.kind()))?;
+    let t = t
+        .f_to_device(TchDevice::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(|e| format!("cannot read output: {e}"))?;
+    let shape = t
+        .size()
+        .iter()
+        .map(|&d| u32::try_from(d).map_err(|_| format!("output dimension {d} is out of range")))
+        .collect::<Result<Vec<u32>, String>>()?;
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * dtype.size()];
+    t.f_copy_data_u8(&mut data, numel)
+        .map_err(|e| format!("cannot copy output: {e}"))?;
+    Ok(HostTensor { dtype, shape, data })
+}
+
+/// Zero-filled inputs with every dynamic dimension set to 1, for warm-up.
+pub fn warmup_inputs(config: &ModelConfig) -> Vec<HostTensor> {
+    config
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<u32> = spec.shape.iter().map(|d| d.unwrap_or(1)).collect();
+            let bytes = shape.iter().map(|&d| d as usize).product::<usize>() * spec.dtype.size();
+            HostTensor {
+                dtype: spec.dtype,
+                shape,
+                data: vec![0; bytes],
+            }
+        })
+        .collect()
+}
+
+/// Output metadata from a warm-up result: dimension 0 is the batch and so dynamic.
+pub fn output_meta(config: &ModelConfig, outputs: &[HostTensor]) -> Vec<OutputMeta> {
+    config
+        .outputs
+        .iter()
+        .zip(outputs)
+        .map(|(spec, t)| OutputMeta {
+            name: spec.name.clone(),
+            dtype: t.dtype,
+            shape: t
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| (i != 0).then_some(d))
+                .collect(),
+        })
+        .collect()
+}
+
+/// libtorch errors carry a C++ backtrace after the first line; callers only need the reason.
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// Whether libtorch can see a CUDA device in this process.
+pub fn cuda_available() -> bool {
+    tch::Cuda::is_available()
+}

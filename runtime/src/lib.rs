@@ -1,0 +1,16 @@
+//! Kiln: a model server whose request handlers are WebAssembly components, each request in a
+//! fresh sandbox, calling Kiln's own `wasi:nn` on libtorch.
+//!
+//! The request path flows one way: [`api`] (HTTP) → [`sandbox`] (wasmtime) → [`nn`] (the
+//! `wasi:nn` host) → [`executor`] (the per-model queue) → [`backend`] (libtorch).
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod executor;
+pub mod nn;
+pub mod sandbox;
+pub mod server;
+pub mod tensor;

@@ -1,0 +1,393 @@
+//! Host-side tensors: element types, byte sizes, and checks against a model's declared inputs.
+//!
+//! A [`HostTensor`] is plain bytes plus a dtype and shape; it is what crosses between the sandbox,
+//! the HTTP API and the backend. Nothing here depends on libtorch.
+
+use std::fmt;
+
+use crate::config::InputSpec;
+
+/// Element types Kiln carries. Wire names follow the Open Inference Protocol; wasi:nn's
+/// `tensor-type` maps one to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    F32,
+    F64,
+    BF16,
+    U8,
+    I32,
+    I64,
+}
+
+impl DType {
+    pub const ALL: [DType; 7] = [
+        DType::F16,
+        DType::F32,
+        DType::F64,
+        DType::BF16,
+        DType::U8,
+        DType::I32,
+        DType::I64,
+    ];
+
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::U8 => 1,
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 | DType::I32 => 4,
+            DType::F64 | DType::I64 => 8,
+        }
+    }
+
+    /// The Open Inference Protocol name (`FP32`, `INT64`, ...).
+    pub const fn wire_name(self) -> &'static str {
+        match self {
+            DType::F16 => "FP16",
+            DType::F32 => "FP32",
+            DType::F64 => "FP64",
+            DType::BF16 => "BF16",
+            DType::U8 => "UINT8",
+            DType::I32 => "INT32",
+            DType::I64 => "INT64",
+        }
+    }
+
+    /// Accepts the OIP names and wasi:nn's shorter ones (`I64`, `U8`).
+    pub fn from_wire_name(name: &str) -> Option<DType> {
+        Some(match name {
+            "FP16" => DType::F16,
+            "FP32" => DType::F32,
+            "FP64" => DType::F64,
+            "BF16" => DType::BF16,
+            "UINT8" | "U8" => DType::U8,
+            "INT32" | "I32" => DType::I32,
+            "INT64" | "I64" => DType::I64,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.wire_name())
+    }
+}
+
+/// A dense, row-major tensor in host memory.
+#[derive(Clone, PartialEq)]
+pub struct HostTensor {
+    pub dtype: DType,
+    pub shape: Vec<u32>,
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for HostTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostTensor")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
+/// Why a tensor does not fit where it was sent. The message always names the tensor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TensorError(pub String);
+
+/// Number of elements for `shape`, or `None` on overflow.
+pub fn element_count(shape: &[u32]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
+}
+
+/// Bytes a tensor of this dtype and shape must have, or `None` on overflow.
+pub fn byte_len(dtype: DType, shape: &[u32]) -> Option<usize> {
+    element_count(shape)?.checked_mul(dtype.size())
+}
+
+impl HostTensor {
+    /// Builds a tensor after checking that `data` has exactly the bytes `shape` needs.
+    pub fn new(
+        name: &str,
+        dtype: DType,
+        shape: Vec<u32>,
+        data: Vec<u8>,
+    ) -> Result<HostTensor, TensorError> {
+        let expected = byte_len(dtype, &shape).ok_or_else(|| {
+            TensorError(format!("input '{name}': shape {shape:?} is too large"))
+        })?;
+        if data.len() != expected {
+            return Err(TensorError(format!(
+                "input '{name}': {dtype} tensor of shape {shape:?} needs {expected} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(HostTensor { dtype, shape, data })
+    }
+
+    /// Rows along the batch (first) dimension.
+    pub fn rows(&self) -> u32 {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Checks dtype, rank and fixed dimensions against the model's declaration.
+    pub fn check(&self, spec: &InputSpec) -> Result<(), TensorError> {
+        let name = &spec.name;
+        if self.dtype != spec.dtype {
+            return Err(TensorError(format!(
+                "input '{name}': expected dtype {}, got {}",
+                spec.dtype, self.dtype
+            )));
+        }
+        if self.shape.len() != spec.shape.len() {
+            return Err(TensorError(format!(
+                "input '{name}': expected rank {} (shape {}), got shape {:?}",
+                spec.shape.len(),
+                ShapeSpec(&spec.shape),
+                self.shape
+            )));
+        }
+        for (axis, (&got, want)) in self.shape.iter().zip(&spec.shape).enumerate() {
+            match want {
+                Some(w) if *w != got => {
+                    return Err(TensorError(format!(
+                        "input '{name}': dimension {axis} must be {w} (shape {}), got shape {:?}",
+                        ShapeSpec(&spec.shape),
+                        self.shape
+                    )));
+                }
+                _ if got == 0 => {
+                    return Err(TensorError(format!(
+                        "input '{name}': dimension {axis} is 0; empty tensors are not accepted"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        match byte_len(self.dtype, &self.shape) {
+            Some(n) if n == self.data.len() => Ok(()),
+            Some(n) => Err(TensorError(format!(
+                "input '{name}': {} tensor of shape {:?} needs {n} bytes, got {}",
+                self.dtype,
+                self.shape,
+                self.data.len()
+            ))),
+            None => Err(TensorError(format!(
+                "input '{name}': shape {:?} is too large",
+                self.shape
+            ))),
+        }
+    }
+}
+
+/// Formats a declared shape the way the config writes it: `[-1, 1, 8, 8]`.
+pub struct ShapeSpec<'a>(pub &'a [Option<u32>]);
+
+impl fmt::Display for ShapeSpec<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match d {
+                Some(d) => write!(f, "{d}")?,
+                None => f.write_str("-1")?,
+            }
+        }
+        f.write_str("]")
+    }
+}
+
+/// Little-endian encoding of JSON numbers into tensor bytes and back, for the OIP JSON API.
+pub mod json {
+    use super::{DType, TensorError};
+    use half::{bf16, f16};
+    use serde_json::Value;
+
+    /// Appends `values` (flattened, row-major) as `dtype` bytes. Integers must be integral and in
+    /// range; floats are rounded to the target precision.
+    pub fn encode(name: &str, dtype: DType, values: &[&Value]) -> Result<Vec<u8>, TensorError> {
+        let mut out = Vec::with_capacity(values.len() * dtype.size());
+        for (i, v) in values.iter().enumerate() {
+            let bad = || {
+                TensorError(format!(
+                    "input '{name}': element {i} ({v}) is not a valid {dtype} value"
+                ))
+            };
+            match dtype {
+                DType::F32 => out.extend((v.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
+                DType::F64 => out.extend(v.as_f64().ok_or_else(bad)?.to_le_bytes()),
+                DType::F16 => out.extend(f16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes()),
+                DType::BF16 => {
+                    out.extend(bf16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes())
+                }
+                DType::U8 => {
+                    let n = v.as_u64().filter(|n| *n <= u8::MAX as u64).ok_or_else(bad)?;
+                    out.push(n as u8);
+                }
+                DType::I32 => {
+                    let n = v.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or_else(bad)?;
+                    out.extend(n.to_le_bytes());
+                }
+                DType::I64 => out.extend(v.as_i64().ok_or_else(bad)?.to_le_bytes()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes little-endian tensor bytes into JSON numbers.
+    pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<Value> {
+        let chunks = bytes.chunks_exact(dtype.size());
+        match dtype {
+            DType::F32 => chunks
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .map(float)
+                .collect(),
+            DType::F64 => chunks
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .map(float)
+                .collect(),
+            DType::F16 => chunks
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .map(float)
+                .collect(),
+            DType::BF16 => chunks
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+                .map(float)
+                .collect(),
+            DType::U8 => bytes.iter().map(|&b| Value::from(b)).collect(),
+            DType::I32 => chunks
+                .map(|c| Value::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+            DType::I64 => chunks
+                .map(|c| {
+                    Value::from(i64::from_le_bytes([
+                        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                    ]))
+                })
+                .collect(),
+        }
+    }
+
+    /// JSON has no NaN or infinity; they become `null` rather than an invalid document.
+    fn float(x: f64) -> Value {
+        serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(dtype: DType, shape: &[i64]) -> InputSpec {
+        InputSpec {
+            name: "x".into(),
+            dtype,
+            shape: shape
+                .iter()
+                .map(|&d| (d >= 0).then_some(d as u32))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn byte_sizes_match_each_dtype() {
+        let expected = [
+            (DType::F16, 2),
+            (DType::F32, 4),
+            (DType::F64, 8),
+            (DType::BF16, 2),
+            (DType::U8, 1),
+            (DType::I32, 4),
+            (DType::I64, 8),
+        ];
+        for (dtype, size) in expected {
+            assert_eq!(dtype.size(), size, "{dtype}");
+            assert_eq!(byte_len(dtype, &[2, 3]), Some(6 * size), "{dtype}");
+            assert!(HostTensor::new("x", dtype, vec![2, 3], vec![0; 6 * size]).is_ok());
+            let err = HostTensor::new("x", dtype, vec![2, 3], vec![0; 6 * size - 1])
+                .expect_err("one byte short must be refused");
+            assert!(err.0.contains("input 'x'"), "{err}");
+        }
+    }
+
+    #[test]
+    fn wire_names_round_trip_and_accept_wasi_nn_aliases() {
+        for dtype in DType::ALL {
+            assert_eq!(DType::from_wire_name(dtype.wire_name()), Some(dtype));
+        }
+        assert_eq!(DType::from_wire_name("I64"), Some(DType::I64));
+        assert_eq!(DType::from_wire_name("U8"), Some(DType::U8));
+        assert_eq!(DType::from_wire_name("float32"), None);
+    }
+
+    #[test]
+    fn overflowing_shape_is_an_error_not_a_panic() {
+        let err = HostTensor::new("x", DType::F64, vec![u32::MAX, u32::MAX, u32::MAX], vec![])
+            .expect_err("overflow");
+        assert!(err.0.contains("too large"), "{err}");
+    }
+
+    #[test]
+    fn json_round_trip_for_every_dtype() {
+        let values = [json!(0), json!(1), json!(2), json!(100)];
+        let values: Vec<&serde_json::Value> = values.iter().collect();
+        for dtype in DType::ALL {
+            let bytes = json::encode("x", dtype, &values).expect("encode");
+            assert_eq!(bytes.len(), values.len() * dtype.size(), "{dtype}");
+            let back = json::decode(dtype, &bytes);
+            let back: Vec<f64> = back.iter().map(|v| v.as_f64().expect("number")).collect();
+            assert_eq!(back, vec![0.0, 1.0, 2.0, 100.0], "{dtype}");
+        }
+    }
+
+    #[test]
+    fn json_encoding_is_little_endian_and_rounds_half_precision() {
+        assert_eq!(
+            json::encode("x", DType::F32, &[&json!(1.0)]).expect("f32"),
+            1.0f32.to_le_bytes()
+        );
+        assert_eq!(
+            json::encode("x", DType::I64, &[&json!(-2)]).expect("i64"),
+            (-2i64).to_le_bytes()
+        );
+        // 0.1 is not exact in fp16; the nearest fp16 value comes back.
+        let b = json::encode("x", DType::F16, &[&json!(0.1)]).expect("f16");
+        let back = json::decode(DType::F16, &b)[0].as_f64().expect("number");
+        assert!((back - 0.1).abs() < 1e-4, "{back}");
+        let b = json::encode("x", DType::BF16, &[&json!(3.0)]).expect("bf16");
+        assert_eq!(b, half::bf16::from_f32(3.0).to_le_bytes());
+    }
+
+    #[test]
+    fn json_refuses_out_of_range_integers() {
+        let err = json::encode("ids", DType::U8, &[&json!(256)]).expect_err("256 is not a u8");
+        assert!(err.0.contains("input 'ids'") && err.0.contains("element 0"), "{err}");
+        assert!(json::encode("ids", DType::I32, &[&json!(1.5)]).is_err());
+        assert!(json::encode("ids", DType::F32, &[&json!("1")]).is_err());
+    }
+
+    #[test]
+    fn check_names_the_input_and_what_differs() {
+        let t = HostTensor::new("x", DType::F32, vec![2, 3], vec![0; 24]).expect("tensor");
+        assert!(t.check(&spec(DType::F32, &[-1, 3])).is_ok());
+        let e = t.check(&spec(DType::I64, &[-1, 3])).expect_err("dtype");
+        assert_eq!(e.0, "input 'x': expected dtype INT64, got FP32");
+        let e = t.check(&spec(DType::F32, &[-1, 3, 1])).expect_err("rank");
+        assert_eq!(e.0, "input 'x': expected rank 3 (shape [-1, 3, 1]), got shape [2, 3]");
+        let e = t.check(&spec(DType::F32, &[-1, 4])).expect_err("dim");
+        assert_eq!(e.0, "input 'x': dimension 1 must be 4 (shape [-1, 4]), got shape [2, 3]");
+        let empty = HostTensor::new("x", DType::F32, vec![0, 3], vec![]).expect("tensor");
+        assert!(empty.check(&spec(DType::F32, &[-1, 3])).is_err());
+        let short = HostTensor { dtype: DType::F32, shape: vec![2, 3], data: vec![0; 23] };
+        let e = short.check(&spec(DType::F32, &[-1, 3])).expect_err("bytes");
+        assert_eq!(e.0, "input 'x': FP32 tensor of shape [2, 3] needs 24 bytes, got 23");
+    }
+}
