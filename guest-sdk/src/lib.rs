@@ -1,0 +1,183 @@
+//! Write Kiln request handlers in a few lines.
+//!
+//! A handler is a `wasm32-wasip2` component that exports `wasi:http/incoming-handler` and imports
+//! `wasi:nn`. This crate hides both behind a [`Request`] → [`Response`] function, with
+//! [`Model::load`] and [`Model::infer`] for inference. The component stays standard: it runs
+//! under Kiln and under `wasmtime serve -S nn` alike.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use kiln_guest::{Error, Handler, Model, Request, Response, Tensor};
+//!
+//! struct Doubler;
+//!
+//! impl Handler for Doubler {
+//!     fn handle(request: Request) -> Result<Response, Error> {
+//!         let values: Vec<f32> = request.json()?;
+//!         let model = Model::load("doubler")?;
+//!         let input = Tensor::from_f32(&[1, values.len() as u32], &values)?;
+//!         let outputs = model.infer(&[("x", input)])?;
+//!         let doubled = outputs.get("y")?.to_f32()?;
+//!         Response::json(200, &doubled)
+//!     }
+//! }
+//!
+//! kiln_guest::export_handler!(Doubler);
+//! ```
+
+#![warn(missing_docs)]
+
+mod http;
+mod nn;
+
+pub use crate::http::{Request, Response};
+pub use crate::nn::{DType, Model, Outputs, Tensor};
+
+use std::fmt;
+
+/// A request handler. Each request runs `handle` in a fresh instance of the component.
+pub trait Handler {
+    /// Answers one request. An `Err` becomes a JSON `{"error": ...}` response with the error's
+    /// [status](Error::status).
+    fn handle(request: Request) -> Result<Response, Error>;
+}
+
+/// What went wrong, with the HTTP status it maps to and, for inference failures, wasi:nn's code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    status: u16,
+    code: Option<ErrorCode>,
+    message: String,
+}
+
+/// wasi:nn's error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The inputs did not match the model.
+    InvalidArgument,
+    /// The graph encoding is not supported.
+    InvalidEncoding,
+    /// The operation timed out, or the model is overloaded.
+    Timeout,
+    /// The model failed while running.
+    RuntimeError,
+    /// The operation is not supported.
+    UnsupportedOperation,
+    /// A tensor or graph is too large.
+    TooLarge,
+    /// No model has that name (for this handler).
+    NotFound,
+    /// The operation is not allowed (for example loading a graph from bytes).
+    Security,
+    /// Anything else.
+    Unknown,
+}
+
+impl Error {
+    /// The client sent something the handler cannot use (HTTP 400).
+    pub fn bad_request(message: impl Into<String>) -> Error {
+        Error {
+            status: 400,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// The handler itself failed (HTTP 500).
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error {
+            status: 500,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// An error with an explicit HTTP status.
+    pub fn with_status(status: u16, message: impl Into<String>) -> Error {
+        Error {
+            status,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// An inference error as wasi:nn reported it.
+    pub fn inference(code: ErrorCode, message: impl Into<String>) -> Error {
+        let status = match code {
+            ErrorCode::InvalidArgument | ErrorCode::TooLarge => 400,
+            ErrorCode::Timeout => 503,
+            _ => 500,
+        };
+        Error {
+            status,
+            code: Some(code),
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// wasi:nn's code, when the error came from inference.
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "{code:?}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Error {
+        Error::bad_request(format!("invalid JSON: {e}"))
+    }
+}
+
+/// Exports a [`Handler`] as the component's `wasi:http/incoming-handler`.
+#[macro_export]
+macro_rules! export_handler {
+    ($handler:ty) => {
+        struct __KilnIncomingHandler;
+
+        impl $crate::__private::IncomingHandler for __KilnIncomingHandler {
+            fn handle(
+                request: $crate::__private::IncomingRequest,
+                out: $crate::__private::ResponseOutparam,
+            ) {
+                $crate::__private::serve::<$handler>(request, out)
+            }
+        }
+
+        $crate::__private::wasi::http::proxy::export!(__KilnIncomingHandler);
+    };
+}
+
+/// The raw `wasi:nn` bindings, for what the typed API does not cover (for example calling
+/// `load` with graph bytes, which Kiln refuses with `security`).
+pub mod raw {
+    pub use crate::nn::bindings::wasi::nn::*;
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::http::serve;
+    pub use wasi;
+    pub use wasi::exports::http::incoming_handler::Guest as IncomingHandler;
+    pub use wasi::http::types::{IncomingRequest, ResponseOutparam};
+}
