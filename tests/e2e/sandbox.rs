@@ -1,0 +1,122 @@
+//! Sandbox limits and capabilities: deadline, memory, stack, WASI grants nothing, and Kiln's
+//! wasi:nn answers guests with codes, never traps.
+
+use std::time::{Duration, Instant};
+
+use super::{client, json_of, server};
+use serde_json::Value;
+
+async fn get(path: &str) -> (u16, Value) {
+    json_of(client().get(server().url(path)).send().await.expect("get")).await
+}
+
+async fn digits_still_works() {
+    let (status, body) = json_of(
+        client()
+            .post(server().url("/v2/models/digits/infer"))
+            .json(&serde_json::json!({ "inputs": [{ "name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": vec![0.5; 64] }] }))
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let response = client().post(server().url("/v1/handlers/misbehave/echo")).body("after").send().await.expect("post");
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_stopped_at_its_deadline() {
+    let started = Instant::now();
+    let (status, body) = get("/v1/handlers/misbehave/loop").await;
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"], "handler 'misbehave' exceeded its deadline of 1000 ms");
+    assert!(took >= Duration::from_millis(990) && took < Duration::from_secs(5), "took {took:?}");
+    digits_still_works().await;
+}
+
+#[tokio::test]
+async fn a_memory_bomb_traps_at_the_limit() {
+    let (status, body) = get("/v1/handlers/misbehave/memory").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"], "handler 'misbehave' exceeded its memory limit of 32 MiB");
+    digits_still_works().await;
+}
+
+#[tokio::test]
+async fn unbounded_recursion_traps_as_a_stack_overflow() {
+    let (status, body) = get("/v1/handlers/misbehave/recurse").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"], "handler 'misbehave' trapped: stack overflow");
+    digits_still_works().await;
+}
+
+#[tokio::test]
+async fn wasi_grants_no_files_and_no_environment() {
+    let response = client().get(server().url("/v1/handlers/misbehave/file")).send().await.expect("get");
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.expect("body");
+    assert!(text.starts_with("denied"), "{text}");
+    let (status, env) = get("/v1/handlers/misbehave/env").await;
+    assert_eq!(status, 200);
+    assert_eq!(env, serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn guest_output_reaches_the_server_log_tagged_with_the_handler() {
+    let response = client().get(server().url("/v1/handlers/misbehave/print")).send().await.expect("get");
+    assert_eq!(response.status().as_u16(), 200);
+    // Log lines are written as the guest prints; give the writer a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = server().log_text();
+        let tagged = |needle: &str| {
+            log.lines().any(|l| l.contains("handler=misbehave") && l.contains(needle))
+        };
+        if tagged("hello from the guest's stdout") && tagged("hello from the guest's stderr") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "guest output not in the log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn load_from_bytes_is_refused_as_security() {
+    let (status, body) = get("/v1/handlers/misbehave/nn/load-bytes").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], "Security");
+}
+
+#[tokio::test]
+async fn only_allowed_models_can_be_loaded_and_paths_are_just_unknown_names() {
+    let (_, body) = get("/v1/handlers/misbehave/nn/load?digits").await;
+    assert_eq!(body["code"], "ok", "{body}");
+    for name in ["minilm", "../build/models/digits.pt", "/etc/passwd", "a/../../b", "nope"] {
+        let (status, body) = get(&format!("/v1/handlers/misbehave/nn/load?{name}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["code"], "NotFound", "{name}: {body}");
+        assert_eq!(body["message"], format!("model '{name}' not found"));
+    }
+}
+
+#[tokio::test]
+async fn wrong_inputs_are_invalid_argument_naming_the_input_never_a_trap() {
+    let (_, ok) = get("/v1/handlers/misbehave/nn/compute?ok").await;
+    assert_eq!(ok["code"], "ok", "{ok}");
+    let cases = [
+        ("name", "model 'digits': input 'pixels' is not an input of model 'digits' (expected [\"image\"])"),
+        ("dtype", "model 'digits': input 'image': expected dtype FP32, got INT64"),
+        ("rank", "model 'digits': input 'image': expected rank 4 (shape [-1, 1, 8, 8]), got shape [1, 64]"),
+        ("shape", "model 'digits': input 'image': dimension 3 must be 8 (shape [-1, 1, 8, 8]), got shape [1, 1, 8, 9]"),
+        ("bytes", "model 'digits': input 'image': FP32 tensor of shape [1, 1, 8, 8] needs 256 bytes, got 7"),
+        ("empty", "model 'digits': input 'image': expected rank 4 (shape [-1, 1, 8, 8]), got shape [0]"),
+    ];
+    for (case, message) in cases {
+        let (status, body) = get(&format!("/v1/handlers/misbehave/nn/compute?{case}")).await;
+        assert_eq!(status, 200, "{case}: {body}");
+        assert_eq!(body["code"], "InvalidArgument", "{case}: {body}");
+        assert_eq!(body["message"], message, "{case}");
+    }
+}
