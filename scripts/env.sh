@@ -1,0 +1,8 @@
+# Sourced by the other scripts: the project-local Python venv and the libtorch it carries.
+KILN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export KILN_ROOT
+export VIRTUAL_ENV="$KILN_ROOT/.venv"
+export PATH="$VIRTUAL_ENV/bin:$HOME/.cargo/bin:$PATH"
+# tch builds against the torch wheel in the venv (PyTorch 2.11.0, pinned for tch 0.24).
+export LIBTORCH_USE_PYTORCH=1
+export KILN_PYTHON="$VIRTUAL_ENV/bin/python"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs and builds everything Kiln's examples and tests need. Idempotent: each step is
+# skipped (or is a no-op for cargo) when its output is already up to date.
+#   1. the wasm32-wasip2 Rust target
+#   2. a project-local Python venv with torch 2.11.0 and the export/test dependencies
+#   3. the example models: digits (trained here) and MiniLM (traced), with test references
+#   4. the guest components, and 5. the release build of `kiln`
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$KILN_ROOT"
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    step "adding the wasm32-wasip2 target"
+    rustup target add wasm32-wasip2
+fi
+
+stamp=.venv/.kiln-requirements
+want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    step "creating the Python venv (.venv) with torch 2.11.0"
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+    echo "$want" > "$stamp"
+fi
+
+# Re-export a model when it is missing or older than the script that makes it.
+export_if_stale() {
+    local script=$1; shift
+    for out in "$@"; do
+        if [ ! -e "$out" ] || [ "$script" -nt "$out" ] || [ "$stamp" -nt "$out" ]; then
+            step "exporting $(basename "$script" .py)"
+            .venv/bin/python "$script" build
+            return
+        fi
+    done
+}
+export_if_stale examples/export/digits.py build/models/digits.pt build/holdout/digits
+export_if_stale examples/export/embeddings.py build/models/minilm.pt build/models/minilm-vocab.txt \
+    build/reference/embeddings.json
+
+step "building the guest components (wasm32-wasip2)"
+cargo build --quiet --profile guest --target wasm32-wasip2 -p digits -p embeddings -p misbehave
+
+step "building kiln (release)"
+cargo build --quiet --release -p kiln -p kiln-tests
