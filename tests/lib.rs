@@ -55,10 +55,10 @@ outputs = [{{ name = "logits" }}]
 name = "minilm"
 path = "{minilm}"
 inputs = [
-    {{ name = "input_ids", dtype = "INT64", shape = [-1, -1] }},
-    {{ name = "attention_mask", dtype = "INT64", shape = [-1, -1] }},
+    {{ name = "input_ids", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0 }},
+    {{ name = "attention_mask", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0 }},
 ]
-outputs = [{{ name = "last_hidden_state" }}]
+outputs = [{{ name = "last_hidden_state", ragged_dim = 1 }}]
 
 [[handler]]
 name = "digits"

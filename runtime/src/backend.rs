@@ -212,9 +212,14 @@ pub fn output_meta(config: &ModelConfig, outputs: &[HostTensor]) -> Vec<OutputMe
         .collect()
 }
 
-/// libtorch errors carry a C++ backtrace after the first line; callers only need the reason.
+/// libtorch errors carry a TorchScript traceback and a C++ backtrace; callers only need the
+/// reason, which is the last `...Error: ...` line when there is one.
 fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or(s)
+    s.lines()
+        .rev()
+        .find(|l| l.contains("Error: "))
+        .or_else(|| s.lines().next())
+        .map_or(s, str::trim)
 }
 
 /// Whether libtorch can see a CUDA device in this process.

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Sandbox slots in the pooling allocator: the most guest instances alive at once.
     pub max_instances: u32,
+    /// The highest priority a direct OIP request may ask for with `kiln-priority`.
+    pub oip_max_priority: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +43,25 @@ pub struct ModelConfig {
     pub outputs: Vec<OutputSpec>,
     /// Forward passes run at load, before the model reports ready.
     pub warmup_runs: u32,
+    pub batching: BatchPolicy,
+    /// Executor instances (each a thread with its own copy of the module).
+    pub instances: u32,
+    /// Longest a request may wait for its result; a request may ask for less, never more.
+    pub timeout: Duration,
+}
+
+/// How the scheduler merges concurrent requests for one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Most rows in one forward pass; 1 turns batching off.
+    pub max_batch_size: u32,
+    /// How long the oldest request may wait for a fuller batch, and only while another batch
+    /// is running: an idle model never waits.
+    pub max_queue_delay: Duration,
+    /// Batch sizes the model runs best at, ascending; a batch is trimmed to the largest that fits.
+    pub preferred_batch_sizes: Vec<u32>,
+    /// Requests waiting beyond this are refused as overloaded.
+    pub max_queue_size: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +86,25 @@ pub struct InputSpec {
     pub dtype: DType,
     /// `None` marks a dynamic dimension (`-1` in the file).
     pub shape: Vec<Option<u32>>,
+    /// A dynamic dimension that differs between requests of one batch: it is padded with
+    /// `pad` to the longest in the batch.
+    pub ragged: Option<Ragged>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ragged {
+    pub dim: usize,
+    pub pad: f64,
+}
+
+impl Eq for Ragged {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputSpec {
     pub name: String,
+    /// The output dimension that follows the inputs' ragged dimension; it is cut back to each
+    /// caller's own length.
+    pub ragged_dim: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +115,10 @@ pub struct HandlerConfig {
     pub models: Vec<String>,
     pub memory_limit_bytes: u64,
     pub deadline: Duration,
+    /// Scheduling priority of this handler's inference (higher runs first).
+    pub priority: u8,
+    /// The highest priority a request may ask for with the `kiln-priority` header.
+    pub max_priority: u8,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -88,6 +127,12 @@ pub const DEFAULT_MAX_INSTANCES: u32 = 256;
 pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 128;
 pub const DEFAULT_DEADLINE_MS: u64 = 10_000;
 pub const DEFAULT_WARMUP_RUNS: u32 = 2;
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
+pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 0;
+pub const DEFAULT_MAX_QUEUE_SIZE: u32 = 1024;
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// Priorities run from 0 (default) to this.
+pub const MAX_PRIORITY: u8 = 9;
 
 /// Everything that can be wrong with a config file.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +172,7 @@ struct RawServer {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
     max_instances: Option<u32>,
+    oip_max_priority: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +185,19 @@ struct RawModel {
     inputs: Vec<RawInput>,
     outputs: Vec<RawOutput>,
     warmup_runs: Option<u32>,
+    #[serde(default)]
+    batching: RawBatching,
+    instances: Option<u32>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatching {
+    max_batch_size: Option<u32>,
+    max_queue_delay_us: Option<u64>,
+    preferred_batch_sizes: Option<Vec<u32>>,
+    max_queue_size: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,12 +206,15 @@ struct RawInput {
     name: String,
     dtype: String,
     shape: Vec<i64>,
+    ragged_dim: Option<usize>,
+    pad: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOutput {
     name: String,
+    ragged_dim: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +226,8 @@ struct RawHandler {
     models: Vec<String>,
     memory_limit_mib: Option<u64>,
     deadline_ms: Option<u64>,
+    priority: Option<u8>,
+    max_priority: Option<u8>,
 }
 
 impl Config {
@@ -284,11 +348,21 @@ impl Validator<'_> {
                 format!("{max_instances} is out of range (1 ..= 10000)"),
             ));
         }
+        let oip_max_priority = raw.oip_max_priority.unwrap_or(0);
+        self.priority("server.oip_max_priority", oip_max_priority)?;
         Ok(ServerConfig {
             listen,
             max_body_bytes: max_body_bytes as usize,
             max_instances,
+            oip_max_priority,
         })
+    }
+
+    fn priority(&self, field: &str, p: u8) -> Result<(), ConfigError> {
+        if p > MAX_PRIORITY {
+            return Err(self.invalid(field, format!("{p} is out of range (0 ..= {MAX_PRIORITY})")));
+        }
+        Ok(())
     }
 
     fn name(&self, field: &str, name: &str) -> Result<(), ConfigError> {
@@ -370,10 +444,28 @@ impl Validator<'_> {
                     }
                 });
             }
+            let ragged = match (input.ragged_dim, input.pad) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(self.invalid(field("pad"), "pad is only used with ragged_dim"));
+                }
+                (Some(dim), pad) => {
+                    if dim == 0 || dim >= shape.len() || shape[dim].is_some() {
+                        return Err(self.invalid(
+                            field("ragged_dim"),
+                            format!(
+                                "{dim} must name a dynamic (-1) dimension other than the batch dimension 0"
+                            ),
+                        ));
+                    }
+                    Some(Ragged { dim, pad: pad.unwrap_or(0.0) })
+                }
+            };
             inputs.push(InputSpec {
                 name: input.name,
                 dtype,
                 shape,
+                ragged,
             });
         }
         if raw.outputs.is_empty() {
@@ -387,11 +479,38 @@ impl Validator<'_> {
                     format!("output name '{}' is empty or repeated", output.name),
                 ));
             }
-            outputs.push(OutputSpec { name: output.name });
+            if output.ragged_dim.is_some() && !inputs.iter().any(|i| i.ragged.is_some()) {
+                return Err(self.invalid(
+                    at(&format!("outputs[{j}].ragged_dim")),
+                    "no input declares a ragged_dim to follow",
+                ));
+            }
+            if output.ragged_dim == Some(0) {
+                return Err(self.invalid(
+                    at(&format!("outputs[{j}].ragged_dim")),
+                    "0 is the batch dimension",
+                ));
+            }
+            outputs.push(OutputSpec {
+                name: output.name,
+                ragged_dim: output.ragged_dim,
+            });
         }
         let warmup_runs = raw.warmup_runs.unwrap_or(DEFAULT_WARMUP_RUNS);
         if warmup_runs > 100 {
             return Err(self.invalid(at("warmup_runs"), format!("{warmup_runs} is over 100")));
+        }
+        let batching = self.batching(&at("batching"), raw.batching)?;
+        let instances = raw.instances.unwrap_or(1);
+        if !(1..=64).contains(&instances) {
+            return Err(self.invalid(at("instances"), format!("{instances} is out of range (1 ..= 64)")));
+        }
+        let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        if !(1..=3_600_000).contains(&timeout_ms) {
+            return Err(self.invalid(
+                at("timeout_ms"),
+                format!("{timeout_ms} is out of range (1 ..= 3600000)"),
+            ));
         }
         Ok(ModelConfig {
             path: self.path(&raw.path),
@@ -400,6 +519,40 @@ impl Validator<'_> {
             inputs,
             outputs,
             warmup_runs,
+            batching,
+            instances,
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+
+    fn batching(&self, at: &str, raw: RawBatching) -> Result<BatchPolicy, ConfigError> {
+        let field = |f: &str| format!("{at}.{f}");
+        let max_batch_size = raw.max_batch_size.unwrap_or(DEFAULT_MAX_BATCH_SIZE).max(1);
+        if max_batch_size > 4096 {
+            return Err(self.invalid(field("max_batch_size"), format!("{max_batch_size} is over 4096")));
+        }
+        let delay = raw.max_queue_delay_us.unwrap_or(DEFAULT_MAX_QUEUE_DELAY_US);
+        if delay > 10_000_000 {
+            return Err(self.invalid(field("max_queue_delay_us"), format!("{delay} is over 10 s")));
+        }
+        let mut preferred = raw.preferred_batch_sizes.unwrap_or_default();
+        preferred.sort_unstable();
+        preferred.dedup();
+        if let Some(bad) = preferred.iter().find(|&&p| p == 0 || p > max_batch_size) {
+            return Err(self.invalid(
+                field("preferred_batch_sizes"),
+                format!("{bad} is not between 1 and max_batch_size ({max_batch_size})"),
+            ));
+        }
+        let max_queue_size = raw.max_queue_size.unwrap_or(DEFAULT_MAX_QUEUE_SIZE);
+        if max_queue_size == 0 {
+            return Err(self.invalid(field("max_queue_size"), "must be at least 1"));
+        }
+        Ok(BatchPolicy {
+            max_batch_size,
+            max_queue_delay: Duration::from_micros(delay),
+            preferred_batch_sizes: preferred,
+            max_queue_size,
         })
     }
 
@@ -433,12 +586,24 @@ impl Validator<'_> {
                 format!("{ms} is out of range (1 ..= 3600000)"),
             ));
         }
+        let priority = raw.priority.unwrap_or(0);
+        self.priority(&at("priority"), priority)?;
+        let max_priority = raw.max_priority.unwrap_or(priority);
+        self.priority(&at("max_priority"), max_priority)?;
+        if max_priority < priority {
+            return Err(self.invalid(
+                at("max_priority"),
+                format!("{max_priority} is below the handler's priority {priority}"),
+            ));
+        }
         Ok(HandlerConfig {
             component: self.path(&raw.component),
             name: raw.name,
             models: raw.models,
             memory_limit_bytes: mib << 20,
             deadline: Duration::from_millis(ms),
+            priority,
+            max_priority,
         })
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::executor::{InferError, ModelHandle};
+use crate::executor::{InferError, InferOptions, ModelHandle};
 use crate::tensor::{DType, HostTensor};
 
 mod generated {
@@ -52,16 +52,18 @@ pub struct NnError {
     pub message: String,
 }
 
-/// Per-request state for `wasi:nn`: which models this guest may see.
+/// Per-request state for `wasi:nn`: which models this guest may see, and how its inference is
+/// scheduled.
 #[derive(Clone, Default)]
 pub struct NnCtx {
     models: Arc<HashMap<String, ModelHandle>>,
+    options: InferOptions,
 }
 
 impl NnCtx {
     /// `models` is the handler's allow-list, already resolved to executors.
-    pub fn new(models: Arc<HashMap<String, ModelHandle>>) -> NnCtx {
-        NnCtx { models }
+    pub fn new(models: Arc<HashMap<String, ModelHandle>>, options: InferOptions) -> NnCtx {
+        NnCtx { models, options }
     }
 }
 
@@ -128,7 +130,7 @@ fn tensor_type(dtype: DType) -> tensor::TensorType {
 fn error_code(e: &InferError) -> ErrorCode {
     match e {
         InferError::InvalidInput(_) => ErrorCode::InvalidArgument,
-        InferError::Overloaded(_) => ErrorCode::Timeout,
+        InferError::Overloaded(_) | InferError::Timeout { .. } => ErrorCode::Timeout,
         InferError::NotReady { .. } | InferError::Runtime { .. } | InferError::Closed(_) => {
             ErrorCode::RuntimeError
         }
@@ -198,7 +200,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 );
             }
         };
-        let outputs = match model.infer(arranged).await {
+        let outputs = match model.infer(arranged, self.ctx.options).await {
             Ok(outputs) => outputs,
             Err(e) => return self.fail(error_code(&e), e.to_string()),
         };

@@ -29,7 +29,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::config::HandlerConfig;
-use crate::executor::ModelHandle;
+use crate::executor::{InferOptions, ModelHandle};
 use crate::nn::{self, NnCtx, NnState, NnView};
 
 /// How often the engine's epoch advances: the granularity of deadlines and of yielding.
@@ -133,7 +133,9 @@ impl Sandbox {
             pre,
             memory_limit: config.memory_limit_bytes,
             deadline: config.deadline,
-            nn: NnCtx::new(Arc::new(models)),
+            priority: config.priority,
+            max_priority: config.max_priority,
+            models: Arc::new(models),
         })
     }
 }
@@ -159,7 +161,18 @@ pub struct Handler {
     pre: ProxyPre<RequestState>,
     memory_limit: u64,
     deadline: Duration,
-    nn: NnCtx,
+    priority: u8,
+    max_priority: u8,
+    models: Arc<HashMap<String, ModelHandle>>,
+}
+
+/// What a caller may ask of one request's scheduling.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallOptions {
+    /// Requested priority; capped at the handler's maximum. `None` uses the handler's own.
+    pub priority: Option<u8>,
+    /// A shorter inference timeout than the models' own.
+    pub timeout: Option<Duration>,
 }
 
 impl Handler {
@@ -167,14 +180,27 @@ impl Handler {
         &self.name
     }
 
+    fn infer_options(&self, options: CallOptions) -> InferOptions {
+        InferOptions {
+            priority: options
+                .priority
+                .map_or(self.priority, |p| p.min(self.max_priority)),
+            timeout: options.timeout,
+        }
+    }
+
     /// Runs the guest on `request` in a fresh sandbox.
     ///
     /// Returns once the guest has set its response; the body keeps streaming from the guest,
     /// within the same deadline.
-    pub async fn call(&self, request: http::Request<Full<Bytes>>) -> Result<GuestResponse, GuestError> {
+    pub async fn call(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        options: CallOptions,
+    ) -> Result<GuestResponse, GuestError> {
         let started = Instant::now();
         let deadline = started + self.deadline;
-        let mut store = self.new_store(deadline);
+        let mut store = self.new_store(deadline, self.infer_options(options));
         let (sender, receiver) = oneshot::channel();
         let internal = |e: wasmtime::Error| GuestError::Internal {
             handler: self.name.to_string(),
@@ -191,7 +217,7 @@ impl Handler {
         let name = Arc::clone(&self.name);
         let limit = self.memory_limit;
         let budget = self.deadline;
-        let guest = tokio::spawn(async move {
+        let mut guest = AbortOnDrop(Some(tokio::spawn(async move {
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
                 proxy
@@ -207,7 +233,7 @@ impl Handler {
                     deadline: budget,
                 }),
             }
-        });
+        })));
 
         let outcome = match receiver.await {
             Ok(Ok(response)) => Ok(response),
@@ -216,14 +242,19 @@ impl Handler {
                 code,
             }),
             // The guest dropped the outparam without setting it: its task says why.
-            Err(_) => match guest.await {
-                Ok(Ok(())) => Err(GuestError::NoResponse {
+            Err(_) => match guest.0.as_mut() {
+                Some(task) => match task.await {
+                    Ok(Ok(())) => Err(GuestError::NoResponse {
+                        handler: self.name.to_string(),
+                    }),
+                    Ok(Err(e)) => Err(e),
+                    Err(join) => Err(GuestError::Internal {
+                        handler: self.name.to_string(),
+                        reason: join.to_string(),
+                    }),
+                },
+                None => Err(GuestError::NoResponse {
                     handler: self.name.to_string(),
-                }),
-                Ok(Err(e)) => Err(e),
-                Err(join) => Err(GuestError::Internal {
-                    handler: self.name.to_string(),
-                    reason: join.to_string(),
                 }),
             },
         };
@@ -233,10 +264,14 @@ impl Handler {
             ok = outcome.is_ok(),
             "guest answered"
         );
+        if outcome.is_ok() {
+            // The guest keeps streaming the body within its deadline; let its task run on.
+            guest.disarm();
+        }
         outcome
     }
 
-    fn new_store(&self, deadline: Instant) -> Store<RequestState> {
+    fn new_store(&self, deadline: Instant, options: InferOptions) -> Store<RequestState> {
         let mut wasi = WasiCtx::builder();
         wasi.stdout(GuestLog::new(&self.name, "stdout"))
             .stderr(GuestLog::new(&self.name, "stderr"))
@@ -249,7 +284,7 @@ impl Handler {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks: DenyOutgoing,
-            nn: self.nn.clone(),
+            nn: NnCtx::new(Arc::clone(&self.models), options),
             limits: GuestLimits {
                 memory: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
                 memory_exceeded: false,
@@ -269,6 +304,25 @@ impl Handler {
             }
         });
         store
+    }
+}
+
+/// Aborts the guest's task when the caller goes away before the response: a client that
+/// disconnected frees its sandbox, and its queued inference is skipped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<Result<(), GuestError>>>);
+
+impl AbortOnDrop {
+    /// Lets the task run on by itself (a dropped JoinHandle detaches).
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 

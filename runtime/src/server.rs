@@ -57,6 +57,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         handlers,
         models,
         max_body_bytes: config.server.max_body_bytes,
+        oip_max_priority: config.server.oip_max_priority,
     })
 }
 

@@ -294,6 +294,7 @@ mod tests {
                 .iter()
                 .map(|&d| (d >= 0).then_some(d as u32))
                 .collect(),
+            ragged: None,
         }
     }
 

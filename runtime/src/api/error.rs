@@ -43,6 +43,7 @@ impl ApiError {
                 InferError::NotReady { .. } | InferError::Overloaded(_) | InferError::Closed(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
+                InferError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 InferError::Runtime { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::Guest(e) => match e {
@@ -63,6 +64,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::PayloadTooLarge { .. } => "too_large",
             ApiError::Infer(InferError::Overloaded(_)) => "overloaded",
+            ApiError::Infer(InferError::Timeout { .. }) => "timeout",
             ApiError::Infer(_) => "inference",
             ApiError::Guest(GuestError::Deadline { .. }) => "guest_deadline",
             ApiError::Guest(GuestError::MemoryLimit { .. }) => "guest_memory",

@@ -3,6 +3,7 @@
 
 mod error;
 mod oip;
+mod stats;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,13 +19,16 @@ use http_body_util::{Full, LengthLimitError};
 
 pub use self::error::ApiError;
 use crate::executor::ModelHandle;
-use crate::sandbox::Handler;
+use crate::config::MAX_PRIORITY;
+use crate::sandbox::{CallOptions, Handler};
 
 /// What every route can see. Built once at start-up.
 pub struct AppState {
     pub handlers: HashMap<String, Arc<Handler>>,
     pub models: HashMap<String, ModelHandle>,
     pub max_body_bytes: usize,
+    /// The highest `kiln-priority` a direct OIP call may ask for.
+    pub oip_max_priority: u8,
 }
 
 impl AppState {
@@ -41,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/handlers/{name}", any(invoke_root))
         .route("/v1/handlers/{name}/", any(invoke_root))
         .route("/v1/handlers/{name}/{*rest}", any(invoke))
+        .route("/v1/stats", get(stats::snapshot))
         .route("/v2", get(oip::server_metadata))
         .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))
@@ -100,9 +105,47 @@ async fn call_handler(
         .path_and_query(path_and_query.as_str())
         .build()
         .map_err(|e| ApiError::BadRequest(format!("invalid request URI: {e}")))?;
+    let request_headers = parts.headers.clone();
     let request = http::Request::from_parts(parts, Full::new(body));
-    let response = handler.call(request).await?;
+    let options = CallOptions {
+        priority: priority_header(&request_headers)?,
+        timeout: timeout_header(&request_headers)?,
+    };
+    let response = handler.call(request, options).await?;
     Ok(response.map(Body::new))
+}
+
+/// Header asking for a scheduling priority (0 ..= 9, higher first), capped by configuration.
+pub const PRIORITY_HEADER: &str = "kiln-priority";
+/// Header asking for a shorter inference timeout than the model's, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "kiln-timeout-ms";
+
+fn header_number(headers: &http::HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest(format!("header {name} must be a whole number")))
+        })
+        .transpose()
+}
+
+fn priority_header(headers: &http::HeaderMap) -> Result<Option<u8>, ApiError> {
+    match header_number(headers, PRIORITY_HEADER)? {
+        Some(p) if p > u64::from(MAX_PRIORITY) => Err(ApiError::BadRequest(format!(
+            "header {PRIORITY_HEADER} must be 0 to {MAX_PRIORITY}, got {p}"
+        ))),
+        p => Ok(p.map(|p| p as u8)),
+    }
+}
+
+fn timeout_header(headers: &http::HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
+    match header_number(headers, TIMEOUT_HEADER)? {
+        Some(0) => Err(ApiError::BadRequest(format!("header {TIMEOUT_HEADER} must be at least 1"))),
+        t => Ok(t.map(std::time::Duration::from_millis)),
+    }
 }
 
 /// Reads a whole body, refusing one over `limit` with 413 before reading it when the client

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, json_response, read_body};
+use super::{ApiError, AppState, json_response, priority_header, read_body, timeout_header};
+use crate::executor::InferOptions;
 use crate::backend::OutputMeta;
 use crate::executor::{ModelHandle, ModelState};
 use crate::tensor::{self, DType, HostTensor};
@@ -169,7 +170,11 @@ pub(super) async fn infer(
         )));
     }
     let arranged = model.arrange_inputs(named)?;
-    let outputs = model.infer(arranged).await?;
+    let options = InferOptions {
+        priority: priority_header(&headers)?.map_or(0, |p| p.min(app.oip_max_priority)),
+        timeout: timeout_header(&headers)?,
+    };
+    let outputs = model.infer(arranged, options).await?;
     encode_response(model, request.id, request.outputs, &request.parameters, outputs)
 }
 

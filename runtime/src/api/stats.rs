@@ -1,0 +1,62 @@
+//! `GET /v1/stats`: one JSON snapshot of every model's scheduler counters.
+//!
+//! Counters are cumulative since start; rates and averages come from two snapshots (for example
+//! `kiln bench` reads one before and one after a run to report the average batch size).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use super::{AppState, json_response};
+use crate::executor::{BATCH_BUCKETS, ModelState};
+
+pub(super) async fn snapshot(State(app): State<Arc<AppState>>) -> Response {
+    let mut names: Vec<&String> = app.models.keys().collect();
+    names.sort();
+    let models: Vec<Value> = names
+        .into_iter()
+        .map(|name| {
+            let model = &app.models[name];
+            let c = model.counters();
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            let inferences = load(&c.inferences);
+            let executions = load(&c.executions);
+            let mut buckets = serde_json::Map::new();
+            for (i, count) in c.batch_sizes.iter().enumerate() {
+                let label = BATCH_BUCKETS
+                    .get(i)
+                    .map_or_else(|| format!(">{}", BATCH_BUCKETS[BATCH_BUCKETS.len() - 1]), |b| format!("<={b}"));
+                buckets.insert(label, json!(load(count)));
+            }
+            let state = match model.state() {
+                ModelState::Loading => "loading",
+                ModelState::Ready(_) => "ready",
+                ModelState::Failed(_) => "failed",
+            };
+            let config = model.config();
+            json!({
+                "name": name,
+                "state": state,
+                "device": config.device.to_string(),
+                "instances": config.instances,
+                "max_batch_size": config.batching.max_batch_size,
+                "queued": c.queued.load(Ordering::Relaxed),
+                "inferences": inferences,
+                "executions": executions,
+                "rows": load(&c.rows),
+                "dropped": load(&c.dropped),
+                "overloaded": load(&c.overloaded),
+                "timeouts": load(&c.timeouts),
+                "queue_wait_us": load(&c.queue_wait_us),
+                "forward_us": load(&c.forward_us),
+                "average_batch_size": if executions == 0 { 0.0 } else { inferences as f64 / executions as f64 },
+                "batch_sizes": buckets,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "models": models }))
+}
