@@ -46,6 +46,10 @@ pub struct ModelConfig {
     pub batching: BatchPolicy,
     /// Executor instances (each a thread with its own copy of the module).
     pub instances: u32,
+    /// libtorch intra-op threads per instance. Small models run best on one: a thread pool's
+    /// hand-offs cost more than their forward pass, and idle pool threads spin on cores the
+    /// sandboxes need.
+    pub threads: u32,
     /// Longest a request may wait for its result; a request may ask for less, never more.
     pub timeout: Duration,
 }
@@ -188,6 +192,7 @@ struct RawModel {
     #[serde(default)]
     batching: RawBatching,
     instances: Option<u32>,
+    threads: Option<u32>,
     timeout_ms: Option<u64>,
 }
 
@@ -505,6 +510,10 @@ impl Validator<'_> {
         if !(1..=64).contains(&instances) {
             return Err(self.invalid(at("instances"), format!("{instances} is out of range (1 ..= 64)")));
         }
+        let threads = raw.threads.unwrap_or(1);
+        if !(1..=256).contains(&threads) {
+            return Err(self.invalid(at("threads"), format!("{threads} is out of range (1 ..= 256)")));
+        }
         let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
         if !(1..=3_600_000).contains(&timeout_ms) {
             return Err(self.invalid(
@@ -521,6 +530,7 @@ impl Validator<'_> {
             warmup_runs,
             batching,
             instances,
+            threads,
             timeout: Duration::from_millis(timeout_ms),
         })
     }

@@ -530,6 +530,8 @@ fn run_instance(
 ) {
     let config = &shared.config;
     let started = Instant::now();
+    // Applies to this thread's own parallel regions, so instances do not share one pool.
+    tch::set_num_threads(config.threads as i32);
     let model = match load_and_warm_up(config) {
         Ok((model, meta)) => {
             tracing::info!(
@@ -669,6 +671,7 @@ mod tests {
             warmup_runs: 1,
             batching,
             instances,
+            threads: 1,
             timeout: Duration::from_secs(60),
         }
     }
@@ -688,6 +691,7 @@ mod tests {
             warmup_runs: 1,
             batching,
             instances: 1,
+            threads: 1,
             timeout: Duration::from_secs(60),
         }
     }

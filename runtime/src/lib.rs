@@ -9,6 +9,7 @@
 pub mod api;
 pub mod backend;
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod executor;
 pub mod nn;

@@ -12,6 +12,10 @@ const EXAMPLES: &str = "\
 Examples:
   kiln serve
       Serve the bundled examples (digits, embeddings) on http://127.0.0.1:8080, on the CPU.
+  kiln bench --handler digits --body seven.png --concurrency 64 --duration 10s
+      Load a handler for 10 s with 64 requests in flight; prints latency, throughput, batching.
+  kiln bench --model digits --body request.json --rate 2000 --requests 20000 --json
+      Open-loop load on a model's OIP infer endpoint, machine-readable report.
   kiln serve --config deploy/kiln.toml --listen 0.0.0.0:9000
       Serve your own deployment.
   curl -s --data-binary @seven.png http://127.0.0.1:8080/v1/handlers/digits/
@@ -44,6 +48,95 @@ enum Command {
         #[arg(long, hide = true)]
         stop_on_stdin_close: bool,
     },
+    /// Put load on a handler or a model's OIP endpoint and report latency, throughput, errors
+    /// and the server's average batch size.
+    #[command(after_help = EXAMPLES)]
+    Bench(BenchArgs),
+    /// Time a model's own forward pass at several batch sizes: the ceiling with no HTTP,
+    /// sandbox or queue in the way.
+    BenchRaw {
+        /// The deployment config that declares the model.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The model's name in that config.
+        #[arg(long)]
+        model: String,
+        /// Batch sizes to time.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+        batch_sizes: Vec<u32>,
+        /// Size of every dynamic non-batch dimension (for example the sequence length).
+        #[arg(long, default_value_t = 16)]
+        dim: u32,
+        /// Seconds to time each batch size.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Load this handler (POST /v1/handlers/NAME/PATH).
+    #[arg(long, conflicts_with_all = ["model", "url"])]
+    handler: Option<String>,
+    /// Path under the handler.
+    #[arg(long, default_value = "")]
+    path: String,
+    /// Load this model's OIP infer endpoint (POST /v2/models/NAME/infer).
+    #[arg(long, conflicts_with = "url")]
+    model: Option<String>,
+    /// Load any URL on the server.
+    #[arg(long)]
+    url: Option<String>,
+    /// Request body, read from a file.
+    #[arg(long)]
+    body: Option<PathBuf>,
+    /// HTTP method (default POST with a body, GET without).
+    #[arg(long)]
+    method: Option<String>,
+    /// Content-Type of the body.
+    #[arg(long)]
+    content_type: Option<String>,
+    /// Extra request header, NAME:VALUE (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Requests in flight (closed loop).
+    #[arg(long, short = 'c', default_value_t = 16)]
+    concurrency: usize,
+    /// Requests per second (open loop) instead of a closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to run, like 10s, 500ms or 2m.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<std::time::Duration>,
+    /// How many requests to send.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 10s, 500ms or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("'{s}' has an unknown unit; use ms, s or m")),
+    };
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{s}': {e}"))
 }
 
 /// The bundled examples' config, next to the sources this binary was built from.
@@ -95,7 +188,81 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(kiln::server::serve(&config, listen, shutdown_signal()))
         }
+        Command::Bench(args) => bench(args),
+        Command::BenchRaw {
+            config,
+            model,
+            batch_sizes,
+            dim,
+            seconds,
+            json,
+        } => {
+            let config = Config::load(&config.unwrap_or_else(default_config))?;
+            let model = config
+                .model(&model)
+                .ok_or_else(|| anyhow::anyhow!("model '{model}' is not in {}", config.source.display()))?;
+            let rows = kiln::bench::raw(model, &batch_sizes, dim, seconds)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("model {} on {} (dynamic dims = {dim})", model.name, model.device);
+                println!("{:>6} {:>12} {:>14}", "batch", "forward ms", "rows/s");
+                for r in rows {
+                    println!("{:>6} {:>12.3} {:>14.1}", r.batch_size, r.forward_ms, r.rows_per_second);
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let server = args.server.trim_end_matches('/').to_owned();
+    let url = match (&args.handler, &args.model, &args.url) {
+        (Some(h), _, _) => format!("{server}/v1/handlers/{h}/{}", args.path.trim_start_matches('/')),
+        (_, Some(m), _) => format!("{server}/v2/models/{m}/infer"),
+        (_, _, Some(u)) if u.starts_with("http") => u.clone(),
+        (_, _, Some(u)) => format!("{server}/{}", u.trim_start_matches('/')),
+        _ => anyhow::bail!("say what to load: --handler NAME, --model NAME or --url URL"),
+    };
+    let body = kiln::bench::read_body(&args.body)?;
+    let method = match &args.method {
+        Some(m) => m.to_uppercase().parse()?,
+        None if args.body.is_some() => http::Method::POST,
+        None => http::Method::GET,
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("--header '{h}' is not NAME:VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = kiln::bench::LoadSpec {
+        url,
+        server,
+        method,
+        body,
+        content_type: args.content_type.clone(),
+        headers,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        duration: args
+            .duration
+            .or(if args.requests.is_none() { Some(std::time::Duration::from_secs(10)) } else { None }),
+        requests: args.requests,
+        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(kiln::bench::run(spec))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

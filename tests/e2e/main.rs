@@ -1,5 +1,6 @@
 //! End-to-end: one real `kiln serve` on loopback, shared by every test in this binary.
 
+mod batching;
 mod digits;
 mod embeddings;
 mod errors;
@@ -13,7 +14,7 @@ use kiln_tests::{Server, examples_config};
 /// The shared server: the bundled examples plus the misbehaving guest.
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| match Server::start(&examples_config("", "")) {
+    SERVER.get_or_init(|| match Server::start(&examples_config("", &batching::extra_models())) {
         Ok(server) => server,
         Err(e) => panic!("cannot start the test server: {e:#}"),
     })

@@ -1,0 +1,412 @@
+//! `kiln bench`: a load generator for handlers and OIP models, and `kiln bench-raw`: the libtorch
+//! ceiling, the same module's forward passes without HTTP, sandbox or queue.
+//!
+//! Closed loop keeps `concurrency` requests in flight; open loop starts requests at a fixed
+//! rate and measures each from its scheduled start, so a slow server cannot hide its queueing.
+//! The server's average batch size comes from `/v1/stats` before and after the run.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde_json::Value;
+
+/// What to load and how.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub url: String,
+    /// Base URL of the server, for `/v1/stats`.
+    pub server: String,
+    pub method: http::Method,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub concurrency: usize,
+    /// Open loop at this many requests per second instead of a closed loop.
+    pub rate: Option<f64>,
+    pub duration: Option<Duration>,
+    pub requests: Option<u64>,
+    pub progress: bool,
+}
+
+/// The result of a run, as printed and as `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub url: String,
+    pub mode: String,
+    pub requests: u64,
+    pub ok: u64,
+    /// Non-2xx answers by status, and `transport` for failed connections.
+    pub errors: BTreeMap<String, u64>,
+    pub seconds: f64,
+    pub throughput_rps: f64,
+    pub latency_ms: Latency,
+    /// Per model: requests and forward passes during the run, and their ratio.
+    pub server_batching: BTreeMap<String, Batching>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Latency {
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Batching {
+    pub inferences: u64,
+    pub executions: u64,
+    pub average_batch_size: f64,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Shared {
+    spec: LoadSpec,
+    client: HttpClient,
+    stop: AtomicBool,
+    issued: AtomicU64,
+    progress: indicatif::ProgressBar,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u64>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.latencies_us.extend(other.latencies_us);
+        self.ok += other.ok;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+impl Shared {
+    /// Claims the next request slot, or `None` when the run is over.
+    fn claim(&self, started: Instant) -> bool {
+        if self.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        if let Some(limit) = self.spec.requests {
+            if self.issued.fetch_add(1, Ordering::Relaxed) >= limit {
+                return false;
+            }
+        }
+        if let Some(d) = self.spec.duration {
+            if started.elapsed() >= d {
+                self.stop.store(true, Ordering::Relaxed);
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn one(&self, tally: &mut Tally, since: Instant) {
+        let mut request = http::Request::builder()
+            .method(self.spec.method.clone())
+            .uri(&self.spec.url);
+        if let Some(ct) = &self.spec.content_type {
+            request = request.header(http::header::CONTENT_TYPE, ct);
+        }
+        for (k, v) in &self.spec.headers {
+            request = request.header(k, v);
+        }
+        let request = match request.body(Full::new(self.spec.body.clone())) {
+            Ok(r) => r,
+            Err(_) => {
+                *tally.errors.entry("invalid request".into()).or_default() += 1;
+                return;
+            }
+        };
+        match self.client.request(request).await {
+            Ok(response) => {
+                let status = response.status();
+                // The body is part of the answer: latency ends when it is all here.
+                let complete = response.into_body().collect().await.is_ok();
+                tally.latencies_us.push(since.elapsed().as_micros() as u64);
+                if status.is_success() && complete {
+                    tally.ok += 1;
+                } else {
+                    *tally.errors.entry(status.as_u16().to_string()).or_default() += 1;
+                }
+            }
+            Err(_) => *tally.errors.entry("transport".into()).or_default() += 1,
+        }
+        self.progress.inc(1);
+    }
+}
+
+/// Runs the load and reports.
+pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
+    if spec.duration.is_none() && spec.requests.is_none() {
+        bail!("give --duration or --requests");
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(spec.concurrency.max(64))
+        .build(connector);
+    let before = stats(&client, &spec.server).await;
+    let progress = if spec.progress {
+        let bar = match (spec.requests, spec.duration) {
+            (Some(n), _) => indicatif::ProgressBar::new(n),
+            (None, _) => indicatif::ProgressBar::no_length(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {pos} requests ({per_sec}) {wide_bar}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let shared = Arc::new(Shared {
+        spec: spec.clone(),
+        client,
+        stop: AtomicBool::new(false),
+        issued: AtomicU64::new(0),
+        progress,
+    });
+    let started = Instant::now();
+    let tally = match spec.rate {
+        None => closed_loop(&shared, started).await,
+        Some(rate) => open_loop(&shared, started, rate).await?,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    shared.progress.finish_and_clear();
+    let after = stats(&shared.client, &spec.server).await;
+    Ok(report(&spec, tally, seconds, before, after))
+}
+
+async fn closed_loop(shared: &Arc<Shared>, started: Instant) -> Tally {
+    let mut workers = Vec::new();
+    for _ in 0..shared.spec.concurrency.max(1) {
+        let shared = Arc::clone(shared);
+        workers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            while shared.claim(started) {
+                shared.one(&mut tally, Instant::now()).await;
+            }
+            tally
+        }));
+    }
+    let mut total = Tally::default();
+    for w in workers {
+        if let Ok(t) = w.await {
+            total.merge(t);
+        }
+    }
+    total
+}
+
+async fn open_loop(shared: &Arc<Shared>, started: Instant, rate: f64) -> anyhow::Result<Tally> {
+    if !(rate > 0.0 && rate.is_finite()) {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut total = Tally::default();
+    let mut next = started;
+    while shared.claim(started) {
+        tokio::time::sleep_until(next.into()).await;
+        let shared = Arc::clone(shared);
+        let scheduled = next;
+        tasks.spawn(async move {
+            let mut tally = Tally::default();
+            shared.one(&mut tally, scheduled).await;
+            tally
+        });
+        next += interval;
+        while let Some(done) = tasks.try_join_next() {
+            if let Ok(t) = done {
+                total.merge(t);
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(t) = done {
+            total.merge(t);
+        }
+    }
+    Ok(total)
+}
+
+async fn stats(client: &HttpClient, server: &str) -> Option<Value> {
+    let request = http::Request::get(format!("{}/v1/stats", server.trim_end_matches('/')))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let response = client.request(request).await.ok()?;
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    serde_json::from_slice(&body).ok()
+}
+
+fn counters(stats: &Option<Value>) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    if let Some(models) = stats.as_ref().and_then(|s| s["models"].as_array()) {
+        for m in models {
+            if let Some(name) = m["name"].as_str() {
+                let get = |k: &str| m[k].as_u64().unwrap_or(0);
+                out.insert(name.to_owned(), (get("inferences"), get("executions")));
+            }
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
+}
+
+fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Value>, after: Option<Value>) -> Report {
+    tally.latencies_us.sort_unstable();
+    let l = &tally.latencies_us;
+    let latency = Latency {
+        mean: if l.is_empty() { 0.0 } else { l.iter().sum::<u64>() as f64 / l.len() as f64 / 1000.0 },
+        p50: percentile(l, 50.0),
+        p90: percentile(l, 90.0),
+        p99: percentile(l, 99.0),
+        max: l.last().map_or(0.0, |&m| m as f64 / 1000.0),
+    };
+    let (before, after) = (counters(&before), counters(&after));
+    let server_batching = after
+        .iter()
+        .filter_map(|(name, &(i1, e1))| {
+            let (i0, e0) = before.get(name).copied().unwrap_or((0, 0));
+            let (inferences, executions) = (i1.saturating_sub(i0), e1.saturating_sub(e0));
+            (executions > 0).then(|| {
+                (name.clone(), Batching { inferences, executions, average_batch_size: inferences as f64 / executions as f64 })
+            })
+        })
+        .collect();
+    let errors: u64 = tally.errors.values().sum();
+    let requests = tally.ok + errors;
+    Report {
+        url: spec.url.clone(),
+        mode: match spec.rate {
+            Some(r) => format!("open loop at {r} req/s"),
+            None => format!("closed loop, concurrency {}", spec.concurrency),
+        },
+        requests,
+        ok: tally.ok,
+        errors: tally.errors,
+        seconds,
+        throughput_rps: tally.ok as f64 / seconds.max(1e-9),
+        latency_ms: latency,
+        server_batching,
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "target      {}", self.url)?;
+        writeln!(f, "mode        {}", self.mode)?;
+        writeln!(f, "requests    {} in {:.2} s ({} ok)", self.requests, self.seconds, self.ok)?;
+        writeln!(f, "throughput  {:.1} req/s", self.throughput_rps)?;
+        let l = &self.latency_ms;
+        writeln!(
+            f,
+            "latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  mean {:.3}",
+            l.p50, l.p90, l.p99, l.max, l.mean
+        )?;
+        if self.errors.is_empty() {
+            writeln!(f, "errors      none")?;
+        } else {
+            let list: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            writeln!(f, "errors      {}", list.join(", "))?;
+        }
+        for (model, b) in &self.server_batching {
+            writeln!(
+                f,
+                "batching    {model}: {} requests in {} forward passes, average batch {:.2}",
+                b.inferences, b.executions, b.average_batch_size
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One row of `kiln bench-raw`.
+#[derive(Debug, Serialize)]
+pub struct RawRow {
+    pub batch_size: u32,
+    pub forwards: u64,
+    pub forward_ms: f64,
+    pub rows_per_second: f64,
+}
+
+/// Times the module's own forward at each batch size for about `seconds` each, with dynamic
+/// non-batch dimensions set to `dim`. Integer inputs get small ids; floats a ramp.
+pub fn raw(
+    config: &crate::config::ModelConfig,
+    batch_sizes: &[u32],
+    dim: u32,
+    seconds: f64,
+) -> anyhow::Result<Vec<RawRow>> {
+    use crate::tensor::{DType, HostTensor};
+    tch::set_num_threads(config.threads as i32);
+    let model = crate::backend::TorchModel::load(config).map_err(|e| anyhow::anyhow!(e))?;
+    let mut rows = Vec::new();
+    for &batch in batch_sizes {
+        let inputs: Vec<HostTensor> = config
+            .inputs
+            .iter()
+            .map(|spec| {
+                let mut shape: Vec<u32> = spec.shape.iter().map(|d| d.unwrap_or(dim)).collect();
+                shape[0] = batch;
+                let n: usize = shape.iter().map(|&d| d as usize).product();
+                let data = match spec.dtype {
+                    DType::I64 => (0..n).flat_map(|i| (1 + (i % 100) as i64).to_le_bytes()).collect(),
+                    DType::I32 => (0..n).flat_map(|i| (1 + (i % 100) as i32).to_le_bytes()).collect(),
+                    DType::F32 => (0..n).flat_map(|i| ((i % 255) as f32 / 255.0).to_le_bytes()).collect(),
+                    other => vec![0u8; n * other.size()],
+                };
+                HostTensor { dtype: spec.dtype, shape, data }
+            })
+            .collect();
+        for _ in 0..3 {
+            model.forward(&inputs).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        let started = Instant::now();
+        let mut forwards = 0u64;
+        while started.elapsed().as_secs_f64() < seconds || forwards < 5 {
+            model.forward(&inputs).map_err(|e| anyhow::anyhow!(e))?;
+            forwards += 1;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        rows.push(RawRow {
+            batch_size: batch,
+            forwards,
+            forward_ms: elapsed * 1000.0 / forwards as f64,
+            rows_per_second: forwards as f64 * f64::from(batch) / elapsed,
+        });
+    }
+    Ok(rows)
+}
+
+/// Reads a request body file.
+pub fn read_body(path: &Option<PathBuf>) -> anyhow::Result<Bytes> {
+    match path {
+        None => Ok(Bytes::new()),
+        Some(p) => Ok(Bytes::from(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)),
+    }
+}
