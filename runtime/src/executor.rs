@@ -174,7 +174,10 @@ impl ModelHandle {
         });
         let name = &shared.config.name;
         let mut instances = Vec::new();
-        for index in 0..shared.config.instances as usize {
+        // A single instance runs on the scheduler's own thread: one thread hand-off fewer per
+        // request, which is most of a small model's latency.
+        let threaded = if shared.config.instances > 1 { shared.config.instances } else { 0 };
+        for index in 0..threaded as usize {
             let (work, batches) = mpsc::sync_channel(1);
             let owner = Arc::clone(&shared);
             let done = events.clone();
@@ -186,7 +189,13 @@ impl ModelHandle {
         let owner = Arc::clone(&shared);
         thread::Builder::new()
             .name(format!("kiln-{name}-sched"))
-            .spawn(move || Scheduler::new(owner, instances).run(inbox))?;
+            .spawn(move || {
+                let mut scheduler = Scheduler::new(owner, instances);
+                if threaded == 0 {
+                    scheduler.load_inline();
+                }
+                scheduler.run(inbox);
+            })?;
         Ok(ModelHandle {
             shared,
             submitter: Arc::new(Submitter { events }),
@@ -341,6 +350,8 @@ struct Instance {
 /// The owner of one model's queue.
 struct Scheduler {
     shared: Arc<Shared>,
+    /// The model, when the scheduler runs the only instance itself.
+    inline: Option<TorchModel>,
     instances: Vec<Instance>,
     /// One queue per priority level, oldest first.
     queues: Vec<VecDeque<Pending>>,
@@ -351,6 +362,7 @@ impl Scheduler {
     fn new(shared: Arc<Shared>, instances: Vec<Instance>) -> Scheduler {
         Scheduler {
             shared,
+            inline: None,
             instances,
             queues: (0..=MAX_PRIORITY).map(|_| VecDeque::new()).collect(),
             loaded: 0,
@@ -386,6 +398,18 @@ impl Scheduler {
         }
     }
 
+    /// Loads the model on this thread, for the single-instance case.
+    fn load_inline(&mut self) {
+        let config = &self.shared.config;
+        match load_instance(0, config) {
+            Ok((model, meta)) => {
+                self.inline = Some(model);
+                self.loaded(0, Ok(meta));
+            }
+            Err(reason) => self.loaded(0, Err(reason)),
+        }
+    }
+
     /// Applies one event; `false` means shut down.
     fn handle(&mut self, event: Event) -> bool {
         match event {
@@ -412,7 +436,8 @@ impl Scheduler {
             }
             Ok(meta) => {
                 self.loaded += 1;
-                if self.loaded == self.instances.len() && !matches!(*state, ModelState::Failed(_)) {
+                let expected = self.instances.len().max(1);
+                if self.loaded == expected && !matches!(*state, ModelState::Failed(_)) {
                     *state = ModelState::Ready(meta.into());
                 }
             }
@@ -424,7 +449,11 @@ impl Scheduler {
         let counters = &self.shared.counters;
         let policy = &self.shared.config.batching;
         loop {
-            let idle = self.instances.iter().position(|i| !i.busy)?;
+            let idle = if self.inline.is_some() {
+                usize::MAX
+            } else {
+                self.instances.iter().position(|i| !i.busy)?
+            };
             // Callers that gave up are skipped before any work is done for them.
             for queue in &mut self.queues {
                 let before = queue.len();
@@ -462,6 +491,14 @@ impl Scheduler {
                 .map(|p| now.saturating_duration_since(p.enqueued).as_micros() as u64)
                 .sum();
             counters.queue_wait_us.fetch_add(wait, Ordering::Relaxed);
+            if let Some(model) = &self.inline {
+                let started = Instant::now();
+                run_batch(model, &self.shared.config, counters, batch);
+                counters
+                    .forward_us
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                continue;
+            }
             let instance = &mut self.instances[idle];
             instance.busy = true;
             if let Err(mpsc::SendError(batch)) = instance.work.send(batch) {
@@ -529,18 +566,8 @@ fn run_instance(
     events: Sender<Event>,
 ) {
     let config = &shared.config;
-    let started = Instant::now();
-    // Applies to this thread's own parallel regions, so instances do not share one pool.
-    tch::set_num_threads(config.threads as i32);
-    let model = match load_and_warm_up(config) {
+    let model = match load_instance(index, config) {
         Ok((model, meta)) => {
-            tracing::info!(
-                model = %config.name,
-                instance = index,
-                device = %config.device,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "model ready"
-            );
             let _ = events.send(Event::Loaded {
                 instance: index,
                 result: Ok(meta),
@@ -548,7 +575,6 @@ fn run_instance(
             model
         }
         Err(reason) => {
-            tracing::error!(model = %config.name, instance = index, "model failed to load: {reason}");
             let _ = events.send(Event::Loaded {
                 instance: index,
                 result: Err(reason),
@@ -575,6 +601,27 @@ fn run_instance(
             return;
         }
     }
+}
+
+/// Loads and warms up one instance on the calling thread, and logs the outcome.
+fn load_instance(index: usize, config: &ModelConfig) -> Result<(TorchModel, Vec<OutputMeta>), String> {
+    let started = Instant::now();
+    // Applies to this thread's own parallel regions, so instances do not share one pool.
+    tch::set_num_threads(config.threads as i32);
+    let loaded = load_and_warm_up(config);
+    match &loaded {
+        Ok(_) => tracing::info!(
+            model = %config.name,
+            instance = index,
+            device = %config.device,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model ready"
+        ),
+        Err(reason) => {
+            tracing::error!(model = %config.name, instance = index, "model failed to load: {reason}")
+        }
+    }
+    loaded
 }
 
 fn run_batch(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters, batch: Vec<Pending>) {

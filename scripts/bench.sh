@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Runs every benchmark and rewrites the measured part of docs/BENCHMARKS.md. One command, so it
+# can be rerun after any change to the request path:
+#   scripts/bench.sh            (about 5 minutes on a 2-core machine)
+# SECONDS_PER_RUN (default 5) sets the length of each load run.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+"$KILN_ROOT/scripts/setup.sh"
+cd "$KILN_ROOT"
+
+run_s=${SECONDS_PER_RUN:-5}
+out=build/bench
+rm -rf "$out" && mkdir -p "$out"
+kiln=target/release/kiln
+png=$(ls build/holdout/digits/*.png | head -1)
+echo '{"sentences": ["A man is eating a piece of bread."]}' > "$out/sentence.json"
+
+# Configs: the examples with batching on and off, plus the echo guest and ResNet-18.
+write_config() { # NAME MAX_BATCH
+    sed -e "s|\.\./|$KILN_ROOT/|g" -e "s|max_batch_size = 64|max_batch_size = $2|" \
+        examples/kiln.toml > "$out/$1.toml"
+    cat >> "$out/$1.toml" <<TOML
+
+[[handler]]
+name = "echo"
+component = "$KILN_ROOT/target/wasm32-wasip2/guest/misbehave.wasm"
+
+[[model]]
+name = "resnet18"
+path = "$KILN_ROOT/build/models/resnet18.pt"
+inputs = [{ name = "image", dtype = "FP32", shape = [-1, 3, 224, 224] }]
+outputs = [{ name = "logits" }]
+threads = 2
+TOML
+}
+write_config batching-on 64
+write_config batching-off 1
+
+echo "==> raw libtorch ceiling" >&2
+$kiln bench-raw -c "$out/batching-on.toml" --model digits --seconds 1 --json > "$out/raw-digits.json"
+$kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --seconds 1 --json > "$out/raw-minilm.json"
+$kiln bench-raw -c "$out/batching-on.toml" --model resnet18 --batch-sizes 1,2,4,8,16 --seconds 2 --json > "$out/raw-resnet18.json"
+
+serve() { # CONFIG
+    $kiln serve -c "$out/$1.toml" --listen 127.0.0.1:18080 > "$out/$1.log" 2>&1 &
+    server=$!
+    for _ in $(seq 300); do
+        curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && return
+        sleep 0.2
+    done
+    echo "server did not become ready; see $out/$1.log" >&2
+    exit 1
+}
+load() { # NAME ARGS...
+    local name=$1; shift
+    $kiln bench --server http://127.0.0.1:18080 --duration "${run_s}s" --json "$@" > "$out/$name.json"
+}
+
+for mode in on off; do
+    echo "==> end to end, batching $mode" >&2
+    serve "batching-$mode"
+    for c in 1 4 16 64; do
+        load "digits-$mode-c$c" --handler digits --body "$png" -c "$c"
+        load "embeddings-$mode-c$c" --handler embeddings --body "$out/sentence.json" -c "$c"
+    done
+    if [ "$mode" = on ]; then
+        echo "==> sandbox overhead" >&2
+        for c in 1 16; do
+            load "echo-c$c" --handler echo --path echo -c "$c"
+            load "live-c$c" --url /v2/health/live -c "$c"
+        done
+    fi
+    kill "$server"; wait "$server" 2>/dev/null || true
+done
+
+.venv/bin/python scripts/bench_report.py "$out" docs/BENCHMARKS.md "$run_s"
+echo "==> wrote docs/BENCHMARKS.md" >&2
