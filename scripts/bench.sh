@@ -12,7 +12,8 @@ run_s=${SECONDS_PER_RUN:-5}
 out=build/bench
 rm -rf "$out" && mkdir -p "$out"
 kiln=target/release/kiln
-png=$(ls build/holdout/digits/*.png | head -1)
+pngs=(build/holdout/digits/*.png)
+png=${pngs[0]}
 echo '{"sentences": ["A man is eating a piece of bread."]}' > "$out/sentence.json"
 
 # Configs: the examples with batching on and off, plus the echo guest and ResNet-18.
