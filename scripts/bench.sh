@@ -39,7 +39,7 @@ write_config batching-off 1
 
 echo "==> raw libtorch ceiling" >&2
 $kiln bench-raw -c "$out/batching-on.toml" --model digits --seconds 1 --json > "$out/raw-digits.json"
-$kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --seconds 1 --json > "$out/raw-minilm.json"
+$kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --seconds 3 --json > "$out/raw-minilm.json"
 $kiln bench-raw -c "$out/batching-on.toml" --model resnet18 --batch-sizes 1,2,4,8,16 --seconds 2 --json > "$out/raw-resnet18.json"
 
 serve() { # CONFIG

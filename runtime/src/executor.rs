@@ -497,7 +497,9 @@ impl Scheduler {
                 counters
                     .forward_us
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                continue;
+                // Requests that arrived during the forward pass are still in the inbox: take
+                // them in before forming the next batch.
+                return Some(Instant::now());
             }
             let instance = &mut self.instances[idle];
             instance.busy = true;
