@@ -819,6 +819,50 @@ mod tests {
         }
     }
 
+    /// Plans batches over a queue without any model: rows per request in arrival order.
+    fn planned_rows(policy: BatchPolicy, queued: &[(u32, u8, u32)]) -> Vec<u32> {
+        let shared = Arc::new(Shared {
+            config: tokenwise(policy, 1),
+            state: Mutex::new(ModelState::Loading),
+            counters: ModelCounters::default(),
+        });
+        let mut scheduler = Scheduler::new(shared, Vec::new());
+        let mut keep = Vec::new();
+        for &(rows, priority, width) in queued {
+            let (reply, answer) = oneshot::channel();
+            keep.push(answer);
+            scheduler.queues[priority as usize].push_back(Pending {
+                inputs: Vec::new(),
+                rows,
+                ragged_len: None,
+                key: vec![vec![width]],
+                priority,
+                enqueued: Instant::now(),
+                reply,
+            });
+        }
+        let plan = scheduler.plan().expect("a plan");
+        plan.iter().map(|&(l, i)| scheduler.queues[l][i].rows).collect()
+    }
+
+    #[test]
+    fn plans_fill_to_max_trim_to_preferred_sizes_and_keep_shapes_apart() {
+        let mut p = policy(8, 0);
+        // Greedy fill up to max_batch_size, skipping what does not fit.
+        assert_eq!(planned_rows(p.clone(), &[(3, 0, 1), (4, 0, 1), (2, 0, 1), (1, 0, 1)]), vec![3, 4, 1]);
+        // Incompatible shapes never share a batch.
+        assert_eq!(planned_rows(p.clone(), &[(1, 0, 1), (1, 0, 2), (1, 0, 1)]), vec![1, 1]);
+        // The highest priority seeds the batch.
+        assert_eq!(planned_rows(p.clone(), &[(1, 0, 1), (2, 5, 2), (1, 0, 2)]), vec![2, 1]);
+        // A request larger than max_batch_size runs alone.
+        assert_eq!(planned_rows(p.clone(), &[(20, 0, 1), (1, 0, 1)]), vec![20]);
+        // Trimmed to the largest preferred size that fits: 7 rows -> 4.
+        p.preferred_batch_sizes = vec![2, 4];
+        assert_eq!(planned_rows(p.clone(), &[(1, 0, 1), (2, 0, 1), (1, 0, 1), (3, 0, 1)]), vec![1, 2, 1]);
+        // Batching off: one request per forward pass.
+        assert_eq!(planned_rows(policy(1, 0), &[(1, 0, 1), (1, 0, 1)]), vec![1]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batched_results_equal_unbatched_ones_for_random_arrivals() {
         let batched = ready(tokenwise(policy(16, 300), 2)).await;

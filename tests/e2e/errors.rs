@@ -77,3 +77,36 @@ async fn a_guest_trap_is_500_with_a_short_reason() {
     assert_eq!(body["error"], "handler 'misbehave' trapped: unreachable instruction (a guest panic)");
     still_serving().await;
 }
+
+#[tokio::test]
+async fn invalid_scheduling_headers_are_400() {
+    let client = client();
+    for (header, value, expected) in [
+        ("kiln-priority", "10", "header kiln-priority must be 0 to 9, got 10"),
+        ("kiln-priority", "high", "header kiln-priority must be a whole number"),
+        ("kiln-timeout-ms", "0", "header kiln-timeout-ms must be at least 1"),
+    ] {
+        let (status, body) = json_of(
+            client
+                .post(server().url("/v1/handlers/misbehave/echo"))
+                .header(header, value)
+                .body("x")
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert_eq!(status, 400, "{header}: {value}: {body}");
+        assert_eq!(body["error"], expected);
+    }
+    // In range, they are accepted (and a handler's maximum caps the priority).
+    let response = client
+        .post(server().url("/v1/handlers/misbehave/echo"))
+        .header("kiln-priority", "9")
+        .header("kiln-timeout-ms", "5000")
+        .body("x")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status().as_u16(), 200);
+}
