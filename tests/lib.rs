@@ -207,10 +207,3 @@ impl Drop for TempDir {
 pub fn python() -> PathBuf {
     root().join(".venv/bin/python")
 }
-
-/// Writes `bytes` to a new file in `dir` and returns its path.
-pub fn write_file(dir: &TempDir, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
-    let path = dir.path.join(name);
-    std::fs::File::create(&path)?.write_all(bytes)?;
-    Ok(path)
-}

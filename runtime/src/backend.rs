@@ -225,8 +225,3 @@ fn first_line(s: &str) -> &str {
         .or_else(|| s.lines().next())
         .map_or(s, str::trim)
 }
-
-/// Whether libtorch can see a CUDA device in this process.
-pub fn cuda_available() -> bool {
-    tch::Cuda::is_available()
-}

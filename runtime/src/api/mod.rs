@@ -87,6 +87,10 @@ async fn call_handler(
         .get(name)
         .ok_or_else(|| ApiError::NotFound(format!("handler '{name}' not found")))?;
     let (mut parts, body) = request.into_parts();
+    let options = CallOptions {
+        priority: priority_header(&parts.headers)?,
+        timeout: timeout_header(&parts.headers)?,
+    };
     // Buffered before the sandbox starts, so a slow upload never holds a sandbox slot.
     let body = read_body(body, &parts.headers, app.max_body_bytes).await?;
     let path_and_query = match parts.uri.query() {
@@ -105,12 +109,7 @@ async fn call_handler(
         .path_and_query(path_and_query.as_str())
         .build()
         .map_err(|e| ApiError::BadRequest(format!("invalid request URI: {e}")))?;
-    let request_headers = parts.headers.clone();
     let request = http::Request::from_parts(parts, Full::new(body));
-    let options = CallOptions {
-        priority: priority_header(&request_headers)?,
-        timeout: timeout_header(&request_headers)?,
-    };
     let response = handler.call(request, options).await?;
     Ok(response.map(Body::new))
 }
