@@ -28,9 +28,6 @@ use crate::tensor::{HostTensor, TensorError};
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum InferError {
-    /// The inputs do not match the model's declared inputs.
-    #[error("{0}")]
-    InvalidInput(#[from] TensorError),
     /// The model is still loading or failed to load.
     #[error("model '{model}' is not ready: {reason}")]
     NotReady { model: String, reason: String },

@@ -129,7 +129,6 @@ fn tensor_type(dtype: DType) -> tensor::TensorType {
 /// The wasi:nn code for an executor failure.
 fn error_code(e: &InferError) -> ErrorCode {
     match e {
-        InferError::InvalidInput(_) => ErrorCode::InvalidArgument,
         InferError::Overloaded(_) | InferError::Timeout { .. } => ErrorCode::Timeout,
         InferError::NotReady { .. } | InferError::Runtime { .. } | InferError::Closed(_) => {
             ErrorCode::RuntimeError

@@ -188,10 +188,6 @@ pub struct CallOptions {
 }
 
 impl Handler {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     fn infer_options(&self, options: CallOptions) -> InferOptions {
         InferOptions {
             priority: options

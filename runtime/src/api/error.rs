@@ -39,7 +39,6 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Infer(e) => match e {
-                InferError::InvalidInput(_) => StatusCode::BAD_REQUEST,
                 InferError::NotReady { .. } | InferError::Overloaded(_) | InferError::Closed(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
