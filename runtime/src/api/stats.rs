@@ -25,13 +25,13 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>) -> Response {
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             let inferences = load(&c.inferences);
             let executions = load(&c.executions);
-            let mut buckets = serde_json::Map::new();
-            for (i, count) in c.batch_sizes.iter().enumerate() {
-                let label = BATCH_BUCKETS
-                    .get(i)
-                    .map_or_else(|| format!(">{}", BATCH_BUCKETS[BATCH_BUCKETS.len() - 1]), |b| format!("<={b}"));
-                buckets.insert(label, json!(load(count)));
-            }
+            // In bucket order; `up_to: null` counts the batches larger than the last bucket.
+            let buckets: Vec<Value> = c
+                .batch_sizes
+                .iter()
+                .enumerate()
+                .map(|(i, count)| json!({ "up_to": BATCH_BUCKETS.get(i), "count": load(count) }))
+                .collect();
             let state = match model.state() {
                 ModelState::Loading => "loading",
                 ModelState::Ready(_) => "ready",
