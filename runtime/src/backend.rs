@@ -77,7 +77,7 @@ impl TorchModel {
             format!(
                 "cannot load TorchScript file {}: {}",
                 config.path.display(),
-                first_line(&e.to_string())
+                torch_reason(&e.to_string())
             )
         })?;
         module.set_eval();
@@ -101,7 +101,7 @@ impl TorchModel {
             let out = self
                 .module
                 .forward_is(&args)
-                .map_err(|e| format!("forward failed: {}", first_line(&e.to_string())))?;
+                .map_err(|e| format!("forward failed: {}", torch_reason(&e.to_string())))?;
             let mut tensors = Vec::with_capacity(self.output_names);
             flatten_outputs(out, &mut tensors)?;
             if tensors.len() < self.output_names {
@@ -218,7 +218,7 @@ pub fn output_meta(config: &ModelConfig, outputs: &[HostTensor]) -> Vec<OutputMe
 
 /// libtorch errors carry a TorchScript traceback and a C++ backtrace; callers only need the
 /// reason, which is the last `...Error: ...` line when there is one.
-fn first_line(s: &str) -> &str {
+fn torch_reason(s: &str) -> &str {
     s.lines()
         .rev()
         .find(|l| l.contains("Error: "))
