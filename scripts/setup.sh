@@ -43,7 +43,8 @@ export_if_stale examples/export/embeddings.py build/models/minilm.pt build/model
     build/reference/embeddings.json
 
 step "building the guest components (wasm32-wasip2)"
-cargo build --quiet --profile guest --target wasm32-wasip2 -p digits -p embeddings -p misbehave
+cargo build --quiet --profile guest --target wasm32-wasip2 -p digits -p embeddings \
+    -p misbehave -p forbidden -p greeter
 
 step "building kiln (release)"
 cargo build --quiet --release -p kiln -p kiln-tests

@@ -36,9 +36,11 @@ pub fn artifact(relative: &str) -> PathBuf {
     path
 }
 
-/// The bundled examples plus the `misbehave` test guest, with absolute paths, and `extra` TOML
-/// appended (more sections) and `server` lines added to `[server]`.
-pub fn examples_config(server: &str, extra: &str) -> String {
+/// The bundled examples (tenant `demo`) plus the `misbehave` test guest (tenant `mallory`), with
+/// absolute paths, `server` lines added to `[server]`, `demo_models` more models for `demo`, and
+/// `extra` TOML appended (more sections).
+pub fn examples_config(server: &str, demo_models: &[&str], extra: &str) -> String {
+    let demo_models: String = demo_models.iter().map(|m| format!(", \"{m}\"")).collect();
     let model = |p: &str| artifact(p).display().to_string();
     format!(
         r#"
@@ -60,22 +62,32 @@ inputs = [
 ]
 outputs = [{{ name = "last_hidden_state", ragged_dim = 1 }}]
 
+[[tenant]]
+name = "demo"
+models = ["digits", "minilm"{demo_models}]
+quota = {{ requests_per_second = 1000000, max_concurrent = 1024 }}
+
+[[tenant]]
+name = "mallory"
+models = ["digits"]
+quota = {{ requests_per_second = 1000000, max_concurrent = 1024, memory_limit_mib = 32, deadline_ms = 1000 }}
+
 [[handler]]
 name = "digits"
+tenant = "demo"
 component = "{digits_wasm}"
 models = ["digits"]
 
 [[handler]]
 name = "embeddings"
+tenant = "demo"
 component = "{embeddings_wasm}"
 models = ["minilm"]
 
 [[handler]]
 name = "misbehave"
+tenant = "mallory"
 component = "{misbehave_wasm}"
-models = ["digits"]
-memory_limit_mib = 32
-deadline_ms = 1000
 {extra}
 "#,
         digits = model("build/models/digits.pt"),
@@ -86,32 +98,86 @@ deadline_ms = 1000
     )
 }
 
+/// Runs `kiln` with `args` and returns its standard output, failing with its standard error.
+pub fn kiln(args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(kiln_bin())
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", kiln_bin().display()))?;
+    if !output.status.success() {
+        bail!(
+            "kiln {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// A running `kiln serve`. Killed on drop; it also exits by itself if the test process dies.
 pub struct Server {
-    child: Mutex<Child>,
-    // Holding the write end open keeps the server alive; closing it (our exit) stops it.
-    _lifeline: ChildStdin,
+    process: Mutex<Option<Process>>,
     pub base: String,
     addr: String,
+    /// The admin API's base URL.
+    pub admin: String,
+    admin_addr: String,
+    pub config: PathBuf,
     pub log: PathBuf,
-    _dir: TempDir,
+    keys: std::collections::HashMap<String, String>,
+    pub dir: TempDir,
+}
+
+struct Process {
+    child: Child,
+    // Holding the write end open keeps the server alive; closing it (our exit) stops it.
+    _lifeline: ChildStdin,
 }
 
 impl Server {
-    /// Starts `kiln serve` on `config` and waits until it reports ready.
-    pub fn start(config: &str) -> anyhow::Result<Server> {
+    /// Writes `config`, makes one API key for each of `tenants` and one admin key with the real
+    /// `kiln tenant add-key` / `kiln admin add-key`, starts `kiln serve` and waits until it is
+    /// ready.
+    pub fn start(config: &str, tenants: &[&str]) -> anyhow::Result<Server> {
         let dir = TempDir::new("kiln-test")?;
         let config_path = dir.path.join("kiln.toml");
         std::fs::write(&config_path, config)?;
-        let port = free_port()?;
-        let log = dir.path.join("server.log");
-        let log_file = std::fs::File::create(&log)?;
+        let config_arg = config_path.display().to_string();
+        let mut keys = std::collections::HashMap::new();
+        for tenant in tenants {
+            let key = kiln(&["tenant", "add-key", tenant, "--config", &config_arg])?;
+            keys.insert((*tenant).to_owned(), key.trim().to_owned());
+        }
+        let admin_key = kiln(&["admin", "add-key", "--config", &config_arg])?;
+        keys.insert(String::new(), admin_key.trim().to_owned());
+        let (port, admin_port) = (free_port()?, free_port()?);
+        let server = Server {
+            process: Mutex::new(None),
+            base: format!("http://127.0.0.1:{port}"),
+            addr: format!("127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            admin_addr: format!("127.0.0.1:{admin_port}"),
+            config: config_path,
+            log: dir.path.join("server.log"),
+            keys,
+            dir,
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// Starts the process (again) on the same config, state and ports, and waits until ready.
+    fn launch(&self) -> anyhow::Result<()> {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let mut child = Command::new(kiln_bin())
             .arg("serve")
             .arg("--config")
-            .arg(&config_path)
+            .arg(&self.config)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(&self.addr)
+            .arg("--admin-listen")
+            .arg(&self.admin_addr)
             .arg("--stop-on-stdin-close")
             .env("KILN_LOG", "info,kiln=debug")
             .stdin(Stdio::piped())
@@ -120,22 +186,69 @@ impl Server {
             .spawn()
             .with_context(|| format!("cannot start {}", kiln_bin().display()))?;
         let lifeline = child.stdin.take().context("no stdin pipe")?;
-        let server = Server {
-            child: Mutex::new(child),
+        *self.lock()? = Some(Process {
+            child,
             _lifeline: lifeline,
-            base: format!("http://127.0.0.1:{port}"),
-            addr: format!("127.0.0.1:{port}"),
-            log,
-            _dir: dir,
-        };
-        server.wait_ready(Duration::from_secs(180))?;
-        Ok(server)
+        });
+        self.wait_ready(Duration::from_secs(180))
+    }
+
+    fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Option<Process>>> {
+        self.process.lock().map_err(|_| anyhow::anyhow!("server lock poisoned"))
+    }
+
+    /// Kills the server at once (SIGKILL: no shutdown work runs), as a crash would.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        if let Some(mut p) = self.lock()?.take() {
+            p.child.kill()?;
+            p.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Kills the server and starts it again on the same state.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        self.kill()?;
+        self.launch()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.lock()?.as_ref().map(|p| p.child.id()).context("server not running")
+    }
+
+    /// The API key made for `tenant` at start.
+    pub fn key(&self, tenant: &str) -> &str {
+        self.keys.get(tenant).map_or("", String::as_str)
+    }
+
+    /// The admin key made at start.
+    pub fn admin_key(&self) -> &str {
+        self.key("")
+    }
+
+    /// A client that sends `tenant`'s key with every request.
+    pub fn client(&self, tenant: &str) -> reqwest::Client {
+        bearer_client(self.key(tenant))
+    }
+
+    /// A client that sends the admin key with every request.
+    pub fn admin_client(&self) -> reqwest::Client {
+        bearer_client(self.admin_key())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
     }
 
     fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
-            if let Some(status) = self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.try_wait()? {
+            let exited = match self.lock()?.as_mut() {
+                Some(p) => p.child.try_wait()?,
+                None => bail!("kiln is not running"),
+            };
+            if let Some(status) = exited {
                 bail!("kiln exited with {status} before it was ready:\n{}", self.log_text());
             }
             if http_status(&self.addr, "/v2/health/ready") == Some(200) {
@@ -160,11 +273,21 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Ok(mut child) = self.child.lock() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.kill();
     }
+}
+
+/// A reqwest client that sends `Authorization: Bearer KEY`.
+pub fn bearer_client(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap_or_default()
 }
 
 /// The status of a plain GET, or `None` if the server does not answer (yet).

@@ -20,6 +20,7 @@ pub struct Config {
     pub source: PathBuf,
     pub server: ServerConfig,
     pub models: Vec<ModelConfig>,
+    pub tenants: Vec<TenantConfig>,
     pub handlers: Vec<HandlerConfig>,
 }
 
@@ -32,6 +33,50 @@ pub struct ServerConfig {
     pub max_instances: u32,
     /// The highest priority a direct OIP request may ask for with `kiln-priority`.
     pub oip_max_priority: u8,
+    /// Where deployed handlers and API key hashes live.
+    pub state_dir: PathBuf,
+    /// The admin API's address (deploys, deletes, listing); loopback by default.
+    pub admin_listen: SocketAddr,
+    /// Largest component the admin API accepts.
+    pub max_component_bytes: usize,
+}
+
+/// A tenant: who may call which handlers, see which models, and within what limits.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub name: String,
+    /// The models this tenant's handlers (and its OIP calls) may use.
+    pub models: Vec<String>,
+    /// When set, every deployment for this tenant must carry an Ed25519 signature by this key.
+    pub signing_key: Option<[u8; 32]>,
+    pub quota: Quota,
+}
+
+/// A tenant's limits. Handlers may tighten the sandbox limits, never loosen them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quota {
+    /// Sustained request rate (token bucket refill); over it → 429 with `Retry-After`.
+    pub requests_per_second: f64,
+    /// Requests that may arrive at once above the sustained rate (bucket size).
+    pub burst: u32,
+    /// Requests in flight at once, response bodies included; over it → 429.
+    pub max_concurrent: u32,
+    pub max_body_bytes: usize,
+    pub limits: SandboxLimits,
+}
+
+/// What one request's sandbox may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxLimits {
+    pub memory_limit_bytes: u64,
+    pub deadline: Duration,
+    /// Wasm instructions (fuel units) per request; `None` is unmetered.
+    pub fuel: Option<u64>,
+    /// Input bytes one `compute` may pass, and bytes of tensors a request may hold at once.
+    pub max_compute_bytes: u64,
+    pub max_compute_calls: u32,
+    /// The response body is cut off past this many bytes.
+    pub max_response_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -114,11 +159,12 @@ pub struct OutputSpec {
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
     pub name: String,
+    /// The tenant that owns the handler: its key calls it, its quotas apply.
+    pub tenant: String,
     pub component: PathBuf,
     /// The models this handler's guest may `load-by-name`; nothing else is visible to it.
     pub models: Vec<String>,
-    pub memory_limit_bytes: u64,
-    pub deadline: Duration,
+    pub limits: SandboxLimits,
     /// Scheduling priority of this handler's inference (higher runs first).
     pub priority: u8,
     /// The highest priority a request may ask for with the `kiln-priority` header.
@@ -126,6 +172,14 @@ pub struct HandlerConfig {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_STATE_DIR: &str = "state";
+pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_REQUESTS_PER_SECOND: f64 = 1000.0;
+pub const DEFAULT_MAX_CONCURRENT: u32 = 64;
+pub const DEFAULT_MAX_COMPUTE_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_COMPUTE_CALLS: u32 = 64;
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_INSTANCES: u32 = 256;
 pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 128;
@@ -167,6 +221,8 @@ struct RawConfig {
     #[serde(default)]
     model: Vec<RawModel>,
     #[serde(default)]
+    tenant: Vec<RawTenant>,
+    #[serde(default)]
     handler: Vec<RawHandler>,
 }
 
@@ -177,6 +233,35 @@ struct RawServer {
     max_body_bytes: Option<u64>,
     max_instances: Option<u32>,
     oip_max_priority: Option<u8>,
+    state_dir: Option<String>,
+    admin_listen: Option<String>,
+    max_component_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    #[serde(default)]
+    models: Vec<String>,
+    signing_key: Option<String>,
+    #[serde(default)]
+    quota: RawQuota,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    requests_per_second: Option<f64>,
+    burst: Option<u32>,
+    max_concurrent: Option<u32>,
+    max_body_bytes: Option<u64>,
+    memory_limit_mib: Option<u64>,
+    deadline_ms: Option<u64>,
+    fuel: Option<u64>,
+    max_compute_bytes: Option<u64>,
+    max_compute_calls: Option<u32>,
+    max_response_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,13 +311,30 @@ struct RawOutput {
 #[serde(deny_unknown_fields)]
 struct RawHandler {
     name: String,
+    tenant: Option<String>,
     component: String,
-    #[serde(default)]
-    models: Vec<String>,
+    models: Option<Vec<String>>,
     memory_limit_mib: Option<u64>,
     deadline_ms: Option<u64>,
     priority: Option<u8>,
     max_priority: Option<u8>,
+}
+
+/// A handler's own settings, as written in a `[[handler]]` section or sent with a deployment.
+/// Everything is optional: models default to all of the tenant's, limits to the tenant's quota.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_priority: Option<u8>,
 }
 
 impl Config {
@@ -299,36 +401,48 @@ impl Validator<'_> {
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
-        let mut models = Vec::with_capacity(raw.model.len());
-        let mut seen = HashSet::new();
-        for (i, m) in raw.model.into_iter().enumerate() {
-            let model = self.model(i, m)?;
-            if !seen.insert(model.name.clone()) {
-                return Err(self.invalid(
-                    format!("model[{i}].name"),
-                    format!("duplicate model name '{}'", model.name),
-                ));
-            }
-            models.push(model);
-        }
-        let mut handlers = Vec::with_capacity(raw.handler.len());
-        let mut seen = HashSet::new();
-        for (i, h) in raw.handler.into_iter().enumerate() {
-            let handler = self.handler(i, h, &models)?;
-            if !seen.insert(handler.name.clone()) {
-                return Err(self.invalid(
-                    format!("handler[{i}].name"),
-                    format!("duplicate handler name '{}'", handler.name),
-                ));
-            }
-            handlers.push(handler);
-        }
+        let models = raw
+            .model
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| self.model(i, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unique("model", models.iter().map(|m| m.name.as_str()))?;
+        let tenants = raw
+            .tenant
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| self.tenant(i, t, &models))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unique("tenant", tenants.iter().map(|t| t.name.as_str()))?;
+        let handlers = raw
+            .handler
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| self.handler(i, h, &tenants))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unique("handler", handlers.iter().map(|h| h.name.as_str()))?;
         Ok(Config {
             source: self.file.to_path_buf(),
             server,
             models,
+            tenants,
             handlers,
         })
+    }
+
+    /// Fails on the first name that repeats an earlier one of the same kind.
+    fn unique<'n>(&self, kind: &str, names: impl Iterator<Item = &'n str>) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (i, name) in names.enumerate() {
+            if !seen.insert(name) {
+                return Err(self.invalid(
+                    format!("{kind}[{i}].name"),
+                    format!("duplicate {kind} name '{name}'"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
@@ -355,11 +469,31 @@ impl Validator<'_> {
         }
         let oip_max_priority = raw.oip_max_priority.unwrap_or(0);
         self.priority("server.oip_max_priority", oip_max_priority)?;
+        let admin_listen = raw.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+        let admin_listen = admin_listen.parse().map_err(|_| {
+            self.invalid(
+                "server.admin_listen",
+                format!("'{admin_listen}' is not an address like 127.0.0.1:8081"),
+            )
+        })?;
+        let state_dir = self.path(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+        let max_component_bytes = raw
+            .max_component_bytes
+            .unwrap_or(DEFAULT_MAX_COMPONENT_BYTES as u64);
+        if max_component_bytes == 0 || max_component_bytes > 1 << 30 {
+            return Err(self.invalid(
+                "server.max_component_bytes",
+                format!("{max_component_bytes} is out of range (1 ..= 1073741824)"),
+            ));
+        }
         Ok(ServerConfig {
             listen,
             max_body_bytes: max_body_bytes as usize,
             max_instances,
             oip_max_priority,
+            state_dir,
+            admin_listen,
+            max_component_bytes: max_component_bytes as usize,
         })
     }
 
@@ -371,22 +505,7 @@ impl Validator<'_> {
     }
 
     fn name(&self, field: &str, name: &str) -> Result<(), ConfigError> {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            && !name.starts_with('.');
-        if ok {
-            Ok(())
-        } else {
-            Err(self.invalid(
-                field,
-                format!(
-                    "'{name}' is not a valid name (1-64 of a-z A-Z 0-9 - _ ., not starting with '.')"
-                ),
-            ))
-        }
+        check_name(name).map_err(|m| self.invalid(field, m))
     }
 
     fn model(&self, i: usize, raw: RawModel) -> Result<ModelConfig, ConfigError> {
@@ -566,14 +685,14 @@ impl Validator<'_> {
         })
     }
 
-    fn handler(
+    fn tenant(
         &self,
         i: usize,
-        raw: RawHandler,
+        raw: RawTenant,
         models: &[ModelConfig],
-    ) -> Result<HandlerConfig, ConfigError> {
-        self.name(&format!("handler[{i}].name"), &raw.name)?;
-        let at = |f: &str| format!("handler '{}'.{f}", raw.name);
+    ) -> Result<TenantConfig, ConfigError> {
+        self.name(&format!("tenant[{i}].name"), &raw.name)?;
+        let at = |f: &str| format!("tenant '{}'.{f}", raw.name);
         for m in &raw.models {
             if !models.iter().any(|known| &known.name == m) {
                 return Err(self.invalid(
@@ -582,39 +701,221 @@ impl Validator<'_> {
                 ));
             }
         }
-        let mib = raw.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_LIMIT_MIB);
-        if !(1..=4096).contains(&mib) {
+        let signing_key = match &raw.signing_key {
+            None => None,
+            Some(text) => Some(parse_public_key(text).map_err(|m| self.invalid(at("signing_key"), m))?),
+        };
+        let quota = self.quota(&at("quota"), raw.quota)?;
+        Ok(TenantConfig {
+            name: raw.name,
+            models: raw.models,
+            signing_key,
+            quota,
+        })
+    }
+
+    fn quota(&self, at: &str, raw: RawQuota) -> Result<Quota, ConfigError> {
+        let field = |f: &str| format!("{at}.{f}");
+        let range = |f: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(self.invalid(field(f), format!("{v} is out of range ({lo} ..= {hi})")))
+            }
+        };
+        let rps = raw.requests_per_second.unwrap_or(DEFAULT_REQUESTS_PER_SECOND);
+        if !(rps.is_finite() && rps > 0.0 && rps <= 1e7) {
             return Err(self.invalid(
-                at("memory_limit_mib"),
-                format!("{mib} is out of range (1 ..= 4096)"),
+                field("requests_per_second"),
+                format!("{rps} is out of range (above 0, up to 10000000)"),
             ));
         }
-        let ms = raw.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS);
-        if !(1..=3_600_000).contains(&ms) {
+        // A bucket of one second's worth of requests, and never less than one request.
+        let default_burst = rps.ceil().max(1.0) as u64;
+        let burst = range("burst", raw.burst.map_or(default_burst, u64::from), 1, 10_000_000)?;
+        let max_concurrent = range(
+            "max_concurrent",
+            raw.max_concurrent.map_or(u64::from(DEFAULT_MAX_CONCURRENT), u64::from),
+            1,
+            100_000,
+        )?;
+        let max_body_bytes = range(
+            "max_body_bytes",
+            raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES as u64),
+            1,
+            1 << 32,
+        )?;
+        let mib = range("memory_limit_mib", raw.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_LIMIT_MIB), 1, 4096)?;
+        let ms = range("deadline_ms", raw.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS), 1, 3_600_000)?;
+        let fuel = match raw.fuel {
+            None => None,
+            Some(f) => Some(range("fuel", f, 1, u64::MAX >> 1)?),
+        };
+        let max_compute_bytes = range(
+            "max_compute_bytes",
+            raw.max_compute_bytes.unwrap_or(DEFAULT_MAX_COMPUTE_BYTES),
+            1,
+            1 << 34,
+        )?;
+        let max_compute_calls = range(
+            "max_compute_calls",
+            raw.max_compute_calls.map_or(u64::from(DEFAULT_MAX_COMPUTE_CALLS), u64::from),
+            1,
+            1_000_000,
+        )?;
+        let max_response_bytes = range(
+            "max_response_bytes",
+            raw.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
+            1,
+            1 << 40,
+        )?;
+        Ok(Quota {
+            requests_per_second: rps,
+            burst: burst as u32,
+            max_concurrent: max_concurrent as u32,
+            max_body_bytes: max_body_bytes as usize,
+            limits: SandboxLimits {
+                memory_limit_bytes: mib << 20,
+                deadline: Duration::from_millis(ms),
+                fuel,
+                max_compute_bytes,
+                max_compute_calls: max_compute_calls as u32,
+                max_response_bytes,
+            },
+        })
+    }
+
+    fn handler(
+        &self,
+        i: usize,
+        raw: RawHandler,
+        tenants: &[TenantConfig],
+    ) -> Result<HandlerConfig, ConfigError> {
+        self.name(&format!("handler[{i}].name"), &raw.name)?;
+        let at = |f: &str| format!("handler '{}'.{f}", raw.name);
+        let Some(tenant_name) = &raw.tenant else {
             return Err(self.invalid(
-                at("deadline_ms"),
-                format!("{ms} is out of range (1 ..= 3600000)"),
+                at("tenant"),
+                "missing: every handler belongs to a [[tenant]] (its key calls it, its quotas apply)",
             ));
+        };
+        let tenant = tenants.iter().find(|t| &t.name == tenant_name).ok_or_else(|| {
+            self.invalid(
+                at("tenant"),
+                format!("tenant '{tenant_name}' is not declared in any [[tenant]] section"),
+            )
+        })?;
+        let settings = HandlerSettings {
+            models: raw.models,
+            memory_limit_mib: raw.memory_limit_mib,
+            deadline_ms: raw.deadline_ms,
+            priority: raw.priority,
+            max_priority: raw.max_priority,
+        };
+        settings
+            .resolve(&raw.name, tenant, self.path(&raw.component))
+            .map_err(|(f, message)| self.invalid(at(f), message))
+    }
+}
+
+impl HandlerSettings {
+    /// The handler these settings describe for `tenant`: models must be among the tenant's, and
+    /// limits may only tighten the tenant's quota. An error names the offending field.
+    pub fn resolve(
+        &self,
+        name: &str,
+        tenant: &TenantConfig,
+        component: PathBuf,
+    ) -> Result<HandlerConfig, (&'static str, String)> {
+        let models = match &self.models {
+            None => tenant.models.clone(),
+            Some(models) => {
+                if let Some(m) = models.iter().find(|m| !tenant.models.contains(m)) {
+                    return Err((
+                        "models",
+                        format!("model '{m}' is not among the models of tenant '{}'", tenant.name),
+                    ));
+                }
+                models.clone()
+            }
+        };
+        let quota = &tenant.quota.limits;
+        let mut limits = quota.clone();
+        if let Some(mib) = self.memory_limit_mib {
+            if mib == 0 || mib > quota.memory_limit_bytes >> 20 {
+                return Err((
+                    "memory_limit_mib",
+                    format!(
+                        "{mib} is out of range (1 ..= {}, the quota of tenant '{}')",
+                        quota.memory_limit_bytes >> 20,
+                        tenant.name
+                    ),
+                ));
+            }
+            limits.memory_limit_bytes = mib << 20;
         }
-        let priority = raw.priority.unwrap_or(0);
-        self.priority(&at("priority"), priority)?;
-        let max_priority = raw.max_priority.unwrap_or(priority);
-        self.priority(&at("max_priority"), max_priority)?;
-        if max_priority < priority {
-            return Err(self.invalid(
-                at("max_priority"),
-                format!("{max_priority} is below the handler's priority {priority}"),
+        if let Some(ms) = self.deadline_ms {
+            let most = quota.deadline.as_millis() as u64;
+            if ms == 0 || ms > most {
+                return Err((
+                    "deadline_ms",
+                    format!("{ms} is out of range (1 ..= {most}, the quota of tenant '{}')", tenant.name),
+                ));
+            }
+            limits.deadline = Duration::from_millis(ms);
+        }
+        let priority = self.priority.unwrap_or(0);
+        if priority > MAX_PRIORITY {
+            return Err(("priority", format!("{priority} is out of range (0 ..= {MAX_PRIORITY})")));
+        }
+        let max_priority = self.max_priority.unwrap_or(priority);
+        if max_priority > MAX_PRIORITY || max_priority < priority {
+            return Err((
+                "max_priority",
+                format!("{max_priority} is out of range ({priority} ..= {MAX_PRIORITY})"),
             ));
         }
         Ok(HandlerConfig {
-            component: self.path(&raw.component),
-            name: raw.name,
-            models: raw.models,
-            memory_limit_bytes: mib << 20,
-            deadline: Duration::from_millis(ms),
+            name: name.to_owned(),
+            tenant: tenant.name.clone(),
+            component,
+            models,
+            limits,
             priority,
             max_priority,
         })
+    }
+}
+
+/// An Ed25519 public key as written in config: 32 bytes, base64 (standard or URL-safe).
+pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes = crate::keys::decode_base64(text.trim())
+        .ok_or_else(|| "not base64 (expected the public key `kiln keygen` prints)".to_owned())?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        format!("the key is {} bytes; an Ed25519 public key is 32 bytes", bytes.len())
+    })
+}
+
+impl Config {
+    pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+/// Checks a handler or tenant name from outside the config (the admin API, the CLI).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid name (1-64 of a-z A-Z 0-9 - _ ., not starting with '.')"
+        ))
     }
 }
 
@@ -665,10 +966,14 @@ mod tests {
             inputs = [{ name = "x", dtype = "FP32", shape = [-1, 3] }]
             outputs = [{ name = "y" }]
 
+            [[tenant]]
+            name = "t"
+            models = ["m"]
+
             [[handler]]
             name = "h"
+            tenant = "t"
             component = "/abs/h.wasm"
-            models = ["m"]
         "#;
         let config = Config::parse(text, Path::new("t.toml"), Path::new("/srv")).expect("valid");
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
@@ -679,8 +984,16 @@ mod tests {
         assert_eq!(model.inputs[0].shape, vec![None, Some(3)]);
         let handler = &config.handlers[0];
         assert_eq!(handler.component, Path::new("/abs/h.wasm"));
-        assert_eq!(handler.memory_limit_bytes, DEFAULT_MEMORY_LIMIT_MIB << 20);
-        assert_eq!(handler.deadline, Duration::from_millis(DEFAULT_DEADLINE_MS));
+        assert_eq!(handler.models, vec!["m".to_owned()]);
+        assert_eq!(handler.limits.memory_limit_bytes, DEFAULT_MEMORY_LIMIT_MIB << 20);
+        assert_eq!(handler.limits.deadline, Duration::from_millis(DEFAULT_DEADLINE_MS));
+        assert_eq!(handler.limits.fuel, None);
+        let quota = &config.tenants[0].quota;
+        assert_eq!(quota.requests_per_second, DEFAULT_REQUESTS_PER_SECOND);
+        assert_eq!(quota.burst, DEFAULT_REQUESTS_PER_SECOND as u32);
+        assert_eq!(quota.max_concurrent, DEFAULT_MAX_CONCURRENT);
+        assert_eq!(config.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(config.server.state_dir, Path::new("/srv/state"));
     }
 
     #[test]
@@ -690,5 +1003,6 @@ mod tests {
         assert_eq!(config.models.len(), 2);
         assert_eq!(config.handlers.len(), 2);
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert!(config.handlers.iter().all(|h| config.tenant(&h.tenant).is_some()));
     }
 }

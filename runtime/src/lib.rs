@@ -7,12 +7,17 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod backend;
 pub mod batch;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod executor;
+pub mod keys;
 pub mod nn;
 pub mod sandbox;
 pub mod server;
+pub mod state;
+pub mod tenancy;
 pub mod tensor;

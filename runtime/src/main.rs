@@ -18,9 +18,13 @@ Examples:
       Open-loop load on a model's OIP infer endpoint, machine-readable report.
   kiln serve --config deploy/kiln.toml --listen 0.0.0.0:9000
       Serve your own deployment.
-  curl -s --data-binary @seven.png http://127.0.0.1:8080/v1/handlers/digits/
+  kiln tenant add-key demo
+      Make an API key for tenant 'demo' (printed once; only its hash is stored).
+  curl -s -H \"Authorization: Bearer $KEY\" --data-binary @seven.png http://127.0.0.1:8080/v1/handlers/digits/
       Call a handler: the body goes to the guest, the guest's response comes back.
-  curl -s http://127.0.0.1:8080/v2/models/digits
+  KILN_ADMIN_KEY=$(kiln admin add-key) kiln deploy h.wasm --name h --tenant demo
+      Deploy (or atomically replace) a handler on the running server through the admin API.
+  curl -s -H \"Authorization: Bearer $KEY\" http://127.0.0.1:8080/v2/models/digits
       Open Inference Protocol metadata for a model.";
 
 /// Kiln serves models behind WebAssembly request handlers: each request runs in a fresh
@@ -43,10 +47,57 @@ enum Command {
         /// Address to listen on; overrides [server].listen.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Address of the admin API; overrides [server].admin_listen.
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
         /// Exit when standard input closes (lets a supervising process, such as the test
         /// harness, take the server down with it).
         #[arg(long, hide = true)]
         stop_on_stdin_close: bool,
+    },
+    /// Manage a tenant's API keys (stored as salted hashes in the state directory).
+    Tenant {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Manage the admin API's keys.
+    Admin {
+        #[command(subcommand)]
+        command: AdminKeyCommand,
+    },
+    /// Make an Ed25519 key pair for signing handlers: PREFIX.key (secret) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, default_value = "kiln-signing")]
+        out: PathBuf,
+    },
+    /// Sign a component with a key from `kiln keygen`; writes FILE.sig.
+    Sign {
+        component: PathBuf,
+        /// The private key file.
+        #[arg(long, default_value = "kiln-signing.key")]
+        key: PathBuf,
+        /// Where to write the signature (default: the component's path plus .sig).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Deploy a handler to a running server, or atomically replace one.
+    Deploy {
+        #[command(flatten)]
+        request: kiln::cli::DeployRequest,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a deployed handler from a running server.
+    Undeploy {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List a running server's handlers.
+    Handlers {
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Put load on a handler or a model's OIP endpoint and report latency, throughput, errors
     /// and the server's average batch size.
@@ -74,6 +125,68 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a new key for tenant NAME; prints it once.
+    AddKey {
+        name: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List tenant NAME's key ids.
+    Keys {
+        name: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Remove one of tenant NAME's keys by id.
+    RemoveKey {
+        name: String,
+        id: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminKeyCommand {
+    /// Make a new admin key; prints it once.
+    AddKey {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List admin key ids.
+    Keys {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Remove an admin key by id.
+    RemoveKey {
+        id: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin API's URL.
+    #[arg(long, env = "KILN_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
+    admin_url: String,
+    /// An admin key (from `kiln admin add-key`).
+    #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
+    admin_key: String,
+}
+
+impl AdminArgs {
+    fn target(self) -> kiln::cli::AdminTarget {
+        kiln::cli::AdminTarget {
+            url: self.admin_url,
+            key: self.admin_key,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -171,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             config,
             listen,
+            admin_listen,
             stop_on_stdin_close,
         } => {
             if stop_on_stdin_close {
@@ -182,12 +296,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = config.unwrap_or_else(default_config);
             let config = Config::load(&path)?;
             let listen = listen.unwrap_or(config.server.listen);
+            let admin_listen = admin_listen.unwrap_or(config.server.admin_listen);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("kiln-io")
                 .build()?;
-            runtime.block_on(kiln::server::serve(&config, listen, shutdown_signal()))
+            runtime.block_on(kiln::server::serve(&config, listen, admin_listen, shutdown_signal()))
         }
+        Command::Tenant { command } => {
+            use kiln::keys::Principal;
+            match command {
+                KeyCommand::AddKey { name, config } => {
+                    kiln::cli::add_key(&load(config)?, &Principal::Tenant(name))
+                }
+                KeyCommand::Keys { name, config } => {
+                    kiln::cli::list_keys(&load(config)?, &Principal::Tenant(name))
+                }
+                KeyCommand::RemoveKey { name, id, config } => {
+                    kiln::cli::remove_key(&load(config)?, &Principal::Tenant(name), &id)
+                }
+            }
+        }
+        Command::Admin { command } => {
+            use kiln::keys::Principal;
+            match command {
+                AdminKeyCommand::AddKey { config } => kiln::cli::add_key(&load(config)?, &Principal::Admin),
+                AdminKeyCommand::Keys { config } => kiln::cli::list_keys(&load(config)?, &Principal::Admin),
+                AdminKeyCommand::RemoveKey { id, config } => {
+                    kiln::cli::remove_key(&load(config)?, &Principal::Admin, &id)
+                }
+            }
+        }
+        Command::Keygen { out } => kiln::cli::keygen(&out),
+        Command::Sign { component, key, out } => kiln::cli::sign(&component, &key, out),
+        Command::Deploy { request, admin } => kiln::cli::deploy(&admin.target(), &request),
+        Command::Undeploy { name, admin } => kiln::cli::undeploy(&admin.target(), &name),
+        Command::Handlers { admin } => kiln::cli::list_handlers(&admin.target()),
         Command::Bench(args) => bench(args),
         Command::BenchRaw {
             config,
@@ -214,6 +358,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
+    Ok(Config::load(&config.unwrap_or_else(default_config))?)
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {

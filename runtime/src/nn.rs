@@ -43,7 +43,24 @@ pub struct ExecutionContext {
 }
 
 /// A guest-created or model-produced tensor.
-pub type Tensor = HostTensor;
+pub struct Tensor {
+    tensor: HostTensor,
+    /// Bytes counted against the request's tensor budget (guest-created tensors only).
+    counted: u64,
+    /// Set when the guest's tensor was over the byte limit: its data was dropped on arrival,
+    /// and `compute` answers `too-large`.
+    oversize: Option<u64>,
+}
+
+impl Tensor {
+    fn produced(tensor: HostTensor) -> Tensor {
+        Tensor {
+            tensor,
+            counted: 0,
+            oversize: None,
+        }
+    }
+}
 
 /// A `wasi:nn` error as the guest sees it: a code and a message.
 #[derive(Debug, Clone)]
@@ -52,24 +69,57 @@ pub struct NnError {
     pub message: String,
 }
 
-/// Per-request state for `wasi:nn`: which models this guest may see, and how its inference is
-/// scheduled.
-#[derive(Clone, Default)]
+/// What one request may do with `wasi:nn`.
+#[derive(Debug, Clone, Copy)]
+pub struct NnLimits {
+    /// Input bytes per `compute`, and bytes of guest-created tensors alive at once.
+    pub max_compute_bytes: u64,
+    pub max_compute_calls: u32,
+}
+
+/// The error that stops a guest calling `compute` once too often (it traps the guest).
+#[derive(Debug, thiserror::Error)]
+#[error("more than {0} compute calls in one request")]
+pub struct ComputeCallLimit(pub u32);
+
+/// Per-request state for `wasi:nn`: which models this guest may see, how its inference is
+/// scheduled, and what it has used of its limits.
 pub struct NnCtx {
     models: Arc<HashMap<String, ModelHandle>>,
     options: InferOptions,
+    limits: NnLimits,
+    handler: Arc<str>,
+    tenant: Arc<str>,
+    compute_calls: u32,
+    /// Bytes of guest-created tensors alive now.
+    live_bytes: u64,
 }
 
 impl NnCtx {
-    /// `models` is the handler's allow-list, already resolved to executors.
-    pub fn new(models: Arc<HashMap<String, ModelHandle>>, options: InferOptions) -> NnCtx {
-        NnCtx { models, options }
+    /// `models` is the handler's allow-list, already resolved to executors; `handler` and
+    /// `tenant` tag log lines.
+    pub fn new(
+        models: Arc<HashMap<String, ModelHandle>>,
+        options: InferOptions,
+        limits: NnLimits,
+        handler: Arc<str>,
+        tenant: Arc<str>,
+    ) -> NnCtx {
+        NnCtx {
+            models,
+            options,
+            limits,
+            handler,
+            tenant,
+            compute_calls: 0,
+            live_bytes: 0,
+        }
     }
 }
 
 /// The borrow of store data the generated bindings work on.
 pub struct NnView<'a> {
-    pub ctx: &'a NnCtx,
+    pub ctx: &'a mut NnCtx,
     pub table: &'a mut ResourceTable,
 }
 
@@ -97,7 +147,24 @@ impl NnView<'_> {
             code,
             message: message.into(),
         };
-        tracing::debug!(code = ?error.code, "wasi:nn error: {}", error.message);
+        // Refusals by policy are worth an operator's eye; input mistakes are the guest's business.
+        if matches!(code, ErrorCode::Security | ErrorCode::NotFound | ErrorCode::TooLarge) {
+            tracing::info!(
+                handler = %self.ctx.handler,
+                tenant = %self.ctx.tenant,
+                code = ?error.code,
+                "wasi:nn refused: {}",
+                error.message
+            );
+        } else {
+            tracing::debug!(
+                handler = %self.ctx.handler,
+                tenant = %self.ctx.tenant,
+                code = ?error.code,
+                "wasi:nn error: {}",
+                error.message
+            );
+        }
         Ok(Err(self.table.push(error)?))
     }
 }
@@ -185,10 +252,36 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         inputs: Vec<inference::NamedTensor>,
     ) -> NnResult<Vec<inference::NamedTensor>> {
         let model = self.table.get(&ctx)?.model.clone();
+        self.ctx.compute_calls += 1;
+        if self.ctx.compute_calls > self.ctx.limits.max_compute_calls {
+            // A guest that ignores errors would go on calling until its deadline: stop it here.
+            return Err(ComputeCallLimit(self.ctx.limits.max_compute_calls).into());
+        }
         // Inputs are consumed: their resources are freed whether or not the call succeeds.
+        let limit = self.ctx.limits.max_compute_bytes;
         let mut named = Vec::with_capacity(inputs.len());
+        let mut oversize = None;
+        let mut total: u64 = 0;
         for (name, tensor) in inputs {
-            named.push((name, self.table.delete(tensor)?));
+            let tensor = self.table.delete(tensor)?;
+            self.ctx.live_bytes -= tensor.counted;
+            if let Some(bytes) = tensor.oversize {
+                oversize.get_or_insert((name.clone(), bytes));
+            }
+            total = total.saturating_add(tensor.tensor.data.len() as u64);
+            named.push((name, tensor.tensor));
+        }
+        if let Some((name, bytes)) = oversize {
+            return self.fail(
+                ErrorCode::TooLarge,
+                format!("tensor '{name}' needs {bytes} bytes, over the limit of {limit} bytes per compute"),
+            );
+        }
+        if total > limit {
+            return self.fail(
+                ErrorCode::TooLarge,
+                format!("inputs total {total} bytes, over the limit of {limit} bytes per compute"),
+            );
         }
         let arranged = match model.arrange_inputs(named) {
             Ok(arranged) => arranged,
@@ -205,7 +298,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         };
         let mut named = Vec::with_capacity(outputs.len());
         for (spec, tensor) in model.config().outputs.iter().zip(outputs) {
-            named.push((spec.name.clone(), self.table.push(tensor)?));
+            named.push((spec.name.clone(), self.table.push(Tensor::produced(tensor))?));
         }
         Ok(Ok(named))
     }
@@ -225,30 +318,59 @@ impl tensor::HostTensor for NnView<'_> {
         ty: tensor::TensorType,
         data: tensor::TensorData,
     ) -> wasmtime::Result<Resource<Tensor>> {
-        // The constructor cannot return an error; a size mismatch is reported by `compute`,
-        // which re-checks every input, so the guest gets `invalid-argument` and not a trap.
-        let tensor = HostTensor {
-            dtype: dtype(ty),
-            shape: dimensions,
-            data,
+        // The constructor cannot return an error; every problem is reported by `compute`, so the
+        // guest gets `too-large` or `invalid-argument` and not a trap. Nothing is allocated from
+        // the declared dimensions, and data over the limit is dropped at once, so a request holds
+        // at most its limit in tensors however many it makes.
+        let dtype = dtype(ty);
+        let declared = dimensions
+            .iter()
+            .try_fold(dtype.size() as u64, |n, &d| n.checked_mul(u64::from(d)))
+            .unwrap_or(u64::MAX);
+        let bytes = data.len() as u64;
+        let limit = self.ctx.limits.max_compute_bytes;
+        let needed = declared.max(bytes);
+        let tensor = if needed > limit || self.ctx.live_bytes.saturating_add(bytes) > limit {
+            drop(data);
+            Tensor {
+                tensor: HostTensor {
+                    dtype,
+                    shape: dimensions,
+                    data: Vec::new(),
+                },
+                counted: 0,
+                oversize: Some(needed.max(self.ctx.live_bytes.saturating_add(bytes))),
+            }
+        } else {
+            self.ctx.live_bytes += bytes;
+            Tensor {
+                tensor: HostTensor {
+                    dtype,
+                    shape: dimensions,
+                    data,
+                },
+                counted: bytes,
+                oversize: None,
+            }
         };
         Ok(self.table.push(tensor)?)
     }
 
     fn dimensions(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
-        Ok(self.table.get(&tensor)?.shape.clone())
+        Ok(self.table.get(&tensor)?.tensor.shape.clone())
     }
 
     fn ty(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<tensor::TensorType> {
-        Ok(tensor_type(self.table.get(&tensor)?.dtype))
+        Ok(tensor_type(self.table.get(&tensor)?.tensor.dtype))
     }
 
     fn data(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Vec<u8>> {
-        Ok(self.table.get(&tensor)?.data.clone())
+        Ok(self.table.get(&tensor)?.tensor.data.clone())
     }
 
     fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
-        self.table.delete(tensor)?;
+        let tensor = self.table.delete(tensor)?;
+        self.ctx.live_bytes -= tensor.counted;
         Ok(())
     }
 }

@@ -28,12 +28,44 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode as HttpErrorCode, 
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::config::HandlerConfig;
+use crate::config::{HandlerConfig, SandboxLimits};
 use crate::executor::{InferOptions, ModelHandle};
-use crate::nn::{self, NnCtx, NnState, NnView};
+use crate::nn::{self, NnCtx, NnLimits, NnState, NnView};
 
-/// How often the engine's epoch advances: the granularity of deadlines and of yielding.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How often the engine's epoch advances: the granularity of deadlines and of yielding. A busy
+/// guest gives its worker thread back every tick, so this bounds how long it can delay others.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Interfaces a handler may import, without version. The wasi:http proxy world's imports and
+/// wasi:nn, plus the wasi:cli start-up interfaces Rust's std and wasi-libc always import, which a
+/// Kiln sandbox answers with nothing (no environment, no terminals; exit ends the request).
+const ALLOWED_IMPORTS: &[&str] = &[
+    "wasi:io/poll",
+    "wasi:io/error",
+    "wasi:io/streams",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:random/random",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/stdin",
+    "wasi:http/types",
+    "wasi:http/outgoing-handler",
+    "wasi:nn/tensor",
+    "wasi:nn/errors",
+    "wasi:nn/inference",
+    "wasi:nn/graph",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+];
+
+/// The export every handler must have (any 0.2 version).
+const HANDLER_EXPORT: &str = "wasi:http/incoming-handler@0.2.";
 
 /// Bytes of each memory and stack slot kept mapped between requests: a guest's 256 KiB stack
 /// (see .cargo/config.toml) plus its data and first heap pages. Measured: 256 KiB leaves the
@@ -61,6 +93,16 @@ pub enum GuestError {
     Trap { handler: String, reason: String },
     #[error("handler '{handler}' returned no response")]
     NoResponse { handler: String },
+    #[error("handler '{handler}' exceeded its limit of {limit} compute calls per request")]
+    ComputeCalls { handler: String, limit: u32 },
+    #[error("handler '{handler}' ran out of fuel ({fuel} units per request)")]
+    OutOfFuel { handler: String, fuel: u64 },
+    #[error("handler '{handler}' declared a response body of {declared} bytes, over its limit of {limit}")]
+    ResponseTooLarge {
+        handler: String,
+        declared: u64,
+        limit: u64,
+    },
     #[error("handler '{handler}' answered with an error: {code:?}")]
     ErrorCode {
         handler: String,
@@ -70,17 +112,48 @@ pub enum GuestError {
     Internal { handler: String, reason: String },
 }
 
+/// Why a component cannot be a handler.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ComponentError {
+    #[error("not a valid WebAssembly component: {0}")]
+    Invalid(String),
+    #[error(
+        "the component imports {}, which Kiln does not provide; handlers may import only the wasi:http proxy interfaces and wasi:nn",
+        .0.join(", ")
+    )]
+    ForbiddenImports(Vec<String>),
+    #[error("the component does not export wasi:http/incoming-handler@0.2.x")]
+    NoHandlerExport,
+    #[error("the component cannot be linked: {0}")]
+    Link(String),
+}
+
+/// The imports of `names` that a handler may not have, in order.
+pub fn forbidden_imports<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|name| {
+            let base = name.split_once('@').map_or(*name, |(base, _)| base);
+            !ALLOWED_IMPORTS.contains(&base)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The shared engine and linker. Cheap to clone.
 #[derive(Clone)]
 pub struct Sandbox {
     engine: Engine,
     linker: Arc<Linker<RequestState>>,
+    metered: bool,
 }
 
 impl Sandbox {
     /// Builds the engine with a pool of `max_instances` sandbox slots, each able to hold up to
-    /// `max_memory_bytes` of linear memory, and starts the epoch ticker.
-    pub fn new(max_instances: u32, max_memory_bytes: u64) -> wasmtime::Result<Sandbox> {
+    /// `max_memory_bytes` of linear memory, and starts the epoch ticker. `metered` turns on fuel
+    /// accounting (it slows every guest, so only when some tenant has a fuel quota).
+    pub fn new(max_instances: u32, max_memory_bytes: u64, metered: bool) -> wasmtime::Result<Sandbox> {
         let mut pool = PoolingAllocationConfig::default();
         // A Rust wasm32-wasip2 component is one main core module plus a few small adapter
         // modules; these totals leave room for that shape in every slot.
@@ -101,6 +174,7 @@ impl Sandbox {
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            .consume_fuel(metered)
             .memory_init_cow(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
@@ -116,40 +190,63 @@ impl Sandbox {
         Ok(Sandbox {
             engine,
             linker: Arc::new(linker),
+            metered,
         })
     }
 
-    /// Compiles and pre-instantiates a handler's component. `models` is its allow-list.
-    pub fn load_handler(
-        &self,
-        config: &HandlerConfig,
-        models: HashMap<String, ModelHandle>,
-    ) -> wasmtime::Result<Handler> {
-        let bytes = std::fs::read(&config.component).map_err(|e| {
-            wasmtime::format_err!("cannot read {}: {e}", config.component.display())
-        })?;
-        self.compile_handler(config, &bytes, models)
+    /// Compiles a component and checks that it can be a handler: it imports nothing beyond the
+    /// proxy interfaces and wasi:nn, and exports the incoming handler. CPU-heavy: call it off
+    /// the async workers.
+    pub fn check_component(&self, bytes: &[u8]) -> Result<Component, ComponentError> {
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| ComponentError::Invalid(first_line(&format!("{e:#}")).to_owned()))?;
+        let ty = component.component_type();
+        let forbidden = forbidden_imports(ty.imports(&self.engine).map(|(name, _)| name));
+        if !forbidden.is_empty() {
+            return Err(ComponentError::ForbiddenImports(forbidden));
+        }
+        if !ty.exports(&self.engine).any(|(name, _)| name.starts_with(HANDLER_EXPORT)) {
+            return Err(ComponentError::NoHandlerExport);
+        }
+        Ok(component)
     }
 
-    /// Compiles component bytes into a handler.
-    pub fn compile_handler(
+    /// Pre-instantiates a checked component as the handler `config` describes. `models` is its
+    /// allow-list, already resolved to executors.
+    pub fn handler(
         &self,
         config: &HandlerConfig,
-        bytes: &[u8],
+        component: &Component,
         models: HashMap<String, ModelHandle>,
-    ) -> wasmtime::Result<Handler> {
-        let component = Component::new(&self.engine, bytes)?;
-        let pre = ProxyPre::new(self.linker.instantiate_pre(&component)?)?;
+        origin: Origin,
+    ) -> Result<Handler, ComponentError> {
+        let link = |e: wasmtime::Error| ComponentError::Link(first_line(&format!("{e:#}")).to_owned());
+        let pre = ProxyPre::new(self.linker.instantiate_pre(component).map_err(link)?).map_err(link)?;
         Ok(Handler {
             name: config.name.as_str().into(),
+            tenant: config.tenant.as_str().into(),
             pre,
-            memory_limit: config.memory_limit_bytes,
-            deadline: config.deadline,
+            limits: config.limits.clone(),
+            metered: self.metered,
             priority: config.priority,
             max_priority: config.max_priority,
             models: Arc::new(models),
+            origin,
         })
     }
+}
+
+/// Where a handler came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A `[[handler]]` section of the config file.
+    Config,
+    /// The admin API.
+    Deployed {
+        sha256: String,
+        deployed_at: u64,
+        signed: bool,
+    },
 }
 
 /// Advances the epoch every tick for as long as the engine lives.
@@ -170,12 +267,14 @@ fn start_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
 /// A compiled, pre-instantiated handler. Each call runs in a fresh store.
 pub struct Handler {
     name: Arc<str>,
+    tenant: Arc<str>,
     pre: ProxyPre<RequestState>,
-    memory_limit: u64,
-    deadline: Duration,
+    limits: SandboxLimits,
+    metered: bool,
     priority: u8,
     max_priority: u8,
     models: Arc<HashMap<String, ModelHandle>>,
+    origin: Origin,
 }
 
 /// What a caller may ask of one request's scheduling.
@@ -188,6 +287,30 @@ pub struct CallOptions {
 }
 
 impl Handler {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tenant that owns this handler.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    pub fn limits(&self) -> &SandboxLimits {
+        &self.limits
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The models this handler's guest may load, sorted.
+    pub fn model_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
     fn infer_options(&self, options: CallOptions) -> InferOptions {
         InferOptions {
             priority: options
@@ -207,7 +330,7 @@ impl Handler {
         options: CallOptions,
     ) -> Result<GuestResponse, GuestError> {
         let started = Instant::now();
-        let deadline = started + self.deadline;
+        let deadline = started + self.limits.deadline;
         let mut store = self.new_store(deadline, self.infer_options(options));
         let (sender, receiver) = oneshot::channel();
         let internal = |e: wasmtime::Error| GuestError::Internal {
@@ -223,8 +346,8 @@ impl Handler {
 
         let pre = self.pre.clone();
         let name = Arc::clone(&self.name);
-        let limit = self.memory_limit;
-        let budget = self.deadline;
+        let limits = self.limits.clone();
+        let budget = self.limits.deadline;
         let mut guest = AbortOnDrop(Some(tokio::spawn(async move {
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
@@ -235,7 +358,7 @@ impl Handler {
             };
             match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(classify(&name, e, store.data(), limit, budget)),
+                Ok(Err(e)) => Err(classify(&name, e, store.data(), &limits)),
                 Err(_) => Err(GuestError::Deadline {
                     handler: name.to_string(),
                     deadline: budget,
@@ -244,7 +367,7 @@ impl Handler {
         })));
 
         let outcome = match receiver.await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => self.cap_response(response),
             Ok(Err(code)) => Err(GuestError::ErrorCode {
                 handler: self.name.to_string(),
                 code,
@@ -268,6 +391,7 @@ impl Handler {
         };
         tracing::debug!(
             handler = %self.name,
+            tenant = %self.tenant,
             micros = started.elapsed().as_micros() as u64,
             ok = outcome.is_ok(),
             "guest answered"
@@ -277,6 +401,40 @@ impl Handler {
             guest.disarm();
         }
         outcome
+    }
+
+    /// Holds the response body to the handler's byte limit: a declared length over it is refused
+    /// up front, a streamed body is cut off where it passes it.
+    fn cap_response(
+        &self,
+        response: http::Response<HyperOutgoingBody>,
+    ) -> Result<GuestResponse, GuestError> {
+        let limit = self.limits.max_response_bytes;
+        let declared = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(declared) = declared.filter(|&n| n > limit) {
+            return Err(GuestError::ResponseTooLarge {
+                handler: self.name.to_string(),
+                declared,
+                limit,
+            });
+        }
+        let name = Arc::clone(&self.name);
+        let tenant = Arc::clone(&self.tenant);
+        Ok(response.map(|body| {
+            use http_body_util::BodyExt as _;
+            CappedBody {
+                inner: body,
+                limit,
+                sent: 0,
+                handler: name,
+                tenant,
+            }
+            .boxed_unsync()
+        }))
     }
 
     fn new_store(&self, deadline: Instant, options: InferOptions) -> Store<RequestState> {
@@ -291,16 +449,32 @@ impl Handler {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: DenyOutgoing,
-            nn: NnCtx::new(Arc::clone(&self.models), options),
+            hooks: DenyOutgoing {
+                handler: Arc::clone(&self.name),
+                tenant: Arc::clone(&self.tenant),
+            },
+            nn: NnCtx::new(
+                Arc::clone(&self.models),
+                options,
+                NnLimits {
+                    max_compute_bytes: self.limits.max_compute_bytes,
+                    max_compute_calls: self.limits.max_compute_calls,
+                },
+                Arc::clone(&self.name),
+                Arc::clone(&self.tenant),
+            ),
             limits: GuestLimits {
-                memory: usize::try_from(self.memory_limit).unwrap_or(usize::MAX),
+                memory: usize::try_from(self.limits.memory_limit_bytes).unwrap_or(usize::MAX),
                 memory_exceeded: false,
             },
             deadline_hit: false,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.limits);
+        if self.metered {
+            // Cannot fail: fuel is enabled on this engine.
+            let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
+        }
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
             if Instant::now() >= deadline {
@@ -339,17 +513,34 @@ fn classify(
     handler: &str,
     error: wasmtime::Error,
     state: &RequestState,
-    limit: u64,
-    deadline: Duration,
+    limits: &SandboxLimits,
 ) -> GuestError {
     let handler = handler.to_owned();
     if state.deadline_hit {
-        return GuestError::Deadline { handler, deadline };
+        return GuestError::Deadline {
+            handler,
+            deadline: limits.deadline,
+        };
     }
     if state.limits.memory_exceeded {
-        return GuestError::MemoryLimit { handler, limit };
+        return GuestError::MemoryLimit {
+            handler,
+            limit: limits.memory_limit_bytes,
+        };
+    }
+    if let Some(nn::ComputeCallLimit(limit)) = error.downcast_ref::<nn::ComputeCallLimit>() {
+        return GuestError::ComputeCalls {
+            handler,
+            limit: *limit,
+        };
     }
     let reason = match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => {
+            return GuestError::OutOfFuel {
+                handler,
+                fuel: limits.fuel.unwrap_or(u64::MAX),
+            };
+        }
         Some(Trap::StackOverflow) => "stack overflow".to_owned(),
         Some(Trap::UnreachableCodeReached) => "unreachable instruction (a guest panic)".to_owned(),
         Some(trap) => trap.to_string(),
@@ -395,19 +586,22 @@ impl WasiHttpView for RequestState {
 impl NnState for RequestState {
     fn nn(&mut self) -> NnView<'_> {
         NnView {
-            ctx: &self.nn,
+            ctx: &mut self.nn,
             table: &mut self.table,
         }
     }
 }
 
 /// Guests may not make outgoing HTTP requests.
-struct DenyOutgoing;
+struct DenyOutgoing {
+    handler: Arc<str>,
+    tenant: Arc<str>,
+}
 
 impl WasiHttpHooks for DenyOutgoing {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
         _options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
@@ -421,6 +615,12 @@ impl WasiHttpHooks for DenyOutgoing {
                 >,
             > + Send,
     > {
+        tracing::info!(
+            handler = %self.handler,
+            tenant = %self.tenant,
+            uri = %first_line(&request.uri().to_string()).chars().take(200).collect::<String>(),
+            "outgoing HTTP request denied"
+        );
         Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
     }
 }
@@ -535,5 +735,59 @@ impl Drop for GuestLogWriter {
         if !self.line.is_empty() {
             self.emit();
         }
+    }
+}
+
+/// A guest's response body, cut off with an error (the client sees an aborted response) once it
+/// passes the handler's byte limit. The guest's further writes then fail, so it stops or runs
+/// out its deadline; nothing past the limit is ever buffered.
+struct CappedBody {
+    inner: HyperOutgoingBody,
+    limit: u64,
+    sent: u64,
+    handler: Arc<str>,
+    tenant: Arc<str>,
+}
+
+impl http_body::Body for CappedBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, wasmtime_wasi_http::Error>>> {
+        let this = &mut *self;
+        if this.sent > this.limit {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                this.sent = this.sent.saturating_add(len);
+                if this.sent > this.limit {
+                    tracing::warn!(
+                        handler = %this.handler,
+                        tenant = %this.tenant,
+                        limit = this.limit,
+                        "response body cut off at its limit of {} bytes",
+                        this.limit
+                    );
+                    return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseBodySize(Some(
+                        this.limit,
+                    )))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

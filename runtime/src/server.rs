@@ -1,18 +1,29 @@
-//! Start-up: load the models, compile the handlers, then serve HTTP until shutdown.
+//! Start-up: load the models, compile the handlers (from the config and the state directory),
+//! then serve the API and the admin API until shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
+use axum::serve::{Listener as _, ListenerExt as _};
 use tokio::net::TcpListener;
 
+use crate::api::admin::{AdminState, allowed_models};
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::audit::Audit;
+use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
 use crate::executor::ModelHandle;
-use crate::sandbox::Sandbox;
+use crate::keys::{self, KeyRing, Principal};
+use crate::sandbox::{Origin, Sandbox};
+use crate::state::Store;
+use crate::tenancy::Tenant;
+
+/// How often the key files are checked for changes (`kiln tenant add-key` on a running server).
+const KEY_POLL: Duration = Duration::from_secs(1);
 
 /// Builds everything `config` describes. Models keep loading in the background; the server is
 /// live at once and ready when every model has warmed up.
@@ -23,70 +34,211 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
             .with_context(|| format!("cannot start the executor for model '{}'", model.name))?;
         models.insert(model.name.clone(), handle);
     }
-    let max_memory = config
-        .handlers
+    let tenants: HashMap<String, Arc<Tenant>> = config
+        .tenants
         .iter()
-        .map(|h| h.memory_limit_bytes)
+        .map(|t| (t.name.clone(), Arc::new(Tenant::new(t.clone()))))
+        .collect();
+    let state_dir = &config.server.state_dir;
+    let store = Store::open(state_dir)
+        .with_context(|| format!("cannot open the state directory {}", state_dir.display()))?;
+    let keys = load_keys(state_dir, config);
+    report_keys(&keys, config);
+
+    let max_memory = config
+        .tenants
+        .iter()
+        .map(|t| t.quota.limits.memory_limit_bytes)
         .max()
-        .unwrap_or(crate::config::DEFAULT_MEMORY_LIMIT_MIB << 20);
-    let sandbox = Sandbox::new(config.server.max_instances, max_memory)
+        .unwrap_or(DEFAULT_MEMORY_LIMIT_MIB << 20);
+    let metered = config.tenants.iter().any(|t| t.quota.limits.fuel.is_some());
+    let sandbox = Sandbox::new(config.server.max_instances, max_memory, metered)
         .map_err(|e| anyhow::anyhow!("cannot create the sandbox engine: {e}"))?;
+
     let mut handlers = HashMap::new();
     for handler in &config.handlers {
-        let allowed = handler
-            .models
-            .iter()
-            .filter_map(|name| models.get(name).map(|m| (name.clone(), m.clone())))
-            .collect();
         let started = std::time::Instant::now();
-        let loaded = sandbox.load_handler(handler, allowed).map_err(|e| {
+        let fail = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!(
-                "{}: handler '{}': cannot load component {}: {e:#}",
+                "{}: handler '{}': component {}: {e}",
                 config.source.display(),
                 handler.name,
                 handler.component.display()
             )
-        })?;
+        };
+        let bytes = std::fs::read(&handler.component).map_err(|e| fail(&e))?;
+        let component = sandbox.check_component(&bytes).map_err(|e| fail(&e))?;
+        let loaded = sandbox
+            .handler(handler, &component, allowed_models(&models, &handler.models), Origin::Config)
+            .map_err(|e| fail(&e))?;
         tracing::info!(
             handler = %handler.name,
+            tenant = %handler.tenant,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "handler compiled"
         );
         handlers.insert(handler.name.clone(), Arc::new(loaded));
     }
+
+    let deployed = store
+        .load_all()
+        .with_context(|| format!("cannot read deployed handlers in {}", state_dir.display()))?;
+    for (deployment, bytes) in deployed {
+        let name = deployment.name.clone();
+        let loaded = (|| -> Result<_, String> {
+            if handlers.contains_key(&name) {
+                return Err("the config file now defines a handler of this name".to_owned());
+            }
+            let tenant = config
+                .tenant(&deployment.tenant)
+                .ok_or_else(|| format!("tenant '{}' is no longer in the config", deployment.tenant))?;
+            let handler = deployment
+                .settings
+                .resolve(&name, tenant, store.dir().join("blobs"))
+                .map_err(|(field, message)| format!("{field}: {message}"))?;
+            let component = sandbox.check_component(&bytes).map_err(|e| e.to_string())?;
+            let origin = Origin::Deployed {
+                sha256: deployment.sha256.clone(),
+                deployed_at: deployment.deployed_at,
+                signed: deployment.signed,
+            };
+            sandbox
+                .handler(&handler, &component, allowed_models(&models, &handler.models), origin)
+                .map_err(|e| e.to_string())
+        })();
+        match loaded {
+            Ok(handler) => {
+                tracing::info!(handler = %name, tenant = %deployment.tenant, "deployed handler loaded");
+                handlers.insert(name, Arc::new(handler));
+            }
+            Err(e) => tracing::error!(handler = %name, "deployed handler not loaded: {e}"),
+        }
+    }
+
     Ok(AppState {
-        handlers,
+        handlers: RwLock::new(handlers),
         models,
+        tenants,
+        keys: RwLock::new(Arc::new(keys)),
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
+        audit: Audit::open(state_dir),
+        admin: AdminState {
+            sandbox,
+            store,
+            config_handlers: config.handlers.iter().map(|h| h.name.clone()).collect(),
+            lock: tokio::sync::Mutex::new(()),
+            max_component_bytes: config.server.max_component_bytes,
+        },
     })
 }
 
-/// Serves `config` on `listen` until `shutdown` resolves.
+fn load_keys(state_dir: &Path, config: &Config) -> KeyRing {
+    KeyRing::load(state_dir, config.tenants.iter().map(|t| t.name.as_str()))
+}
+
+fn report_keys(keys: &KeyRing, config: &Config) {
+    if !keys.has_admin_key() {
+        tracing::warn!(
+            "no admin key: the admin API refuses every call until `kiln admin add-key` makes one"
+        );
+    }
+    for tenant in &config.tenants {
+        let n = keys.count(&Principal::Tenant(tenant.name.clone()));
+        if n == 0 {
+            tracing::warn!(
+                tenant = %tenant.name,
+                "tenant has no API key: `kiln tenant add-key {}` makes one",
+                tenant.name
+            );
+        } else {
+            tracing::info!(tenant = %tenant.name, keys = n, "tenant keys loaded");
+        }
+    }
+}
+
+/// Modification times and sizes of every key file: changes when a key is added or removed.
+fn key_files_fingerprint(state_dir: &Path, config: &Config) -> Vec<Option<(SystemTime, u64)>> {
+    std::iter::once(Principal::Admin)
+        .chain(config.tenants.iter().map(|t| Principal::Tenant(t.name.clone())))
+        .map(|p| {
+            let meta = std::fs::metadata(keys::keys_file(state_dir, &p)).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
+/// Reloads the key ring whenever a key file changes.
+fn watch_keys(state: Arc<AppState>, config: Config) {
+    tokio::spawn(async move {
+        let state_dir = config.server.state_dir.clone();
+        let mut seen = key_files_fingerprint(&state_dir, &config);
+        loop {
+            tokio::time::sleep(KEY_POLL).await;
+            let now = key_files_fingerprint(&state_dir, &config);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let keys = load_keys(&state_dir, &config);
+            tracing::info!("key files changed; keys reloaded");
+            match state.keys.write() {
+                Ok(mut k) => *k = Arc::new(keys),
+                Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
+            }
+        }
+    });
+}
+
+/// Serves `config`'s API on `listen` and its admin API on `admin_listen` until `shutdown`.
 pub async fn serve(
     config: &Config,
     listen: SocketAddr,
+    admin_listen: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = Arc::new(build(config)?);
-    let listener = TcpListener::bind(listen)
+    let listener = bind(listen).await?;
+    let admin_listener = bind(admin_listen).await?;
+    let (local, admin_local) = (listener.local_addr()?, admin_listener.local_addr()?);
+    if !admin_local.ip().is_loopback() {
+        tracing::warn!("the admin API listens on {admin_local}, which is not a loopback address");
+    }
+    watch_keys(Arc::clone(&state), config.clone());
+    let handler_count = state.handlers.read().map_or(0, |h| h.len());
+    tracing::info!(
+        "listening on http://{local} ({} models, {} tenants, {handler_count} handlers); admin API on http://{admin_local}",
+        state.models.len(),
+        state.tenants.len(),
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let main = axum::serve(listener, api::router(Arc::clone(&state)))
+        .with_graceful_shutdown(until_stopped(stopped.clone()));
+    let admin = axum::serve(admin_listener, api::admin::router(state))
+        .with_graceful_shutdown(until_stopped(stopped));
+    tokio::try_join!(main, admin).context("HTTP server failed")?;
+    Ok(())
+}
+
+async fn bind(
+    addr: SocketAddr,
+) -> anyhow::Result<axum::serve::TapIo<TcpListener, impl FnMut(&mut tokio::net::TcpStream) + Send + 'static>>
+{
+    let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let local = listener.local_addr()?;
+        .with_context(|| format!("cannot listen on {addr}"))?;
     // Without TCP_NODELAY a response written in several segments waits on the client's
     // delayed ACK: 40 ms added to every embeddings answer.
-    let listener = listener.tap_io(|stream| {
+    Ok(listener.tap_io(|stream| {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
-    });
-    tracing::info!(
-        "listening on http://{local} ({} models, {} handlers)",
-        state.models.len(),
-        state.handlers.len()
-    );
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("HTTP server failed")
+    }))
 }

@@ -8,6 +8,9 @@ use serde_json::{Value, json};
 use super::{client, json_of, server};
 use kiln_tests::artifact;
 
+/// The extra models' names, which tenant `demo` may use.
+pub(crate) const EXTRA_MODEL_NAMES: &[&str] = &["minilm-stats", "minilm-tight"];
+
 /// Extra copies of MiniLM so these tests own their counters and queue limits.
 pub(crate) const EXTRA_MODELS: &str = r#"
 [[model]]

@@ -1,10 +1,10 @@
 //! Every error class of the HTTP API, each followed by a request that must still succeed.
 
-use super::{client, json_of, server};
+use super::{client, json_of, mallory, server};
 use serde_json::json;
 
 async fn still_serving() {
-    let response = client()
+    let response = mallory()
         .post(server().url("/v1/handlers/misbehave/echo"))
         .body("ping")
         .send()
@@ -63,7 +63,7 @@ async fn bad_tensors_are_400_naming_the_input() {
 async fn an_over_size_body_is_413() {
     let big = vec![0u8; 8 * 1024 * 1024 + 1];
     for path in ["/v1/handlers/misbehave/echo", "/v2/models/digits/infer"] {
-        let (status, body) = json_of(client().post(server().url(path)).body(big.clone()).send().await.expect("post")).await;
+        let (status, body) = json_of(mallory().post(server().url(path)).body(big.clone()).send().await.expect("post")).await;
         assert_eq!(status, 413, "{path}: {body}");
         assert_eq!(body["error"], "request body is larger than the limit of 8388608 bytes");
     }
@@ -72,7 +72,7 @@ async fn an_over_size_body_is_413() {
 
 #[tokio::test]
 async fn a_guest_trap_is_500_with_a_short_reason() {
-    let (status, body) = json_of(client().get(server().url("/v1/handlers/misbehave/panic")).send().await.expect("get")).await;
+    let (status, body) = json_of(mallory().get(server().url("/v1/handlers/misbehave/panic")).send().await.expect("get")).await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"], "handler 'misbehave' trapped: unreachable instruction (a guest panic)");
     still_serving().await;
@@ -80,7 +80,7 @@ async fn a_guest_trap_is_500_with_a_short_reason() {
 
 #[tokio::test]
 async fn invalid_scheduling_headers_are_400() {
-    let client = client();
+    let client = mallory();
     for (header, value, expected) in [
         ("kiln-priority", "10", "header kiln-priority must be 0 to 9, got 10"),
         ("kiln-priority", "high", "header kiln-priority must be a whole number"),

@@ -11,20 +11,27 @@ use std::sync::OnceLock;
 
 use kiln_tests::{Server, examples_config};
 
-/// The shared server: the bundled examples plus the misbehaving guest.
+/// The shared server: the bundled examples (tenant `demo`) plus the misbehaving guest (tenant
+/// `mallory`).
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| match Server::start(&examples_config("", &batching::extra_models())) {
-        Ok(server) => server,
-        Err(e) => panic!("cannot start the test server: {e:#}"),
+    SERVER.get_or_init(|| {
+        let config = examples_config("", batching::EXTRA_MODEL_NAMES, &batching::extra_models());
+        match Server::start(&config, &["demo", "mallory"]) {
+            Ok(server) => server,
+            Err(e) => panic!("cannot start the test server: {e:#}"),
+        }
     })
 }
 
+/// A client with tenant `demo`'s key: the examples' handlers and models.
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
+    server().client("demo")
+}
+
+/// A client with tenant `mallory`'s key: the misbehaving guest, and the digits model.
+fn mallory() -> reqwest::Client {
+    server().client("mallory")
 }
 
 /// Status and parsed JSON body of a response.

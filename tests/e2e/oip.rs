@@ -13,6 +13,7 @@ fn the_official_tritonclient_reaches_every_oip_endpoint() {
         .arg(server.base.trim_start_matches("http://"))
         .arg(artifact("build/models/digits.pt"))
         .arg(artifact("build/models/minilm.pt"))
+        .env("KILN_KEY", server.key("demo"))
         .output()
         .expect("run the Python OIP client");
     let stdout = String::from_utf8_lossy(&output.stdout);

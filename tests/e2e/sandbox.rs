@@ -3,16 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-use super::{client, json_of, server};
+use super::{json_of, mallory, server};
 use serde_json::Value;
 
 async fn get(path: &str) -> (u16, Value) {
-    json_of(client().get(server().url(path)).send().await.expect("get")).await
+    json_of(mallory().get(server().url(path)).send().await.expect("get")).await
 }
 
 async fn digits_still_works() {
     let (status, body) = json_of(
-        client()
+        mallory()
             .post(server().url("/v2/models/digits/infer"))
             .json(&serde_json::json!({ "inputs": [{ "name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": vec![0.5; 64] }] }))
             .send()
@@ -21,7 +21,7 @@ async fn digits_still_works() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let response = client().post(server().url("/v1/handlers/misbehave/echo")).body("after").send().await.expect("post");
+    let response = mallory().post(server().url("/v1/handlers/misbehave/echo")).body("after").send().await.expect("post");
     assert_eq!(response.status().as_u16(), 200);
 }
 
@@ -53,11 +53,7 @@ async fn unbounded_recursion_traps_as_a_stack_overflow() {
 }
 
 #[tokio::test]
-async fn wasi_grants_no_files_and_no_environment() {
-    let response = client().get(server().url("/v1/handlers/misbehave/file")).send().await.expect("get");
-    assert_eq!(response.status().as_u16(), 200);
-    let text = response.text().await.expect("body");
-    assert!(text.starts_with("denied"), "{text}");
+async fn wasi_grants_no_environment() {
     let (status, env) = get("/v1/handlers/misbehave/env").await;
     assert_eq!(status, 200);
     assert_eq!(env, serde_json::json!([]));
@@ -65,7 +61,7 @@ async fn wasi_grants_no_files_and_no_environment() {
 
 #[tokio::test]
 async fn guest_output_reaches_the_server_log_tagged_with_the_handler() {
-    let response = client().get(server().url("/v1/handlers/misbehave/print")).send().await.expect("get");
+    let response = mallory().get(server().url("/v1/handlers/misbehave/print")).send().await.expect("get");
     assert_eq!(response.status().as_u16(), 200);
     // Log lines are written as the guest prints; give the writer a moment.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -1,11 +1,23 @@
 """Drives Kiln's OIP endpoints with the official tritonclient and checks results against a
-direct TorchScript forward in Python. Usage: oip_client.py HOST:PORT DIGITS_PT MINILM_PT"""
+direct TorchScript forward in Python. Usage: KILN_KEY=... oip_client.py HOST:PORT DIGITS_PT MINILM_PT"""
 
+import os
 import sys
 
 import numpy as np
 import torch
 import tritonclient.http as httpclient
+from tritonclient._plugin import InferenceServerClientPlugin
+
+
+class Bearer(InferenceServerClientPlugin):
+    """Sends the tenant's API key with every request."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __call__(self, request) -> None:
+        request.headers["Authorization"] = f"Bearer {self._key}"
 
 
 def check(condition: bool, what: str) -> None:
@@ -16,6 +28,7 @@ def check(condition: bool, what: str) -> None:
 
 def main(url: str, digits_pt: str, minilm_pt: str) -> None:
     client = httpclient.InferenceServerClient(url=url)
+    client.register_plugin(Bearer(os.environ["KILN_KEY"]))
     check(client.is_server_live(), "server is live")
     check(client.is_server_ready(), "server is ready")
     check(client.is_model_ready("digits"), "digits is ready")

@@ -7,7 +7,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::executor::InferError;
-use crate::sandbox::GuestError;
+use crate::sandbox::{ComponentError, GuestError};
+use crate::tenancy::QuotaRefusal;
 use crate::tensor::TensorError;
 
 /// Everything a request can fail with.
@@ -18,6 +19,18 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Quota(#[from] QuotaRefusal),
+    #[error(transparent)]
+    Component(#[from] ComponentError),
+    #[error("{0}")]
+    Internal(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error(transparent)]
@@ -36,7 +49,12 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Component(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Infer(e) => match e {
                 InferError::NotReady { .. } | InferError::Overloaded(_) | InferError::Closed(_) => {
@@ -48,6 +66,9 @@ impl ApiError {
             ApiError::Guest(e) => match e {
                 GuestError::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
                 GuestError::MemoryLimit { .. }
+                | GuestError::ComputeCalls { .. }
+                | GuestError::OutOfFuel { .. }
+                | GuestError::ResponseTooLarge { .. }
                 | GuestError::Trap { .. }
                 | GuestError::NoResponse { .. }
                 | GuestError::ErrorCode { .. }
@@ -61,12 +82,21 @@ impl ApiError {
         match self {
             ApiError::NotFound(_) => "not_found",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Quota(_) => "quota",
+            ApiError::Component(_) => "bad_component",
+            ApiError::Internal(_) => "internal",
             ApiError::PayloadTooLarge { .. } => "too_large",
             ApiError::Infer(InferError::Overloaded(_)) => "overloaded",
             ApiError::Infer(InferError::Timeout { .. }) => "timeout",
             ApiError::Infer(_) => "inference",
             ApiError::Guest(GuestError::Deadline { .. }) => "guest_deadline",
             ApiError::Guest(GuestError::MemoryLimit { .. }) => "guest_memory",
+            ApiError::Guest(GuestError::ComputeCalls { .. }) => "guest_compute_calls",
+            ApiError::Guest(GuestError::OutOfFuel { .. }) => "guest_fuel",
+            ApiError::Guest(GuestError::ResponseTooLarge { .. }) => "guest_response_size",
             ApiError::Guest(_) => "guest_trap",
         }
     }
@@ -81,10 +111,23 @@ impl IntoResponse for ApiError {
             tracing::debug!(kind = self.kind(), status = status.as_u16(), "{self}");
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
-        if matches!(self, ApiError::Infer(InferError::Overloaded(_))) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match &self {
+            ApiError::Infer(InferError::Overloaded(_)) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Quota(refusal) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
+            }
+            ApiError::Unauthorized(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
     }

@@ -1,12 +1,17 @@
 //! The HTTP front door: guest handlers under `/v1/handlers`, and the Open Inference Protocol
-//! (KServe v2) under `/v2` for direct model calls.
+//! (KServe v2) under `/v2` for direct model calls; and, on its own listener, the admin API.
+//!
+//! Every handler and model call carries a tenant's key (`Authorization: Bearer`). A tenant sees
+//! only its own handlers and models: anything else is answered exactly like a name that does not
+//! exist.
 
+pub mod admin;
 mod error;
 mod oip;
 mod stats;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::body::Body;
@@ -18,24 +23,101 @@ use bytes::Bytes;
 use http_body_util::{Full, LengthLimitError};
 
 pub use self::error::ApiError;
-use crate::executor::ModelHandle;
+use crate::audit::{Audit, Event};
 use crate::config::MAX_PRIORITY;
+use crate::executor::ModelHandle;
+use crate::keys::{KeyRing, Principal};
 use crate::sandbox::{CallOptions, Handler};
+use crate::tenancy::{Permit, Tenant};
 
-/// What every route can see. Built once at start-up.
+/// What every route can see. Built once at start-up; handlers and keys change at run time.
 pub struct AppState {
-    pub handlers: HashMap<String, Arc<Handler>>,
+    /// Live handlers by name. A deploy swaps an entry; calls in flight keep their `Arc`.
+    pub handlers: RwLock<HashMap<String, Arc<Handler>>>,
     pub models: HashMap<String, ModelHandle>,
+    pub tenants: HashMap<String, Arc<Tenant>>,
+    /// Reloaded from the state directory when key files change.
+    pub keys: RwLock<Arc<KeyRing>>,
     pub max_body_bytes: usize,
     /// The highest `kiln-priority` a direct OIP call may ask for.
     pub oip_max_priority: u8,
+    pub audit: Audit,
+    pub admin: admin::AdminState,
 }
 
 impl AppState {
-    fn model(&self, name: &str) -> Result<&ModelHandle, ApiError> {
-        self.models
-            .get(name)
-            .ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))
+    /// The caller's principal, or 401. Failures are audited with `handler` when known.
+    fn authenticate(&self, headers: &http::HeaderMap, handler: Option<&str>) -> Result<Principal, ApiError> {
+        let keys = match self.keys.read() {
+            Ok(keys) => Arc::clone(&keys),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        };
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match keys.verify(authorization) {
+            Ok(principal) => Ok(principal.clone()),
+            Err(failure) => {
+                let tenant = match failure.principal() {
+                    Some(Principal::Tenant(t)) => Some(t.as_str()),
+                    Some(Principal::Admin) => Some("admin"),
+                    None => None,
+                };
+                self.audit.record(Event::AuthFailure, tenant, handler, failure.reason());
+                Err(ApiError::Unauthorized(failure.reason().to_owned()))
+            }
+        }
+    }
+
+    /// The tenant a principal acts as on the data routes; admin keys manage, they do not call.
+    fn tenant_of(&self, principal: &Principal) -> Result<&Arc<Tenant>, ApiError> {
+        match principal {
+            Principal::Tenant(name) => self
+                .tenants
+                .get(name)
+                .ok_or_else(|| ApiError::Unauthorized("unknown API key".to_owned())),
+            Principal::Admin => Err(ApiError::Forbidden(
+                "admin keys manage handlers; call handlers and models with a tenant's key".to_owned(),
+            )),
+        }
+    }
+
+    /// Admits one request under the tenant's quotas, auditing a refusal.
+    fn admit(&self, tenant: &Arc<Tenant>, handler: Option<&str>) -> Result<Permit, ApiError> {
+        tenant.admit().map_err(|refusal| {
+            self.audit.record(Event::QuotaRefused, Some(tenant.name()), handler, &refusal.to_string());
+            ApiError::Quota(refusal)
+        })
+    }
+
+    /// A model the caller may use: the admin sees every model, a tenant only its own; any other
+    /// name is "not found", whether or not it exists.
+    fn authorized_model(
+        &self,
+        headers: &http::HeaderMap,
+        name: &str,
+    ) -> Result<(&ModelHandle, Option<&Arc<Tenant>>), ApiError> {
+        let principal = self.authenticate(headers, None)?;
+        let not_found = || ApiError::NotFound(format!("model '{name}' not found"));
+        let tenant = match &principal {
+            Principal::Admin => None,
+            Principal::Tenant(_) => {
+                let tenant = self.tenant_of(&principal)?;
+                if !tenant.config.models.iter().any(|m| m == name) {
+                    return Err(not_found());
+                }
+                Some(tenant)
+            }
+        };
+        let model = self.models.get(name).ok_or_else(not_found)?;
+        Ok((model, tenant))
+    }
+
+    /// The live handler `name`, if there is one.
+    pub fn handler(&self, name: &str) -> Option<Arc<Handler>> {
+        let handlers = match self.handlers.read() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        handlers.get(name).cloned()
     }
 }
 
@@ -82,17 +164,22 @@ async fn call_handler(
     rest: &str,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let handler = app
-        .handlers
-        .get(name)
-        .ok_or_else(|| ApiError::NotFound(format!("handler '{name}' not found")))?;
     let (mut parts, body) = request.into_parts();
+    // Authentication first: without a valid key nothing is said about which handlers exist.
+    let principal = app.authenticate(&parts.headers, Some(name))?;
+    let tenant = app.tenant_of(&principal)?;
+    let handler = app
+        .handler(name)
+        .filter(|h| h.tenant() == tenant.name())
+        .ok_or_else(|| ApiError::NotFound(format!("handler '{name}' not found")))?;
     let options = CallOptions {
         priority: priority_header(&parts.headers)?,
         timeout: timeout_header(&parts.headers)?,
     };
+    let permit = app.admit(tenant, Some(name))?;
     // Buffered before the sandbox starts, so a slow upload never holds a sandbox slot.
-    let body = read_body(body, &parts.headers, app.max_body_bytes).await?;
+    let limit = app.max_body_bytes.min(tenant.config.quota.max_body_bytes);
+    let body = read_body(body, &parts.headers, limit).await?;
     let path_and_query = match parts.uri.query() {
         Some(q) => format!("/{rest}?{q}"),
         None => format!("/{rest}"),
@@ -110,8 +197,38 @@ async fn call_handler(
         .build()
         .map_err(|e| ApiError::BadRequest(format!("invalid request URI: {e}")))?;
     let request = http::Request::from_parts(parts, Full::new(body));
-    let response = handler.call(request, options).await?;
-    Ok(response.map(Body::new))
+    let response = handler.call(request, options).await.map_err(|e| {
+        tracing::warn!(handler = %name, tenant = %tenant.name(), "{e}");
+        ApiError::Guest(e)
+    })?;
+    // The tenant's slot is held until the guest has streamed its whole body.
+    Ok(response.map(|body| Body::new(Holding { body, _permit: permit })))
+}
+
+/// A body that holds something (a quota permit) until it is finished or dropped.
+struct Holding<B, T> {
+    body: B,
+    _permit: T,
+}
+
+impl<B: http_body::Body + Unpin, T: Unpin> http_body::Body for Holding<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Header asking for a scheduling priority (0 ..= 9, higher first), capped by configuration.

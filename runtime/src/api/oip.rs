@@ -54,8 +54,9 @@ pub(super) async fn server_metadata() -> Response {
 pub(super) async fn model_ready(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let model = app.model(&model)?;
+    let (model, _) = app.authorized_model(&headers, &model)?;
     let (status, ready) = match model.state() {
         ModelState::Ready(_) => (StatusCode::OK, true),
         ModelState::Loading | ModelState::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, false),
@@ -69,8 +70,9 @@ pub(super) async fn model_ready(
 pub(super) async fn model_metadata(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let model = app.model(&model)?;
+    let (model, _) = app.authorized_model(&headers, &model)?;
     let inputs: Vec<Value> = model
         .config()
         .inputs
@@ -152,8 +154,16 @@ pub(super) async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let model = app.model(&model)?;
-    let body = read_body(body, &headers, app.max_body_bytes).await?;
+    let (model, tenant) = app.authorized_model(&headers, &model)?;
+    let mut limit = app.max_body_bytes;
+    let _permit = match tenant {
+        Some(tenant) => {
+            limit = limit.min(tenant.config.quota.max_body_bytes);
+            Some(app.admit(tenant, None)?)
+        }
+        None => None,
+    };
+    let body = read_body(body, &headers, limit).await?;
     let (header, mut binary) = split_binary(&headers, body)?;
     let request: InferRequest = serde_json::from_slice(&header)
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request: {e}")))?;

@@ -1,13 +1,53 @@
-//! A guest that misbehaves on purpose, one route per misdeed, for the sandbox tests.
+//! A guest that misbehaves on purpose, one route per misdeed, for the sandbox and hostile-guest
+//! tests. It imports nothing a handler may not (see the `forbidden` guest for that).
 //!
 //! Routes that probe `wasi:nn` answer 200 with `{"code": ..., "message": ...}` describing what
 //! the host said, so the test can check the exact error.
 
+use kiln_guest::__private::wasi::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam,
+    Scheme,
+};
+use kiln_guest::__private::wasi::http::outgoing_handler;
 use kiln_guest::raw::{graph, inference, tensor};
 use kiln_guest::{Error, Handler, Request, Response};
 use serde_json::json;
 
 struct Misbehave;
+
+/// Streams `/big-response` itself; every other route goes through the SDK.
+struct Export;
+
+impl kiln_guest::__private::IncomingHandler for Export {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        if request.path_with_query().as_deref() == Some("/big-response") {
+            stream_a_gibibyte(out);
+        } else {
+            kiln_guest::__private::serve::<Misbehave>(request, out);
+        }
+    }
+}
+
+kiln_guest::__private::wasi::http::proxy::export!(Export with_types_in kiln_guest::__private::wasi);
+
+/// Writes 1 GiB of response body, 4 KiB at a time, stopping only when the host refuses more.
+fn stream_a_gibibyte(out: ResponseOutparam) {
+    let response = OutgoingResponse::new(Fields::new());
+    let Ok(body) = response.body() else { return };
+    ResponseOutparam::set(out, Ok(response));
+    let Ok(stream) = body.write() else { return };
+    let chunk = vec![b'x'; 4096];
+    let mut written: u64 = 0;
+    while written < 1 << 30 {
+        if stream.blocking_write_and_flush(&chunk).is_err() {
+            eprintln!("big-response: the host stopped the body after {written} bytes");
+            return;
+        }
+        written += chunk.len() as u64;
+    }
+    drop(stream);
+    let _ = OutgoingBody::finish(body, None);
+}
 
 impl Handler for Misbehave {
     fn handle(request: Request) -> Result<Response, Error> {
@@ -36,13 +76,22 @@ impl Handler for Misbehave {
                 Ok(Response::text(200, "printed"))
             }
             "/env" => Ok(Response::json(200, &std::env::vars().collect::<Vec<_>>())?),
-            "/file" => Ok(Response::text(
-                200,
-                match std::fs::read_to_string("/etc/passwd") {
-                    Ok(_) => "read".to_owned(),
-                    Err(e) => format!("denied: {e}"),
-                },
-            )),
+            "/outgoing" => Ok(Response::text(200, outgoing_request())),
+            "/compute-flood" => {
+                // Ignores every error, as a careless or hostile guest would.
+                let mut ok = 0u32;
+                for _ in 0..10_000 {
+                    if compute_case("ok").is_ok() {
+                        ok += 1;
+                    }
+                }
+                Ok(Response::text(200, format!("{ok} computes succeeded")))
+            }
+            "/nn/big-tensor" => {
+                let bytes: usize = query.parse().map_err(|_| Error::bad_request("?BYTES"))?;
+                Ok(report(compute_raw(&[1, 1, 8, 8], vec![0u8; bytes])))
+            }
+            "/nn/huge-dims" => Ok(report(compute_raw(&[65536, 65536, 8, 8], vec![0u8; 256]))),
             "/nn/load-bytes" => Ok(report(
                 graph::load(
                     &[vec![0u8; 16]],
@@ -58,7 +107,33 @@ impl Handler for Misbehave {
     }
 }
 
-kiln_guest::export_handler!(Misbehave);
+/// Tries `GET http://example.com/` and says what happened.
+fn outgoing_request() -> String {
+    let request = OutgoingRequest::new(Fields::new());
+    let _ = request.set_scheme(Some(&Scheme::Http));
+    let _ = request.set_authority(Some("example.com"));
+    let _ = request.set_path_with_query(Some("/"));
+    match outgoing_handler::handle(request, None) {
+        Err(e) => format!("denied: {e:?}"),
+        Ok(future) => {
+            future.subscribe().block();
+            match future.get() {
+                Some(Ok(Ok(response))) => format!("allowed: status {}", response.status()),
+                Some(Ok(Err(e))) => format!("denied: {e:?}"),
+                other => format!("denied: {other:?}"),
+            }
+        }
+    }
+}
+
+/// One compute on digits with an image tensor of these dimensions and bytes.
+fn compute_raw(dims: &[u32], data: Vec<u8>) -> Result<(), kiln_guest::raw::errors::Error> {
+    let graph = graph::load_by_name("digits")?;
+    let ctx = graph.init_execution_context()?;
+    let input = tensor::Tensor::new(dims, tensor::TensorType::Fp32, &data);
+    drop(data);
+    ctx.compute(vec![("image".to_owned(), input)]).map(drop)
+}
 
 #[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {

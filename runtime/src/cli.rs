@@ -1,0 +1,234 @@
+//! The operator commands beside `serve`: keys, signing, and deploying through the admin API.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::config::{Config, check_name};
+use crate::keys::{self, Principal};
+use crate::state::write_atomic;
+
+/// `kiln tenant add-key` / `kiln admin add-key`: prints the new key once; only its hash is kept.
+pub fn add_key(config: &Config, principal: &Principal) -> anyhow::Result<()> {
+    check_principal(config, principal)?;
+    let key = keys::add(&config.server.state_dir, principal)?;
+    let file = keys::keys_file(&config.server.state_dir, principal);
+    println!("{key}");
+    eprintln!(
+        "A new API key for {principal}: shown once, above. Only its hash is stored, in {}.\n\
+         A running server picks it up within a second. Use it as: Authorization: Bearer <key>",
+        file.display()
+    );
+    Ok(())
+}
+
+/// `kiln tenant keys` / `kiln admin keys`: ids and creation times, never secrets.
+pub fn list_keys(config: &Config, principal: &Principal) -> anyhow::Result<()> {
+    check_principal(config, principal)?;
+    let records = keys::list(&config.server.state_dir, principal);
+    if records.is_empty() {
+        eprintln!("{principal} has no keys");
+    }
+    for r in records {
+        println!("{}  created {}", r.id, r.created);
+    }
+    Ok(())
+}
+
+/// `kiln tenant remove-key` / `kiln admin remove-key`.
+pub fn remove_key(config: &Config, principal: &Principal, id: &str) -> anyhow::Result<()> {
+    check_principal(config, principal)?;
+    if !keys::remove(&config.server.state_dir, principal, id)? {
+        bail!("{principal} has no key with id {id} (see `kiln tenant keys`)");
+    }
+    eprintln!("removed key {id} of {principal}; a running server stops accepting it within a second");
+    Ok(())
+}
+
+fn check_principal(config: &Config, principal: &Principal) -> anyhow::Result<()> {
+    if let Principal::Tenant(name) = principal {
+        if config.tenant(name).is_none() {
+            bail!(
+                "tenant '{name}' is not declared in {}; add a [[tenant]] section first",
+                config.source.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `kiln keygen`: writes `PREFIX.key` (private, PKCS#8, base64) and `PREFIX.pub`.
+pub fn keygen(prefix: &Path) -> anyhow::Result<()> {
+    let private = prefix.with_extension("key");
+    let public_file = prefix.with_extension("pub");
+    if private.exists() {
+        bail!("{} exists; refusing to overwrite a private key", private.display());
+    }
+    let (pkcs8, public) = keys::keygen()?;
+    write_atomic(&private, format!("{}\n", keys::encode_base64(&pkcs8)).as_bytes())
+        .with_context(|| format!("cannot write {}", private.display()))?;
+    let public = keys::encode_base64(&public);
+    write_atomic(&public_file, format!("{public}\n").as_bytes())
+        .with_context(|| format!("cannot write {}", public_file.display()))?;
+    println!("signing_key = \"{public}\"");
+    eprintln!(
+        "wrote {} (keep it secret) and {}.\nPut the line above in the tenant's [[tenant]] section: \
+         from then on its deployments must be signed (`kiln sign`).",
+        private.display(),
+        public_file.display()
+    );
+    Ok(())
+}
+
+/// `kiln sign`: writes the signature (base64) of a component's bytes.
+pub fn sign(component: &Path, key: &Path, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let bytes = std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
+    let text = std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
+    let pkcs8 = keys::decode_base64(&text)
+        .with_context(|| format!("{} is not a key written by `kiln keygen`", key.display()))?;
+    let signature = keys::sign(&pkcs8, &bytes).with_context(|| key.display().to_string())?;
+    let out = out.unwrap_or_else(|| {
+        let mut name = component.as_os_str().to_owned();
+        name.push(".sig");
+        PathBuf::from(name)
+    });
+    write_atomic(&out, format!("{}\n", keys::encode_base64(&signature)).as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Where and how to reach the admin API.
+#[derive(Debug, Clone)]
+pub struct AdminTarget {
+    pub url: String,
+    pub key: String,
+}
+
+/// A deployment as the CLI sends it (`kiln deploy`'s arguments).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeployRequest {
+    /// The component (.wasm).
+    pub component: PathBuf,
+    /// The handler's name (its URL is /v1/handlers/NAME).
+    #[arg(long)]
+    pub name: String,
+    /// The tenant that owns it.
+    #[arg(long)]
+    pub tenant: String,
+    /// Signature file from `kiln sign` (required when the tenant has a signing_key).
+    #[arg(long)]
+    pub signature: Option<PathBuf>,
+    /// Models the handler may load (default: all of the tenant's).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Guest memory limit, at most the tenant's quota.
+    #[arg(long)]
+    pub memory_limit_mib: Option<u64>,
+    /// Guest wall-clock deadline, at most the tenant's quota.
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
+    /// Scheduling priority of the handler's inference (0-9).
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// The highest priority a request may ask for with kiln-priority.
+    #[arg(long)]
+    pub max_priority: Option<u8>,
+}
+
+pub fn deploy(target: &AdminTarget, request: &DeployRequest) -> anyhow::Result<()> {
+    check_name(&request.name).map_err(|m| anyhow::anyhow!("--name {m}"))?;
+    let bytes = std::fs::read(&request.component)
+        .with_context(|| format!("cannot read {}", request.component.display()))?;
+    let mut query = vec![format!("tenant={}", request.tenant)];
+    if !request.models.is_empty() {
+        query.push(format!("models={}", request.models.join(",")));
+    }
+    for (k, v) in [
+        ("memory_limit_mib", request.memory_limit_mib),
+        ("deadline_ms", request.deadline_ms),
+        ("priority", request.priority.map(u64::from)),
+        ("max_priority", request.max_priority.map(u64::from)),
+    ] {
+        if let Some(v) = v {
+            query.push(format!("{k}={v}"));
+        }
+    }
+    let mut headers = Vec::new();
+    if let Some(sig) = &request.signature {
+        let text = std::fs::read_to_string(sig).with_context(|| format!("cannot read {}", sig.display()))?;
+        headers.push((crate::api::admin::SIGNATURE_HEADER, text.trim().to_owned()));
+    }
+    let path = format!("/v1/handlers/{}?{}", request.name, query.join("&"));
+    let value = call(target, http::Method::PUT, &path, bytes, &headers)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+pub fn undeploy(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
+    check_name(name).map_err(|m| anyhow::anyhow!("handler name {m}"))?;
+    let value = call(target, http::Method::DELETE, &format!("/v1/handlers/{name}"), Vec::new(), &[])?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+pub fn list_handlers(target: &AdminTarget) -> anyhow::Result<()> {
+    let value = call(target, http::Method::GET, "/v1/handlers", Vec::new(), &[])?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<24} {:<16} {:<9} {}", "HANDLER", "TENANT", "ORIGIN", "MODELS")?;
+    for h in value["handlers"].as_array().into_iter().flatten() {
+        let models: Vec<&str> = h["models"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        writeln!(
+            out,
+            "{:<24} {:<16} {:<9} {}",
+            h["name"].as_str().unwrap_or("?"),
+            h["tenant"].as_str().unwrap_or("?"),
+            h["origin"].as_str().unwrap_or("?"),
+            models.join(",")
+        )?;
+    }
+    Ok(())
+}
+
+/// One admin API call; a non-2xx answer becomes an error carrying the server's message.
+fn call(
+    target: &AdminTarget,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+    headers: &[(&str, String)],
+) -> anyhow::Result<Value> {
+    let url = format!("{}{path}", target.url.trim_end_matches('/'));
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header(http::header::AUTHORIZATION, format!("Bearer {}", target.key));
+    for (name, value) in headers {
+        builder = builder.header(*name, value);
+    }
+    let request = builder.body(Full::new(Bytes::from(body)))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (status, body) = runtime.block_on(async {
+        let client: Client<_, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let response = client
+            .request(request)
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", target.url))?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    })?;
+    let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    if !status.is_success() {
+        let message = value["error"].as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+        bail!("{url}: {status}: {message}");
+    }
+    Ok(value)
+}

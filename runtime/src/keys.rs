@@ -1,0 +1,392 @@
+//! API keys and component signatures.
+//!
+//! An API key is `kiln_<id>_<secret>`: a 16-hex-digit id that finds the key's record, and 32
+//! random bytes. Only a salted HMAC-SHA256 of the secret is ever written down (one line per key
+//! in the state directory), and checking a key compares tags in constant time. Keys are random,
+//! so a slow password hash would add nothing but per-request cost.
+//!
+//! Signatures are Ed25519 over the exact component bytes: `kiln keygen` makes a key pair,
+//! `kiln sign` signs, and a tenant's `signing_key` in the config makes signatures mandatory.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
+use ring::hmac;
+
+use crate::state::write_atomic;
+
+const PREFIX: &str = "kiln_";
+const RECORD_VERSION: &str = "v1";
+
+/// Who a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// May deploy, delete and list handlers, and read every model.
+    Admin,
+    Tenant(String),
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Admin => f.write_str("admin"),
+            Principal::Tenant(t) => write!(f, "tenant '{t}'"),
+        }
+    }
+}
+
+/// What is written down for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    salt: [u8; 16],
+    tag: Vec<u8>,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+impl KeyRecord {
+    fn to_line(&self) -> String {
+        format!(
+            "{RECORD_VERSION} {} {} {} {}",
+            self.id,
+            STANDARD.encode(self.salt),
+            STANDARD.encode(&self.tag),
+            self.created
+        )
+    }
+
+    fn parse_line(line: &str) -> Option<KeyRecord> {
+        let mut parts = line.split_ascii_whitespace();
+        if parts.next()? != RECORD_VERSION {
+            return None;
+        }
+        let id = parts.next()?.to_owned();
+        let salt = <[u8; 16]>::try_from(STANDARD.decode(parts.next()?).ok()?).ok()?;
+        let tag = STANDARD.decode(parts.next()?).ok()?;
+        let created = parts.next()?.parse().ok()?;
+        (is_key_id(&id) && tag.len() == 32 && parts.next().is_none()).then_some(KeyRecord {
+            id,
+            salt,
+            tag,
+            created,
+        })
+    }
+
+    fn matches(&self, secret: &str) -> bool {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.salt);
+        hmac::verify(&key, secret.as_bytes(), &self.tag).is_ok()
+    }
+}
+
+fn is_key_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Makes a new key: the text to hand out once, and the record to keep.
+pub fn generate() -> Result<(String, KeyRecord), KeyError> {
+    let rng = SystemRandom::new();
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
+    let mut salt = [0u8; 16];
+    for buf in [&mut id[..], &mut secret[..], &mut salt[..]] {
+        rng.fill(buf).map_err(|_| KeyError::Random)?;
+    }
+    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = URL_SAFE_NO_PAD.encode(secret);
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &salt), secret.as_bytes());
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let record = KeyRecord {
+        id: id.clone(),
+        salt,
+        tag: tag.as_ref().to_vec(),
+        created,
+    };
+    Ok((format!("{PREFIX}{id}_{secret}"), record))
+}
+
+/// Why a key was not accepted. The reasons are safe to log: none contains the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed,
+    /// No key has this id (it was never issued, or was removed).
+    UnknownId,
+    /// The id is known, the secret is wrong.
+    WrongSecret { principal: Principal },
+}
+
+impl AuthFailure {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "no API key (expected Authorization: Bearer <key>)",
+            AuthFailure::Malformed => "malformed API key",
+            AuthFailure::UnknownId => "unknown API key",
+            AuthFailure::WrongSecret { .. } => "wrong API key",
+        }
+    }
+
+    /// The tenant the presented key claimed to be, when its id was known.
+    pub fn principal(&self) -> Option<&Principal> {
+        match self {
+            AuthFailure::WrongSecret { principal } => Some(principal),
+            _ => None,
+        }
+    }
+}
+
+/// Every key the server accepts, by id.
+#[derive(Debug, Default, Clone)]
+pub struct KeyRing {
+    by_id: HashMap<String, (Principal, KeyRecord)>,
+}
+
+impl KeyRing {
+    /// Reads the admin keys and the keys of every tenant in `tenants` from `state_dir`.
+    /// Lines that cannot be read are skipped with a warning; a missing file is no keys.
+    pub fn load<'a>(state_dir: &Path, tenants: impl IntoIterator<Item = &'a str>) -> KeyRing {
+        let mut ring = KeyRing::default();
+        let mut add = |principal: Principal, file: PathBuf| {
+            for record in read_records(&file) {
+                ring.by_id.insert(record.id.clone(), (principal.clone(), record));
+            }
+        };
+        add(Principal::Admin, admin_keys_file(state_dir));
+        for tenant in tenants {
+            add(Principal::Tenant(tenant.to_owned()), tenant_keys_file(state_dir, tenant));
+        }
+        ring
+    }
+
+    /// Checks an `Authorization` header value.
+    pub fn verify(&self, authorization: Option<&str>) -> Result<&Principal, AuthFailure> {
+        let value = authorization.ok_or(AuthFailure::Missing)?.trim();
+        let (scheme, key) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthFailure::Malformed);
+        }
+        let rest = key.trim().strip_prefix(PREFIX).ok_or(AuthFailure::Malformed)?;
+        let (id, secret) = rest.split_once('_').ok_or(AuthFailure::Malformed)?;
+        if !is_key_id(id) || secret.is_empty() || secret.len() > 128 {
+            return Err(AuthFailure::Malformed);
+        }
+        let (principal, record) = self.by_id.get(id).ok_or(AuthFailure::UnknownId)?;
+        if record.matches(secret) {
+            Ok(principal)
+        } else {
+            Err(AuthFailure::WrongSecret {
+                principal: principal.clone(),
+            })
+        }
+    }
+
+    pub fn has_admin_key(&self) -> bool {
+        self.by_id.values().any(|(p, _)| *p == Principal::Admin)
+    }
+
+    /// How many keys each principal has.
+    pub fn count(&self, principal: &Principal) -> usize {
+        self.by_id.values().filter(|(p, _)| p == principal).count()
+    }
+}
+
+pub fn admin_keys_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("admin.keys")
+}
+
+pub fn tenant_keys_file(state_dir: &Path, tenant: &str) -> PathBuf {
+    state_dir.join("tenant-keys").join(format!("{tenant}.keys"))
+}
+
+/// The key file of a principal.
+pub fn keys_file(state_dir: &Path, principal: &Principal) -> PathBuf {
+    match principal {
+        Principal::Admin => admin_keys_file(state_dir),
+        Principal::Tenant(t) => tenant_keys_file(state_dir, t),
+    }
+}
+
+fn read_records(file: &Path) -> Vec<KeyRecord> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!("cannot read key file {}: {e}", file.display());
+            return Vec::new();
+        }
+    };
+    let mut records = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match KeyRecord::parse_line(line) {
+            Some(record) => records.push(record),
+            None => tracing::warn!("{}:{}: not a key record; skipped", file.display(), n + 1),
+        }
+    }
+    records
+}
+
+/// The records of one principal, oldest first.
+pub fn list(state_dir: &Path, principal: &Principal) -> Vec<KeyRecord> {
+    read_records(&keys_file(state_dir, principal))
+}
+
+/// Adds a new key for `principal` and returns its text; only its record is written.
+pub fn add(state_dir: &Path, principal: &Principal) -> Result<String, KeyError> {
+    let file = keys_file(state_dir, principal);
+    let (key, record) = generate()?;
+    let mut records = read_records(&file);
+    records.push(record);
+    write_records(&file, &records)?;
+    Ok(key)
+}
+
+/// Removes the key with `id`; false when there was none.
+pub fn remove(state_dir: &Path, principal: &Principal, id: &str) -> Result<bool, KeyError> {
+    let file = keys_file(state_dir, principal);
+    let mut records = read_records(&file);
+    let before = records.len();
+    records.retain(|r| r.id != id);
+    if records.len() == before {
+        return Ok(false);
+    }
+    write_records(&file, &records)?;
+    Ok(true)
+}
+
+fn write_records(file: &Path, records: &[KeyRecord]) -> Result<(), KeyError> {
+    let mut text = String::from("# Kiln API key hashes (salted HMAC-SHA256). Edit with `kiln tenant` / `kiln admin`.\n");
+    for r in records {
+        text.push_str(&r.to_line());
+        text.push('\n');
+    }
+    write_atomic(file, text.as_bytes()).map_err(|source| KeyError::Write {
+        file: file.to_path_buf(),
+        source,
+    })
+}
+
+/// A fresh Ed25519 key pair: the PKCS#8 document to keep secret, and the public key.
+pub fn keygen() -> Result<(Vec<u8>, [u8; 32]), KeyError> {
+    let rng = SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Random)?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| KeyError::Random)?;
+    let public = <[u8; 32]>::try_from(pair.public_key().as_ref()).map_err(|_| KeyError::Random)?;
+    Ok((pkcs8.as_ref().to_vec(), public))
+}
+
+/// Signs `bytes` with a PKCS#8 Ed25519 private key.
+pub fn sign(pkcs8: &[u8], bytes: &[u8]) -> Result<[u8; 64], KeyError> {
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| KeyError::BadPrivateKey)?;
+    let sig = pair.sign(bytes);
+    <[u8; 64]>::try_from(sig.as_ref()).map_err(|_| KeyError::BadPrivateKey)
+}
+
+/// True when `sig` is `public`'s signature over exactly `bytes`.
+pub fn verify_signature(public: &[u8; 32], bytes: &[u8], sig: &[u8]) -> bool {
+    signature::UnparsedPublicKey::new(&signature::ED25519, public)
+        .verify(bytes, sig)
+        .is_ok()
+}
+
+pub fn encode_base64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// Standard or URL-safe base64, padded or not.
+pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim().trim_end_matches('=');
+    let normalized: String = text.chars().map(|c| match c {
+        '-' => '+',
+        '_' => '/',
+        c => c,
+    }).collect();
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(normalized).ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    #[error("the system random number generator failed")]
+    Random,
+    #[error("not an Ed25519 private key in PKCS#8 form (as `kiln keygen` writes)")]
+    BadPrivateKey,
+    #[error("cannot write {file}: {source}")]
+    Write {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_key_verifies_and_near_misses_do_not() {
+        let dir = crate::state::tests::temp_dir("keys");
+        let tenant = Principal::Tenant("acme".into());
+        let key = add(&dir, &tenant).expect("add");
+        let admin = add(&dir, &Principal::Admin).expect("add admin");
+        let ring = KeyRing::load(&dir, ["acme"]);
+        assert_eq!(ring.verify(Some(&format!("Bearer {key}"))), Ok(&tenant));
+        assert_eq!(ring.verify(Some(&format!("bearer  {admin}"))), Ok(&Principal::Admin));
+        // The file holds no key text.
+        let text = std::fs::read_to_string(tenant_keys_file(&dir, "acme")).expect("read");
+        assert!(!text.contains(key.rsplit('_').next().expect("secret")), "{text}");
+
+        let mut wrong = key.clone();
+        let last = wrong.pop().expect("char");
+        wrong.push(if last == 'A' { 'B' } else { 'A' });
+        assert_eq!(
+            ring.verify(Some(&format!("Bearer {wrong}"))),
+            Err(AuthFailure::WrongSecret { principal: tenant.clone() })
+        );
+        assert_eq!(ring.verify(None), Err(AuthFailure::Missing));
+        assert_eq!(ring.verify(Some("Basic abc")), Err(AuthFailure::Malformed));
+        assert_eq!(ring.verify(Some(&format!("Bearer {}", &key[..20]))), Err(AuthFailure::Malformed));
+        assert_eq!(
+            ring.verify(Some("Bearer kiln_0123456789abcdef_secret")),
+            Err(AuthFailure::UnknownId)
+        );
+        // A tenant no longer in the config has no keys.
+        assert_eq!(
+            KeyRing::load(&dir, []).verify(Some(&format!("Bearer {key}"))),
+            Err(AuthFailure::UnknownId)
+        );
+
+        let id = &key[PREFIX.len()..PREFIX.len() + 16];
+        assert!(remove(&dir, &tenant, id).expect("remove"));
+        assert!(!remove(&dir, &tenant, id).expect("remove again"));
+        let ring = KeyRing::load(&dir, ["acme"]);
+        assert_eq!(ring.verify(Some(&format!("Bearer {key}"))), Err(AuthFailure::UnknownId));
+        assert!(ring.has_admin_key());
+    }
+
+    #[test]
+    fn signatures_cover_every_byte() {
+        let (pkcs8, public) = keygen().expect("keygen");
+        let bytes = b"\0asm component bytes".to_vec();
+        let sig = sign(&pkcs8, &bytes).expect("sign");
+        assert!(verify_signature(&public, &bytes, &sig));
+        let mut tampered = bytes.clone();
+        tampered[3] ^= 1;
+        assert!(!verify_signature(&public, &tampered, &sig));
+        let (_, other) = keygen().expect("keygen");
+        assert!(!verify_signature(&other, &bytes, &sig));
+        assert!(!verify_signature(&public, &bytes, &sig[..63]));
+        let text = encode_base64(&public);
+        assert_eq!(crate::config::parse_public_key(&text), Ok(public));
+        assert!(crate::config::parse_public_key("abc").is_err());
+    }
+}

@@ -1,0 +1,281 @@
+//! The state directory: deployed handlers and API key hashes.
+//!
+//! ```text
+//! state/
+//!   admin.keys              key records (see keys.rs)
+//!   tenant-keys/NAME.keys
+//!   blobs/SHA256.wasm       component bytes, named by their hash
+//!   handlers/NAME.json      one manifest per deployed handler, naming its blob
+//! ```
+//!
+//! Every file is written whole to a temporary name, synced, renamed over the old one and the
+//! folder synced. A deploy writes the blob first and the manifest last, so a crash at any point
+//! leaves the old manifest (old version) or the new one (new version), each naming a complete
+//! blob. Leftover temporary files and unreferenced blobs are removed at start.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::HandlerSettings;
+
+const TEMP_MARK: &str = ".tmp.";
+
+/// Writes `bytes` to `path` so that readers see the old content or the new, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(
+        ".{name}{TEMP_MARK}{}.{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&temp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    // Makes the rename itself durable. Folders cannot be opened this way on every platform.
+    match File::open(dir) {
+        Ok(d) => d.sync_all().or(Ok(())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What is recorded about one deployed handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    pub name: String,
+    pub tenant: String,
+    /// Hex SHA-256 of the component bytes, which are stored as `blobs/SHA256.wasm`.
+    pub sha256: String,
+    pub settings: HandlerSettings,
+    /// Seconds since the Unix epoch.
+    pub deployed_at: u64,
+    /// Whether a signature was checked at deploy time.
+    pub signed: bool,
+}
+
+/// The deployed handlers in a state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating it if needed) the state directory and clears what a crash left behind.
+    pub fn open(dir: &Path) -> io::Result<Store> {
+        let store = Store {
+            dir: dir.to_path_buf(),
+        };
+        for sub in [store.handlers_dir(), store.blobs_dir(), dir.join("tenant-keys"), dir.to_path_buf()] {
+            fs::create_dir_all(&sub)?;
+            for entry in fs::read_dir(&sub)? {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().contains(TEMP_MARK) {
+                    tracing::info!("removing {} left by an interrupted write", entry.path().display());
+                    fs::remove_file(entry.path())?;
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn handlers_dir(&self) -> PathBuf {
+        self.dir.join("handlers")
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.dir.join("blobs")
+    }
+
+    fn manifest(&self, name: &str) -> PathBuf {
+        self.handlers_dir().join(format!("{name}.json"))
+    }
+
+    fn blob(&self, sha256: &str) -> PathBuf {
+        self.blobs_dir().join(format!("{sha256}.wasm"))
+    }
+
+    /// Every deployment with its component bytes, by name. A manifest that cannot be read or
+    /// whose blob is missing or altered is skipped with an error in the log.
+    pub fn load_all(&self) -> io::Result<Vec<(Deployment, Vec<u8>)>> {
+        let mut found = Vec::new();
+        let mut entries: Vec<PathBuf> = fs::read_dir(self.handlers_dir())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        entries.sort();
+        for path in entries {
+            match self.load_one(&path) {
+                Ok(d) => found.push(d),
+                Err(e) => tracing::error!("skipping deployed handler {}: {e}", path.display()),
+            }
+        }
+        self.collect_garbage(&found.iter().map(|(d, _)| d.sha256.as_str()).collect::<Vec<_>>())?;
+        Ok(found)
+    }
+
+    fn load_one(&self, manifest: &Path) -> Result<(Deployment, Vec<u8>), String> {
+        let text = fs::read(manifest).map_err(|e| e.to_string())?;
+        let deployment: Deployment =
+            serde_json::from_slice(&text).map_err(|e| format!("invalid manifest: {e}"))?;
+        let expected = manifest.file_stem().map(|s| s.to_string_lossy().into_owned());
+        if expected.as_deref() != Some(deployment.name.as_str()) {
+            return Err(format!("manifest names handler '{}'", deployment.name));
+        }
+        let blob = self.blob(&deployment.sha256);
+        let bytes = fs::read(&blob).map_err(|e| format!("cannot read {}: {e}", blob.display()))?;
+        if sha256_hex(&bytes) != deployment.sha256 {
+            return Err(format!("{} does not match its SHA-256", blob.display()));
+        }
+        Ok((deployment, bytes))
+    }
+
+    /// Records a deployment durably: blob first, then the manifest that makes it live.
+    pub fn save(&self, deployment: &Deployment, bytes: &[u8]) -> io::Result<()> {
+        let blob = self.blob(&deployment.sha256);
+        let complete = fs::read(&blob).is_ok_and(|b| sha256_hex(&b) == deployment.sha256);
+        if !complete {
+            write_atomic(&blob, bytes)?;
+        }
+        let manifest = serde_json::to_vec_pretty(deployment).map_err(io::Error::other)?;
+        write_atomic(&self.manifest(&deployment.name), &manifest)
+    }
+
+    /// Removes a deployment; false when there was none. Its blob goes at the next start.
+    pub fn remove(&self, name: &str) -> io::Result<bool> {
+        match fs::remove_file(self.manifest(name)) {
+            Ok(()) => {
+                sync_dir(&self.handlers_dir())?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn collect_garbage(&self, live: &[&str]) -> io::Result<()> {
+        for entry in fs::read_dir(self.blobs_dir())? {
+            let path = entry?.path();
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            if stem.is_some_and(|s| !live.contains(&s.as_str())) {
+                tracing::debug!("removing unreferenced blob {}", path.display());
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-unit-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    fn deployment(name: &str, bytes: &[u8]) -> Deployment {
+        Deployment {
+            name: name.to_owned(),
+            tenant: "t".to_owned(),
+            sha256: sha256_hex(bytes),
+            settings: HandlerSettings::default(),
+            deployed_at: 1,
+            signed: false,
+        }
+    }
+
+    #[test]
+    fn saved_deployments_load_back_and_removed_ones_do_not() {
+        let dir = temp_dir("store");
+        let store = Store::open(&dir).expect("open");
+        store.save(&deployment("a", b"one"), b"one").expect("save a");
+        store.save(&deployment("b", b"two"), b"two").expect("save b");
+        store.save(&deployment("a", b"three"), b"three").expect("replace a");
+        assert!(store.remove("b").expect("remove"));
+        assert!(!store.remove("b").expect("remove again"));
+        let loaded = Store::open(&dir).expect("reopen").load_all().expect("load");
+        assert_eq!(loaded, vec![(deployment("a", b"three"), b"three".to_vec())]);
+        // The replaced and the removed blobs are collected.
+        assert_eq!(fs::read_dir(dir.join("blobs")).expect("blobs").count(), 1);
+    }
+
+    #[test]
+    fn a_crash_mid_deploy_leaves_the_old_version() {
+        let dir = temp_dir("crash");
+        let store = Store::open(&dir).expect("open");
+        store.save(&deployment("h", b"old"), b"old").expect("save");
+        // A crash after the new blob, before the manifest: a complete blob nobody names, and a
+        // half-written temporary manifest.
+        write_atomic(&dir.join("blobs").join(format!("{}.wasm", sha256_hex(b"new"))), b"new")
+            .expect("blob");
+        fs::write(dir.join("handlers").join(".h.json.tmp.1.0"), b"{\"name\": \"h\", \"ten")
+            .expect("partial");
+        // A crash while writing a blob: a partial temporary blob.
+        fs::write(dir.join("blobs").join(".x.wasm.tmp.1.1"), b"ne").expect("partial blob");
+        let loaded = Store::open(&dir).expect("reopen").load_all().expect("load");
+        assert_eq!(loaded, vec![(deployment("h", b"old"), b"old".to_vec())]);
+        let left: Vec<String> = fs::read_dir(dir.join("blobs"))
+            .expect("blobs")
+            .chain(fs::read_dir(dir.join("handlers")).expect("handlers"))
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+    }
+
+    #[test]
+    fn an_altered_blob_is_refused_at_load() {
+        let dir = temp_dir("tamper");
+        let store = Store::open(&dir).expect("open");
+        store.save(&deployment("h", b"good"), b"good").expect("save");
+        fs::write(dir.join("blobs").join(format!("{}.wasm", sha256_hex(b"good"))), b"evil")
+            .expect("tamper");
+        assert!(store.load_all().expect("load").is_empty());
+    }
+}

@@ -1,0 +1,197 @@
+//! Tenants at run time: their rate and concurrency quotas.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::TenantConfig;
+
+/// A tenant's live state.
+#[derive(Debug)]
+pub struct Tenant {
+    pub config: TenantConfig,
+    bucket: Mutex<TokenBucket>,
+    in_flight: AtomicU32,
+    /// Requests refused by a quota, by kind.
+    pub refused_rate: AtomicU64,
+    pub refused_concurrency: AtomicU64,
+}
+
+/// Why a request was refused before it started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuotaRefusal {
+    #[error("tenant '{tenant}' is over its rate of {rate} requests per second")]
+    Rate {
+        tenant: String,
+        rate: String,
+        retry_after: Duration,
+    },
+    #[error("tenant '{tenant}' already has {limit} requests in flight, its limit")]
+    Concurrency { tenant: String, limit: u32 },
+}
+
+impl QuotaRefusal {
+    /// Whole seconds a client should wait before retrying (at least 1).
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            QuotaRefusal::Rate { retry_after, .. } => retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            QuotaRefusal::Concurrency { .. } => 1,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            QuotaRefusal::Rate { .. } => "rate",
+            QuotaRefusal::Concurrency { .. } => "concurrency",
+        }
+    }
+}
+
+/// A slot in a tenant's concurrency quota, released on drop.
+#[derive(Debug)]
+pub struct Permit(Arc<Tenant>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Tenant {
+    pub fn new(config: TenantConfig) -> Tenant {
+        let bucket = TokenBucket::new(config.quota.requests_per_second, config.quota.burst, Instant::now());
+        Tenant {
+            config,
+            bucket: Mutex::new(bucket),
+            in_flight: AtomicU32::new(0),
+            refused_rate: AtomicU64::new(0),
+            refused_concurrency: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Admits one request, or says which quota refuses it. A refused request uses up nothing.
+    pub fn admit(self: &Arc<Self>) -> Result<Permit, QuotaRefusal> {
+        let limit = self.config.quota.max_concurrent;
+        let previous = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let permit = Permit(Arc::clone(self));
+        if previous >= limit {
+            self.refused_concurrency.fetch_add(1, Ordering::Relaxed);
+            return Err(QuotaRefusal::Concurrency {
+                tenant: self.config.name.clone(),
+                limit,
+            });
+        }
+        let taken = match self.bucket.lock() {
+            Ok(mut bucket) => bucket.take(Instant::now()),
+            // A panic while holding this lock cannot leave the bucket inconsistent.
+            Err(poisoned) => poisoned.into_inner().take(Instant::now()),
+        };
+        match taken {
+            Ok(()) => Ok(permit),
+            Err(retry_after) => {
+                self.refused_rate.fetch_add(1, Ordering::Relaxed);
+                Err(QuotaRefusal::Rate {
+                    tenant: self.config.name.clone(),
+                    rate: format!("{}", self.config.quota.requests_per_second),
+                    retry_after,
+                })
+            }
+        }
+    }
+}
+
+/// Refills at `rate` tokens per second up to `burst`; each request takes one.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// Takes a token, or returns how long until one is there.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn tenant(quota: &str) -> Arc<Tenant> {
+        let text = format!("[[tenant]]\nname = \"t\"\nquota = {{ {quota} }}\n");
+        let config = Config::parse(&text, Path::new("t.toml"), Path::new("/")).expect("config");
+        Arc::new(Tenant::new(config.tenants[0].clone()))
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 3, start);
+        for _ in 0..3 {
+            assert_eq!(bucket.take(start), Ok(()));
+        }
+        let wait = bucket.take(start).expect_err("empty");
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9, "{wait:?}");
+        assert_eq!(bucket.take(start + Duration::from_millis(100)), Ok(()));
+        assert!(bucket.take(start + Duration::from_millis(150)).is_err());
+        // Idle time refills only up to the burst.
+        let later = start + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(bucket.take(later), Ok(()));
+        }
+        assert!(bucket.take(later).is_err());
+    }
+
+    #[test]
+    fn concurrency_is_released_when_permits_drop_and_refusals_cost_nothing() {
+        let t = tenant("max_concurrent = 2, requests_per_second = 1000000");
+        let a = t.admit().expect("first");
+        let b = t.admit().expect("second");
+        let refused = t.admit().expect_err("third");
+        assert_eq!(refused.kind(), "concurrency");
+        assert_eq!(t.in_flight(), 2);
+        drop(a);
+        let c = t.admit().expect("after a release");
+        drop((b, c));
+        assert_eq!(t.in_flight(), 0);
+
+        let t = tenant("requests_per_second = 1, burst = 1");
+        let first = t.admit().expect("first");
+        drop(first);
+        let refused = t.admit().expect_err("over the rate");
+        assert_eq!(refused.kind(), "rate");
+        assert_eq!(refused.retry_after_secs(), 1);
+        assert_eq!(t.in_flight(), 0, "a refused request holds no slot");
+    }
+}
