@@ -58,9 +58,9 @@ impl Audit {
     pub fn record(&self, event: Event, tenant: Option<&str>, handler: Option<&str>, reason: &str) {
         tracing::info!(
             target: "kiln::audit",
-            event = event.as_str(),
-            tenant = tenant.unwrap_or("-"),
-            handler = handler.unwrap_or("-"),
+            event = %event.as_str(),
+            tenant = %tenant.unwrap_or("-"),
+            handler = %handler.unwrap_or("-"),
             "{reason}"
         );
         let Some(file) = &self.file else { return };

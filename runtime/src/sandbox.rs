@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,11 @@ use crate::nn::{self, NnCtx, NnLimits, NnState, NnView};
 
 /// How often the engine's epoch advances: the granularity of deadlines and of yielding. A busy
 /// guest gives its worker thread back every tick, so this bounds how long it can delay others.
-const EPOCH_TICK: Duration = Duration::from_millis(2);
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// After this long, a guest that is still computing while other guests wait is slowed to half a
+/// core. Ordinary handlers finish well within it.
+const LONG_RUNNING: Duration = Duration::from_millis(10);
 
 /// Interfaces a handler may import, without version. The wasi:http proxy world's imports and
 /// wasi:nn, plus the wasi:cli start-up interfaces Rust's std and wasi-libc always import, which a
@@ -141,6 +146,23 @@ pub fn forbidden_imports<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<St
         .collect()
 }
 
+impl GuestError {
+    /// A short, bounded label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GuestError::Deadline { .. } => "deadline",
+            GuestError::MemoryLimit { .. } => "memory",
+            GuestError::ComputeCalls { .. } => "compute_calls",
+            GuestError::OutOfFuel { .. } => "fuel",
+            GuestError::ResponseTooLarge { .. } => "response_size",
+            GuestError::Trap { .. } => "trap",
+            GuestError::NoResponse { .. } => "no_response",
+            GuestError::ErrorCode { .. } => "error_code",
+            GuestError::Internal { .. } => "internal",
+        }
+    }
+}
+
 /// The shared engine and linker. Cheap to clone.
 #[derive(Clone)]
 pub struct Sandbox {
@@ -196,7 +218,8 @@ impl Sandbox {
 
     /// Compiles a component and checks that it can be a handler: it imports nothing beyond the
     /// proxy interfaces and wasi:nn, and exports the incoming handler. CPU-heavy: call it off
-    /// the async workers.
+    /// the async workers. It uses one core (the engine compiles functions serially), so a deploy
+    /// never takes every core from the requests being served.
     pub fn check_component(&self, bytes: &[u8]) -> Result<Component, ComponentError> {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| ComponentError::Invalid(first_line(&format!("{e:#}")).to_owned()))?;
@@ -349,6 +372,7 @@ impl Handler {
         let limits = self.limits.clone();
         let budget = self.limits.deadline;
         let mut guest = AbortOnDrop(Some(tokio::spawn(async move {
+            let _running = Running::enter();
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
                 proxy
@@ -476,16 +500,41 @@ impl Handler {
             let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
         store.set_epoch_deadline(1);
+        let started = Instant::now();
         store.epoch_deadline_callback(move |mut ctx| {
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 ctx.data_mut().deadline_hit = true;
                 Err(Trap::Interrupt.into())
+            } else if now - started > LONG_RUNNING && RUNNING.load(Ordering::Relaxed) > 1 {
+                // A guest that has computed for a while, while others wait: it keeps running,
+                // at half a core, so a busy loop cannot take a core from everyone else.
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(EPOCH_TICK))))
             } else {
                 // Give the async worker back every tick so a busy guest cannot starve others.
                 Ok(UpdateDeadline::Yield(1))
             }
         });
         store
+    }
+}
+
+/// Guests executing now, across all handlers.
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a guest in [`RUNNING`] while it lives.
+struct Running;
+
+impl Running {
+    fn enter() -> Running {
+        RUNNING.fetch_add(1, Ordering::Relaxed);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

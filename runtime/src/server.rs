@@ -18,7 +18,7 @@ use crate::audit::Audit;
 use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
 use crate::executor::ModelHandle;
 use crate::keys::{self, KeyRing, Principal};
-use crate::sandbox::{Origin, Sandbox};
+use crate::sandbox::{ComponentError, Origin, Sandbox};
 use crate::state::Store;
 use crate::tenancy::Tenant;
 
@@ -55,35 +55,49 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let sandbox = Sandbox::new(config.server.max_instances, max_memory, metered)
         .map_err(|e| anyhow::anyhow!("cannot create the sandbox engine: {e}"))?;
 
-    let mut handlers = HashMap::new();
+    // Every component is compiled up front, several at once: the engine compiles each one on a
+    // single core.
+    let deployed = store
+        .load_all()
+        .with_context(|| format!("cannot read deployed handlers in {}", state_dir.display()))?;
+    let mut sources = Vec::with_capacity(config.handlers.len() + deployed.len());
     for handler in &config.handlers {
-        let started = std::time::Instant::now();
-        let fail = |e: &dyn std::fmt::Display| {
+        let bytes = std::fs::read(&handler.component).map_err(|e| {
             anyhow::anyhow!(
-                "{}: handler '{}': component {}: {e}",
+                "{}: handler '{}': cannot read component {}: {e}",
                 config.source.display(),
                 handler.name,
                 handler.component.display()
             )
-        };
-        let bytes = std::fs::read(&handler.component).map_err(|e| fail(&e))?;
-        let component = sandbox.check_component(&bytes).map_err(|e| fail(&e))?;
-        let loaded = sandbox
-            .handler(handler, &component, allowed_models(&models, &handler.models), Origin::Config)
-            .map_err(|e| fail(&e))?;
-        tracing::info!(
-            handler = %handler.name,
-            tenant = %handler.tenant,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "handler compiled"
-        );
+        })?;
+        sources.push(bytes);
+    }
+    sources.extend(deployed.iter().map(|(_, bytes)| bytes.clone()));
+    let started = std::time::Instant::now();
+    let mut compiled = compile_all(&sandbox, sources).into_iter();
+    tracing::info!(
+        components = config.handlers.len() + deployed.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "handlers compiled"
+    );
+
+    let mut handlers = HashMap::new();
+    for (handler, component) in config.handlers.iter().zip(compiled.by_ref()) {
+        let loaded = component
+            .and_then(|c| {
+                sandbox.handler(handler, &c, allowed_models(&models, &handler.models), Origin::Config)
+            })
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: handler '{}': component {}: {e}",
+                    config.source.display(),
+                    handler.name,
+                    handler.component.display()
+                )
+            })?;
         handlers.insert(handler.name.clone(), Arc::new(loaded));
     }
-
-    let deployed = store
-        .load_all()
-        .with_context(|| format!("cannot read deployed handlers in {}", state_dir.display()))?;
-    for (deployment, bytes) in deployed {
+    for ((deployment, _), component) in deployed.into_iter().zip(compiled) {
         let name = deployment.name.clone();
         let loaded = (|| -> Result<_, String> {
             if handlers.contains_key(&name) {
@@ -96,7 +110,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
                 .settings
                 .resolve(&name, tenant, store.dir().join("blobs"))
                 .map_err(|(field, message)| format!("{field}: {message}"))?;
-            let component = sandbox.check_component(&bytes).map_err(|e| e.to_string())?;
+            let component = component.map_err(|e| e.to_string())?;
             let origin = Origin::Deployed {
                 sha256: deployment.sha256.clone(),
                 deployed_at: deployment.deployed_at,
@@ -131,6 +145,39 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
             max_component_bytes: config.server.max_component_bytes,
         },
     })
+}
+
+/// Checks and compiles every component, as many at once as there are cores; results in order.
+fn compile_all(
+    sandbox: &Sandbox,
+    sources: Vec<Vec<u8>>,
+) -> Vec<Result<wasmtime::component::Component, ComponentError>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(sources.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<_>>> = sources.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(bytes) = sources.get(i) else { break };
+                    let result = sandbox.check_component(bytes);
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Err(ComponentError::Invalid("the compiler thread failed".to_owned())))
+        })
+        .collect()
 }
 
 fn load_keys(state_dir: &Path, config: &Config) -> KeyRing {

@@ -1,23 +1,27 @@
 //! End-to-end: one real `kiln serve` on loopback, shared by every test in this binary.
 
 mod batching;
+mod deploy;
 mod digits;
 mod embeddings;
 mod errors;
 mod oip;
 mod sandbox;
+mod tenancy;
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use kiln_tests::{Server, examples_config};
+use kiln_tests::{Server, TempDir, examples_config, kiln};
 
 /// The shared server: the bundled examples (tenant `demo`) plus the misbehaving guest (tenant
 /// `mallory`).
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| {
-        let config = examples_config("", batching::EXTRA_MODEL_NAMES, &batching::extra_models());
-        match Server::start(&config, &["demo", "mallory"]) {
+        let extra = format!("{}{}", batching::extra_models(), deploy::tenants());
+        let config = examples_config("", batching::EXTRA_MODEL_NAMES, &extra);
+        match Server::start(&config, &["demo", "mallory", "signed"]) {
             Ok(server) => server,
             Err(e) => panic!("cannot start the test server: {e:#}"),
         }
@@ -41,4 +45,15 @@ async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
     let value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("response ({status}) is not JSON ({e}): {text}"));
     (status, value)
+}
+
+/// A folder that lives as long as the test process (the signing key pair lives here).
+fn scratch() -> &'static PathBuf {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    &DIR.get_or_init(|| TempDir::new("kiln-e2e-scratch").expect("scratch dir")).path
+}
+
+/// Runs `kiln` and returns its standard output, panicking with its error.
+fn run_kiln(args: &[&str]) -> String {
+    kiln(args).unwrap_or_else(|e| panic!("{e:#}"))
 }

@@ -92,12 +92,7 @@ impl ApiError {
             ApiError::Infer(InferError::Overloaded(_)) => "overloaded",
             ApiError::Infer(InferError::Timeout { .. }) => "timeout",
             ApiError::Infer(_) => "inference",
-            ApiError::Guest(GuestError::Deadline { .. }) => "guest_deadline",
-            ApiError::Guest(GuestError::MemoryLimit { .. }) => "guest_memory",
-            ApiError::Guest(GuestError::ComputeCalls { .. }) => "guest_compute_calls",
-            ApiError::Guest(GuestError::OutOfFuel { .. }) => "guest_fuel",
-            ApiError::Guest(GuestError::ResponseTooLarge { .. }) => "guest_response_size",
-            ApiError::Guest(_) => "guest_trap",
+            ApiError::Guest(e) => e.kind(),
         }
     }
 }
@@ -105,7 +100,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if matches!(self, ApiError::Guest(_)) {
+            // Logged where it happened, with the handler's tenant.
+        } else if status.is_server_error() {
             tracing::warn!(kind = self.kind(), status = status.as_u16(), "{self}");
         } else {
             tracing::debug!(kind = self.kind(), status = status.as_u16(), "{self}");

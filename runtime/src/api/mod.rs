@@ -198,7 +198,7 @@ async fn call_handler(
         .map_err(|e| ApiError::BadRequest(format!("invalid request URI: {e}")))?;
     let request = http::Request::from_parts(parts, Full::new(body));
     let response = handler.call(request, options).await.map_err(|e| {
-        tracing::warn!(handler = %name, tenant = %tenant.name(), "{e}");
+        tracing::warn!(handler = %name, tenant = %tenant.name(), kind = e.kind(), "{e}");
         ApiError::Guest(e)
     })?;
     // The tenant's slot is held until the guest has streamed its whole body.

@@ -77,6 +77,12 @@ impl Handler for Misbehave {
             }
             "/env" => Ok(Response::json(200, &std::env::vars().collect::<Vec<_>>())?),
             "/outgoing" => Ok(Response::text(200, outgoing_request())),
+            "/sleep" => {
+                // Idle, not busy: holds a request slot without using the CPU.
+                let ms: u64 = query.parse().map_err(|_| Error::bad_request("?MILLISECONDS"))?;
+                kiln_guest::__private::wasi::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+                Ok(Response::text(200, "slept"))
+            }
             "/compute-flood" => {
                 // Ignores every error, as a careless or hostile guest would.
                 let mut ok = 0u32;
