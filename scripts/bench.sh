@@ -16,14 +16,16 @@ pngs=(build/holdout/digits/*.png)
 png=${pngs[0]}
 echo '{"sentences": ["A man is eating a piece of bread."]}' > "$out/sentence.json"
 
-# Configs: the examples with batching on and off, plus the echo guest and ResNet-18.
+# Configs: the examples with batching on and off, plus the echo guest and ResNet-18, with their
+# own state directory (and API key for tenant demo).
 write_config() { # NAME MAX_BATCH
-    sed -e "s|\.\./|$KILN_ROOT/|g" -e "s|max_batch_size = 64|max_batch_size = $2|" \
-        examples/kiln.toml > "$out/$1.toml"
+    sed -e "s|\.\./build/state|$out/state|" -e "s|\.\./|$KILN_ROOT/|g" \
+        -e "s|max_batch_size = 64|max_batch_size = $2|" examples/kiln.toml > "$out/$1.toml"
     cat >> "$out/$1.toml" <<TOML
 
 [[handler]]
 name = "echo"
+tenant = "demo"
 component = "$KILN_ROOT/target/wasm32-wasip2/guest/misbehave.wasm"
 
 [[model]]
@@ -36,6 +38,8 @@ TOML
 }
 write_config batching-on 64
 write_config batching-off 1
+KILN_KEY=$($kiln tenant add-key demo -c "$out/batching-on.toml" 2>/dev/null)
+export KILN_KEY
 
 echo "==> raw libtorch ceiling" >&2
 $kiln bench-raw -c "$out/batching-on.toml" --model digits --seconds 1 --json > "$out/raw-digits.json"
@@ -43,7 +47,8 @@ $kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --seconds 3 -
 $kiln bench-raw -c "$out/batching-on.toml" --model resnet18 --batch-sizes 1,2,4,8,16 --seconds 2 --json > "$out/raw-resnet18.json"
 
 serve() { # CONFIG
-    $kiln serve -c "$out/$1.toml" --listen 127.0.0.1:18080 > "$out/$1.log" 2>&1 &
+    $kiln serve -c "$out/$1.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 \
+        > "$out/$1.log" 2>&1 &
     server=$!
     for _ in $(seq 300); do
         curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && return

@@ -12,7 +12,7 @@ const EXAMPLES: &str = "\
 Examples:
   kiln serve
       Serve the bundled examples (digits, embeddings) on http://127.0.0.1:8080, on the CPU.
-  kiln bench --handler digits --body seven.png --concurrency 64 --duration 10s
+  KILN_KEY=$(cat build/demo.key) kiln bench --handler digits --body seven.png --concurrency 64 --duration 10s
       Load a handler for 10 s with 64 requests in flight; prints latency, throughput, batching.
   kiln bench --model digits --body request.json --rate 2000 --requests 20000 --json
       Open-loop load on a model's OIP infer endpoint, machine-readable report.
@@ -218,6 +218,9 @@ struct BenchArgs {
     /// Extra request header, NAME:VALUE (repeatable).
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// A tenant's API key, sent as Authorization: Bearer KEY.
+    #[arg(long, env = "KILN_KEY", hide_env_values = true)]
+    key: Option<String>,
     /// Requests in flight (closed loop).
     #[arg(long, short = 'c', default_value_t = 16)]
     concurrency: usize,
@@ -379,7 +382,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         None if args.body.is_some() => http::Method::POST,
         None => http::Method::GET,
     };
-    let headers = args
+    let mut headers = args
         .headers
         .iter()
         .map(|h| {
@@ -388,6 +391,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--header '{h}' is not NAME:VALUE"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(key) = &args.key {
+        headers.push(("authorization".to_owned(), format!("Bearer {}", key.trim())));
+    }
     let spec = kiln::bench::LoadSpec {
         url,
         server,

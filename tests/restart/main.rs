@@ -1,8 +1,8 @@
-//! Deployed handlers live in the state directory: a restart serves exactly what was deployed,
-//! and a crash in the middle of a deploy leaves the old version or the new one, never a broken
-//! one.
+//! Tests that need a server of their own: deployed handlers live in the state directory, so a
+//! restart serves exactly what was deployed and a crash in the middle of a deploy leaves the old
+//! version or the new one, never a broken one; and a fuel quota, which meters every guest.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_tests::{Server, artifact};
 use serde_json::Value;
@@ -125,4 +125,23 @@ async fn a_crash_during_a_deploy_leaves_the_old_or_the_new_version() {
     }
     assert!(outcomes.iter().any(|(_, ack, _)| *ack), "no deploy finished before its kill: {outcomes:?}");
     assert!(server.log_text().contains("listening on"), "the server restarted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fuel_quota_stops_a_busy_guest_and_spares_a_modest_one() {
+    let config = format!(
+        "{}quota = {{ fuel = 50000000 }}\n\n[[handler]]\nname = \"metered\"\ntenant = \"demo\"\ncomponent = \"{}\"\n",
+        config(),
+        artifact("target/wasm32-wasip2/guest/misbehave.wasm").display()
+    );
+    let server = Server::start(&config, &["demo"]).expect("server");
+    let client = server.client("demo");
+    let started = Instant::now();
+    let response = client.get(server.url("/v1/handlers/metered/loop")).send().await.expect("loop");
+    assert_eq!(response.status().as_u16(), 500);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "handler 'metered' ran out of fuel (50000000 units per request)");
+    assert!(started.elapsed() < Duration::from_secs(5), "fuel, not the 10 s deadline, stopped it");
+    let (status, text) = answer(&server, "metered").await;
+    assert_eq!((status, text.as_str()), (200, "ping"));
 }
