@@ -39,7 +39,8 @@ TOML
 write_config batching-on 64
 write_config batching-off 1
 KILN_KEY=$($kiln tenant add-key demo -c "$out/batching-on.toml" 2>/dev/null)
-export KILN_KEY
+KILN_ADMIN_KEY=$($kiln admin add-key -c "$out/batching-on.toml" 2>/dev/null)
+export KILN_KEY KILN_ADMIN_KEY
 
 echo "==> raw libtorch ceiling" >&2
 $kiln bench-raw -c "$out/batching-on.toml" --model digits --seconds 1 --json > "$out/raw-digits.json"

@@ -74,10 +74,9 @@ impl Audit {
             "handler": handler,
             "reason": reason,
         });
-        if let Ok(mut f) = file.lock() {
-            if let Err(e) = writeln!(f, "{line}") {
+        if let Ok(mut f) = file.lock()
+            && let Err(e) = writeln!(f, "{line}") {
                 tracing::error!("cannot write the audit log: {e}");
             }
-        }
     }
 }

@@ -26,6 +26,8 @@ pub struct LoadSpec {
     pub url: String,
     /// Base URL of the server, for `/v1/stats`.
     pub server: String,
+    /// An admin key, to read `/v1/stats` (the average batch size); without one it is not reported.
+    pub admin_key: Option<String>,
     pub method: http::Method,
     pub body: Bytes,
     pub content_type: Option<String>,
@@ -103,17 +105,15 @@ impl Shared {
         if self.stop.load(Ordering::Relaxed) {
             return false;
         }
-        if let Some(limit) = self.spec.requests {
-            if self.issued.fetch_add(1, Ordering::Relaxed) >= limit {
+        if let Some(limit) = self.spec.requests
+            && self.issued.fetch_add(1, Ordering::Relaxed) >= limit {
                 return false;
             }
-        }
-        if let Some(d) = self.spec.duration {
-            if started.elapsed() >= d {
+        if let Some(d) = self.spec.duration
+            && started.elapsed() >= d {
                 self.stop.store(true, Ordering::Relaxed);
                 return false;
             }
-        }
         true
     }
 
@@ -162,7 +162,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(spec.concurrency.max(64))
         .build(connector);
-    let before = stats(&client, &spec.server).await;
+    let before = stats(&client, &spec).await;
     let progress = if spec.progress {
         let bar = match (spec.requests, spec.duration) {
             (Some(n), _) => indicatif::ProgressBar::new(n),
@@ -190,7 +190,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
     };
     let seconds = started.elapsed().as_secs_f64();
     shared.progress.finish_and_clear();
-    let after = stats(&shared.client, &spec.server).await;
+    let after = stats(&shared.client, &spec).await;
     Ok(report(&spec, tally, seconds, before, after))
 }
 
@@ -247,8 +247,10 @@ async fn open_loop(shared: &Arc<Shared>, started: Instant, rate: f64) -> anyhow:
     Ok(total)
 }
 
-async fn stats(client: &HttpClient, server: &str) -> Option<Value> {
-    let request = http::Request::get(format!("{}/v1/stats", server.trim_end_matches('/')))
+async fn stats(client: &HttpClient, spec: &LoadSpec) -> Option<Value> {
+    let key = spec.admin_key.as_deref()?;
+    let request = http::Request::get(format!("{}/v1/stats", spec.server.trim_end_matches('/')))
+        .header(http::header::AUTHORIZATION, format!("Bearer {}", key.trim()))
         .body(Full::new(Bytes::new()))
         .ok()?;
     let response = client.request(request).await.ok()?;

@@ -52,14 +52,13 @@ pub fn remove_key(config: &Config, principal: &Principal, id: &str) -> anyhow::R
 }
 
 fn check_principal(config: &Config, principal: &Principal) -> anyhow::Result<()> {
-    if let Principal::Tenant(name) = principal {
-        if config.tenant(name).is_none() {
+    if let Principal::Tenant(name) = principal
+        && config.tenant(name).is_none() {
             bail!(
                 "tenant '{name}' is not declared in {}; add a [[tenant]] section first",
                 config.source.display()
             );
         }
-    }
     Ok(())
 }
 
@@ -181,7 +180,7 @@ pub fn undeploy(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
 pub fn list_handlers(target: &AdminTarget) -> anyhow::Result<()> {
     let value = call(target, http::Method::GET, "/v1/handlers", Vec::new(), &[])?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:<24} {:<16} {:<9} {}", "HANDLER", "TENANT", "ORIGIN", "MODELS")?;
+    writeln!(out, "{:<24} {:<16} {:<9} MODELS", "HANDLER", "TENANT", "ORIGIN")?;
     for h in value["handlers"].as_array().into_iter().flatten() {
         let models: Vec<&str> = h["models"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
         writeln!(

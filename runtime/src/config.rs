@@ -941,7 +941,7 @@ mod tests {
             let text = std::fs::read_to_string(&case).expect("case");
             let name = case.file_name().expect("name");
             let err = match Config::parse(&text, Path::new(name), Path::new("/srv")) {
-                Ok(_) => format!("(no error)\n"),
+                Ok(_) => "(no error)\n".to_string(),
                 Err(e) => format!("{e}\n"),
             };
             let golden = case.with_extension("err");

@@ -221,6 +221,9 @@ struct BenchArgs {
     /// A tenant's API key, sent as Authorization: Bearer KEY.
     #[arg(long, env = "KILN_KEY", hide_env_values = true)]
     key: Option<String>,
+    /// An admin key, to read the server's batch counters (/v1/stats) before and after.
+    #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
     /// Requests in flight (closed loop).
     #[arg(long, short = 'c', default_value_t = 16)]
     concurrency: usize,
@@ -397,6 +400,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let spec = kiln::bench::LoadSpec {
         url,
         server,
+        admin_key: args.admin_key.clone(),
         method,
         body,
         content_type: args.content_type.clone(),

@@ -1,10 +1,11 @@
 //! The sandbox: one wasmtime engine, handlers compiled and pre-instantiated once, and a fresh
 //! store per request.
 //!
-//! All limits live here: the pooling allocator (copy-on-write memory images), a 10 ms epoch tick
-//! that both yields busy guests back to the runtime and enforces the wall-clock deadline, and a
-//! per-store memory limit. The WASI context grants nothing: no files, no environment, no
-//! sockets, no outgoing HTTP.
+//! All limits live here: the pooling allocator (copy-on-write memory images), a 1 ms epoch tick
+//! that yields busy guests back to the runtime, slows long-running ones and enforces the
+//! wall-clock deadline, per-store memory and fuel limits, the import allow-list checked before a
+//! component is accepted, and the response-size cap. The WASI context grants nothing: no files,
+//! no environment, no sockets, no outgoing HTTP.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -37,9 +38,13 @@ use crate::nn::{self, NnCtx, NnLimits, NnState, NnView};
 /// guest gives its worker thread back every tick, so this bounds how long it can delay others.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-/// After this long, a guest that is still computing while other guests wait is slowed to half a
-/// core. Ordinary handlers finish well within it.
-const LONG_RUNNING: Duration = Duration::from_millis(10);
+/// After about this many milliseconds of its own execution (epoch ticks), a guest that is still
+/// computing while other guests run is slowed to a third of a core. Ordinary handlers finish well
+/// within it.
+const LONG_RUNNING_TICKS: u32 = 10;
+
+/// The pause a slowed guest takes after each tick of execution: it keeps about a third of a core.
+const THROTTLE_PAUSE: Duration = Duration::from_millis(2);
 
 /// Interfaces a handler may import, without version. The wasi:http proxy world's imports and
 /// wasi:nn, plus the wasi:cli start-up interfaces Rust's std and wasi-libc always import, which a
@@ -163,6 +168,38 @@ impl GuestError {
     }
 }
 
+/// The names a component imports and exports at its top level (nested components and modules
+/// are the component's own business).
+fn component_interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
+    use wasmparser::{Encoding, Parser, Payload};
+    let mut imports = Vec::new();
+    let mut exports = Vec::new();
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload.map_err(|e| e.to_string())? {
+            Payload::Version { encoding, .. } => {
+                if depth == 0 && encoding != Encoding::Component {
+                    return Err("this is a core module; a handler must be a component".to_owned());
+                }
+                depth += 1;
+            }
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(section) if depth == 1 => {
+                for import in section {
+                    imports.push(import.map_err(|e| e.to_string())?.name.name.to_owned());
+                }
+            }
+            Payload::ComponentExportSection(section) if depth == 1 => {
+                for export in section {
+                    exports.push(export.map_err(|e| e.to_string())?.name.name.to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((imports, exports))
+}
+
 /// The shared engine and linker. Cheap to clone.
 #[derive(Clone)]
 pub struct Sandbox {
@@ -221,17 +258,18 @@ impl Sandbox {
     /// the async workers. It uses one core (the engine compiles functions serially), so a deploy
     /// never takes every core from the requests being served.
     pub fn check_component(&self, bytes: &[u8]) -> Result<Component, ComponentError> {
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| ComponentError::Invalid(first_line(&format!("{e:#}")).to_owned()))?;
-        let ty = component.component_type();
-        let forbidden = forbidden_imports(ty.imports(&self.engine).map(|(name, _)| name));
+        // Imports and exports are read first, without compiling: refusing a component costs
+        // next to nothing, however large it is.
+        let (imports, exports) = component_interface(bytes).map_err(ComponentError::Invalid)?;
+        let forbidden = forbidden_imports(imports.iter().map(String::as_str));
         if !forbidden.is_empty() {
             return Err(ComponentError::ForbiddenImports(forbidden));
         }
-        if !ty.exports(&self.engine).any(|(name, _)| name.starts_with(HANDLER_EXPORT)) {
+        if !exports.iter().any(|name| name.starts_with(HANDLER_EXPORT)) {
             return Err(ComponentError::NoHandlerExport);
         }
-        Ok(component)
+        Component::new(&self.engine, bytes)
+            .map_err(|e| ComponentError::Invalid(first_line(&format!("{e:#}")).to_owned()))
     }
 
     /// Pre-instantiates a checked component as the handler `config` describes. `models` is its
@@ -500,16 +538,18 @@ impl Handler {
             let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
         store.set_epoch_deadline(1);
-        let started = Instant::now();
+        // Ticks that found the guest executing: about its CPU time in ms (waits in the host, such
+        // as for inference, do not count).
+        let mut busy_ticks: u32 = 0;
         store.epoch_deadline_callback(move |mut ctx| {
-            let now = Instant::now();
-            if now >= deadline {
+            busy_ticks = busy_ticks.saturating_add(1);
+            if Instant::now() >= deadline {
                 ctx.data_mut().deadline_hit = true;
                 Err(Trap::Interrupt.into())
-            } else if now - started > LONG_RUNNING && RUNNING.load(Ordering::Relaxed) > 1 {
+            } else if busy_ticks > LONG_RUNNING_TICKS && RUNNING.load(Ordering::Relaxed) > 1 {
                 // A guest that has computed for a while, while others wait: it keeps running,
-                // at half a core, so a busy loop cannot take a core from everyone else.
-                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(EPOCH_TICK))))
+                // at a third of a core, so a busy loop cannot take a core from everyone else.
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(THROTTLE_PAUSE))))
             } else {
                 // Give the async worker back every tick so a busy guest cannot starve others.
                 Ok(UpdateDeadline::Yield(1))

@@ -48,7 +48,8 @@ fn sentence(len: usize) -> Value {
 }
 
 async fn counters(model: &str) -> (u64, u64) {
-    let (status, stats) = json_of(client().get(server().url("/v1/stats")).send().await.expect("stats")).await;
+    let (status, stats) =
+        json_of(server().admin_client().get(server().url("/v1/stats")).send().await.expect("stats")).await;
     assert_eq!(status, 200, "{stats}");
     let m = stats["models"]
         .as_array()

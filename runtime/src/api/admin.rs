@@ -53,7 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn require_admin(app: &AppState, headers: &HeaderMap, handler: Option<&str>) -> Result<(), ApiError> {
+pub(super) fn require_admin(app: &AppState, headers: &HeaderMap, handler: Option<&str>) -> Result<(), ApiError> {
     match app.authenticate(headers, handler)? {
         Principal::Admin => Ok(()),
         Principal::Tenant(t) => {

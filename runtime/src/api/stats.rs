@@ -1,4 +1,4 @@
-//! `GET /v1/stats`: one JSON snapshot of every model's scheduler counters.
+//! `GET /v1/stats` (admin key): one JSON snapshot of every model's scheduler counters.
 //!
 //! Counters are cumulative since start; rates and averages come from two snapshots (for example
 //! `kiln bench` reads one before and one after a run to report the average batch size).
@@ -14,7 +14,12 @@ use serde_json::{Value, json};
 use super::{AppState, json_response};
 use crate::executor::{BATCH_BUCKETS, ModelState};
 
-pub(super) async fn snapshot(State(app): State<Arc<AppState>>) -> Response {
+/// Every model's counters: admin only, since it names every tenant's models.
+pub(super) async fn snapshot(
+    State(app): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, super::ApiError> {
+    super::admin::require_admin(&app, &headers, None)?;
     let mut names: Vec<&String> = app.models.keys().collect();
     names.sort();
     let models: Vec<Value> = names
@@ -58,5 +63,5 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>) -> Response {
             })
         })
         .collect();
-    json_response(StatusCode::OK, &json!({ "models": models }))
+    Ok(json_response(StatusCode::OK, &json!({ "models": models })))
 }
