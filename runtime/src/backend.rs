@@ -5,7 +5,7 @@
 
 use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
 
-use crate::config::{Device, ModelConfig};
+use crate::config::{Device, ModelConfig, Precision};
 use crate::tensor::{DType, HostTensor};
 
 /// A loaded TorchScript module, in eval mode on its device.
@@ -13,6 +13,8 @@ pub struct TorchModel {
     module: CModule,
     device: TchDevice,
     output_names: usize,
+    /// The kind floating tensors are cast to, when the model runs in reduced precision.
+    reduced: Option<Kind>,
 }
 
 /// The dtype and shape of one output, as seen at warm-up (batch dimension reported as dynamic).
@@ -81,10 +83,20 @@ impl TorchModel {
             )
         })?;
         module.set_eval();
+        let reduced = match config.precision {
+            Precision::Fp32 => None,
+            Precision::Fp16 => Some(Kind::Half),
+            Precision::Bf16 => Some(Kind::BFloat16),
+        };
+        if let Some(kind) = reduced {
+            // Casts the floating-point parameters and buffers; integer ones are left alone.
+            module.to(device, kind, false);
+        }
         Ok(TorchModel {
             module,
             device,
             output_names: config.outputs.len(),
+            reduced,
         })
     }
 
@@ -112,7 +124,17 @@ impl TorchModel {
                 ));
             }
             tensors.truncate(self.output_names);
-            tensors.iter().map(from_torch).collect()
+            tensors
+                .iter()
+                .map(|t| match self.reduced {
+                    // Back to the FP32 a guest expects of a model served in reduced precision.
+                    Some(_) if t.is_floating_point() => t
+                        .f_to_kind(Kind::Float)
+                        .map_err(|e| format!("cannot cast output to FP32: {e}"))
+                        .and_then(|t| from_torch(&t)),
+                    _ => from_torch(t),
+                })
+                .collect()
         })
     }
 
@@ -120,11 +142,17 @@ impl TorchModel {
         let shape: Vec<i64> = t.shape.iter().map(|&d| i64::from(d)).collect();
         let cpu = Tensor::f_from_data_size(&t.data, &shape, kind(t.dtype))
             .map_err(|e| format!("cannot build input tensor: {e}"))?;
-        if self.device == TchDevice::Cpu {
-            Ok(cpu)
+        let on_device = if self.device == TchDevice::Cpu {
+            cpu
         } else {
             cpu.f_to_device(self.device)
-                .map_err(|e| format!("cannot move input to {:?}: {e}", self.device))
+                .map_err(|e| format!("cannot move input to {:?}: {e}", self.device))?
+        };
+        match self.reduced {
+            Some(kind) if t.dtype.is_float() => on_device
+                .f_to_kind(kind)
+                .map_err(|e| format!("cannot cast input to {kind:?}: {e}")),
+            _ => Ok(on_device),
         }
     }
 }

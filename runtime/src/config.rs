@@ -97,6 +97,28 @@ pub struct ModelConfig {
     pub threads: u32,
     /// Longest a request may wait for its result; a request may ask for less, never more.
     pub timeout: Duration,
+    /// The floating-point type the model runs in. Floating inputs are cast to it and floating
+    /// outputs back to FP32, so guests see the same dtypes whatever the precision.
+    pub precision: Precision,
+}
+
+/// Floating-point precision of a model's weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        })
+    }
 }
 
 /// How the scheduler merges concurrent requests for one model.
@@ -279,6 +301,7 @@ struct RawModel {
     instances: Option<u32>,
     threads: Option<u32>,
     timeout_ms: Option<u64>,
+    precision: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -640,7 +663,19 @@ impl Validator<'_> {
                 format!("{timeout_ms} is out of range (1 ..= 3600000)"),
             ));
         }
+        let precision = match raw.precision.as_deref() {
+            None | Some("fp32") => Precision::Fp32,
+            Some("fp16") => Precision::Fp16,
+            Some("bf16") => Precision::Bf16,
+            Some(other) => {
+                return Err(self.invalid(
+                    at("precision"),
+                    format!("'{other}' is not a precision; use \"fp32\", \"fp16\" or \"bf16\""),
+                ));
+            }
+        };
         Ok(ModelConfig {
+            precision,
             path: self.path(&raw.path),
             name: raw.name,
             device,

@@ -681,7 +681,7 @@ mod tests {
     //! The scheduler against real TorchScript models (built by `scripts/setup.sh`).
 
     use super::*;
-    use crate::config::{BatchPolicy, Device, InputSpec, OutputSpec, Ragged};
+    use crate::config::{BatchPolicy, Device, InputSpec, OutputSpec, Precision, Ragged};
     use crate::tensor::DType;
     use std::path::PathBuf;
 
@@ -719,6 +719,7 @@ mod tests {
             instances,
             threads: 1,
             timeout: Duration::from_secs(60),
+            precision: Precision::Fp32,
         }
     }
 
@@ -739,6 +740,7 @@ mod tests {
             instances: 1,
             threads: 1,
             timeout: Duration::from_secs(60),
+            precision: Precision::Fp32,
         }
     }
 
@@ -1054,5 +1056,57 @@ mod tests {
         let timed_out = handle.infer(token_request(&mut rng, 1, 4), short).await;
         assert!(matches!(timed_out, Err(InferError::Timeout { .. })), "{timed_out:?}");
         blocker.await.expect("task").expect("blocker");
+    }
+
+    fn f32_values(t: &HostTensor) -> Vec<f32> {
+        assert_eq!(t.dtype, DType::F32, "outputs come back as FP32 at every precision");
+        t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// Reduced precision on the CPU: the same inputs and output dtypes as FP32, values within the
+    /// type's rounding, and the same predicted digit.
+    #[test]
+    fn reduced_precision_casts_model_and_inputs_and_returns_fp32() {
+        let mut rng = Rng(11);
+        let images: Vec<f32> = (0..8 * 64).map(|_| (rng.next() % 1000) as f32 / 1000.0).collect();
+        let input = HostTensor {
+            dtype: DType::F32,
+            shape: vec![8, 1, 8, 8],
+            data: images.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let full = TorchModel::load(&digits(policy(1, 0))).expect("fp32");
+        let reference = f32_values(&full.forward(std::slice::from_ref(&input)).expect("fp32 forward")[0]);
+        let argmax = |v: &[f32]| -> Vec<usize> {
+            v.chunks(10)
+                .map(|row| row.iter().enumerate().fold(0, |best, (i, x)| if *x > row[best] { i } else { best }))
+                .collect()
+        };
+        for (precision, tolerance) in [(Precision::Bf16, 0.25f32), (Precision::Fp16, 0.05)] {
+            let mut config = digits(policy(1, 0));
+            config.precision = precision;
+            let model = TorchModel::load(&config).expect("load");
+            match model.forward(std::slice::from_ref(&input)) {
+                Ok(outputs) => {
+                    let values = f32_values(&outputs[0]);
+                    assert_eq!(outputs[0].shape, vec![8, 10], "{precision}");
+                    let worst = values.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                    assert!(worst < tolerance, "{precision}: logits differ by up to {worst}");
+                    let agree = argmax(&values).iter().zip(argmax(&reference)).filter(|(a, b)| **a == *b).count();
+                    assert!(agree >= 7, "{precision}: only {agree} of 8 predictions agree with fp32");
+                }
+                // FP16 kernels are optional on the CPU; where libtorch lacks one it must say so.
+                Err(e) => {
+                    assert_eq!(precision, Precision::Fp16, "bf16 must run on the CPU: {e}");
+                    assert!(e.contains("Half"), "an unsupported fp16 kernel must be named: {e}");
+                }
+            }
+        }
+        // Integer inputs stay integers: the token model runs in bf16 with INT64 ids.
+        let mut config = tokenwise(policy(1, 0), 1);
+        config.precision = Precision::Bf16;
+        let model = TorchModel::load(&config).expect("tokenwise bf16");
+        let outputs = model.forward(&token_request(&mut rng, 2, 5)).expect("tokenwise forward");
+        assert_eq!(outputs[1].dtype, DType::F32);
+        assert_eq!(outputs[1].shape, vec![2, 16]);
     }
 }

@@ -41,6 +41,11 @@ impl DType {
         }
     }
 
+    /// A floating-point type (cast to a model's precision on the way in).
+    pub const fn is_float(self) -> bool {
+        matches!(self, DType::F16 | DType::F32 | DType::F64 | DType::BF16)
+    }
+
     /// The Open Inference Protocol name (`FP32`, `INT64`, ...).
     pub const fn wire_name(self) -> &'static str {
         match self {
