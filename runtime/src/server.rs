@@ -60,7 +60,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let deployed = store
         .load_all()
         .with_context(|| format!("cannot read deployed handlers in {}", state_dir.display()))?;
-    let mut sources = Vec::with_capacity(config.handlers.len() + deployed.len());
+    let mut config_sources = Vec::with_capacity(config.handlers.len());
     for handler in &config.handlers {
         let bytes = std::fs::read(&handler.component).map_err(|e| {
             anyhow::anyhow!(
@@ -70,11 +70,15 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
                 handler.component.display()
             )
         })?;
-        sources.push(bytes);
+        config_sources.push(bytes);
     }
-    sources.extend(deployed.iter().map(|(_, bytes)| bytes.clone()));
+    let sources: Vec<&[u8]> = config_sources
+        .iter()
+        .chain(deployed.iter().map(|(_, bytes)| bytes))
+        .map(Vec::as_slice)
+        .collect();
     let started = std::time::Instant::now();
-    let mut compiled = compile_all(&sandbox, sources).into_iter();
+    let mut compiled = compile_all(&sandbox, &sources).into_iter();
     tracing::info!(
         components = config.handlers.len() + deployed.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -150,7 +154,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
 /// Checks and compiles every component, as many at once as there are cores; results in order.
 fn compile_all(
     sandbox: &Sandbox,
-    sources: Vec<Vec<u8>>,
+    sources: &[&[u8]],
 ) -> Vec<Result<wasmtime::component::Component, ComponentError>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(sources.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -229,10 +233,7 @@ fn watch_keys(state: Arc<AppState>, config: Config) {
             seen = now;
             let keys = load_keys(&state_dir, &config);
             tracing::info!("key files changed; keys reloaded");
-            match state.keys.write() {
-                Ok(mut k) => *k = Arc::new(keys),
-                Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
-            }
+            *api::write(&state.keys) = Arc::new(keys);
         }
     });
 }
@@ -252,7 +253,7 @@ pub async fn serve(
         tracing::warn!("the admin API listens on {admin_local}, which is not a loopback address");
     }
     watch_keys(Arc::clone(&state), config.clone());
-    let handler_count = state.handlers.read().map_or(0, |h| h.len());
+    let handler_count = api::read(&state.handlers).len();
     tracing::info!(
         "listening on http://{local} ({} models, {} tenants, {handler_count} handlers); admin API on http://{admin_local}",
         state.models.len(),

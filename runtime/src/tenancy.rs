@@ -1,6 +1,6 @@
 //! Tenants at run time: their rate and concurrency quotas.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,9 +12,6 @@ pub struct Tenant {
     pub config: TenantConfig,
     bucket: Mutex<TokenBucket>,
     in_flight: AtomicU32,
-    /// Requests refused by a quota, by kind.
-    pub refused_rate: AtomicU64,
-    pub refused_concurrency: AtomicU64,
 }
 
 /// Why a request was refused before it started.
@@ -65,8 +62,6 @@ impl Tenant {
             config,
             bucket: Mutex::new(bucket),
             in_flight: AtomicU32::new(0),
-            refused_rate: AtomicU64::new(0),
-            refused_concurrency: AtomicU64::new(0),
         }
     }
 
@@ -84,7 +79,6 @@ impl Tenant {
         let previous = self.in_flight.fetch_add(1, Ordering::AcqRel);
         let permit = Permit(Arc::clone(self));
         if previous >= limit {
-            self.refused_concurrency.fetch_add(1, Ordering::Relaxed);
             return Err(QuotaRefusal::Concurrency {
                 tenant: self.config.name.clone(),
                 limit,
@@ -98,7 +92,6 @@ impl Tenant {
         match taken {
             Ok(()) => Ok(permit),
             Err(retry_after) => {
-                self.refused_rate.fetch_add(1, Ordering::Relaxed);
                 Err(QuotaRefusal::Rate {
                     tenant: self.config.name.clone(),
                     rate: format!("{}", self.config.quota.requests_per_second),

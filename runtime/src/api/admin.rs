@@ -20,7 +20,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, json_response, read_body};
+use super::{ApiError, AppState, json_response, read, read_body, write};
 use crate::audit::Event;
 use crate::config::{HandlerSettings, check_name};
 use crate::executor::ModelHandle;
@@ -183,13 +183,9 @@ async fn deploy_checked(
         .map_err(|e| ApiError::Internal(format!("state task failed: {e}")))?
         .map_err(|e| ApiError::Internal(format!("cannot record the deployment: {e}")))?;
     let handler = Arc::new(handler);
-    let replaced = {
-        let mut handlers = match app.handlers.write() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        handlers.insert(name.to_owned(), Arc::clone(&handler)).is_some()
-    };
+    let replaced = write(&app.handlers)
+        .insert(name.to_owned(), Arc::clone(&handler))
+        .is_some();
     app.audit.record(
         Event::Deploy,
         Some(tenant.name()),
@@ -237,23 +233,14 @@ async fn remove(
         .await
         .map_err(|e| ApiError::Internal(format!("state task failed: {e}")))?
         .map_err(|e| ApiError::Internal(format!("cannot remove the deployment: {e}")))?;
-    {
-        let mut handlers = match app.handlers.write() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        handlers.remove(&name);
-    }
+    write(&app.handlers).remove(&name);
     app.audit.record(Event::Delete, Some(existing.tenant()), Some(&name), "deleted");
     Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
 }
 
 async fn list(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&app, &headers, None)?;
-    let mut handlers: Vec<Arc<Handler>> = match app.handlers.read() {
-        Ok(h) => h.values().cloned().collect(),
-        Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
-    };
+    let mut handlers: Vec<Arc<Handler>> = read(&app.handlers).values().cloned().collect();
     handlers.sort_by(|a, b| a.name().cmp(b.name()));
     let list: Vec<Value> = handlers.iter().map(|h| describe(h)).collect();
     Ok(json_response(StatusCode::OK, &json!({ "handlers": list })))

@@ -48,10 +48,7 @@ pub struct AppState {
 impl AppState {
     /// The caller's principal, or 401. Failures are audited with `handler` when known.
     fn authenticate(&self, headers: &http::HeaderMap, handler: Option<&str>) -> Result<Principal, ApiError> {
-        let keys = match self.keys.read() {
-            Ok(keys) => Arc::clone(&keys),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        };
+        let keys = Arc::clone(&*read(&self.keys));
         let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         match keys.verify(authorization) {
             Ok(principal) => Ok(principal.clone()),
@@ -113,12 +110,19 @@ impl AppState {
 
     /// The live handler `name`, if there is one.
     pub fn handler(&self, name: &str) -> Option<Arc<Handler>> {
-        let handlers = match self.handlers.read() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        handlers.get(name).cloned()
+        read(&self.handlers).get(name).cloned()
     }
+}
+
+/// A read lock. Every change behind these locks is a single insert, remove or assignment, so a
+/// panic elsewhere cannot leave them half-changed: a poisoned lock is used as it is.
+pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A write lock; see [`read`].
+pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// All routes, with `{"error": ...}` 404s for everything else.
