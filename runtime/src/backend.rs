@@ -68,13 +68,13 @@ fn dtype(kind: Kind) -> Option<DType> {
 }
 
 impl TorchModel {
-    /// Loads the module named by `config` onto its device.
-    pub fn load(config: &ModelConfig) -> Result<TorchModel, String> {
+    /// Loads the module named by `config` onto `device`.
+    pub fn load(config: &ModelConfig, device: Device) -> Result<TorchModel, String> {
         // The profiling executor specializes a graph to the shapes of its first runs and falls
         // back to a slow path for any other shape; served shapes vary (batch sizes, sequence
         // lengths), which made MiniLM ~60% slower than the same forward at a fixed shape.
         tch::jit::set_profiling_mode(false);
-        let device = tch_device(config.device)?;
+        let device = tch_device(device)?;
         let mut module = CModule::load_on_device(&config.path, device).map_err(|e| {
             format!(
                 "cannot load TorchScript file {}: {}",
@@ -98,6 +98,18 @@ impl TorchModel {
             output_names: config.outputs.len(),
             reduced,
         })
+    }
+
+    /// Bytes of the module's parameters as loaded (in its precision): what a replica needs on
+    /// its device before any activation.
+    pub fn weight_bytes(&self) -> u64 {
+        match self.module.named_parameters() {
+            Ok(params) => params
+                .iter()
+                .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                .sum(),
+            Err(_) => 0,
+        }
     }
 
     /// Runs `forward` with `inputs` as positional arguments, under no-grad.

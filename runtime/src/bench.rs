@@ -360,13 +360,14 @@ pub struct RawRow {
 /// non-batch dimensions set to `dim`. Integer inputs get small ids; floats a ramp.
 pub fn raw(
     config: &crate::config::ModelConfig,
+    device: crate::config::Device,
     batch_sizes: &[u32],
     dim: u32,
     seconds: f64,
 ) -> anyhow::Result<Vec<RawRow>> {
     use crate::tensor::{DType, HostTensor};
     tch::set_num_threads(config.threads as i32);
-    let model = crate::backend::TorchModel::load(config).map_err(|e| anyhow::anyhow!(e))?;
+    let model = crate::backend::TorchModel::load(config, device).map_err(|e| anyhow::anyhow!(e))?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {
         let inputs: Vec<HostTensor> = config

@@ -22,6 +22,48 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub tenants: Vec<TenantConfig>,
     pub handlers: Vec<HandlerConfig>,
+    pub scaler: ScalerConfig,
+    pub gpus: GpuConfig,
+}
+
+/// How often and how cautiously the scaler changes replica counts (`[scaler]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalerConfig {
+    /// Every model with `instances.max > instances.min` is looked at this often.
+    pub interval: Duration,
+    /// Least time between two scale-ups of one model.
+    pub up_cooldown: Duration,
+    /// Least time after any change before a scale-down, and how long a model must have been
+    /// quiet for one.
+    pub down_cooldown: Duration,
+    /// A GPU busier than this (percent) takes no new replica.
+    pub max_gpu_utilization: u32,
+    /// Decisions kept for the API.
+    pub history: usize,
+}
+
+/// Where the GPU inventory comes from (`[gpus]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuConfig {
+    pub poll_interval: Duration,
+    /// When not empty, these stand in for NVML: for tests and demos of placement and scaling on
+    /// machines without GPUs. Replicas placed on them run on the CPU.
+    pub simulated: Vec<SimulatedGpuConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimulatedGpuConfig {
+    pub name: String,
+    pub memory_total_bytes: u64,
+    /// Memory and utilization used by others over time, as steps from the server's start.
+    pub script: Vec<SimulatedStep>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulatedStep {
+    pub at: Duration,
+    pub memory_used_bytes: u64,
+    pub utilization: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -83,14 +125,20 @@ pub struct SandboxLimits {
 pub struct ModelConfig {
     pub name: String,
     pub path: PathBuf,
-    pub device: Device,
+    /// Where replicas may go; the placer picks the device of each replica.
+    pub device: DeviceChoice,
     pub inputs: Vec<InputSpec>,
     pub outputs: Vec<OutputSpec>,
     /// Forward passes run at load, before the model reports ready.
     pub warmup_runs: u32,
     pub batching: BatchPolicy,
-    /// Executor instances (each a thread with its own copy of the module).
-    pub instances: u32,
+    /// How many replicas (each a thread with its own copy of the module) the scaler may run.
+    pub replicas: Replicas,
+    /// The queue-wait p95 the scaler keeps this model under by adding replicas.
+    pub latency_objective: Duration,
+    /// GPU memory each replica needs beyond its weights (activations, workspace); a GPU must have
+    /// weights + headroom free to take a replica.
+    pub memory_headroom_bytes: u64,
     /// libtorch intra-op threads per instance. Small models run best on one: a thread pool's
     /// hand-offs cost more than their forward pass, and idle pool threads spin on cores the
     /// sandboxes need.
@@ -135,10 +183,51 @@ pub struct BatchPolicy {
     pub max_queue_size: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where one replica runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Device {
     Cpu,
     Cuda(usize),
+}
+
+/// A model's `device`: where its replicas may be placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The GPU with the most free memory that fits, or the CPU where there is no GPU.
+    Auto,
+    Cpu,
+    /// One of these GPUs, the one with the most free memory that fits.
+    Gpus(Vec<usize>),
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Gpus(list) => {
+                let names: Vec<String> = list.iter().map(|n| format!("cuda:{n}")).collect();
+                f.write_str(&names.join(","))
+            }
+        }
+    }
+}
+
+/// Bounds on a model's replica count. `min == max` is a fixed count the scaler leaves alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas {
+    pub min: u32,
+    pub max: u32,
+}
+
+impl Replicas {
+    pub fn fixed(n: u32) -> Replicas {
+        Replicas { min: n, max: n }
+    }
+
+    pub fn scalable(&self) -> bool {
+        self.max > self.min
+    }
 }
 
 impl fmt::Display for Device {
@@ -211,6 +300,16 @@ pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
 pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 0;
 pub const DEFAULT_MAX_QUEUE_SIZE: u32 = 1024;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_LATENCY_OBJECTIVE_MS: u64 = 50;
+pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 512;
+pub const DEFAULT_SCALER_INTERVAL_MS: u64 = 2_000;
+pub const DEFAULT_UP_COOLDOWN_MS: u64 = 10_000;
+pub const DEFAULT_DOWN_COOLDOWN_MS: u64 = 30_000;
+pub const DEFAULT_MAX_GPU_UTILIZATION: u32 = 95;
+pub const DEFAULT_SCALER_HISTORY: usize = 256;
+pub const DEFAULT_GPU_POLL_MS: u64 = 1_000;
+/// Most replicas one model may have.
+pub const MAX_REPLICAS: u32 = 64;
 /// Priorities run from 0 (default) to this.
 pub const MAX_PRIORITY: u8 = 9;
 
@@ -246,6 +345,45 @@ struct RawConfig {
     tenant: Vec<RawTenant>,
     #[serde(default)]
     handler: Vec<RawHandler>,
+    #[serde(default)]
+    scaler: RawScaler,
+    #[serde(default)]
+    gpus: RawGpus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScaler {
+    interval_ms: Option<u64>,
+    up_cooldown_ms: Option<u64>,
+    down_cooldown_ms: Option<u64>,
+    max_gpu_utilization: Option<u32>,
+    history: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpus {
+    poll_interval_ms: Option<u64>,
+    #[serde(default)]
+    simulated: Vec<RawSimulatedGpu>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimulatedGpu {
+    name: Option<String>,
+    memory_mib: u64,
+    #[serde(default)]
+    script: Vec<RawStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    at_ms: u64,
+    used_mib: Option<u64>,
+    utilization: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,17 +429,21 @@ struct RawQuota {
 struct RawModel {
     name: String,
     path: String,
+    /// `"auto"`, `"cpu"`, `"cuda:N"` or a list of `"cuda:N"`; checked by hand for clear errors.
     #[serde(default)]
-    device: Option<String>,
+    device: Option<toml::Value>,
     inputs: Vec<RawInput>,
     outputs: Vec<RawOutput>,
     warmup_runs: Option<u32>,
     #[serde(default)]
     batching: RawBatching,
-    instances: Option<u32>,
+    /// `N` or `{ min = A, max = B }`.
+    instances: Option<toml::Value>,
     threads: Option<u32>,
     timeout_ms: Option<u64>,
     precision: Option<String>,
+    latency_objective_ms: Option<u64>,
+    memory_headroom_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -445,12 +587,16 @@ impl Validator<'_> {
             .map(|(i, h)| self.handler(i, h, &tenants))
             .collect::<Result<Vec<_>, _>>()?;
         self.unique("handler", handlers.iter().map(|h| h.name.as_str()))?;
+        let scaler = self.scaler(raw.scaler)?;
+        let gpus = self.gpus(raw.gpus)?;
         Ok(Config {
             source: self.file.to_path_buf(),
             server,
             models,
             tenants,
             handlers,
+            scaler,
+            gpus,
         })
     }
 
@@ -535,18 +681,7 @@ impl Validator<'_> {
         let at = |f: &str| format!("model[{i}].{f}");
         self.name(&at("name"), &raw.name)?;
         let at = |f: &str| format!("model '{}'.{f}", raw.name);
-        let device = match raw.device.as_deref() {
-            None | Some("cpu") => Device::Cpu,
-            Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Device::Cuda(n),
-                _ => {
-                    return Err(self.invalid(
-                        at("device"),
-                        format!("'{d}' is not a device; use \"cpu\" or \"cuda:N\""),
-                    ));
-                }
-            },
-        };
+        let device = self.device(&at("device"), raw.device.as_ref())?;
         if raw.inputs.is_empty() {
             return Err(self.invalid(at("inputs"), "a model needs at least one input"));
         }
@@ -648,9 +783,17 @@ impl Validator<'_> {
             return Err(self.invalid(at("warmup_runs"), format!("{warmup_runs} is over 100")));
         }
         let batching = self.batching(&at("batching"), raw.batching)?;
-        let instances = raw.instances.unwrap_or(1);
-        if !(1..=64).contains(&instances) {
-            return Err(self.invalid(at("instances"), format!("{instances} is out of range (1 ..= 64)")));
+        let replicas = self.replicas(&at("instances"), raw.instances.as_ref())?;
+        let objective_ms = raw.latency_objective_ms.unwrap_or(DEFAULT_LATENCY_OBJECTIVE_MS);
+        if !(1..=3_600_000).contains(&objective_ms) {
+            return Err(self.invalid(
+                at("latency_objective_ms"),
+                format!("{objective_ms} is out of range (1 ..= 3600000)"),
+            ));
+        }
+        let headroom_mib = raw.memory_headroom_mib.unwrap_or(DEFAULT_MEMORY_HEADROOM_MIB);
+        if headroom_mib > 1 << 24 {
+            return Err(self.invalid(at("memory_headroom_mib"), format!("{headroom_mib} is over 16 TiB")));
         }
         let threads = raw.threads.unwrap_or(1);
         if !(1..=256).contains(&threads) {
@@ -683,10 +826,149 @@ impl Validator<'_> {
             outputs,
             warmup_runs,
             batching,
-            instances,
+            replicas,
             threads,
             timeout: Duration::from_millis(timeout_ms),
+            latency_objective: Duration::from_millis(objective_ms),
+            memory_headroom_bytes: headroom_mib << 20,
         })
+    }
+
+    fn device(&self, field: &str, raw: Option<&toml::Value>) -> Result<DeviceChoice, ConfigError> {
+        let usage = "use \"auto\", \"cpu\", \"cuda:N\" or a list like [\"cuda:0\", \"cuda:1\"]";
+        let gpu = |text: &str| -> Result<usize, ConfigError> {
+            match text.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n < 64 => Ok(n),
+                _ => Err(self.invalid(field, format!("'{text}' is not a device; {usage}"))),
+            }
+        };
+        match raw {
+            None => Ok(DeviceChoice::Auto),
+            Some(toml::Value::String(s)) => match s.as_str() {
+                "auto" => Ok(DeviceChoice::Auto),
+                "cpu" => Ok(DeviceChoice::Cpu),
+                other => Ok(DeviceChoice::Gpus(vec![gpu(other)?])),
+            },
+            Some(toml::Value::Array(items)) => {
+                let mut list = Vec::with_capacity(items.len());
+                for item in items {
+                    let Some(text) = item.as_str() else {
+                        return Err(self.invalid(field, format!("{item} is not a device name; {usage}")));
+                    };
+                    let n = gpu(text)?;
+                    if list.contains(&n) {
+                        return Err(self.invalid(field, format!("cuda:{n} is listed twice")));
+                    }
+                    list.push(n);
+                }
+                if list.is_empty() {
+                    return Err(self.invalid(field, format!("the list is empty; {usage}")));
+                }
+                Ok(DeviceChoice::Gpus(list))
+            }
+            Some(other) => Err(self.invalid(field, format!("{other} is not a device; {usage}"))),
+        }
+    }
+
+    fn replicas(&self, field: &str, raw: Option<&toml::Value>) -> Result<Replicas, ConfigError> {
+        let usage = "use a count like 2 or bounds like { min = 1, max = 4 }";
+        let count = |name: &str, v: Option<&toml::Value>| -> Result<u32, ConfigError> {
+            match v.and_then(toml::Value::as_integer) {
+                Some(n) if (1..=i64::from(MAX_REPLICAS)).contains(&n) => Ok(n as u32),
+                Some(n) => Err(self.invalid(
+                    field,
+                    format!("{name}{n} is out of range (1 ..= {MAX_REPLICAS})"),
+                )),
+                None => Err(self.invalid(field, format!("{name}must be a whole number; {usage}"))),
+            }
+        };
+        match raw {
+            None => Ok(Replicas::fixed(1)),
+            Some(v @ toml::Value::Integer(_)) => Ok(Replicas::fixed(count("", Some(v))?)),
+            Some(toml::Value::Table(t)) => {
+                if let Some(unknown) = t.keys().find(|k| *k != "min" && *k != "max") {
+                    return Err(self.invalid(field, format!("unknown key '{unknown}'; {usage}")));
+                }
+                let min = match t.get("min") {
+                    None => 1,
+                    v => count("min ", v)?,
+                };
+                let max = count("max ", t.get("max"))?;
+                if min > max {
+                    return Err(self.invalid(field, format!("min {min} is over max {max}")));
+                }
+                Ok(Replicas { min, max })
+            }
+            Some(other) => Err(self.invalid(field, format!("{other} is not a replica count; {usage}"))),
+        }
+    }
+
+    fn scaler(&self, raw: RawScaler) -> Result<ScalerConfig, ConfigError> {
+        let ms = |f: &str, v: Option<u64>, default: u64, lo: u64| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if (lo..=86_400_000).contains(&v) {
+                Ok(Duration::from_millis(v))
+            } else {
+                Err(self.invalid(format!("scaler.{f}"), format!("{v} is out of range ({lo} ..= 86400000)")))
+            }
+        };
+        let interval = ms("interval_ms", raw.interval_ms, DEFAULT_SCALER_INTERVAL_MS, 10)?;
+        let up_cooldown = ms("up_cooldown_ms", raw.up_cooldown_ms, DEFAULT_UP_COOLDOWN_MS, 0)?;
+        let down_cooldown = ms("down_cooldown_ms", raw.down_cooldown_ms, DEFAULT_DOWN_COOLDOWN_MS, 0)?;
+        let max_gpu_utilization = raw.max_gpu_utilization.unwrap_or(DEFAULT_MAX_GPU_UTILIZATION);
+        if !(1..=100).contains(&max_gpu_utilization) {
+            return Err(self.invalid(
+                "scaler.max_gpu_utilization",
+                format!("{max_gpu_utilization} is out of range (1 ..= 100)"),
+            ));
+        }
+        let history = raw.history.unwrap_or(DEFAULT_SCALER_HISTORY);
+        if !(1..=100_000).contains(&history) {
+            return Err(self.invalid("scaler.history", format!("{history} is out of range (1 ..= 100000)")));
+        }
+        Ok(ScalerConfig { interval, up_cooldown, down_cooldown, max_gpu_utilization, history })
+    }
+
+    fn gpus(&self, raw: RawGpus) -> Result<GpuConfig, ConfigError> {
+        let poll = raw.poll_interval_ms.unwrap_or(DEFAULT_GPU_POLL_MS);
+        if !(10..=60_000).contains(&poll) {
+            return Err(self.invalid("gpus.poll_interval_ms", format!("{poll} is out of range (10 ..= 60000)")));
+        }
+        let mut simulated = Vec::with_capacity(raw.simulated.len());
+        for (i, gpu) in raw.simulated.into_iter().enumerate() {
+            let at = |f: &str| format!("gpus.simulated[{i}].{f}");
+            if !(1..=1 << 24).contains(&gpu.memory_mib) {
+                return Err(self.invalid(at("memory_mib"), format!("{} is out of range (1 ..= 16777216)", gpu.memory_mib)));
+            }
+            let mut script = Vec::with_capacity(gpu.script.len());
+            for (j, step) in gpu.script.into_iter().enumerate() {
+                let used = step.used_mib.unwrap_or(0);
+                if used > gpu.memory_mib {
+                    return Err(self.invalid(
+                        at(&format!("script[{j}].used_mib")),
+                        format!("{used} is over the GPU's memory_mib ({})", gpu.memory_mib),
+                    ));
+                }
+                let utilization = step.utilization.unwrap_or(0);
+                if utilization > 100 {
+                    return Err(self.invalid(at(&format!("script[{j}].utilization")), format!("{utilization} is over 100")));
+                }
+                if script.last().is_some_and(|s: &SimulatedStep| s.at > Duration::from_millis(step.at_ms)) {
+                    return Err(self.invalid(at(&format!("script[{j}].at_ms")), "steps must be in time order"));
+                }
+                script.push(SimulatedStep {
+                    at: Duration::from_millis(step.at_ms),
+                    memory_used_bytes: used << 20,
+                    utilization,
+                });
+            }
+            simulated.push(SimulatedGpuConfig {
+                name: gpu.name.unwrap_or_else(|| "Simulated GPU".to_owned()),
+                memory_total_bytes: gpu.memory_mib << 20,
+                script,
+            });
+        }
+        Ok(GpuConfig { poll_interval: Duration::from_millis(poll), simulated })
     }
 
     fn batching(&self, at: &str, raw: RawBatching) -> Result<BatchPolicy, ConfigError> {
@@ -1015,8 +1297,11 @@ mod tests {
         assert_eq!(config.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         let model = &config.models[0];
         assert_eq!(model.path, Path::new("/srv/m.pt"));
-        assert_eq!(model.device, Device::Cpu);
+        assert_eq!(model.device, DeviceChoice::Auto);
+        assert_eq!(model.replicas, Replicas::fixed(1));
         assert_eq!(model.inputs[0].shape, vec![None, Some(3)]);
+        assert_eq!(config.scaler.interval, Duration::from_millis(DEFAULT_SCALER_INTERVAL_MS));
+        assert!(config.gpus.simulated.is_empty());
         let handler = &config.handlers[0];
         assert_eq!(handler.component, Path::new("/abs/h.wasm"));
         assert_eq!(handler.models, vec!["m".to_owned()]);
@@ -1029,6 +1314,24 @@ mod tests {
         assert_eq!(quota.max_concurrent, DEFAULT_MAX_CONCURRENT);
         assert_eq!(config.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
         assert_eq!(config.server.state_dir, Path::new("/srv/state"));
+    }
+
+    #[test]
+    fn devices_and_replica_bounds_take_every_documented_form() {
+        let parse = |device: &str, instances: &str| {
+            let text = format!(
+                "[[model]]\nname = \"m\"\npath = \"m.pt\"\ndevice = {device}\ninstances = {instances}\n\
+                 inputs = [{{ name = \"x\", dtype = \"FP32\", shape = [-1] }}]\noutputs = [{{ name = \"y\" }}]\n"
+            );
+            let config = Config::parse(&text, Path::new("t.toml"), Path::new("/srv")).expect("valid");
+            (config.models[0].device.clone(), config.models[0].replicas)
+        };
+        assert_eq!(parse("\"auto\"", "2"), (DeviceChoice::Auto, Replicas::fixed(2)));
+        assert_eq!(parse("\"cpu\"", "{ max = 3 }"), (DeviceChoice::Cpu, Replicas { min: 1, max: 3 }));
+        assert_eq!(parse("\"cuda:1\"", "{ min = 2, max = 4 }").0, DeviceChoice::Gpus(vec![1]));
+        assert_eq!(parse("[\"cuda:1\", \"cuda:0\"]", "1").0, DeviceChoice::Gpus(vec![1, 0]));
+        assert!(parse("\"cpu\"", "{ min = 2, max = 4 }").1.scalable());
+        assert!(!parse("\"cpu\"", "4").1.scalable());
     }
 
     #[test]

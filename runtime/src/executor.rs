@@ -1,27 +1,34 @@
 //! Model executors: per model, one scheduler that owns the queue and merges concurrent requests
-//! into batches, and one or more instances that run libtorch, each on its own thread.
+//! into batches, and one or more replicas that run libtorch, each on its own thread and device.
 //!
 //! Callers (guests' `compute`, direct OIP calls) reach a model through a cloneable
 //! [`ModelHandle`]. The scheduler is a dedicated thread, not an async task, so its batching
 //! window has microsecond precision and libtorch never runs on an async worker.
 //!
-//! Batching never delays an idle model: a request that arrives while every instance is idle runs
-//! at once. Requests accumulate only while a forward pass is running, and the next batch takes
+//! Batching never delays an idle model: a request that arrives while a replica is idle runs at
+//! once. Requests accumulate only while forward passes are running, and the next batch takes
 //! them all (up to `max_batch_size`). `max_queue_delay` only holds a partial batch back while
-//! another instance is busy.
+//! another replica is busy.
+//!
+//! Replicas come and go while requests flow (the scaler asks through [`ModelHandle::add_replica`]
+//! and [`ModelHandle::remove_replica`]). The queue is the model's, not a replica's: a replica
+//! that is removed first finishes the batch it runs, and nothing queued is lost.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kiln_wire::{ReplicaInfo, ReplicaState};
 use tokio::sync::oneshot;
 
 use crate::backend::{self, OutputMeta, TorchModel};
 use crate::batch;
-use crate::config::{MAX_PRIORITY, ModelConfig};
+use crate::config::{Device, MAX_PRIORITY, ModelConfig, Precision};
+use crate::gpu::Booking;
+use crate::placement::{Placement, PlacementError, Placer, Purpose};
 use crate::tensor::{HostTensor, TensorError};
 
 /// Why an inference did not produce outputs.
@@ -45,6 +52,16 @@ pub enum InferError {
     Closed(String),
 }
 
+/// Why a model's executor could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
 /// Where a model is in its life.
 #[derive(Debug, Clone)]
 pub enum ModelState {
@@ -65,6 +82,13 @@ pub struct InferOptions {
 /// Batch sizes are counted in these buckets: 1, 2, 3-4, 5-8, ..., 65-128, more.
 pub const BATCH_BUCKETS: [u32; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
 
+/// Queue waits are counted in these buckets (upper bounds in microseconds; the last counts the
+/// rest): the scaler's p95 and the metrics' histogram.
+pub const WAIT_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
 /// Counters an operator (and the batching tests) read.
 #[derive(Debug, Default)]
 pub struct ModelCounters {
@@ -82,11 +106,13 @@ pub struct ModelCounters {
     pub timeouts: AtomicU64,
     /// Requests waiting in the queue now.
     pub queued: AtomicUsize,
-    /// Total microseconds requests spent queued, and in forward passes.
+    /// Total microseconds requests spent queued, and in forward passes (over all replicas).
     pub queue_wait_us: AtomicU64,
     pub forward_us: AtomicU64,
     /// Forward passes by batch size bucket, see [`BATCH_BUCKETS`] (the last counts the rest).
     pub batch_sizes: [AtomicU64; BATCH_BUCKETS.len() + 1],
+    /// Requests by time spent queued, see [`WAIT_BUCKETS_US`] (the last counts the rest).
+    pub queue_waits: [AtomicU64; WAIT_BUCKETS_US.len() + 1],
 }
 
 impl ModelCounters {
@@ -100,6 +126,44 @@ impl ModelCounters {
             .unwrap_or(BATCH_BUCKETS.len());
         self.batch_sizes[bucket].fetch_add(1, Ordering::Relaxed);
     }
+
+    fn count_wait(&self, wait: Duration) {
+        let us = wait.as_micros() as u64;
+        self.queue_wait_us.fetch_add(us, Ordering::Relaxed);
+        let bucket = WAIT_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(WAIT_BUCKETS_US.len());
+        self.queue_waits[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The queue-wait histogram now, for differences between two moments.
+    pub fn queue_wait_counts(&self) -> [u64; WAIT_BUCKETS_US.len() + 1] {
+        std::array::from_fn(|i| self.queue_waits[i].load(Ordering::Relaxed))
+    }
+}
+
+/// The `q` quantile (0..=1) of a bucketed histogram, interpolated inside its bucket; zero when
+/// empty. `counts` has one more entry than `bounds` (the overflow, reported as the last bound).
+pub fn quantile(bounds: &[u64], counts: &[u64], q: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0u64;
+    for (i, &count) in counts.iter().enumerate() {
+        if count > 0 && (seen + count) as f64 >= rank {
+            let lower = if i == 0 { 0 } else { bounds[i - 1] } as f64;
+            let Some(&upper) = bounds.get(i) else {
+                return lower;
+            };
+            let into = ((rank - seen as f64) / count as f64).clamp(0.0, 1.0);
+            return lower + (upper as f64 - lower) * into;
+        }
+        seen += count;
+    }
+    bounds.last().copied().unwrap_or(0) as f64
 }
 
 type Reply = oneshot::Sender<Result<Vec<HostTensor>, InferError>>;
@@ -118,22 +182,105 @@ struct Pending {
 enum Event {
     Submit(Pending),
     Loaded {
-        instance: usize,
+        replica: u32,
         result: Result<Vec<OutputMeta>, String>,
     },
     Done {
-        instance: usize,
+        replica: u32,
     },
+    Add(Placement),
+    Remove,
     Shutdown,
+}
+
+/// One replica as operators see it; the scheduler and the replica's thread update it.
+#[derive(Debug)]
+struct ReplicaSlot {
+    id: u32,
+    device: Device,
+    state: Mutex<ReplicaState>,
+    busy: AtomicBool,
+    batches: AtomicU64,
+    rows: AtomicU64,
+    busy_us: AtomicU64,
+}
+
+impl ReplicaSlot {
+    fn new(id: u32, device: Device) -> Arc<ReplicaSlot> {
+        Arc::new(ReplicaSlot {
+            id,
+            device,
+            state: Mutex::new(ReplicaState::Loading),
+            busy: AtomicBool::new(false),
+            batches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
+        })
+    }
+
+    fn set_state(&self, state: ReplicaState) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    fn info(&self) -> ReplicaInfo {
+        ReplicaInfo {
+            id: self.id,
+            device: self.device.to_string(),
+            state: *self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            busy: self.busy.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            busy_seconds: self.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+
+    /// Runs one batch on `model`, keeping this replica's and the model's counters.
+    fn run(&self, model: &TorchModel, shared: &Shared, batch: Vec<Pending>) {
+        let started = Instant::now();
+        let rows: u32 = batch.iter().map(|p| p.rows).sum();
+        run_batch(model, &shared.config, &shared.counters, batch);
+        let us = started.elapsed().as_micros() as u64;
+        shared.counters.forward_us.fetch_add(us, Ordering::Relaxed);
+        self.busy_us.fetch_add(us, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(u64::from(rows), Ordering::Relaxed);
+    }
 }
 
 struct Shared {
     config: ModelConfig,
     state: Mutex<ModelState>,
     counters: ModelCounters,
+    placer: Placer,
+    /// Every replica alive, in id order.
+    replicas: Mutex<Vec<Arc<ReplicaSlot>>>,
+    /// Replicas asked for and not removed: what the scaler counts.
+    target: AtomicU32,
+    /// One replica's weights as measured at load; 0 until one has loaded.
+    weights: AtomicU64,
 }
 
-/// Sends `Shutdown` when the last handle goes, which stops the scheduler and its instances.
+impl Shared {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ReplicaSlot>>> {
+        self.replicas.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Weights of one replica: measured once one has loaded, estimated from the file before.
+    fn weights(&self) -> u64 {
+        match self.weights.load(Ordering::Relaxed) {
+            0 => {
+                let file = std::fs::metadata(&self.config.path).map_or(0, |m| m.len());
+                match self.config.precision {
+                    Precision::Fp32 => file,
+                    Precision::Fp16 | Precision::Bf16 => file / 2,
+                }
+            }
+            measured => measured,
+        }
+    }
+}
+
+/// Sends `Shutdown` when the last handle goes, which stops the scheduler and its replicas.
 struct Submitter {
     events: Sender<Event>,
 }
@@ -160,36 +307,39 @@ impl std::fmt::Debug for ModelHandle {
 }
 
 impl ModelHandle {
-    /// Starts the model's scheduler and instances; each instance loads and warms up its own
-    /// copy of the module. Returns at once; [`ModelHandle::state`] says when the model is ready.
-    pub fn spawn(config: ModelConfig) -> std::io::Result<ModelHandle> {
+    /// Places the model's first `instances.min` replicas and starts its scheduler; each replica
+    /// loads and warms up its own copy of the module. Returns at once; [`ModelHandle::state`]
+    /// says when the model is ready. A model that fits nowhere is refused here.
+    pub fn spawn(config: ModelConfig, placer: Placer) -> Result<ModelHandle, SpawnError> {
         let (events, inbox) = mpsc::channel();
+        let initial = config.replicas.min;
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(ModelState::Loading),
             counters: ModelCounters::default(),
+            placer,
+            replicas: Mutex::new(Vec::new()),
+            target: AtomicU32::new(initial),
+            weights: AtomicU64::new(0),
         });
-        let name = &shared.config.name;
-        let mut instances = Vec::new();
-        // A single instance runs on the scheduler's own thread: one thread hand-off fewer per
-        // request, which is most of a small model's latency.
-        let threaded = if shared.config.instances > 1 { shared.config.instances } else { 0 };
-        for index in 0..threaded as usize {
-            let (work, batches) = mpsc::sync_channel(1);
-            let owner = Arc::clone(&shared);
-            let done = events.clone();
-            thread::Builder::new()
-                .name(format!("kiln-{name}-{index}"))
-                .spawn(move || run_instance(index, owner, batches, done))?;
-            instances.push(Instance { work, busy: false });
+        let placements = (0..initial)
+            .map(|_| shared.placer.place(&shared.config, shared.weights(), Purpose::Start))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut scheduler = Scheduler::new(Arc::clone(&shared), events.clone(), initial);
+        // A model that never has more than one replica runs it on the scheduler's own thread:
+        // one thread hand-off fewer per request, which is most of a small model's latency.
+        let inline = shared.config.replicas.max == 1;
+        let mut placements = placements.into_iter();
+        let inline_placement = if inline { placements.next() } else { None };
+        for placement in placements {
+            scheduler.start_replica(placement)?;
         }
-        let owner = Arc::clone(&shared);
+        let name = shared.config.name.clone();
         thread::Builder::new()
             .name(format!("kiln-{name}-sched"))
             .spawn(move || {
-                let mut scheduler = Scheduler::new(owner, instances);
-                if threaded == 0 {
-                    scheduler.load_inline();
+                if let Some(placement) = inline_placement {
+                    scheduler.load_inline(placement);
                 }
                 scheduler.run(inbox);
             })?;
@@ -217,6 +367,49 @@ impl ModelHandle {
 
     pub fn counters(&self) -> &ModelCounters {
         &self.shared.counters
+    }
+
+    pub fn placer(&self) -> &Placer {
+        &self.shared.placer
+    }
+
+    /// Every replica alive (loading, ready or draining).
+    pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        self.shared.slots().iter().map(|s| s.info()).collect()
+    }
+
+    /// Replicas asked for and not removed, loading ones included.
+    pub fn replica_target(&self) -> u32 {
+        self.shared.target.load(Ordering::Acquire)
+    }
+
+    /// Places one more replica and starts loading it; the model keeps serving meanwhile.
+    /// Returns the device it went to.
+    pub fn add_replica(&self) -> Result<Device, PlacementError> {
+        let placement = self
+            .shared
+            .placer
+            .place(&self.shared.config, self.shared.weights(), Purpose::ScaleUp)?;
+        let device = placement.device;
+        self.shared.target.fetch_add(1, Ordering::AcqRel);
+        if self.submitter.events.send(Event::Add(placement)).is_err() {
+            self.shared.target.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(device)
+    }
+
+    /// Drains one replica (a loading one first, then an idle one, then the newest): it takes no
+    /// new batch, finishes the one it runs, and is then removed. The last replica stays.
+    pub fn remove_replica(&self) -> bool {
+        let removed = self
+            .shared
+            .target
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > 1).then(|| n - 1))
+            .is_ok();
+        if removed {
+            let _ = self.submitter.events.send(Event::Remove);
+        }
+        removed
     }
 
     /// Checks `named` inputs against the declared inputs (by name, in declaration order) and
@@ -339,31 +532,73 @@ impl ModelHandle {
     }
 }
 
-struct Instance {
-    work: SyncSender<Vec<Pending>>,
+/// A replica as the scheduler sees it.
+struct Replica {
+    slot: Arc<ReplicaSlot>,
+    /// Batches to the replica's thread; `None` for the inline replica and once draining.
+    work: Option<SyncSender<Vec<Pending>>>,
+    ready: bool,
     busy: bool,
+    draining: bool,
 }
 
-/// The owner of one model's queue.
+/// The owner of one model's queue and replica set.
 struct Scheduler {
     shared: Arc<Shared>,
-    /// The model, when the scheduler runs the only instance itself.
-    inline: Option<TorchModel>,
-    instances: Vec<Instance>,
+    /// For new replicas' threads to report to.
+    events: Sender<Event>,
+    /// The model, when the scheduler runs the only replica itself.
+    inline: Option<(TorchModel, Arc<ReplicaSlot>, Option<Booking>)>,
+    replicas: Vec<Replica>,
+    next_id: u32,
+    /// Replicas started with the model: it is ready when they have all loaded.
+    initial: u32,
+    loaded: u32,
     /// One queue per priority level, oldest first.
     queues: Vec<VecDeque<Pending>>,
-    loaded: usize,
 }
 
 impl Scheduler {
-    fn new(shared: Arc<Shared>, instances: Vec<Instance>) -> Scheduler {
+    fn new(shared: Arc<Shared>, events: Sender<Event>, initial: u32) -> Scheduler {
         Scheduler {
             shared,
+            events,
             inline: None,
-            instances,
-            queues: (0..=MAX_PRIORITY).map(|_| VecDeque::new()).collect(),
+            replicas: Vec::new(),
+            next_id: 0,
+            initial,
             loaded: 0,
+            queues: (0..=MAX_PRIORITY).map(|_| VecDeque::new()).collect(),
         }
+    }
+
+    fn new_slot(&mut self, device: Device) -> Arc<ReplicaSlot> {
+        let slot = ReplicaSlot::new(self.next_id, device);
+        self.next_id += 1;
+        self.shared.slots().push(Arc::clone(&slot));
+        slot
+    }
+
+    /// Starts a replica's thread, which loads the model and then runs batches.
+    fn start_replica(&mut self, placement: Placement) -> std::io::Result<()> {
+        let slot = self.new_slot(placement.device);
+        let (work, batches) = mpsc::sync_channel(1);
+        let (owner, done, thread_slot) = (Arc::clone(&self.shared), self.events.clone(), Arc::clone(&slot));
+        let name = format!("kiln-{}-{}", self.shared.config.name, slot.id);
+        let spawned = thread::Builder::new()
+            .name(name)
+            .spawn(move || run_replica(thread_slot, placement, owner, batches, done));
+        if let Err(e) = spawned {
+            self.forget(slot.id);
+            return Err(e);
+        }
+        self.replicas.push(Replica { slot, work: Some(work), ready: false, busy: false, draining: false });
+        Ok(())
+    }
+
+    fn forget(&mut self, id: u32) {
+        self.replicas.retain(|r| r.slot.id != id);
+        self.shared.slots().retain(|s| s.id != id);
     }
 
     fn run(mut self, inbox: Receiver<Event>) {
@@ -395,12 +630,16 @@ impl Scheduler {
         }
     }
 
-    /// Loads the model on this thread, for the single-instance case.
-    fn load_inline(&mut self) {
-        let config = &self.shared.config;
-        match load_instance(0, config) {
+    /// Loads the model on this thread, for the single-replica case.
+    fn load_inline(&mut self, mut placement: Placement) {
+        let slot = self.new_slot(placement.device);
+        match load_replica(&slot, &placement, &self.shared) {
             Ok((model, meta)) => {
-                self.inline = Some(model);
+                if let Some(booking) = &mut placement.booking {
+                    booking.loaded();
+                }
+                slot.set_state(ReplicaState::Ready);
+                self.inline = Some((model, slot, placement.booking));
                 self.loaded(0, Ok(meta));
             }
             Err(reason) => self.loaded(0, Err(reason)),
@@ -414,34 +653,102 @@ impl Scheduler {
                 let level = pending.priority as usize;
                 self.queues[level].push_back(pending);
             }
-            Event::Done { instance } => self.instances[instance].busy = false,
-            Event::Loaded { instance, result } => self.loaded(instance, result),
+            Event::Done { replica } => {
+                if let Some(r) = self.replicas.iter_mut().find(|r| r.slot.id == replica) {
+                    r.busy = false;
+                    if r.draining {
+                        self.forget(replica);
+                    }
+                }
+            }
+            Event::Loaded { replica, result } => self.loaded(replica, result),
+            Event::Add(placement) => {
+                if let Err(e) = self.start_replica(placement) {
+                    tracing::error!(model = %self.shared.config.name, "cannot start a replica: {e}");
+                    self.shared.target.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            Event::Remove => self.drain_one(),
             Event::Shutdown => return false,
         }
         true
     }
 
-    fn loaded(&mut self, instance: usize, result: Result<Vec<OutputMeta>, String>) {
+    /// Stops one replica from taking work: a loading one first, then an idle one, then the
+    /// newest. One that runs a batch is removed when it is done.
+    fn drain_one(&mut self) {
+        let live = |r: &&mut Replica| !r.draining;
+        let pick = self
+            .replicas
+            .iter_mut()
+            .filter(live)
+            .rev()
+            .min_by_key(|r| match (r.ready, r.busy) {
+                (false, _) => 0,
+                (true, false) => 1,
+                (true, true) => 2,
+            });
+        let Some(replica) = pick else {
+            return;
+        };
+        replica.draining = true;
+        // Closing the channel ends the thread after its current batch (or its load).
+        replica.work = None;
+        replica.slot.set_state(ReplicaState::Draining);
+        tracing::info!(model = %self.shared.config.name, replica = replica.slot.id, device = %replica.slot.device, busy = replica.busy, "replica draining");
+        if !replica.busy {
+            let id = replica.slot.id;
+            self.forget(id);
+        }
+    }
+
+    fn loaded(&mut self, replica: u32, result: Result<Vec<OutputMeta>, String>) {
         let mut state = self
             .shared
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let initial = replica < self.initial;
         match result {
             Err(reason) => {
-                *state = ModelState::Failed(format!("instance {instance}: {reason}"));
+                if initial {
+                    *state = ModelState::Failed(format!("replica {replica}: {reason}"));
+                } else {
+                    // A scale-up that failed: the model keeps serving on the replicas it has.
+                    drop(state);
+                    if self.replicas.iter().any(|r| r.slot.id == replica && !r.draining) {
+                        self.shared.target.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    self.forget(replica);
+                }
             }
             Ok(meta) => {
-                self.loaded += 1;
-                let expected = self.instances.len().max(1);
-                if self.loaded == expected && !matches!(*state, ModelState::Failed(_)) {
-                    *state = ModelState::Ready(meta.into());
+                if let Some(r) = self.replicas.iter_mut().find(|r| r.slot.id == replica) {
+                    r.ready = !r.draining;
+                }
+                if initial {
+                    self.loaded += 1;
+                    if self.loaded == self.initial && !matches!(*state, ModelState::Failed(_)) {
+                        *state = ModelState::Ready(meta.into());
+                    }
                 }
             }
         }
     }
 
-    /// Sends batches to idle instances; returns when to look again if a partial batch is held.
+    /// The idle replica to run the next batch: on the device with the least outstanding work of
+    /// this model, then the oldest replica.
+    fn idle_replica(&self) -> Option<usize> {
+        let busy_on = |device: Device| self.replicas.iter().filter(|r| r.busy && r.slot.device == device).count();
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.ready && !r.busy && !r.draining)
+            .min_by_key(|(i, r)| (busy_on(r.slot.device), *i))
+            .map(|(i, _)| i)
+    }
+
+    /// Sends batches to idle replicas; returns when to look again if a partial batch is held.
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         let counters = &self.shared.counters;
         let policy = &self.shared.config.batching;
@@ -449,7 +756,7 @@ impl Scheduler {
             let idle = if self.inline.is_some() {
                 usize::MAX
             } else {
-                self.instances.iter().position(|i| !i.busy)?
+                self.idle_replica()?
             };
             // Callers that gave up are skipped before any work is done for them.
             for queue in &mut self.queues {
@@ -465,7 +772,7 @@ impl Scheduler {
             let rows: u32 = plan.iter().map(|&(l, i)| self.queues[l][i].rows).sum();
             let (seed_level, seed_index) = plan[0];
             let oldest = self.queues[seed_level][seed_index].enqueued;
-            let under_load = self.instances.iter().any(|i| i.busy);
+            let under_load = self.replicas.iter().any(|r| r.busy);
             if under_load
                 && rows < policy.max_batch_size
                 && now < oldest + policy.max_queue_delay
@@ -483,25 +790,26 @@ impl Scheduler {
             }
             batch.sort_by_key(|p| p.enqueued);
             counters.queued.fetch_sub(batch.len(), Ordering::AcqRel);
-            let wait: u64 = batch
-                .iter()
-                .map(|p| now.saturating_duration_since(p.enqueued).as_micros() as u64)
-                .sum();
-            counters.queue_wait_us.fetch_add(wait, Ordering::Relaxed);
-            if let Some(model) = &self.inline {
-                let started = Instant::now();
-                run_batch(model, &self.shared.config, counters, batch);
-                counters
-                    .forward_us
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            for p in &batch {
+                counters.count_wait(now.saturating_duration_since(p.enqueued));
+            }
+            if let Some((model, slot, _)) = &self.inline {
+                slot.busy.store(true, Ordering::Relaxed);
+                slot.run(model, &self.shared, batch);
+                slot.busy.store(false, Ordering::Relaxed);
                 // Requests that arrived during the forward pass are still in the inbox: take
                 // them in before forming the next batch.
                 return Some(Instant::now());
             }
-            let instance = &mut self.instances[idle];
-            instance.busy = true;
-            if let Err(mpsc::SendError(batch)) = instance.work.send(batch) {
-                // The instance thread is gone (it failed to load): answer instead of hanging.
+            let replica = &mut self.replicas[idle];
+            let Some(work) = &replica.work else {
+                continue;
+            };
+            replica.busy = true;
+            if let Err(mpsc::SendError(batch)) = work.send(batch) {
+                // The replica's thread is gone: answer instead of hanging.
+                replica.busy = false;
+                replica.ready = false;
                 for p in batch {
                     let _ = p.reply.send(Err(InferError::Closed(self.shared.config.name.clone())));
                 }
@@ -557,27 +865,28 @@ impl Scheduler {
     }
 }
 
-/// One instance: load and warm up, then run every batch the scheduler sends.
-fn run_instance(
-    index: usize,
+/// One replica's thread: load and warm up, then run every batch the scheduler sends until the
+/// scheduler drops its sender (drained or shut down).
+fn run_replica(
+    slot: Arc<ReplicaSlot>,
+    mut placement: Placement,
     shared: Arc<Shared>,
     batches: Receiver<Vec<Pending>>,
     events: Sender<Event>,
 ) {
-    let config = &shared.config;
-    let model = match load_instance(index, config) {
+    let model = match load_replica(&slot, &placement, &shared) {
         Ok((model, meta)) => {
-            let _ = events.send(Event::Loaded {
-                instance: index,
-                result: Ok(meta),
-            });
+            if let Some(booking) = &mut placement.booking {
+                booking.loaded();
+            }
+            if *slot.state.lock().unwrap_or_else(PoisonError::into_inner) == ReplicaState::Loading {
+                slot.set_state(ReplicaState::Ready);
+            }
+            let _ = events.send(Event::Loaded { replica: slot.id, result: Ok(meta) });
             model
         }
         Err(reason) => {
-            let _ = events.send(Event::Loaded {
-                instance: index,
-                result: Err(reason),
-            });
+            let _ = events.send(Event::Loaded { replica: slot.id, result: Err(reason) });
             return;
         }
     };
@@ -590,34 +899,48 @@ fn run_instance(
             .dropped
             .fetch_add((before - batch.len()) as u64, Ordering::Relaxed);
         if !batch.is_empty() {
-            let started = Instant::now();
-            run_batch(&model, config, counters, batch);
-            counters
-                .forward_us
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            slot.busy.store(true, Ordering::Relaxed);
+            slot.run(&model, &shared, batch);
+            slot.busy.store(false, Ordering::Relaxed);
         }
-        if events.send(Event::Done { instance: index }).is_err() {
+        if events.send(Event::Done { replica: slot.id }).is_err() {
             return;
         }
     }
+    tracing::info!(model = %shared.config.name, replica = slot.id, device = %slot.device, "replica stopped");
+    // The model and the booking go here, freeing the device's memory.
 }
 
-/// Loads and warms up one instance on the calling thread, and logs the outcome.
-fn load_instance(index: usize, config: &ModelConfig) -> Result<(TorchModel, Vec<OutputMeta>), String> {
+/// Loads and warms up one replica on the calling thread, records its weights, and logs the
+/// outcome.
+fn load_replica(
+    slot: &ReplicaSlot,
+    placement: &Placement,
+    shared: &Shared,
+) -> Result<(TorchModel, Vec<OutputMeta>), String> {
+    let config = &shared.config;
     let started = Instant::now();
-    // Applies to this thread's own parallel regions, so instances do not share one pool.
+    // Applies to this thread's own parallel regions, so replicas do not share one pool.
     tch::set_num_threads(config.threads as i32);
-    let loaded = load_and_warm_up(config);
+    let loaded = load_and_warm_up(config, placement.run_on);
     match &loaded {
-        Ok(_) => tracing::info!(
-            model = %config.name,
-            instance = index,
-            device = %config.device,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "model ready"
-        ),
+        Ok((model, _)) => {
+            let weights = model.weight_bytes();
+            if weights > 0 {
+                shared.weights.store(weights, Ordering::Relaxed);
+            }
+            tracing::info!(
+                model = %config.name,
+                replica = slot.id,
+                device = %placement.device,
+                simulated = placement.run_on != placement.device,
+                weights_mib = weights >> 20,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "model ready"
+            );
+        }
         Err(reason) => {
-            tracing::error!(model = %config.name, instance = index, "model failed to load: {reason}")
+            tracing::error!(model = %config.name, replica = slot.id, device = %placement.device, "model failed to load: {reason}")
         }
     }
     loaded
@@ -658,8 +981,8 @@ fn run_batch(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters,
     }
 }
 
-fn load_and_warm_up(config: &ModelConfig) -> Result<(TorchModel, Vec<OutputMeta>), String> {
-    let model = TorchModel::load(config)?;
+fn load_and_warm_up(config: &ModelConfig, device: Device) -> Result<(TorchModel, Vec<OutputMeta>), String> {
+    let model = TorchModel::load(config, device)?;
     let inputs = backend::warmup_inputs(config);
     let mut meta = Vec::new();
     for _ in 0..config.warmup_runs.max(1) {
@@ -681,7 +1004,8 @@ mod tests {
     //! The scheduler against real TorchScript models (built by `scripts/setup.sh`).
 
     use super::*;
-    use crate::config::{BatchPolicy, Device, InputSpec, OutputSpec, Precision, Ragged};
+    use crate::config::{BatchPolicy, DeviceChoice, InputSpec, OutputSpec, Precision, Ragged, Replicas};
+    use crate::gpu::Gpus;
     use crate::tensor::DType;
     use std::path::PathBuf;
 
@@ -705,7 +1029,7 @@ mod tests {
         ModelConfig {
             name: "tokenwise".into(),
             path: model_path("tokenwise.pt"),
-            device: Device::Cpu,
+            device: DeviceChoice::Cpu,
             inputs: vec![
                 InputSpec { name: "ids".into(), dtype: DType::I64, shape: vec![None, None], ragged },
                 InputSpec { name: "mask".into(), dtype: DType::I64, shape: vec![None, None], ragged },
@@ -716,10 +1040,12 @@ mod tests {
             ],
             warmup_runs: 1,
             batching,
-            instances,
+            replicas: Replicas::fixed(instances),
             threads: 1,
             timeout: Duration::from_secs(60),
             precision: Precision::Fp32,
+            latency_objective: Duration::from_millis(50),
+            memory_headroom_bytes: 0,
         }
     }
 
@@ -727,7 +1053,7 @@ mod tests {
         ModelConfig {
             name: "digits".into(),
             path: model_path("digits.pt"),
-            device: Device::Cpu,
+            device: DeviceChoice::Cpu,
             inputs: vec![InputSpec {
                 name: "image".into(),
                 dtype: DType::F32,
@@ -737,15 +1063,21 @@ mod tests {
             outputs: vec![OutputSpec { name: "logits".into(), ragged_dim: None }],
             warmup_runs: 1,
             batching,
-            instances: 1,
+            replicas: Replicas::fixed(1),
             threads: 1,
             timeout: Duration::from_secs(60),
             precision: Precision::Fp32,
+            latency_objective: Duration::from_millis(50),
+            memory_headroom_bytes: 0,
         }
     }
 
+    fn cpu_placer() -> Placer {
+        Placer::new(Gpus::with_inventory(Box::new(crate::gpu::Simulated::new(Vec::new(), Default::default())), Default::default()), 95)
+    }
+
     async fn ready(config: ModelConfig) -> ModelHandle {
-        let handle = ModelHandle::spawn(config).expect("spawn");
+        let handle = ModelHandle::spawn(config, cpu_placer()).expect("spawn");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match handle.state() {
@@ -824,8 +1156,12 @@ mod tests {
             config: tokenwise(policy, 1),
             state: Mutex::new(ModelState::Loading),
             counters: ModelCounters::default(),
+            placer: cpu_placer(),
+            replicas: Mutex::new(Vec::new()),
+            target: AtomicU32::new(1),
+            weights: AtomicU64::new(0),
         });
-        let mut scheduler = Scheduler::new(shared, Vec::new());
+        let mut scheduler = Scheduler::new(shared, mpsc::channel().0, 1);
         let mut keep = Vec::new();
         for &(rows, priority, width) in queued {
             let (reply, answer) = oneshot::channel();
@@ -957,7 +1293,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_batch_fails_all_its_callers_and_the_next_batch_runs() {
         let config = tokenwise(policy(8, 0), 1);
-        let model = TorchModel::load(&config).expect("load");
+        let model = TorchModel::load(&config, Device::Cpu).expect("load");
         let counters = ModelCounters::default();
         let mut rng = Rng(7);
         let mut pending = Vec::new();
@@ -1074,7 +1410,7 @@ mod tests {
             shape: vec![8, 1, 8, 8],
             data: images.iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
-        let full = TorchModel::load(&digits(policy(1, 0))).expect("fp32");
+        let full = TorchModel::load(&digits(policy(1, 0)), Device::Cpu).expect("fp32");
         let reference = f32_values(&full.forward(std::slice::from_ref(&input)).expect("fp32 forward")[0]);
         let argmax = |v: &[f32]| -> Vec<usize> {
             v.chunks(10)
@@ -1084,7 +1420,7 @@ mod tests {
         for (precision, tolerance) in [(Precision::Bf16, 0.25f32), (Precision::Fp16, 0.05)] {
             let mut config = digits(policy(1, 0));
             config.precision = precision;
-            let model = TorchModel::load(&config).expect("load");
+            let model = TorchModel::load(&config, Device::Cpu).expect("load");
             match model.forward(std::slice::from_ref(&input)) {
                 Ok(outputs) => {
                     let values = f32_values(&outputs[0]);
@@ -1104,7 +1440,7 @@ mod tests {
         // Integer inputs stay integers: the token model runs in bf16 with INT64 ids.
         let mut config = tokenwise(policy(1, 0), 1);
         config.precision = Precision::Bf16;
-        let model = TorchModel::load(&config).expect("tokenwise bf16");
+        let model = TorchModel::load(&config, Device::Cpu).expect("tokenwise bf16");
         let outputs = model.forward(&token_request(&mut rng, 2, 5)).expect("tokenwise forward");
         assert_eq!(outputs[1].dtype, DType::F32);
         assert_eq!(outputs[1].shape, vec![2, 16]);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln::config::Config;
+use kiln::config::{Config, Device, DeviceChoice};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -124,6 +124,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// `cpu` or `cuda:N`; by default the model's first GPU, or cuda:0 for `auto` where
+        /// libtorch sees a GPU, else the CPU.
+        #[arg(long)]
+        device: Option<String>,
     },
 }
 
@@ -346,16 +350,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dim,
             seconds,
             json,
+            device,
         } => {
             let config = Config::load(&config.unwrap_or_else(default_config))?;
             let model = config
                 .model(&model)
                 .ok_or_else(|| anyhow::anyhow!("model '{model}' is not in {}", config.source.display()))?;
-            let rows = kiln::bench::raw(model, &batch_sizes, dim, seconds)?;
+            let device = match device.as_deref() {
+                None => match &model.device {
+                    DeviceChoice::Cpu => Device::Cpu,
+                    DeviceChoice::Gpus(list) => Device::Cuda(list[0]),
+                    DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(0),
+                    DeviceChoice::Auto => Device::Cpu,
+                },
+                Some("cpu") => Device::Cpu,
+                Some(d) => match d.strip_prefix("cuda:").map(str::parse) {
+                    Some(Ok(n)) => Device::Cuda(n),
+                    _ => anyhow::bail!("--device {d}: use cpu or cuda:N"),
+                },
+            };
+            let rows = kiln::bench::raw(model, device, &batch_sizes, dim, seconds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("model {} on {} (dynamic dims = {dim})", model.name, model.device);
+                println!("model {} on {device} (dynamic dims = {dim})", model.name);
                 println!("{:>6} {:>12} {:>14}", "batch", "forward ms", "rows/s");
                 for r in rows {
                     println!("{:>6} {:>12.3} {:>14.1}", r.batch_size, r.forward_ms, r.rows_per_second);

@@ -17,6 +17,9 @@ use crate::api::{self, AppState};
 use crate::audit::Audit;
 use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
 use crate::executor::ModelHandle;
+use crate::gpu::Gpus;
+use crate::placement::Placer;
+use crate::scaler::{self, DecisionLog};
 use crate::keys::{self, KeyRing, Principal};
 use crate::sandbox::{ComponentError, Origin, Sandbox};
 use crate::state::Store;
@@ -28,12 +31,20 @@ const KEY_POLL: Duration = Duration::from_secs(1);
 /// Builds everything `config` describes. Models keep loading in the background; the server is
 /// live at once and ready when every model has warmed up.
 pub fn build(config: &Config) -> anyhow::Result<AppState> {
+    let gpus = Gpus::detect(&config.gpus);
+    gpus.spawn_poller(config.gpus.poll_interval)
+        .context("cannot start the GPU poller")?;
+    let placer = Placer::new(Arc::clone(&gpus), config.scaler.max_gpu_utilization);
     let mut models = HashMap::new();
     for model in &config.models {
-        let handle = ModelHandle::spawn(model.clone())
-            .with_context(|| format!("cannot start the executor for model '{}'", model.name))?;
+        let handle = ModelHandle::spawn(model.clone(), placer.clone()).map_err(|e| {
+            anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
+        })?;
         models.insert(model.name.clone(), handle);
     }
+    let decisions = Arc::new(DecisionLog::new(config.scaler.history));
+    scaler::spawn(models.values().cloned().collect(), &config.scaler, Arc::clone(&decisions))
+        .context("cannot start the scaler")?;
     let tenants: HashMap<String, Arc<Tenant>> = config
         .tenants
         .iter()
@@ -141,6 +152,9 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
         audit: Audit::open(state_dir),
+        gpus,
+        decisions,
+        started: std::time::Instant::now(),
         admin: AdminState {
             sandbox,
             store,

@@ -26,6 +26,8 @@ pub use self::error::ApiError;
 use crate::audit::{Audit, Event};
 use crate::config::MAX_PRIORITY;
 use crate::executor::ModelHandle;
+use crate::gpu::Gpus;
+use crate::scaler::DecisionLog;
 use crate::keys::{KeyRing, Principal};
 use crate::sandbox::{CallOptions, Handler};
 use crate::tenancy::{Permit, Tenant};
@@ -43,6 +45,10 @@ pub struct AppState {
     pub oip_max_priority: u8,
     pub audit: Audit,
     pub admin: admin::AdminState,
+    pub gpus: Arc<Gpus>,
+    /// The scaler's recent decisions.
+    pub decisions: Arc<DecisionLog>,
+    pub started: std::time::Instant,
 }
 
 impl AppState {
@@ -132,6 +138,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/handlers/{name}/", any(invoke_root))
         .route("/v1/handlers/{name}/{*rest}", any(invoke))
         .route("/v1/stats", get(stats::snapshot))
+        .route("/v1/scaler", get(stats::scaler))
         .route("/v2", get(oip::server_metadata))
         .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))

@@ -1,4 +1,5 @@
-//! `GET /v1/stats` (admin key): one JSON snapshot of every model's scheduler counters.
+//! `GET /v1/stats` (admin key): one JSON snapshot of every model's scheduler counters, replicas
+//! and the GPUs; `GET /v1/scaler` (admin key): the scaler's recent decisions.
 //!
 //! Counters are cumulative since start; rates and averages come from two snapshots (for example
 //! `kiln bench` reads one before and one after a run to report the average batch size).
@@ -47,7 +48,10 @@ pub(super) async fn snapshot(
                 "name": name,
                 "state": state,
                 "device": config.device.to_string(),
-                "instances": config.instances,
+                "instances": { "min": config.replicas.min, "max": config.replicas.max },
+                "replica_target": model.replica_target(),
+                "replicas": model.replicas(),
+                "latency_objective_ms": config.latency_objective.as_secs_f64() * 1e3,
                 "max_batch_size": config.batching.max_batch_size,
                 "queued": c.queued.load(Ordering::Relaxed),
                 "inferences": inferences,
@@ -63,5 +67,23 @@ pub(super) async fn snapshot(
             })
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({ "models": models })))
+    let gpus = app.gpus.latest();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "uptime_seconds": app.started.elapsed().as_secs_f64(),
+            "gpus": *gpus,
+            "models": models,
+        }),
+    ))
+}
+
+/// The scaler's recent decisions, oldest first: admin only, like the stats.
+pub(super) async fn scaler(
+    State(app): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, super::ApiError> {
+    super::admin::require_admin(&app, &headers, None)?;
+    let report = kiln_wire::ScalerReport { decisions: app.decisions.recent() };
+    Ok(json_response(StatusCode::OK, &json!(report)))
 }

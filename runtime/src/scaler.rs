@@ -1,0 +1,585 @@
+//! The dynamic scaler: every interval, for each model whose `instances` has room between `min`
+//! and `max`, it looks at queue depth, queue-wait p95 against the model's latency objective,
+//! replica utilization and the GPUs the model may use, and adds, removes or holds replicas.
+//!
+//! Flapping is kept out three ways: pressure must last two intervals before a scale-up; a model
+//! must have been quiet for the whole down cooldown before a scale-down (and that long after its
+//! last change); and scale-ups are spaced by the up cooldown. Every change, and every hold with a
+//! reason worth knowing ("at max", "cooldown", "no GPU memory", "GPUs busy"), is recorded with
+//! its inputs in a [`DecisionLog`] that the API serves.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_wire::{GpuBrief, ReplicaState, ScaleAction, ScalingDecision, ScalingInputs};
+use tokio::sync::broadcast;
+
+use crate::config::{Replicas, ScalerConfig};
+use crate::executor::{ModelHandle, WAIT_BUCKETS_US, quantile};
+
+/// Utilization the remaining replicas may reach after a scale-down.
+const DOWN_UTILIZATION: f64 = 0.6;
+
+/// The recent decisions, counts by direction, and a feed for live followers.
+#[derive(Debug)]
+pub struct DecisionLog {
+    recent: Mutex<VecDeque<ScalingDecision>>,
+    capacity: usize,
+    counts: [AtomicU64; 3],
+    feed: broadcast::Sender<ScalingDecision>,
+}
+
+impl DecisionLog {
+    pub fn new(capacity: usize) -> DecisionLog {
+        DecisionLog {
+            recent: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            capacity: capacity.max(1),
+            counts: Default::default(),
+            feed: broadcast::channel(64).0,
+        }
+    }
+
+    pub fn record(&self, decision: ScalingDecision) {
+        tracing::info!(
+            target: "kiln::scaler",
+            model = %decision.model,
+            action = decision.action.as_str(),
+            from = decision.from,
+            to = decision.to,
+            device = decision.device.as_deref().unwrap_or("-"),
+            queue_wait_p95_ms = decision.inputs.queue_wait_p95_ms,
+            queue_depth = decision.inputs.queue_depth,
+            utilization = decision.inputs.utilization,
+            "{}",
+            decision.reason
+        );
+        self.counts[action_index(decision.action)].fetch_add(1, Ordering::Relaxed);
+        let _ = self.feed.send(decision.clone());
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() == self.capacity {
+            recent.pop_front();
+        }
+        recent.push_back(decision);
+    }
+
+    /// Oldest first.
+    pub fn recent(&self) -> Vec<ScalingDecision> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
+    }
+
+    /// Decisions recorded since start with this action.
+    pub fn count(&self, action: ScaleAction) -> u64 {
+        self.counts[action_index(action)].load(Ordering::Relaxed)
+    }
+
+    /// Every decision from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ScalingDecision> {
+        self.feed.subscribe()
+    }
+}
+
+fn action_index(action: ScaleAction) -> usize {
+    match action {
+        ScaleAction::Up => 0,
+        ScaleAction::Down => 1,
+        ScaleAction::Hold => 2,
+    }
+}
+
+/// What one model's scaler is bound by.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub replicas: Replicas,
+    pub objective: Duration,
+    pub max_batch_size: u32,
+    pub up_cooldown: Duration,
+    pub down_cooldown: Duration,
+}
+
+/// One model over one interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// Replicas asked for (loading ones included).
+    pub replicas: u32,
+    pub queue_depth: u64,
+    pub requests: u64,
+    pub wait_p95_ms: f64,
+    pub utilization: f64,
+    pub gpus: Vec<GpuBrief>,
+}
+
+/// One model's scaling state between intervals.
+#[derive(Debug)]
+pub struct ModelScaler {
+    model: String,
+    policy: Policy,
+    /// Consecutive intervals with pressure.
+    streak: u32,
+    quiet_since: Option<Instant>,
+    last_up: Option<Instant>,
+    last_change: Option<Instant>,
+    /// The last notable hold, so a hold that repeats is recorded once.
+    last_hold: Option<String>,
+}
+
+impl ModelScaler {
+    pub fn new(model: impl Into<String>, policy: Policy) -> ModelScaler {
+        ModelScaler {
+            model: model.into(),
+            policy,
+            streak: 0,
+            quiet_since: None,
+            last_up: None,
+            last_change: None,
+            last_hold: None,
+        }
+    }
+
+    /// Decides for one interval. `add` places and starts a replica and names its device, or
+    /// says why it cannot; `remove` drains one. Returns the decision when it is worth recording.
+    pub fn step(
+        &mut self,
+        obs: &Observation,
+        now: Instant,
+        add: impl FnOnce() -> Result<String, String>,
+        remove: impl FnOnce() -> bool,
+    ) -> Option<ScalingDecision> {
+        let p = &self.policy;
+        let n = obs.replicas;
+        let objective_ms = p.objective.as_secs_f64() * 1e3;
+        let waits = obs.requests > 0 && obs.wait_p95_ms > objective_ms;
+        let backlog = obs.queue_depth > u64::from(p.max_batch_size) * u64::from(n.max(1));
+        let pressure = waits || backlog;
+        self.streak = if pressure { self.streak + 1 } else { 0 };
+        let after_down = if n > 1 { obs.utilization * f64::from(n) / f64::from(n - 1) } else { 0.0 };
+        let quiet = !pressure && obs.queue_depth == 0 && obs.wait_p95_ms <= objective_ms / 2.0 && after_down < DOWN_UTILIZATION;
+        if quiet {
+            self.quiet_since.get_or_insert(now);
+        } else {
+            self.quiet_since = None;
+        }
+        let within = |at: Option<Instant>, span: Duration| at.is_some_and(|t| now.duration_since(t) < span);
+
+        if n < p.replicas.min {
+            return self.up(obs, now, format!("below min {}", p.replicas.min), add);
+        }
+        if pressure {
+            if self.streak < 2 {
+                return None;
+            }
+            if n >= p.replicas.max {
+                return self.hold(obs, format!("at max ({})", p.replicas.max));
+            }
+            if within(self.last_up, p.up_cooldown) {
+                return self.hold(obs, "cooldown after the last scale-up".to_owned());
+            }
+            let why = if waits {
+                format!("queue wait p95 {:.1} ms over the {objective_ms:.0} ms objective", obs.wait_p95_ms)
+            } else {
+                format!("{} queued, more than {n} replicas take in one batch each", obs.queue_depth)
+            };
+            return self.up(obs, now, why, add);
+        }
+        let quiet_for = self.quiet_since.map_or(Duration::ZERO, |t| now.duration_since(t));
+        if quiet && n > p.replicas.min && quiet_for >= p.down_cooldown {
+            if within(self.last_change, p.down_cooldown) {
+                return self.hold(obs, "cooldown after the last change".to_owned());
+            }
+            if !remove() {
+                return None;
+            }
+            self.last_change = Some(now);
+            self.quiet_since = Some(now);
+            self.last_hold = None;
+            let reason = if obs.requests == 0 {
+                format!("idle for {} s", quiet_for.as_secs())
+            } else {
+                format!(
+                    "utilization {:.0}% would be {:.0}% on one fewer replica",
+                    obs.utilization * 100.0,
+                    after_down * 100.0
+                )
+            };
+            return Some(self.decision(obs, ScaleAction::Down, n - 1, reason, None));
+        }
+        None
+    }
+
+    fn up(
+        &mut self,
+        obs: &Observation,
+        now: Instant,
+        why: String,
+        add: impl FnOnce() -> Result<String, String>,
+    ) -> Option<ScalingDecision> {
+        match add() {
+            Ok(device) => {
+                self.last_up = Some(now);
+                self.last_change = Some(now);
+                self.streak = 0;
+                self.last_hold = None;
+                Some(self.decision(obs, ScaleAction::Up, obs.replicas + 1, why, Some(device)))
+            }
+            Err(refusal) => self.hold(obs, refusal),
+        }
+    }
+
+    fn hold(&mut self, obs: &Observation, reason: String) -> Option<ScalingDecision> {
+        if self.last_hold.as_deref() == Some(reason.as_str()) {
+            return None;
+        }
+        self.last_hold = Some(reason.clone());
+        Some(self.decision(obs, ScaleAction::Hold, obs.replicas, reason, None))
+    }
+
+    fn decision(
+        &self,
+        obs: &Observation,
+        action: ScaleAction,
+        to: u32,
+        reason: String,
+        device: Option<String>,
+    ) -> ScalingDecision {
+        let at_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        ScalingDecision {
+            at_unix_ms,
+            model: self.model.clone(),
+            action,
+            from: obs.replicas,
+            to,
+            reason,
+            device,
+            inputs: ScalingInputs {
+                queue_depth: obs.queue_depth,
+                requests: obs.requests,
+                queue_wait_p95_ms: obs.wait_p95_ms,
+                latency_objective_ms: self.policy.objective.as_secs_f64() * 1e3,
+                utilization: obs.utilization,
+                gpus: obs.gpus.clone(),
+            },
+        }
+    }
+}
+
+/// The counters one interval is measured against.
+struct Mark {
+    at: Instant,
+    waits: [u64; WAIT_BUCKETS_US.len() + 1],
+    forward_us: u64,
+}
+
+impl Mark {
+    fn now(handle: &ModelHandle) -> Mark {
+        let c = handle.counters();
+        Mark {
+            at: Instant::now(),
+            waits: c.queue_wait_counts(),
+            forward_us: c.forward_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Watches one model's counters between intervals.
+struct Watched {
+    handle: ModelHandle,
+    scaler: ModelScaler,
+    mark: Mark,
+}
+
+impl Watched {
+    fn observe(&mut self) -> Observation {
+        let now = Mark::now(&self.handle);
+        let waits: Vec<u64> = now.waits.iter().zip(&self.mark.waits).map(|(a, b)| a.saturating_sub(*b)).collect();
+        let elapsed_us = now.at.duration_since(self.mark.at).as_micros().max(1) as f64;
+        let ready = self
+            .handle
+            .replicas()
+            .iter()
+            .filter(|r| r.state == ReplicaState::Ready)
+            .count()
+            .max(1) as f64;
+        let busy_us = now.forward_us.saturating_sub(self.mark.forward_us) as f64;
+        let gpus = self
+            .handle
+            .placer()
+            .candidates(self.handle.config())
+            .into_iter()
+            .map(|g| GpuBrief {
+                device: format!("cuda:{}", g.index),
+                utilization_percent: g.utilization_percent,
+                memory_free_bytes: g.memory_free_bytes,
+            })
+            .collect();
+        self.mark = now;
+        Observation {
+            replicas: self.handle.replica_target(),
+            queue_depth: self.handle.counters().queued.load(Ordering::Relaxed) as u64,
+            requests: waits.iter().sum(),
+            wait_p95_ms: quantile(&WAIT_BUCKETS_US, &waits, 0.95) / 1e3,
+            utilization: (busy_us / (elapsed_us * ready)).clamp(0.0, 1.0),
+            gpus,
+        }
+    }
+}
+
+/// Starts the scaler thread for every scalable model in `models`; returns at once.
+pub fn spawn(models: Vec<ModelHandle>, config: &ScalerConfig, log: Arc<DecisionLog>) -> std::io::Result<()> {
+    let mut watched: Vec<Watched> = models
+        .into_iter()
+        .filter(|m| m.config().replicas.scalable())
+        .map(|handle| {
+            let c = handle.config();
+            let policy = Policy {
+                replicas: c.replicas,
+                objective: c.latency_objective,
+                max_batch_size: c.batching.max_batch_size,
+                up_cooldown: config.up_cooldown,
+                down_cooldown: config.down_cooldown,
+            };
+            Watched { scaler: ModelScaler::new(c.name.clone(), policy), mark: Mark::now(&handle), handle }
+        })
+        .collect();
+    if watched.is_empty() {
+        return Ok(());
+    }
+    let interval = config.interval;
+    thread::Builder::new().name("kiln-scaler".into()).spawn(move || {
+        loop {
+            thread::sleep(interval);
+            for w in &mut watched {
+                let obs = w.observe();
+                let handle = w.handle.clone();
+                let decision = w.scaler.step(
+                    &obs,
+                    Instant::now(),
+                    || handle.add_replica().map(|d| d.to_string()).map_err(|e| format!("{}: {e}", e.short())),
+                    || handle.remove_replica(),
+                );
+                if let Some(decision) = decision {
+                    log.record(decision);
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BatchPolicy, DeviceChoice, ModelConfig, Precision};
+    use crate::placement::{Placement, Placer, Purpose};
+
+    fn policy(min: u32, max: u32) -> Policy {
+        Policy {
+            replicas: Replicas { min, max },
+            objective: Duration::from_millis(50),
+            max_batch_size: 8,
+            up_cooldown: Duration::from_secs(10),
+            down_cooldown: Duration::from_secs(30),
+        }
+    }
+
+    fn busy(replicas: u32) -> Observation {
+        Observation { replicas, queue_depth: 20, requests: 500, wait_p95_ms: 120.0, utilization: 0.95, gpus: Vec::new() }
+    }
+
+    fn idle(replicas: u32) -> Observation {
+        Observation { replicas, queue_depth: 0, requests: 0, wait_p95_ms: 0.0, utilization: 0.0, gpus: Vec::new() }
+    }
+
+    /// A model's replicas as the scaler changes them, with GPU memory booked by a real placer.
+    struct Fleet {
+        placer: Placer,
+        model: ModelConfig,
+        replicas: Vec<Placement>,
+        decisions: Vec<ScalingDecision>,
+        scaler: ModelScaler,
+        start: Instant,
+    }
+
+    impl Fleet {
+        fn new(gpus: &[(u64, u64, u32)], headroom_mib: u64, policy: Policy) -> Fleet {
+            let placer = Placer::new(crate::placement::tests::simulated(gpus), 95);
+            let model = ModelConfig {
+                name: "m".into(),
+                path: "/nonexistent/m.pt".into(),
+                device: DeviceChoice::Auto,
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+                warmup_runs: 0,
+                batching: BatchPolicy {
+                    max_batch_size: 8,
+                    max_queue_delay: Duration::ZERO,
+                    preferred_batch_sizes: Vec::new(),
+                    max_queue_size: 1,
+                },
+                replicas: policy.replicas,
+                threads: 1,
+                timeout: Duration::from_secs(1),
+                precision: Precision::Fp32,
+                latency_objective: policy.objective,
+                memory_headroom_bytes: headroom_mib << 20,
+            };
+            let first = placer.place(&model, 0, Purpose::Start).expect("first replica");
+            Fleet {
+                placer,
+                model,
+                replicas: vec![first],
+                decisions: Vec::new(),
+                scaler: ModelScaler::new("m", policy),
+                start: Instant::now(),
+            }
+        }
+
+        /// One interval at `second` seconds with load `busy` (true) or none.
+        fn tick(&mut self, second: u64, busy_load: bool) {
+            let n = self.replicas.len() as u32;
+            let obs = if busy_load { busy(n) } else { idle(n) };
+            let (placer, model, replicas) = (&self.placer, &self.model, &mut self.replicas);
+            let added = std::cell::RefCell::new(None);
+            let removed = std::cell::Cell::new(false);
+            let decision = self.scaler.step(
+                &obs,
+                self.start + Duration::from_secs(second),
+                || match placer.place(model, 0, Purpose::ScaleUp) {
+                    Ok(p) => {
+                        let device = p.device.to_string();
+                        *added.borrow_mut() = Some(p);
+                        Ok(device)
+                    }
+                    Err(e) => Err(e.short().to_owned()),
+                },
+                || {
+                    removed.set(true);
+                    true
+                },
+            );
+            if let Some(p) = added.into_inner() {
+                replicas.push(p);
+            }
+            if removed.get() {
+                replicas.pop();
+            }
+            self.decisions.extend(decision);
+        }
+
+        fn actions(&self) -> Vec<(ScaleAction, u32, String)> {
+            self.decisions.iter().map(|d| (d.action, d.to, d.reason.clone())).collect()
+        }
+    }
+
+    #[test]
+    fn sustained_queueing_scales_up_one_step_per_cooldown_and_records_why() {
+        let mut fleet = Fleet::new(&[(80_000, 0, 10)], 1024, policy(1, 4));
+        for second in (0..=40).step_by(2) {
+            fleet.tick(second, true);
+        }
+        let ups: Vec<&ScalingDecision> = fleet.decisions.iter().filter(|d| d.action == ScaleAction::Up).collect();
+        // Pressure must last two intervals (t=2), then one step per 10 s cooldown: 2, 12, 22.
+        assert_eq!(ups.len(), 3, "{:?}", fleet.actions());
+        assert_eq!(fleet.replicas.len(), 4);
+        assert!(ups[0].reason.contains("queue wait p95 120.0 ms over the 50 ms objective"), "{}", ups[0].reason);
+        assert_eq!(ups[0].device.as_deref(), Some("cuda:0"));
+        assert_eq!((ups[0].from, ups[0].to), (1, 2));
+        assert_eq!(ups[0].inputs.queue_depth, 20);
+        // The cooldown and then the ceiling are recorded as holds, once each in a row.
+        let holds: Vec<String> = fleet.decisions.iter().filter(|d| d.action == ScaleAction::Hold).map(|d| d.reason.clone()).collect();
+        assert!(holds.iter().any(|h| h.starts_with("cooldown")), "{holds:?}");
+        assert_eq!(holds.last().map(String::as_str), Some("at max (4)"), "{holds:?}");
+        assert_eq!(holds.iter().filter(|h| h.starts_with("at max")).count(), 1, "{holds:?}");
+    }
+
+    #[test]
+    fn an_idle_model_scales_down_to_min_after_the_down_cooldown() {
+        let mut fleet = Fleet::new(&[(80_000, 0, 10)], 1024, policy(1, 3));
+        for second in (0..=24).step_by(2) {
+            fleet.tick(second, true);
+        }
+        assert_eq!(fleet.replicas.len(), 3, "{:?}", fleet.actions());
+        for second in (26..=200).step_by(2) {
+            fleet.tick(second, false);
+        }
+        assert_eq!(fleet.replicas.len(), 1, "{:?}", fleet.actions());
+        let downs: Vec<&ScalingDecision> = fleet.decisions.iter().filter(|d| d.action == ScaleAction::Down).collect();
+        assert_eq!(downs.len(), 2);
+        assert!(downs[0].reason.starts_with("idle for 30 s"), "{}", downs[0].reason);
+        // One step at a time, never below min.
+        let tail: Vec<(ScaleAction, u32)> = fleet.decisions.iter().map(|d| (d.action, d.to)).filter(|(a, _)| *a == ScaleAction::Down).collect();
+        assert_eq!(tail, vec![(ScaleAction::Down, 2), (ScaleAction::Down, 1)]);
+    }
+
+    #[test]
+    fn oscillating_load_never_flaps() {
+        // Busy and idle in turns of 1, 2 and 5 intervals: replicas only ever go up.
+        for turn in [1u64, 2, 5] {
+            let mut fleet = Fleet::new(&[(80_000, 0, 10)], 1024, policy(1, 8));
+            for step in 0..150u64 {
+                fleet.tick(step * 2, (step / turn) % 2 == 0);
+            }
+            let changes: Vec<ScaleAction> = fleet
+                .decisions
+                .iter()
+                .map(|d| d.action)
+                .filter(|a| *a != ScaleAction::Hold)
+                .collect();
+            assert!(!changes.contains(&ScaleAction::Down), "turn {turn}: {:?}", fleet.actions());
+            if turn == 1 {
+                // Pressure never lasts two intervals: nothing changes at all.
+                assert!(changes.is_empty(), "turn 1: {:?}", fleet.actions());
+            }
+        }
+    }
+
+    #[test]
+    fn max_and_gpu_memory_bound_the_replica_count() {
+        // 4000 MiB with 1000 used and 1024 MiB per replica: room for one more beside the first.
+        let mut fleet = Fleet::new(&[(4000, 1000, 10)], 1024, policy(1, 6));
+        for second in (0..=100).step_by(2) {
+            fleet.tick(second, true);
+        }
+        assert_eq!(fleet.replicas.len(), 2, "{:?}", fleet.actions());
+        let last = fleet.decisions.last().expect("a decision");
+        assert_eq!(last.action, ScaleAction::Hold);
+        assert_eq!(last.reason, "no GPU memory");
+        // A busy GPU takes no new replica either.
+        let mut fleet = Fleet::new(&[(80_000, 0, 99)], 1024, policy(1, 6));
+        for second in (0..=20).step_by(2) {
+            fleet.tick(second, true);
+        }
+        assert_eq!(fleet.replicas.len(), 1);
+        assert_eq!(fleet.decisions.last().map(|d| d.reason.as_str()), Some("GPUs busy"));
+    }
+
+    #[test]
+    fn the_log_keeps_the_most_recent_decisions_and_counts_them() {
+        let log = DecisionLog::new(2);
+        let mut feed = log.subscribe();
+        let mut fleet = Fleet::new(&[(80_000, 0, 10)], 1, policy(1, 4));
+        for second in (0..=30).step_by(2) {
+            fleet.tick(second, true);
+        }
+        for d in fleet.decisions.clone() {
+            log.record(d);
+        }
+        assert_eq!(log.recent().len(), 2);
+        assert_eq!(log.recent().last(), fleet.decisions.last());
+        assert_eq!(log.count(ScaleAction::Up), 3);
+        assert_eq!(feed.try_recv().ok().as_ref(), fleet.decisions.first());
+    }
+
+    #[test]
+    fn p95_comes_from_the_wait_histogram() {
+        let mut counts = [0u64; WAIT_BUCKETS_US.len() + 1];
+        counts[3] = 90; // up to 1 ms
+        counts[9] = 10; // 50 to 100 ms
+        let p95 = quantile(&WAIT_BUCKETS_US, &counts, 0.95);
+        assert!((50_000.0..=100_000.0).contains(&p95), "{p95}");
+        assert_eq!(quantile(&WAIT_BUCKETS_US, &[0; 17], 0.95), 0.0);
+    }
+}
