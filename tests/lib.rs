@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-/// The repository root.
+/// The repository root: `$KILN_ROOT` (for a prebuilt test binary run elsewhere, as
+/// `scripts/gpu-check.sh` does), or where this crate was built.
 pub fn root() -> PathBuf {
+    if let Some(root) = std::env::var_os("KILN_ROOT") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)

@@ -8,6 +8,16 @@ use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
 use crate::config::{Device, ModelConfig, Precision};
 use crate::tensor::{DType, HostTensor};
 
+/// What a reduced precision converts. libtorch's C++ API casts a module's parameters and
+/// buffers alike, integer buffers included (position ids, for one), and tch cannot reach the
+/// buffers alone; so floating parameters are cast first, and everything only when the model
+/// needs its floating buffers cast too (batch norm's running statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cast {
+    Parameters,
+    Everything,
+}
+
 /// A loaded TorchScript module, in eval mode on its device.
 pub struct TorchModel {
     module: CModule,
@@ -68,8 +78,9 @@ fn dtype(kind: Kind) -> Option<DType> {
 }
 
 impl TorchModel {
-    /// Loads the module named by `config` onto `device`.
-    pub fn load(config: &ModelConfig, device: Device) -> Result<TorchModel, String> {
+    /// Loads the module named by `config` onto `device`; in reduced precision, `cast` says what
+    /// is converted.
+    pub fn load(config: &ModelConfig, device: Device, cast: Cast) -> Result<TorchModel, String> {
         // The profiling executor specializes a graph to the shapes of its first runs and falls
         // back to a slow path for any other shape; served shapes vary (batch sizes, sequence
         // lengths), which made MiniLM ~60% slower than the same forward at a fixed shape.
@@ -89,8 +100,29 @@ impl TorchModel {
             Precision::Bf16 => Some(Kind::BFloat16),
         };
         if let Some(kind) = reduced {
-            // Casts the floating-point parameters and buffers; integer ones are left alone.
-            module.to(device, kind, false);
+            let params = module
+                .named_parameters()
+                .map_err(|e| format!("cannot read the module's parameters: {e}"))?;
+            let floating: Vec<Tensor> = params.into_iter().map(|(_, t)| t).filter(Tensor::is_floating_point).collect();
+            if floating.is_empty() {
+                return Err(format!(
+                    "precision {} needs floating-point parameters to cast, and {} has none: a frozen \
+                     TorchScript module (torch.jit.freeze) keeps its weights as constants. Export it \
+                     without freezing, or in the precision wanted and serve it as fp32",
+                    config.precision,
+                    config.path.display()
+                ));
+            }
+            match cast {
+                Cast::Parameters => {
+                    for mut t in floating {
+                        let cast = t.f_to_kind(kind).map_err(|e| format!("cannot cast a parameter to {kind:?}: {e}"))?;
+                        t.set_data(&cast);
+                    }
+                }
+                // libtorch's Module::to casts every buffer too, integer ones included.
+                Cast::Everything => module.to(device, kind, false),
+            }
         }
         Ok(TorchModel {
             module,

@@ -367,7 +367,7 @@ pub fn raw(
 ) -> anyhow::Result<Vec<RawRow>> {
     use crate::tensor::{DType, HostTensor};
     tch::set_num_threads(config.threads as i32);
-    let model = crate::backend::TorchModel::load(config, device).map_err(|e| anyhow::anyhow!(e))?;
+    let (model, _) = crate::executor::load_and_warm_up(config, device).map_err(|e| anyhow::anyhow!(e))?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {
         let inputs: Vec<HostTensor> = config

@@ -231,3 +231,42 @@ fn call(
     }
     Ok(value)
 }
+
+/// `kiln devices`: CUDA as libtorch sees it (this is what proves libtorch_cuda is linked), and
+/// the GPU inventory.
+pub fn devices(config: &crate::config::GpuConfig, json: bool) -> anyhow::Result<()> {
+    let cuda_devices = tch::Cuda::device_count().max(0);
+    let cuda_available = tch::Cuda::is_available();
+    let cudnn = tch::Cuda::cudnn_is_available();
+    let gpus = crate::gpu::Gpus::detect(config).latest();
+    if json {
+        let report = serde_json::json!({
+            "cuda_available": cuda_available,
+            "cuda_devices": cuda_devices,
+            "cudnn": cudnn,
+            "gpus": *gpus,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("libtorch CUDA: {}", if cuda_available { format!("yes, {cuda_devices} devices, cuDNN {}", if cudnn { "yes" } else { "no" }) } else { "no".to_owned() });
+    if gpus.is_empty() {
+        println!("GPUs: none (models run on the CPU)");
+    }
+    for g in gpus.iter() {
+        println!(
+            "cuda:{}  {}{}  {} / {} MiB used  {}% busy  {} C  {:.0} / {:.0} W  {}",
+            g.index,
+            g.name,
+            if g.simulated { " (simulated)" } else { "" },
+            g.memory_used_bytes >> 20,
+            g.memory_total_bytes >> 20,
+            g.utilization_percent,
+            g.temperature_celsius,
+            g.power_watts,
+            g.power_limit_watts,
+            g.uuid
+        );
+    }
+    Ok(())
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use kiln_wire::{ReplicaInfo, ReplicaState};
 use tokio::sync::oneshot;
 
-use crate::backend::{self, OutputMeta, TorchModel};
+use crate::backend::{self, Cast, OutputMeta, TorchModel};
 use crate::batch;
 use crate::config::{Device, MAX_PRIORITY, ModelConfig, Precision};
 use crate::gpu::Booking;
@@ -981,16 +981,26 @@ fn run_batch(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters,
     }
 }
 
-fn load_and_warm_up(config: &ModelConfig, device: Device) -> Result<(TorchModel, Vec<OutputMeta>), String> {
-    let model = TorchModel::load(config, device)?;
-    let inputs = backend::warmup_inputs(config);
-    let mut meta = Vec::new();
-    for _ in 0..config.warmup_runs.max(1) {
-        let outputs = forward_guarded(&model, &inputs)
-            .map_err(|e| format!("warm-up forward pass failed: {e}"))?;
-        meta = backend::output_meta(config, &outputs);
+/// Loads `config`'s module on `device` and runs its warm-up passes; returns the outputs' types.
+pub fn load_and_warm_up(config: &ModelConfig, device: Device) -> Result<(TorchModel, Vec<OutputMeta>), String> {
+    let warm_up = |cast: Cast| -> Result<(TorchModel, Vec<OutputMeta>), String> {
+        let model = TorchModel::load(config, device, cast)?;
+        let inputs = backend::warmup_inputs(config);
+        let mut meta = Vec::new();
+        for _ in 0..config.warmup_runs.max(1) {
+            let outputs = forward_guarded(&model, &inputs)
+                .map_err(|e| format!("warm-up forward pass failed: {e}"))?;
+            meta = backend::output_meta(config, &outputs);
+        }
+        Ok((model, meta))
+    };
+    match warm_up(Cast::Parameters) {
+        Err(first) if config.precision != Precision::Fp32 && first.starts_with("warm-up") => {
+            // Floating buffers (batch norm statistics) must match the parameters' type.
+            warm_up(Cast::Everything).map_err(|_| first)
+        }
+        result => result,
     }
-    Ok((model, meta))
 }
 
 /// A panic inside the backend must fail one batch, not kill the instance.
@@ -1152,16 +1162,7 @@ mod tests {
 
     /// Plans batches over a queue without any model: rows per request in arrival order.
     fn planned_rows(policy: BatchPolicy, queued: &[(u32, u8, u32)]) -> Vec<u32> {
-        let shared = Arc::new(Shared {
-            config: tokenwise(policy, 1),
-            state: Mutex::new(ModelState::Loading),
-            counters: ModelCounters::default(),
-            placer: cpu_placer(),
-            replicas: Mutex::new(Vec::new()),
-            target: AtomicU32::new(1),
-            weights: AtomicU64::new(0),
-        });
-        let mut scheduler = Scheduler::new(shared, mpsc::channel().0, 1);
+        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy, 1)), mpsc::channel().0, 1);
         let mut keep = Vec::new();
         for &(rows, priority, width) in queued {
             let (reply, answer) = oneshot::channel();
@@ -1293,7 +1294,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_batch_fails_all_its_callers_and_the_next_batch_runs() {
         let config = tokenwise(policy(8, 0), 1);
-        let model = TorchModel::load(&config, Device::Cpu).expect("load");
+        let model = TorchModel::load(&config, Device::Cpu, Cast::Parameters).expect("load");
         let counters = ModelCounters::default();
         let mut rng = Rng(7);
         let mut pending = Vec::new();
@@ -1394,6 +1395,153 @@ mod tests {
         blocker.await.expect("task").expect("blocker");
     }
 
+    fn test_shared(config: ModelConfig) -> Arc<Shared> {
+        Arc::new(Shared {
+            config,
+            state: Mutex::new(ModelState::Loading),
+            counters: ModelCounters::default(),
+            placer: cpu_placer(),
+            replicas: Mutex::new(Vec::new()),
+            target: AtomicU32::new(1),
+            weights: AtomicU64::new(0),
+        })
+    }
+
+    #[test]
+    fn the_next_batch_goes_to_the_device_with_the_least_outstanding_work() {
+        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy(8, 0), 3)), mpsc::channel().0, 3);
+        for (id, device, busy) in [(0, Device::Cuda(0), true), (1, Device::Cuda(0), false), (2, Device::Cuda(1), false)] {
+            scheduler.replicas.push(Replica { slot: ReplicaSlot::new(id, device), work: None, ready: true, busy, draining: false });
+        }
+        // cuda:0 already runs a batch, cuda:1 nothing: replica 2.
+        assert_eq!(scheduler.idle_replica(), Some(2));
+        scheduler.replicas[2].busy = true;
+        assert_eq!(scheduler.idle_replica(), Some(1));
+        // Loading and draining replicas take no work.
+        scheduler.replicas[1].ready = false;
+        assert_eq!(scheduler.idle_replica(), None);
+        scheduler.replicas[1].ready = true;
+        scheduler.replicas[1].draining = true;
+        assert_eq!(scheduler.idle_replica(), None);
+    }
+
+    /// Replicas placed on simulated GPUs, added and drained while four clients keep sending:
+    /// every request is answered correctly, the work spreads over the replicas, and removed
+    /// replicas give their GPU memory back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_added_and_drained_under_load_lose_nothing() {
+        let gpus = crate::placement::tests::simulated(&[(4096, 0, 0), (4096, 0, 0)]);
+        let mut config = tokenwise(policy(4, 0), 1);
+        config.replicas = Replicas { min: 1, max: 3 };
+        config.device = DeviceChoice::Auto;
+        config.memory_headroom_bytes = 256 << 20;
+        let handle = ModelHandle::spawn(config, Placer::new(Arc::clone(&gpus), 95)).expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(handle.state(), ModelState::Ready(_)) {
+            assert!(Instant::now() < deadline, "not ready: {:?}", handle.state());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(handle.replicas()[0].device, "cuda:0");
+        // cuda:1 has more free memory now that cuda:0 holds a replica.
+        assert_eq!(handle.add_replica().expect("second"), Device::Cuda(1));
+        handle.add_replica().expect("third");
+        assert_eq!(handle.replica_target(), 3);
+        while handle.replicas().iter().filter(|r| r.state == ReplicaState::Ready).count() < 3 {
+            assert!(Instant::now() < deadline, "replicas not ready: {:?}", handle.replicas());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let booked = gpus.ledger.loaded(0) + gpus.ledger.loaded(1);
+        assert!(booked >= 3 * (256 << 20), "{booked}");
+
+        let single = ready(tokenwise(policy(1, 0), 1)).await;
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut clients = Vec::new();
+        for client in 0..4u64 {
+            let (h, single, sent) = (handle.clone(), single.clone(), Arc::clone(&sent));
+            clients.push(tokio::spawn(async move {
+                let mut rng = Rng(client + 100);
+                for _ in 0..150 {
+                    let len = 1 + rng.below(24) as u32;
+                    let rows = 1 + rng.below(2) as u32;
+                    let inputs = token_request(&mut rng, rows, len);
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    let got = h.infer(inputs.clone(), InferOptions::default()).await.expect("no request fails");
+                    let want = single.infer(inputs, InferOptions::default()).await.expect("reference");
+                    assert_close(&got, &want, "scaled");
+                }
+            }));
+        }
+        while sent.load(Ordering::Relaxed) < 200 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let worked = handle.replicas().iter().filter(|r| r.batches > 0).count();
+        assert!(worked >= 2, "work did not spread: {:?}", handle.replicas());
+        assert!(handle.remove_replica());
+        assert!(handle.remove_replica());
+        // The last replica always stays.
+        assert!(!handle.remove_replica());
+        for c in clients {
+            c.await.expect("client");
+        }
+        assert_eq!(handle.counters().inferences.load(Ordering::Relaxed), 600);
+        while handle.replicas().len() > 1 {
+            assert!(Instant::now() < deadline, "drained replicas linger: {:?}", handle.replicas());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Give the stopped threads a moment to drop their bookings.
+        let mut left = u64::MAX;
+        while Instant::now() < deadline {
+            left = gpus.ledger.loaded(0) + gpus.ledger.loaded(1);
+            if left < 2 * (256 << 20) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(left >= 256 << 20 && left < 2 * (256 << 20), "one replica's memory stays booked: {left}");
+    }
+
+    fn one_input_model(file: &str, input: InputSpec, output: &str, precision: Precision) -> ModelConfig {
+        let mut config = digits(policy(1, 0));
+        config.name = file.trim_end_matches(".pt").into();
+        config.path = model_path(file);
+        config.inputs = vec![input];
+        config.outputs = vec![OutputSpec { name: output.into(), ragged_dim: None }];
+        config.precision = precision;
+        config
+    }
+
+    /// What libtorch's whole-module cast gets wrong, and what no cast can do.
+    #[test]
+    fn reduced_precision_keeps_integer_buffers_casts_batch_norm_and_refuses_frozen_modules() {
+        let ids = InputSpec { name: "ids".into(), dtype: DType::I64, shape: vec![None, None], ragged: None };
+        // Position ids in an integer buffer stay integers: the lookup works and positions past
+        // 256 (not representable in bf16) still get their own embedding.
+        let config = one_input_model("positions.pt", ids.clone(), "hidden", Precision::Bf16);
+        let (model, meta) = load_and_warm_up(&config, Device::Cpu).expect("positions in bf16");
+        assert_eq!(meta[0].dtype, DType::F32);
+        let long = i64_tensor(vec![1, 300], &[5; 300]);
+        let out = f32_values(&model.forward(std::slice::from_ref(&long)).expect("300 positions")[0]);
+        let row = |i: usize| &out[i * 16..(i + 1) * 16];
+        assert_ne!(row(297), row(298), "positions 297 and 298 collapsed: the buffer was cast");
+        let full = one_input_model("positions.pt", ids.clone(), "hidden", Precision::Fp32);
+        let (reference, _) = load_and_warm_up(&full, Device::Cpu).expect("fp32");
+        let want = f32_values(&reference.forward(std::slice::from_ref(&long)).expect("fp32 forward")[0]);
+        let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst > 0.0 && worst < 0.1, "bf16 differs from fp32 by {worst}");
+
+        // Batch norm's running statistics are cast with the parameters.
+        let x = InputSpec { name: "x".into(), dtype: DType::F32, shape: vec![None, Some(4)], ragged: None };
+        let config = one_input_model("normed.pt", x, "y", Precision::Bf16);
+        let (model, _) = load_and_warm_up(&config, Device::Cpu).expect("batch norm in bf16");
+        let input = HostTensor { dtype: DType::F32, shape: vec![2, 4], data: [0.5f32; 8].iter().flat_map(|v| v.to_le_bytes()).collect() };
+        assert_eq!(model.forward(&[input]).expect("forward")[0].dtype, DType::F32);
+
+        // A frozen module has nothing to cast: refused, not silently served in FP32.
+        let config = one_input_model("positions-frozen.pt", ids, "hidden", Precision::Bf16);
+        let error = load_and_warm_up(&config, Device::Cpu).err().expect("frozen in bf16");
+        assert!(error.contains("frozen") && error.contains("precision bf16"), "{error}");
+    }
+
     fn f32_values(t: &HostTensor) -> Vec<f32> {
         assert_eq!(t.dtype, DType::F32, "outputs come back as FP32 at every precision");
         t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
@@ -1410,7 +1558,7 @@ mod tests {
             shape: vec![8, 1, 8, 8],
             data: images.iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
-        let full = TorchModel::load(&digits(policy(1, 0)), Device::Cpu).expect("fp32");
+        let full = TorchModel::load(&digits(policy(1, 0)), Device::Cpu, Cast::Parameters).expect("fp32");
         let reference = f32_values(&full.forward(std::slice::from_ref(&input)).expect("fp32 forward")[0]);
         let argmax = |v: &[f32]| -> Vec<usize> {
             v.chunks(10)
@@ -1420,8 +1568,8 @@ mod tests {
         for (precision, tolerance) in [(Precision::Bf16, 0.25f32), (Precision::Fp16, 0.05)] {
             let mut config = digits(policy(1, 0));
             config.precision = precision;
-            let model = TorchModel::load(&config, Device::Cpu).expect("load");
-            match model.forward(std::slice::from_ref(&input)) {
+            let loaded = load_and_warm_up(&config, Device::Cpu);
+            match loaded.and_then(|(model, _)| model.forward(std::slice::from_ref(&input))) {
                 Ok(outputs) => {
                     let values = f32_values(&outputs[0]);
                     assert_eq!(outputs[0].shape, vec![8, 10], "{precision}");
@@ -1440,7 +1588,7 @@ mod tests {
         // Integer inputs stay integers: the token model runs in bf16 with INT64 ids.
         let mut config = tokenwise(policy(1, 0), 1);
         config.precision = Precision::Bf16;
-        let model = TorchModel::load(&config, Device::Cpu).expect("tokenwise bf16");
+        let model = TorchModel::load(&config, Device::Cpu, Cast::Parameters).expect("tokenwise bf16");
         let outputs = model.forward(&token_request(&mut rng, 2, 5)).expect("tokenwise forward");
         assert_eq!(outputs[1].dtype, DType::F32);
         assert_eq!(outputs[1].shape, vec![2, 16]);

@@ -38,6 +38,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show what libtorch and the GPU inventory see: CUDA, cuDNN and every GPU (NVML, or the
+    /// config's simulated GPUs).
+    Devices {
+        /// Read [gpus] from this config (for simulated GPUs); NVML otherwise.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the models and handlers of a config file (default: the bundled examples).
     #[command(after_help = EXAMPLES)]
     Serve {
@@ -336,6 +346,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     kiln::cli::remove_key(&load(config)?, &Principal::Admin, &id)
                 }
             }
+        }
+        Command::Devices { config, json } => {
+            let gpus = match config {
+                Some(file) => Config::load(&file)?.gpus,
+                None => kiln::config::GpuConfig {
+                    poll_interval: std::time::Duration::from_secs(1),
+                    simulated: Vec::new(),
+                },
+            };
+            kiln::cli::devices(&gpus, json)
         }
         Command::Keygen { out } => kiln::cli::keygen(&out),
         Command::Sign { component, key, out } => kiln::cli::sign(&component, &key, out),

@@ -4,6 +4,11 @@ tokenwise.pt: ids [N, L] int64 and mask [N, L] int64 ->
     hidden [N, L, 16] float32 (per position; padded positions never affect real ones) and
     pooled [N, 16] float32 (mean over the mask).
     Ids must be below 1000: a larger id makes forward fail, which the tests use on purpose.
+positions.pt: ids [N, L] int64 -> hidden [N, L, 16] float32, with learned position embeddings
+    looked up through an integer buffer (as transformers' BERT does): reduced precision must
+    leave that buffer alone. positions-frozen.pt is the same module frozen (weights as constants).
+normed.pt: x [N, 4] float32 -> y [N, 4] float32 through batch norm with running statistics:
+    floating buffers that reduced precision must cast along with the parameters.
 """
 
 import sys
@@ -25,11 +30,40 @@ class Tokenwise(torch.nn.Module):
         return hidden, pooled
 
 
+class Positions(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(1000, 16)
+        self.position = torch.nn.Embedding(512, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.register_buffer("position_ids", torch.arange(512).unsqueeze(0))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = self.position_ids[:, : ids.shape[1]]
+        return self.norm(self.embed(ids) + self.position(positions))
+
+
+class Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.norm.running_mean.uniform_(-1.0, 1.0)
+        self.norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
 def main(build: Path) -> None:
     torch.manual_seed(11)
     models = build / "models"
     models.mkdir(parents=True, exist_ok=True)
     torch.jit.script(Tokenwise().eval()).save(str(models / "tokenwise.pt"))
+    positions = torch.jit.script(Positions().eval())
+    positions.save(str(models / "positions.pt"))
+    torch.jit.freeze(positions).save(str(models / "positions-frozen.pt"))
+    torch.jit.script(Normed().eval()).save(str(models / "normed.pt"))
     print(f"test models: wrote {models / 'tokenwise.pt'}")
 
 
