@@ -21,14 +21,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_wire::{ReplicaInfo, ReplicaState};
+use kiln_wire::{EventKind, ReplicaInfo, ReplicaState};
 use tokio::sync::oneshot;
 
 use crate::backend::{self, Cast, OutputMeta, TorchModel};
 use crate::batch;
 use crate::config::{Device, MAX_PRIORITY, ModelConfig, Precision};
 use crate::gpu::Booking;
+use crate::histogram::{AtomicHistogram, BatchSizes};
 use crate::placement::{Placement, PlacementError, Placer, Purpose};
+use crate::telemetry::EventLog;
 use crate::tensor::{HostTensor, TensorError};
 
 /// Why an inference did not produce outputs.
@@ -79,16 +81,6 @@ pub struct InferOptions {
     pub timeout: Option<Duration>,
 }
 
-/// Batch sizes are counted in these buckets: 1, 2, 3-4, 5-8, ..., 65-128, more.
-pub const BATCH_BUCKETS: [u32; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
-
-/// Queue waits are counted in these buckets (upper bounds in microseconds; the last counts the
-/// rest): the scaler's p95 and the metrics' histogram.
-pub const WAIT_BUCKETS_US: [u64; 16] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
-];
-
 /// Counters an operator (and the batching tests) read.
 #[derive(Debug, Default)]
 pub struct ModelCounters {
@@ -96,8 +88,6 @@ pub struct ModelCounters {
     pub inferences: AtomicU64,
     /// Forward passes run.
     pub executions: AtomicU64,
-    /// Rows run, over all forward passes.
-    pub rows: AtomicU64,
     /// Requests whose caller had gone before they ran; skipped, not executed.
     pub dropped: AtomicU64,
     /// Requests refused because the queue was full.
@@ -106,64 +96,20 @@ pub struct ModelCounters {
     pub timeouts: AtomicU64,
     /// Requests waiting in the queue now.
     pub queued: AtomicUsize,
-    /// Total microseconds requests spent queued, and in forward passes (over all replicas).
-    pub queue_wait_us: AtomicU64,
+    /// Total microseconds in forward passes, over all replicas.
     pub forward_us: AtomicU64,
-    /// Forward passes by batch size bucket, see [`BATCH_BUCKETS`] (the last counts the rest).
-    pub batch_sizes: [AtomicU64; BATCH_BUCKETS.len() + 1],
-    /// Requests by time spent queued, see [`WAIT_BUCKETS_US`] (the last counts the rest).
-    pub queue_waits: [AtomicU64; WAIT_BUCKETS_US.len() + 1],
+    /// Forward passes by rows.
+    pub batch_sizes: BatchSizes,
+    /// Time from enqueue to the start of the request's forward pass.
+    pub queue_wait: AtomicHistogram,
 }
 
 impl ModelCounters {
     fn count_batch(&self, requests: usize, rows: u32) {
         self.inferences.fetch_add(requests as u64, Ordering::Relaxed);
         self.executions.fetch_add(1, Ordering::Relaxed);
-        self.rows.fetch_add(u64::from(rows), Ordering::Relaxed);
-        let bucket = BATCH_BUCKETS
-            .iter()
-            .position(|&b| rows <= b)
-            .unwrap_or(BATCH_BUCKETS.len());
-        self.batch_sizes[bucket].fetch_add(1, Ordering::Relaxed);
+        self.batch_sizes.record(rows);
     }
-
-    fn count_wait(&self, wait: Duration) {
-        let us = wait.as_micros() as u64;
-        self.queue_wait_us.fetch_add(us, Ordering::Relaxed);
-        let bucket = WAIT_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(WAIT_BUCKETS_US.len());
-        self.queue_waits[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The queue-wait histogram now, for differences between two moments.
-    pub fn queue_wait_counts(&self) -> [u64; WAIT_BUCKETS_US.len() + 1] {
-        std::array::from_fn(|i| self.queue_waits[i].load(Ordering::Relaxed))
-    }
-}
-
-/// The `q` quantile (0..=1) of a bucketed histogram, interpolated inside its bucket; zero when
-/// empty. `counts` has one more entry than `bounds` (the overflow, reported as the last bound).
-pub fn quantile(bounds: &[u64], counts: &[u64], q: f64) -> f64 {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return 0.0;
-    }
-    let rank = q * total as f64;
-    let mut seen = 0u64;
-    for (i, &count) in counts.iter().enumerate() {
-        if count > 0 && (seen + count) as f64 >= rank {
-            let lower = if i == 0 { 0 } else { bounds[i - 1] } as f64;
-            let Some(&upper) = bounds.get(i) else {
-                return lower;
-            };
-            let into = ((rank - seen as f64) / count as f64).clamp(0.0, 1.0);
-            return lower + (upper as f64 - lower) * into;
-        }
-        seen += count;
-    }
-    bounds.last().copied().unwrap_or(0) as f64
 }
 
 type Reply = oneshot::Sender<Result<Vec<HostTensor>, InferError>>;
@@ -193,6 +139,16 @@ enum Event {
     Shutdown,
 }
 
+/// One replica's histograms, as the metrics export them.
+#[derive(Debug, Clone)]
+pub struct ReplicaMetrics {
+    pub device: String,
+    /// Forward passes per [`kiln_wire::BATCH_BOUNDS`] bucket, and rows over all of them.
+    pub batch_sizes: Vec<u64>,
+    pub rows: u64,
+    pub forward: kiln_wire::Histogram,
+}
+
 /// One replica as operators see it; the scheduler and the replica's thread update it.
 #[derive(Debug)]
 struct ReplicaSlot {
@@ -201,8 +157,9 @@ struct ReplicaSlot {
     state: Mutex<ReplicaState>,
     busy: AtomicBool,
     batches: AtomicU64,
-    rows: AtomicU64,
     busy_us: AtomicU64,
+    pub(crate) forward: AtomicHistogram,
+    pub(crate) batch_sizes: BatchSizes,
 }
 
 impl ReplicaSlot {
@@ -213,8 +170,9 @@ impl ReplicaSlot {
             state: Mutex::new(ReplicaState::Loading),
             busy: AtomicBool::new(false),
             batches: AtomicU64::new(0),
-            rows: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
+            forward: AtomicHistogram::new(),
+            batch_sizes: BatchSizes::default(),
         })
     }
 
@@ -229,7 +187,7 @@ impl ReplicaSlot {
             state: *self.state.lock().unwrap_or_else(PoisonError::into_inner),
             busy: self.busy.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
-            rows: self.rows.load(Ordering::Relaxed),
+            rows: self.batch_sizes.rows(),
             busy_seconds: self.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
         }
     }
@@ -239,11 +197,13 @@ impl ReplicaSlot {
         let started = Instant::now();
         let rows: u32 = batch.iter().map(|p| p.rows).sum();
         run_batch(model, &shared.config, &shared.counters, batch);
-        let us = started.elapsed().as_micros() as u64;
+        let elapsed = started.elapsed();
+        let us = elapsed.as_micros() as u64;
         shared.counters.forward_us.fetch_add(us, Ordering::Relaxed);
         self.busy_us.fetch_add(us, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.rows.fetch_add(u64::from(rows), Ordering::Relaxed);
+        self.forward.record(elapsed);
+        self.batch_sizes.record(rows);
     }
 }
 
@@ -258,6 +218,7 @@ struct Shared {
     target: AtomicU32,
     /// One replica's weights as measured at load; 0 until one has loaded.
     weights: AtomicU64,
+    events: Arc<EventLog>,
 }
 
 impl Shared {
@@ -310,7 +271,7 @@ impl ModelHandle {
     /// Places the model's first `instances.min` replicas and starts its scheduler; each replica
     /// loads and warms up its own copy of the module. Returns at once; [`ModelHandle::state`]
     /// says when the model is ready. A model that fits nowhere is refused here.
-    pub fn spawn(config: ModelConfig, placer: Placer) -> Result<ModelHandle, SpawnError> {
+    pub fn spawn(config: ModelConfig, placer: Placer, log: Arc<EventLog>) -> Result<ModelHandle, SpawnError> {
         let (events, inbox) = mpsc::channel();
         let initial = config.replicas.min;
         let shared = Arc::new(Shared {
@@ -321,6 +282,7 @@ impl ModelHandle {
             replicas: Mutex::new(Vec::new()),
             target: AtomicU32::new(initial),
             weights: AtomicU64::new(0),
+            events: log,
         });
         let placements = (0..initial)
             .map(|_| shared.placer.place(&shared.config, shared.weights(), Purpose::Start))
@@ -376,6 +338,23 @@ impl ModelHandle {
     /// Every replica alive (loading, ready or draining).
     pub fn replicas(&self) -> Vec<ReplicaInfo> {
         self.shared.slots().iter().map(|s| s.info()).collect()
+    }
+
+    /// Every replica's batch sizes and forward times, for the metrics.
+    pub fn replica_metrics(&self) -> Vec<(String, ReplicaMetrics)> {
+        self.shared
+            .slots()
+            .iter()
+            .map(|s| {
+                let metrics = ReplicaMetrics {
+                    device: s.device.to_string(),
+                    batch_sizes: s.batch_sizes.counts(),
+                    rows: s.batch_sizes.rows(),
+                    forward: s.forward.snapshot(),
+                };
+                (s.id.to_string(), metrics)
+            })
+            .collect()
     }
 
     /// Replicas asked for and not removed, loading ones included.
@@ -791,7 +770,7 @@ impl Scheduler {
             batch.sort_by_key(|p| p.enqueued);
             counters.queued.fetch_sub(batch.len(), Ordering::AcqRel);
             for p in &batch {
-                counters.count_wait(now.saturating_duration_since(p.enqueued));
+                counters.queue_wait.record(now.saturating_duration_since(p.enqueued));
             }
             if let Some((model, slot, _)) = &self.inline {
                 slot.busy.store(true, Ordering::Relaxed);
@@ -908,6 +887,11 @@ fn run_replica(
         }
     }
     tracing::info!(model = %shared.config.name, replica = slot.id, device = %slot.device, "replica stopped");
+    shared.events.emit(EventKind::ModelUnloaded {
+        model: shared.config.name.clone(),
+        replica: slot.id,
+        device: slot.device.to_string(),
+    });
     // The model and the booking go here, freeing the device's memory.
 }
 
@@ -938,9 +922,21 @@ fn load_replica(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "model ready"
             );
+            shared.events.emit(EventKind::ModelLoaded {
+                model: config.name.clone(),
+                replica: slot.id,
+                device: placement.device.to_string(),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
         }
         Err(reason) => {
-            tracing::error!(model = %config.name, replica = slot.id, device = %placement.device, "model failed to load: {reason}")
+            tracing::error!(model = %config.name, replica = slot.id, device = %placement.device, "model failed to load: {reason}");
+            shared.events.emit(EventKind::ModelFailed {
+                model: config.name.clone(),
+                replica: slot.id,
+                device: placement.device.to_string(),
+                reason: reason.clone(),
+            });
         }
     }
     loaded
@@ -1087,7 +1083,7 @@ mod tests {
     }
 
     async fn ready(config: ModelConfig) -> ModelHandle {
-        let handle = ModelHandle::spawn(config, cpu_placer()).expect("spawn");
+        let handle = ModelHandle::spawn(config, cpu_placer(), Arc::new(EventLog::new(16))).expect("spawn");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match handle.state() {
@@ -1404,6 +1400,7 @@ mod tests {
             replicas: Mutex::new(Vec::new()),
             target: AtomicU32::new(1),
             weights: AtomicU64::new(0),
+            events: Arc::new(EventLog::new(16)),
         })
     }
 
@@ -1435,7 +1432,7 @@ mod tests {
         config.replicas = Replicas { min: 1, max: 3 };
         config.device = DeviceChoice::Auto;
         config.memory_headroom_bytes = 256 << 20;
-        let handle = ModelHandle::spawn(config, Placer::new(Arc::clone(&gpus), 95)).expect("spawn");
+        let handle = ModelHandle::spawn(config, Placer::new(Arc::clone(&gpus), 95), Arc::new(EventLog::new(16))).expect("spawn");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !matches!(handle.state(), ModelState::Ready(_)) {
             assert!(Instant::now() < deadline, "not ready: {:?}", handle.state());

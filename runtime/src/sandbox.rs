@@ -32,6 +32,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 use crate::config::{HandlerConfig, SandboxLimits};
 use crate::executor::{InferOptions, ModelHandle};
+use crate::histogram::AtomicHistogram;
 use crate::nn::{self, NnCtx, NnLimits, NnState, NnView};
 
 /// How often the engine's epoch advances: the granularity of deadlines and of yielding. A busy
@@ -325,6 +326,10 @@ fn start_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long instantiating a guest takes (a fresh store from the pre-instance), over every
+/// request since start: the sandbox's own cost per request.
+pub static INSTANTIATION: AtomicHistogram = AtomicHistogram::new();
+
 /// A compiled, pre-instantiated handler. Each call runs in a fresh store.
 pub struct Handler {
     name: Arc<str>,
@@ -348,6 +353,11 @@ pub struct CallOptions {
 }
 
 impl Handler {
+    /// The name, shared: a label that costs no allocation per request.
+    pub fn name_arc(&self) -> Arc<str> {
+        Arc::clone(&self.name)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -412,7 +422,9 @@ impl Handler {
         let mut guest = AbortOnDrop(Some(tokio::spawn(async move {
             let _running = Running::enter();
             let run = async {
+                let instantiating = Instant::now();
                 let proxy = pre.instantiate_async(&mut store).await?;
+                INSTANTIATION.record(instantiating.elapsed());
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, incoming, outparam)

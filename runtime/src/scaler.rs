@@ -12,33 +12,35 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use kiln_wire::{GpuBrief, ReplicaState, ScaleAction, ScalingDecision, ScalingInputs};
-use tokio::sync::broadcast;
+use kiln_wire::{EventKind, GpuBrief, ReplicaState, ScaleAction, ScalingDecision, ScalingInputs};
+
+use crate::telemetry::EventLog;
 
 use crate::config::{Replicas, ScalerConfig};
-use crate::executor::{ModelHandle, WAIT_BUCKETS_US, quantile};
+use crate::executor::ModelHandle;
+use kiln_wire::Histogram;
 
 /// Utilization the remaining replicas may reach after a scale-down.
 const DOWN_UTILIZATION: f64 = 0.6;
 
-/// The recent decisions, counts by direction, and a feed for live followers.
+/// The recent decisions and counts by direction; each decision also goes to the event log.
 #[derive(Debug)]
 pub struct DecisionLog {
     recent: Mutex<VecDeque<ScalingDecision>>,
     capacity: usize,
     counts: [AtomicU64; 3],
-    feed: broadcast::Sender<ScalingDecision>,
+    events: Arc<EventLog>,
 }
 
 impl DecisionLog {
-    pub fn new(capacity: usize) -> DecisionLog {
+    pub fn new(capacity: usize, events: Arc<EventLog>) -> DecisionLog {
         DecisionLog {
             recent: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             capacity: capacity.max(1),
             counts: Default::default(),
-            feed: broadcast::channel(64).0,
+            events,
         }
     }
 
@@ -57,7 +59,7 @@ impl DecisionLog {
             decision.reason
         );
         self.counts[action_index(decision.action)].fetch_add(1, Ordering::Relaxed);
-        let _ = self.feed.send(decision.clone());
+        self.events.emit(EventKind::Scaling(decision.clone()));
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         if recent.len() == self.capacity {
             recent.pop_front();
@@ -73,11 +75,6 @@ impl DecisionLog {
     /// Decisions recorded since start with this action.
     pub fn count(&self, action: ScaleAction) -> u64 {
         self.counts[action_index(action)].load(Ordering::Relaxed)
-    }
-
-    /// Every decision from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<ScalingDecision> {
-        self.feed.subscribe()
     }
 }
 
@@ -243,11 +240,8 @@ impl ModelScaler {
         reason: String,
         device: Option<String>,
     ) -> ScalingDecision {
-        let at_unix_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         ScalingDecision {
-            at_unix_ms,
+            at_unix_ms: crate::telemetry::unix_ms(),
             model: self.model.clone(),
             action,
             from: obs.replicas,
@@ -269,7 +263,7 @@ impl ModelScaler {
 /// The counters one interval is measured against.
 struct Mark {
     at: Instant,
-    waits: [u64; WAIT_BUCKETS_US.len() + 1],
+    waits: Histogram,
     forward_us: u64,
 }
 
@@ -278,7 +272,7 @@ impl Mark {
         let c = handle.counters();
         Mark {
             at: Instant::now(),
-            waits: c.queue_wait_counts(),
+            waits: c.queue_wait.snapshot(),
             forward_us: c.forward_us.load(Ordering::Relaxed),
         }
     }
@@ -294,7 +288,7 @@ struct Watched {
 impl Watched {
     fn observe(&mut self) -> Observation {
         let now = Mark::now(&self.handle);
-        let waits: Vec<u64> = now.waits.iter().zip(&self.mark.waits).map(|(a, b)| a.saturating_sub(*b)).collect();
+        let waits = now.waits.since(&self.mark.waits);
         let elapsed_us = now.at.duration_since(self.mark.at).as_micros().max(1) as f64;
         let ready = self
             .handle
@@ -319,8 +313,8 @@ impl Watched {
         Observation {
             replicas: self.handle.replica_target(),
             queue_depth: self.handle.counters().queued.load(Ordering::Relaxed) as u64,
-            requests: waits.iter().sum(),
-            wait_p95_ms: quantile(&WAIT_BUCKETS_US, &waits, 0.95) / 1e3,
+            requests: waits.count(),
+            wait_p95_ms: waits.quantile_ms(0.95),
             utilization: (busy_us / (elapsed_us * ready)).clamp(0.0, 1.0),
             gpus,
         }
@@ -558,8 +552,9 @@ mod tests {
 
     #[test]
     fn the_log_keeps_the_most_recent_decisions_and_counts_them() {
-        let log = DecisionLog::new(2);
-        let mut feed = log.subscribe();
+        let events = Arc::new(EventLog::new(16));
+        let log = DecisionLog::new(2, Arc::clone(&events));
+        let (_, mut feed) = events.follow();
         let mut fleet = Fleet::new(&[(80_000, 0, 10)], 1, policy(1, 4));
         for second in (0..=30).step_by(2) {
             fleet.tick(second, true);
@@ -570,16 +565,7 @@ mod tests {
         assert_eq!(log.recent().len(), 2);
         assert_eq!(log.recent().last(), fleet.decisions.last());
         assert_eq!(log.count(ScaleAction::Up), 3);
-        assert_eq!(feed.try_recv().ok().as_ref(), fleet.decisions.first());
-    }
-
-    #[test]
-    fn p95_comes_from_the_wait_histogram() {
-        let mut counts = [0u64; WAIT_BUCKETS_US.len() + 1];
-        counts[3] = 90; // up to 1 ms
-        counts[9] = 10; // 50 to 100 ms
-        let p95 = quantile(&WAIT_BUCKETS_US, &counts, 0.95);
-        assert!((50_000.0..=100_000.0).contains(&p95), "{p95}");
-        assert_eq!(quantile(&WAIT_BUCKETS_US, &[0; 17], 0.95), 0.0);
+        let first = feed.try_recv().expect("an event").kind;
+        assert_eq!(Some(&first), fleet.decisions.first().cloned().map(EventKind::Scaling).as_ref());
     }
 }

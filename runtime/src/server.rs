@@ -20,10 +20,14 @@ use crate::executor::ModelHandle;
 use crate::gpu::Gpus;
 use crate::placement::Placer;
 use crate::scaler::{self, DecisionLog};
+use crate::telemetry::{EventLog, Telemetry};
 use crate::keys::{self, KeyRing, Principal};
 use crate::sandbox::{ComponentError, Origin, Sandbox};
 use crate::state::Store;
 use crate::tenancy::Tenant;
+
+/// Events kept for followers of `/v1/events` that connect later.
+const EVENT_HISTORY: usize = 500;
 
 /// How often the key files are checked for changes (`kiln tenant add-key` on a running server).
 const KEY_POLL: Duration = Duration::from_secs(1);
@@ -35,14 +39,16 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     gpus.spawn_poller(config.gpus.poll_interval)
         .context("cannot start the GPU poller")?;
     let placer = Placer::new(Arc::clone(&gpus), config.scaler.max_gpu_utilization);
+    let events = Arc::new(EventLog::new(EVENT_HISTORY));
     let mut models = HashMap::new();
     for model in &config.models {
-        let handle = ModelHandle::spawn(model.clone(), placer.clone()).map_err(|e| {
+        let handle = ModelHandle::spawn(model.clone(), placer.clone(), Arc::clone(&events)).map_err(|e| {
             anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
         })?;
         models.insert(model.name.clone(), handle);
     }
-    let decisions = Arc::new(DecisionLog::new(config.scaler.history));
+    let decisions = Arc::new(DecisionLog::new(config.scaler.history, Arc::clone(&events)));
+    let telemetry = Arc::new(Telemetry::new(events));
     scaler::spawn(models.values().cloned().collect(), &config.scaler, Arc::clone(&decisions))
         .context("cannot start the scaler")?;
     let tenants: HashMap<String, Arc<Tenant>> = config
@@ -144,6 +150,8 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         }
     }
 
+    let mut models_for_metrics: Vec<ModelHandle> = models.values().cloned().collect();
+    models_for_metrics.sort_by(|a, b| a.name().cmp(b.name()));
     Ok(AppState {
         handlers: RwLock::new(handlers),
         models,
@@ -152,8 +160,10 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
         audit: Audit::open(state_dir),
+        metrics: api::metrics::registry(&models_for_metrics, &gpus, &decisions, &telemetry),
         gpus,
         decisions,
+        telemetry,
         started: std::time::Instant::now(),
         admin: AdminState {
             sandbox,

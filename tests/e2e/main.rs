@@ -5,6 +5,7 @@ mod deploy;
 mod digits;
 mod embeddings;
 mod errors;
+mod observability;
 mod oip;
 mod sandbox;
 mod tenancy;

@@ -1,5 +1,6 @@
-//! The wire types of Kiln's admin endpoints (`/v1/stats`, `/v1/scaler`): what the server sends and
-//! `kiln-top` reads. Plain data with serde; no libtorch or wasmtime, so the dashboard stays small.
+//! The wire types of Kiln's admin endpoints (`/v1/stats`, `/v1/scaler`, `/v1/events`): what the
+//! server sends and `kiln-top` reads. Plain data with serde; no libtorch or wasmtime, so the
+//! dashboard stays small.
 
 #![forbid(unsafe_code)]
 
@@ -114,6 +115,169 @@ pub struct ReplicaInfo {
     pub busy_seconds: f64,
 }
 
+/// Upper bounds (microseconds) of every latency histogram Kiln keeps: request duration, queue
+/// wait, forward pass, sandbox instantiation. One more bucket counts the rest.
+pub const LATENCY_BOUNDS_US: [u64; 19] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Batch sizes are counted up to these bounds: 1, 2, 3-4, 5-8, ..., 65-128; one more bucket
+/// counts larger batches.
+pub const BATCH_BOUNDS: [u32; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
+/// A latency histogram over [`LATENCY_BOUNDS_US`], cumulative since the server started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); `LATENCY_BOUNDS_US.len() + 1` entries.
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// What was added since `earlier` (a snapshot of the same histogram).
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        Histogram {
+            counts: self
+                .counts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.saturating_sub(earlier.counts.get(i).copied().unwrap_or(0)))
+                .collect(),
+            sum_us: self.sum_us.saturating_sub(earlier.sum_us),
+        }
+    }
+
+    /// The `q` quantile in milliseconds (see [`quantile`]).
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        quantile(&LATENCY_BOUNDS_US, &self.counts, q) / 1e3
+    }
+}
+
+/// The `q` quantile (0..=1) of a bucketed histogram, interpolated inside its bucket; zero when
+/// empty. `counts` has one more entry than `bounds` (the overflow, reported as the last bound).
+pub fn quantile(bounds: &[u64], counts: &[u64], q: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0u64;
+    for (i, &count) in counts.iter().enumerate() {
+        if count > 0 && (seen + count) as f64 >= rank {
+            let lower = if i == 0 { 0 } else { bounds[i - 1] } as f64;
+            let Some(&upper) = bounds.get(i) else {
+                return lower;
+            };
+            let into = ((rank - seen as f64) / count as f64).clamp(0.0, 1.0);
+            return lower + (upper as f64 - lower) * into;
+        }
+        seen += count;
+    }
+    bounds.last().copied().unwrap_or(0) as f64
+}
+
+/// `GET /v1/stats`: everything the dashboard shows, cumulative since start (rates come from two
+/// snapshots).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// `kiln <version>`.
+    pub server: String,
+    pub uptime_seconds: f64,
+    pub gpus: Vec<GpuInfo>,
+    pub models: Vec<ModelStats>,
+    pub handlers: Vec<RouteStats>,
+    pub tenants: Vec<RouteStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStats {
+    pub name: String,
+    /// `loading`, `ready` or `failed`.
+    pub state: String,
+    /// The configured choice: `auto`, `cpu`, `cuda:N` or a list.
+    pub device: String,
+    pub instances: Bounds,
+    pub replica_target: u32,
+    pub replicas: Vec<ReplicaInfo>,
+    pub max_batch_size: u32,
+    pub latency_objective_ms: f64,
+    /// Requests waiting now.
+    pub queued: u64,
+    /// Requests answered by a forward pass, and forward passes: their ratio is the average
+    /// batch size.
+    pub inferences: u64,
+    pub executions: u64,
+    pub rows: u64,
+    pub dropped: u64,
+    pub overloaded: u64,
+    pub timeouts: u64,
+    pub average_batch_size: f64,
+    /// Forward passes per [`BATCH_BOUNDS`] bucket.
+    pub batch_sizes: Vec<u64>,
+    pub queue_wait: Histogram,
+    pub forward: Histogram,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bounds {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// Requests through one handler, or from one tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteStats {
+    pub name: String,
+    pub requests: u64,
+    /// Answers of 500 and above.
+    pub errors: u64,
+    /// 429 answers: over a rate or concurrency quota.
+    pub throttled: u64,
+    pub latency: Histogram,
+}
+
+/// One entry of `GET /v1/events` (server-sent events; `data:` is this as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerEvent {
+    /// Increasing from 1 since the server started; the SSE `id`.
+    pub seq: u64,
+    pub at_unix_ms: u64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    Scaling(ScalingDecision),
+    Deployed { handler: String, tenant: String, sha256: String },
+    Undeployed { handler: String, tenant: String },
+    ModelLoaded { model: String, replica: u32, device: String, elapsed_ms: u64 },
+    ModelUnloaded { model: String, replica: u32, device: String },
+    ModelFailed { model: String, replica: u32, device: String, reason: String },
+    GuestTrap { handler: String, tenant: String, kind: String, message: String },
+}
+
+impl EventKind {
+    /// The SSE `event:` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Scaling(_) => "scaling",
+            EventKind::Deployed { .. } => "deployed",
+            EventKind::Undeployed { .. } => "undeployed",
+            EventKind::ModelLoaded { .. } => "model_loaded",
+            EventKind::ModelUnloaded { .. } => "model_unloaded",
+            EventKind::ModelFailed { .. } => "model_failed",
+            EventKind::GuestTrap { .. } => "guest_trap",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +305,29 @@ mod tests {
         assert!(text.contains("\"action\":\"up\""), "{text}");
         let back: ScalingDecision = serde_json::from_str(&text).expect("deserialize");
         assert_eq!(back, decision);
+        let event = ServerEvent { seq: 1, at_unix_ms: 2, kind: EventKind::Scaling(decision) };
+        let text = serde_json::to_string(&event).expect("serialize");
+        assert!(text.contains("\"type\":\"scaling\"") && text.contains("\"model\":\"m\""), "{text}");
+        assert_eq!(serde_json::from_str::<ServerEvent>(&text).expect("deserialize"), event);
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_buckets() {
+        let mut counts = vec![0u64; LATENCY_BOUNDS_US.len() + 1];
+        counts[6] = 90; // 500 us to 1 ms
+        counts[12] = 10; // 50 to 100 ms
+        let h = Histogram { counts, sum_us: 0 };
+        assert!((0.5..=1.0).contains(&h.quantile_ms(0.5)), "{}", h.quantile_ms(0.5));
+        assert!((50.0..=100.0).contains(&h.quantile_ms(0.95)), "{}", h.quantile_ms(0.95));
+        assert_eq!(Histogram::default().quantile_ms(0.99), 0.0);
+        let later = Histogram { counts: h.counts.iter().map(|c| c * 2).collect(), sum_us: 10 };
+        assert_eq!(later.since(&h), h.clone().with_sum(10));
+    }
+
+    impl Histogram {
+        fn with_sum(mut self, sum_us: u64) -> Histogram {
+            self.sum_us = sum_us;
+            self
+        }
     }
 }

@@ -197,6 +197,11 @@ async fn deploy_checked(
             if signed { " (signature verified)" } else { "" }
         ),
     );
+    app.telemetry.events.emit(kiln_wire::EventKind::Deployed {
+        handler: name.to_owned(),
+        tenant: tenant.name().to_owned(),
+        sha256: deployment.sha256.clone(),
+    });
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
     Ok(json_response(status, &describe(&handler)))
 }
@@ -235,6 +240,10 @@ async fn remove(
         .map_err(|e| ApiError::Internal(format!("cannot remove the deployment: {e}")))?;
     write(&app.handlers).remove(&name);
     app.audit.record(Event::Delete, Some(existing.tenant()), Some(&name), "deleted");
+    app.telemetry.events.emit(kiln_wire::EventKind::Undeployed {
+        handler: name.clone(),
+        tenant: existing.tenant().to_owned(),
+    });
     Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
 }
 

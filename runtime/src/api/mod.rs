@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod error;
+pub mod metrics;
 mod oip;
 mod stats;
 
@@ -28,6 +29,7 @@ use crate::config::MAX_PRIORITY;
 use crate::executor::ModelHandle;
 use crate::gpu::Gpus;
 use crate::scaler::DecisionLog;
+use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
 use crate::keys::{KeyRing, Principal};
 use crate::sandbox::{CallOptions, Handler};
 use crate::tenancy::{Permit, Tenant};
@@ -48,6 +50,9 @@ pub struct AppState {
     pub gpus: Arc<Gpus>,
     /// The scaler's recent decisions.
     pub decisions: Arc<DecisionLog>,
+    pub telemetry: Arc<Telemetry>,
+    /// What `/metrics` exports.
+    pub metrics: prometheus_client::registry::Registry,
     pub started: std::time::Instant,
 }
 
@@ -86,6 +91,7 @@ impl AppState {
     /// Admits one request under the tenant's quotas, auditing a refusal.
     fn admit(&self, tenant: &Arc<Tenant>, handler: Option<&str>) -> Result<Permit, ApiError> {
         tenant.admit().map_err(|refusal| {
+            self.telemetry.record_refusal(tenant.name(), refusal.kind());
             self.audit.record(Event::QuotaRefused, Some(tenant.name()), handler, &refusal.to_string());
             ApiError::Quota(refusal)
         })
@@ -139,6 +145,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/handlers/{name}/{*rest}", any(invoke))
         .route("/v1/stats", get(stats::snapshot))
         .route("/v1/scaler", get(stats::scaler))
+        .route("/v1/events", get(stats::events))
+        .route("/metrics", get(metrics::export))
         .route("/v2", get(oip::server_metadata))
         .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))
@@ -155,16 +163,36 @@ async fn invoke_root(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
     request: Request,
-) -> Result<Response, ApiError> {
-    call_handler(&app, &name, "", request).await
+) -> Response {
+    counted_call(&app, &name, "", request).await
 }
 
 async fn invoke(
     State(app): State<Arc<AppState>>,
     Path((name, rest)): Path<(String, String)>,
     request: Request,
-) -> Result<Response, ApiError> {
-    call_handler(&app, &name, &rest, request).await
+) -> Response {
+    counted_call(&app, &name, &rest, request).await
+}
+
+/// Who a handler call turned out to be for, once known: the labels it is counted under.
+#[derive(Default)]
+struct CallLabels {
+    handler: Option<Arc<str>>,
+    tenant: Option<String>,
+}
+
+/// [`call_handler`], counted by handler, tenant and status.
+async fn counted_call(app: &AppState, name: &str, rest: &str, request: Request) -> Response {
+    let started = std::time::Instant::now();
+    let mut labels = CallLabels::default();
+    let response = call_handler(app, name, rest, request, &mut labels)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    let handler = labels.handler.as_deref().unwrap_or(UNKNOWN);
+    let tenant = labels.tenant.as_deref().unwrap_or(ANONYMOUS);
+    app.telemetry.record_request(handler, tenant, response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// Runs handler `name` on `request`. The guest sees the part of the path after the handler's
@@ -174,15 +202,18 @@ async fn call_handler(
     name: &str,
     rest: &str,
     request: Request,
+    labels: &mut CallLabels,
 ) -> Result<Response, ApiError> {
     let (mut parts, body) = request.into_parts();
     // Authentication first: without a valid key nothing is said about which handlers exist.
     let principal = app.authenticate(&parts.headers, Some(name))?;
     let tenant = app.tenant_of(&principal)?;
+    labels.tenant = Some(tenant.name().to_owned());
     let handler = app
         .handler(name)
         .filter(|h| h.tenant() == tenant.name())
         .ok_or_else(|| ApiError::NotFound(format!("handler '{name}' not found")))?;
+    labels.handler = Some(handler.name_arc());
     let options = CallOptions {
         priority: priority_header(&parts.headers)?,
         timeout: timeout_header(&parts.headers)?,
@@ -210,6 +241,7 @@ async fn call_handler(
     let request = http::Request::from_parts(parts, Full::new(body));
     let response = handler.call(request, options).await.map_err(|e| {
         tracing::warn!(handler = %name, tenant = %tenant.name(), kind = e.kind(), "{e}");
+        app.telemetry.record_trap(name, tenant.name(), e.kind(), e.to_string());
         ApiError::Guest(e)
     })?;
     // The tenant's slot is held until the guest has streamed its whole body.

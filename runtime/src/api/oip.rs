@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -148,13 +148,32 @@ struct RequestOutput {
     parameters: Map<String, Value>,
 }
 
+/// Direct model calls are counted as the handler `oip`.
 pub(super) async fn infer(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: Body,
+) -> Response {
+    let started = std::time::Instant::now();
+    let mut tenant_label = None;
+    let response = infer_model(&app, &model, headers, body, &mut tenant_label)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    let tenant = tenant_label.as_deref().unwrap_or(crate::telemetry::ANONYMOUS);
+    app.telemetry.record_request("oip", tenant, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn infer_model(
+    app: &AppState,
+    model: &str,
+    headers: HeaderMap,
+    body: Body,
+    tenant_label: &mut Option<String>,
 ) -> Result<Response, ApiError> {
-    let (model, tenant) = app.authorized_model(&headers, &model)?;
+    let (model, tenant) = app.authorized_model(&headers, model)?;
+    *tenant_label = Some(tenant.map_or("admin", |t| t.name()).to_owned());
     let mut limit = app.max_body_bytes;
     let _permit = match tenant {
         Some(tenant) => {

@@ -1,89 +1,122 @@
-//! `GET /v1/stats` (admin key): one JSON snapshot of every model's scheduler counters, replicas
-//! and the GPUs; `GET /v1/scaler` (admin key): the scaler's recent decisions.
+//! The admin's views of a running server, all behind the admin key: `GET /v1/stats` (one JSON
+//! snapshot of everything the dashboard shows), `GET /v1/scaler` (recent scaling decisions) and
+//! `GET /v1/events` (server-sent events, the recent history first).
 //!
-//! Counters are cumulative since start; rates and averages come from two snapshots (for example
-//! `kiln bench` reads one before and one after a run to report the average batch size).
+//! Counters are cumulative since start; rates and recent percentiles come from two snapshots
+//! (`kiln bench` reads one before and one after a run to report the average batch size).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::Response;
-use serde_json::{Value, json};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use kiln_wire::{Bounds, ModelStats, ScalerReport, ServerEvent, Stats};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
 
-use super::{AppState, json_response};
-use crate::executor::{BATCH_BUCKETS, ModelState};
+use super::{ApiError, AppState, json_response};
+use crate::executor::ModelState;
 
-/// Every model's counters: admin only, since it names every tenant's models.
-pub(super) async fn snapshot(
-    State(app): State<Arc<AppState>>,
-    headers: axum::http::HeaderMap,
-) -> Result<Response, super::ApiError> {
+/// Every model, handler, tenant and GPU: admin only, since it names every tenant's models.
+pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     super::admin::require_admin(&app, &headers, None)?;
     let mut names: Vec<&String> = app.models.keys().collect();
     names.sort();
-    let models: Vec<Value> = names
+    let models = names
         .into_iter()
         .map(|name| {
             let model = &app.models[name];
             let c = model.counters();
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            let inferences = load(&c.inferences);
-            let executions = load(&c.executions);
-            // In bucket order; `up_to: null` counts the batches larger than the last bucket.
-            let buckets: Vec<Value> = c
-                .batch_sizes
-                .iter()
-                .enumerate()
-                .map(|(i, count)| json!({ "up_to": BATCH_BUCKETS.get(i), "count": load(count) }))
-                .collect();
-            let state = match model.state() {
-                ModelState::Loading => "loading",
-                ModelState::Ready(_) => "ready",
-                ModelState::Failed(_) => "failed",
-            };
+            let (inferences, executions) = (load(&c.inferences), load(&c.executions));
             let config = model.config();
-            json!({
-                "name": name,
-                "state": state,
-                "device": config.device.to_string(),
-                "instances": { "min": config.replicas.min, "max": config.replicas.max },
-                "replica_target": model.replica_target(),
-                "replicas": model.replicas(),
-                "latency_objective_ms": config.latency_objective.as_secs_f64() * 1e3,
-                "max_batch_size": config.batching.max_batch_size,
-                "queued": c.queued.load(Ordering::Relaxed),
-                "inferences": inferences,
-                "executions": executions,
-                "rows": load(&c.rows),
-                "dropped": load(&c.dropped),
-                "overloaded": load(&c.overloaded),
-                "timeouts": load(&c.timeouts),
-                "queue_wait_us": load(&c.queue_wait_us),
-                "forward_us": load(&c.forward_us),
-                "average_batch_size": if executions == 0 { 0.0 } else { inferences as f64 / executions as f64 },
-                "batch_sizes": buckets,
-            })
+            ModelStats {
+                name: name.clone(),
+                state: match model.state() {
+                    ModelState::Loading => "loading",
+                    ModelState::Ready(_) => "ready",
+                    ModelState::Failed(_) => "failed",
+                }
+                .to_owned(),
+                device: config.device.to_string(),
+                instances: Bounds { min: config.replicas.min, max: config.replicas.max },
+                replica_target: model.replica_target(),
+                replicas: model.replicas(),
+                max_batch_size: config.batching.max_batch_size,
+                latency_objective_ms: config.latency_objective.as_secs_f64() * 1e3,
+                queued: c.queued.load(Ordering::Relaxed) as u64,
+                inferences,
+                executions,
+                rows: c.batch_sizes.rows(),
+                dropped: load(&c.dropped),
+                overloaded: load(&c.overloaded),
+                timeouts: load(&c.timeouts),
+                average_batch_size: if executions == 0 { 0.0 } else { inferences as f64 / executions as f64 },
+                batch_sizes: c.batch_sizes.counts(),
+                queue_wait: c.queue_wait.snapshot(),
+                forward: model.replica_metrics().into_iter().fold(kiln_wire::Histogram::default(), |sum, (_, r)| add(sum, &r.forward)),
+            }
         })
         .collect();
-    let gpus = app.gpus.latest();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "uptime_seconds": app.started.elapsed().as_secs_f64(),
-            "gpus": *gpus,
-            "models": models,
-        }),
-    ))
+    let stats = Stats {
+        server: format!("kiln {}", env!("CARGO_PKG_VERSION")),
+        uptime_seconds: app.started.elapsed().as_secs_f64(),
+        gpus: app.gpus.latest().to_vec(),
+        models,
+        handlers: app.telemetry.handlers(),
+        tenants: app.telemetry.tenants(),
+    };
+    Ok(json_response(StatusCode::OK, &json!(stats)))
 }
 
-/// The scaler's recent decisions, oldest first: admin only, like the stats.
-pub(super) async fn scaler(
-    State(app): State<Arc<AppState>>,
-    headers: axum::http::HeaderMap,
-) -> Result<Response, super::ApiError> {
+fn add(mut sum: kiln_wire::Histogram, h: &kiln_wire::Histogram) -> kiln_wire::Histogram {
+    if sum.counts.len() < h.counts.len() {
+        sum.counts.resize(h.counts.len(), 0);
+    }
+    for (s, c) in sum.counts.iter_mut().zip(&h.counts) {
+        *s += c;
+    }
+    sum.sum_us += h.sum_us;
+    sum
+}
+
+/// The scaler's recent decisions, oldest first.
+pub(super) async fn scaler(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     super::admin::require_admin(&app, &headers, None)?;
-    let report = kiln_wire::ScalerReport { decisions: app.decisions.recent() };
+    let report = ScalerReport { decisions: app.decisions.recent() };
     Ok(json_response(StatusCode::OK, &json!(report)))
+}
+
+/// Server-sent events: the recent history, then every new event as it happens. A follower
+/// too slow to keep up is told how many it missed and goes on.
+pub(super) async fn events(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    super::admin::require_admin(&app, &headers, None)?;
+    let (history, feed) = app.telemetry.events.follow();
+    let replay = futures::stream::iter(history.into_iter().map(|e| Ok(sse(&e))));
+    let live = futures::stream::unfold(feed, |mut feed| async move {
+        loop {
+            match feed.recv().await {
+                Ok(event) => return Some((Ok(sse(&event)), feed)),
+                Err(RecvError::Lagged(missed)) => {
+                    return Some((Ok(Event::default().event("lagged").data(missed.to_string())), feed));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    let stream: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(futures::StreamExt::chain(replay, live));
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn sse(event: &ServerEvent) -> Event {
+    let data = serde_json::to_string(event).unwrap_or_else(|e| json!({ "error": e.to_string() }).to_string());
+    Event::default().event(event.kind.name()).id(event.seq.to_string()).data(data)
 }

@@ -1,0 +1,222 @@
+//! Telemetry: requests and their latency by handler, tenant and status, guest traps, quota
+//! refusals, and the event log behind `GET /v1/events` (scaling decisions, deployments, model
+//! loads and unloads, guest traps), with a bounded history replayed to new followers.
+//!
+//! Labels are only ever configured names (handlers, tenants, models) or fixed words: a request
+//! for a handler that does not exist is counted under `(unknown)`, so a client cannot grow the
+//! metrics without bound.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use kiln_wire::{EventKind, RouteStats, ServerEvent};
+use tokio::sync::broadcast;
+
+use crate::histogram::AtomicHistogram;
+
+/// The label for requests whose handler is not one of this server's.
+pub const UNKNOWN: &str = "(unknown)";
+/// The label for requests without a valid tenant key.
+pub const ANONYMOUS: &str = "(none)";
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Recent events and a feed of new ones.
+#[derive(Debug)]
+pub struct EventLog {
+    recent: Mutex<(VecDeque<ServerEvent>, u64)>,
+    capacity: usize,
+    feed: broadcast::Sender<ServerEvent>,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize) -> EventLog {
+        EventLog {
+            recent: Mutex::new((VecDeque::new(), 0)),
+            capacity: capacity.max(1),
+            feed: broadcast::channel(256).0,
+        }
+    }
+
+    pub fn emit(&self, kind: EventKind) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.1 += 1;
+        let event = ServerEvent { seq: recent.1, at_unix_ms: unix_ms(), kind };
+        // Sent under the lock, so a follower that subscribes under it misses nothing.
+        let _ = self.feed.send(event.clone());
+        if recent.0.len() == self.capacity {
+            recent.0.pop_front();
+        }
+        recent.0.push_back(event);
+    }
+
+    /// The history, oldest first, and a feed of everything after it.
+    pub fn follow(&self) -> (Vec<ServerEvent>, broadcast::Receiver<ServerEvent>) {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        (recent.0.iter().cloned().collect(), self.feed.subscribe())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Route {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    throttled: AtomicU64,
+    latency: AtomicHistogram,
+}
+
+impl Route {
+    fn record(&self, status: u16, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if status == 429 {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency.record(elapsed);
+    }
+
+    fn stats(&self, name: &str) -> RouteStats {
+        RouteStats {
+            name: name.to_owned(),
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            throttled: self.throttled.load(Ordering::Relaxed),
+            latency: self.latency.snapshot(),
+        }
+    }
+}
+
+/// Everything counted about requests, shared by the API and the exporters.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub events: Arc<EventLog>,
+    by_status: Mutex<HashMap<(String, String, u16), u64>>,
+    handlers: RwLock<BTreeMap<String, Arc<Route>>>,
+    tenants: RwLock<BTreeMap<String, Arc<Route>>>,
+    traps: Mutex<BTreeMap<&'static str, u64>>,
+    refusals: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+fn route(map: &RwLock<BTreeMap<String, Arc<Route>>>, name: &str) -> Arc<Route> {
+    if let Some(r) = map.read().unwrap_or_else(PoisonError::into_inner).get(name) {
+        return Arc::clone(r);
+    }
+    let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(map.entry(name.to_owned()).or_default())
+}
+
+impl Telemetry {
+    pub fn new(events: Arc<EventLog>) -> Telemetry {
+        Telemetry {
+            events,
+            by_status: Mutex::new(HashMap::new()),
+            handlers: RwLock::new(BTreeMap::new()),
+            tenants: RwLock::new(BTreeMap::new()),
+            traps: Mutex::new(BTreeMap::new()),
+            refusals: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// One answered request: `handler` and `tenant` must be configured names (or [`UNKNOWN`],
+    /// [`ANONYMOUS`]).
+    pub fn record_request(&self, handler: &str, tenant: &str, status: u16, elapsed: Duration) {
+        {
+            let mut counts = self.by_status.lock().unwrap_or_else(PoisonError::into_inner);
+            *counts.entry((handler.to_owned(), tenant.to_owned(), status)).or_default() += 1;
+        }
+        route(&self.handlers, handler).record(status, elapsed);
+        if tenant != ANONYMOUS {
+            route(&self.tenants, tenant).record(status, elapsed);
+        }
+    }
+
+    pub fn record_trap(&self, handler: &str, tenant: &str, kind: &'static str, message: String) {
+        *self.traps.lock().unwrap_or_else(PoisonError::into_inner).entry(kind).or_default() += 1;
+        self.events.emit(EventKind::GuestTrap {
+            handler: handler.to_owned(),
+            tenant: tenant.to_owned(),
+            kind: kind.to_owned(),
+            message,
+        });
+    }
+
+    pub fn record_refusal(&self, tenant: &str, kind: &'static str) {
+        *self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((tenant.to_owned(), kind))
+            .or_default() += 1;
+    }
+
+    /// Requests by (handler, tenant, status).
+    pub fn requests(&self) -> Vec<((String, String, u16), u64)> {
+        let mut all: Vec<_> = self
+            .by_status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        all.sort();
+        all
+    }
+
+    pub fn handlers(&self) -> Vec<RouteStats> {
+        let map = self.handlers.read().unwrap_or_else(PoisonError::into_inner);
+        map.iter().map(|(name, r)| r.stats(name)).collect()
+    }
+
+    pub fn tenants(&self) -> Vec<RouteStats> {
+        let map = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        map.iter().map(|(name, r)| r.stats(name)).collect()
+    }
+
+    pub fn traps(&self) -> Vec<(&'static str, u64)> {
+        self.traps.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    pub fn refusals(&self) -> Vec<((String, &'static str), u64)> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_route_and_the_log_replays_then_follows() {
+        let telemetry = Telemetry::new(Arc::new(EventLog::new(2)));
+        telemetry.record_request("digits", "demo", 200, Duration::from_millis(2));
+        telemetry.record_request("digits", "demo", 429, Duration::from_micros(30));
+        telemetry.record_request(UNKNOWN, ANONYMOUS, 401, Duration::from_micros(30));
+        let handlers = telemetry.handlers();
+        let digits = handlers.iter().find(|h| h.name == "digits").expect("digits");
+        assert_eq!((digits.requests, digits.throttled, digits.errors), (2, 1, 0));
+        assert_eq!(telemetry.tenants().len(), 1, "anonymous calls have no tenant row");
+        assert_eq!(telemetry.requests().len(), 3);
+
+        for i in 0..3 {
+            telemetry.record_trap("h", "t", "memory", format!("trap {i}"));
+        }
+        assert_eq!(telemetry.traps(), vec![("memory", 3)]);
+        let (history, mut feed) = telemetry.events.follow();
+        assert_eq!(history.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3], "bounded history");
+        telemetry.events.emit(EventKind::Undeployed { handler: "h".into(), tenant: "t".into() });
+        assert_eq!(feed.try_recv().map(|e| e.seq).ok(), Some(4));
+    }
+}
