@@ -16,6 +16,13 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 
+# kiln-top's end-to-end test runs it in a real terminal.
+if ! command -v tmux > /dev/null; then
+    step "installing tmux"
+    if [ "$(id -u)" = 0 ]; then apt-get install -y -qq tmux > /dev/null || { apt-get update -qq && apt-get install -y -qq tmux > /dev/null; }
+    else sudo apt-get install -y -qq tmux > /dev/null; fi
+fi
+
 stamp=.venv/.kiln-requirements
 want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -47,5 +54,5 @@ step "building the guest components (wasm32-wasip2)"
 cargo build --quiet --profile guest --target wasm32-wasip2 -p digits -p embeddings \
     -p misbehave -p forbidden -p greeter
 
-step "building kiln (release)"
-cargo build --quiet --release -p kiln -p kiln-tests
+step "building kiln and kiln-top (release)"
+cargo build --quiet --release -p kiln -p kiln-top -p kiln-tests

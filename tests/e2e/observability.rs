@@ -144,7 +144,7 @@ async fn events_replay_history_then_follow_live() {
     assert_eq!(response.status(), 200);
     assert!(response.headers()["content-type"].to_str().unwrap_or("").starts_with("text/event-stream"));
     // History: every model's load, from before this follower connected.
-    let seen = until_event(response, |e| e["type"] == "model_loaded" && e["model"] == "minilm").await;
+    let seen = until_event(response, |e| e["type"] == "model_loaded" && e["detail"]["model"] == "minilm").await;
     assert!(seen.iter().all(|e| e["seq"].as_u64() >= Some(1)));
 
     // Live: a trap that happens after connecting arrives as it happens.
@@ -153,9 +153,9 @@ async fn events_replay_history_then_follow_live() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         mallory().get(server().url("/v1/handlers/misbehave/panic")).send().await.expect("get").status()
     });
-    let seen = until_event(response, |e| e["type"] == "guest_trap" && e["handler"] == "misbehave" && e["tenant"] == "mallory").await;
+    let seen = until_event(response, |e| e["type"] == "guest_trap" && e["detail"]["handler"] == "misbehave" && e["detail"]["tenant"] == "mallory").await;
     assert_eq!(trigger.await.expect("trigger"), 500);
-    let trap = seen.last().expect("trap");
+    let trap = &seen.last().expect("trap")["detail"];
     assert_eq!(trap["kind"], "trap");
     assert!(trap["message"].as_str().unwrap_or("").contains("unreachable"), "{trap}");
     // Tenants cannot follow.

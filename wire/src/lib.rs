@@ -241,7 +241,8 @@ pub struct RouteStats {
     pub latency: Histogram,
 }
 
-/// One entry of `GET /v1/events` (server-sent events; `data:` is this as JSON).
+/// One entry of `GET /v1/events` (server-sent events; `data:` is this as JSON):
+/// `{"seq": 3, "at_unix_ms": ..., "type": "scaling", "detail": {...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerEvent {
     /// Increasing from 1 since the server started; the SSE `id`.
@@ -252,7 +253,7 @@ pub struct ServerEvent {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", content = "detail", rename_all = "snake_case")]
 pub enum EventKind {
     Scaling(ScalingDecision),
     Deployed { handler: String, tenant: String, sha256: String },
@@ -307,7 +308,7 @@ mod tests {
         assert_eq!(back, decision);
         let event = ServerEvent { seq: 1, at_unix_ms: 2, kind: EventKind::Scaling(decision) };
         let text = serde_json::to_string(&event).expect("serialize");
-        assert!(text.contains("\"type\":\"scaling\"") && text.contains("\"model\":\"m\""), "{text}");
+        assert!(text.contains("\"type\":\"scaling\",\"detail\":{\"at_unix_ms\":1,\"model\":\"m\""), "{text}");
         assert_eq!(serde_json::from_str::<ServerEvent>(&text).expect("deserialize"), event);
     }
 

@@ -1,0 +1,126 @@
+//! `kiln-top` in a real terminal (tmux): a server under `kiln bench` load with a model the
+//! scaler grows, the dashboard started against it, and the screen read back: the model's queue,
+//! a non-zero request rate and a scaling decision; then `p`, `?` and `q`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_tests::{Server, examples_config, kiln_bin, root};
+
+/// A tmux server of our own (its own socket), killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new() -> Tmux {
+        let found = Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success());
+        assert!(found, "tmux is needed for this test (scripts/setup.sh installs it)");
+        Tmux { socket: format!("kiln-top-test-{}", std::process::id()) }
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("tmux")
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        assert!(self.run(&["send-keys", "-t", "top", keys]).status.success());
+    }
+
+    /// Waits for `check` to accept the screen, or fails showing the last one.
+    fn until(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let screen = self.screen();
+            if check(&screen) {
+                return screen;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{what}: not on screen:\n{screen}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.run(&["has-session", "-t", "top"]).status.success()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+struct Load(Child);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The header's request rate.
+fn rate(screen: &str) -> f64 {
+    let header = screen.lines().next().unwrap_or("");
+    let words: Vec<&str> = header.split_whitespace().collect();
+    words.iter().position(|w| *w == "req/s").and_then(|i| words.get(i.wrapping_sub(1))).and_then(|n| n.parse().ok()).unwrap_or(0.0)
+}
+
+#[test]
+fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
+    let tmux = Tmux::new();
+    // The examples, with MiniLM free to grow to two replicas on a simulated GPU.
+    let extra = "\n[scaler]\ninterval_ms = 300\nup_cooldown_ms = 600\ndown_cooldown_ms = 60000\n\n[[gpus.simulated]]\nname = \"Sim GPU\"\nmemory_mib = 16384\n";
+    let mut config = String::new();
+    for line in examples_config("", &[], extra).lines() {
+        config.push_str(line);
+        config.push('\n');
+        if line.starts_with("path = ") && line.contains("minilm") {
+            config.push_str("instances = { min = 1, max = 2 }\nlatency_objective_ms = 1\n");
+        }
+    }
+    let server = Server::start(&config, &["demo"]).expect("server");
+    let body = server.dir.path.join("sentence.json");
+    std::fs::write(&body, r#"{"sentences": ["A man is eating a piece of bread."]}"#).expect("body");
+    let _load = Load(
+        Command::new(kiln_bin())
+            .args(["bench", "--server", &server.base, "--handler", "embeddings", "-c", "16", "--duration", "60s", "--body"])
+            .arg(&body)
+            .env("KILN_KEY", server.key("demo"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kiln bench"),
+    );
+
+    let top = root().join("target/release/kiln-top");
+    assert!(top.exists(), "{} is missing: run scripts/setup.sh", top.display());
+    let command = format!("{} {} --refresh-ms 500", top.display(), server.base);
+    let env = format!("KILN_ADMIN_KEY={}", server.admin_key());
+    let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "120", "-y", "40", "-e", &env, &command]);
+    assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
+
+    let screen = tmux.until("the model queue, a request rate and a scale-up", |s| {
+        s.contains("Model queues") && s.lines().any(|l| l.contains("minilm") && l.contains("/2")) && rate(s) > 0.0 && s.contains("minilm ↑ 1→2")
+    });
+    assert!(screen.contains("Sim GPU") && screen.contains("embeddings"), "{screen}");
+
+    tmux.keys("p");
+    tmux.until("PAUSED", |s| s.lines().next().is_some_and(|h| h.contains("PAUSED")));
+    tmux.keys("?");
+    let help = tmux.until("the help overlay", |s| s.contains("Help") && s.contains("refresh faster / slower"));
+    assert!(help.contains("PAUSED"), "{help}");
+    tmux.keys("Escape");
+    tmux.until("help closed", |s| !s.contains("refresh faster / slower"));
+    tmux.keys("q");
+    let started = Instant::now();
+    while tmux.alive() {
+        assert!(started.elapsed() < Duration::from_secs(10), "kiln-top did not quit on q:\n{}", tmux.screen());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

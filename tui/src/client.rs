@@ -1,0 +1,105 @@
+//! The fetchers: one thread polls `/v1/stats`, one follows `/v1/events`; both reconnect with
+//! backoff and report what happened as [`Msg`]s. The only I/O in `kiln-top`.
+
+use std::io::{BufRead, BufReader};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_wire::{ServerEvent, Stats};
+
+use crate::app::Msg;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+fn client(timeout: Option<Duration>) -> reqwest::Result<reqwest::blocking::Client> {
+    reqwest::blocking::Client::builder().timeout(timeout).build()
+}
+
+/// Polls the snapshot every `refresh` milliseconds; failures back off from 0.5 s to 10 s.
+pub fn spawn_stats(url: String, key: String, refresh: Arc<AtomicU64>, started: Instant, tx: Sender<Msg>) -> anyhow::Result<()> {
+    let http = client(Some(Duration::from_secs(5)))?;
+    thread::Builder::new().name("stats".into()).spawn(move || {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let fetched = http
+                .get(format!("{url}/v1/stats"))
+                .bearer_auth(&key)
+                .send()
+                .and_then(reqwest::blocking::Response::error_for_status)
+                .and_then(|r| r.json::<Stats>());
+            let wait = match fetched {
+                Ok(stats) => {
+                    backoff = Duration::from_millis(500);
+                    if tx.send(Msg::Stats { stats: Box::new(stats), at: started.elapsed() }).is_err() {
+                        return;
+                    }
+                    Duration::from_millis(refresh.load(Ordering::Relaxed))
+                }
+                Err(e) => {
+                    if tx.send(Msg::Disconnected { error: describe(&e), retry_in: backoff }).is_err() {
+                        return;
+                    }
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait
+                }
+            };
+            thread::sleep(wait);
+        }
+    })?;
+    Ok(())
+}
+
+/// Follows the event stream, reconnecting with backoff; the server replays its recent history
+/// on every connect, so events already seen are skipped by sequence number.
+pub fn spawn_events(url: String, key: String, tx: Sender<Msg>) -> anyhow::Result<()> {
+    let http = client(None)?;
+    thread::Builder::new().name("events".into()).spawn(move || {
+        let mut backoff = Duration::from_millis(500);
+        let mut last_seq = 0u64;
+        loop {
+            let response = http.get(format!("{url}/v1/events")).bearer_auth(&key).send().and_then(reqwest::blocking::Response::error_for_status);
+            if let Ok(response) = response {
+                backoff = Duration::from_millis(500);
+                for line in BufReader::new(response).lines() {
+                    let Ok(line) = line else { break };
+                    let Some(data) = line.strip_prefix("data:") else { continue };
+                    let Ok(event) = serde_json::from_str::<ServerEvent>(data.trim()) else { continue };
+                    // A restarted server counts from 1 again.
+                    if event.seq <= last_seq && event.seq != 1 {
+                        continue;
+                    }
+                    last_seq = event.seq;
+                    if tx.send(Msg::Event(Box::new(event))).is_err() {
+                        return;
+                    }
+                }
+            }
+            thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    })?;
+    Ok(())
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if let Some(status) = e.status() {
+        return match status.as_u16() {
+            401 => "401: the admin key is wrong".to_owned(),
+            403 => "403: that is not an admin key".to_owned(),
+            s => format!("HTTP {s}"),
+        };
+    }
+    if e.is_connect() {
+        "cannot connect".to_owned()
+    } else if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_decode() {
+        "unexpected answer (not a Kiln server of this version?)".to_owned()
+    } else {
+        e.to_string()
+    }
+}

@@ -1,0 +1,65 @@
+//! `kiln-top [URL]`: a live dashboard for a Kiln server. It polls `/v1/stats` and follows
+//! `/v1/events` with the admin key (`--key` or `KILN_ADMIN_KEY`).
+//!
+//! Shape: fetcher threads send [`Msg`]s; [`App::update`] changes the state; [`view::draw`] only
+//! draws it. The terminal is restored on exit and on panic.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use kiln_top::app::{App, Msg};
+use kiln_top::{client, view};
+use ratatui::crossterm::event::{self, Event};
+
+#[derive(Parser)]
+#[command(version, about = "A live terminal dashboard for a Kiln server")]
+struct Args {
+    /// The server's API address.
+    #[arg(default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An admin key (`kiln admin add-key`).
+    #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Milliseconds between snapshots (`+`/`-` change it while running).
+    #[arg(long, default_value_t = 1000)]
+    refresh_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let Some(key) = args.key.filter(|k| !k.trim().is_empty()) else {
+        anyhow::bail!("an admin key is needed: --key KEY or KILN_ADMIN_KEY (make one with `kiln admin add-key`)");
+    };
+    let url = args.url.trim_end_matches('/').to_owned();
+    let refresh = Arc::new(AtomicU64::new(args.refresh_ms.clamp(100, 60_000)));
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    client::spawn_stats(url.clone(), key.clone(), Arc::clone(&refresh), started, tx.clone())?;
+    client::spawn_events(url.clone(), key, tx)?;
+
+    let mut app = App::new(url, Duration::from_millis(refresh.load(Ordering::Relaxed)));
+    // ratatui::init installs a panic hook that restores the terminal before the message prints.
+    let mut terminal = ratatui::init();
+    let result = (|| -> anyhow::Result<()> {
+        while !app.quit {
+            terminal.draw(|frame| view::draw(&app, frame))?;
+            if event::poll(Duration::from_millis(50))? {
+                if let Event::Key(key) = event::read()? {
+                    app.update(Msg::Key(key));
+                }
+            }
+            while let Ok(msg) = rx.try_recv() {
+                app.update(msg);
+            }
+            refresh.store(app.refresh.as_millis() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    })();
+    ratatui::restore();
+    result
+}

@@ -1,0 +1,353 @@
+//! Drawing: a pure function of [`App`]. No I/O and no state changes happen here, so every
+//! screen can be tested from fixed data.
+
+use kiln_wire::{EventKind, ScaleAction};
+use ratatui::Frame;
+use ratatui::layout::{Alignment, Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::symbols;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Axis, Block, BorderType, Borders, Cell, Chart, Clear, Dataset, GraphType, List, ListItem, Paragraph, Row, Sparkline, Table, TableState, Wrap};
+
+use crate::app::{App, COLUMNS, Connection, Panel};
+
+pub fn draw(app: &App, frame: &mut Frame) {
+    let area = frame.area();
+    let [header, body, footer] = Layout::vertical([Constraint::Length(1), Constraint::Min(0), Constraint::Length(1)]).areas(area);
+    draw_header(app, frame, header);
+    draw_footer(app, frame, footer);
+    if app.stats.is_none() {
+        let text = match &app.connection {
+            Connection::Disconnected { error, retry_in } => {
+                format!("Cannot reach {}: {error}. Retrying in {:.0} s.", app.url, retry_in.as_secs_f64().ceil())
+            }
+            _ => format!("Connecting to {} ...", app.url),
+        };
+        frame.render_widget(Paragraph::new(text).alignment(Alignment::Center).wrap(Wrap { trim: true }).block(panel("kiln", false)), body);
+    } else {
+        let tall = body.height >= 30;
+        let [top, models, bottom] = Layout::vertical([
+            Constraint::Length(if tall { 10 } else { 7 }),
+            Constraint::Min(5),
+            Constraint::Length(if tall { 14 } else { 7 }),
+        ])
+        .areas(body);
+        let [devices, latency] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(top);
+        let [routes, decisions] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(bottom);
+        draw_devices(app, frame, devices);
+        draw_latency(app, frame, latency);
+        draw_models(app, frame, models);
+        draw_routes(app, frame, routes);
+        draw_decisions(app, frame, decisions);
+    }
+    if app.help {
+        draw_help(frame, area);
+    }
+}
+
+fn panel(title: &str, focused: bool) -> Block<'_> {
+    let style = if focused { Style::new().fg(Color::Cyan) } else { Style::new().fg(Color::DarkGray) };
+    Block::default()
+        .borders(Borders::ALL)
+        .border_type(if focused { BorderType::Thick } else { BorderType::Plain })
+        .border_style(style)
+        .title(Span::styled(format!(" {title} "), Style::new().add_modifier(Modifier::BOLD)))
+}
+
+fn draw_header(app: &App, frame: &mut Frame, area: Rect) {
+    let mut spans = vec![Span::styled(" kiln-top ", Style::new().bold().fg(Color::Black).bg(Color::Cyan)), Span::raw(format!(" {}", app.url))];
+    if let Some(stats) = &app.stats {
+        if area.width >= 100 {
+            spans.push(Span::raw(format!("  {}", stats.server)));
+        }
+        spans.push(Span::raw(format!("  up {}", uptime(stats.uptime_seconds))));
+        spans.push(Span::styled(format!("  {} req/s", rate(app.req_rate)), Style::new().bold()));
+        let err = Style::new().fg(if app.error_rate > 0.01 { Color::Red } else { Color::Green });
+        spans.push(Span::styled(format!("  errors {:.1}%", app.error_rate * 100.0), err));
+    }
+    let marker = match (&app.connection, app.paused) {
+        (Connection::Disconnected { error, retry_in }, _) => Some((
+            format!(" DISCONNECTED: {error}, retry in {:.0}s ", retry_in.as_secs_f64().ceil()),
+            Color::Red,
+        )),
+        (_, true) => Some((" PAUSED ".to_owned(), Color::Yellow)),
+        (Connection::Connecting, false) => Some((" CONNECTING ".to_owned(), Color::Blue)),
+        _ => None,
+    };
+    let [left, right] = Layout::horizontal([Constraint::Min(0), Constraint::Length(marker.as_ref().map_or(0, |m| m.0.len() as u16))]).areas(area);
+    frame.render_widget(Paragraph::new(Line::from(spans)), left);
+    if let Some((text, color)) = marker {
+        frame.render_widget(Paragraph::new(Span::styled(text, Style::new().bold().fg(Color::Black).bg(color))), right);
+    }
+}
+
+fn draw_footer(app: &App, frame: &mut Frame, area: Rect) {
+    let line = if app.editing_filter {
+        Line::from(vec![Span::styled(" filter: ", Style::new().bold()), Span::raw(format!("{}_", app.filter)), Span::raw("  (Enter keep, Esc clear)")])
+    } else {
+        let key = |k: &'static str| Span::styled(k, Style::new().bold().fg(Color::Cyan));
+        let mut spans = vec![
+            key(" q"), Span::raw(" quit "), key("?"), Span::raw(" help "), key("Tab"), Span::raw(" panel "),
+            key("s"), Span::raw(" sort "), key("/"), Span::raw(" filter "), key("p"), Span::raw(" pause "),
+            key("+/-"), Span::raw(format!(" {:.2}s", app.refresh.as_secs_f64())),
+        ];
+        if !app.filter.is_empty() {
+            spans.push(Span::styled(format!("  filter: {}", app.filter), Style::new().fg(Color::Yellow)));
+        }
+        Line::from(spans)
+    };
+    frame.render_widget(Paragraph::new(line), area);
+}
+
+/// Fixed-threshold colours (nvitop's): light, moderate, heavy.
+fn load_color(percent: f64, moderate: f64, heavy: f64) -> Color {
+    if percent >= heavy {
+        Color::Red
+    } else if percent >= moderate {
+        Color::Yellow
+    } else {
+        Color::Green
+    }
+}
+
+fn bar(percent: f64, width: usize, color: Color) -> Vec<Span<'static>> {
+    let filled = ((percent / 100.0) * width as f64).round().clamp(0.0, width as f64) as usize;
+    vec![
+        Span::styled("█".repeat(filled), Style::new().fg(color)),
+        Span::styled("░".repeat(width - filled), Style::new().fg(Color::DarkGray)),
+        Span::styled(format!("{percent:>4.0}%"), Style::new().fg(color)),
+    ]
+}
+
+fn draw_devices(app: &App, frame: &mut Frame, area: Rect) {
+    let Some(stats) = &app.stats else { return };
+    let focused = app.focus == Panel::Gpus;
+    // What is left of a GPU line after its text, shared by the two bars.
+    let text = if area.width >= 60 { 47 } else { 33 };
+    let bar_width = (usize::from(area.width.saturating_sub(2)).saturating_sub(text) / 2).clamp(2, 12);
+    let mut lines: Vec<(Line, Option<Vec<u64>>)> = Vec::new();
+    let title;
+    if stats.gpus.is_empty() {
+        title = "CPU executors".to_owned();
+        for model in &stats.models {
+            for r in &model.replicas {
+                let key = format!("{}/{}", model.name, r.id);
+                let history: Vec<u64> = app.cpu_history.get(&key).map(|h| h.iter().copied().collect()).unwrap_or_default();
+                let busy = history.last().copied().unwrap_or(0) as f64;
+                let mut spans = vec![Span::raw(format!("{key:<12.12} {:<6} ", r.device))];
+                spans.extend(bar(busy, bar_width, load_color(busy, 10.0, 75.0)));
+                spans.push(Span::raw(format!(" {} batches", r.batches)));
+                lines.push((Line::from(spans), Some(history)));
+            }
+        }
+    } else {
+        title = format!("GPUs ({})", stats.gpus.len());
+        for g in &stats.gpus {
+            let util = f64::from(g.utilization_percent);
+            let mem = if g.memory_total_bytes == 0 { 0.0 } else { g.memory_used_bytes as f64 * 100.0 / g.memory_total_bytes as f64 };
+            let temp = f64::from(g.temperature_celsius);
+            let power = if g.power_limit_watts > 0.0 { g.power_watts * 100.0 / g.power_limit_watts } else { 0.0 };
+            let name = if g.simulated { format!("{} (sim)", g.name) } else { g.name.clone() };
+            let mut spans = vec![Span::styled(format!("{} ", g.index), Style::new().bold())];
+            // The name only where there is room for it beside the gauges.
+            if area.width >= 60 {
+                spans.push(Span::raw(format!("{:<13.13} ", name)));
+            }
+            spans.push(Span::raw("util "));
+            spans.extend(bar(util, bar_width, load_color(util, 10.0, 75.0)));
+            spans.push(Span::raw(" mem "));
+            spans.extend(bar(mem, bar_width, load_color(mem, 10.0, 80.0)));
+            spans.push(Span::styled(format!(" {:.0}°C", temp), Style::new().fg(load_color(temp, 60.0, 80.0))));
+            spans.push(Span::styled(format!(" {:.0}W", g.power_watts), Style::new().fg(load_color(power, 50.0, 85.0))));
+            let history = app.gpu_history.get(&g.index).map(|h| h.iter().copied().collect());
+            lines.push((Line::from(spans), history));
+        }
+    }
+    let block = panel(&title, focused);
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let mut y = inner.y;
+    for (line, history) in lines {
+        if y >= inner.bottom() {
+            break;
+        }
+        frame.render_widget(Paragraph::new(line), Rect { y, height: 1, ..inner });
+        y += 1;
+        if let Some(history) = history.filter(|_| y < inner.bottom()) {
+            let sparkline = Sparkline::default().data(&history).max(100).style(Style::new().fg(Color::Cyan));
+            frame.render_widget(sparkline, Rect { y, height: 1, ..inner });
+            y += 1;
+        }
+    }
+}
+
+fn draw_latency(app: &App, frame: &mut Frame, area: Rect) {
+    let p50: Vec<(f64, f64)> = app.latency.iter().enumerate().map(|(i, (p, _))| (i as f64, *p)).collect();
+    let p99: Vec<(f64, f64)> = app.latency.iter().enumerate().map(|(i, (_, p))| (i as f64, *p)).collect();
+    let top = p99.iter().map(|(_, v)| *v).fold(1.0, f64::max) * 1.1;
+    let last = app.latency.back().copied().unwrap_or((0.0, 0.0));
+    let title = format!("Latency ms  p50 {:.1}  p99 {:.1}", last.0, last.1);
+    let chart = Chart::new(vec![
+        Dataset::default().name("p50").marker(symbols::Marker::Braille).graph_type(GraphType::Line).style(Style::new().fg(Color::Green)).data(&p50),
+        Dataset::default().name("p99").marker(symbols::Marker::Braille).graph_type(GraphType::Line).style(Style::new().fg(Color::Magenta)).data(&p99),
+    ])
+    .block(panel(&title, false))
+    .x_axis(Axis::default().bounds([0.0, crate::app::HISTORY as f64]))
+    .y_axis(Axis::default().bounds([0.0, top]).labels([Span::raw("0"), Span::raw(format!("{top:.0}"))]));
+    frame.render_widget(chart, area);
+}
+
+fn rate(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") }
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else if v >= 10.0 { format!("{v:.1}") } else { format!("{v:.2}") }
+}
+
+fn draw_models(app: &App, frame: &mut Frame, area: Rect) {
+    let focused = app.focus == Panel::Models;
+    let names = ["Model", "Queue", "Wait p50", "Wait p95", "Batch", "Req/s", "Replicas", "Devices"];
+    let header = Row::new(names.iter().enumerate().map(|(i, n)| {
+        let column = COLUMNS.get(i).copied();
+        let mut text = (*n).to_owned();
+        if let (Some(c), Some((sorted, descending))) = (column, app.sort) {
+            if c == sorted {
+                text.push(if descending { '▼' } else { '▲' });
+            }
+        }
+        let mut style = Style::new().bold();
+        if column == Some(app.sort_column) && focused {
+            style = style.underlined();
+        }
+        Cell::from(text).style(style)
+    }));
+    let rows = app.models.iter().map(|m| {
+        let wait = Style::new().fg(load_color(m.wait_p95_ms, 10.0, 100.0));
+        let name = if m.state == "ready" { m.name.clone() } else { format!("{} ({})", m.name, m.state) };
+        Row::new(vec![
+            Cell::from(name),
+            Cell::from(m.queue.to_string()).style(Style::new().fg(if m.queue > 0 { Color::Yellow } else { Color::Reset })),
+            Cell::from(ms(m.wait_p50_ms)),
+            Cell::from(ms(m.wait_p95_ms)).style(wait),
+            Cell::from(format!("{:.1}", m.batch)),
+            Cell::from(rate(m.rate)),
+            Cell::from(format!("{}/{}", m.replicas, m.max)),
+            Cell::from(m.devices.clone()),
+        ])
+    });
+    let widths = [
+        Constraint::Min(10),
+        Constraint::Length(6),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(6),
+        Constraint::Length(8),
+        Constraint::Length(9),
+        Constraint::Length(14),
+    ];
+    let table = Table::new(rows, widths)
+        .header(header)
+        .block(panel("Model queues", focused))
+        .row_highlight_style(Style::new().reversed());
+    let mut state = TableState::default().with_selected(focused.then_some(app.selected));
+    frame.render_stateful_widget(table, area, &mut state);
+}
+
+fn draw_routes(app: &App, frame: &mut Frame, area: Rect) {
+    let focused = app.focus == Panel::Handlers;
+    let header = Row::new(["Route", "r/s", "p50", "p99", "Err", "429"].map(|h| Cell::from(h).style(Style::new().bold())));
+    let row = |name: String, r: &crate::app::RouteRow| {
+        Row::new(vec![
+            Cell::from(name),
+            Cell::from(rate(r.rate)),
+            Cell::from(ms(r.p50_ms)),
+            Cell::from(ms(r.p99_ms)),
+            Cell::from(r.errors.to_string()).style(Style::new().fg(if r.errors > 0 { Color::Red } else { Color::Reset })),
+            Cell::from(r.throttled.to_string()).style(Style::new().fg(if r.throttled > 0 { Color::Yellow } else { Color::Reset })),
+        ])
+    };
+    let rows: Vec<Row> = app
+        .handlers
+        .iter()
+        .map(|h| row(h.name.clone(), h))
+        .chain(app.tenants.iter().map(|t| row(format!("tenant {}", t.name), t).style(Style::new().fg(Color::Gray))))
+        .collect();
+    let widths = [Constraint::Min(12), Constraint::Length(7), Constraint::Length(6), Constraint::Length(6), Constraint::Length(4), Constraint::Length(4)];
+    let table = Table::new(rows, widths).header(header).block(panel("Handlers & tenants", focused)).row_highlight_style(Style::new().reversed());
+    let mut state = TableState::default().with_selected(focused.then_some(app.selected));
+    frame.render_stateful_widget(table, area, &mut state);
+}
+
+fn clock(at_unix_ms: u64) -> String {
+    let s = at_unix_ms / 1000 % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn draw_decisions(app: &App, frame: &mut Frame, area: Rect) {
+    let focused = app.focus == Panel::Events;
+    let items: Vec<ListItem> = app
+        .decisions()
+        .filter_map(|e| match &e.kind {
+            EventKind::Scaling(d) => Some((e, d)),
+            _ => None,
+        })
+        .map(|(e, d)| {
+            let (arrow, color) = match d.action {
+                ScaleAction::Up => ("↑", Color::Green),
+                ScaleAction::Down => ("↓", Color::Blue),
+                ScaleAction::Hold => ("=", Color::Yellow),
+            };
+            let device = d.device.as_deref().map(|d| format!(" {d}")).unwrap_or_default();
+            ListItem::new(Line::from(vec![
+                Span::styled(clock(e.at_unix_ms), Style::new().fg(Color::DarkGray)),
+                Span::raw(" "),
+                Span::styled(format!("{} {arrow} {}→{}{device}", d.model, d.from, d.to), Style::new().fg(color).bold()),
+                Span::raw(format!(" {}", d.reason)),
+            ]))
+        })
+        .collect();
+    let list = if items.is_empty() {
+        List::new([ListItem::new(Span::styled("no scaling decisions yet", Style::new().fg(Color::DarkGray)))])
+    } else {
+        List::new(items).highlight_style(Style::new().reversed())
+    };
+    let mut state = ratatui::widgets::ListState::default().with_selected(focused.then_some(app.selected));
+    frame.render_stateful_widget(list.block(panel("Scaling decisions", focused)), area, &mut state);
+}
+
+const HELP: [(&str, &str); 12] = [
+    ("q, Ctrl-c", "quit"),
+    ("?", "this help (again or Esc to close)"),
+    ("Tab, BackTab", "next / previous panel"),
+    ("↑ ↓, j k", "move in the panel"),
+    ("← →, h l", "choose the column to sort models by"),
+    ("s", "sort by it (again to reverse)"),
+    ("/", "filter models and handlers by name"),
+    ("Esc", "clear the filter"),
+    ("p, Space", "pause (freeze the screen)"),
+    ("+ / -", "refresh faster / slower"),
+    ("", ""),
+    ("", "Data: /v1/stats each refresh; /v1/events live"),
+];
+
+fn draw_help(frame: &mut Frame, area: Rect) {
+    let width = area.width.min(60);
+    let height = (HELP.len() as u16 + 2).min(area.height);
+    let popup = Rect { x: area.x + (area.width - width) / 2, y: area.y + (area.height - height) / 2, width, height };
+    let lines: Vec<Line> = HELP
+        .iter()
+        .map(|(k, v)| Line::from(vec![Span::styled(format!(" {k:<13}"), Style::new().bold().fg(Color::Cyan)), Span::raw(*v)]))
+        .collect();
+    frame.render_widget(Clear, popup);
+    frame.render_widget(Paragraph::new(lines).block(panel("Help", true)), popup);
+}
+
+fn uptime(seconds: f64) -> String {
+    let s = seconds as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}

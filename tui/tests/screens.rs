@@ -1,0 +1,238 @@
+//! The whole screen at 80×24 and 120×40 from fixed data, as `insta` snapshots: connected with
+//! GPUs, CPU-only, disconnected, paused, and with the help overlay. And the keys.
+
+use std::time::Duration;
+
+use kiln_top::app::{App, Connection, Msg, Panel};
+use kiln_top::view;
+use kiln_wire::*;
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+fn histogram(counts: &[(usize, u64)]) -> Histogram {
+    let mut h = Histogram { counts: vec![0; LATENCY_BOUNDS_US.len() + 1], sum_us: 0 };
+    for &(bucket, n) in counts {
+        h.counts[bucket] += n;
+        h.sum_us += n * LATENCY_BOUNDS_US.get(bucket).copied().unwrap_or(10_000_000);
+    }
+    h
+}
+
+fn replica(id: u32, device: &str, batches: u64, busy_seconds: f64) -> ReplicaInfo {
+    ReplicaInfo { id, device: device.into(), state: ReplicaState::Ready, busy: false, batches, rows: batches * 4, busy_seconds }
+}
+
+/// The server after `t` seconds of a steady load: 400 embeddings req/s and 1,200 digits req/s.
+fn stats(t: u64, gpus: bool) -> Stats {
+    let device = if gpus { "cuda:0" } else { "cpu" };
+    let model = |name: &str, rate: u64, batch: u64, queued: u64, wait_bucket: usize, max: u32, replicas: Vec<ReplicaInfo>| ModelStats {
+        name: name.into(),
+        state: "ready".into(),
+        device: "auto".into(),
+        instances: Bounds { min: 1, max },
+        replica_target: replicas.len() as u32,
+        replicas,
+        max_batch_size: 32,
+        latency_objective_ms: 50.0,
+        queued,
+        inferences: rate * t,
+        executions: rate * t / batch,
+        rows: rate * t,
+        dropped: 0,
+        overloaded: 0,
+        timeouts: 0,
+        average_batch_size: batch as f64,
+        batch_sizes: vec![0; BATCH_BOUNDS.len() + 1],
+        queue_wait: histogram(&[(wait_bucket, rate * t * 9 / 10), (wait_bucket + 2, rate * t / 10)]),
+        forward: histogram(&[(8, rate * t / batch)]),
+    };
+    let route = |name: &str, rate: u64, bucket: usize, errors: u64, throttled: u64| RouteStats {
+        name: name.into(),
+        requests: rate * t,
+        errors: errors * t,
+        throttled: throttled * t,
+        latency: histogram(&[(bucket, rate * t * 98 / 100), (bucket + 3, rate * t * 2 / 100)]),
+    };
+    Stats {
+        server: "kiln 0.1.0".into(),
+        uptime_seconds: 3723.0 + t as f64,
+        gpus: if gpus {
+            vec![
+                GpuInfo {
+                    index: 0,
+                    name: "NVIDIA H200".into(),
+                    uuid: "GPU-0".into(),
+                    memory_total_bytes: 141 << 30,
+                    memory_used_bytes: 24 << 30,
+                    memory_free_bytes: 117 << 30,
+                    utilization_percent: 40 + 10 * t as u32,
+                    temperature_celsius: 54,
+                    power_watts: 310.0,
+                    power_limit_watts: 700.0,
+                    simulated: false,
+                },
+                GpuInfo {
+                    index: 1,
+                    name: "NVIDIA H200".into(),
+                    uuid: "GPU-1".into(),
+                    memory_total_bytes: 141 << 30,
+                    memory_used_bytes: 130 << 30,
+                    memory_free_bytes: 11 << 30,
+                    utilization_percent: 92,
+                    temperature_celsius: 83,
+                    power_watts: 640.0,
+                    power_limit_watts: 700.0,
+                    simulated: false,
+                },
+            ]
+        } else {
+            Vec::new()
+        },
+        models: vec![
+            model("digits", 1200, 24, 0, 5, 1, vec![replica(0, device, 50 * t, 0.3 * t as f64)]),
+            model(
+                "minilm",
+                400,
+                8,
+                12,
+                8,
+                4,
+                vec![replica(0, device, 30 * t, 0.9 * t as f64), replica(1, if gpus { "cuda:1" } else { "cpu" }, 20 * t, 0.6 * t as f64)],
+            ),
+        ],
+        handlers: vec![route("digits", 1200, 6, 0, 0), route("embeddings", 400, 10, 1, 3)],
+        tenants: vec![route("demo", 1600, 8, 1, 3)],
+    }
+}
+
+fn decision(at: u64, action: ScaleAction, from: u32, to: u32, reason: &str, device: Option<&str>) -> Msg {
+    let d = ScalingDecision {
+        at_unix_ms: at,
+        model: "minilm".into(),
+        action,
+        from,
+        to,
+        reason: reason.into(),
+        device: device.map(Into::into),
+        inputs: ScalingInputs { queue_depth: 12, requests: 800, queue_wait_p95_ms: 80.0, latency_objective_ms: 50.0, utilization: 0.9, gpus: Vec::new() },
+    };
+    Msg::Event(Box::new(ServerEvent { seq: at, at_unix_ms: at, kind: EventKind::Scaling(d) }))
+}
+
+/// Two snapshots a second apart and a few scaling decisions.
+fn app(gpus: bool) -> App {
+    let mut app = App::new("http://127.0.0.1:8080".into(), Duration::from_secs(1));
+    for t in 1..=3 {
+        app.update(Msg::Stats { stats: Box::new(stats(t, gpus)), at: Duration::from_secs(t) });
+    }
+    app.update(decision(1_795_000_000_000, ScaleAction::Up, 1, 2, "queue wait p95 80.0 ms over the 50 ms objective", Some("cuda:1")));
+    app.update(decision(1_795_000_002_000, ScaleAction::Hold, 2, 2, "cooldown after the last scale-up", None));
+    app.update(decision(1_795_000_040_000, ScaleAction::Down, 2, 1, "idle for 30 s", None));
+    app
+}
+
+fn screen(app: &App, width: u16, height: u16) -> String {
+    let mut terminal = Terminal::new(TestBackend::new(width, height)).expect("terminal");
+    terminal.draw(|frame| view::draw(app, frame)).expect("draw");
+    terminal.backend().to_string()
+}
+
+fn key(code: KeyCode) -> Msg {
+    Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+#[test]
+fn connected_with_gpus() {
+    let app = app(true);
+    insta::assert_snapshot!("gpus_80x24", screen(&app, 80, 24));
+    insta::assert_snapshot!("gpus_120x40", screen(&app, 120, 40));
+}
+
+#[test]
+fn cpu_only_shows_the_executors() {
+    let app = app(false);
+    let text = screen(&app, 120, 40);
+    assert!(text.contains("CPU executors") && text.contains("minilm/1"), "{text}");
+    insta::assert_snapshot!("cpu_120x40", text);
+}
+
+#[test]
+fn disconnected_keeps_the_last_data_and_says_so() {
+    let mut app = app(true);
+    app.update(Msg::Disconnected { error: "cannot connect".into(), retry_in: Duration::from_secs(4) });
+    let text = screen(&app, 80, 24);
+    assert!(text.contains("DISCONNECTED: cannot connect, retry in 4s"), "{text}");
+    insta::assert_snapshot!("disconnected_80x24", text);
+    // Never connected at all: a plain message instead of empty panels.
+    let mut fresh = App::new("http://127.0.0.1:8080".into(), Duration::from_secs(1));
+    fresh.update(Msg::Disconnected { error: "cannot connect".into(), retry_in: Duration::from_secs(1) });
+    insta::assert_snapshot!("never_connected_80x24", screen(&fresh, 80, 24));
+}
+
+#[test]
+fn help_overlay() {
+    let mut app = app(true);
+    app.update(key(KeyCode::Char('?')));
+    insta::assert_snapshot!("help_80x24", screen(&app, 80, 24));
+    insta::assert_snapshot!("help_120x40", screen(&app, 120, 40));
+    app.update(key(KeyCode::Esc));
+    assert!(!app.help);
+}
+
+#[test]
+fn keys_pause_sort_filter_refresh_move_and_quit() {
+    let mut app = app(true);
+    // Rates from the snapshots: 1,600 handler requests per second, minilm 400 inferences/s.
+    assert!((app.req_rate - 1600.0).abs() < 1e-6, "{}", app.req_rate);
+    let minilm = app.models.iter().find(|m| m.name == "minilm").expect("minilm");
+    assert!((minilm.rate - 400.0).abs() < 1e-6 && (minilm.batch - 8.0).abs() < 1e-6);
+
+    app.update(key(KeyCode::Char('p')));
+    assert!(app.paused);
+    app.update(Msg::Stats { stats: Box::new(stats(10, true)), at: Duration::from_secs(10) });
+    assert_eq!(app.stats.as_ref().map(|s| s.uptime_seconds), Some(3726.0), "a paused screen stays still");
+    assert!(screen(&app, 80, 24).contains("PAUSED"));
+    app.update(key(KeyCode::Char(' ')));
+    assert!(!app.paused);
+
+    // Sort by queue, largest first, then reversed.
+    app.update(key(KeyCode::Right));
+    app.update(key(KeyCode::Char('s')));
+    assert_eq!(app.models[0].name, "minilm");
+    app.update(key(KeyCode::Char('s')));
+    assert_eq!(app.models[0].name, "digits");
+
+    app.update(key(KeyCode::Char('/')));
+    for c in "mini".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Enter));
+    assert_eq!(app.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec!["minilm"]);
+    assert!(app.handlers.is_empty());
+    app.update(key(KeyCode::Esc));
+    assert_eq!(app.models.len(), 2, "Esc clears the filter");
+
+    app.update(key(KeyCode::Char('+')));
+    assert_eq!(app.refresh, Duration::from_millis(500));
+    app.update(key(KeyCode::Char('-')));
+    app.update(key(KeyCode::Char('-')));
+    assert_eq!(app.refresh, Duration::from_secs(2));
+
+    assert_eq!(app.focus, Panel::Models);
+    app.update(key(KeyCode::Char('j')));
+    assert_eq!(app.selected, 1);
+    app.update(key(KeyCode::Char('j')));
+    assert_eq!(app.selected, 1, "the selection stops at the last row");
+    app.update(key(KeyCode::Tab));
+    assert_eq!((app.focus, app.selected), (Panel::Handlers, 0));
+    app.update(Msg::Key(KeyEvent::new(KeyCode::BackTab, KeyModifiers::SHIFT)));
+    assert_eq!(app.focus, Panel::Models);
+
+    assert_eq!(app.connection, Connection::Connected);
+    app.update(Msg::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)));
+    assert!(app.quit);
+    let mut other = App::new(String::new(), Duration::from_secs(1));
+    other.update(key(KeyCode::Char('q')));
+    assert!(other.quit);
+}
