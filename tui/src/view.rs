@@ -110,13 +110,20 @@ fn load_color(percent: f64, moderate: f64, heavy: f64) -> Color {
     }
 }
 
-fn bar(percent: f64, width: usize, color: Color) -> Vec<Span<'static>> {
+/// A bar `width` cells wide, filled to `percent`.
+fn gauge(percent: f64, width: usize, color: Color) -> Vec<Span<'static>> {
     let filled = ((percent / 100.0) * width as f64).round().clamp(0.0, width as f64) as usize;
     vec![
         Span::styled("█".repeat(filled), Style::new().fg(color)),
         Span::styled("░".repeat(width - filled), Style::new().fg(Color::DarkGray)),
-        Span::styled(format!("{percent:>4.0}%"), Style::new().fg(color)),
     ]
+}
+
+/// A gauge with its percentage.
+fn bar(percent: f64, width: usize, color: Color) -> Vec<Span<'static>> {
+    let mut spans = gauge(percent, width, color);
+    spans.push(Span::styled(format!("{percent:>4.0}%"), Style::new().fg(color)));
+    spans
 }
 
 fn draw_devices(app: &App, frame: &mut Frame, area: Rect) {
@@ -125,7 +132,8 @@ fn draw_devices(app: &App, frame: &mut Frame, area: Rect) {
     // What is left of a GPU line after its text, shared by the two bars.
     let text = if area.width >= 60 { 47 } else { 33 };
     let bar_width = (usize::from(area.width.saturating_sub(2)).saturating_sub(text) / 2).clamp(2, 12);
-    let mut lines: Vec<(Line, Option<Vec<u64>>)> = Vec::new();
+    // Each device: a line of gauges, then a second line (more gauges, then the 60 s sparkline).
+    let mut lines: Vec<(Line, Line, Option<Vec<u64>>)> = Vec::new();
     let title;
     if stats.gpus.is_empty() {
         title = "CPU executors".to_owned();
@@ -137,7 +145,7 @@ fn draw_devices(app: &App, frame: &mut Frame, area: Rect) {
                 let mut spans = vec![Span::raw(format!("{key:<12.12} {:<6} ", r.device))];
                 spans.extend(bar(busy, bar_width, load_color(busy, 10.0, 75.0)));
                 spans.push(Span::raw(format!(" {} batches", r.batches)));
-                lines.push((Line::from(spans), Some(history)));
+                lines.push((Line::from(spans), Line::default(), Some(history)));
             }
         }
     } else {
@@ -159,23 +167,34 @@ fn draw_devices(app: &App, frame: &mut Frame, area: Rect) {
             spans.extend(bar(mem, bar_width, load_color(mem, 10.0, 80.0)));
             spans.push(Span::styled(format!(" {:.0}°C", temp), Style::new().fg(load_color(temp, 60.0, 80.0))));
             spans.push(Span::styled(format!(" {:.0}W", g.power_watts), Style::new().fg(load_color(power, 50.0, 85.0))));
+            // Temperature against 100 °C and power against its limit, as gauges too.
+            let mut second = vec![Span::raw("  temp ")];
+            second.extend(gauge(temp, 4, load_color(temp, 60.0, 80.0)));
+            second.push(Span::raw(" power "));
+            second.extend(gauge(power, 4, load_color(power, 50.0, 85.0)));
+            second.push(Span::raw(" "));
             let history = app.gpu_history.get(&g.index).map(|h| h.iter().copied().collect());
-            lines.push((Line::from(spans), history));
+            lines.push((Line::from(spans), Line::from(second), history));
         }
     }
     let block = panel(&title, focused);
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let mut y = inner.y;
-    for (line, history) in lines {
+    for (line, second, history) in lines {
         if y >= inner.bottom() {
             break;
         }
         frame.render_widget(Paragraph::new(line), Rect { y, height: 1, ..inner });
         y += 1;
         if let Some(history) = history.filter(|_| y < inner.bottom()) {
-            let sparkline = Sparkline::default().data(&history).max(100).style(Style::new().fg(Color::Cyan));
-            frame.render_widget(sparkline, Rect { y, height: 1, ..inner });
+            let used = (second.width() as u16).min(inner.width);
+            frame.render_widget(Paragraph::new(second), Rect { y, height: 1, width: used, ..inner });
+            // The newest 60 samples that fit, right of the second line's gauges.
+            let room = usize::from(inner.width - used);
+            let recent = &history[history.len().saturating_sub(room)..];
+            let sparkline = Sparkline::default().data(recent).max(100).style(Style::new().fg(Color::Cyan));
+            frame.render_widget(sparkline, Rect { x: inner.x + used, y, height: 1, width: inner.width - used });
             y += 1;
         }
     }
