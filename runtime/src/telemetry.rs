@@ -16,6 +16,9 @@ use tokio::sync::broadcast;
 
 use crate::histogram::AtomicHistogram;
 
+/// Longest guest-trap message kept in an event, in bytes.
+const MAX_MESSAGE: usize = 500;
+
 /// The label for requests whose handler is not one of this server's.
 pub const UNKNOWN: &str = "(unknown)";
 /// The label for requests without a valid tenant key.
@@ -138,7 +141,16 @@ impl Telemetry {
         }
     }
 
-    pub fn record_trap(&self, handler: &str, tenant: &str, kind: &'static str, message: String) {
+    pub fn record_trap(&self, handler: &str, tenant: &str, kind: &'static str, mut message: String) {
+        // Part of it may come from the guest: kept short, so events stay small.
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
         *self.traps.lock().unwrap_or_else(PoisonError::into_inner).entry(kind).or_default() += 1;
         self.events.emit(EventKind::GuestTrap {
             handler: handler.to_owned(),
@@ -211,11 +223,15 @@ mod tests {
         assert_eq!(telemetry.requests().len(), 3);
 
         for i in 0..3 {
-            telemetry.record_trap("h", "t", "memory", format!("trap {i}"));
+            telemetry.record_trap("h", "t", "memory", format!("trap {i} {}", "é".repeat(400)));
         }
         assert_eq!(telemetry.traps(), vec![("memory", 3)]);
         let (history, mut feed) = telemetry.events.follow();
         assert_eq!(history.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3], "bounded history");
+        match &history[0].kind {
+            EventKind::GuestTrap { message, .. } => assert!(message.len() <= MAX_MESSAGE + 3 && message.ends_with('…')),
+            other => panic!("{other:?}"),
+        }
         telemetry.events.emit(EventKind::Undeployed { handler: "h".into(), tenant: "t".into() });
         assert_eq!(feed.try_recv().map(|e| e.seq).ok(), Some(4));
     }
