@@ -292,7 +292,9 @@ fn draw_routes(app: &App, frame: &mut Frame, area: Rect) {
         .map(|h| row(h.name.clone(), h))
         .chain(app.tenants.iter().map(|t| row(format!("tenant {}", t.name), t).style(Style::new().fg(Color::Gray))))
         .collect();
-    let widths = [Constraint::Min(12), Constraint::Length(7), Constraint::Length(6), Constraint::Length(6), Constraint::Length(4), Constraint::Length(4)];
+    // Fits 80 columns exactly: an over-full table has no single layout, and the solver may pick
+    // a different one from run to run.
+    let widths = [Constraint::Min(10), Constraint::Length(5), Constraint::Length(5), Constraint::Length(5), Constraint::Length(3), Constraint::Length(3)];
     let table = Table::new(rows, widths).header(header).block(panel("Handlers & tenants", focused)).row_highlight_style(Style::new().reversed());
     let mut state = TableState::default().with_selected(focused.then_some(app.selected));
     frame.render_stateful_widget(table, area, &mut state);
