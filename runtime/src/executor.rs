@@ -102,6 +102,8 @@ pub struct ModelCounters {
     pub batch_sizes: BatchSizes,
     /// Time from enqueue to the start of the request's forward pass.
     pub queue_wait: AtomicHistogram,
+    /// Forward passes over every replica there has been (replicas' own come and go with them).
+    pub forward: AtomicHistogram,
 }
 
 impl ModelCounters {
@@ -200,6 +202,7 @@ impl ReplicaSlot {
         let elapsed = started.elapsed();
         let us = elapsed.as_micros() as u64;
         shared.counters.forward_us.fetch_add(us, Ordering::Relaxed);
+        shared.counters.forward.record(elapsed);
         self.busy_us.fetch_add(us, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.forward.record(elapsed);
@@ -267,7 +270,25 @@ impl std::fmt::Debug for ModelHandle {
     }
 }
 
+/// A handle that does not keep the model alive (the scaler's): the executor shuts down when the
+/// last [`ModelHandle`] goes, whoever else watches it.
+#[derive(Clone)]
+pub struct WeakModelHandle {
+    shared: std::sync::Weak<Shared>,
+    submitter: std::sync::Weak<Submitter>,
+}
+
+impl WeakModelHandle {
+    pub fn upgrade(&self) -> Option<ModelHandle> {
+        Some(ModelHandle { shared: self.shared.upgrade()?, submitter: self.submitter.upgrade()? })
+    }
+}
+
 impl ModelHandle {
+    pub fn downgrade(&self) -> WeakModelHandle {
+        WeakModelHandle { shared: Arc::downgrade(&self.shared), submitter: Arc::downgrade(&self.submitter) }
+    }
+
     /// Places the model's first `instances.min` replicas and starts its scheduler; each replica
     /// loads and warms up its own copy of the module. Returns at once; [`ModelHandle::state`]
     /// says when the model is ready. A model that fits nowhere is refused here.
@@ -656,6 +677,13 @@ impl Scheduler {
     /// Stops one replica from taking work: a loading one first, then an idle one, then the
     /// newest. One that runs a batch is removed when it is done.
     fn drain_one(&mut self) {
+        let live_count = self.replicas.iter().filter(|r| !r.draining).count();
+        if live_count <= 1 {
+            // A scale-up that failed to load was already taken off the target; the model keeps
+            // its last replica, and the target says so.
+            self.shared.target.store(live_count.max(1) as u32, Ordering::Release);
+            return;
+        }
         let live = |r: &&mut Replica| !r.draining;
         let pick = self
             .replicas
@@ -692,6 +720,9 @@ impl Scheduler {
             Err(reason) => {
                 if initial {
                     *state = ModelState::Failed(format!("replica {replica}: {reason}"));
+                    drop(state);
+                    // The model's state says why; no replica stays listed as loading.
+                    self.forget(replica);
                 } else {
                     // A scale-up that failed: the model keeps serving on the replicas it has.
                     drop(state);
@@ -1420,6 +1451,28 @@ mod tests {
         scheduler.replicas[1].ready = true;
         scheduler.replicas[1].draining = true;
         assert_eq!(scheduler.idle_replica(), None);
+    }
+
+    /// A scale-up that fails to load while the scaler removes a replica: both lower the target,
+    /// but the last replica stays and the target says one.
+    #[test]
+    fn a_failed_scale_up_racing_a_removal_never_drains_the_last_replica() {
+        let shared = test_shared(tokenwise(policy(8, 0), 1));
+        let mut scheduler = Scheduler::new(Arc::clone(&shared), mpsc::channel().0, 1);
+        for (id, ready) in [(0, true), (1, false)] {
+            let slot = ReplicaSlot::new(id, Device::Cpu);
+            shared.slots().push(Arc::clone(&slot));
+            scheduler.replicas.push(Replica { slot, work: None, ready, busy: false, draining: false });
+        }
+        shared.target.store(2, Ordering::Release);
+        // The scaler's remove_replica lowered the target before its Remove event arrived.
+        shared.target.store(1, Ordering::Release);
+        scheduler.loaded(1, Err("out of memory".into()));
+        scheduler.handle(Event::Remove);
+        assert_eq!(scheduler.replicas.len(), 1);
+        assert!(!scheduler.replicas[0].draining, "the last replica was drained");
+        assert_eq!(shared.target.load(Ordering::Acquire), 1);
+        assert_eq!(shared.slots().len(), 1);
     }
 
     /// Replicas placed on simulated GPUs, added and drained while four clients keep sending:

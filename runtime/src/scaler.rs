@@ -19,7 +19,7 @@ use kiln_wire::{EventKind, GpuBrief, ReplicaState, ScaleAction, ScalingDecision,
 use crate::telemetry::EventLog;
 
 use crate::config::{Replicas, ScalerConfig};
-use crate::executor::ModelHandle;
+use crate::executor::{ModelHandle, WeakModelHandle};
 use kiln_wire::Histogram;
 
 /// Utilization the remaining replicas may reach after a scale-down.
@@ -118,7 +118,7 @@ pub struct ModelScaler {
     quiet_since: Option<Instant>,
     last_up: Option<Instant>,
     last_change: Option<Instant>,
-    /// The last notable hold, so a hold that repeats is recorded once.
+    /// The kind of the last notable hold, so a hold that repeats is recorded once.
     last_hold: Option<String>,
 }
 
@@ -225,10 +225,13 @@ impl ModelScaler {
     }
 
     fn hold(&mut self, obs: &Observation, reason: String) -> Option<ScalingDecision> {
-        if self.last_hold.as_deref() == Some(reason.as_str()) {
+        // Repeats are judged by the kind of hold ("no GPU memory"), not its numbers, which
+        // change every interval on a real GPU.
+        let kind = reason.split(':').next().unwrap_or(&reason).to_owned();
+        if self.last_hold.as_deref() == Some(kind.as_str()) {
             return None;
         }
-        self.last_hold = Some(reason.clone());
+        self.last_hold = Some(kind);
         Some(self.decision(obs, ScaleAction::Hold, obs.replicas, reason, None))
     }
 
@@ -278,30 +281,28 @@ impl Mark {
     }
 }
 
-/// Watches one model's counters between intervals.
+/// Watches one model's counters between intervals, without keeping the model alive.
 struct Watched {
-    handle: ModelHandle,
+    handle: WeakModelHandle,
     scaler: ModelScaler,
     mark: Mark,
 }
 
 impl Watched {
-    fn observe(&mut self) -> Observation {
-        let now = Mark::now(&self.handle);
+    fn observe(&mut self, handle: &ModelHandle) -> Observation {
+        let now = Mark::now(handle);
         let waits = now.waits.since(&self.mark.waits);
         let elapsed_us = now.at.duration_since(self.mark.at).as_micros().max(1) as f64;
-        let ready = self
-            .handle
+        let ready = handle
             .replicas()
             .iter()
             .filter(|r| r.state == ReplicaState::Ready)
             .count()
             .max(1) as f64;
         let busy_us = now.forward_us.saturating_sub(self.mark.forward_us) as f64;
-        let gpus = self
-            .handle
+        let gpus = handle
             .placer()
-            .candidates(self.handle.config())
+            .candidates(handle.config())
             .into_iter()
             .map(|g| GpuBrief {
                 device: format!("cuda:{}", g.index),
@@ -311,8 +312,8 @@ impl Watched {
             .collect();
         self.mark = now;
         Observation {
-            replicas: self.handle.replica_target(),
-            queue_depth: self.handle.counters().queued.load(Ordering::Relaxed) as u64,
+            replicas: handle.replica_target(),
+            queue_depth: handle.counters().queued.load(Ordering::Relaxed) as u64,
             requests: waits.count(),
             wait_p95_ms: waits.quantile_ms(0.95),
             utilization: (busy_us / (elapsed_us * ready)).clamp(0.0, 1.0),
@@ -335,7 +336,7 @@ pub fn spawn(models: Vec<ModelHandle>, config: &ScalerConfig, log: Arc<DecisionL
                 up_cooldown: config.up_cooldown,
                 down_cooldown: config.down_cooldown,
             };
-            Watched { scaler: ModelScaler::new(c.name.clone(), policy), mark: Mark::now(&handle), handle }
+            Watched { scaler: ModelScaler::new(c.name.clone(), policy), mark: Mark::now(&handle), handle: handle.downgrade() }
         })
         .collect();
     if watched.is_empty() {
@@ -343,11 +344,13 @@ pub fn spawn(models: Vec<ModelHandle>, config: &ScalerConfig, log: Arc<DecisionL
     }
     let interval = config.interval;
     thread::Builder::new().name("kiln-scaler".into()).spawn(move || {
-        loop {
+        // Ends when every watched model has shut down.
+        while !watched.is_empty() {
             thread::sleep(interval);
+            watched.retain(|w| w.handle.upgrade().is_some());
             for w in &mut watched {
-                let obs = w.observe();
-                let handle = w.handle.clone();
+                let Some(handle) = w.handle.upgrade() else { continue };
+                let obs = w.observe(&handle);
                 let decision = w.scaler.step(
                     &obs,
                     Instant::now(),
@@ -447,7 +450,8 @@ mod tests {
                         *added.borrow_mut() = Some(p);
                         Ok(device)
                     }
-                    Err(e) => Err(e.short().to_owned()),
+                    // As the server words it: the kind, then numbers that change.
+                    Err(e) => Err(format!("{}: {e} (t={second})", e.short())),
                 },
                 || {
                     removed.set(true);
@@ -540,14 +544,16 @@ mod tests {
         assert_eq!(fleet.replicas.len(), 2, "{:?}", fleet.actions());
         let last = fleet.decisions.last().expect("a decision");
         assert_eq!(last.action, ScaleAction::Hold);
-        assert_eq!(last.reason, "no GPU memory");
+        assert!(last.reason.starts_with("no GPU memory: "), "{}", last.reason);
+        let memory_holds = fleet.decisions.iter().filter(|d| d.reason.starts_with("no GPU memory")).count();
+        assert_eq!(memory_holds, 1, "a hold that repeats with new numbers is recorded once");
         // A busy GPU takes no new replica either.
         let mut fleet = Fleet::new(&[(80_000, 0, 99)], 1024, policy(1, 6));
         for second in (0..=20).step_by(2) {
             fleet.tick(second, true);
         }
         assert_eq!(fleet.replicas.len(), 1);
-        assert_eq!(fleet.decisions.last().map(|d| d.reason.as_str()), Some("GPUs busy"));
+        assert!(fleet.decisions.last().is_some_and(|d| d.reason.starts_with("GPUs busy: ")));
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub enum Msg {
     /// A snapshot and when it was taken (since start; differences give rates).
     Stats { stats: Box<Stats>, at: Duration },
     Disconnected { error: String, retry_in: Duration },
+    /// The event stream (re)connected: the server replays its recent history next, which
+    /// replaces what is shown.
+    EventsReset,
     Event(Box<ServerEvent>),
 }
 
@@ -155,6 +158,7 @@ impl App {
                 }
             }
             Msg::Disconnected { error, retry_in } => self.connection = Connection::Disconnected { error, retry_in },
+            Msg::EventsReset => self.events.clear(),
             Msg::Event(event) => {
                 if !self.paused {
                     if self.events.len() == EVENTS {
@@ -232,8 +236,8 @@ impl App {
     fn rows(&self) -> usize {
         match self.focus {
             Panel::Models => self.models.len(),
-            Panel::Handlers => self.handlers.len(),
-            Panel::Events => self.events.len(),
+            Panel::Handlers => self.handlers.len() + self.tenants.len(),
+            Panel::Events => self.decisions().count(),
             Panel::Gpus => self.stats.as_ref().map_or(0, |s| s.gpus.len()),
         }
     }

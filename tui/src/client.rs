@@ -53,26 +53,24 @@ pub fn spawn_stats(url: String, key: String, refresh: Arc<AtomicU64>, started: I
     Ok(())
 }
 
-/// Follows the event stream, reconnecting with backoff; the server replays its recent history
-/// on every connect, so events already seen are skipped by sequence number.
+/// Follows the event stream, reconnecting with backoff. The server replays its recent history on
+/// every connect, so each connect starts the shown events afresh (a restarted server counts from
+/// 1 again; a sequence number alone cannot tell the two apart).
 pub fn spawn_events(url: String, key: String, tx: Sender<Msg>) -> anyhow::Result<()> {
     let http = client(None)?;
     thread::Builder::new().name("events".into()).spawn(move || {
         let mut backoff = Duration::from_millis(500);
-        let mut last_seq = 0u64;
         loop {
             let response = http.get(format!("{url}/v1/events")).bearer_auth(&key).send().and_then(reqwest::blocking::Response::error_for_status);
             if let Ok(response) = response {
                 backoff = Duration::from_millis(500);
+                if tx.send(Msg::EventsReset).is_err() {
+                    return;
+                }
                 for line in BufReader::new(response).lines() {
                     let Ok(line) = line else { break };
                     let Some(data) = line.strip_prefix("data:") else { continue };
                     let Ok(event) = serde_json::from_str::<ServerEvent>(data.trim()) else { continue };
-                    // A restarted server counts from 1 again.
-                    if event.seq <= last_seq && event.seq != 1 {
-                        continue;
-                    }
-                    last_seq = event.seq;
                     if tx.send(Msg::Event(Box::new(event))).is_err() {
                         return;
                     }

@@ -169,7 +169,7 @@ pub fn quantile(bounds: &[u64], counts: &[u64], q: f64) -> f64 {
     let mut seen = 0u64;
     for (i, &count) in counts.iter().enumerate() {
         if count > 0 && (seen + count) as f64 >= rank {
-            let lower = if i == 0 { 0 } else { bounds[i - 1] } as f64;
+            let lower = i.checked_sub(1).and_then(|j| bounds.get(j)).copied().unwrap_or(0) as f64;
             let Some(&upper) = bounds.get(i) else {
                 return lower;
             };

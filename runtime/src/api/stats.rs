@@ -59,7 +59,7 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
                 average_batch_size: if executions == 0 { 0.0 } else { inferences as f64 / executions as f64 },
                 batch_sizes: c.batch_sizes.counts(),
                 queue_wait: c.queue_wait.snapshot(),
-                forward: model.replica_metrics().into_iter().fold(kiln_wire::Histogram::default(), |sum, (_, r)| add(sum, &r.forward)),
+                forward: c.forward.snapshot(),
             }
         })
         .collect();
@@ -72,17 +72,6 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
         tenants: app.telemetry.tenants(),
     };
     Ok(json_response(StatusCode::OK, &json!(stats)))
-}
-
-fn add(mut sum: kiln_wire::Histogram, h: &kiln_wire::Histogram) -> kiln_wire::Histogram {
-    if sum.counts.len() < h.counts.len() {
-        sum.counts.resize(h.counts.len(), 0);
-    }
-    for (s, c) in sum.counts.iter_mut().zip(&h.counts) {
-        *s += c;
-    }
-    sum.sum_us += h.sum_us;
-    sum
 }
 
 /// The scaler's recent decisions, oldest first.
