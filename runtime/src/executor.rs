@@ -96,8 +96,6 @@ pub struct ModelCounters {
     pub timeouts: AtomicU64,
     /// Requests waiting in the queue now.
     pub queued: AtomicUsize,
-    /// Total microseconds in forward passes, over all replicas.
-    pub forward_us: AtomicU64,
     /// Forward passes by rows.
     pub batch_sizes: BatchSizes,
     /// Time from enqueue to the start of the request's forward pass.
@@ -158,8 +156,6 @@ struct ReplicaSlot {
     device: Device,
     state: Mutex<ReplicaState>,
     busy: AtomicBool,
-    batches: AtomicU64,
-    busy_us: AtomicU64,
     pub(crate) forward: AtomicHistogram,
     pub(crate) batch_sizes: BatchSizes,
 }
@@ -171,8 +167,6 @@ impl ReplicaSlot {
             device,
             state: Mutex::new(ReplicaState::Loading),
             busy: AtomicBool::new(false),
-            batches: AtomicU64::new(0),
-            busy_us: AtomicU64::new(0),
             forward: AtomicHistogram::new(),
             batch_sizes: BatchSizes::default(),
         })
@@ -188,9 +182,9 @@ impl ReplicaSlot {
             device: self.device.to_string(),
             state: *self.state.lock().unwrap_or_else(PoisonError::into_inner),
             busy: self.busy.load(Ordering::Relaxed),
-            batches: self.batches.load(Ordering::Relaxed),
+            batches: self.batch_sizes.passes(),
             rows: self.batch_sizes.rows(),
-            busy_seconds: self.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
+            busy_seconds: self.forward.sum_us() as f64 / 1e6,
         }
     }
 
@@ -200,11 +194,7 @@ impl ReplicaSlot {
         let rows: u32 = batch.iter().map(|p| p.rows).sum();
         run_batch(model, &shared.config, &shared.counters, batch);
         let elapsed = started.elapsed();
-        let us = elapsed.as_micros() as u64;
-        shared.counters.forward_us.fetch_add(us, Ordering::Relaxed);
         shared.counters.forward.record(elapsed);
-        self.busy_us.fetch_add(us, Ordering::Relaxed);
-        self.batches.fetch_add(1, Ordering::Relaxed);
         self.forward.record(elapsed);
         self.batch_sizes.record(rows);
     }

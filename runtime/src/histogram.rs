@@ -33,6 +33,11 @@ impl AtomicHistogram {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Microseconds over every record.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> Histogram {
         Histogram {
             counts: self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
@@ -57,6 +62,11 @@ impl BatchSizes {
 
     pub fn counts(&self) -> Vec<u64> {
         self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Passes recorded.
+    pub fn passes(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
     /// Rows over every recorded pass.
@@ -84,6 +94,7 @@ mod tests {
         b.record(3);
         b.record(500);
         assert_eq!(b.counts(), vec![1, 0, 1, 0, 0, 0, 0, 0, 1]);
-        assert_eq!(b.rows(), 504);
+        assert_eq!((b.rows(), b.passes()), (504, 3));
+        assert_eq!(h.sum_us(), s.sum_us);
     }
 }

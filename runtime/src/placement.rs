@@ -76,10 +76,6 @@ impl Placer {
         Placer { gpus, max_gpu_utilization }
     }
 
-    pub fn gpus(&self) -> &Arc<Gpus> {
-        &self.gpus
-    }
-
     /// The GPUs `model` may use, from the latest sample.
     pub fn candidates(&self, model: &ModelConfig) -> Vec<GpuInfo> {
         let all = self.gpus.latest();
@@ -190,7 +186,7 @@ pub(crate) mod tests {
         Gpus::with_inventory(Box::new(Simulated::new(configs, Arc::clone(&ledger))), ledger)
     }
 
-    fn model(device: DeviceChoice, headroom_mib: u64) -> ModelConfig {
+    pub(crate) fn model(device: DeviceChoice, headroom_mib: u64) -> ModelConfig {
         ModelConfig {
             name: "m".into(),
             path: "m.pt".into(),

@@ -276,7 +276,7 @@ impl Mark {
         Mark {
             at: Instant::now(),
             waits: c.queue_wait.snapshot(),
-            forward_us: c.forward_us.load(Ordering::Relaxed),
+            forward_us: c.forward.sum_us(),
         }
     }
 }
@@ -369,7 +369,7 @@ pub fn spawn(models: Vec<ModelHandle>, config: &ScalerConfig, log: Arc<DecisionL
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BatchPolicy, DeviceChoice, ModelConfig, Precision};
+    use crate::config::{DeviceChoice, ModelConfig};
     use crate::placement::{Placement, Placer, Purpose};
 
     fn policy(min: u32, max: u32) -> Policy {
@@ -403,26 +403,9 @@ mod tests {
     impl Fleet {
         fn new(gpus: &[(u64, u64, u32)], headroom_mib: u64, policy: Policy) -> Fleet {
             let placer = Placer::new(crate::placement::tests::simulated(gpus), 95);
-            let model = ModelConfig {
-                name: "m".into(),
-                path: "/nonexistent/m.pt".into(),
-                device: DeviceChoice::Auto,
-                inputs: Vec::new(),
-                outputs: Vec::new(),
-                warmup_runs: 0,
-                batching: BatchPolicy {
-                    max_batch_size: 8,
-                    max_queue_delay: Duration::ZERO,
-                    preferred_batch_sizes: Vec::new(),
-                    max_queue_size: 1,
-                },
-                replicas: policy.replicas,
-                threads: 1,
-                timeout: Duration::from_secs(1),
-                precision: Precision::Fp32,
-                latency_objective: policy.objective,
-                memory_headroom_bytes: headroom_mib << 20,
-            };
+            let mut model = crate::placement::tests::model(DeviceChoice::Auto, headroom_mib);
+            model.replicas = policy.replicas;
+            model.latency_objective = policy.objective;
             let first = placer.place(&model, 0, Purpose::Start).expect("first replica");
             Fleet {
                 placer,

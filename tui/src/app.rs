@@ -191,7 +191,7 @@ impl App {
                 KeyCode::Char(c) => self.filter.push(c),
                 _ => {}
             }
-            self.recompute();
+            self.order();
             return;
         }
         match key.code {
@@ -202,7 +202,7 @@ impl App {
                     self.help = false;
                 } else {
                     self.filter.clear();
-                    self.recompute();
+                    self.order();
                 }
             }
             KeyCode::Char('p') | KeyCode::Char(' ') => self.paused = !self.paused,
@@ -218,7 +218,7 @@ impl App {
                     Some((c, descending)) if c == self.sort_column => Some((c, !descending)),
                     _ => Some((self.sort_column, true)),
                 };
-                self.recompute();
+                self.order();
             }
             KeyCode::Char('/') => self.editing_filter = true,
             KeyCode::Char('+') | KeyCode::Char('=') => self.refresh = (self.refresh / 2).max(Duration::from_millis(250)),
@@ -293,11 +293,6 @@ impl App {
         self.previous = Some((stats.clone(), at));
         self.stats = Some(stats);
         self.derive(before.as_ref(), since);
-    }
-
-    /// Re-filters and re-sorts the rows (after a sort or filter change).
-    fn recompute(&mut self) {
-        self.order();
     }
 
     fn derive(&mut self, before: Option<&Stats>, since: f64) {
