@@ -65,6 +65,7 @@ inputs = [
     {{ name = "attention_mask", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0 }},
 ]
 outputs = [{{ name = "last_hidden_state", ragged_dim = 1 }}]
+batching = {{ max_batch_size = 64 }}
 
 [[tenant]]
 name = "demo"
@@ -214,6 +215,32 @@ impl Server {
     pub fn restart(&self) -> anyhow::Result<()> {
         self.kill()?;
         self.launch()
+    }
+
+    /// Sends a signal (`TERM`, `INT`, ...) with the system's `kill`.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.pid()?.to_string();
+        let status = Command::new("kill").args(["-s", name, &pid]).status()?;
+        anyhow::ensure!(status.success(), "kill -s {name} {pid} failed: {status}");
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the server to exit by itself, and returns its exit status.
+    pub fn wait_exit(&self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            let mut guard = self.lock()?;
+            let Some(p) = guard.as_mut() else { bail!("kiln is not running") };
+            if let Some(status) = p.child.try_wait()? {
+                *guard = None;
+                return Ok(status);
+            }
+            drop(guard);
+            if started.elapsed() > limit {
+                bail!("kiln did not exit within {limit:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The server's process id.

@@ -42,6 +42,11 @@ impl Request {
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
+    /// Every header as received, in order: (name, raw value).
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+
     /// The raw body.
     pub fn body(&self) -> &[u8] {
         &self.body

@@ -166,12 +166,7 @@ mod tests {
     }
 
     fn spec(ragged: Option<usize>) -> InputSpec {
-        InputSpec {
-            name: "ids".into(),
-            dtype: DType::I64,
-            shape: vec![None, None, Some(2)],
-            ragged: ragged.map(|dim| Ragged { dim, pad: -1.0 }),
-        }
+        InputSpec::new("ids", DType::I64, vec![None, None, Some(2)], ragged.map(|dim| Ragged { dim, pad: -1.0 }))
     }
 
     #[test]

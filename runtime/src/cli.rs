@@ -85,13 +85,45 @@ pub fn keygen(prefix: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kiln sign`: writes the signature (base64) of a component's bytes.
-pub fn sign(component: &Path, key: &Path, out: Option<PathBuf>) -> anyhow::Result<()> {
+/// What `kiln sign` signs: a component, as one handler of one tenant, with its models and
+/// priorities (the same flags as `kiln deploy`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SignedDeployment {
+    /// The component (.wasm).
+    pub component: PathBuf,
+    /// The handler name it will be deployed as.
+    #[arg(long)]
+    pub handler: String,
+    /// The tenant it will be deployed for.
+    #[arg(long)]
+    pub tenant: String,
+    /// Models it may load (default: all of the tenant's).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    #[arg(long)]
+    pub priority: Option<u8>,
+    #[arg(long)]
+    pub max_priority: Option<u8>,
+}
+
+/// `kiln sign`: writes the signature (base64) of a deployment manifest: the component's SHA-256,
+/// handler name, tenant, models and priorities.
+pub fn sign(what: &SignedDeployment, key: &Path, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let component = &what.component;
     let bytes = std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
     let text = std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
     let pkcs8 = keys::decode_base64(&text)
         .with_context(|| format!("{} is not a key written by `kiln keygen`", key.display()))?;
-    let signature = keys::sign(&pkcs8, &bytes).with_context(|| key.display().to_string())?;
+    let models = (!what.models.is_empty()).then_some(what.models.as_slice());
+    let manifest = keys::deployment_manifest(
+        &what.handler,
+        &what.tenant,
+        &crate::state::sha256_hex(&bytes),
+        models,
+        what.priority,
+        what.max_priority,
+    );
+    let signature = keys::sign(&pkcs8, manifest.as_bytes()).with_context(|| key.display().to_string())?;
     let out = out.unwrap_or_else(|| {
         let mut name = component.as_os_str().to_owned();
         name.push(".sig");
@@ -99,7 +131,7 @@ pub fn sign(component: &Path, key: &Path, out: Option<PathBuf>) -> anyhow::Resul
     });
     write_atomic(&out, format!("{}\n", keys::encode_base64(&signature)).as_bytes())
         .with_context(|| format!("cannot write {}", out.display()))?;
-    eprintln!("wrote {}", out.display());
+    eprintln!("wrote {} (for handler '{}' of tenant '{}')", out.display(), what.handler, what.tenant);
     Ok(())
 }
 

@@ -81,6 +81,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Largest component the admin API accepts.
     pub max_component_bytes: usize,
+    /// After SIGTERM: how long new connections are still accepted while readiness says 503 (so
+    /// load balancers stop sending first), and how long in-flight work has in all to finish.
+    pub drain_grace: Duration,
+    pub drain_timeout: Duration,
 }
 
 /// A tenant: who may call which handlers, see which models, and within what limits.
@@ -101,8 +105,11 @@ pub struct Quota {
     pub requests_per_second: f64,
     /// Requests that may arrive at once above the sustained rate (bucket size).
     pub burst: u32,
-    /// Requests in flight at once, response bodies included; over it → 429.
+    /// Requests in flight at once, response bodies and guests still running included; over it
+    /// → 429.
     pub max_concurrent: u32,
+    /// Sandboxes of the server's pool this tenant's guests may hold at once; over it → 429.
+    pub max_instances: u32,
     pub max_body_bytes: usize,
     pub limits: SandboxLimits,
 }
@@ -181,6 +188,9 @@ pub struct BatchPolicy {
     pub preferred_batch_sizes: Vec<u32>,
     /// Requests waiting beyond this are refused as overloaded.
     pub max_queue_size: u32,
+    /// Most rows one request may carry (`max_rows`; `max_batch_size` by default), so no caller
+    /// can make a forward pass of its own size.
+    pub max_rows: u32,
 }
 
 /// Where one replica runs.
@@ -249,6 +259,47 @@ pub struct InputSpec {
     /// A dynamic dimension that differs between requests of one batch: it is padded with
     /// `pad` to the longest in the batch.
     pub ragged: Option<Ragged>,
+    /// The values the model can take (`min`/`max` in the file): anything else is refused before
+    /// it is queued, so one caller's bad ids never reach a batch shared with others.
+    pub range: Option<ValueRange>,
+    /// Largest size of each dynamic dimension (`max_dims`, `-1` for no limit beyond the batch
+    /// cap); fixed dimensions are checked exactly anyway. Same length as `shape`.
+    pub max_dims: Vec<Option<u32>>,
+}
+
+impl InputSpec {
+    /// An input with no value range and no dimension limits beyond its shape.
+    pub fn new(name: &str, dtype: DType, shape: Vec<Option<u32>>, ragged: Option<Ragged>) -> InputSpec {
+        let max_dims = vec![None; shape.len()];
+        InputSpec {
+            name: name.to_owned(),
+            dtype,
+            shape,
+            ragged,
+            range: None,
+            max_dims,
+        }
+    }
+}
+
+/// Inclusive bounds on an input's values (either may be open).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValueRange {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Eq for ValueRange {}
+
+impl fmt::Display for ValueRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.min, self.max) {
+            (Some(lo), Some(hi)) => write!(f, "{lo} ..= {hi}"),
+            (Some(lo), None) => write!(f, ">= {lo}"),
+            (None, Some(hi)) => write!(f, "<= {hi}"),
+            (None, None) => f.write_str("any value"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -308,6 +359,8 @@ pub const DEFAULT_DOWN_COOLDOWN_MS: u64 = 30_000;
 pub const DEFAULT_MAX_GPU_UTILIZATION: u32 = 95;
 pub const DEFAULT_SCALER_HISTORY: usize = 256;
 pub const DEFAULT_GPU_POLL_MS: u64 = 1_000;
+pub const DEFAULT_DRAIN_GRACE_MS: u64 = 5_000;
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// Most replicas one model may have.
 pub const MAX_REPLICAS: u32 = 64;
 /// Priorities run from 0 (default) to this.
@@ -396,6 +449,8 @@ struct RawServer {
     state_dir: Option<String>,
     admin_listen: Option<String>,
     max_component_bytes: Option<u64>,
+    drain_grace_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -415,6 +470,7 @@ struct RawQuota {
     requests_per_second: Option<f64>,
     burst: Option<u32>,
     max_concurrent: Option<u32>,
+    max_instances: Option<u32>,
     max_body_bytes: Option<u64>,
     memory_limit_mib: Option<u64>,
     deadline_ms: Option<u64>,
@@ -453,6 +509,7 @@ struct RawBatching {
     max_queue_delay_us: Option<u64>,
     preferred_batch_sizes: Option<Vec<u32>>,
     max_queue_size: Option<u32>,
+    max_rows: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -463,6 +520,9 @@ struct RawInput {
     shape: Vec<i64>,
     ragged_dim: Option<usize>,
     pad: Option<f64>,
+    min: Option<f64>,
+    max: Option<f64>,
+    max_dims: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -577,7 +637,7 @@ impl Validator<'_> {
             .tenant
             .into_iter()
             .enumerate()
-            .map(|(i, t)| self.tenant(i, t, &models))
+            .map(|(i, t)| self.tenant(i, t, &models, server.max_instances))
             .collect::<Result<Vec<_>, _>>()?;
         self.unique("tenant", tenants.iter().map(|t| t.name.as_str()))?;
         let handlers = raw
@@ -655,6 +715,20 @@ impl Validator<'_> {
                 format!("{max_component_bytes} is out of range (1 ..= 1073741824)"),
             ));
         }
+        let drain_timeout_ms = raw.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS);
+        if !(1..=3_600_000).contains(&drain_timeout_ms) {
+            return Err(self.invalid(
+                "server.drain_timeout_ms",
+                format!("{drain_timeout_ms} is out of range (1 ..= 3600000)"),
+            ));
+        }
+        let drain_grace_ms = raw.drain_grace_ms.unwrap_or(DEFAULT_DRAIN_GRACE_MS.min(drain_timeout_ms));
+        if drain_grace_ms > drain_timeout_ms {
+            return Err(self.invalid(
+                "server.drain_grace_ms",
+                format!("{drain_grace_ms} is over drain_timeout_ms ({drain_timeout_ms})"),
+            ));
+        }
         Ok(ServerConfig {
             listen,
             max_body_bytes: max_body_bytes as usize,
@@ -663,6 +737,8 @@ impl Validator<'_> {
             state_dir,
             admin_listen,
             max_component_bytes: max_component_bytes as usize,
+            drain_grace: Duration::from_millis(drain_grace_ms),
+            drain_timeout: Duration::from_millis(drain_timeout_ms),
         })
     }
 
@@ -743,11 +819,58 @@ impl Validator<'_> {
                     Some(Ragged { dim, pad: pad.unwrap_or(0.0) })
                 }
             };
+            let range = match (input.min, input.max) {
+                (None, None) => None,
+                (min, max) => {
+                    if min.into_iter().chain(max).any(|v| !v.is_finite()) {
+                        return Err(self.invalid(field("min"), "min and max must be finite numbers"));
+                    }
+                    if let (Some(lo), Some(hi)) = (min, max)
+                        && lo > hi
+                    {
+                        return Err(self.invalid(field("max"), format!("{hi} is below min {lo}")));
+                    }
+                    Some(ValueRange { min, max })
+                }
+            };
+            let max_dims = match input.max_dims {
+                None => vec![None; shape.len()],
+                Some(dims) => {
+                    if dims.len() != shape.len() {
+                        return Err(self.invalid(
+                            field("max_dims"),
+                            format!("has {} dimensions but shape has {}", dims.len(), shape.len()),
+                        ));
+                    }
+                    let mut limits = Vec::with_capacity(dims.len());
+                    for (axis, d) in dims.into_iter().enumerate() {
+                        limits.push(match d {
+                            -1 => None,
+                            1..=0xFFFF_FFFF if shape[axis].is_none() => Some(d as u32),
+                            1..=0xFFFF_FFFF => {
+                                return Err(self.invalid(
+                                    field("max_dims"),
+                                    format!("dimension {axis} is fixed by shape; use -1 there"),
+                                ));
+                            }
+                            _ => {
+                                return Err(self.invalid(
+                                    field("max_dims"),
+                                    format!("{d} is invalid; use a positive size or -1 for no limit"),
+                                ));
+                            }
+                        });
+                    }
+                    limits
+                }
+            };
             inputs.push(InputSpec {
                 name: input.name,
                 dtype,
                 shape,
                 ragged,
+                range,
+                max_dims,
             });
         }
         if raw.outputs.is_empty() {
@@ -994,7 +1117,12 @@ impl Validator<'_> {
         if max_queue_size == 0 {
             return Err(self.invalid(field("max_queue_size"), "must be at least 1"));
         }
+        let max_rows = raw.max_rows.unwrap_or(max_batch_size);
+        if !(1..=65_536).contains(&max_rows) {
+            return Err(self.invalid(field("max_rows"), format!("{max_rows} is out of range (1 ..= 65536)")));
+        }
         Ok(BatchPolicy {
+            max_rows,
             max_batch_size,
             max_queue_delay: Duration::from_micros(delay),
             preferred_batch_sizes: preferred,
@@ -1007,6 +1135,7 @@ impl Validator<'_> {
         i: usize,
         raw: RawTenant,
         models: &[ModelConfig],
+        pool: u32,
     ) -> Result<TenantConfig, ConfigError> {
         self.name(&format!("tenant[{i}].name"), &raw.name)?;
         let at = |f: &str| format!("tenant '{}'.{f}", raw.name);
@@ -1022,7 +1151,7 @@ impl Validator<'_> {
             None => None,
             Some(text) => Some(parse_public_key(text).map_err(|m| self.invalid(at("signing_key"), m))?),
         };
-        let quota = self.quota(&at("quota"), raw.quota)?;
+        let quota = self.quota(&at("quota"), raw.quota, pool)?;
         Ok(TenantConfig {
             name: raw.name,
             models: raw.models,
@@ -1031,7 +1160,8 @@ impl Validator<'_> {
         })
     }
 
-    fn quota(&self, at: &str, raw: RawQuota) -> Result<Quota, ConfigError> {
+    /// `pool` is the server's `max_instances`, which a tenant's sandbox share is a part of.
+    fn quota(&self, at: &str, raw: RawQuota, pool: u32) -> Result<Quota, ConfigError> {
         let field = |f: &str| format!("{at}.{f}");
         let range = |f: &str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
@@ -1055,6 +1185,14 @@ impl Validator<'_> {
             raw.max_concurrent.map_or(u64::from(DEFAULT_MAX_CONCURRENT), u64::from),
             1,
             100_000,
+        )?;
+        // Half the pool by default: however many sandboxes one tenant keeps busy, every other
+        // tenant still finds slots.
+        let max_instances = range(
+            "max_instances",
+            raw.max_instances.map_or(u64::from(pool.div_ceil(2)), u64::from),
+            1,
+            u64::from(pool),
         )?;
         let max_body_bytes = range(
             "max_body_bytes",
@@ -1090,6 +1228,7 @@ impl Validator<'_> {
             requests_per_second: rps,
             burst: burst as u32,
             max_concurrent: max_concurrent as u32,
+            max_instances: max_instances as u32,
             max_body_bytes: max_body_bytes as usize,
             limits: SandboxLimits {
                 memory_limit_bytes: mib << 20,
@@ -1136,6 +1275,11 @@ impl Validator<'_> {
 }
 
 impl HandlerSettings {
+    /// The text a signature over this deployment covers (see [`crate::keys::deployment_manifest`]).
+    pub fn signed_manifest(&self, handler: &str, tenant: &str, sha256: &str) -> String {
+        crate::keys::deployment_manifest(handler, tenant, sha256, self.models.as_deref(), self.priority, self.max_priority)
+    }
+
     /// The handler these settings describe for `tenant`: models must be among the tenant's, and
     /// limits may only tighten the tenant's quota. An error names the offending field.
     pub fn resolve(

@@ -94,6 +94,8 @@ pub struct ModelCounters {
     pub overloaded: AtomicU64,
     /// Requests whose timeout passed.
     pub timeouts: AtomicU64,
+    /// Merged forward passes that failed and were split to find the request at fault.
+    pub isolated: AtomicU64,
     /// Requests waiting in the queue now.
     pub queued: AtomicUsize,
     /// Forward passes by rows.
@@ -211,6 +213,9 @@ struct Shared {
     target: AtomicU32,
     /// One replica's weights as measured at load; 0 until one has loaded.
     weights: AtomicU64,
+    /// Whether requests of different lengths may share a batch: false once a load found that
+    /// padding changes the model's outputs.
+    ragged_batching: AtomicBool,
     events: Arc<EventLog>,
 }
 
@@ -293,6 +298,7 @@ impl ModelHandle {
             replicas: Mutex::new(Vec::new()),
             target: AtomicU32::new(initial),
             weights: AtomicU64::new(0),
+            ragged_batching: AtomicBool::new(true),
             events: log,
         });
         let placements = (0..initial)
@@ -324,6 +330,12 @@ impl ModelHandle {
 
     pub fn config(&self) -> &ModelConfig {
         &self.shared.config
+    }
+
+    /// Whether requests of different lengths are padded into one batch (false for a model whose
+    /// outputs change with padding; see [`padding_changes_outputs`]).
+    pub fn ragged_batching(&self) -> bool {
+        self.shared.ragged_batching.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {
@@ -436,6 +448,14 @@ impl ModelHandle {
             )));
         }
         let rows = ordered[0].rows();
+        let max_rows = self.shared.config.batching.max_rows;
+        if rows > max_rows {
+            return Err(TensorError(format!(
+                "input '{}': {rows} rows, over model '{}''s limit of {max_rows} rows per request (max_rows)",
+                specs[0].name,
+                self.name()
+            )));
+        }
         if let Some((spec, t)) = specs.iter().zip(&ordered).find(|(_, t)| t.rows() != rows) {
             return Err(TensorError(format!(
                 "input '{}': batch dimension is {} but input '{}' has {rows}",
@@ -495,10 +515,16 @@ impl ModelHandle {
             return Err(InferError::Overloaded(name()));
         }
         let (reply, answer) = oneshot::channel();
+        let ragged_len = batch::ragged_len(&config.inputs, &inputs);
+        let mut key = batch::compat_key(&config.inputs, &inputs);
+        if let Some(len) = ragged_len.filter(|_| !self.ragged_batching()) {
+            // Padding would change this model's answers: only equal lengths share a batch.
+            key.push(vec![len]);
+        }
         let pending = Pending {
             rows: inputs.first().map_or(1, HostTensor::rows),
-            ragged_len: batch::ragged_len(&config.inputs, &inputs),
-            key: batch::compat_key(&config.inputs, &inputs),
+            ragged_len,
+            key,
             inputs,
             priority: options.priority.min(MAX_PRIORITY),
             enqueued: Instant::now(),
@@ -930,6 +956,16 @@ fn load_replica(
     let loaded = load_and_warm_up(config, placement.run_on);
     match &loaded {
         Ok((model, _)) => {
+            if let Some(difference) = padding_changes_outputs(model, config) {
+                shared.ragged_batching.store(false, Ordering::Relaxed);
+                tracing::warn!(
+                    model = %config.name,
+                    difference,
+                    "padding a request to a longer neighbour's length changes its outputs: the model \
+                     does not mask padding, so requests of different lengths are never batched together \
+                     (declare ragged_dim only for models that mask it)"
+                );
+            }
             let weights = model.weight_bytes();
             if weights > 0 {
                 shared.weights.store(weights, Ordering::Relaxed);
@@ -964,38 +1000,59 @@ fn load_replica(
 }
 
 fn run_batch(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters, batch: Vec<Pending>) {
-    let rows: Vec<u32> = batch.iter().map(|p| p.rows).collect();
-    let lens: Vec<Option<u32>> = batch.iter().map(|p| p.ragged_len).collect();
-    counters.count_batch(batch.len(), rows.iter().sum());
-    let fail = |message: String| InferError::Runtime {
-        model: config.name.clone(),
-        message,
-    };
-    if let [single] = &batch[..] {
-        // A lone request needs no merging or splitting.
-        let result = forward_guarded(model, &single.inputs).map_err(fail);
-        if let Some(p) = batch.into_iter().next() {
-            let _ = p.reply.send(result);
-        }
-        return;
-    }
-    let parts: Vec<&[HostTensor]> = batch.iter().map(|p| p.inputs.as_slice()).collect();
-    let merged = batch::merge(&config.inputs, &parts);
-    let outputs = forward_guarded(model, &merged)
-        .and_then(|outputs| batch::split(outputs, &config.outputs, &rows, &lens));
-    match outputs {
+    counters.count_batch(batch.len(), batch.iter().map(|p| p.rows).sum());
+    run_isolating(model, config, counters, batch);
+}
+
+/// Runs `batch` as one forward pass and answers every caller. Requests from different tenants
+/// share a batch, so one caller's input that makes the model fail must not fail the others:
+/// a failed merged pass is split in halves and each half run again, down to single requests.
+/// The caller at fault gets the model's error and everyone else their own result, for
+/// O(bad × log n) extra passes instead of n.
+fn run_isolating(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters, mut batch: Vec<Pending>) {
+    match forward_batch(model, config, &batch) {
         Ok(per_request) => {
             for (p, outputs) in batch.into_iter().zip(per_request) {
                 let _ = p.reply.send(Ok(outputs));
             }
         }
+        Err(message) if batch.len() == 1 => {
+            let error = InferError::Runtime { model: config.name.clone(), message };
+            if let Some(p) = batch.pop() {
+                let _ = p.reply.send(Err(error));
+            }
+        }
         Err(message) => {
-            // Every caller in a failed batch gets the model's message; the next batch runs.
-            for p in batch {
-                let _ = p.reply.send(Err(fail(message.clone())));
+            counters.isolated.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                model = %config.name,
+                requests = batch.len(),
+                "a batch failed; running its halves apart so each caller gets its own result: {message}"
+            );
+            let mut second = batch.split_off(batch.len() / 2);
+            // A caller that gave up meanwhile needs no second pass.
+            batch.retain(|p| !p.reply.is_closed());
+            second.retain(|p| !p.reply.is_closed());
+            for half in [batch, second] {
+                if !half.is_empty() {
+                    run_isolating(model, config, counters, half);
+                }
             }
         }
     }
+}
+
+/// One forward pass over `batch` merged, split back per request.
+fn forward_batch(model: &TorchModel, config: &ModelConfig, batch: &[Pending]) -> Result<Vec<Vec<HostTensor>>, String> {
+    if let [single] = batch {
+        // A lone request needs no merging or splitting.
+        return forward_guarded(model, &single.inputs).map(|outputs| vec![outputs]);
+    }
+    let rows: Vec<u32> = batch.iter().map(|p| p.rows).collect();
+    let lens: Vec<Option<u32>> = batch.iter().map(|p| p.ragged_len).collect();
+    let parts: Vec<&[HostTensor]> = batch.iter().map(|p| p.inputs.as_slice()).collect();
+    let merged = batch::merge(&config.inputs, &parts);
+    forward_guarded(model, &merged).and_then(|outputs| batch::split(outputs, &config.outputs, &rows, &lens))
 }
 
 /// Loads `config`'s module on `device` and runs its warm-up passes; returns the outputs' types.
@@ -1018,6 +1075,74 @@ pub fn load_and_warm_up(config: &ModelConfig, device: Device) -> Result<(TorchMo
         }
         result => result,
     }
+}
+
+/// Length of the probe row [`padding_changes_outputs`] pads, and of its longer neighbour.
+const PROBE_LEN: u32 = 3;
+const PROBE_NEIGHBOUR_LEN: u32 = 7;
+
+/// Relative difference below which a padded row's outputs count as its own (float noise from
+/// other matrix shapes is around 1e-6).
+const PADDING_TOLERANCE: f64 = 1e-4;
+
+/// For a model with ragged inputs: runs a probe row alone and then padded beside a longer
+/// neighbour, and returns the largest relative difference between the two answers when it is
+/// over [`PADDING_TOLERANCE`] (the model does not mask padding), or `None` when padding leaves
+/// the row's outputs alone. Probe values are 1 (or the nearest the declared range allows), so a
+/// mask input marks every probe position as real.
+fn padding_changes_outputs(model: &TorchModel, config: &ModelConfig) -> Option<f64> {
+    if !config.inputs.iter().any(|s| s.ragged.is_some()) {
+        return None;
+    }
+    let row = |len: u32| -> Vec<HostTensor> {
+        config
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<u32> = spec
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .map(|(axis, d)| match d {
+                        Some(d) => *d,
+                        None if spec.ragged.is_some_and(|r| r.dim == axis) => len,
+                        None => 1,
+                    })
+                    .collect();
+                let value = spec.range.map_or(1.0, |r| {
+                    let v = r.min.map_or(1.0, |lo| lo.max(1.0));
+                    r.max.map_or(v, |hi| v.min(hi))
+                });
+                let count = crate::tensor::element_count(&shape).unwrap_or(0);
+                let data = batch::scalar_bytes(spec.dtype, value).repeat(count);
+                HostTensor { dtype: spec.dtype, shape, data }
+            })
+            .collect()
+    };
+    let probe = row(PROBE_LEN);
+    let neighbour = row(PROBE_NEIGHBOUR_LEN);
+    let alone = forward_guarded(model, &probe).ok()?;
+    let merged = batch::merge(&config.inputs, &[&probe, &neighbour]);
+    let lens = [batch::ragged_len(&config.inputs, &probe), batch::ragged_len(&config.inputs, &neighbour)];
+    let padded = forward_guarded(model, &merged)
+        .and_then(|outputs| batch::split(outputs, &config.outputs, &[1, 1], &lens))
+        .ok()?
+        .into_iter()
+        .next()?;
+    let mut worst = 0.0f64;
+    for (a, b) in alone.iter().zip(&padded) {
+        if a.shape != b.shape {
+            return Some(f64::INFINITY);
+        }
+        let scale = a.values().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (x, y) in a.values().zip(b.values()) {
+            let d = (x - y).abs() / scale;
+            if d.is_nan() || d > worst {
+                worst = if d.is_nan() { f64::INFINITY } else { d };
+            }
+        }
+    }
+    (worst > PADDING_TOLERANCE).then_some(worst)
 }
 
 /// A panic inside the backend must fail one batch, not kill the instance.
@@ -1048,6 +1173,7 @@ mod tests {
             max_queue_delay: Duration::from_micros(delay_us),
             preferred_batch_sizes: Vec::new(),
             max_queue_size: 100_000,
+            max_rows: 4096,
         }
     }
 
@@ -1058,8 +1184,8 @@ mod tests {
             path: model_path("tokenwise.pt"),
             device: DeviceChoice::Cpu,
             inputs: vec![
-                InputSpec { name: "ids".into(), dtype: DType::I64, shape: vec![None, None], ragged },
-                InputSpec { name: "mask".into(), dtype: DType::I64, shape: vec![None, None], ragged },
+                InputSpec::new("ids", DType::I64, vec![None, None], ragged),
+                InputSpec::new("mask", DType::I64, vec![None, None], ragged),
             ],
             outputs: vec![
                 OutputSpec { name: "hidden".into(), ragged_dim: Some(1) },
@@ -1081,12 +1207,7 @@ mod tests {
             name: "digits".into(),
             path: model_path("digits.pt"),
             device: DeviceChoice::Cpu,
-            inputs: vec![InputSpec {
-                name: "image".into(),
-                dtype: DType::F32,
-                shape: vec![None, Some(1), Some(8), Some(8)],
-                ragged: None,
-            }],
+            inputs: vec![InputSpec::new("image", DType::F32, vec![None, Some(1), Some(8), Some(8)], None)],
             outputs: vec![OutputSpec { name: "logits".into(), ragged_dim: None }],
             warmup_runs: 1,
             batching,
@@ -1308,43 +1429,172 @@ mod tests {
         assert!(cancelled > 0 && cancelled <= 100);
     }
 
+    fn queued(config: &ModelConfig, inputs: Vec<HostTensor>) -> (Pending, oneshot::Receiver<Result<Vec<HostTensor>, InferError>>) {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            rows: inputs[0].rows(),
+            ragged_len: batch::ragged_len(&config.inputs, &inputs),
+            key: batch::compat_key(&config.inputs, &inputs),
+            inputs,
+            priority: 0,
+            enqueued: Instant::now(),
+            reply,
+        };
+        (pending, answer)
+    }
+
+    fn minilm() -> ModelConfig {
+        let ragged = Some(Ragged { dim: 1, pad: 0.0 });
+        let mut config = tokenwise(policy(16, 0), 1);
+        config.name = "minilm".into();
+        config.path = model_path("minilm.pt");
+        config.inputs = vec![
+            InputSpec::new("input_ids", DType::I64, vec![None, None], ragged),
+            InputSpec::new("attention_mask", DType::I64, vec![None, None], ragged),
+        ];
+        config.outputs = vec![OutputSpec { name: "last_hidden_state".into(), ragged_dim: Some(1) }];
+        config
+    }
+
+    /// MiniLM masks padding: a sentence padded to a longer neighbour's length, beside a shorter
+    /// one, gets the hidden states it gets alone.
+    #[test]
+    fn a_minilm_row_padded_beside_longer_and_shorter_neighbours_matches_it_alone() {
+        let config = minilm();
+        let model = TorchModel::load(&config, Device::Cpu, Cast::Parameters).expect("load");
+        let reference = model_path("../reference/embeddings.json");
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(reference).expect("reference")).expect("json");
+        let mut sentences: Vec<Vec<i64>> = reference["input_ids"]
+            .as_array()
+            .expect("input_ids")
+            .iter()
+            .map(|ids| ids.as_array().expect("ids").iter().map(|v| v.as_i64().expect("id")).collect())
+            .collect();
+        sentences.sort_by_key(Vec::len);
+        let (short, long) = (sentences[0].clone(), sentences[sentences.len() - 1].clone());
+        let middle = sentences[sentences.len() / 2].clone();
+        assert!(short.len() < middle.len() && middle.len() < long.len(), "three lengths");
+        let request = |ids: &[i64]| {
+            let shape = vec![1, ids.len() as u32];
+            vec![i64_tensor(shape.clone(), ids), i64_tensor(shape, &vec![1; ids.len()])]
+        };
+        let alone = model.forward(&request(&middle)).expect("alone");
+        assert!(padding_changes_outputs(&model, &config).is_none(), "the load-time probe agrees");
+        let batch = [request(&short), request(&middle), request(&long)];
+        let parts: Vec<&[HostTensor]> = batch.iter().map(Vec::as_slice).collect();
+        let merged = batch::merge(&config.inputs, &parts);
+        let lens: Vec<Option<u32>> = batch.iter().map(|r| batch::ragged_len(&config.inputs, r)).collect();
+        let outputs = model.forward(&merged).expect("batched");
+        let split = batch::split(outputs, &config.outputs, &[1, 1, 1], &lens).expect("split");
+        assert_eq!(split[1][0].shape, alone[0].shape);
+        let worst = f32s(&split[1][0])
+            .iter()
+            .zip(f32s(&alone[0]))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "padded row differs from the row alone by {worst}");
+        // The sentence embedding (mean over positions, L2-normalised, as the guest computes it).
+        let embed = |hidden: &HostTensor| -> Vec<f32> {
+            let values = f32s(hidden);
+            let dim = hidden.shape[2] as usize;
+            let positions = values.len() / dim;
+            let mut mean: Vec<f32> = (0..dim).map(|d| (0..positions).map(|p| values[p * dim + d]).sum::<f32>() / positions as f32).collect();
+            let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt();
+            mean.iter_mut().for_each(|v| *v /= norm);
+            mean
+        };
+        let embedding_difference = embed(&split[1][0])
+            .iter()
+            .zip(embed(&alone[0]))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(embedding_difference <= 1e-6, "embeddings differ by {embedding_difference}");
+        eprintln!("MiniLM padded vs alone: hidden states within {worst:e}, embedding within {embedding_difference:e}");
+    }
+
+    /// A model that averages over padding is found out at load, and then never gets requests
+    /// of different lengths in one batch: every answer equals the request's answer alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failing_batch_fails_all_its_callers_and_the_next_batch_runs() {
+    async fn a_model_that_does_not_mask_padding_never_batches_different_lengths() {
+        let masked = ready(tokenwise(policy(8, 0), 1)).await;
+        assert!(masked.ragged_batching(), "tokenwise masks padding");
+        let mut config = tokenwise(policy(32, 2_000), 1);
+        config.name = "unmasked".into();
+        config.path = model_path("unmasked.pt");
+        config.inputs = vec![InputSpec::new("ids", DType::I64, vec![None, None], Some(Ragged { dim: 1, pad: 0.0 }))];
+        config.outputs = vec![OutputSpec { name: "pooled".into(), ragged_dim: None }];
+        let model = TorchModel::load(&config, Device::Cpu, Cast::Parameters).expect("load");
+        let difference = padding_changes_outputs(&model, &config).expect("padding changes its outputs");
+        assert!(difference > 1e-3, "{difference}");
+        let handle = ready(config).await;
+        assert!(!handle.ragged_batching());
+        let mut rng = Rng(21);
+        let requests: Vec<Vec<HostTensor>> = (0..24)
+            .map(|i| {
+                let len = 2 + (i % 5);
+                let ids: Vec<i64> = (0..len).map(|_| 1 + rng.below(999) as i64).collect();
+                vec![i64_tensor(vec![1, len], &ids)]
+            })
+            .collect();
+        let alone: Vec<Vec<HostTensor>> = requests.iter().map(|r| model.forward(r).expect("alone")).collect();
+        // Everything queues behind one long pass, so the scheduler has all 24 to batch at once.
+        let (h, big) = (handle.clone(), vec![i64_tensor(vec![512, 4096], &vec![1; 512 * 4096])]);
+        let busy = tokio::spawn(async move { h.infer(big, InferOptions::default()).await });
+        while handle.counters().executions.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        let calls: Vec<_> = requests
+            .into_iter()
+            .map(|r| {
+                let handle = handle.clone();
+                tokio::spawn(async move { handle.infer(r, InferOptions::default()).await })
+            })
+            .collect();
+        until_queued(&handle, 24).await;
+        busy.await.expect("task").expect("long pass");
+        for (i, (answer, want)) in futures::future::join_all(calls).await.into_iter().zip(alone).enumerate() {
+            let got = answer.expect("task").expect("answer");
+            assert_close(&got, &want, &format!("request {i}"));
+        }
+        let passes = handle.counters().executions.load(Ordering::Relaxed) - 1;
+        assert!(passes <= 10, "equal lengths were still batched together ({passes} passes for 24 requests)");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_fails_the_model_fails_alone_and_its_neighbours_get_their_own_results() {
         let config = tokenwise(policy(8, 0), 1);
         let model = TorchModel::load(&config, Device::Cpu, Cast::Parameters).expect("load");
         let counters = ModelCounters::default();
         let mut rng = Rng(7);
         let mut pending = Vec::new();
         let mut answers = Vec::new();
-        for bad in [false, true, false] {
-            let mut inputs = token_request(&mut rng, 1, 4);
+        // Two bad requests among six, one of them also the longest (every neighbour padded to it).
+        for (i, bad) in [false, true, false, false, true, false].into_iter().enumerate() {
+            let mut inputs = token_request(&mut rng, 1 + (i as u32 % 2), 3 + i as u32);
             if bad {
-                inputs[0] = i64_tensor(vec![1, 4], &[1, 2, 5000, 3]);
+                let len = inputs[0].shape[1] as usize;
+                let mut ids = vec![1i64; inputs[0].rows() as usize * len];
+                ids[len - 1] = 5000;
+                inputs[0] = i64_tensor(inputs[0].shape.clone(), &ids);
             }
-            let (reply, answer) = oneshot::channel();
-            pending.push(Pending {
-                rows: 1,
-                ragged_len: Some(4),
-                key: batch::compat_key(&config.inputs, &inputs),
-                inputs,
-                priority: 0,
-                enqueued: Instant::now(),
-                reply,
-            });
-            answers.push(answer);
+            let alone = (!bad).then(|| model.forward(&inputs).expect("alone"));
+            let (p, answer) = queued(&config, inputs);
+            pending.push(p);
+            answers.push((answer, alone));
         }
         run_batch(&model, &config, &counters, pending);
-        for answer in answers {
-            match answer.await.expect("answered") {
-                Err(InferError::Runtime { message, .. }) => {
+        for (i, (answer, alone)) in answers.into_iter().enumerate() {
+            match (answer.await.expect("answered"), alone) {
+                (Ok(got), Some(want)) => assert_close(&got, &want, &format!("request {i}")),
+                (Err(InferError::Runtime { message, .. }), None) => {
                     assert!(message.contains("index out of range"), "{message}");
                 }
-                other => panic!("expected the model's error, got {other:?}"),
+                (other, alone) => panic!("request {i} (bad: {}): unexpected {other:?}", alone.is_none()),
             }
         }
-        let handle = ready(config).await;
-        let mut rng = Rng(8);
-        handle.infer(token_request(&mut rng, 2, 3), InferOptions::default()).await.expect("next batch runs");
+        assert!(counters.isolated.load(Ordering::Relaxed) >= 2, "the failed batch was split");
+        assert_eq!(counters.executions.load(Ordering::Relaxed), 1, "one batch, counted once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1421,6 +1671,7 @@ mod tests {
             replicas: Mutex::new(Vec::new()),
             target: AtomicU32::new(1),
             weights: AtomicU64::new(0),
+            ragged_batching: AtomicBool::new(true),
             events: Arc::new(EventLog::new(16)),
         })
     }
@@ -1553,7 +1804,7 @@ mod tests {
     /// What libtorch's whole-module cast gets wrong, and what no cast can do.
     #[test]
     fn reduced_precision_keeps_integer_buffers_casts_batch_norm_and_refuses_frozen_modules() {
-        let ids = InputSpec { name: "ids".into(), dtype: DType::I64, shape: vec![None, None], ragged: None };
+        let ids = InputSpec::new("ids", DType::I64, vec![None, None], None);
         // Position ids in an integer buffer stay integers: the lookup works and positions past
         // 256 (not representable in bf16) still get their own embedding.
         let config = one_input_model("positions.pt", ids.clone(), "hidden", Precision::Bf16);
@@ -1570,7 +1821,7 @@ mod tests {
         assert!(worst > 0.0 && worst < 0.1, "bf16 differs from fp32 by {worst}");
 
         // Batch norm's running statistics are cast with the parameters.
-        let x = InputSpec { name: "x".into(), dtype: DType::F32, shape: vec![None, Some(4)], ragged: None };
+        let x = InputSpec::new("x", DType::F32, vec![None, Some(4)], None);
         let config = one_input_model("normed.pt", x, "y", Precision::Bf16);
         let (model, _) = load_and_warm_up(&config, Device::Cpu).expect("batch norm in bf16");
         let input = HostTensor { dtype: DType::F32, shape: vec![2, 4], data: [0.5f32; 8].iter().flat_map(|v| v.to_le_bytes()).collect() };

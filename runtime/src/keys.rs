@@ -134,6 +134,15 @@ impl AuthFailure {
         }
     }
 
+    /// What the client is told. An unknown id and a wrong secret read the same, so a caller
+    /// cannot learn which key ids exist.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            AuthFailure::Missing | AuthFailure::Malformed => self.reason(),
+            AuthFailure::UnknownId | AuthFailure::WrongSecret { .. } => "invalid API key",
+        }
+    }
+
     /// The tenant the presented key claimed to be, when its id was known.
     pub fn principal(&self) -> Option<&Principal> {
         match self {
@@ -178,13 +187,20 @@ impl KeyRing {
         if !is_key_id(id) || secret.is_empty() || secret.len() > 128 {
             return Err(AuthFailure::Malformed);
         }
-        let (principal, record) = self.by_id.get(id).ok_or(AuthFailure::UnknownId)?;
-        if record.matches(secret) {
-            Ok(principal)
-        } else {
-            Err(AuthFailure::WrongSecret {
+        // An unknown id is checked against a decoy record, so both failures take one path and
+        // the same time (one HMAC).
+        let found = self.by_id.get(id);
+        let record: &KeyRecord = match found {
+            Some((_, record)) => record,
+            None => decoy(),
+        };
+        let matches = record.matches(secret);
+        match found {
+            Some((principal, _)) if matches => Ok(principal),
+            Some((principal, _)) => Err(AuthFailure::WrongSecret {
                 principal: principal.clone(),
-            })
+            }),
+            None => Err(AuthFailure::UnknownId),
         }
     }
 
@@ -196,6 +212,23 @@ impl KeyRing {
     pub fn count(&self, principal: &Principal) -> usize {
         self.by_id.values().filter(|(p, _)| p == principal).count()
     }
+}
+
+/// A record no secret matches (its tag is zeros under a random salt): what an unknown key id is
+/// checked against.
+fn decoy() -> &'static KeyRecord {
+    static DECOY: std::sync::OnceLock<KeyRecord> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        let mut salt = [0u8; 16];
+        // Without randomness the decoy still costs one HMAC; it never matches either way.
+        let _ = SystemRandom::new().fill(&mut salt);
+        KeyRecord {
+            id: "0000000000000000".to_owned(),
+            salt,
+            tag: vec![0; 32],
+            created: 0,
+        }
+    })
 }
 
 pub fn admin_keys_file(state_dir: &Path) -> PathBuf {
@@ -241,8 +274,29 @@ pub fn list(state_dir: &Path, principal: &Principal) -> Vec<KeyRecord> {
     read_records(&keys_file(state_dir, principal))
 }
 
+/// Holds the state directory's key lock: `kiln tenant add-key` and `remove-key` read, change and
+/// rewrite a key file, and two of them at once would each drop the other's change.
+struct KeysLock(std::fs::File);
+
+impl KeysLock {
+    fn take(state_dir: &Path) -> Result<KeysLock, KeyError> {
+        let path = state_dir.join("keys.lock");
+        let locked = std::fs::create_dir_all(state_dir)
+            .and_then(|()| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path))
+            .and_then(|file| file.lock().map(|()| file));
+        locked.map(KeysLock).map_err(|source| KeyError::Write { file: path, source })
+    }
+}
+
+impl Drop for KeysLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
 /// Adds a new key for `principal` and returns its text; only its record is written.
 pub fn add(state_dir: &Path, principal: &Principal) -> Result<String, KeyError> {
+    let _lock = KeysLock::take(state_dir)?;
     let file = keys_file(state_dir, principal);
     let (key, record) = generate()?;
     let mut records = read_records(&file);
@@ -253,6 +307,7 @@ pub fn add(state_dir: &Path, principal: &Principal) -> Result<String, KeyError> 
 
 /// Removes the key with `id`; false when there was none.
 pub fn remove(state_dir: &Path, principal: &Principal, id: &str) -> Result<bool, KeyError> {
+    let _lock = KeysLock::take(state_dir)?;
     let file = keys_file(state_dir, principal);
     let mut records = read_records(&file);
     let before = records.len();
@@ -274,6 +329,35 @@ fn write_records(file: &Path, records: &[KeyRecord]) -> Result<(), KeyError> {
         file: file.to_path_buf(),
         source,
     })
+}
+
+/// What a deployment's signature covers: the component's SHA-256 and everything that decides
+/// what it may do once deployed (its name, its tenant, the models it may load, its priorities),
+/// so a signed component cannot be replayed under another name, tenant, model list or priority.
+/// `models: None` is "all of the tenant's" (`*`); priorities default as a deployment's do.
+pub fn deployment_manifest(
+    handler: &str,
+    tenant: &str,
+    sha256: &str,
+    models: Option<&[String]>,
+    priority: Option<u8>,
+    max_priority: Option<u8>,
+) -> String {
+    let models = match models {
+        None => "*".to_owned(),
+        Some(models) => {
+            let mut sorted: Vec<&str> = models.iter().map(String::as_str).collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            sorted.join(",")
+        }
+    };
+    let priority = priority.unwrap_or(0);
+    let max_priority = max_priority.unwrap_or(priority);
+    format!(
+        "kiln deployment v1\nhandler {handler}\ntenant {tenant}\ncomponent-sha256 {sha256}\nmodels {models}\n\
+         priority {priority}\nmax-priority {max_priority}\n"
+    )
 }
 
 /// A fresh Ed25519 key pair: the PKCS#8 document to keep secret, and the public key.
@@ -331,6 +415,36 @@ pub enum KeyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many `add-key`s and `remove-key`s at once (threads here, processes in real use; the lock
+    /// is the same): every added key is kept, every removed one gone.
+    #[test]
+    fn concurrent_key_changes_lose_nothing() {
+        let dir = crate::state::tests::temp_dir("key-race");
+        let tenant = Principal::Tenant("acme".into());
+        let doomed: Vec<String> = (0..8).map(|_| add(&dir, &tenant).expect("add")).collect();
+        let id = |key: &str| key["kiln_".len().."kiln_".len() + 16].to_owned();
+        let added: Vec<String> = std::thread::scope(|scope| {
+            let removers: Vec<_> = doomed
+                .iter()
+                .map(|key| {
+                    let (dir, tenant, id) = (&dir, &tenant, id(key));
+                    scope.spawn(move || remove(dir, tenant, &id).expect("remove"))
+                })
+                .collect();
+            let adders: Vec<_> = (0..16).map(|_| scope.spawn(|| add(&dir, &tenant).expect("add"))).collect();
+            assert!(removers.into_iter().all(|r| r.join().expect("remover")));
+            adders.into_iter().map(|a| a.join().expect("adder")).collect()
+        });
+        let ring = KeyRing::load(&dir, ["acme"]);
+        for key in &added {
+            assert!(ring.verify(Some(&format!("Bearer {key}"))).is_ok(), "an added key was lost");
+        }
+        for key in &doomed {
+            assert!(ring.verify(Some(&format!("Bearer {key}"))).is_err(), "a removed key came back");
+        }
+        assert_eq!(list(&dir, &tenant).len(), 16);
+    }
 
     #[test]
     fn a_generated_key_verifies_and_near_misses_do_not() {

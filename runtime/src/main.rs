@@ -83,7 +83,10 @@ enum Command {
     },
     /// Sign a component with a key from `kiln keygen`; writes FILE.sig.
     Sign {
-        component: PathBuf,
+        /// The component, and what it is signed to be deployed as: the signature covers the
+        /// handler name, tenant, models and priorities too, which `kiln deploy` must repeat.
+        #[command(flatten)]
+        what: kiln::cli::SignedDeployment,
         /// The private key file.
         #[arg(long, default_value = "kiln-signing.key")]
         key: PathBuf,
@@ -358,7 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kiln::cli::devices(&gpus, json)
         }
         Command::Keygen { out } => kiln::cli::keygen(&out),
-        Command::Sign { component, key, out } => kiln::cli::sign(&component, &key, out),
+        Command::Sign { what, key, out } => kiln::cli::sign(&what, &key, out),
         Command::Deploy { request, admin } => kiln::cli::deploy(&admin.target(), &request),
         Command::Undeploy { name, admin } => kiln::cli::undeploy(&admin.target(), &name),
         Command::Handlers { admin } => kiln::cli::list_handlers(&admin.target()),
@@ -482,5 +485,26 @@ async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down; a second signal exits at once");
+    tokio::spawn(async {
+        second_signal().await;
+        tracing::warn!("second signal: exiting without finishing the requests in flight");
+        std::process::exit(1);
+    });
+}
+
+/// The next SIGTERM or Ctrl-C.
+async fn second_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

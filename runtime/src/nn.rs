@@ -45,21 +45,20 @@ pub struct ExecutionContext {
 /// A guest-created or model-produced tensor.
 pub struct Tensor {
     tensor: HostTensor,
-    /// Bytes counted against the request's tensor budget (guest-created tensors only).
+    /// Bytes counted against the request's host budget.
     counted: u64,
-    /// Set when the guest's tensor was over the byte limit: its data was dropped on arrival,
-    /// and `compute` answers `too-large`.
-    oversize: Option<u64>,
+    /// Set when the guest's tensor could not be taken as it was: its data (or dimensions) were
+    /// dropped on arrival, and `compute` says why.
+    problem: Option<TensorProblem>,
 }
 
-impl Tensor {
-    fn produced(tensor: HostTensor) -> Tensor {
-        Tensor {
-            tensor,
-            counted: 0,
-            oversize: None,
-        }
-    }
+/// Why a guest-created tensor was not kept as given.
+#[derive(Debug, Clone, Copy)]
+enum TensorProblem {
+    /// It needed this many bytes, over the limit.
+    TooLarge(u64),
+    /// It had this many dimensions, over [`MAX_DIMENSIONS`].
+    TooManyDimensions(usize),
 }
 
 /// A `wasi:nn` error as the guest sees it: a code and a message.
@@ -68,6 +67,21 @@ pub struct NnError {
     pub code: ErrorCode,
     pub message: String,
 }
+
+/// Longest model name `load-by-name` looks up; a longer one is not a name that exists.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Most dimensions a tensor may have (the config allows no model more).
+pub const MAX_DIMENSIONS: usize = 8;
+
+/// What each resource a guest holds (graph, context, error, tensor) costs against the request's
+/// host budget beyond its own bytes: the table entry and bookkeeping.
+const RESOURCE_OVERHEAD: u64 = 256;
+
+/// The error that stops a guest whose `wasi:nn` resources outgrow its host budget (it traps).
+#[derive(Debug, thiserror::Error)]
+#[error("wasi:nn resources over the request's host budget of {0} bytes")]
+pub struct HostBudgetExceeded(pub u64);
 
 /// What one request may do with `wasi:nn`.
 #[derive(Debug, Clone, Copy)]
@@ -91,7 +105,8 @@ pub struct NnCtx {
     handler: Arc<str>,
     tenant: Arc<str>,
     compute_calls: u32,
-    /// Bytes of guest-created tensors alive now.
+    /// Host bytes the request's `wasi:nn` resources hold now (tensors both ways, errors,
+    /// graphs, contexts), against `limits.max_compute_bytes`.
     live_bytes: u64,
 }
 
@@ -142,11 +157,28 @@ pub fn add_to_linker<T: NnState + 'static>(linker: &mut Linker<T>) -> wasmtime::
 type NnResult<T> = wasmtime::Result<Result<T, Resource<NnError>>>;
 
 impl NnView<'_> {
+    /// Counts `bytes` more against the request's host budget, or traps the guest: one that
+    /// hoards resources (errors it never drops, contexts by the thousand) is not making progress.
+    fn charge(&mut self, bytes: u64) -> wasmtime::Result<()> {
+        let limit = self.ctx.limits.max_compute_bytes;
+        let live = self.ctx.live_bytes.saturating_add(bytes);
+        if live > limit {
+            return Err(HostBudgetExceeded(limit).into());
+        }
+        self.ctx.live_bytes = live;
+        Ok(())
+    }
+
+    fn release(&mut self, bytes: u64) {
+        self.ctx.live_bytes = self.ctx.live_bytes.saturating_sub(bytes);
+    }
+
     fn fail<T>(&mut self, code: ErrorCode, message: impl Into<String>) -> NnResult<T> {
         let error = NnError {
             code,
             message: message.into(),
         };
+        self.charge(error_cost(&error))?;
         // Refusals by policy are worth an operator's eye; input mistakes are the guest's business.
         if matches!(code, ErrorCode::Security | ErrorCode::NotFound | ErrorCode::TooLarge) {
             tracing::info!(
@@ -167,6 +199,23 @@ impl NnView<'_> {
         }
         Ok(Err(self.table.push(error)?))
     }
+}
+
+fn error_cost(error: &NnError) -> u64 {
+    RESOURCE_OVERHEAD + error.message.len() as u64
+}
+
+fn tensor_cost(tensor: &HostTensor) -> u64 {
+    RESOURCE_OVERHEAD + tensor.data.len() as u64 + 4 * tensor.shape.len() as u64
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary, for messages and logs.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn dtype(ty: tensor::TensorType) -> DType {
@@ -218,12 +267,18 @@ impl graph::Host for NnView<'_> {
 
     fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
         // Only the allow-list is consulted: a path-like name is simply a name that isn't there.
-        match self.ctx.models.get(&name) {
+        let found = (name.len() <= MAX_NAME_BYTES).then(|| self.ctx.models.get(&name)).flatten();
+        match found {
             Some(model) => {
                 let model = model.clone();
+                self.charge(RESOURCE_OVERHEAD)?;
                 Ok(Ok(self.table.push(Graph { model })?))
             }
-            None => self.fail(ErrorCode::NotFound, format!("model '{name}' not found")),
+            None => {
+                let shown = truncated(&name, 64);
+                let more = if shown.len() < name.len() { "..." } else { "" };
+                self.fail(ErrorCode::NotFound, format!("model '{shown}{more}' not found"))
+            }
         }
     }
 }
@@ -234,11 +289,13 @@ impl graph::HostGraph for NnView<'_> {
         graph: Resource<Graph>,
     ) -> NnResult<Resource<ExecutionContext>> {
         let model = self.table.get(&graph)?.model.clone();
+        self.charge(RESOURCE_OVERHEAD)?;
         Ok(Ok(self.table.push(ExecutionContext { model })?))
     }
 
     fn drop(&mut self, graph: Resource<Graph>) -> wasmtime::Result<()> {
         self.table.delete(graph)?;
+        self.release(RESOURCE_OVERHEAD);
         Ok(())
     }
 }
@@ -264,18 +321,27 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         let mut total: u64 = 0;
         for (name, tensor) in inputs {
             let tensor = self.table.delete(tensor)?;
-            self.ctx.live_bytes -= tensor.counted;
-            if let Some(bytes) = tensor.oversize {
-                oversize.get_or_insert((name.clone(), bytes));
+            self.release(tensor.counted);
+            if let Some(problem) = tensor.problem {
+                oversize.get_or_insert((truncated(&name, 64).to_owned(), problem));
             }
             total = total.saturating_add(tensor.tensor.data.len() as u64);
             named.push((name, tensor.tensor));
         }
-        if let Some((name, bytes)) = oversize {
-            return self.fail(
-                ErrorCode::TooLarge,
-                format!("tensor '{name}' needs {bytes} bytes, over the limit of {limit} bytes per compute"),
-            );
+        match oversize {
+            Some((name, TensorProblem::TooLarge(bytes))) => {
+                return self.fail(
+                    ErrorCode::TooLarge,
+                    format!("tensor '{name}' needs {bytes} bytes, over the limit of {limit} bytes per compute"),
+                );
+            }
+            Some((name, TensorProblem::TooManyDimensions(n))) => {
+                return self.fail(
+                    ErrorCode::InvalidArgument,
+                    format!("tensor '{name}' has {n} dimensions; at most {MAX_DIMENSIONS} are allowed"),
+                );
+            }
+            None => {}
         }
         if total > limit {
             return self.fail(
@@ -296,15 +362,31 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             Ok(outputs) => outputs,
             Err(e) => return self.fail(error_code(&e), e.to_string()),
         };
+        // Outputs count against the budget like everything else the guest holds: the call is
+        // answered `too-large` if they would not fit beside what it keeps already.
+        let cost: u64 = outputs.iter().map(tensor_cost).sum();
+        if self.ctx.live_bytes.saturating_add(cost) > limit {
+            return self.fail(
+                ErrorCode::TooLarge,
+                format!(
+                    "outputs of {cost} bytes do not fit beside the {} bytes of wasi:nn resources this request holds (limit {limit})",
+                    self.ctx.live_bytes
+                ),
+            );
+        }
         let mut named = Vec::with_capacity(outputs.len());
         for (spec, tensor) in model.config().outputs.iter().zip(outputs) {
-            named.push((spec.name.clone(), self.table.push(Tensor::produced(tensor))?));
+            let counted = tensor_cost(&tensor);
+            self.charge(counted)?;
+            let tensor = Tensor { tensor, counted, problem: None };
+            named.push((spec.name.clone(), self.table.push(tensor)?));
         }
         Ok(Ok(named))
     }
 
     fn drop(&mut self, ctx: Resource<ExecutionContext>) -> wasmtime::Result<()> {
         self.table.delete(ctx)?;
+        self.release(RESOURCE_OVERHEAD);
         Ok(())
     }
 }
@@ -320,38 +402,33 @@ impl tensor::HostTensor for NnView<'_> {
     ) -> wasmtime::Result<Resource<Tensor>> {
         // The constructor cannot return an error; every problem is reported by `compute`, so the
         // guest gets `too-large` or `invalid-argument` and not a trap. Nothing is allocated from
-        // the declared dimensions, and data over the limit is dropped at once, so a request holds
-        // at most its limit in tensors however many it makes.
+        // the declared dimensions, and what is over the limits is dropped at once, so a request
+        // holds at most its budget in tensors however many it makes.
         let dtype = dtype(ty);
+        let limit = self.ctx.limits.max_compute_bytes;
+        if dimensions.len() > MAX_DIMENSIONS {
+            let problem = TensorProblem::TooManyDimensions(dimensions.len());
+            drop((dimensions, data));
+            self.charge(RESOURCE_OVERHEAD)?;
+            let tensor = HostTensor { dtype, shape: Vec::new(), data: Vec::new() };
+            return Ok(self.table.push(Tensor { tensor, counted: RESOURCE_OVERHEAD, problem: Some(problem) })?);
+        }
         let declared = dimensions
             .iter()
             .try_fold(dtype.size() as u64, |n, &d| n.checked_mul(u64::from(d)))
             .unwrap_or(u64::MAX);
-        let bytes = data.len() as u64;
-        let limit = self.ctx.limits.max_compute_bytes;
-        let needed = declared.max(bytes);
-        let tensor = if needed > limit || self.ctx.live_bytes.saturating_add(bytes) > limit {
-            drop(data);
-            Tensor {
-                tensor: HostTensor {
-                    dtype,
-                    shape: dimensions,
-                    data: Vec::new(),
-                },
-                counted: 0,
-                oversize: Some(needed.max(self.ctx.live_bytes.saturating_add(bytes))),
-            }
+        let tensor = HostTensor { dtype, shape: dimensions, data };
+        let cost = tensor_cost(&tensor);
+        let needed = declared.max(tensor.data.len() as u64);
+        let tensor = if needed > limit || self.ctx.live_bytes.saturating_add(cost) > limit {
+            // The tensor's own size when that is what is over; else what the request would hold.
+            let problem = TensorProblem::TooLarge(if needed > limit { needed } else { self.ctx.live_bytes.saturating_add(cost) });
+            let emptied = HostTensor { dtype, shape: tensor.shape, data: Vec::new() };
+            self.charge(tensor_cost(&emptied))?;
+            Tensor { counted: tensor_cost(&emptied), tensor: emptied, problem: Some(problem) }
         } else {
-            self.ctx.live_bytes += bytes;
-            Tensor {
-                tensor: HostTensor {
-                    dtype,
-                    shape: dimensions,
-                    data,
-                },
-                counted: bytes,
-                oversize: None,
-            }
+            self.charge(cost)?;
+            Tensor { tensor, counted: cost, problem: None }
         };
         Ok(self.table.push(tensor)?)
     }
@@ -370,7 +447,7 @@ impl tensor::HostTensor for NnView<'_> {
 
     fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
         let tensor = self.table.delete(tensor)?;
-        self.ctx.live_bytes -= tensor.counted;
+        self.release(tensor.counted);
         Ok(())
     }
 }
@@ -387,7 +464,8 @@ impl errors::HostError for NnView<'_> {
     }
 
     fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
-        self.table.delete(error)?;
+        let error = self.table.delete(error)?;
+        self.release(error_cost(&error));
         Ok(())
     }
 }

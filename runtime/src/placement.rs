@@ -199,6 +199,7 @@ pub(crate) mod tests {
                 max_queue_delay: Duration::ZERO,
                 preferred_batch_sizes: Vec::new(),
                 max_queue_size: 1,
+                max_rows: 1,
             },
             replicas: Replicas::fixed(1),
             threads: 1,

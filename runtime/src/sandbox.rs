@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use tokio::io::AsyncWrite;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
@@ -83,11 +83,22 @@ const HANDLER_EXPORT: &str = "wasi:http/incoming-handler@0.2.";
 /// heap to page faults (-25 % echo throughput); 1 MiB only adds memset time.
 const KEEP_RESIDENT: usize = 384 << 10;
 
+/// Per-component pool limits. A Rust wasm32-wasip2 component is one main core module and a few
+/// adapter shims sharing one memory.
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+const MAX_MEMORIES_PER_COMPONENT: u32 = 2;
+const MAX_TABLES_PER_COMPONENT: u32 = 8;
+
 /// Guest tables never need more than this many elements; more is an attack.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// Lines a guest writes to stdout/stderr are cut at this length in the log.
 const MAX_LOG_LINE: usize = 4096;
+
+/// What one request may write to the server log through its guest (stdout, stderr and denied
+/// outgoing requests together): then one "truncated" line, and nothing more.
+const LOG_BUDGET_LINES: u32 = 100;
+const LOG_BUDGET_BYTES: usize = 64 << 10;
 
 /// A request's response, with the body still streaming from the guest.
 pub type GuestResponse = http::Response<HyperOutgoingBody>;
@@ -119,6 +130,8 @@ pub enum GuestError {
         handler: String,
         code: HttpErrorCode,
     },
+    #[error("no sandbox is free for handler '{handler}' (the server's pool is in use); retry later")]
+    PoolFull { handler: String },
     #[error("sandbox failure in handler '{handler}': {reason}")]
     Internal { handler: String, reason: String },
 }
@@ -164,6 +177,7 @@ impl GuestError {
             GuestError::Trap { .. } => "trap",
             GuestError::NoResponse { .. } => "no_response",
             GuestError::ErrorCode { .. } => "error_code",
+            GuestError::PoolFull { .. } => "pool_full",
             GuestError::Internal { .. } => "internal",
         }
     }
@@ -222,6 +236,11 @@ impl Sandbox {
             .total_memories(max_instances.saturating_mul(2))
             .total_tables(max_instances.saturating_mul(4))
             .total_stacks(max_instances)
+            // Per component, so one component cannot take the pool's memories, instances or
+            // tables from the others: room for a Rust guest's shape, little more.
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
             .max_memory_size(usize::try_from(max_memory_bytes).unwrap_or(usize::MAX))
             // Reset the first pages of a slot with memset instead of handing them back to the
             // kernel: a guest touches its stack and heap start on every request, and page
@@ -343,6 +362,16 @@ pub struct Handler {
     origin: Origin,
 }
 
+/// What a call brings from its tenant: things to hold for as long as the guest runs, and the
+/// gate its tenant's long-running guests take turns through.
+pub struct Lease {
+    /// Dropped when the guest's task ends, whether it answered, failed or ran to its deadline;
+    /// the caller may keep a clone for as long as the response body streams.
+    pub held: Arc<dyn Send + Sync>,
+    /// One turn at a time per tenant for guests past [`LONG_RUNNING_TICKS`].
+    pub cpu: Arc<Semaphore>,
+}
+
 /// What a caller may ask of one request's scheduling.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CallOptions {
@@ -399,10 +428,12 @@ impl Handler {
         &self,
         request: http::Request<Full<Bytes>>,
         options: CallOptions,
+        lease: Lease,
     ) -> Result<GuestResponse, GuestError> {
         let started = Instant::now();
         let deadline = started + self.limits.deadline;
-        let mut store = self.new_store(deadline, self.infer_options(options));
+        let Lease { held, cpu } = lease;
+        let mut store = self.new_store(deadline, self.infer_options(options), cpu);
         let (sender, receiver) = oneshot::channel();
         let internal = |e: wasmtime::Error| GuestError::Internal {
             handler: self.name.to_string(),
@@ -420,6 +451,9 @@ impl Handler {
         let limits = self.limits.clone();
         let budget = self.limits.deadline;
         let mut guest = AbortOnDrop(Some(tokio::spawn(async move {
+            // The tenant's slots stay taken until the guest is gone, not just its answer: a
+            // guest that answers and then computes on still holds a sandbox and a core.
+            let _held = held;
             let _running = Running::enter();
             let run = async {
                 let instantiating = Instant::now();
@@ -511,10 +545,11 @@ impl Handler {
         }))
     }
 
-    fn new_store(&self, deadline: Instant, options: InferOptions) -> Store<RequestState> {
+    fn new_store(&self, deadline: Instant, options: InferOptions, cpu: Arc<Semaphore>) -> Store<RequestState> {
+        let budget = Arc::new(LogBudget::new(&self.name, &self.tenant));
         let mut wasi = WasiCtx::builder();
-        wasi.stdout(GuestLog::new(&self.name, "stdout"))
-            .stderr(GuestLog::new(&self.name, "stderr"))
+        wasi.stdout(GuestLog::new(&budget, "stdout"))
+            .stderr(GuestLog::new(&budget, "stderr"))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -523,10 +558,7 @@ impl Handler {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: DenyOutgoing {
-                handler: Arc::clone(&self.name),
-                tenant: Arc::clone(&self.tenant),
-            },
+            hooks: DenyOutgoing { log: budget },
             nn: NnCtx::new(
                 Arc::clone(&self.models),
                 options,
@@ -539,6 +571,7 @@ impl Handler {
             ),
             limits: GuestLimits {
                 memory: usize::try_from(self.limits.memory_limit_bytes).unwrap_or(usize::MAX),
+                used: 0,
                 memory_exceeded: false,
             },
             deadline_hit: false,
@@ -553,15 +586,37 @@ impl Handler {
         // Ticks that found the guest executing: about its CPU time in ms (waits in the host, such
         // as for inference, do not count).
         let mut busy_ticks: u32 = 0;
+        // The turn this guest holds at its tenant's CPU gate, once it is long-running.
+        let turn: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
         store.epoch_deadline_callback(move |mut ctx| {
             busy_ticks = busy_ticks.saturating_add(1);
             if Instant::now() >= deadline {
                 ctx.data_mut().deadline_hit = true;
                 Err(Trap::Interrupt.into())
-            } else if busy_ticks > LONG_RUNNING_TICKS && RUNNING.load(Ordering::Relaxed) > 1 {
-                // A guest that has computed for a while, while others wait: it keeps running,
-                // at a third of a core, so a busy loop cannot take a core from everyone else.
-                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(THROTTLE_PAUSE))))
+            } else if busy_ticks > LONG_RUNNING_TICKS {
+                // A guest that has computed for a while gives up its turn every tick and queues
+                // behind its tenant's other long-running guests (FIFO), so a tenant's busy loops
+                // together get one turn: a hundred of them take no more CPU than one. While
+                // other guests run it also pauses, keeping about a third of a core.
+                drop(lock(&turn).take());
+                let (gate, turn) = (Arc::clone(&cpu), Arc::clone(&turn));
+                let crowded = RUNNING.load(Ordering::Relaxed) > 1;
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(async move {
+                        // Always give the worker thread back, as `Yield` does: an uncontended
+                        // gate alone would resume the guest without yielding at all.
+                        if crowded {
+                            tokio::time::sleep(THROTTLE_PAUSE).await;
+                        } else {
+                            tokio::task::yield_now().await;
+                        }
+                        // Closed only if the tenant is gone; then there is no one to share with.
+                        if let Ok(permit) = gate.acquire_owned().await {
+                            *lock(&turn) = Some(permit);
+                        }
+                    }),
+                ))
             } else {
                 // Give the async worker back every tick so a busy guest cannot starve others.
                 Ok(UpdateDeadline::Yield(1))
@@ -569,6 +624,11 @@ impl Handler {
         });
         store
     }
+}
+
+/// A mutex guard; nothing behind these locks can be left half-changed by a panic.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Guests executing now, across all handlers.
@@ -617,6 +677,9 @@ fn classify(
     limits: &SandboxLimits,
 ) -> GuestError {
     let handler = handler.to_owned();
+    if error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+        return GuestError::PoolFull { handler };
+    }
     if state.deadline_hit {
         return GuestError::Deadline {
             handler,
@@ -628,6 +691,9 @@ fn classify(
             handler,
             limit: limits.memory_limit_bytes,
         };
+    }
+    if let Some(over) = error.downcast_ref::<nn::HostBudgetExceeded>() {
+        return GuestError::Trap { handler, reason: over.to_string() };
     }
     if let Some(nn::ComputeCallLimit(limit)) = error.downcast_ref::<nn::ComputeCallLimit>() {
         return GuestError::ComputeCalls {
@@ -695,8 +761,7 @@ impl NnState for RequestState {
 
 /// Guests may not make outgoing HTTP requests.
 struct DenyOutgoing {
-    handler: Arc<str>,
-    tenant: Arc<str>,
+    log: Arc<LogBudget>,
 }
 
 impl WasiHttpHooks for DenyOutgoing {
@@ -716,33 +781,43 @@ impl WasiHttpHooks for DenyOutgoing {
                 >,
             > + Send,
     > {
-        tracing::info!(
-            handler = %self.handler,
-            tenant = %self.tenant,
-            uri = %first_line(&request.uri().to_string()).chars().take(200).collect::<String>(),
-            "outgoing HTTP request denied"
-        );
+        let uri = first_line(&request.uri().to_string()).chars().take(200).collect::<String>();
+        if self.log.take(uri.len()) {
+            tracing::info!(
+                handler = %self.log.handler,
+                tenant = %self.log.tenant,
+                uri = %uri,
+                "outgoing HTTP request denied"
+            );
+        }
         Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
     }
 }
 
 /// Memory and table limits for one store. A growth past the limit traps the guest.
 struct GuestLimits {
+    /// Bytes of linear memory the whole store may have, over all its memories.
     memory: usize,
+    /// Bytes of linear memory the store has now.
+    used: usize,
     memory_exceeded: bool,
 }
 
 impl ResourceLimiter for GuestLimits {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory {
+        // Every memory's creation and growth passes here, so `used` is the store's total: a
+        // component with several memories gets the limit once, not once per memory.
+        let used = self.used.saturating_add(desired.saturating_sub(current));
+        if used > self.memory {
             self.memory_exceeded = true;
             wasmtime::bail!("memory limit of {} MiB exceeded", self.memory >> 20);
         }
+        self.used = used;
         Ok(true)
     }
 
@@ -756,17 +831,59 @@ impl ResourceLimiter for GuestLimits {
     }
 }
 
-/// A guest's stdout or stderr, forwarded line by line to the server log, tagged with the handler.
+/// What is left of one request's share of the server log. Shared by its stdout, stderr and
+/// outgoing-request hooks.
+struct LogBudget {
+    handler: Arc<str>,
+    tenant: Arc<str>,
+    /// Lines and bytes still allowed; the line that finds them spent says so, once.
+    left: std::sync::Mutex<(u32, usize, bool)>,
+}
+
+impl LogBudget {
+    fn new(handler: &Arc<str>, tenant: &Arc<str>) -> LogBudget {
+        LogBudget {
+            handler: Arc::clone(handler),
+            tenant: Arc::clone(tenant),
+            left: std::sync::Mutex::new((LOG_BUDGET_LINES, LOG_BUDGET_BYTES, false)),
+        }
+    }
+
+    /// Takes one line of `bytes` from the budget: whether to write it. The first line refused
+    /// writes the "truncated" notice instead.
+    fn take(&self, bytes: usize) -> bool {
+        let mut left = lock(&self.left);
+        let (lines, room, noticed) = &mut *left;
+        if *lines > 0 && *room >= bytes {
+            *lines -= 1;
+            *room -= bytes;
+            return true;
+        }
+        if !*noticed {
+            *noticed = true;
+            tracing::warn!(
+                target: "kiln::guest",
+                handler = %self.handler,
+                tenant = %self.tenant,
+                "log output truncated: this request used its {LOG_BUDGET_LINES} lines / {LOG_BUDGET_BYTES} bytes"
+            );
+        }
+        false
+    }
+}
+
+/// A guest's stdout or stderr, forwarded line by line to the server log, tagged with the handler,
+/// within the request's [`LogBudget`].
 #[derive(Clone)]
 struct GuestLog {
-    handler: Arc<str>,
+    budget: Arc<LogBudget>,
     stream: &'static str,
 }
 
 impl GuestLog {
-    fn new(handler: &Arc<str>, stream: &'static str) -> GuestLog {
+    fn new(budget: &Arc<LogBudget>, stream: &'static str) -> GuestLog {
         GuestLog {
-            handler: Arc::clone(handler),
+            budget: Arc::clone(budget),
             stream,
         }
     }
@@ -794,9 +911,11 @@ struct GuestLogWriter {
 
 impl GuestLogWriter {
     fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end_matches(['\r', '\n']);
-        tracing::info!(target: "kiln::guest", handler = %self.log.handler, stream = self.log.stream, "{text}");
+        if self.log.budget.take(self.line.len() + 1) {
+            let text = String::from_utf8_lossy(&self.line);
+            let text = text.trim_end_matches(['\r', '\n']);
+            tracing::info!(target: "kiln::guest", handler = %self.log.budget.handler, stream = self.log.stream, "{text}");
+        }
         self.line.clear();
     }
 }
@@ -890,5 +1009,75 @@ impl http_body::Body for CappedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A component of `n` core modules, each with its own memory and a `grow-I` export that
+    /// grows it by a number of 64 KiB pages.
+    fn memories(n: usize) -> Vec<u8> {
+        let mut text = String::from("(component\n");
+        for i in 0..n {
+            text += &format!(
+                "(core module $m{i} (memory 1) (func (export \"grow\") (param i32) (result i32) (memory.grow (local.get 0))))\n\
+                 (core instance $i{i} (instantiate $m{i}))\n\
+                 (func (export \"grow-{i}\") (param \"pages\" u32) (result s32) (canon lift (core func $i{i} \"grow\")))\n"
+            );
+        }
+        text += ")";
+        wat::parse_str(text).expect("valid component text")
+    }
+
+    /// Grows each memory of a fresh two-memory instance by `pages` under a 128 MiB store limit:
+    /// what the second grow returned (`Err` is a trap), and whether the limiter saw it exceeded.
+    async fn grow_both(sandbox: &Sandbox, pages: u32) -> (Result<i32, wasmtime::Error>, bool) {
+        let component = Component::new(&sandbox.engine, memories(2)).expect("compile");
+        let limits = GuestLimits { memory: 128 << 20, used: 0, memory_exceeded: false };
+        let mut store = Store::new(&sandbox.engine, limits);
+        store.limiter(|limits| limits);
+        store.set_epoch_deadline(10_000);
+        let linker: Linker<GuestLimits> = Linker::new(&sandbox.engine);
+        let instance = linker.instantiate_async(&mut store, &component).await.expect("instantiate");
+        let mut last = Ok(0);
+        for export in ["grow-0", "grow-1"] {
+            let grow = instance.get_typed_func::<(u32,), (i32,)>(&mut store, export).expect("export");
+            last = grow.call_async(&mut store, (pages,)).await.map(|(r,)| r);
+            if last.is_err() {
+                break;
+            }
+        }
+        (last, store.data().memory_exceeded)
+    }
+
+    /// The memory limit is the store's, whatever the component's shape: two memories of 100 MiB
+    /// each under a 128 MiB limit trap, where 2 x 50 MiB is fine.
+    #[tokio::test]
+    async fn two_memories_share_one_limit() {
+        let sandbox = Sandbox::new(4, 256 << 20, false).expect("sandbox");
+        let (result, exceeded) = grow_both(&sandbox, 1600).await;
+        assert!(result.is_err() && exceeded, "2 x 100 MiB under 128 MiB: {result:?}");
+        let (result, exceeded) = grow_both(&sandbox, 800).await;
+        assert!(matches!(result, Ok(old) if old == 1) && !exceeded, "2 x 50 MiB: {result:?}");
+    }
+
+    /// A component with more memories than a handler needs is refused by the pool's
+    /// per-component limit.
+    #[tokio::test]
+    async fn a_component_over_the_per_component_limits_cannot_instantiate() {
+        let sandbox = Sandbox::new(4, 256 << 20, false).expect("sandbox");
+        let bytes = memories(MAX_MEMORIES_PER_COMPONENT as usize + 1);
+        let refused = match Component::new(&sandbox.engine, bytes) {
+            Err(refused) => refused,
+            Ok(component) => {
+                let mut store = Store::new(&sandbox.engine, ());
+                store.set_epoch_deadline(10_000);
+                let linker: Linker<()> = Linker::new(&sandbox.engine);
+                linker.instantiate_async(&mut store, &component).await.expect_err("too many memories")
+            }
+        };
+        assert!(format!("{refused:#}").contains("memories"), "{refused:#}");
     }
 }

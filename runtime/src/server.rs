@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::serve::{Listener as _, ListenerExt as _};
@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::api::admin::{AdminState, allowed_models};
 use crate::api::{self, AppState};
-use crate::audit::Audit;
+use crate::audit::{Audit, Event};
 use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
 use crate::executor::ModelHandle;
 use crate::gpu::Gpus;
@@ -72,6 +72,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let sandbox = Sandbox::new(config.server.max_instances, max_memory, metered)
         .map_err(|e| anyhow::anyhow!("cannot create the sandbox engine: {e}"))?;
 
+    let audit = Audit::open(state_dir);
     // Every component is compiled up front, several at once: the engine compiles each one on a
     // single core.
     let deployed = store
@@ -127,6 +128,16 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
             let tenant = config
                 .tenant(&deployment.tenant)
                 .ok_or_else(|| format!("tenant '{}' is no longer in the config", deployment.tenant))?;
+            if let Some(public) = &tenant.signing_key
+                && !deployment.verifies(public)
+            {
+                // The tenant's key changed (or was added) since the deploy: the operator must
+                // deploy a component signed by the current key. The files stay for inspection.
+                let reason = "its signature does not verify against the tenant's current signing_key; kept out of \
+                              service until it is deployed again, signed by that key";
+                audit.record(Event::DeployRefused, Some(&deployment.tenant), Some(&name), reason);
+                return Err(reason.to_owned());
+            }
             let handler = deployment
                 .settings
                 .resolve(&name, tenant, store.dir().join("blobs"))
@@ -159,12 +170,13 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         keys: RwLock::new(Arc::new(keys)),
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
-        audit: Audit::open(state_dir),
+        audit,
         metrics: api::metrics::registry(&models_for_metrics, &gpus, &decisions, &telemetry),
         gpus,
         decisions,
         telemetry,
         started: std::time::Instant::now(),
+        draining: std::sync::atomic::AtomicBool::new(false),
         admin: AdminState {
             sandbox,
             store,
@@ -232,14 +244,12 @@ fn report_keys(keys: &KeyRing, config: &Config) {
     }
 }
 
-/// Modification times and sizes of every key file: changes when a key is added or removed.
-fn key_files_fingerprint(state_dir: &Path, config: &Config) -> Vec<Option<(SystemTime, u64)>> {
+/// The SHA-256 of every key file: changes whenever a key is added or removed, even within one
+/// timestamp tick and at the same size (a removal and an addition in one second).
+fn key_files_fingerprint(state_dir: &Path, config: &Config) -> Vec<Option<String>> {
     std::iter::once(Principal::Admin)
         .chain(config.tenants.iter().map(|t| Principal::Tenant(t.name.clone())))
-        .map(|p| {
-            let meta = std::fs::metadata(keys::keys_file(state_dir, &p)).ok()?;
-            Some((meta.modified().ok()?, meta.len()))
-        })
+        .map(|p| std::fs::read(keys::keys_file(state_dir, &p)).ok().map(|bytes| crate::state::sha256_hex(&bytes)))
         .collect()
 }
 
@@ -284,18 +294,51 @@ pub async fn serve(
         state.tenants.len(),
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (grace, timeout) = (config.server.drain_grace, config.server.drain_timeout);
+    let (drain_started, drain_started_rx) = tokio::sync::oneshot::channel();
+    let draining = Arc::clone(&state);
     tokio::spawn(async move {
         shutdown.await;
+        // Readiness turns 503 at once; connections are still accepted for the grace period,
+        // so a load balancer that probes readiness stops sending before the port closes.
+        draining.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = drain_started.send(tokio::time::Instant::now());
+        draining.telemetry.events.emit(kiln_wire::EventKind::Draining {
+            grace_ms: grace.as_millis() as u64,
+            timeout_ms: timeout.as_millis() as u64,
+        });
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            timeout_ms = timeout.as_millis() as u64,
+            "draining: readiness is 503; new connections are refused after the grace period"
+        );
+        tokio::time::sleep(grace).await;
+        tracing::info!("no longer accepting connections; finishing the requests in flight");
         let _ = stop.send(true);
     });
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let main = axum::serve(listener, api::router(Arc::clone(&state)))
+    let main = axum::serve(listener, api::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(until_stopped(stopped.clone()));
-    let admin = axum::serve(admin_listener, api::admin::router(state))
+    let admin = axum::serve(admin_listener, api::admin::router(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(until_stopped(stopped));
-    tokio::try_join!(main, admin).context("HTTP server failed")?;
+    // In-flight requests (and the batches they wait on) finish, bounded by the drain timeout
+    // counted from the signal.
+    let served = async { tokio::try_join!(main, admin).context("HTTP server failed") };
+    let out_of_time = async {
+        match drain_started_rx.await {
+            Ok(started) => tokio::time::sleep_until(started + timeout).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = served => { served?; }
+        () = out_of_time => {
+            tracing::warn!("the drain timeout of {} ms passed with requests still in flight; exiting", timeout.as_millis());
+        }
+    }
+    tracing::info!("drained");
     Ok(())
 }
 

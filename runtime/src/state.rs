@@ -11,7 +11,9 @@
 //! Every file is written whole to a temporary name, synced, renamed over the old one and the
 //! folder synced. A deploy writes the blob first and the manifest last, so a crash at any point
 //! leaves the old manifest (old version) or the new one (new version), each naming a complete
-//! blob. Leftover temporary files and unreferenced blobs are removed at start.
+//! blob. Leftover temporary files and unreferenced blobs are removed at start. Temporary files
+//! start with `.kiln-tmp-`, which no valid handler or tenant name can (names never start with
+//! `.`). A manifest that cannot be loaded is moved to `quarantine/` with its blob, never deleted.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
@@ -22,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::HandlerSettings;
 
-const TEMP_MARK: &str = ".tmp.";
+/// Every temporary file's name starts with this; a valid name cannot (see `check_name`).
+const TEMP_PREFIX: &str = ".kiln-tmp-";
 
 /// Writes `bytes` to `path` so that readers see the old content or the new, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -34,7 +37,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let temp = dir.join(format!(
-        ".{name}{TEMP_MARK}{}.{}",
+        "{TEMP_PREFIX}{}-{}-{name}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
@@ -86,6 +89,21 @@ pub struct Deployment {
     pub deployed_at: u64,
     /// Whether a signature was checked at deploy time.
     pub signed: bool,
+    /// That signature (base64, over [`HandlerSettings::signed_manifest`]), checked again at
+    /// every start against the tenant's signing key as the config has it then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Deployment {
+    /// Whether this deployment carries a valid signature by `public` over its manifest.
+    pub fn verifies(&self, public: &[u8; 32]) -> bool {
+        let manifest = self.settings.signed_manifest(&self.name, &self.tenant, &self.sha256);
+        self.signature
+            .as_deref()
+            .and_then(crate::keys::decode_base64)
+            .is_some_and(|sig| crate::keys::verify_signature(public, manifest.as_bytes(), &sig))
+    }
 }
 
 /// The deployed handlers in a state directory.
@@ -104,7 +122,7 @@ impl Store {
             fs::create_dir_all(&sub)?;
             for entry in fs::read_dir(&sub)? {
                 let entry = entry?;
-                if entry.file_name().to_string_lossy().contains(TEMP_MARK) {
+                if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
                     tracing::info!("removing {} left by an interrupted write", entry.path().display());
                     fs::remove_file(entry.path())?;
                 }
@@ -145,11 +163,45 @@ impl Store {
         for path in entries {
             match self.load_one(&path) {
                 Ok(d) => found.push(d),
-                Err(e) => tracing::error!("skipping deployed handler {}: {e}", path.display()),
+                Err(e) => {
+                    tracing::error!("skipping deployed handler {}: {e}", path.display());
+                    self.quarantine(&path)?;
+                }
             }
         }
         self.collect_garbage(&found.iter().map(|(d, _)| d.sha256.as_str()).collect::<Vec<_>>())?;
         Ok(found)
+    }
+
+    fn quarantine_dir(&self) -> PathBuf {
+        self.dir.join("quarantine")
+    }
+
+    /// Moves a manifest that failed to load, and the blob it names if it names one, out of the
+    /// live folders, so that the operator can look at them and nothing is collected as garbage.
+    fn quarantine(&self, manifest: &Path) -> io::Result<()> {
+        let dir = self.quarantine_dir();
+        fs::create_dir_all(&dir)?;
+        let named_blob = fs::read(manifest)
+            .ok()
+            .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+            .and_then(|v| v["sha256"].as_str().map(str::to_owned))
+            .filter(|sha| sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()));
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut moved = vec![manifest.to_path_buf()];
+        if let Some(sha) = named_blob {
+            moved.push(self.blob(&sha));
+        }
+        for path in moved.into_iter().filter(|p| p.exists()) {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let to = dir.join(format!("{stamp}-{name}"));
+            fs::rename(&path, &to)?;
+            tracing::warn!("quarantined {} as {}", path.display(), to.display());
+        }
+        sync_dir(&self.handlers_dir())?;
+        sync_dir(&dir)
     }
 
     fn load_one(&self, manifest: &Path) -> Result<(Deployment, Vec<u8>), String> {
@@ -228,6 +280,7 @@ pub(crate) mod tests {
             settings: HandlerSettings::default(),
             deployed_at: 1,
             signed: false,
+            signature: None,
         }
     }
 
@@ -255,10 +308,10 @@ pub(crate) mod tests {
         // half-written temporary manifest.
         write_atomic(&dir.join("blobs").join(format!("{}.wasm", sha256_hex(b"new"))), b"new")
             .expect("blob");
-        fs::write(dir.join("handlers").join(".h.json.tmp.1.0"), b"{\"name\": \"h\", \"ten")
+        fs::write(dir.join("handlers").join(".kiln-tmp-1-0-h.json"), b"{\"name\": \"h\", \"ten")
             .expect("partial");
         // A crash while writing a blob: a partial temporary blob.
-        fs::write(dir.join("blobs").join(".x.wasm.tmp.1.1"), b"ne").expect("partial blob");
+        fs::write(dir.join("blobs").join(".kiln-tmp-1-1-x.wasm"), b"ne").expect("partial blob");
         let loaded = Store::open(&dir).expect("reopen").load_all().expect("load");
         assert_eq!(loaded, vec![(deployment("h", b"old"), b"old".to_vec())]);
         let left: Vec<String> = fs::read_dir(dir.join("blobs"))
@@ -267,6 +320,42 @@ pub(crate) mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(left.len(), 2, "{left:?}");
+    }
+
+    /// Valid names may contain `.tmp.`; only Kiln's own temporary files are cleared at start.
+    #[test]
+    fn names_that_look_temporary_survive_a_restart() {
+        let dir = temp_dir("names");
+        let store = Store::open(&dir).expect("open");
+        for name in ["a.tmp.b", "x.tmp.1.0", "kiln-tmp-z"] {
+            crate::config::check_name(name).expect("a valid name");
+            store.save(&deployment(name, name.as_bytes()), name.as_bytes()).expect("save");
+        }
+        let loaded = Store::open(&dir).expect("reopen").load_all().expect("load");
+        assert_eq!(loaded.len(), 3, "{loaded:?}");
+        assert!(crate::config::check_name(".kiln-tmp-1-0-a").is_err(), "no valid name is a temp name");
+    }
+
+    /// A manifest that cannot be read keeps its blob: both go to quarantine, not to garbage.
+    #[test]
+    fn a_manifest_that_fails_to_load_is_quarantined_with_its_blob() {
+        let dir = temp_dir("quarantine");
+        let store = Store::open(&dir).expect("open");
+        store.save(&deployment("h", b"bytes"), b"bytes").expect("save");
+        store.save(&deployment("ok", b"fine"), b"fine").expect("save");
+        let manifest = dir.join("handlers/h.json");
+        let text = fs::read_to_string(&manifest).expect("manifest");
+        fs::write(&manifest, text.replace("\"signed\"", "\"unknown_field\"")).expect("corrupt");
+        let loaded = Store::open(&dir).expect("reopen").load_all().expect("load");
+        assert_eq!(loaded, vec![(deployment("ok", b"fine"), b"fine".to_vec())]);
+        let quarantined: Vec<String> = fs::read_dir(dir.join("quarantine"))
+            .expect("quarantine")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        let blob = format!("{}.wasm", sha256_hex(b"bytes"));
+        assert!(quarantined.iter().any(|n| n.ends_with("-h.json")), "{quarantined:?}");
+        assert!(quarantined.iter().any(|n| n.ends_with(&blob)), "{quarantined:?}");
+        assert!(!manifest.exists());
     }
 
     #[test]

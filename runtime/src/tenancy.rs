@@ -1,4 +1,5 @@
-//! Tenants at run time: their rate and concurrency quotas.
+//! Tenants at run time: their rate and concurrency quotas, their share of the sandbox pool, and
+//! the gate their long-running guests take turns through for CPU.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,11 @@ pub struct Tenant {
     pub config: TenantConfig,
     bucket: Mutex<TokenBucket>,
     in_flight: AtomicU32,
+    /// Sandboxes this tenant's guests hold now.
+    sandboxes: AtomicU32,
+    /// One permit: the tenant's long-running guests run one at a time, in turn (FIFO), so a
+    /// tenant with a hundred busy loops gets no more CPU than a tenant with one.
+    cpu: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a request was refused before it started.
@@ -26,6 +32,8 @@ pub enum QuotaRefusal {
     },
     #[error("tenant '{tenant}' already has {limit} requests in flight, its limit")]
     Concurrency { tenant: String, limit: u32 },
+    #[error("tenant '{tenant}' already holds {limit} sandboxes, its share of the pool")]
+    Sandboxes { tenant: String, limit: u32 },
 }
 
 impl QuotaRefusal {
@@ -33,7 +41,7 @@ impl QuotaRefusal {
     pub fn retry_after_secs(&self) -> u64 {
         match self {
             QuotaRefusal::Rate { retry_after, .. } => retry_after.as_secs_f64().ceil().max(1.0) as u64,
-            QuotaRefusal::Concurrency { .. } => 1,
+            QuotaRefusal::Concurrency { .. } | QuotaRefusal::Sandboxes { .. } => 1,
         }
     }
 
@@ -41,6 +49,7 @@ impl QuotaRefusal {
         match self {
             QuotaRefusal::Rate { .. } => "rate",
             QuotaRefusal::Concurrency { .. } => "concurrency",
+            QuotaRefusal::Sandboxes { .. } => "sandboxes",
         }
     }
 }
@@ -55,6 +64,16 @@ impl Drop for Permit {
     }
 }
 
+/// One of a tenant's sandbox slots, released on drop.
+#[derive(Debug)]
+pub struct SandboxSlot(Arc<Tenant>);
+
+impl Drop for SandboxSlot {
+    fn drop(&mut self) {
+        self.0.sandboxes.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Tenant {
     pub fn new(config: TenantConfig) -> Tenant {
         let bucket = TokenBucket::new(config.quota.requests_per_second, config.quota.burst, Instant::now());
@@ -62,7 +81,33 @@ impl Tenant {
             config,
             bucket: Mutex::new(bucket),
             in_flight: AtomicU32::new(0),
+            sandboxes: AtomicU32::new(0),
+            cpu: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// Takes one of the tenant's sandbox slots for a guest's whole life.
+    pub fn sandbox_slot(self: &Arc<Self>) -> Result<SandboxSlot, QuotaRefusal> {
+        let limit = self.config.quota.max_instances;
+        let previous = self.sandboxes.fetch_add(1, Ordering::AcqRel);
+        let slot = SandboxSlot(Arc::clone(self));
+        if previous >= limit {
+            return Err(QuotaRefusal::Sandboxes {
+                tenant: self.config.name.clone(),
+                limit,
+            });
+        }
+        Ok(slot)
+    }
+
+    /// Sandboxes held now.
+    pub fn sandboxes(&self) -> u32 {
+        self.sandboxes.load(Ordering::Acquire)
+    }
+
+    /// The gate the tenant's long-running guests take turns through.
+    pub fn cpu_gate(&self) -> Arc<tokio::sync::Semaphore> {
+        Arc::clone(&self.cpu)
     }
 
     pub fn name(&self) -> &str {
@@ -186,5 +231,20 @@ mod tests {
         assert_eq!(refused.kind(), "rate");
         assert_eq!(refused.retry_after_secs(), 1);
         assert_eq!(t.in_flight(), 0, "a refused request holds no slot");
+    }
+
+    #[test]
+    fn sandbox_slots_are_capped_at_the_tenant_share_and_half_the_pool_by_default() {
+        let t = tenant("max_instances = 2");
+        let (a, b) = (t.sandbox_slot().expect("first"), t.sandbox_slot().expect("second"));
+        assert_eq!(t.sandbox_slot().expect_err("third").kind(), "sandboxes");
+        drop(a);
+        let c = t.sandbox_slot().expect("after a release");
+        drop((b, c));
+        assert_eq!(t.sandboxes(), 0);
+        assert_eq!(tenant("").config.quota.max_instances, crate::config::DEFAULT_MAX_INSTANCES / 2);
+        let text = "[server]\nmax_instances = 10\n[[tenant]]\nname = \"t\"\nquota = { max_instances = 11 }\n";
+        let e = Config::parse(text, Path::new("t.toml"), Path::new("/")).expect_err("over the pool");
+        assert_eq!(e.to_string(), "t.toml: tenant 't'.quota.max_instances: 11 is out of range (1 ..= 10)");
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::config::InputSpec;
+use crate::config::{InputSpec, ValueRange};
 
 /// Element types Kiln carries. Wire names follow the Open Inference Protocol; wasi:nn's
 /// `tensor-type` maps one to one.
@@ -174,8 +174,18 @@ impl HostTensor {
                 _ => {}
             }
         }
+        for (axis, (&got, limit)) in self.shape.iter().zip(&spec.max_dims).enumerate() {
+            if let Some(limit) = limit.filter(|&limit| got > limit) {
+                return Err(TensorError(format!(
+                    "input '{name}': dimension {axis} is {got}, over the model's limit of {limit} (max_dims)"
+                )));
+            }
+        }
         match byte_len(self.dtype, &self.shape) {
-            Some(n) if n == self.data.len() => Ok(()),
+            Some(n) if n == self.data.len() => match spec.range {
+                Some(range) => self.check_values(name, range),
+                None => Ok(()),
+            },
             Some(n) => Err(TensorError(format!(
                 "input '{name}': {} tensor of shape {:?} needs {n} bytes, got {}",
                 self.dtype,
@@ -185,6 +195,33 @@ impl HostTensor {
             None => Err(TensorError(format!(
                 "input '{name}': shape {:?} is too large",
                 self.shape
+            ))),
+        }
+    }
+}
+
+impl HostTensor {
+    /// Every element as an `f64` (exact for every integer a model can take as an index).
+    pub fn values(&self) -> impl Iterator<Item = f64> + '_ {
+        let size = self.dtype.size();
+        self.data.chunks_exact(size).map(move |c| match self.dtype {
+            DType::U8 => f64::from(c[0]),
+            DType::I32 => f64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            DType::I64 => i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64,
+            DType::F32 => f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            DType::F64 => f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
+            DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+            DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+        })
+    }
+
+    /// The first element outside `range` (NaN is outside every range), named with its index.
+    fn check_values(&self, name: &str, range: ValueRange) -> Result<(), TensorError> {
+        let inside = |v: f64| range.min.is_none_or(|lo| v >= lo) && range.max.is_none_or(|hi| v <= hi) && !v.is_nan();
+        match self.values().enumerate().find(|(_, v)| !inside(*v)) {
+            None => Ok(()),
+            Some((i, v)) => Err(TensorError(format!(
+                "input '{name}': element {i} is {v}, outside the model's range {range} (min/max)"
             ))),
         }
     }
@@ -292,15 +329,8 @@ mod tests {
     use serde_json::json;
 
     fn spec(dtype: DType, shape: &[i64]) -> InputSpec {
-        InputSpec {
-            name: "x".into(),
-            dtype,
-            shape: shape
-                .iter()
-                .map(|&d| (d >= 0).then_some(d as u32))
-                .collect(),
-            ragged: None,
-        }
+        let shape = shape.iter().map(|&d| (d >= 0).then_some(d as u32)).collect();
+        InputSpec::new("x", dtype, shape, None)
     }
 
     #[test]
@@ -395,5 +425,30 @@ mod tests {
         let short = HostTensor { dtype: DType::F32, shape: vec![2, 3], data: vec![0; 23] };
         let e = short.check(&spec(DType::F32, &[-1, 3])).expect_err("bytes");
         assert_eq!(e.0, "input 'x': FP32 tensor of shape [2, 3] needs 24 bytes, got 23");
+    }
+
+    fn i64s(shape: Vec<u32>, values: &[i64]) -> HostTensor {
+        HostTensor { dtype: DType::I64, shape, data: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+
+    #[test]
+    fn values_outside_the_declared_range_and_dimensions_over_their_limit_are_refused() {
+        let mut ids = spec(DType::I64, &[-1, -1]);
+        ids.range = Some(ValueRange { min: Some(0.0), max: Some(30521.0) });
+        ids.max_dims = vec![None, Some(512)];
+        assert!(i64s(vec![1, 3], &[101, 30521, 102]).check(&ids).is_ok());
+        let e = i64s(vec![1, 3], &[101, 30522, 102]).check(&ids).expect_err("over max");
+        assert_eq!(e.0, "input 'x': element 1 is 30522, outside the model's range 0 ..= 30521 (min/max)");
+        let e = i64s(vec![2, 1], &[5, -1]).check(&ids).expect_err("under min");
+        assert_eq!(e.0, "input 'x': element 1 is -1, outside the model's range 0 ..= 30521 (min/max)");
+        assert!(i64s(vec![1, 512], &[0; 512]).check(&ids).is_ok());
+        let e = i64s(vec![1, 600], &[0; 600]).check(&ids).expect_err("too long");
+        assert_eq!(e.0, "input 'x': dimension 1 is 600, over the model's limit of 512 (max_dims)");
+        let mut x = spec(DType::F32, &[-1, 2]);
+        x.range = Some(ValueRange { min: None, max: Some(1.0) });
+        let floats = |v: [f32; 2]| HostTensor { dtype: DType::F32, shape: vec![1, 2], data: v.iter().flat_map(|f| f.to_le_bytes()).collect() };
+        assert!(floats([-5.0, 1.0]).check(&x).is_ok());
+        assert!(floats([0.0, f32::NAN]).check(&x).is_err(), "NaN is outside every range");
+        assert!(floats([0.0, 1.5]).check(&x).is_err());
     }
 }

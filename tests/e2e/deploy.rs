@@ -137,6 +137,10 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
     run_kiln(&[
         "sign",
         &component.display().to_string(),
+        "--handler",
+        "signed-1",
+        "--tenant",
+        "signed",
         "--key",
         &key.display().to_string(),
         "--out",
@@ -145,6 +149,19 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
     let signature = std::fs::read_to_string(&sig_file).expect("signature");
     let signature = signature.trim();
     let bytes = wasm("greeter");
+
+    // The signature covers the name, the models and the priorities too: replayed as another
+    // handler, with other models or with a higher priority, it is refused.
+    for (name, query) in [
+        ("signed-2", "tenant=signed"),
+        ("signed-1", "tenant=signed&models=digits"),
+        ("signed-1", "tenant=signed&priority=5"),
+        ("signed-1", "tenant=signed&max_priority=9"),
+    ] {
+        let (status, body) = put(name, query, bytes.clone(), Some(signature)).await;
+        assert_eq!(status, 403, "replayed as {name}?{query}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("as handler")), "{body}");
+    }
 
     let (status, body) = put("signed-1", "tenant=signed", bytes.clone(), None).await;
     assert_eq!(status, 403, "unsigned: {body}");
@@ -161,6 +178,10 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
     run_kiln(&[
         "sign",
         &component.display().to_string(),
+        "--handler",
+        "signed-1",
+        "--tenant",
+        "signed",
         "--key",
         &other.with_extension("key").display().to_string(),
         "--out",
@@ -172,6 +193,7 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
     let (status, _) = put("signed-1", "tenant=signed", bytes.clone(), Some("not base64!")).await;
     assert_eq!(status, 400);
     assert_eq!(call("signed", "signed-1", "x").await.0, 404, "nothing refused may be deployed");
+    assert_eq!(call("signed", "signed-2", "x").await.0, 404, "nothing refused may be deployed");
 
     // The real CLI, with the good signature.
     let out = run_kiln(&[

@@ -116,3 +116,42 @@ async fn wrong_inputs_are_invalid_argument_naming_the_input_never_a_trap() {
         assert_eq!(body["message"], message, "{case}");
     }
 }
+
+/// The caller's API key and Kiln's own scheduling headers are Kiln's: a guest never sees them.
+#[tokio::test]
+async fn the_guest_never_sees_the_api_key_or_kiln_headers() {
+    let response = mallory()
+        .get(server().url("/v1/handlers/misbehave/headers"))
+        .header("kiln-priority", "0")
+        .header("kiln-timeout-ms", "5000")
+        .header("x-tenant-header", "kept")
+        .send()
+        .await
+        .expect("get");
+    let (status, seen) = json_of(response).await;
+    assert_eq!(status, 200, "{seen}");
+    let seen = seen.as_array().expect("headers").clone();
+    let names: Vec<String> = seen.iter().map(|h| h[0].as_str().expect("name").to_ascii_lowercase()).collect();
+    assert!(names.iter().any(|n| n == "x-tenant-header"), "the client's own headers pass: {names:?}");
+    for hidden in ["authorization", "kiln-priority", "kiln-timeout-ms"] {
+        assert!(!names.iter().any(|n| n == hidden), "{hidden} reached the guest: {names:?}");
+    }
+    let key = server().key("mallory");
+    assert!(!seen.iter().any(|h| h[1].as_str().is_some_and(|v| v.contains(key))), "the key reached the guest");
+}
+
+/// The guest gets the path as the client sent it: an encoded `?` stays in the path and cannot
+/// start a query of the client's choosing.
+#[tokio::test]
+async fn the_guest_sees_the_path_exactly_as_sent() {
+    for (sent, seen) in [
+        ("/v1/handlers/misbehave/path%3Fadmin=1", "/path%3Fadmin=1"),
+        ("/v1/handlers/misbehave/path%3Fadmin=1?real=2", "/path%3Fadmin=1?real=2"),
+        ("/v1/handlers/misbehave/path/a%2Fb/c%20d%25", "/path/a%2Fb/c%20d%25"),
+        ("/v1/handlers/misbe%68ave/path-x?q=%20", "/path-x?q=%20"),
+    ] {
+        let response = mallory().get(server().url(sent)).send().await.expect("get");
+        assert_eq!(response.status().as_u16(), 200, "{sent}");
+        assert_eq!(response.text().await.expect("body"), seen, "{sent}");
+    }
+}

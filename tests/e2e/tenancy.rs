@@ -29,6 +29,7 @@ async fn calls_without_a_valid_key_are_401_and_reveal_nothing() {
         ("unknown id", bearer_client("kiln_0000000000000000_AAAA")),
         ("not a kiln key", bearer_client("hunter2")),
     ];
+    let mut all_bodies = Vec::new();
     for (what, client) in &clients {
         let mut bodies = Vec::new();
         for (method, path) in [
@@ -45,7 +46,11 @@ async fn calls_without_a_valid_key_are_401_and_reveal_nothing() {
         }
         // An existing and a missing handler get the very same answer.
         assert_eq!(bodies[0], bodies[1], "{what}");
+        all_bodies.push(bodies);
     }
+    // A wrong secret for a real key id reads exactly like a key id that was never issued.
+    assert_eq!(all_bodies[1], all_bodies[2], "wrong secret vs unknown id");
+    assert!(all_bodies[1][0].contains("invalid API key"), "{}", all_bodies[1][0]);
     // Health stays open for load balancers.
     assert_eq!(status_and_body(&reqwest::Client::new(), "GET", "/v2/health/ready").await.0, 200);
 
@@ -88,9 +93,19 @@ async fn another_tenants_handler_or_model_looks_exactly_like_a_missing_one() {
     // Its own model answers.
     assert_eq!(status_and_body(&mallory, "GET", "/v2/models/digits").await.0, 200);
 
-    // Admin keys manage handlers; they do not call them.
-    let (status, body, _) = status_and_body(&server().admin_client(), "POST", "/v1/handlers/digits/").await;
-    assert_eq!(status, 403, "{body}");
+    // Admin keys manage handlers; they call neither handlers nor models (no quota applies to
+    // them, so they must not reach a model at all).
+    let admin = server().admin_client();
+    for (method, path) in [
+        ("POST", "/v1/handlers/digits/"),
+        ("POST", "/v2/models/digits/infer"),
+        ("GET", "/v2/models/digits"),
+        ("GET", "/v2/models/digits/ready"),
+    ] {
+        let (status, body, _) = status_and_body(&admin, method, path).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert!(body.contains("admin keys are for the admin API"), "{body}");
+    }
 }
 
 #[tokio::test]

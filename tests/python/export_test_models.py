@@ -7,6 +7,8 @@ tokenwise.pt: ids [N, L] int64 and mask [N, L] int64 ->
 positions.pt: ids [N, L] int64 -> hidden [N, L, 16] float32, with learned position embeddings
     looked up through an integer buffer (as transformers' BERT does): reduced precision must
     leave that buffer alone. positions-frozen.pt is the same module frozen (weights as constants).
+unmasked.pt: ids [N, L] int64 -> pooled [N, 16] float32, the mean over every position, padding
+    included: a model that does not mask padding, which must never be batched across lengths.
 normed.pt: x [N, 4] float32 -> y [N, 4] float32 through batch norm with running statistics:
     floating buffers that reduced precision must cast along with the parameters.
 """
@@ -43,6 +45,15 @@ class Positions(torch.nn.Module):
         return self.norm(self.embed(ids) + self.position(positions))
 
 
+class Unmasked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(1000, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids).mean(1)
+
+
 class Normed(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +75,7 @@ def main(build: Path) -> None:
     positions.save(str(models / "positions.pt"))
     torch.jit.freeze(positions).save(str(models / "positions-frozen.pt"))
     torch.jit.script(Normed().eval()).save(str(models / "normed.pt"))
+    torch.jit.script(Unmasked().eval()).save(str(models / "unmasked.pt"))
     print(f"test models: wrote {models / 'tokenwise.pt'}")
 
 

@@ -145,3 +145,160 @@ async fn a_fuel_quota_stops_a_busy_guest_and_spares_a_modest_one() {
     let (status, text) = answer(&server, "metered").await;
     assert_eq!((status, text.as_str()), (200, "ping"));
 }
+
+/// The examples, draining with a short grace period so the test sees every phase.
+fn draining_server(grace_ms: u64) -> Server {
+    let config = kiln_tests::examples_config(&format!("drain_grace_ms = {grace_ms}\ndrain_timeout_ms = 20000"), &[], "");
+    Server::start(&config, &["demo", "mallory"]).expect("server")
+}
+
+/// A client that opens a new connection for every request: after the grace period each new
+/// request is refused at connect, never half-served on a connection the server is closing.
+fn fresh_connections(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {key}").parse().expect("header"));
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// SIGTERM under load: readiness turns 503 at once, requests keep being served through the
+/// grace period, everything in flight when the port closes (a guest sleeping past it, queued
+/// inference) finishes with 200, the event stream ends with a `draining` event, and the
+/// process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_every_request_in_flight_and_exits_0() {
+    const GRACE: Duration = Duration::from_millis(800);
+    let server = draining_server(GRACE.as_millis() as u64);
+    let png = std::fs::read(artifact("build/holdout/digits/0000_9.png")).expect("png");
+    let events = {
+        let response = server.admin_client().get(server.url("/v1/events")).send().await.expect("events");
+        assert_eq!(response.status().as_u16(), 200);
+        tokio::spawn(async move { response.text().await.unwrap_or_default() })
+    };
+    let start = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, url, png) = (fresh_connections(server.key("demo")), server.url("/v1/handlers/digits/"), png.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while start.elapsed() < Duration::from_secs(3) {
+                    let sent = start.elapsed();
+                    let outcome = match client.post(&url).body(png.clone()).send().await {
+                        Ok(r) => Ok((r.status().as_u16(), r.text().await.unwrap_or_default())),
+                        Err(e) => Err(format!("{e:?}")),
+                    };
+                    seen.push((w, sent, outcome));
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Sleeps past the grace period: in flight when the port closes.
+    let sleeper = {
+        let (client, url) = (fresh_connections(server.key("mallory")), server.url("/v1/handlers/misbehave/sleep?900"));
+        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let signalled = start.elapsed();
+    server.signal("TERM").expect("SIGTERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = reqwest::get(server.url("/v2/health/ready")).await.expect("ready").status().as_u16();
+    assert_eq!(ready, 503, "readiness must turn 503 as soon as the drain starts");
+
+    let mut outcomes = Vec::new();
+    for w in workers {
+        outcomes.extend(w.await.expect("worker"));
+    }
+    assert_eq!(sleeper.await.expect("task").expect("the sleeping request"), 200, "in flight when the port closed");
+    let status = tokio::task::spawn_blocking({
+        let server = std::sync::Arc::new(server);
+        move || (server.wait_exit(Duration::from_secs(20)), server)
+    });
+    let (status, server) = status.await.expect("wait");
+    let status = status.expect("exit");
+    assert!(status.success(), "exit status {status}:\n{}", server.log_text());
+
+    // Everything sent before the port closed was answered, and answered well.
+    let closing = signalled + GRACE - Duration::from_millis(150);
+    let mut served_during_grace = 0;
+    for (worker, sent, outcome) in &outcomes {
+        if *sent < closing {
+            match outcome {
+                Ok((200, _)) => served_during_grace += usize::from(*sent > signalled),
+                other => panic!("worker {worker}: a request sent at {sent:?} (drain at {signalled:?}) got {other:?}"),
+            }
+        }
+    }
+    assert!(served_during_grace > 0, "nothing was served during the grace period");
+    let events = events.await.expect("events");
+    assert!(events.trim_end().lines().rev().find(|l| l.starts_with("event:")) == Some("event: draining"), "{events}");
+}
+
+/// A second SIGTERM does not wait for anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let server = draining_server(10_000);
+    let sleeper = {
+        let (client, url) = (fresh_connections(server.key("mallory")), server.url("/v1/handlers/misbehave/sleep?900"));
+        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    server.signal("TERM").expect("first SIGTERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.signal("TERM").expect("second SIGTERM");
+    let status = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(5)).expect("exit")).await.expect("wait");
+    assert!(!status.success(), "a forced exit is not a clean one: {status}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(sleeper.await.expect("task").is_err(), "the request in flight was cut off");
+}
+
+/// A deployment signed by a tenant's key is served after a restart while that key is the
+/// tenant's; once the operator rotates the key it no longer verifies, so it is kept out of
+/// service (and audited), its files kept, until a component signed by the new key is deployed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_deployment_is_checked_again_at_start_against_the_current_key() {
+    let dir = kiln_tests::TempDir::new("kiln-rotate").expect("dir");
+    let keygen = |name: &str| {
+        let prefix = dir.path.join(name);
+        kiln_tests::kiln(&["keygen", "--out", &prefix.display().to_string()]).expect("keygen").trim().to_owned()
+    };
+    let (old_line, new_line) = (keygen("old"), keygen("new"));
+    let config = format!("{}signing_key = {}\n", config(), old_line.trim_start_matches("signing_key = "));
+    let server = Server::start(&config, &["demo"]).expect("server");
+    let component = artifact("target/wasm32-wasip2/guest/greeter.wasm");
+    let sig = dir.path.join("greeter.sig");
+    kiln_tests::kiln(&[
+        "sign", &component.display().to_string(), "--handler", "rotating", "--tenant", "demo",
+        "--key", &dir.path.join("old.key").display().to_string(), "--out", &sig.display().to_string(),
+    ])
+    .expect("sign");
+    let signature = std::fs::read_to_string(&sig).expect("signature");
+    let response = server
+        .admin_client()
+        .put(server.admin_url("/v1/handlers/rotating?tenant=demo"))
+        .header("kiln-signature", signature.trim())
+        .body(wasm("greeter"))
+        .send()
+        .await
+        .expect("deploy");
+    assert_eq!(response.status().as_u16(), 201, "{}", response.text().await.unwrap_or_default());
+    restart(&server);
+    assert_eq!(answer(&server, "rotating").await.0, 200, "still the tenant's key: served after a restart");
+
+    // The operator rotates the tenant's key.
+    let rotated = std::fs::read_to_string(&server.config).expect("config").replace(&old_line, &new_line);
+    std::fs::write(&server.config, rotated).expect("rotate");
+    restart(&server);
+    assert_eq!(answer(&server, "rotating").await.0, 404, "signed by the old key: out of service");
+    assert!(server.log_text().contains("does not verify against the tenant's current signing_key"));
+    let audit = std::fs::read_to_string(server.dir.path.join("state/audit.log")).expect("audit");
+    assert!(audit.lines().any(|l| l.contains("deploy_refused") && l.contains("rotating")), "{audit}");
+    let manifests = std::fs::read_dir(server.dir.path.join("state/handlers")).expect("handlers").count();
+    assert_eq!(manifests, 1, "the refused deployment is kept for the operator");
+}

@@ -90,6 +90,8 @@ pub struct App {
     previous: Option<(Stats, Duration)>,
     pub connection: Connection,
     pub paused: bool,
+    /// The server said it is shutting down (its last event); cleared on reconnect.
+    pub server_draining: bool,
     pub help: bool,
     pub focus: Panel,
     pub selected: usize,
@@ -125,6 +127,7 @@ impl App {
             previous: None,
             connection: Connection::Connecting,
             paused: false,
+            server_draining: false,
             help: false,
             focus: Panel::Models,
             selected: 0,
@@ -158,8 +161,14 @@ impl App {
                 }
             }
             Msg::Disconnected { error, retry_in } => self.connection = Connection::Disconnected { error, retry_in },
-            Msg::EventsReset => self.events.clear(),
+            Msg::EventsReset => {
+                self.events.clear();
+                self.server_draining = false;
+            }
             Msg::Event(event) => {
+                if matches!(event.kind, EventKind::Draining { .. }) {
+                    self.server_draining = true;
+                }
                 if !self.paused {
                     if self.events.len() == EVENTS {
                         self.events.pop_front();

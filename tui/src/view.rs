@@ -70,6 +70,7 @@ fn draw_header(app: &App, frame: &mut Frame, area: Rect) {
             format!(" DISCONNECTED: {error}, retry in {:.0}s ", retry_in.as_secs_f64().ceil()),
             Color::Red,
         )),
+        _ if app.server_draining => Some((" SERVER SHUTTING DOWN ".to_owned(), Color::Magenta)),
         (_, true) => Some((" PAUSED ".to_owned(), Color::Yellow)),
         (Connection::Connecting, false) => Some((" CONNECTING ".to_owned(), Color::Blue)),
         _ => None,

@@ -42,6 +42,8 @@ fn stats(t: u64, gpus: bool) -> Stats {
         dropped: 0,
         overloaded: 0,
         timeouts: 0,
+        isolated_batches: 0,
+        ragged_batching: true,
         average_batch_size: batch as f64,
         batch_sizes: vec![0; BATCH_BOUNDS.len() + 1],
         queue_wait: histogram(&[(wait_bucket, rate * t * 9 / 10), (wait_bucket + 2, rate * t / 10)]),

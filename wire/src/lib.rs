@@ -216,11 +216,22 @@ pub struct ModelStats {
     pub dropped: u64,
     pub overloaded: u64,
     pub timeouts: u64,
+    /// Merged forward passes that failed and were split to answer each caller on its own.
+    #[serde(default)]
+    pub isolated_batches: u64,
+    /// Whether requests of different lengths share batches (false when the model was found at
+    /// load not to mask padding).
+    #[serde(default = "yes")]
+    pub ragged_batching: bool,
     pub average_batch_size: f64,
     /// Forward passes per [`BATCH_BOUNDS`] bucket.
     pub batch_sizes: Vec<u64>,
     pub queue_wait: Histogram,
     pub forward: Histogram,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +273,8 @@ pub enum EventKind {
     ModelUnloaded { model: String, replica: u32, device: String },
     ModelFailed { model: String, replica: u32, device: String, reason: String },
     GuestTrap { handler: String, tenant: String, kind: String, message: String },
+    /// The server is shutting down: the last event of every stream.
+    Draining { grace_ms: u64, timeout_ms: u64 },
 }
 
 impl EventKind {
@@ -275,6 +288,7 @@ impl EventKind {
             EventKind::ModelUnloaded { .. } => "model_unloaded",
             EventKind::ModelFailed { .. } => "model_failed",
             EventKind::GuestTrap { .. } => "guest_trap",
+            EventKind::Draining { .. } => "draining",
         }
     }
 }

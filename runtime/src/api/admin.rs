@@ -50,6 +50,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
         })
+        .layer(axum::middleware::from_fn(super::remember_peer))
         .with_state(state)
 }
 
@@ -57,7 +58,7 @@ pub(super) fn require_admin(app: &AppState, headers: &HeaderMap, handler: Option
     match app.authenticate(headers, handler)? {
         Principal::Admin => Ok(()),
         Principal::Tenant(t) => {
-            app.audit.record(Event::AuthFailure, Some(&t), handler, "tenant key used on the admin API");
+            app.audit.auth_failure(super::peer(), Some(&t), handler, "tenant key used on the admin API");
             Err(ApiError::Forbidden("the admin API needs an admin key".to_owned()))
         }
     }
@@ -125,9 +126,10 @@ async fn deploy_checked(
         .resolve(name, &tenant.config, PathBuf::from(format!("<deployed {name}>")))
         .map_err(|(field, message)| ApiError::BadRequest(format!("{field}: {message}")))?;
     let bytes = read_body(body, headers, app.admin.max_component_bytes).await?;
+    let sha256 = sha256_hex(&bytes);
 
-    let signed = match &tenant.config.signing_key {
-        None => false,
+    let signature = match &tenant.config.signing_key {
+        None => None,
         Some(public) => {
             let signature = headers
                 .get(SIGNATURE_HEADER)
@@ -138,18 +140,22 @@ async fn deploy_checked(
                         tenant.name()
                     ))
                 })?;
-            let signature = keys::decode_base64(signature).ok_or_else(|| {
+            let decoded = keys::decode_base64(signature).ok_or_else(|| {
                 ApiError::BadRequest(format!("{SIGNATURE_HEADER} is not base64"))
             })?;
-            if !keys::verify_signature(public, &bytes, &signature) {
+            let manifest = settings.signed_manifest(name, tenant.name(), &sha256);
+            if !keys::verify_signature(public, manifest.as_bytes(), &decoded) {
                 return Err(ApiError::Forbidden(format!(
-                    "the signature does not match these component bytes and the signing key of tenant '{}'",
+                    "the signature is not the signing key of tenant '{}' over this component as handler '{name}' \
+                     with these models and priorities (`kiln sign` with the same --handler, --tenant, --models, \
+                     --priority and --max-priority)",
                     tenant.name()
                 )));
             }
-            true
+            Some(signature.trim().to_owned())
         }
     };
+    let signed = signature.is_some();
 
     let sandbox = app.admin.sandbox.clone();
     let checked = bytes.clone();
@@ -159,10 +165,11 @@ async fn deploy_checked(
     let deployment = Deployment {
         name: name.to_owned(),
         tenant: tenant.name().to_owned(),
-        sha256: sha256_hex(&bytes),
+        sha256,
         settings,
         deployed_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         signed,
+        signature,
     };
     let handler = app.admin.sandbox.handler(
         &config,

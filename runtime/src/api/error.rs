@@ -65,6 +65,7 @@ impl ApiError {
             },
             ApiError::Guest(e) => match e {
                 GuestError::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
+                GuestError::PoolFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 GuestError::MemoryLimit { .. }
                 | GuestError::ComputeCalls { .. }
                 | GuestError::OutOfFuel { .. }
@@ -109,7 +110,7 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
         match &self {
-            ApiError::Infer(InferError::Overloaded(_)) => {
+            ApiError::Infer(InferError::Overloaded(_)) | ApiError::Guest(GuestError::PoolFull { .. }) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -149,6 +149,8 @@ impl Collector for Exporter {
             m.iter().map(|h| (vec![("model", h.name())], C(load(&h.counters().executions)))))?;
         family(&mut e, "kiln_queue_overloaded", "Requests refused because the model's queue was full", None, Counter,
             m.iter().map(|h| (vec![("model", h.name())], C(load(&h.counters().overloaded)))))?;
+        family(&mut e, "kiln_batch_isolations", "Merged forward passes that failed and were split so each caller got its own result", None, Counter,
+            m.iter().map(|h| (vec![("model", h.name())], C(load(&h.counters().isolated)))))?;
         let replicas: Vec<(String, Vec<(String, crate::executor::ReplicaMetrics)>)> =
             m.iter().map(|h| (h.name().to_owned(), h.replica_metrics())).collect();
         let per_replica = || {

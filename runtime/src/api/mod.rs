@@ -31,8 +31,8 @@ use crate::gpu::Gpus;
 use crate::scaler::DecisionLog;
 use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
 use crate::keys::{KeyRing, Principal};
-use crate::sandbox::{CallOptions, Handler};
-use crate::tenancy::{Permit, Tenant};
+use crate::sandbox::{CallOptions, Handler, Lease};
+use crate::tenancy::{Permit, QuotaRefusal, Tenant};
 
 /// What every route can see. Built once at start-up; handlers and keys change at run time.
 pub struct AppState {
@@ -54,6 +54,8 @@ pub struct AppState {
     /// What `/metrics` exports.
     pub metrics: prometheus_client::registry::Registry,
     pub started: std::time::Instant,
+    /// Set once SIGTERM (or Ctrl-C) starts the drain: readiness answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -69,8 +71,8 @@ impl AppState {
                     Some(Principal::Admin) => Some("admin"),
                     None => None,
                 };
-                self.audit.record(Event::AuthFailure, tenant, handler, failure.reason());
-                Err(ApiError::Unauthorized(failure.reason().to_owned()))
+                self.audit.auth_failure(peer(), tenant, handler, failure.reason());
+                Err(ApiError::Unauthorized(failure.public_message().to_owned()))
             }
         }
     }
@@ -81,41 +83,39 @@ impl AppState {
             Principal::Tenant(name) => self
                 .tenants
                 .get(name)
-                .ok_or_else(|| ApiError::Unauthorized("unknown API key".to_owned())),
+                .ok_or_else(|| ApiError::Unauthorized("invalid API key".to_owned())),
             Principal::Admin => Err(ApiError::Forbidden(
-                "admin keys manage handlers; call handlers and models with a tenant's key".to_owned(),
+                "admin keys are for the admin API; call handlers and models with a tenant's key".to_owned(),
             )),
         }
     }
 
     /// Admits one request under the tenant's quotas, auditing a refusal.
     fn admit(&self, tenant: &Arc<Tenant>, handler: Option<&str>) -> Result<Permit, ApiError> {
-        tenant.admit().map_err(|refusal| {
-            self.telemetry.record_refusal(tenant.name(), refusal.kind());
-            self.audit.record(Event::QuotaRefused, Some(tenant.name()), handler, &refusal.to_string());
-            ApiError::Quota(refusal)
-        })
+        tenant.admit().map_err(|refusal| self.refused(tenant, handler, refusal))
     }
 
-    /// A model the caller may use: the admin sees every model, a tenant only its own; any other
-    /// name is "not found", whether or not it exists.
+    /// Counts and audits a quota refusal.
+    fn refused(&self, tenant: &Tenant, handler: Option<&str>, refusal: QuotaRefusal) -> ApiError {
+        self.telemetry.record_refusal(tenant.name(), refusal.kind());
+        self.audit.record(Event::QuotaRefused, Some(tenant.name()), handler, &refusal.to_string());
+        ApiError::Quota(refusal)
+    }
+
+    /// A model the caller's tenant may use; any other name is "not found", whether or not it
+    /// exists.
     fn authorized_model(
         &self,
         headers: &http::HeaderMap,
         name: &str,
-    ) -> Result<(&ModelHandle, Option<&Arc<Tenant>>), ApiError> {
+    ) -> Result<(&ModelHandle, &Arc<Tenant>), ApiError> {
         let principal = self.authenticate(headers, None)?;
         let not_found = || ApiError::NotFound(format!("model '{name}' not found"));
-        let tenant = match &principal {
-            Principal::Admin => None,
-            Principal::Tenant(_) => {
-                let tenant = self.tenant_of(&principal)?;
-                if !tenant.config.models.iter().any(|m| m == name) {
-                    return Err(not_found());
-                }
-                Some(tenant)
-            }
-        };
+        // Admin keys manage; model calls go through a tenant and its quotas.
+        let tenant = self.tenant_of(&principal)?;
+        if !tenant.config.models.iter().any(|m| m == name) {
+            return Err(not_found());
+        }
         let model = self.models.get(name).ok_or_else(not_found)?;
         Ok((model, tenant))
     }
@@ -137,6 +137,29 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+tokio::task_local! {
+    /// The client's address while its request is handled (see [`remember_peer`]).
+    static PEER: std::net::IpAddr;
+}
+
+/// Middleware: makes the client's address known to everything that handles its request, for
+/// the audit log's flood limit, without threading it through every route.
+pub(crate) async fn remember_peer(request: Request, next: axum::middleware::Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    match peer {
+        Some(ip) => PEER.scope(ip, next.run(request)).await,
+        None => next.run(request).await,
+    }
+}
+
+/// The address of the client whose request is being handled, where known.
+pub(crate) fn peer() -> Option<std::net::IpAddr> {
+    PEER.try_with(|ip| *ip).ok()
+}
+
 /// All routes, with `{"error": ...}` 404s for everything else.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -156,6 +179,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
         })
+        .layer(axum::middleware::from_fn(remember_peer))
         .with_state(state)
 }
 
@@ -164,15 +188,15 @@ async fn invoke_root(
     Path(name): Path<String>,
     request: Request,
 ) -> Response {
-    counted_call(&app, &name, "", request).await
+    counted_call(&app, &name, request).await
 }
 
 async fn invoke(
     State(app): State<Arc<AppState>>,
-    Path((name, rest)): Path<(String, String)>,
+    Path((name, _rest)): Path<(String, String)>,
     request: Request,
 ) -> Response {
-    counted_call(&app, &name, &rest, request).await
+    counted_call(&app, &name, request).await
 }
 
 /// Who a handler call turned out to be for, once known: the labels it is counted under.
@@ -183,10 +207,10 @@ struct CallLabels {
 }
 
 /// [`call_handler`], counted by handler, tenant and status.
-async fn counted_call(app: &AppState, name: &str, rest: &str, request: Request) -> Response {
+async fn counted_call(app: &AppState, name: &str, request: Request) -> Response {
     let started = std::time::Instant::now();
     let mut labels = CallLabels::default();
-    let response = call_handler(app, name, rest, request, &mut labels)
+    let response = call_handler(app, name, request, &mut labels)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     let handler = labels.handler.as_deref().unwrap_or(UNKNOWN);
@@ -200,7 +224,6 @@ async fn counted_call(app: &AppState, name: &str, rest: &str, request: Request) 
 async fn call_handler(
     app: &AppState,
     name: &str,
-    rest: &str,
     request: Request,
     labels: &mut CallLabels,
 ) -> Result<Response, ApiError> {
@@ -222,10 +245,13 @@ async fn call_handler(
     // Buffered before the sandbox starts, so a slow upload never holds a sandbox slot.
     let limit = app.max_body_bytes.min(tenant.config.quota.max_body_bytes);
     let body = read_body(body, &parts.headers, limit).await?;
+    // The guest sees the path exactly as the client sent it, still percent-encoded: decoding it
+    // here and embedding it again would let `%3F` start a query of the caller's choosing.
     let path_and_query = match parts.uri.query() {
-        Some(q) => format!("/{rest}?{q}"),
-        None => format!("/{rest}"),
+        Some(q) => format!("{}?{q}", guest_path(parts.uri.path())),
+        None => guest_path(parts.uri.path()).to_owned(),
     };
+    strip_kiln_headers(&mut parts.headers);
     let authority = parts
         .headers
         .get(header::HOST)
@@ -239,13 +265,43 @@ async fn call_handler(
         .build()
         .map_err(|e| ApiError::BadRequest(format!("invalid request URI: {e}")))?;
     let request = http::Request::from_parts(parts, Full::new(body));
-    let response = handler.call(request, options).await.map_err(|e| {
+    let slot = tenant.sandbox_slot().map_err(|refusal| app.refused(tenant, Some(name), refusal))?;
+    // Both stay taken until the guest is gone and its body sent, whichever is later.
+    let held: Arc<dyn Send + Sync> = Arc::new((permit, slot));
+    let lease = Lease { held: Arc::clone(&held), cpu: tenant.cpu_gate() };
+    let response = handler.call(request, options, lease).await.map_err(|e| {
         tracing::warn!(handler = %name, tenant = %tenant.name(), kind = e.kind(), "{e}");
         app.telemetry.record_trap(name, tenant.name(), e.kind(), e.to_string());
         ApiError::Guest(e)
     })?;
     // The tenant's slot is held until the guest has streamed its whole body.
-    Ok(response.map(|body| Body::new(Holding { body, _permit: permit })))
+    Ok(response.map(|body| Body::new(Holding { body, _permit: held })))
+}
+
+/// The raw path after `/v1/handlers/NAME`, always starting with `/`.
+fn guest_path(raw: &str) -> &str {
+    let after_prefix = raw.strip_prefix(HANDLERS_PREFIX).unwrap_or("");
+    match after_prefix.find('/') {
+        Some(at) => &after_prefix[at..],
+        None => "/",
+    }
+}
+
+const HANDLERS_PREFIX: &str = "/v1/handlers/";
+
+/// Removes what is Kiln's from a request before a guest sees it: the caller's API key, and the
+/// scheduling headers Kiln has already read.
+fn strip_kiln_headers(headers: &mut http::HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    let ours: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("kiln-"))
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
+    }
 }
 
 /// A body that holds something (a quota permit) until it is finished or dropped.

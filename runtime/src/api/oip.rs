@@ -28,10 +28,12 @@ pub(super) async fn live() -> Response {
 }
 
 pub(super) async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    let ready = app
-        .models
-        .values()
-        .all(|m| matches!(m.state(), ModelState::Ready(_)));
+    let draining = app.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let ready = !draining
+        && app
+            .models
+            .values()
+            .all(|m| matches!(m.state(), ModelState::Ready(_)));
     let status = if ready {
         StatusCode::OK
     } else {
@@ -173,15 +175,9 @@ async fn infer_model(
     tenant_label: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let (model, tenant) = app.authorized_model(&headers, model)?;
-    *tenant_label = Some(tenant.map_or("admin", |t| t.name()).to_owned());
-    let mut limit = app.max_body_bytes;
-    let _permit = match tenant {
-        Some(tenant) => {
-            limit = limit.min(tenant.config.quota.max_body_bytes);
-            Some(app.admit(tenant, None)?)
-        }
-        None => None,
-    };
+    *tenant_label = Some(tenant.name().to_owned());
+    let limit = app.max_body_bytes.min(tenant.config.quota.max_body_bytes);
+    let _permit = app.admit(tenant, None)?;
     let body = read_body(body, &headers, limit).await?;
     let (header, mut binary) = split_binary(&headers, body)?;
     let request: InferRequest = serde_json::from_slice(&header)

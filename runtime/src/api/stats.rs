@@ -56,6 +56,8 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
                 dropped: load(&c.dropped),
                 overloaded: load(&c.overloaded),
                 timeouts: load(&c.timeouts),
+                isolated_batches: load(&c.isolated),
+                ragged_batching: model.ragged_batching(),
                 average_batch_size: if executions == 0 { 0.0 } else { inferences as f64 / executions as f64 },
                 batch_sizes: c.batch_sizes.counts(),
                 queue_wait: c.queue_wait.snapshot(),
@@ -87,12 +89,17 @@ pub(super) async fn events(State(app): State<Arc<AppState>>, headers: HeaderMap)
     super::admin::require_admin(&app, &headers, None)?;
     let (history, feed) = app.telemetry.events.follow();
     let replay = futures::stream::iter(history.into_iter().map(|e| Ok(sse(&e))));
-    let live = futures::stream::unfold(feed, |mut feed| async move {
+    // The stream ends after the server's last event, so clients see the drain and go.
+    let live = futures::stream::unfold(Some(feed), |feed| async move {
+        let mut feed = feed?;
         loop {
             match feed.recv().await {
-                Ok(event) => return Some((Ok(sse(&event)), feed)),
+                Ok(event) if matches!(event.kind, kiln_wire::EventKind::Draining { .. }) => {
+                    return Some((Ok(sse(&event)), None));
+                }
+                Ok(event) => return Some((Ok(sse(&event)), Some(feed))),
                 Err(RecvError::Lagged(missed)) => {
-                    return Some((Ok(Event::default().event("lagged").data(missed.to_string())), feed));
+                    return Some((Ok(Event::default().event("lagged").data(missed.to_string())), Some(feed)));
                 }
                 Err(RecvError::Closed) => return None,
             }

@@ -20,8 +20,11 @@ struct Export;
 
 impl kiln_guest::__private::IncomingHandler for Export {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        if request.path_with_query().as_deref() == Some("/big-response") {
+        let path = request.path_with_query();
+        if path.as_deref() == Some("/big-response") {
             stream_a_gibibyte(out);
+        } else if path.as_deref() == Some("/answer-then-spin") {
+            answer_then_spin(out);
         } else {
             kiln_guest::__private::serve::<Misbehave>(request, out);
         }
@@ -47,6 +50,27 @@ fn stream_a_gibibyte(out: ResponseOutparam) {
     }
     drop(stream);
     let _ = OutgoingBody::finish(body, None);
+}
+
+/// Answers at once and finishes the body, then keeps computing until the deadline stops it:
+/// the client is done, the sandbox is not.
+fn answer_then_spin(out: ResponseOutparam) {
+    let response = OutgoingResponse::new(Fields::new());
+    let Ok(body) = response.body() else { return };
+    ResponseOutparam::set(out, Ok(response));
+    if let Ok(stream) = body.write() {
+        let _ = stream.blocking_write_and_flush(b"answered");
+    }
+    let _ = OutgoingBody::finish(body, None);
+    let mut x: u64 = 0;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
+}
+
+/// The count in a `?N` query.
+fn count(query: &str) -> Result<usize, Error> {
+    query.parse().map_err(|_| Error::bad_request("?COUNT"))
 }
 
 impl Handler for Misbehave {
@@ -76,6 +100,52 @@ impl Handler for Misbehave {
                 Ok(Response::text(200, "printed"))
             }
             "/env" => Ok(Response::json(200, &std::env::vars().collect::<Vec<_>>())?),
+            "/headers" => {
+                let seen: Vec<(String, String)> = request
+                    .headers()
+                    .map(|(n, v)| (n.to_owned(), String::from_utf8_lossy(v).into_owned()))
+                    .collect();
+                Ok(Response::json(200, &seen)?)
+            }
+            "/print-flood" => loop {
+                println!();
+            },
+            // Each keeps everything it makes alive, as a guest hoarding host memory would.
+            "/nn/long-names" => {
+                let name = "n".repeat(1 << 20);
+                let kept: Vec<_> = (0..count(query)?).map(|_| graph::load_by_name(&name)).collect();
+                Ok(Response::text(200, format!("{} loads", kept.len())))
+            }
+            "/nn/many-dims" => {
+                let dims = vec![1u32; 1 << 20];
+                let kept: Vec<_> = (0..count(query)?)
+                    .map(|_| tensor::Tensor::new(&dims, tensor::TensorType::Fp32, &[0; 4]))
+                    .collect();
+                Ok(Response::text(200, format!("{} tensors", kept.len())))
+            }
+            "/nn/contexts" => {
+                let graph = graph::load_by_name("digits").map_err(|e| Error::bad_request(e.data()))?;
+                let kept: Vec<_> = (0..count(query)?).map(|_| graph.init_execution_context()).collect();
+                let made = kept.iter().filter(|c| c.is_ok()).count();
+                Ok(Response::text(200, format!("{made} contexts")))
+            }
+            "/nn/outputs" => {
+                let graph = graph::load_by_name("digits").map_err(|e| Error::bad_request(e.data()))?;
+                let ctx = graph.init_execution_context().map_err(|e| Error::bad_request(e.data()))?;
+                let mut kept = Vec::new();
+                let mut last = String::new();
+                for _ in 0..count(query)? {
+                    let input = tensor::Tensor::new(&[1, 1, 8, 8], tensor::TensorType::Fp32, &[0; 256]);
+                    match ctx.compute(vec![("image".to_owned(), input)]) {
+                        Ok(outputs) => kept.push(outputs),
+                        Err(e) => {
+                            last = e.data();
+                            break;
+                        }
+                    }
+                }
+                Ok(Response::json(200, &json!({ "kept": kept.len(), "error": last }))?)
+            }
             "/outgoing" => Ok(Response::text(200, outgoing_request())),
             "/sleep" => {
                 // Idle, not busy: holds a request slot without using the CPU.
@@ -108,6 +178,7 @@ impl Handler for Misbehave {
             )),
             "/nn/load" => Ok(report(graph::load_by_name(query).map(|_| ()))),
             "/nn/compute" => Ok(report(compute_case(query))),
+            _ if route.starts_with("/path") => Ok(Response::text(200, path.clone())),
             _ => Err(Error::with_status(404, format!("no route {route}"))),
         }
     }
