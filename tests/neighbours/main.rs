@@ -37,7 +37,7 @@ outputs = [{{ name = "last_hidden_state", ragged_dim = 1 }}]
             )
             .replace(
                 "memory_limit_mib = 32, deadline_ms = 1000 }",
-                "memory_limit_mib = 32, deadline_ms = 400, max_compute_bytes = 4194304 }",
+                "memory_limit_mib = 32, deadline_ms = 400, max_compute_bytes = 4194304, max_response_bytes = 1048576 }",
             );
         assert!(config.contains("minilm-checked\"]"), "the attacker's models were not set:\n{config}");
         match Server::start(&config, &["demo", "mallory"]) {
@@ -288,4 +288,50 @@ async fn a_guest_flooding_its_output_writes_at_most_its_budget_to_the_log() {
     let written = guest_lines() - before;
     assert!((2..=101).contains(&written), "the flood wrote {written} log lines");
     assert!(server().log_text().contains("log output truncated"), "no truncation notice");
+}
+
+/// Item 6: rows per request are capped, and the attacker's OIP answers are held to its `max_response_bytes` (1 MiB): an answer
+/// sure to be over is refused up front, JSON is streamed and cut off where it passes the limit,
+/// and one under the limit streams whole and equals what another tenant gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oip_answers_stream_within_the_tenant_s_response_limit() {
+    let _turn = turn().await;
+    let url = server().url("/v2/models/minilm/infer");
+    let rows = |n: usize, len: usize| -> Vec<Vec<i64>> { (0..n).map(|r| (0..len).map(|i| 1000 + (r + i) as i64).collect()).collect() };
+    // 32 x 128 x 384 floats: at least 3 MB as JSON, 6 MB as binary.
+    let mut binary = minilm_request(&rows(32, 128));
+    binary["parameters"] = json!({ "binary_data_output": true });
+    for body in [minilm_request(&rows(32, 128)), binary] {
+        let (status, answer) = json_of(server().client("mallory").post(&url).json(&body).send().await.expect("post")).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| e.contains("max_response_bytes")), "{answer}");
+    }
+    // 2 x 100 x 384 floats: about 1.5 MB of JSON, more than the lower bound says.
+    let response = server().client("mallory").post(&url).json(&minilm_request(&rows(2, 100))).send().await.expect("post");
+    assert_eq!(response.status().as_u16(), 200, "the start of the stream");
+    let mut received = 0usize;
+    let mut stream = response;
+    let cut = loop {
+        match stream.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(cut && received <= 1 << 20, "cut: {cut}, received {received} bytes");
+    // 1 x 100 x 384 floats: well under; the same numbers the other tenant gets.
+    let one = minilm_request(&rows(1, 100));
+    let (status, mine) = json_of(server().client("mallory").post(&url).json(&one).send().await.expect("post")).await;
+    assert_eq!(status, 200, "{mine}");
+    let (status, theirs) = json_of(server().client("demo").post(&url).json(&one).send().await.expect("post")).await;
+    assert_eq!(status, 200);
+    assert_eq!(mine["outputs"][0]["shape"], json!([1, 100, 384]));
+    assert_eq!(mine["outputs"][0]["data"].as_array().map(Vec::len), Some(38_400));
+    assert_eq!(mine, theirs, "the streamed JSON is the same document");
+
+    // Rows per request are capped (at max_batch_size by default, 64 for MiniLM here): no caller
+    // makes a forward pass of its own size.
+    let (status, answer) = json_of(server().client("mallory").post(&url).json(&minilm_request(&rows(65, 4))).send().await.expect("post")).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().is_some_and(|e| e.contains("limit of 64 rows per request")), "{answer}");
 }

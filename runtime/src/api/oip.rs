@@ -200,7 +200,7 @@ async fn infer_model(
         timeout: timeout_header(&headers)?,
     };
     let outputs = model.infer(arranged, options).await?;
-    encode_response(model, request.id, request.outputs, &request.parameters, outputs)
+    encode_response(model, request.id, request.outputs, &request.parameters, outputs, tenant.config.quota.limits.max_response_bytes)
 }
 
 /// Splits the body at `Inference-Header-Content-Length`, if the client sent one.
@@ -291,12 +291,22 @@ fn wants_binary(parameters: &Map<String, Value>, key: &str) -> bool {
     parameters.get(key).and_then(Value::as_bool).unwrap_or(false)
 }
 
+/// JSON output data is written this many elements at a time: a large answer streams instead of
+/// being built whole (as `serde_json::Value`s it would take several times the tensor's memory).
+const JSON_CHUNK_ELEMENTS: usize = 16_384;
+
+/// Every element takes at least this many bytes as JSON (a digit and a comma).
+const MIN_JSON_BYTES_PER_ELEMENT: u64 = 2;
+
+/// The answer, held to `limit` bytes (the tenant's `max_response_bytes`): refused up front when
+/// it is sure to be over, cut off (an aborted body) if streamed JSON passes it.
 fn encode_response(
     model: &ModelHandle,
     id: Option<String>,
     requested: Option<Vec<RequestOutput>>,
     parameters: &Map<String, Value>,
     outputs: Vec<HostTensor>,
+    limit: u64,
 ) -> Result<Response, ApiError> {
     let all_binary = wants_binary(parameters, "binary_data_output");
     let names = &model.config().outputs;
@@ -322,46 +332,140 @@ fn encode_response(
             })
             .collect::<Result<_, ApiError>>()?,
     };
-    let mut tail: Vec<u8> = Vec::new();
-    let mut described = Vec::with_capacity(selection.len());
-    for (at, binary) in selection {
-        let tensor = &outputs[at];
-        let mut out = json!({
-            "name": names[at].name,
-            "datatype": tensor.dtype.wire_name(),
-            "shape": tensor.shape,
-        });
-        if binary {
-            out["parameters"] = json!({ "binary_data_size": tensor.data.len() });
-            tail.extend_from_slice(&tensor.data);
-        } else {
-            out["data"] = Value::Array(tensor::json::decode(tensor.dtype, &tensor.data));
-        }
-        described.push(out);
+    let at_least: u64 = selection
+        .iter()
+        .map(|&(at, binary)| {
+            let t = &outputs[at];
+            if binary { t.data.len() as u64 } else { (t.data.len() / t.dtype.size()) as u64 * MIN_JSON_BYTES_PER_ELEMENT }
+        })
+        .sum();
+    if at_least > limit {
+        return Err(ApiError::BadRequest(format!(
+            "the answer would be at least {at_least} bytes, over the limit of {limit} bytes (max_response_bytes): \
+             send fewer rows per request"
+        )));
     }
     let mut document = json!({
         "model_name": model.name(),
         "model_version": VERSION,
-        "outputs": described,
+        "outputs": [],
     });
     if let Some(id) = id {
         document["id"] = Value::String(id);
     }
-    if tail.is_empty() {
-        return Ok(json_response(StatusCode::OK, &document));
+    let describe = |at: usize, tensor: &HostTensor| {
+        json!({ "name": names[at].name, "datatype": tensor.dtype.wire_name(), "shape": tensor.shape })
+    };
+    if selection.iter().any(|&(_, binary)| binary) {
+        // The binary extension needs the JSON part's length up front: built whole, then capped.
+        let mut tail: Vec<u8> = Vec::new();
+        let mut described = Vec::with_capacity(selection.len());
+        for &(at, binary) in &selection {
+            let tensor = &outputs[at];
+            let mut out = describe(at, tensor);
+            if binary {
+                out["parameters"] = json!({ "binary_data_size": tensor.data.len() });
+                tail.extend_from_slice(&tensor.data);
+            } else {
+                out["data"] = Value::Array(tensor::json::decode(tensor.dtype, &tensor.data));
+            }
+            described.push(out);
+        }
+        document["outputs"] = Value::Array(described);
+        let mut body = document.to_string().into_bytes();
+        let header_len = body.len();
+        if (header_len + tail.len()) as u64 > limit {
+            return Err(ApiError::BadRequest(format!(
+                "the answer would be {} bytes, over the limit of {limit} bytes (max_response_bytes): \
+                 send fewer rows per request",
+                header_len + tail.len()
+            )));
+        }
+        body.extend_from_slice(&tail);
+        let mut response = Response::new(Body::from(body));
+        let headers = response.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        headers.insert(HEADER_LENGTH, HeaderValue::from(header_len));
+        return Ok(response);
     }
-    let header = document.to_string().into_bytes();
-    let header_len = header.len();
-    let mut body = header;
-    body.extend_from_slice(&tail);
-    let mut response = Response::new(Body::from(body));
-    let headers = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    headers.insert(HEADER_LENGTH, HeaderValue::from(header_len));
+    // All JSON: the document around the data arrays, then the numbers a chunk at a time.
+    let mut pieces: Vec<Piece> = Vec::new();
+    let text = document.to_string();
+    let (open, close) = text.split_once("\"outputs\":[]").unwrap_or((&text, "}"));
+    pieces.push(Piece::Text(format!("{open}\"outputs\":[")));
+    for (n, &(at, _)) in selection.iter().enumerate() {
+        let head = describe(at, &outputs[at]).to_string();
+        let head = head.strip_suffix('}').unwrap_or(&head);
+        let comma = if n == 0 { "" } else { "," };
+        pieces.push(Piece::Text(format!("{comma}{head},\"data\":[")));
+        pieces.push(Piece::Data(at));
+        pieces.push(Piece::Text("]}".to_owned()));
+    }
+    pieces.push(Piece::Text(format!("]{close}")));
+    let stream = JsonStream { pieces: pieces.into(), outputs, offset: 0, sent: 0, limit, model: model.name().to_owned() };
+    let body = Body::from_stream(futures::stream::unfold(stream, |mut s| async move { s.next_chunk().map(|c| (c, s)) }));
+    let mut response = Response::new(body);
+    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
+}
+
+/// Part of a streamed JSON answer: fixed text, or the data array of output `n`.
+enum Piece {
+    Text(String),
+    Data(usize),
+}
+
+struct JsonStream {
+    pieces: std::collections::VecDeque<Piece>,
+    outputs: Vec<HostTensor>,
+    /// Elements of the current data piece already written.
+    offset: usize,
+    sent: u64,
+    limit: u64,
+    model: String,
+}
+
+impl JsonStream {
+    /// The next chunk of the document; an error once it passes the limit (the client sees an
+    /// aborted body), `None` at the end.
+    fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        if self.sent > self.limit {
+            return None;
+        }
+        let chunk = match self.pieces.front()? {
+            Piece::Text(_) => match self.pieces.pop_front() {
+                Some(Piece::Text(text)) => text.into_bytes(),
+                _ => return None,
+            },
+            &Piece::Data(at) => {
+                let tensor = &self.outputs[at];
+                let size = tensor.dtype.size();
+                let count = tensor.data.len() / size;
+                let end = (self.offset + JSON_CHUNK_ELEMENTS).min(count);
+                let values = tensor::json::decode(tensor.dtype, &tensor.data[self.offset * size..end * size]);
+                let mut text = Vec::with_capacity(values.len() * 12);
+                for (i, v) in values.iter().enumerate() {
+                    if self.offset + i > 0 {
+                        text.push(b',');
+                    }
+                    // Writing a number to a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut text, v);
+                }
+                self.offset = end;
+                if end == count {
+                    self.pieces.pop_front();
+                    self.offset = 0;
+                }
+                text
+            }
+        };
+        self.sent += chunk.len() as u64;
+        if self.sent > self.limit {
+            tracing::warn!(model = %self.model, limit = self.limit, "OIP answer cut off at its limit of {} bytes", self.limit);
+            return Some(Err(std::io::Error::other(format!("the answer passed the limit of {} bytes", self.limit))));
+        }
+        Some(Ok(Bytes::from(chunk)))
+    }
 }
 
 #[cfg(test)]
