@@ -35,6 +35,8 @@ pub struct LoadSpec {
     pub concurrency: usize,
     /// Open loop at this many requests per second instead of a closed loop.
     pub rate: Option<f64>,
+    /// Open loop: requests due while this many are in flight are not sent (see `not_sent`).
+    pub max_in_flight: usize,
     pub duration: Option<Duration>,
     pub requests: Option<u64>,
     pub progress: bool,
@@ -47,7 +49,10 @@ pub struct Report {
     pub mode: String,
     pub requests: u64,
     pub ok: u64,
-    /// Non-2xx answers by status, and `transport` for failed connections.
+    /// Open loop: requests that were due while `max_in_flight` were outstanding, not sent.
+    pub not_sent: u64,
+    /// Non-2xx answers by status; `connect` for connections refused or failed, `transport` for
+    /// connections that failed after the request went out.
     pub errors: BTreeMap<String, u64>,
     pub seconds: f64,
     pub throughput_rps: f64,
@@ -86,6 +91,7 @@ struct Shared {
 struct Tally {
     latencies_us: Vec<u64>,
     ok: u64,
+    not_sent: u64,
     errors: BTreeMap<String, u64>,
 }
 
@@ -93,6 +99,7 @@ impl Tally {
     fn merge(&mut self, other: Tally) {
         self.latencies_us.extend(other.latencies_us);
         self.ok += other.ok;
+        self.not_sent += other.not_sent;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -146,7 +153,10 @@ impl Shared {
                     *tally.errors.entry(status.as_u16().to_string()).or_default() += 1;
                 }
             }
-            Err(_) => *tally.errors.entry("transport".into()).or_default() += 1,
+            Err(e) => {
+                let kind = if e.is_connect() { "connect" } else { "transport" };
+                *tally.errors.entry(kind.into()).or_default() += 1;
+            }
         }
         self.progress.inc(1);
     }
@@ -225,6 +235,16 @@ async fn open_loop(shared: &Arc<Shared>, started: Instant, rate: f64) -> anyhow:
     let mut next = started;
     while shared.claim(started) {
         tokio::time::sleep_until(next.into()).await;
+        if tasks.len() >= shared.spec.max_in_flight.max(1) {
+            total.not_sent += 1;
+            next += interval;
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(t) = done {
+                    total.merge(t);
+                }
+            }
+            continue;
+        }
         let shared = Arc::clone(shared);
         let scheduled = next;
         tasks.spawn(async move {
@@ -310,6 +330,7 @@ fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Value>
         },
         requests,
         ok: tally.ok,
+        not_sent: tally.not_sent,
         errors: tally.errors,
         seconds,
         throughput_rps: tally.ok as f64 / seconds.max(1e-9),
@@ -324,6 +345,9 @@ impl std::fmt::Display for Report {
         writeln!(f, "mode        {}", self.mode)?;
         writeln!(f, "requests    {} in {:.2} s ({} ok)", self.requests, self.seconds, self.ok)?;
         writeln!(f, "throughput  {:.1} req/s", self.throughput_rps)?;
+        if self.not_sent > 0 {
+            writeln!(f, "not sent    {} (due while the in-flight cap was reached)", self.not_sent)?;
+        }
         let l = &self.latency_ms;
         writeln!(
             f,

@@ -247,6 +247,10 @@ struct BenchArgs {
     /// Requests per second (open loop) instead of a closed loop.
     #[arg(long)]
     rate: Option<f64>,
+    /// With --rate: the most requests in flight at once; a request due while this many are
+    /// outstanding is not sent (and counted), so the client cannot run out of sockets first.
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
     /// How long to run, like 10s, 500ms or 2m.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<std::time::Duration>,
@@ -448,6 +452,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         headers,
         concurrency: args.concurrency,
         rate: args.rate,
+        max_in_flight: args.max_in_flight,
         duration: args
             .duration
             .or(if args.requests.is_none() { Some(std::time::Duration::from_secs(10)) } else { None }),
