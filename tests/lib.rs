@@ -296,6 +296,20 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The audit log once some line satisfies `want`, or as it is after 5 s: a thread of its own
+    /// writes it, a moment after the request that caused a line has been answered.
+    pub fn audit_log_with(&self, want: impl Fn(&str) -> bool) -> String {
+        let path = self.dir.path.join("state/audit.log");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().any(&want) || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything the server logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

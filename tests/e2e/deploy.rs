@@ -43,9 +43,6 @@ async fn call(tenant: &str, name: &str, body: &'static str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.expect("body"))
 }
 
-fn audit_log() -> String {
-    std::fs::read_to_string(server().dir.path.join("state/audit.log")).unwrap_or_default()
-}
 
 #[tokio::test]
 async fn a_deployed_handler_serves_is_listed_replaced_and_deleted() {
@@ -81,12 +78,10 @@ async fn a_deployed_handler_serves_is_listed_replaced_and_deleted() {
     let (status, body) = delete().await;
     assert_eq!(status, 404, "{body}");
 
-    let audit = audit_log();
     for needle in ["\"event\":\"deploy\"", "\"event\":\"delete\""] {
-        assert!(
-            audit.lines().any(|l| l.contains(needle) && l.contains("\"handler\":\"greet-1\"") && l.contains("\"tenant\":\"demo\"")),
-            "{needle} not in the audit log:\n{audit}"
-        );
+        let audited = |l: &str| l.contains(needle) && l.contains("\"handler\":\"greet-1\"") && l.contains("\"tenant\":\"demo\"");
+        let audit = server().audit_log_with(audited);
+        assert!(audit.lines().any(audited), "{needle} not in the audit log:\n{audit}");
     }
 }
 
@@ -116,7 +111,8 @@ async fn deploy_refuses_what_cannot_be_a_handler_naming_the_problem() {
     let (_, body) = put("bad-4", "tenant=demo", wasm("forbidden"), None).await;
     let error = body["error"].as_str().unwrap_or_default();
     assert!(error.contains("wasi:filesystem/") && error.contains("wasi:sockets/"), "{error}");
-    assert!(audit_log().lines().any(|l| l.contains("deploy_refused") && l.contains("\"handler\":\"bad-4\"")));
+    let refused = |l: &str| l.contains("deploy_refused") && l.contains("\"handler\":\"bad-4\"");
+    assert!(server().audit_log_with(refused).lines().any(refused));
 
     // Only the admin key deploys.
     let request = |client: reqwest::Client| {

@@ -352,12 +352,10 @@ async fn every_attack_is_contained_while_the_other_tenant_is_served() {
         assert_eq!(h.await.expect("holder"), 200);
     }
     assert_eq!(sleeper(narrow, server.url("/v1/handlers/narrow/sleep?1")).await, 200, "slots come back");
-    let audit = std::fs::read_to_string(server.dir.path.join("state/audit.log")).expect("audit");
     for tenant in ["burst", "narrow"] {
-        assert!(
-            audit.lines().any(|l| l.contains("quota_refused") && l.contains(&format!("\"tenant\":\"{tenant}\""))),
-            "{tenant} refusal not audited:\n{audit}"
-        );
+        let refused = |l: &str| l.contains("quota_refused") && l.contains(&format!("\"tenant\":\"{tenant}\""));
+        let audit = server.audit_log_with(refused);
+        assert!(audit.lines().any(refused), "{tenant} refusal not audited:\n{audit}");
     }
 
     // Afterwards both tenants are served.

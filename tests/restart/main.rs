@@ -297,8 +297,9 @@ async fn a_signed_deployment_is_checked_again_at_start_against_the_current_key()
     restart(&server);
     assert_eq!(answer(&server, "rotating").await.0, 404, "signed by the old key: out of service");
     assert!(server.log_text().contains("does not verify against the tenant's current signing_key"));
-    let audit = std::fs::read_to_string(server.dir.path.join("state/audit.log")).expect("audit");
-    assert!(audit.lines().any(|l| l.contains("deploy_refused") && l.contains("rotating")), "{audit}");
+    let refused = |l: &str| l.contains("deploy_refused") && l.contains("rotating");
+    let audit = server.audit_log_with(refused);
+    assert!(audit.lines().any(refused), "{audit}");
     let manifests = std::fs::read_dir(server.dir.path.join("state/handlers")).expect("handlers").count();
     assert_eq!(manifests, 1, "the refused deployment is kept for the operator");
 }
