@@ -303,3 +303,33 @@ async fn a_signed_deployment_is_checked_again_at_start_against_the_current_key()
     let manifests = std::fs::read_dir(server.dir.path.join("state/handlers")).expect("handlers").count();
     assert_eq!(manifests, 1, "the refused deployment is kept for the operator");
 }
+
+/// A full sandbox pool is 503 with Retry-After, not a 500: here a pool of two, both taken by
+/// one tenant's sleeping guests (its share is the whole pool), and another tenant calling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_is_503_with_retry_after() {
+    let config = kiln_tests::examples_config("max_instances = 2", &[], "").replace(
+        "memory_limit_mib = 32, deadline_ms = 1000 }",
+        "memory_limit_mib = 32, deadline_ms = 1000, max_instances = 2 }",
+    );
+    let server = Server::start(&config, &["demo", "mallory"]).expect("server");
+    let sleepers: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url) = (server.client("mallory"), server.url("/v1/handlers/misbehave/sleep?700"));
+            tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let png = std::fs::read(artifact("build/holdout/digits/0000_9.png")).expect("png");
+    let response = server.client("demo").post(server.url("/v1/handlers/digits/")).body(png.clone()).send().await.expect("post");
+    let (status, retry) = (response.status().as_u16(), response.headers().get("retry-after").cloned());
+    let body = response.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry.as_ref().and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(body.contains("no sandbox is free"), "{body}");
+    for s in sleepers {
+        assert_eq!(s.await.expect("task").expect("sleeper"), 200);
+    }
+    let again = server.client("demo").post(server.url("/v1/handlers/digits/")).body(png).send().await.expect("post");
+    assert_eq!(again.status().as_u16(), 200, "slots come back");
+}
