@@ -335,6 +335,19 @@ pub fn bearer_client(key: &str) -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// Reads a response body to its end: the bytes received, and whether it ended in an error (a
+/// body cut off at a limit) rather than looking complete.
+pub async fn read_until_cut(mut response: reqwest::Response) -> (usize, bool) {
+    let mut received = 0usize;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) => return (received, false),
+            Err(_) => return (received, true),
+        }
+    }
+}
+
 /// The status of a plain GET, or `None` if the server does not answer (yet).
 fn http_status(addr: &str, path: &str) -> Option<u16> {
     use std::io::Read as _;

@@ -136,11 +136,7 @@ fn bounded(name: &str) -> String {
     if name.len() <= MAX_NAME {
         return name.to_owned();
     }
-    let mut end = MAX_NAME;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &name[..end])
+    format!("{}...", &name[..name.floor_char_boundary(MAX_NAME)])
 }
 
 /// The writer thread's state: the file, and this second's flood counts.

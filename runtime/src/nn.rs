@@ -211,11 +211,7 @@ fn tensor_cost(tensor: &HostTensor) -> u64 {
 
 /// At most `max` bytes of `text`, cut at a character boundary, for messages and logs.
 fn truncated(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
+    &text[..text.floor_char_boundary(max)]
 }
 
 fn dtype(ty: tensor::TensorType) -> DType {

@@ -144,11 +144,7 @@ impl Telemetry {
     pub fn record_trap(&self, handler: &str, tenant: &str, kind: &'static str, mut message: String) {
         // Part of it may come from the guest: kept short, so events stay small.
         if message.len() > MAX_MESSAGE {
-            let mut end = MAX_MESSAGE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
+            message.truncate(message.floor_char_boundary(MAX_MESSAGE));
             message.push('…');
         }
         *self.traps.lock().unwrap_or_else(PoisonError::into_inner).entry(kind).or_default() += 1;

@@ -268,15 +268,7 @@ async fn attack_round(attack: &Attack<'_>, traffic: &Traffic) {
         .send()
         .await
         .expect("big response");
-    let mut received = 0usize;
-    let mut stream = response;
-    let cut = loop {
-        match stream.chunk().await {
-            Ok(Some(chunk)) => received += chunk.len(),
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let (received, cut) = kiln_tests::read_until_cut(response).await;
     assert!(cut, "the body must end in an error, not look complete ({received} bytes)");
     assert!(received <= 1 << 20, "received {received} bytes past the 1 MiB limit");
     attack.logged("big-response", &["tenant=mallory", "cut off at its limit of 1048576 bytes"]).await;

@@ -309,15 +309,7 @@ async fn oip_answers_stream_within_the_tenant_s_response_limit() {
     // 2 x 100 x 384 floats: about 1.5 MB of JSON, more than the lower bound says.
     let response = server().client("mallory").post(&url).json(&minilm_request(&rows(2, 100))).send().await.expect("post");
     assert_eq!(response.status().as_u16(), 200, "the start of the stream");
-    let mut received = 0usize;
-    let mut stream = response;
-    let cut = loop {
-        match stream.chunk().await {
-            Ok(Some(chunk)) => received += chunk.len(),
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let (received, cut) = kiln_tests::read_until_cut(response).await;
     assert!(cut && received <= 1 << 20, "cut: {cut}, received {received} bytes");
     // 1 x 100 x 384 floats: well under; the same numbers the other tenant gets.
     let one = minilm_request(&rows(1, 100));
