@@ -33,58 +33,31 @@ impl From<NnError> for Error {
     }
 }
 
-/// Element types of a [`Tensor`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    /// IEEE half precision.
-    F16,
-    /// IEEE single precision.
-    F32,
-    /// IEEE double precision.
-    F64,
-    /// bfloat16.
-    BF16,
-    /// Unsigned byte.
-    U8,
-    /// 32-bit signed integer.
-    I32,
-    /// 64-bit signed integer.
-    I64,
+/// Element types of a [`Tensor`]: the same type the server uses, so names and sizes agree.
+pub use kiln_wire::DType;
+
+/// wasi:nn's name for `dtype`.
+fn nn_type(dtype: DType) -> TensorType {
+    match dtype {
+        DType::F16 => TensorType::Fp16,
+        DType::F32 => TensorType::Fp32,
+        DType::F64 => TensorType::Fp64,
+        DType::BF16 => TensorType::Bf16,
+        DType::U8 => TensorType::U8,
+        DType::I32 => TensorType::I32,
+        DType::I64 => TensorType::I64,
+    }
 }
 
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::U8 => 1,
-            DType::F16 | DType::BF16 => 2,
-            DType::F32 | DType::I32 => 4,
-            DType::F64 | DType::I64 => 8,
-        }
-    }
-
-    fn wire(self) -> TensorType {
-        match self {
-            DType::F16 => TensorType::Fp16,
-            DType::F32 => TensorType::Fp32,
-            DType::F64 => TensorType::Fp64,
-            DType::BF16 => TensorType::Bf16,
-            DType::U8 => TensorType::U8,
-            DType::I32 => TensorType::I32,
-            DType::I64 => TensorType::I64,
-        }
-    }
-
-    fn from_wire(ty: TensorType) -> DType {
-        match ty {
-            TensorType::Fp16 => DType::F16,
-            TensorType::Fp32 => DType::F32,
-            TensorType::Fp64 => DType::F64,
-            TensorType::Bf16 => DType::BF16,
-            TensorType::U8 => DType::U8,
-            TensorType::I32 => DType::I32,
-            TensorType::I64 => DType::I64,
-        }
+fn from_nn_type(ty: TensorType) -> DType {
+    match ty {
+        TensorType::Fp16 => DType::F16,
+        TensorType::Fp32 => DType::F32,
+        TensorType::Fp64 => DType::F64,
+        TensorType::Bf16 => DType::BF16,
+        TensorType::U8 => DType::U8,
+        TensorType::I32 => DType::I32,
+        TensorType::I64 => DType::I64,
     }
 }
 
@@ -223,7 +196,7 @@ impl Model {
             .map(|(name, t)| {
                 (
                     (*name).to_owned(),
-                    NnTensor::new(&t.shape, t.dtype.wire(), &t.data),
+                    NnTensor::new(&t.shape, nn_type(t.dtype), &t.data),
                 )
             })
             .collect();
@@ -234,7 +207,7 @@ impl Model {
                 .map(|(name, t)| {
                     let tensor = Tensor {
                         shape: t.dimensions(),
-                        dtype: DType::from_wire(t.ty()),
+                        dtype: from_nn_type(t.ty()),
                         data: t.data(),
                     };
                     (name, tensor)

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln::config::{Config, Device, DeviceChoice};
+use kiln::config::Config;
+use kiln::model::device::Device;
+use kiln::model::spec::DeviceChoice;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -331,7 +333,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(kiln::server::serve(&config, listen, admin_listen, shutdown_signal()))
         }
         Command::Tenant { command } => {
-            use kiln::keys::Principal;
+            use kiln::tenancy::keys::Principal;
             match command {
                 KeyCommand::AddKey { name, config } => {
                     kiln::cli::add_key(&load(config)?, &Principal::Tenant(name))
@@ -345,7 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Admin { command } => {
-            use kiln::keys::Principal;
+            use kiln::tenancy::keys::Principal;
             match command {
                 AdminKeyCommand::AddKey { config } => kiln::cli::add_key(&load(config)?, &Principal::Admin),
                 AdminKeyCommand::Keys { config } => kiln::cli::list_keys(&load(config)?, &Principal::Admin),
@@ -357,7 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices { config, json } => {
             let gpus = match config {
                 Some(file) => Config::load(&file)?.gpus,
-                None => kiln::config::GpuConfig {
+                None => kiln::fleet::gpu::GpuConfig {
                     poll_interval: std::time::Duration::from_secs(1),
                     simulated: Vec::new(),
                 },
@@ -390,13 +392,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(0),
                     DeviceChoice::Auto => Device::Cpu,
                 },
-                Some("cpu") => Device::Cpu,
-                Some(d) => match d.strip_prefix("cuda:").map(str::parse) {
-                    Some(Ok(n)) => Device::Cuda(n),
-                    _ => anyhow::bail!("--device {d}: use cpu or cuda:N"),
-                },
+                Some(d) => d.parse::<Device>().map_err(|e| anyhow::anyhow!("--device: {e}"))?,
             };
-            let rows = kiln::bench::raw(model, device, &batch_sizes, dim, seconds)?;
+            let rows = kiln::cli::bench::raw(model, device, &batch_sizes, dim, seconds)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -424,7 +422,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (_, _, Some(u)) => format!("{server}/{}", u.trim_start_matches('/')),
         _ => anyhow::bail!("say what to load: --handler NAME, --model NAME or --url URL"),
     };
-    let body = kiln::bench::read_body(&args.body)?;
+    let body = kiln::cli::bench::read_body(&args.body)?;
     let method = match &args.method {
         Some(m) => m.to_uppercase().parse()?,
         None if args.body.is_some() => http::Method::POST,
@@ -442,7 +440,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(key) = &args.key {
         headers.push(("authorization".to_owned(), format!("Bearer {}", key.trim())));
     }
-    let spec = kiln::bench::LoadSpec {
+    let spec = kiln::cli::bench::LoadSpec {
         url,
         server,
         admin_key: args.admin_key.clone(),
@@ -460,7 +458,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let report = runtime.block_on(kiln::bench::run(spec))?;
+    let report = runtime.block_on(kiln::cli::bench::run(spec))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

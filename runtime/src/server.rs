@@ -12,18 +12,18 @@ use anyhow::Context as _;
 use axum::serve::{Listener as _, ListenerExt as _};
 use tokio::net::TcpListener;
 
-use crate::api::admin::{AdminState, allowed_models};
 use crate::api::{self, AppState};
-use crate::audit::{Audit, Event};
+use crate::tenancy::audit::Audit;
 use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
-use crate::executor::ModelHandle;
-use crate::gpu::Gpus;
-use crate::placement::Placer;
-use crate::scaler::{self, DecisionLog};
+use crate::fleet::gpu::Gpus;
+use crate::fleet::start_model;
+use crate::fleet::placement::Placer;
+use crate::fleet::scaler::{self, DecisionLog};
 use crate::telemetry::{EventLog, Telemetry};
-use crate::keys::{self, KeyRing, Principal};
-use crate::sandbox::{ComponentError, Origin, Sandbox};
-use crate::state::Store;
+use crate::tenancy::keys::{self, KeyRing, Principal};
+use crate::sandbox::Sandbox;
+use crate::deploy::registry::{Handlers, Registry};
+use crate::deploy::store::Store;
 use crate::tenancy::Tenant;
 
 /// Events kept for followers of `/v1/events` that connect later.
@@ -42,14 +42,14 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let events = Arc::new(EventLog::new(EVENT_HISTORY));
     let mut models = HashMap::new();
     for model in &config.models {
-        let handle = ModelHandle::spawn(model.clone(), placer.clone(), Arc::clone(&events)).map_err(|e| {
+        let handle = start_model(model, &placer, Arc::clone(&events)).map_err(|e| {
             anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
         })?;
         models.insert(model.name.clone(), handle);
     }
     let decisions = Arc::new(DecisionLog::new(config.scaler.history, Arc::clone(&events)));
-    let telemetry = Arc::new(Telemetry::new(events));
-    scaler::spawn(models.values().cloned().collect(), &config.scaler, Arc::clone(&decisions))
+    let telemetry = Arc::new(Telemetry::new(Arc::clone(&events)));
+    scaler::spawn(models.values().cloned().collect(), placer.clone(), &config.scaler, Arc::clone(&decisions))
         .context("cannot start the scaler")?;
     let tenants: HashMap<String, Arc<Tenant>> = config
         .tenants
@@ -72,152 +72,29 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let sandbox = Sandbox::new(config.server.max_instances, max_memory, metered)
         .map_err(|e| anyhow::anyhow!("cannot create the sandbox engine: {e}"))?;
 
-    let audit = Audit::open(state_dir);
-    // Every component is compiled up front, several at once: the engine compiles each one on a
-    // single core.
-    let deployed = store
-        .load_all()
-        .with_context(|| format!("cannot read deployed handlers in {}", state_dir.display()))?;
-    let mut config_sources = Vec::with_capacity(config.handlers.len());
-    for handler in &config.handlers {
-        let bytes = std::fs::read(&handler.component).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: handler '{}': cannot read component {}: {e}",
-                config.source.display(),
-                handler.name,
-                handler.component.display()
-            )
-        })?;
-        config_sources.push(bytes);
-    }
-    let sources: Vec<&[u8]> = config_sources
-        .iter()
-        .chain(deployed.iter().map(|(_, bytes)| bytes))
-        .map(Vec::as_slice)
-        .collect();
-    let started = std::time::Instant::now();
-    let mut compiled = compile_all(&sandbox, &sources).into_iter();
-    tracing::info!(
-        components = config.handlers.len() + deployed.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "handlers compiled"
-    );
+    let audit = Arc::new(Audit::open(state_dir));
+    let activity = Arc::clone(sandbox.activity());
+    let restore = Handlers { source: &config.source, handlers: &config.handlers, tenants: &config.tenants };
+    let registry = Registry::restore(&restore, sandbox, store, models.clone(), Arc::clone(&audit), Arc::clone(&events))?;
 
-    let mut handlers = HashMap::new();
-    for (handler, component) in config.handlers.iter().zip(compiled.by_ref()) {
-        let loaded = component
-            .and_then(|c| {
-                sandbox.handler(handler, &c, allowed_models(&models, &handler.models), Origin::Config)
-            })
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: handler '{}': component {}: {e}",
-                    config.source.display(),
-                    handler.name,
-                    handler.component.display()
-                )
-            })?;
-        handlers.insert(handler.name.clone(), Arc::new(loaded));
-    }
-    for ((deployment, _), component) in deployed.into_iter().zip(compiled) {
-        let name = deployment.name.clone();
-        let loaded = (|| -> Result<_, String> {
-            if handlers.contains_key(&name) {
-                return Err("the config file now defines a handler of this name".to_owned());
-            }
-            let tenant = config
-                .tenant(&deployment.tenant)
-                .ok_or_else(|| format!("tenant '{}' is no longer in the config", deployment.tenant))?;
-            if let Some(public) = &tenant.signing_key
-                && !deployment.verifies(public)
-            {
-                // The tenant's key changed (or was added) since the deploy: the operator must
-                // deploy a component signed by the current key. The files stay for inspection.
-                let reason = "its signature does not verify against the tenant's current signing_key; kept out of \
-                              service until it is deployed again, signed by that key";
-                audit.record(Event::DeployRefused, Some(&deployment.tenant), Some(&name), reason);
-                return Err(reason.to_owned());
-            }
-            let handler = deployment
-                .settings
-                .resolve(&name, tenant, store.dir().join("blobs"))
-                .map_err(|(field, message)| format!("{field}: {message}"))?;
-            let component = component.map_err(|e| e.to_string())?;
-            let origin = Origin::Deployed {
-                sha256: deployment.sha256.clone(),
-                deployed_at: deployment.deployed_at,
-                signed: deployment.signed,
-            };
-            sandbox
-                .handler(&handler, &component, allowed_models(&models, &handler.models), origin)
-                .map_err(|e| e.to_string())
-        })();
-        match loaded {
-            Ok(handler) => {
-                tracing::info!(handler = %name, tenant = %deployment.tenant, "deployed handler loaded");
-                handlers.insert(name, Arc::new(handler));
-            }
-            Err(e) => tracing::error!(handler = %name, "deployed handler not loaded: {e}"),
-        }
-    }
-
-    let mut models_for_metrics: Vec<ModelHandle> = models.values().cloned().collect();
+    let mut models_for_metrics: Vec<_> = models.values().cloned().collect();
     models_for_metrics.sort_by(|a, b| a.name().cmp(b.name()));
     Ok(AppState {
-        handlers: RwLock::new(handlers),
+        registry,
         models,
         tenants,
         keys: RwLock::new(Arc::new(keys)),
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
         audit,
-        metrics: api::metrics::registry(&models_for_metrics, &gpus, &decisions, &telemetry),
+        metrics: api::metrics::registry(&models_for_metrics, &gpus, &decisions, &telemetry, &activity),
         gpus,
         decisions,
         telemetry,
         started: std::time::Instant::now(),
         draining: std::sync::atomic::AtomicBool::new(false),
-        admin: AdminState {
-            sandbox,
-            store,
-            config_handlers: config.handlers.iter().map(|h| h.name.clone()).collect(),
-            lock: tokio::sync::Mutex::new(()),
-            max_component_bytes: config.server.max_component_bytes,
-        },
+        max_component_bytes: config.server.max_component_bytes,
     })
-}
-
-/// Checks and compiles every component, as many at once as there are cores; results in order.
-fn compile_all(
-    sandbox: &Sandbox,
-    sources: &[&[u8]],
-) -> Vec<Result<wasmtime::component::Component, ComponentError>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(sources.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<_>>> = sources.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(bytes) = sources.get(i) else { break };
-                    let result = sandbox.check_component(bytes);
-                    if let Ok(mut slot) = results[i].lock() {
-                        *slot = Some(result);
-                    }
-                }
-            });
-        }
-    });
-    results
-        .into_iter()
-        .map(|slot| {
-            slot.into_inner()
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| Err(ComponentError::Invalid("the compiler thread failed".to_owned())))
-        })
-        .collect()
 }
 
 fn load_keys(state_dir: &Path, config: &Config) -> KeyRing {
@@ -249,7 +126,7 @@ fn report_keys(keys: &KeyRing, config: &Config) {
 fn key_files_fingerprint(state_dir: &Path, config: &Config) -> Vec<Option<String>> {
     std::iter::once(Principal::Admin)
         .chain(config.tenants.iter().map(|t| Principal::Tenant(t.name.clone())))
-        .map(|p| std::fs::read(keys::keys_file(state_dir, &p)).ok().map(|bytes| crate::state::sha256_hex(&bytes)))
+        .map(|p| std::fs::read(keys::keys_file(state_dir, &p)).ok().map(|bytes| crate::files::sha256_hex(&bytes)))
         .collect()
 }
 
@@ -287,7 +164,7 @@ pub async fn serve(
         tracing::warn!("the admin API listens on {admin_local}, which is not a loopback address");
     }
     watch_keys(Arc::clone(&state), config.clone());
-    let handler_count = api::read(&state.handlers).len();
+    let handler_count = state.registry.list().len();
     tracing::info!(
         "listening on http://{local} ({} models, {} tenants, {handler_count} handlers); admin API on http://{admin_local}",
         state.models.len(),

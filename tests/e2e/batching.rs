@@ -51,12 +51,9 @@ async fn counters(model: &str) -> (u64, u64) {
     let (status, stats) =
         json_of(server().admin_client().get(server().url("/v1/stats")).send().await.expect("stats")).await;
     assert_eq!(status, 200, "{stats}");
-    let m = stats["models"]
-        .as_array()
-        .and_then(|ms| ms.iter().find(|m| m["name"] == model))
-        .unwrap_or_else(|| panic!("{model} not in {stats}"))
-        .clone();
-    (m["inferences"].as_u64().expect("inferences"), m["executions"].as_u64().expect("executions"))
+    let stats: kiln_wire::Stats = serde_json::from_value(stats).expect("stats");
+    let m = stats.models.iter().find(|m| m.name == model).unwrap_or_else(|| panic!("{model} not in {stats:?}"));
+    (m.inferences, m.executions)
 }
 
 #[tokio::test]

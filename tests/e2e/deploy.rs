@@ -60,8 +60,12 @@ async fn a_deployed_handler_serves_is_listed_replaced_and_deleted() {
 
     let (status, list) = json_of(server().admin_client().get(server().admin_url("/v1/handlers")).send().await.expect("list")).await;
     assert_eq!(status, 200);
-    let names: Vec<&str> = list["handlers"].as_array().expect("list").iter().filter_map(|h| h["name"].as_str()).collect();
+    let list: kiln_wire::HandlerList = serde_json::from_value(list).expect("a handler list");
+    let names: Vec<&str> = list.handlers.iter().map(|h| h.name.as_str()).collect();
     assert!(names.contains(&"greet-1") && names.contains(&"digits"), "{names:?}");
+    let deployed = list.handlers.iter().find(|h| h.name == "greet-1").expect("greet-1");
+    assert_eq!((deployed.origin, deployed.tenant.as_str()), (kiln_wire::HandlerOrigin::Deployed, "demo"));
+    assert_eq!(deployed.sha256.as_ref().map(String::len), Some(64));
 
     // Same name again: replaced, with tighter limits this time.
     let (status, body) = put("greet-1", "tenant=demo&memory_limit_mib=16&deadline_ms=500&models=digits", greeter, None).await;

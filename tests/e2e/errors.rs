@@ -27,7 +27,8 @@ async fn unknown_handler_and_model_are_404_with_a_json_error() {
     )
     .await;
     assert_eq!(status, 404);
-    assert_eq!(body["error"], "model 'nope' not found");
+    let error: kiln_wire::ErrorBody = serde_json::from_value(body).expect("the error body");
+    assert_eq!(error, kiln_wire::ErrorBody { error: "model 'nope' not found".into(), kind: "not_found".into() });
     still_serving().await;
 }
 

@@ -1,10 +1,81 @@
-//! The wire types of Kiln's admin endpoints (`/v1/stats`, `/v1/scaler`, `/v1/events`): what the
-//! server sends and `kiln-top` reads. Plain data with serde; no libtorch or wasmtime, so the
-//! dashboard stays small.
+//! Everything that crosses a process boundary: the JSON of Kiln's admin endpoints (`/v1/stats`,
+//! `/v1/scaler`, `/v1/events`, `/v1/handlers`), the error body every route answers with, the
+//! header names clients send, and tensor element types ([`DType`], shared with the guest SDK).
+//! Plain data with serde; no libtorch or wasmtime, so the dashboard and guests stay small.
 
 #![forbid(unsafe_code)]
 
+mod dtype;
+
+pub use dtype::DType;
+
 use serde::{Deserialize, Serialize};
+
+/// Header names Kiln reads from clients.
+pub mod headers {
+    /// A request's scheduling priority, `0 ..= 9`; capped at what the handler (or, for OIP,
+    /// the server) allows.
+    pub const PRIORITY: &str = "kiln-priority";
+    /// A shorter inference timeout than the model's own, in milliseconds.
+    pub const TIMEOUT_MS: &str = "kiln-timeout-ms";
+    /// A deployment's Ed25519 signature (base64), as `kiln sign` prints it.
+    pub const SIGNATURE: &str = "kiln-signature";
+}
+
+/// The body of every error Kiln answers (4xx and 5xx): what went wrong for people, and a
+/// stable word for code (`not_found`, `quota`, `guest_trap`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub kind: String,
+}
+
+/// One handler, as `GET /v1/handlers` lists it and a deploy answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandlerInfo {
+    pub name: String,
+    pub tenant: String,
+    /// The models its guest may load, sorted.
+    pub models: Vec<String>,
+    pub limits: HandlerLimits,
+    pub origin: HandlerOrigin,
+    /// For deployed handlers: the component's SHA-256 (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// For deployed handlers: seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_at: Option<u64>,
+    /// For deployed handlers: whether a signature was verified at deploy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerOrigin {
+    /// A `[[handler]]` section of the config file.
+    Config,
+    /// The admin API.
+    Deployed,
+}
+
+/// What one request's sandbox may use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerLimits {
+    pub memory_limit_mib: u64,
+    pub deadline_ms: u64,
+    /// Wasm fuel per request; `None` is unmetered.
+    pub fuel: Option<u64>,
+    pub max_compute_bytes: u64,
+    pub max_compute_calls: u32,
+    pub max_response_bytes: u64,
+}
+
+/// `GET /v1/handlers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandlerList {
+    pub handlers: Vec<HandlerInfo>,
+}
 
 /// One GPU as the inventory last saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,15 +1,16 @@
 //! One mapping from every failure on the request path to an HTTP status and a JSON body
-//! `{"error": "..."}`.
+//! [`kiln_wire::ErrorBody`]: `{"error": "...", "kind": "..."}`.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use kiln_wire::ErrorBody;
 
-use crate::executor::InferError;
+use crate::deploy::registry::DeployError;
+use crate::model::handle::InferError;
 use crate::sandbox::{ComponentError, GuestError};
 use crate::tenancy::QuotaRefusal;
-use crate::tensor::TensorError;
+use crate::model::tensor::TensorError;
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,19 @@ pub enum ApiError {
     Infer(#[from] InferError),
     #[error(transparent)]
     Guest(#[from] GuestError),
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        match e {
+            DeployError::Invalid(m) => ApiError::BadRequest(m),
+            DeployError::Unsigned(m) => ApiError::Forbidden(m),
+            e @ DeployError::ConfigOwned(_) => ApiError::Conflict(e.to_string()),
+            e @ DeployError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            DeployError::Component(e) => ApiError::Component(e),
+            DeployError::Store(m) => ApiError::Internal(m),
+        }
+    }
 }
 
 impl From<TensorError> for ApiError {
@@ -108,7 +122,8 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(kind = self.kind(), status = status.as_u16(), "{self}");
         }
-        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        let body = ErrorBody { error: self.to_string(), kind: self.kind().to_owned() };
+        let mut response = (status, Json(body)).into_response();
         match &self {
             ApiError::Infer(InferError::Overloaded(_)) | ApiError::Guest(GuestError::PoolFull { .. }) => {
                 response

@@ -19,9 +19,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::{ApiError, AppState};
-use crate::executor::ModelHandle;
-use crate::gpu::Gpus;
-use crate::scaler::DecisionLog;
+use crate::model::handle::ModelHandle;
+use crate::fleet::gpu::Gpus;
+use crate::fleet::scaler::DecisionLog;
+use crate::sandbox::Activity;
 use crate::telemetry::Telemetry;
 
 /// The registry `/metrics` encodes: one collector over the whole server.
@@ -30,6 +31,7 @@ pub fn registry(
     gpus: &Arc<Gpus>,
     decisions: &Arc<DecisionLog>,
     telemetry: &Arc<Telemetry>,
+    sandbox: &Arc<Activity>,
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Exporter {
@@ -37,6 +39,7 @@ pub fn registry(
         gpus: Arc::clone(gpus),
         decisions: Arc::clone(decisions),
         telemetry: Arc::clone(telemetry),
+        sandbox: Arc::clone(sandbox),
     }));
     registry
 }
@@ -60,6 +63,7 @@ struct Exporter {
     gpus: Arc<Gpus>,
     decisions: Arc<DecisionLog>,
     telemetry: Arc<Telemetry>,
+    sandbox: Arc<Activity>,
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
@@ -151,7 +155,7 @@ impl Collector for Exporter {
             m.iter().map(|h| (vec![("model", h.name())], C(load(&h.counters().overloaded)))))?;
         family(&mut e, "kiln_batch_isolations", "Merged forward passes that failed and were split so each caller got its own result", None, Counter,
             m.iter().map(|h| (vec![("model", h.name())], C(load(&h.counters().isolated)))))?;
-        let replicas: Vec<(String, Vec<(String, crate::executor::ReplicaMetrics)>)> =
+        let replicas: Vec<(String, Vec<(String, crate::model::handle::ReplicaMetrics)>)> =
             m.iter().map(|h| (h.name().to_owned(), h.replica_metrics())).collect();
         let per_replica = || {
             replicas.iter().flat_map(|(model, rs)| rs.iter().map(move |(id, r)| (model.as_str(), id.as_str(), r)))
@@ -189,7 +193,9 @@ impl Collector for Exporter {
         family(&mut e, "kiln_gpu_power", "GPU power draw", Some(&Unit::Other("watts".into())), Gauge, per_gpu(&|g| g.power_watts))?;
 
         family(&mut e, "kiln_sandbox_instantiation", "Time to instantiate a guest in a fresh store", Some(&Unit::Seconds), Hist,
-            [(vec![], Latency(crate::sandbox::INSTANTIATION.snapshot()))])?;
+            [(vec![], Latency(self.sandbox.instantiation.snapshot()))])?;
+        family(&mut e, "kiln_guests_running", "Guests executing now, over every handler", None, Gauge,
+            [(vec![], G(self.sandbox.running() as f64))])?;
         let traps = t.traps();
         family(&mut e, "kiln_guest_traps", "Guest calls that failed, by kind", None, Counter,
             traps.iter().map(|(kind, n)| (vec![("kind", *kind)], C(*n))))?;

@@ -22,22 +22,24 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use bytes::Bytes;
 use http_body_util::{Full, LengthLimitError};
+use kiln_wire::headers::{PRIORITY as PRIORITY_HEADER, TIMEOUT_MS as TIMEOUT_HEADER};
 
 pub use self::error::ApiError;
-use crate::audit::{Audit, Event};
-use crate::config::MAX_PRIORITY;
-use crate::executor::ModelHandle;
-use crate::gpu::Gpus;
-use crate::scaler::DecisionLog;
-use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
-use crate::keys::{KeyRing, Principal};
+use crate::deploy::registry::Registry;
+use crate::fleet::gpu::Gpus;
+use crate::fleet::scaler::DecisionLog;
+use crate::model::handle::ModelHandle;
+use crate::model::spec::MAX_PRIORITY;
 use crate::sandbox::{CallOptions, Handler, Lease};
+use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
+use crate::tenancy::audit::{Audit, Event};
+use crate::tenancy::keys::{KeyRing, Principal};
 use crate::tenancy::{Permit, QuotaRefusal, Tenant};
 
 /// What every route can see. Built once at start-up; handlers and keys change at run time.
 pub struct AppState {
-    /// Live handlers by name. A deploy swaps an entry; calls in flight keep their `Arc`.
-    pub handlers: RwLock<HashMap<String, Arc<Handler>>>,
+    /// Live handlers by name, and the one way they change.
+    pub registry: Registry,
     pub models: HashMap<String, ModelHandle>,
     pub tenants: HashMap<String, Arc<Tenant>>,
     /// Reloaded from the state directory when key files change.
@@ -45,8 +47,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// The highest `kiln-priority` a direct OIP call may ask for.
     pub oip_max_priority: u8,
-    pub audit: Audit,
-    pub admin: admin::AdminState,
+    pub audit: Arc<Audit>,
+    /// Largest component the admin API accepts.
+    pub max_component_bytes: usize,
     pub gpus: Arc<Gpus>,
     /// The scaler's recent decisions.
     pub decisions: Arc<DecisionLog>,
@@ -122,7 +125,7 @@ impl AppState {
 
     /// The live handler `name`, if there is one.
     pub fn handler(&self, name: &str) -> Option<Arc<Handler>> {
-        read(&self.handlers).get(name).cloned()
+        self.registry.get(name)
     }
 }
 
@@ -334,11 +337,6 @@ impl<B: http_body::Body + Unpin, T: Unpin> http_body::Body for Holding<B, T> {
     }
 }
 
-/// Header asking for a scheduling priority (0 ..= 9, higher first), capped by configuration.
-pub const PRIORITY_HEADER: &str = "kiln-priority";
-/// Header asking for a shorter inference timeout than the model's, in milliseconds.
-pub const TIMEOUT_HEADER: &str = "kiln-timeout-ms";
-
 fn header_number(headers: &http::HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
     headers
         .get(name)
@@ -415,8 +413,12 @@ async fn discard_body(body: Body, budget: usize) {
 }
 
 /// A JSON response with an explicit content type.
-fn json_response(status: http::StatusCode, value: &serde_json::Value) -> Response {
-    let mut response = (status, value.to_string()).into_response();
+fn json_response(status: http::StatusCode, value: &impl serde::Serialize) -> Response {
+    let text = match serde_json::to_string(value) {
+        Ok(text) => text,
+        Err(e) => return ApiError::Internal(format!("cannot encode the response: {e}")).into_response(),
+    };
+    let mut response = (status, text).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

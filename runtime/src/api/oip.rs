@@ -12,10 +12,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, json_response, priority_header, read_body, timeout_header};
-use crate::executor::InferOptions;
-use crate::backend::OutputMeta;
-use crate::executor::{ModelHandle, ModelState};
-use crate::tensor::{self, DType, HostTensor};
+use crate::model::handle::InferOptions;
+use crate::model::signature::OutputMeta;
+use crate::model::handle::{ModelHandle, ModelState};
+use crate::model::tensor::{self, DType, HostTensor};
 
 /// Header that splits a binary-extension body into its JSON part and raw tensor bytes.
 const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -471,7 +471,7 @@ impl JsonStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::ShapeSpec;
+    use crate::model::tensor::ShapeSpec;
 
     #[test]
     fn flatten_is_row_major() {

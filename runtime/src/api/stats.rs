@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiError, AppState, json_response};
-use crate::executor::ModelState;
+use crate::model::handle::ModelState;
 
 /// Every model, handler, tenant and GPU: admin only, since it names every tenant's models.
 pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -45,7 +45,7 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
                 .to_owned(),
                 device: config.device.to_string(),
                 instances: Bounds { min: config.replicas.min, max: config.replicas.max },
-                replica_target: model.replica_target(),
+                replica_target: model.load().target,
                 replicas: model.replicas(),
                 max_batch_size: config.batching.max_batch_size,
                 latency_objective_ms: config.latency_objective.as_secs_f64() * 1e3,

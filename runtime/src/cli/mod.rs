@@ -1,5 +1,7 @@
 //! The operator commands beside `serve`: keys, signing, and deploying through the admin API.
 
+pub mod bench;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -10,9 +12,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use crate::config::{Config, check_name};
-use crate::keys::{self, Principal};
-use crate::state::write_atomic;
+use crate::config::Config;
+
+use crate::deploy::check_name;
+use crate::tenancy::keys::{self, Principal};
+use crate::files::write_atomic;
 
 /// `kiln tenant add-key` / `kiln admin add-key`: prints the new key once; only its hash is kept.
 pub fn add_key(config: &Config, principal: &Principal) -> anyhow::Result<()> {
@@ -118,7 +122,7 @@ pub fn sign(what: &SignedDeployment, key: &Path, out: Option<PathBuf>) -> anyhow
     let manifest = keys::deployment_manifest(
         &what.handler,
         &what.tenant,
-        &crate::state::sha256_hex(&bytes),
+        &crate::files::sha256_hex(&bytes),
         models,
         what.priority,
         what.max_priority,
@@ -194,7 +198,7 @@ pub fn deploy(target: &AdminTarget, request: &DeployRequest) -> anyhow::Result<(
     let mut headers = Vec::new();
     if let Some(sig) = &request.signature {
         let text = std::fs::read_to_string(sig).with_context(|| format!("cannot read {}", sig.display()))?;
-        headers.push((crate::api::admin::SIGNATURE_HEADER, text.trim().to_owned()));
+        headers.push((kiln_wire::headers::SIGNATURE, text.trim().to_owned()));
     }
     let path = format!("/v1/handlers/{}?{}", request.name, query.join("&"));
     let value = call(target, http::Method::PUT, &path, bytes, &headers)?;
@@ -211,18 +215,16 @@ pub fn undeploy(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
 
 pub fn list_handlers(target: &AdminTarget) -> anyhow::Result<()> {
     let value = call(target, http::Method::GET, "/v1/handlers", Vec::new(), &[])?;
+    let list: kiln_wire::HandlerList =
+        serde_json::from_value(value).context("the admin API answered something other than a handler list")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{:<24} {:<16} {:<9} MODELS", "HANDLER", "TENANT", "ORIGIN")?;
-    for h in value["handlers"].as_array().into_iter().flatten() {
-        let models: Vec<&str> = h["models"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        writeln!(
-            out,
-            "{:<24} {:<16} {:<9} {}",
-            h["name"].as_str().unwrap_or("?"),
-            h["tenant"].as_str().unwrap_or("?"),
-            h["origin"].as_str().unwrap_or("?"),
-            models.join(",")
-        )?;
+    for h in list.handlers {
+        let origin = match h.origin {
+            kiln_wire::HandlerOrigin::Config => "config",
+            kiln_wire::HandlerOrigin::Deployed => "deployed",
+        };
+        writeln!(out, "{:<24} {:<16} {:<9} {}", h.name, h.tenant, origin, h.models.join(","))?;
     }
     Ok(())
 }
@@ -256,21 +258,24 @@ fn call(
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
     })?;
-    let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     if !status.is_success() {
-        let message = value["error"].as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+        let message = match serde_json::from_slice::<kiln_wire::ErrorBody>(&body) {
+            Ok(error) => error.error,
+            Err(_) => String::from_utf8_lossy(&body).into_owned(),
+        };
         bail!("{url}: {status}: {message}");
     }
+    let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     Ok(value)
 }
 
 /// `kiln devices`: CUDA as libtorch sees it (this is what proves libtorch_cuda is linked), and
 /// the GPU inventory.
-pub fn devices(config: &crate::config::GpuConfig, json: bool) -> anyhow::Result<()> {
+pub fn devices(config: &crate::fleet::gpu::GpuConfig, json: bool) -> anyhow::Result<()> {
     let cuda_devices = tch::Cuda::device_count().max(0);
     let cuda_available = tch::Cuda::is_available();
     let cudnn = tch::Cuda::cudnn_is_available();
-    let gpus = crate::gpu::Gpus::detect(config).latest();
+    let gpus = crate::fleet::gpu::Gpus::detect(config).latest();
     if json {
         let report = serde_json::json!({
             "cuda_available": cuda_available,

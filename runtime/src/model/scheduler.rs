@@ -1,197 +1,71 @@
-//! Model executors: per model, one scheduler that owns the queue and merges concurrent requests
-//! into batches, and one or more replicas that run libtorch, each on its own thread and device.
+//! The per-model scheduler: one thread that alone owns the model's queue, its replicas and
+//! its replica target, and merges concurrent requests into batches; and the replicas, each on
+//! its own thread and device, running forward passes on a [`Backend`].
 //!
-//! Callers (guests' `compute`, direct OIP calls) reach a model through a cloneable
-//! [`ModelHandle`]. The scheduler is a dedicated thread, not an async task, so its batching
-//! window has microsecond precision and libtorch never runs on an async worker.
+//! Callers reach it through a [`ModelHandle`](crate::model::handle::ModelHandle), which sends
+//! [`Command`]s. The scheduler is a dedicated thread, not an async task, so its batching window
+//! has microsecond precision and the backend never runs on an async worker.
 //!
 //! Batching never delays an idle model: a request that arrives while a replica is idle runs at
 //! once. Requests accumulate only while forward passes are running, and the next batch takes
 //! them all (up to `max_batch_size`). `max_queue_delay` only holds a partial batch back while
 //! another replica is busy.
 //!
-//! Replicas come and go while requests flow (the scaler asks through [`ModelHandle::add_replica`]
-//! and [`ModelHandle::remove_replica`]). The queue is the model's, not a replica's: a replica
-//! that is removed first finishes the batch it runs, and nothing queued is lost.
+//! Replicas come and go while requests flow (the scaler sends [`Command::AddReplica`] and
+//! [`Command::RemoveReplica`]). The queue is the model's, not a replica's: a replica that is
+//! removed first finishes the batch it runs, and nothing queued is lost.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use kiln_wire::{EventKind, ReplicaInfo, ReplicaState};
+use kiln_wire::{EventKind, ReplicaState};
 use tokio::sync::oneshot;
 
-use crate::backend::{self, Cast, OutputMeta, TorchModel};
-use crate::batch;
-use crate::config::{Device, MAX_PRIORITY, ModelConfig, Precision};
-use crate::gpu::Booking;
-use crate::histogram::{AtomicHistogram, BatchSizes};
-use crate::placement::{Placement, PlacementError, Placer, Purpose};
-use crate::telemetry::EventLog;
-use crate::tensor::{HostTensor, TensorError};
+use crate::model::backend::{Backend, BackendError, LoadedModel};
+use crate::model::batch;
+use crate::model::device::{Device, Placement, Reservation};
+use crate::model::handle::{InferError, ModelCounters, ModelState, ReplicaSlot, Shared};
+use crate::model::signature::{OutputMeta, output_meta, warmup_inputs};
+use crate::model::spec::{MAX_PRIORITY, ModelConfig, Precision};
+use crate::model::tensor::HostTensor;
 
-/// Why an inference did not produce outputs.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum InferError {
-    /// The model is still loading or failed to load.
-    #[error("model '{model}' is not ready: {reason}")]
-    NotReady { model: String, reason: String },
-    /// The queue is full.
-    #[error("model '{0}' is overloaded; retry later")]
-    Overloaded(String),
-    /// The request's timeout passed before its result was ready.
-    #[error("model '{model}' did not answer within {} ms", after.as_millis())]
-    Timeout { model: String, after: Duration },
-    /// libtorch refused the inputs or failed while running.
-    #[error("model '{model}': {message}")]
-    Runtime { model: String, message: String },
-    /// The executor is gone (the server is shutting down).
-    #[error("model '{0}' is shut down")]
-    Closed(String),
-}
-
-/// Why a model's executor could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SpawnError {
-    #[error(transparent)]
-    Placement(#[from] PlacementError),
-    #[error("cannot start a thread: {0}")]
-    Thread(#[from] std::io::Error),
-}
-
-/// Where a model is in its life.
-#[derive(Debug, Clone)]
-pub enum ModelState {
-    Loading,
-    Ready(Arc<[OutputMeta]>),
-    Failed(String),
-}
-
-/// Per-request scheduling options.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct InferOptions {
-    /// 0 ..= [`MAX_PRIORITY`]; higher runs first.
-    pub priority: u8,
-    /// Shorter than the model's timeout, or `None` for the model's.
-    pub timeout: Option<Duration>,
-}
-
-/// Counters an operator (and the batching tests) read.
-#[derive(Debug, Default)]
-pub struct ModelCounters {
-    /// Requests answered by a forward pass, successfully or not.
-    pub inferences: AtomicU64,
-    /// Forward passes run.
-    pub executions: AtomicU64,
-    /// Requests whose caller had gone before they ran; skipped, not executed.
-    pub dropped: AtomicU64,
-    /// Requests refused because the queue was full.
-    pub overloaded: AtomicU64,
-    /// Requests whose timeout passed.
-    pub timeouts: AtomicU64,
-    /// Merged forward passes that failed and were split to find the request at fault.
-    pub isolated: AtomicU64,
-    /// Requests waiting in the queue now.
-    pub queued: AtomicUsize,
-    /// Forward passes by rows.
-    pub batch_sizes: BatchSizes,
-    /// Time from enqueue to the start of the request's forward pass.
-    pub queue_wait: AtomicHistogram,
-    /// Forward passes over every replica there has been (replicas' own come and go with them).
-    pub forward: AtomicHistogram,
-}
-
-impl ModelCounters {
-    fn count_batch(&self, requests: usize, rows: u32) {
-        self.inferences.fetch_add(requests as u64, Ordering::Relaxed);
-        self.executions.fetch_add(1, Ordering::Relaxed);
-        self.batch_sizes.record(rows);
-    }
-}
-
-type Reply = oneshot::Sender<Result<Vec<HostTensor>, InferError>>;
+pub(super) type Reply = oneshot::Sender<Result<Vec<HostTensor>, InferError>>;
 
 /// One caller's work, waiting in the queue.
-struct Pending {
-    inputs: Vec<HostTensor>,
-    rows: u32,
-    ragged_len: Option<u32>,
-    key: Vec<Vec<u32>>,
-    priority: u8,
-    enqueued: Instant,
-    reply: Reply,
+pub(super) struct Pending {
+    pub(super) inputs: Vec<HostTensor>,
+    pub(super) rows: u32,
+    pub(super) ragged_len: Option<u32>,
+    pub(super) key: Vec<Vec<u32>>,
+    pub(super) priority: u8,
+    pub(super) enqueued: Instant,
+    pub(super) reply: Reply,
 }
 
-enum Event {
+/// What the scheduler is told: by handles (submit, add, remove, shut down) and by its own
+/// replicas' threads (loaded, done).
+pub(super) enum Command {
     Submit(Pending),
+    AddReplica(Placement),
+    /// Drain one replica if more than one is live; the answer says whether one was.
+    RemoveReplica(SyncSender<bool>),
     Loaded {
         replica: u32,
-        result: Result<Vec<OutputMeta>, String>,
+        result: Result<Vec<OutputMeta>, BackendError>,
     },
     Done {
         replica: u32,
     },
-    Add(Placement),
-    Remove,
     Shutdown,
 }
 
-/// One replica's histograms, as the metrics export them.
-#[derive(Debug, Clone)]
-pub struct ReplicaMetrics {
-    pub device: String,
-    /// Forward passes per [`kiln_wire::BATCH_BOUNDS`] bucket, and rows over all of them.
-    pub batch_sizes: Vec<u64>,
-    pub rows: u64,
-    pub forward: kiln_wire::Histogram,
-}
-
-/// One replica as operators see it; the scheduler and the replica's thread update it.
-#[derive(Debug)]
-struct ReplicaSlot {
-    id: u32,
-    device: Device,
-    state: Mutex<ReplicaState>,
-    busy: AtomicBool,
-    pub(crate) forward: AtomicHistogram,
-    pub(crate) batch_sizes: BatchSizes,
-}
-
 impl ReplicaSlot {
-    fn new(id: u32, device: Device) -> Arc<ReplicaSlot> {
-        Arc::new(ReplicaSlot {
-            id,
-            device,
-            state: Mutex::new(ReplicaState::Loading),
-            busy: AtomicBool::new(false),
-            forward: AtomicHistogram::new(),
-            batch_sizes: BatchSizes::default(),
-        })
-    }
-
-    fn set_state(&self, state: ReplicaState) {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
-    }
-
-    fn info(&self) -> ReplicaInfo {
-        ReplicaInfo {
-            id: self.id,
-            device: self.device.to_string(),
-            state: *self.state.lock().unwrap_or_else(PoisonError::into_inner),
-            busy: self.busy.load(Ordering::Relaxed),
-            batches: self.batch_sizes.passes(),
-            rows: self.batch_sizes.rows(),
-            busy_seconds: self.forward.sum_us() as f64 / 1e6,
-        }
-    }
-
     /// Runs one batch on `model`, keeping this replica's and the model's counters.
-    fn run(&self, model: &TorchModel, shared: &Shared, batch: Vec<Pending>) {
+    fn run<M: LoadedModel>(&self, model: &M, shared: &Shared, batch: Vec<Pending>) {
         let started = Instant::now();
         let rows: u32 = batch.iter().map(|p| p.rows).sum();
         run_batch(model, &shared.config, &shared.counters, batch);
@@ -199,352 +73,6 @@ impl ReplicaSlot {
         shared.counters.forward.record(elapsed);
         self.forward.record(elapsed);
         self.batch_sizes.record(rows);
-    }
-}
-
-struct Shared {
-    config: ModelConfig,
-    state: Mutex<ModelState>,
-    counters: ModelCounters,
-    placer: Placer,
-    /// Every replica alive, in id order.
-    replicas: Mutex<Vec<Arc<ReplicaSlot>>>,
-    /// Replicas asked for and not removed: what the scaler counts.
-    target: AtomicU32,
-    /// One replica's weights as measured at load; 0 until one has loaded.
-    weights: AtomicU64,
-    /// Whether requests of different lengths may share a batch: false once a load found that
-    /// padding changes the model's outputs.
-    ragged_batching: AtomicBool,
-    events: Arc<EventLog>,
-}
-
-impl Shared {
-    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ReplicaSlot>>> {
-        self.replicas.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Weights of one replica: measured once one has loaded, estimated from the file before.
-    fn weights(&self) -> u64 {
-        match self.weights.load(Ordering::Relaxed) {
-            0 => {
-                let file = std::fs::metadata(&self.config.path).map_or(0, |m| m.len());
-                match self.config.precision {
-                    Precision::Fp32 => file,
-                    Precision::Fp16 | Precision::Bf16 => file / 2,
-                }
-            }
-            measured => measured,
-        }
-    }
-}
-
-/// Sends `Shutdown` when the last handle goes, which stops the scheduler and its replicas.
-struct Submitter {
-    events: Sender<Event>,
-}
-
-impl Drop for Submitter {
-    fn drop(&mut self) {
-        let _ = self.events.send(Event::Shutdown);
-    }
-}
-
-/// A cheap, cloneable reference to one model's executor.
-#[derive(Clone)]
-pub struct ModelHandle {
-    shared: Arc<Shared>,
-    submitter: Arc<Submitter>,
-}
-
-impl std::fmt::Debug for ModelHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelHandle")
-            .field("name", &self.shared.config.name)
-            .finish()
-    }
-}
-
-/// A handle that does not keep the model alive (the scaler's): the executor shuts down when the
-/// last [`ModelHandle`] goes, whoever else watches it.
-#[derive(Clone)]
-pub struct WeakModelHandle {
-    shared: std::sync::Weak<Shared>,
-    submitter: std::sync::Weak<Submitter>,
-}
-
-impl WeakModelHandle {
-    pub fn upgrade(&self) -> Option<ModelHandle> {
-        Some(ModelHandle { shared: self.shared.upgrade()?, submitter: self.submitter.upgrade()? })
-    }
-}
-
-impl ModelHandle {
-    pub fn downgrade(&self) -> WeakModelHandle {
-        WeakModelHandle { shared: Arc::downgrade(&self.shared), submitter: Arc::downgrade(&self.submitter) }
-    }
-
-    /// Places the model's first `instances.min` replicas and starts its scheduler; each replica
-    /// loads and warms up its own copy of the module. Returns at once; [`ModelHandle::state`]
-    /// says when the model is ready. A model that fits nowhere is refused here.
-    pub fn spawn(config: ModelConfig, placer: Placer, log: Arc<EventLog>) -> Result<ModelHandle, SpawnError> {
-        let (events, inbox) = mpsc::channel();
-        let initial = config.replicas.min;
-        let shared = Arc::new(Shared {
-            config,
-            state: Mutex::new(ModelState::Loading),
-            counters: ModelCounters::default(),
-            placer,
-            replicas: Mutex::new(Vec::new()),
-            target: AtomicU32::new(initial),
-            weights: AtomicU64::new(0),
-            ragged_batching: AtomicBool::new(true),
-            events: log,
-        });
-        let placements = (0..initial)
-            .map(|_| shared.placer.place(&shared.config, shared.weights(), Purpose::Start))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut scheduler = Scheduler::new(Arc::clone(&shared), events.clone(), initial);
-        // A model that never has more than one replica runs it on the scheduler's own thread:
-        // one thread hand-off fewer per request, which is most of a small model's latency.
-        let inline = shared.config.replicas.max == 1;
-        let mut placements = placements.into_iter();
-        let inline_placement = if inline { placements.next() } else { None };
-        for placement in placements {
-            scheduler.start_replica(placement)?;
-        }
-        let name = shared.config.name.clone();
-        thread::Builder::new()
-            .name(format!("kiln-{name}-sched"))
-            .spawn(move || {
-                if let Some(placement) = inline_placement {
-                    scheduler.load_inline(placement);
-                }
-                scheduler.run(inbox);
-            })?;
-        Ok(ModelHandle {
-            shared,
-            submitter: Arc::new(Submitter { events }),
-        })
-    }
-
-    pub fn config(&self) -> &ModelConfig {
-        &self.shared.config
-    }
-
-    /// Whether requests of different lengths are padded into one batch (false for a model whose
-    /// outputs change with padding; see [`padding_changes_outputs`]).
-    pub fn ragged_batching(&self) -> bool {
-        self.shared.ragged_batching.load(Ordering::Relaxed)
-    }
-
-    pub fn name(&self) -> &str {
-        &self.shared.config.name
-    }
-
-    pub fn state(&self) -> ModelState {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    pub fn counters(&self) -> &ModelCounters {
-        &self.shared.counters
-    }
-
-    pub fn placer(&self) -> &Placer {
-        &self.shared.placer
-    }
-
-    /// Every replica alive (loading, ready or draining).
-    pub fn replicas(&self) -> Vec<ReplicaInfo> {
-        self.shared.slots().iter().map(|s| s.info()).collect()
-    }
-
-    /// Every replica's batch sizes and forward times, for the metrics.
-    pub fn replica_metrics(&self) -> Vec<(String, ReplicaMetrics)> {
-        self.shared
-            .slots()
-            .iter()
-            .map(|s| {
-                let metrics = ReplicaMetrics {
-                    device: s.device.to_string(),
-                    batch_sizes: s.batch_sizes.counts(),
-                    rows: s.batch_sizes.rows(),
-                    forward: s.forward.snapshot(),
-                };
-                (s.id.to_string(), metrics)
-            })
-            .collect()
-    }
-
-    /// Replicas asked for and not removed, loading ones included.
-    pub fn replica_target(&self) -> u32 {
-        self.shared.target.load(Ordering::Acquire)
-    }
-
-    /// Places one more replica and starts loading it; the model keeps serving meanwhile.
-    /// Returns the device it went to.
-    pub fn add_replica(&self) -> Result<Device, PlacementError> {
-        let placement = self
-            .shared
-            .placer
-            .place(&self.shared.config, self.shared.weights(), Purpose::ScaleUp)?;
-        let device = placement.device;
-        self.shared.target.fetch_add(1, Ordering::AcqRel);
-        if self.submitter.events.send(Event::Add(placement)).is_err() {
-            self.shared.target.fetch_sub(1, Ordering::AcqRel);
-        }
-        Ok(device)
-    }
-
-    /// Drains one replica (a loading one first, then an idle one, then the newest): it takes no
-    /// new batch, finishes the one it runs, and is then removed. The last replica stays.
-    pub fn remove_replica(&self) -> bool {
-        let removed = self
-            .shared
-            .target
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > 1).then(|| n - 1))
-            .is_ok();
-        if removed {
-            let _ = self.submitter.events.send(Event::Remove);
-        }
-        removed
-    }
-
-    /// Checks `named` inputs against the declared inputs (by name, in declaration order) and
-    /// returns them as `forward`'s positional arguments.
-    pub fn arrange_inputs(
-        &self,
-        mut named: Vec<(String, HostTensor)>,
-    ) -> Result<Vec<HostTensor>, TensorError> {
-        let specs = &self.shared.config.inputs;
-        if let Some((name, _)) = named
-            .iter()
-            .find(|(name, _)| !specs.iter().any(|s| &s.name == name))
-        {
-            let expected: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            return Err(TensorError(format!(
-                "input '{name}' is not an input of model '{}' (expected {expected:?})",
-                self.name()
-            )));
-        }
-        let mut ordered = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let at = named.iter().position(|(name, _)| name == &spec.name);
-            let Some(at) = at else {
-                return Err(TensorError(format!("input '{}' is missing", spec.name)));
-            };
-            let (_, tensor) = named.swap_remove(at);
-            tensor.check(spec)?;
-            ordered.push(tensor);
-        }
-        if !named.is_empty() {
-            return Err(TensorError(format!(
-                "input '{}' was given more than once",
-                named[0].0
-            )));
-        }
-        let rows = ordered[0].rows();
-        let max_rows = self.shared.config.batching.max_rows;
-        if rows > max_rows {
-            return Err(TensorError(format!(
-                "input '{}': {rows} rows, over model '{}''s limit of {max_rows} rows per request (max_rows)",
-                specs[0].name,
-                self.name()
-            )));
-        }
-        if let Some((spec, t)) = specs.iter().zip(&ordered).find(|(_, t)| t.rows() != rows) {
-            return Err(TensorError(format!(
-                "input '{}': batch dimension is {} but input '{}' has {rows}",
-                spec.name,
-                t.rows(),
-                specs[0].name
-            )));
-        }
-        let lens: Vec<(&str, u32)> = specs
-            .iter()
-            .zip(&ordered)
-            .filter_map(|(s, t)| s.ragged.map(|r| (s.name.as_str(), t.shape[r.dim])))
-            .collect();
-        if let Some((name, len)) = lens.iter().find(|(_, len)| *len != lens[0].1) {
-            return Err(TensorError(format!(
-                "input '{name}': ragged length {len} differs from input '{}' ({})",
-                lens[0].0, lens[0].1
-            )));
-        }
-        Ok(ordered)
-    }
-
-    /// Queues inputs from [`ModelHandle::arrange_inputs`] and waits for this caller's outputs.
-    ///
-    /// Dropping the returned future withdraws the request: the scheduler skips it.
-    pub async fn infer(
-        &self,
-        inputs: Vec<HostTensor>,
-        options: InferOptions,
-    ) -> Result<Vec<HostTensor>, InferError> {
-        let name = || self.name().to_owned();
-        match self.state() {
-            ModelState::Ready(_) => {}
-            ModelState::Loading => {
-                return Err(InferError::NotReady {
-                    model: name(),
-                    reason: "still loading".into(),
-                });
-            }
-            ModelState::Failed(reason) => {
-                return Err(InferError::NotReady {
-                    model: name(),
-                    reason,
-                });
-            }
-        }
-        let config = &self.shared.config;
-        let counters = &self.shared.counters;
-        let timeout = options
-            .timeout
-            .map_or(config.timeout, |t| t.min(config.timeout));
-        let deadline = Instant::now() + timeout;
-        let limit = config.batching.max_queue_size as usize;
-        if counters.queued.fetch_add(1, Ordering::AcqRel) >= limit {
-            counters.queued.fetch_sub(1, Ordering::AcqRel);
-            counters.overloaded.fetch_add(1, Ordering::Relaxed);
-            return Err(InferError::Overloaded(name()));
-        }
-        let (reply, answer) = oneshot::channel();
-        let ragged_len = batch::ragged_len(&config.inputs, &inputs);
-        let mut key = batch::compat_key(&config.inputs, &inputs);
-        if let Some(len) = ragged_len.filter(|_| !self.ragged_batching()) {
-            // Padding would change this model's answers: only equal lengths share a batch.
-            key.push(vec![len]);
-        }
-        let pending = Pending {
-            rows: inputs.first().map_or(1, HostTensor::rows),
-            ragged_len,
-            key,
-            inputs,
-            priority: options.priority.min(MAX_PRIORITY),
-            enqueued: Instant::now(),
-            reply,
-        };
-        if self.submitter.events.send(Event::Submit(pending)).is_err() {
-            counters.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(InferError::Closed(name()));
-        }
-        match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(InferError::Closed(name())),
-            Err(_) => {
-                counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(InferError::Timeout {
-                    model: name(),
-                    after: timeout,
-                })
-            }
-        }
     }
 }
 
@@ -558,14 +86,17 @@ struct Replica {
     draining: bool,
 }
 
-/// The owner of one model's queue and replica set.
-struct Scheduler {
+/// The owner of one model's queue, replica set and replica target.
+pub(super) struct Scheduler<B: Backend> {
     shared: Arc<Shared>,
+    backend: Arc<B>,
     /// For new replicas' threads to report to.
-    events: Sender<Event>,
+    commands: Sender<Command>,
     /// The model, when the scheduler runs the only replica itself.
-    inline: Option<(TorchModel, Arc<ReplicaSlot>, Option<Booking>)>,
+    inline: Option<(B::Model, Arc<ReplicaSlot>, Option<Box<dyn Reservation>>)>,
     replicas: Vec<Replica>,
+    /// Replicas asked for and not drained, published in `shared.target`.
+    target: u32,
     next_id: u32,
     /// Replicas started with the model: it is ready when they have all loaded.
     initial: u32,
@@ -574,18 +105,25 @@ struct Scheduler {
     queues: Vec<VecDeque<Pending>>,
 }
 
-impl Scheduler {
-    fn new(shared: Arc<Shared>, events: Sender<Event>, initial: u32) -> Scheduler {
+impl<B: Backend> Scheduler<B> {
+    pub(super) fn new(shared: Arc<Shared>, backend: Arc<B>, commands: Sender<Command>, initial: u32) -> Scheduler<B> {
         Scheduler {
             shared,
-            events,
+            backend,
+            commands,
             inline: None,
             replicas: Vec::new(),
+            target: initial,
             next_id: 0,
             initial,
             loaded: 0,
             queues: (0..=MAX_PRIORITY).map(|_| VecDeque::new()).collect(),
         }
+    }
+
+    fn set_target(&mut self, target: u32) {
+        self.target = target;
+        self.shared.target.store(target, Ordering::Release);
     }
 
     fn new_slot(&mut self, device: Device) -> Arc<ReplicaSlot> {
@@ -596,14 +134,15 @@ impl Scheduler {
     }
 
     /// Starts a replica's thread, which loads the model and then runs batches.
-    fn start_replica(&mut self, placement: Placement) -> std::io::Result<()> {
+    pub(super) fn start_replica(&mut self, placement: Placement) -> std::io::Result<()> {
         let slot = self.new_slot(placement.device);
         let (work, batches) = mpsc::sync_channel(1);
-        let (owner, done, thread_slot) = (Arc::clone(&self.shared), self.events.clone(), Arc::clone(&slot));
+        let (owner, done, thread_slot) = (Arc::clone(&self.shared), self.commands.clone(), Arc::clone(&slot));
+        let backend = Arc::clone(&self.backend);
         let name = format!("kiln-{}-{}", self.shared.config.name, slot.id);
         let spawned = thread::Builder::new()
             .name(name)
-            .spawn(move || run_replica(thread_slot, placement, owner, batches, done));
+            .spawn(move || run_replica(&*backend, thread_slot, placement, owner, batches, done));
         if let Err(e) = spawned {
             self.forget(slot.id);
             return Err(e);
@@ -617,27 +156,27 @@ impl Scheduler {
         self.shared.slots().retain(|s| s.id != id);
     }
 
-    fn run(mut self, inbox: Receiver<Event>) {
+    pub(super) fn run(mut self, inbox: Receiver<Command>) {
         let mut wake: Option<Instant> = None;
         loop {
-            let event = match wake {
+            let command = match wake {
                 Some(at) => match inbox.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(event) => Some(event),
+                    Ok(command) => Some(command),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
                 },
                 None => match inbox.recv() {
-                    Ok(event) => Some(event),
+                    Ok(command) => Some(command),
                     Err(_) => return,
                 },
             };
-            if let Some(event) = event {
-                if !self.handle(event) {
+            if let Some(command) = command {
+                if !self.handle(command) {
                     return;
                 }
                 // Take everything that has arrived meanwhile before forming a batch.
-                while let Ok(event) = inbox.try_recv() {
-                    if !self.handle(event) {
+                while let Ok(command) = inbox.try_recv() {
+                    if !self.handle(command) {
                         return;
                     }
                 }
@@ -647,29 +186,29 @@ impl Scheduler {
     }
 
     /// Loads the model on this thread, for the single-replica case.
-    fn load_inline(&mut self, mut placement: Placement) {
+    pub(super) fn load_inline(&mut self, mut placement: Placement) {
         let slot = self.new_slot(placement.device);
-        match load_replica(&slot, &placement, &self.shared) {
+        match load_replica(&*self.backend, &slot, &placement, &self.shared) {
             Ok((model, meta)) => {
-                if let Some(booking) = &mut placement.booking {
-                    booking.loaded();
+                if let Some(reservation) = &mut placement.reservation {
+                    reservation.loaded();
                 }
                 slot.set_state(ReplicaState::Ready);
-                self.inline = Some((model, slot, placement.booking));
+                self.inline = Some((model, slot, placement.reservation));
                 self.loaded(0, Ok(meta));
             }
             Err(reason) => self.loaded(0, Err(reason)),
         }
     }
 
-    /// Applies one event; `false` means shut down.
-    fn handle(&mut self, event: Event) -> bool {
-        match event {
-            Event::Submit(pending) => {
+    /// Applies one command; `false` means shut down.
+    fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::Submit(pending) => {
                 let level = pending.priority as usize;
                 self.queues[level].push_back(pending);
             }
-            Event::Done { replica } => {
+            Command::Done { replica } => {
                 if let Some(r) = self.replicas.iter_mut().find(|r| r.slot.id == replica) {
                     r.busy = false;
                     if r.draining {
@@ -677,28 +216,29 @@ impl Scheduler {
                     }
                 }
             }
-            Event::Loaded { replica, result } => self.loaded(replica, result),
-            Event::Add(placement) => {
-                if let Err(e) = self.start_replica(placement) {
-                    tracing::error!(model = %self.shared.config.name, "cannot start a replica: {e}");
-                    self.shared.target.fetch_sub(1, Ordering::AcqRel);
-                }
+            Command::Loaded { replica, result } => self.loaded(replica, result),
+            Command::AddReplica(placement) => match self.start_replica(placement) {
+                Ok(()) => self.set_target(self.target + 1),
+                Err(e) => tracing::error!(model = %self.shared.config.name, "cannot start a replica: {e}"),
+            },
+            Command::RemoveReplica(reply) => {
+                let removed = self.drain_one();
+                let _ = reply.send(removed);
             }
-            Event::Remove => self.drain_one(),
-            Event::Shutdown => return false,
+            Command::Shutdown => return false,
         }
         true
     }
 
     /// Stops one replica from taking work: a loading one first, then an idle one, then the
-    /// newest. One that runs a batch is removed when it is done.
-    fn drain_one(&mut self) {
+    /// newest. One that runs a batch is removed when it is done. The last one stays.
+    fn drain_one(&mut self) -> bool {
         let live_count = self.replicas.iter().filter(|r| !r.draining).count();
         if live_count <= 1 {
             // A scale-up that failed to load was already taken off the target; the model keeps
             // its last replica, and the target says so.
-            self.shared.target.store(live_count.max(1) as u32, Ordering::Release);
-            return;
+            self.set_target(live_count.max(1) as u32);
+            return false;
         }
         let live = |r: &&mut Replica| !r.draining;
         let pick = self
@@ -712,7 +252,7 @@ impl Scheduler {
                 (true, true) => 2,
             });
         let Some(replica) = pick else {
-            return;
+            return false;
         };
         replica.draining = true;
         // Closing the channel ends the thread after its current batch (or its load).
@@ -723,14 +263,16 @@ impl Scheduler {
             let id = replica.slot.id;
             self.forget(id);
         }
+        self.set_target(self.target.saturating_sub(1).max(1));
+        true
     }
 
-    fn loaded(&mut self, replica: u32, result: Result<Vec<OutputMeta>, String>) {
+    fn loaded(&mut self, replica: u32, result: Result<Vec<OutputMeta>, BackendError>) {
         let mut state = self
             .shared
             .state
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let initial = replica < self.initial;
         match result {
             Err(reason) => {
@@ -743,7 +285,7 @@ impl Scheduler {
                     // A scale-up that failed: the model keeps serving on the replicas it has.
                     drop(state);
                     if self.replicas.iter().any(|r| r.slot.id == replica && !r.draining) {
-                        self.shared.target.fetch_sub(1, Ordering::AcqRel);
+                        self.set_target(self.target.saturating_sub(1).max(1));
                     }
                     self.forget(replica);
                 }
@@ -893,26 +435,27 @@ impl Scheduler {
 
 /// One replica's thread: load and warm up, then run every batch the scheduler sends until the
 /// scheduler drops its sender (drained or shut down).
-fn run_replica(
+fn run_replica<B: Backend>(
+    backend: &B,
     slot: Arc<ReplicaSlot>,
     mut placement: Placement,
     shared: Arc<Shared>,
     batches: Receiver<Vec<Pending>>,
-    events: Sender<Event>,
+    commands: Sender<Command>,
 ) {
-    let model = match load_replica(&slot, &placement, &shared) {
+    let model = match load_replica(backend, &slot, &placement, &shared) {
         Ok((model, meta)) => {
-            if let Some(booking) = &mut placement.booking {
-                booking.loaded();
+            if let Some(reservation) = &mut placement.reservation {
+                reservation.loaded();
             }
-            if *slot.state.lock().unwrap_or_else(PoisonError::into_inner) == ReplicaState::Loading {
+            if slot.state() == ReplicaState::Loading {
                 slot.set_state(ReplicaState::Ready);
             }
-            let _ = events.send(Event::Loaded { replica: slot.id, result: Ok(meta) });
+            let _ = commands.send(Command::Loaded { replica: slot.id, result: Ok(meta) });
             model
         }
         Err(reason) => {
-            let _ = events.send(Event::Loaded { replica: slot.id, result: Err(reason) });
+            let _ = commands.send(Command::Loaded { replica: slot.id, result: Err(reason) });
             return;
         }
     };
@@ -929,7 +472,7 @@ fn run_replica(
             slot.run(&model, &shared, batch);
             slot.busy.store(false, Ordering::Relaxed);
         }
-        if events.send(Event::Done { replica: slot.id }).is_err() {
+        if commands.send(Command::Done { replica: slot.id }).is_err() {
             return;
         }
     }
@@ -939,21 +482,20 @@ fn run_replica(
         replica: slot.id,
         device: slot.device.to_string(),
     });
-    // The model and the booking go here, freeing the device's memory.
+    // The model and the reservation go here, freeing the device's memory.
 }
 
 /// Loads and warms up one replica on the calling thread, records its weights, and logs the
 /// outcome.
-fn load_replica(
+fn load_replica<B: Backend>(
+    backend: &B,
     slot: &ReplicaSlot,
     placement: &Placement,
     shared: &Shared,
-) -> Result<(TorchModel, Vec<OutputMeta>), String> {
+) -> Result<(B::Model, Vec<OutputMeta>), BackendError> {
     let config = &shared.config;
     let started = Instant::now();
-    // Applies to this thread's own parallel regions, so replicas do not share one pool.
-    tch::set_num_threads(config.threads as i32);
-    let loaded = load_and_warm_up(config, placement.run_on);
+    let loaded = load_and_warm_up(backend, config, placement.run_on);
     match &loaded {
         Ok((model, _)) => {
             if let Some(difference) = padding_changes_outputs(model, config) {
@@ -992,14 +534,14 @@ fn load_replica(
                 model: config.name.clone(),
                 replica: slot.id,
                 device: placement.device.to_string(),
-                reason: reason.clone(),
+                reason: reason.to_string(),
             });
         }
     }
     loaded
 }
 
-fn run_batch(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters, batch: Vec<Pending>) {
+fn run_batch<M: LoadedModel>(model: &M, config: &ModelConfig, counters: &ModelCounters, batch: Vec<Pending>) {
     counters.count_batch(batch.len(), batch.iter().map(|p| p.rows).sum());
     run_isolating(model, config, counters, batch);
 }
@@ -1009,7 +551,7 @@ fn run_batch(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters,
 /// a failed merged pass is split in halves and each half run again, down to single requests.
 /// The caller at fault gets the model's error and everyone else their own result, for
 /// O(bad × log n) extra passes instead of n.
-fn run_isolating(model: &TorchModel, config: &ModelConfig, counters: &ModelCounters, mut batch: Vec<Pending>) {
+fn run_isolating<M: LoadedModel>(model: &M, config: &ModelConfig, counters: &ModelCounters, mut batch: Vec<Pending>) {
     match forward_batch(model, config, &batch) {
         Ok(per_request) => {
             for (p, outputs) in batch.into_iter().zip(per_request) {
@@ -1017,7 +559,7 @@ fn run_isolating(model: &TorchModel, config: &ModelConfig, counters: &ModelCount
             }
         }
         Err(message) if batch.len() == 1 => {
-            let error = InferError::Runtime { model: config.name.clone(), message };
+            let error = InferError::Runtime { model: config.name.clone(), message: message.to_string() };
             if let Some(p) = batch.pop() {
                 let _ = p.reply.send(Err(error));
             }
@@ -1043,7 +585,7 @@ fn run_isolating(model: &TorchModel, config: &ModelConfig, counters: &ModelCount
 }
 
 /// One forward pass over `batch` merged, split back per request.
-fn forward_batch(model: &TorchModel, config: &ModelConfig, batch: &[Pending]) -> Result<Vec<Vec<HostTensor>>, String> {
+fn forward_batch<M: LoadedModel>(model: &M, config: &ModelConfig, batch: &[Pending]) -> Result<Vec<Vec<HostTensor>>, BackendError> {
     if let [single] = batch {
         // A lone request needs no merging or splitting.
         return forward_guarded(model, &single.inputs).map(|outputs| vec![outputs]);
@@ -1052,29 +594,28 @@ fn forward_batch(model: &TorchModel, config: &ModelConfig, batch: &[Pending]) ->
     let lens: Vec<Option<u32>> = batch.iter().map(|p| p.ragged_len).collect();
     let parts: Vec<&[HostTensor]> = batch.iter().map(|p| p.inputs.as_slice()).collect();
     let merged = batch::merge(&config.inputs, &parts);
-    forward_guarded(model, &merged).and_then(|outputs| batch::split(outputs, &config.outputs, &rows, &lens))
+    forward_guarded(model, &merged)
+        .and_then(|outputs| batch::split(outputs, &config.outputs, &rows, &lens).map_err(BackendError::Output))
 }
 
-/// Loads `config`'s module on `device` and runs its warm-up passes; returns the outputs' types.
-pub fn load_and_warm_up(config: &ModelConfig, device: Device) -> Result<(TorchModel, Vec<OutputMeta>), String> {
-    let warm_up = |cast: Cast| -> Result<(TorchModel, Vec<OutputMeta>), String> {
-        let model = TorchModel::load(config, device, cast)?;
-        let inputs = backend::warmup_inputs(config);
-        let mut meta = Vec::new();
-        for _ in 0..config.warmup_runs.max(1) {
-            let outputs = forward_guarded(&model, &inputs)
-                .map_err(|e| format!("warm-up forward pass failed: {e}"))?;
-            meta = backend::output_meta(config, &outputs);
-        }
-        Ok((model, meta))
-    };
-    match warm_up(Cast::Parameters) {
-        Err(first) if config.precision != Precision::Fp32 && first.starts_with("warm-up") => {
-            // Floating buffers (batch norm statistics) must match the parameters' type.
-            warm_up(Cast::Everything).map_err(|_| first)
-        }
-        result => result,
+/// Loads `config`'s model on `device` with `backend` and runs its warm-up passes; returns the
+/// outputs' types.
+pub fn load_and_warm_up<B: Backend>(
+    backend: &B,
+    config: &ModelConfig,
+    device: Device,
+) -> Result<(B::Model, Vec<OutputMeta>), BackendError> {
+    let model = backend.load(config, device)?;
+    let inputs = warmup_inputs(&config.inputs);
+    let mut meta = Vec::new();
+    for _ in 0..config.warmup_runs.max(1) {
+        let outputs = forward_guarded(&model, &inputs).map_err(|e| match e {
+            BackendError::Forward(message) => BackendError::Forward(format!("warm-up forward pass failed: {message}")),
+            other => other,
+        })?;
+        meta = output_meta(&config.outputs, &outputs);
     }
+    Ok((model, meta))
 }
 
 /// Length of the probe row [`padding_changes_outputs`] pads, and of its longer neighbour.
@@ -1096,7 +637,7 @@ fn padding_tolerance(precision: Precision) -> f64 {
 /// over [`padding_tolerance`] (the model does not mask padding), or `None` when padding leaves
 /// the row's outputs alone. Probe values are 1 (or the nearest the declared range allows), so a
 /// mask input marks every probe position as real.
-fn padding_changes_outputs(model: &TorchModel, config: &ModelConfig) -> Option<f64> {
+fn padding_changes_outputs<M: LoadedModel>(model: &M, config: &ModelConfig) -> Option<f64> {
     if !config.inputs.iter().any(|s| s.ragged.is_some()) {
         return None;
     }
@@ -1119,7 +660,7 @@ fn padding_changes_outputs(model: &TorchModel, config: &ModelConfig) -> Option<f
                     let v = r.min.map_or(1.0, |lo| lo.max(1.0));
                     r.max.map_or(v, |hi| v.min(hi))
                 });
-                let count = crate::tensor::element_count(&shape).unwrap_or(0);
+                let count = crate::model::tensor::element_count(&shape).unwrap_or(0);
                 let data = batch::scalar_bytes(spec.dtype, value).repeat(count);
                 HostTensor { dtype: spec.dtype, shape, data }
             })
@@ -1131,7 +672,7 @@ fn padding_changes_outputs(model: &TorchModel, config: &ModelConfig) -> Option<f
     let merged = batch::merge(&config.inputs, &[&probe, &neighbour]);
     let lens = [batch::ragged_len(&config.inputs, &probe), batch::ragged_len(&config.inputs, &neighbour)];
     let padded = forward_guarded(model, &merged)
-        .and_then(|outputs| batch::split(outputs, &config.outputs, &[1, 1], &lens))
+        .and_then(|outputs| batch::split(outputs, &config.outputs, &[1, 1], &lens).map_err(BackendError::Output))
         .ok()?
         .into_iter()
         .next()?;
@@ -1152,9 +693,9 @@ fn padding_changes_outputs(model: &TorchModel, config: &ModelConfig) -> Option<f
 }
 
 /// A panic inside the backend must fail one batch, not kill the instance.
-fn forward_guarded(model: &TorchModel, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, String> {
+fn forward_guarded<M: LoadedModel>(model: &M, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.forward(inputs)))
-        .unwrap_or_else(|_| Err("the backend panicked while running forward".into()))
+        .unwrap_or(Err(BackendError::Panicked))
 }
 
 #[cfg(test)]
@@ -1162,10 +703,16 @@ mod tests {
     //! The scheduler against real TorchScript models (built by `scripts/setup.sh`).
 
     use super::*;
-    use crate::config::{BatchPolicy, DeviceChoice, InputSpec, OutputSpec, Precision, Ragged, Replicas};
-    use crate::gpu::Gpus;
-    use crate::tensor::DType;
+    use crate::fleet::placement::{Placer, Purpose};
+    use crate::model::backend::torch::{Cast, Torch, TorchModel};
+    use crate::model::handle::{InferOptions, ModelHandle};
+    use crate::model::signature::{InputSpec, OutputSpec, Ragged};
+    use crate::model::spec::{BatchPolicy, DeviceChoice, Replicas};
+    use crate::model::tensor::DType;
+    use crate::telemetry::EventLog;
     use std::path::PathBuf;
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
 
     fn model_path(name: &str) -> PathBuf {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/models").join(name);
@@ -1226,12 +773,9 @@ mod tests {
         }
     }
 
-    fn cpu_placer() -> Placer {
-        Placer::new(Gpus::with_inventory(Box::new(crate::gpu::Simulated::new(Vec::new(), Default::default())), Default::default()), 95)
-    }
-
     async fn ready(config: ModelConfig) -> ModelHandle {
-        let handle = ModelHandle::spawn(config, cpu_placer(), Arc::new(EventLog::new(16))).expect("spawn");
+        let placements = (0..config.replicas.min).map(|_| Placement::cpu()).collect();
+        let handle = ModelHandle::spawn(config, placements, Arc::new(Torch), Arc::new(EventLog::new(16))).expect("spawn");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match handle.state() {
@@ -1306,7 +850,7 @@ mod tests {
 
     /// Plans batches over a queue without any model: rows per request in arrival order.
     fn planned_rows(policy: BatchPolicy, queued: &[(u32, u8, u32)]) -> Vec<u32> {
-        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy, 1)), mpsc::channel().0, 1);
+        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy, 1)), Arc::new(Torch), mpsc::channel().0, 1);
         let mut keep = Vec::new();
         for &(rows, priority, width) in queued {
             let (reply, answer) = oneshot::channel();
@@ -1350,7 +894,7 @@ mod tests {
         let digits_batched = ready(digits(policy(16, 300))).await;
         let digits_single = ready(digits(policy(1, 0))).await;
         for seed in 1..=4u64 {
-            let mut rng = Rng(seed * 0x9E37_79B9_7F4A_7C15);
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut tasks = Vec::new();
             for _ in 0..48 {
                 let rows = 1 + rng.below(3) as u32;
@@ -1537,7 +1081,7 @@ mod tests {
         // In reduced precision the noise is larger; the probe still tells the two apart.
         for (mut reduced, masks) in [(tokenwise(policy(8, 0), 1), true), (config.clone(), false)] {
             reduced.precision = Precision::Bf16;
-            let (model, _) = load_and_warm_up(&reduced, Device::Cpu).expect("bf16 load");
+            let (model, _) = load_and_warm_up(&Torch, &reduced, Device::Cpu).expect("bf16 load");
             assert_eq!(padding_changes_outputs(&model, &reduced).is_none(), masks, "{} in bf16", reduced.name);
         }
         let handle = ready(config).await;
@@ -1675,23 +1219,13 @@ mod tests {
         blocker.await.expect("task").expect("blocker");
     }
 
-    fn test_shared(config: ModelConfig) -> Arc<Shared> {
-        Arc::new(Shared {
-            config,
-            state: Mutex::new(ModelState::Loading),
-            counters: ModelCounters::default(),
-            placer: cpu_placer(),
-            replicas: Mutex::new(Vec::new()),
-            target: AtomicU32::new(1),
-            weights: AtomicU64::new(0),
-            ragged_batching: AtomicBool::new(true),
-            events: Arc::new(EventLog::new(16)),
-        })
+    pub(crate) fn test_shared(config: ModelConfig) -> Arc<Shared> {
+        Shared::for_tests(config)
     }
 
     #[test]
     fn the_next_batch_goes_to_the_device_with_the_least_outstanding_work() {
-        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy(8, 0), 3)), mpsc::channel().0, 3);
+        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy(8, 0), 3)), Arc::new(Torch), mpsc::channel().0, 3);
         for (id, device, busy) in [(0, Device::Cuda(0), true), (1, Device::Cuda(0), false), (2, Device::Cuda(1), false)] {
             scheduler.replicas.push(Replica { slot: ReplicaSlot::new(id, device), work: None, ready: true, busy, draining: false });
         }
@@ -1712,17 +1246,18 @@ mod tests {
     #[test]
     fn a_failed_scale_up_racing_a_removal_never_drains_the_last_replica() {
         let shared = test_shared(tokenwise(policy(8, 0), 1));
-        let mut scheduler = Scheduler::new(Arc::clone(&shared), mpsc::channel().0, 1);
+        let mut scheduler = Scheduler::new(Arc::clone(&shared), Arc::new(Torch), mpsc::channel().0, 1);
         for (id, ready) in [(0, true), (1, false)] {
             let slot = ReplicaSlot::new(id, Device::Cpu);
             shared.slots().push(Arc::clone(&slot));
             scheduler.replicas.push(Replica { slot, work: None, ready, busy: false, draining: false });
         }
-        shared.target.store(2, Ordering::Release);
-        // The scaler's remove_replica lowered the target before its Remove event arrived.
-        shared.target.store(1, Ordering::Release);
-        scheduler.loaded(1, Err("out of memory".into()));
-        scheduler.handle(Event::Remove);
+        scheduler.set_target(2);
+        // The scale-up fails to load just before the scaler's removal arrives.
+        scheduler.loaded(1, Err(BackendError::Load("out of memory".into())));
+        let (reply, removed) = mpsc::sync_channel(1);
+        scheduler.handle(Command::RemoveReplica(reply));
+        assert!(!removed.recv().expect("an answer"), "the last replica was reported drained");
         assert_eq!(scheduler.replicas.len(), 1);
         assert!(!scheduler.replicas[0].draining, "the last replica was drained");
         assert_eq!(shared.target.load(Ordering::Acquire), 1);
@@ -1734,12 +1269,13 @@ mod tests {
     /// replicas give their GPU memory back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replicas_added_and_drained_under_load_lose_nothing() {
-        let gpus = crate::placement::tests::simulated(&[(4096, 0, 0), (4096, 0, 0)]);
+        let gpus = crate::fleet::placement::tests::simulated(&[(4096, 0, 0), (4096, 0, 0)]);
         let mut config = tokenwise(policy(4, 0), 1);
         config.replicas = Replicas { min: 1, max: 3 };
         config.device = DeviceChoice::Auto;
         config.memory_headroom_bytes = 256 << 20;
-        let handle = ModelHandle::spawn(config, Placer::new(Arc::clone(&gpus), 95), Arc::new(EventLog::new(16))).expect("spawn");
+        let placer = Placer::new(Arc::clone(&gpus), 95);
+        let handle = crate::fleet::start_model(&config, &placer, Arc::new(EventLog::new(16))).expect("spawn");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !matches!(handle.state(), ModelState::Ready(_)) {
             assert!(Instant::now() < deadline, "not ready: {:?}", handle.state());
@@ -1747,9 +1283,15 @@ mod tests {
         }
         assert_eq!(handle.replicas()[0].device, "cuda:0");
         // cuda:1 has more free memory now that cuda:0 holds a replica.
-        assert_eq!(handle.add_replica().expect("second"), Device::Cuda(1));
-        handle.add_replica().expect("third");
-        assert_eq!(handle.replica_target(), 3);
+        let weights = handle.load().weights;
+        let second = placer.place(handle.config(), weights, Purpose::ScaleUp).expect("second");
+        assert_eq!(second.device, Device::Cuda(1));
+        assert!(handle.add_replica(second));
+        assert!(handle.add_replica(placer.place(handle.config(), weights, Purpose::ScaleUp).expect("third")));
+        while handle.load().target < 3 {
+            assert!(Instant::now() < deadline, "target stays at {}", handle.load().target);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         while handle.replicas().iter().filter(|r| r.state == ReplicaState::Ready).count() < 3 {
             assert!(Instant::now() < deadline, "replicas not ready: {:?}", handle.replicas());
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1821,14 +1363,14 @@ mod tests {
         // Position ids in an integer buffer stay integers: the lookup works and positions past
         // 256 (not representable in bf16) still get their own embedding.
         let config = one_input_model("positions.pt", ids.clone(), "hidden", Precision::Bf16);
-        let (model, meta) = load_and_warm_up(&config, Device::Cpu).expect("positions in bf16");
+        let (model, meta) = load_and_warm_up(&Torch, &config, Device::Cpu).expect("positions in bf16");
         assert_eq!(meta[0].dtype, DType::F32);
         let long = i64_tensor(vec![1, 300], &[5; 300]);
         let out = f32_values(&model.forward(std::slice::from_ref(&long)).expect("300 positions")[0]);
         let row = |i: usize| &out[i * 16..(i + 1) * 16];
         assert_ne!(row(297), row(298), "positions 297 and 298 collapsed: the buffer was cast");
         let full = one_input_model("positions.pt", ids.clone(), "hidden", Precision::Fp32);
-        let (reference, _) = load_and_warm_up(&full, Device::Cpu).expect("fp32");
+        let (reference, _) = load_and_warm_up(&Torch, &full, Device::Cpu).expect("fp32");
         let want = f32_values(&reference.forward(std::slice::from_ref(&long)).expect("fp32 forward")[0]);
         let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(worst > 0.0 && worst < 0.1, "bf16 differs from fp32 by {worst}");
@@ -1836,13 +1378,13 @@ mod tests {
         // Batch norm's running statistics are cast with the parameters.
         let x = InputSpec::new("x", DType::F32, vec![None, Some(4)], None);
         let config = one_input_model("normed.pt", x, "y", Precision::Bf16);
-        let (model, _) = load_and_warm_up(&config, Device::Cpu).expect("batch norm in bf16");
+        let (model, _) = load_and_warm_up(&Torch, &config, Device::Cpu).expect("batch norm in bf16");
         let input = HostTensor { dtype: DType::F32, shape: vec![2, 4], data: [0.5f32; 8].iter().flat_map(|v| v.to_le_bytes()).collect() };
         assert_eq!(model.forward(&[input]).expect("forward")[0].dtype, DType::F32);
 
         // A frozen module has nothing to cast: refused, not silently served in FP32.
         let config = one_input_model("positions-frozen.pt", ids, "hidden", Precision::Bf16);
-        let error = load_and_warm_up(&config, Device::Cpu).err().expect("frozen in bf16");
+        let error = load_and_warm_up(&Torch, &config, Device::Cpu).err().expect("frozen in bf16").to_string();
         assert!(error.contains("frozen") && error.contains("precision bf16"), "{error}");
     }
 
@@ -1872,7 +1414,7 @@ mod tests {
         for (precision, tolerance) in [(Precision::Bf16, 0.25f32), (Precision::Fp16, 0.05)] {
             let mut config = digits(policy(1, 0));
             config.precision = precision;
-            let loaded = load_and_warm_up(&config, Device::Cpu);
+            let loaded = load_and_warm_up(&Torch, &config, Device::Cpu);
             match loaded.and_then(|(model, _)| model.forward(std::slice::from_ref(&input))) {
                 Ok(outputs) => {
                     let values = f32_values(&outputs[0]);
@@ -1884,6 +1426,7 @@ mod tests {
                 }
                 // FP16 kernels are optional on the CPU; where libtorch lacks one it must say so.
                 Err(e) => {
+                    let e = e.to_string();
                     assert_eq!(precision, Precision::Fp16, "bf16 must run on the CPU: {e}");
                     assert!(e.contains("Half"), "an unsupported fp16 kernel must be named: {e}");
                 }
@@ -1896,5 +1439,221 @@ mod tests {
         let outputs = model.forward(&token_request(&mut rng, 2, 5)).expect("tokenwise forward");
         assert_eq!(outputs[1].dtype, DType::F32);
         assert_eq!(outputs[1].shape, vec![2, 16]);
+    }
+}
+
+#[cfg(test)]
+mod on_a_fake_backend {
+    //! The scheduler alone, on a scripted backend: batching, isolation, cancellation and the
+    //! replica set, in milliseconds and without a model file.
+
+    use std::path::PathBuf;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::backend::fake::{Fake, Script, f32_tensor, f32_values};
+    use crate::model::handle::{InferOptions, ModelHandle};
+    use crate::model::signature::{InputSpec, OutputSpec};
+    use crate::model::spec::{BatchPolicy, DeviceChoice, Replicas};
+    use crate::model::tensor::DType;
+    use crate::telemetry::EventLog;
+
+    fn config(max_batch_size: u32, replicas: Replicas) -> ModelConfig {
+        ModelConfig {
+            name: "fake".into(),
+            path: PathBuf::from("fake.pt"),
+            device: DeviceChoice::Cpu,
+            inputs: vec![InputSpec::new("x", DType::F32, vec![None, Some(1)], None)],
+            outputs: vec![OutputSpec { name: "y".into(), ragged_dim: None }],
+            warmup_runs: 1,
+            batching: BatchPolicy {
+                max_batch_size,
+                max_queue_delay: Duration::ZERO,
+                preferred_batch_sizes: Vec::new(),
+                max_queue_size: 1000,
+                max_rows: max_batch_size,
+            },
+            replicas,
+            latency_objective: Duration::from_millis(50),
+            memory_headroom_bytes: 0,
+            threads: 1,
+            timeout: Duration::from_secs(10),
+            precision: Precision::Fp32,
+        }
+    }
+
+    fn script(forward_ms: u64) -> Fake {
+        Fake(Arc::new(Script { forward_delay: Duration::from_millis(forward_ms), ..Script::default() }))
+    }
+
+    fn spawn(config: ModelConfig, fake: &Fake) -> ModelHandle {
+        let placements = (0..config.replicas.min).map(|_| Placement::cpu()).collect();
+        ModelHandle::spawn(config, placements, Arc::new(fake.clone()), Arc::new(EventLog::new(16))).expect("spawn")
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn ready(handle: &ModelHandle) {
+        until("the model is ready", || matches!(handle.state(), ModelState::Ready(_))).await;
+    }
+
+    fn rows(values: &[f32]) -> HostTensor {
+        f32_tensor(vec![values.len() as u32, 1], values)
+    }
+
+    fn ask(handle: &ModelHandle, values: &[f32]) -> tokio::task::JoinHandle<Result<Vec<f32>, InferError>> {
+        let (handle, input) = (handle.clone(), rows(values));
+        tokio::spawn(async move {
+            let outputs = handle.infer(vec![input], InferOptions::default()).await?;
+            Ok(f32_values(&outputs[0]))
+        })
+    }
+
+    /// Starts a request that holds the only replica for the script's forward delay and returns
+    /// once its pass runs, so what is sent next queues.
+    async fn occupy(handle: &ModelHandle) -> tokio::task::JoinHandle<Result<Vec<f32>, InferError>> {
+        let before = handle.counters().executions.load(Ordering::Relaxed);
+        let blocker = ask(handle, &[1000.0]);
+        until("the blocker runs", || handle.counters().executions.load(Ordering::Relaxed) > before).await;
+        blocker
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn merged_batches_answer_each_caller_exactly_its_own_rows() {
+        let fake = script(20);
+        let handle = spawn(config(8, Replicas::fixed(1)), &fake);
+        ready(&handle).await;
+        let blocker = occupy(&handle).await;
+        let mut callers = Vec::new();
+        for i in 0..30u16 {
+            let values: Vec<f32> = (0..1 + i % 3).map(|r| f32::from(i * 10 + r)).collect();
+            callers.push((values.clone(), ask(&handle, &values)));
+        }
+        until("all 30 wait", || handle.counters().queued.load(Ordering::Relaxed) == 30).await;
+        for (values, caller) in callers {
+            let want: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+            assert_eq!(caller.await.expect("task").expect("answer"), want);
+        }
+        blocker.await.expect("task").expect("blocker");
+        let passes = fake.0.passes();
+        // One warm-up, the blocker, then the 30 queued requests in merged passes of <= 8 rows.
+        assert!(passes.len() < 2 + 30, "nothing was batched: {} passes", passes.len());
+        assert!(passes.iter().all(|p| p.len() <= 8), "a pass over max_batch_size: {passes:?}");
+        assert_eq!(handle.counters().inferences.load(Ordering::Relaxed), 31);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_fails_the_backend_fails_alone_and_its_neighbours_get_their_answers() {
+        let fake = script(30);
+        let handle = spawn(config(16, Replicas::fixed(1)), &fake);
+        ready(&handle).await;
+        let blocker = occupy(&handle).await;
+        let good: Vec<_> = (1..=7).map(|i| (i as f32, ask(&handle, &[i as f32]))).collect();
+        let bad = ask(&handle, &[-1.0]);
+        let more: Vec<_> = (8..=11).map(|i| (i as f32, ask(&handle, &[i as f32]))).collect();
+        until("all 12 wait", || handle.counters().queued.load(Ordering::Relaxed) == 12).await;
+        let error = bad.await.expect("task").expect_err("the bad request fails");
+        assert!(matches!(&error, InferError::Runtime { message, .. } if message.contains("negative input")), "{error:?}");
+        for (v, caller) in good.into_iter().chain(more) {
+            assert_eq!(caller.await.expect("task").expect("a neighbour's answer"), vec![v * 2.0]);
+        }
+        blocker.await.expect("task").expect("blocker");
+        assert!(handle.counters().isolated.load(Ordering::Relaxed) >= 1);
+        // Bisection: a handful of extra passes, not one per request.
+        let failed = fake.0.passes().iter().filter(|p| p.contains(&-1.0)).count();
+        assert!((2..=5).contains(&failed), "the bad row ran in {failed} passes");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_gives_up_is_never_run() {
+        let fake = script(20);
+        let handle = spawn(config(8, Replicas::fixed(1)), &fake);
+        ready(&handle).await;
+        let blocker = occupy(&handle).await;
+        let gone = ask(&handle, &[77.0]);
+        until("the request queues", || handle.counters().queued.load(Ordering::Relaxed) == 1).await;
+        gone.abort();
+        let _ = gone.await;
+        blocker.await.expect("task").expect("blocker");
+        assert_eq!(ask(&handle, &[5.0]).await.expect("task").expect("answer"), vec![10.0]);
+        assert!(!fake.0.passes().iter().any(|p| p.contains(&77.0)), "a withdrawn request ran");
+        assert_eq!(handle.counters().dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(handle.counters().queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_and_a_short_timeout_gives_up() {
+        let fake = script(30);
+        let mut c = config(1, Replicas::fixed(1));
+        c.batching.max_queue_size = 2;
+        let handle = spawn(c, &fake);
+        ready(&handle).await;
+        let blocker = occupy(&handle).await;
+        let queued: Vec<_> = (0..2).map(|i| ask(&handle, &[i as f32])).collect();
+        until("two wait", || handle.counters().queued.load(Ordering::Relaxed) == 2).await;
+        let refused = ask(&handle, &[9.0]).await.expect("task");
+        assert!(matches!(refused, Err(InferError::Overloaded(_))), "{refused:?}");
+        for q in queued {
+            q.await.expect("task").expect("queued requests run");
+        }
+        blocker.await.expect("task").expect("blocker");
+        let blocker = occupy(&handle).await;
+        let short = InferOptions { priority: 0, timeout: Some(Duration::from_millis(1)) };
+        let timed_out = handle.infer(vec![rows(&[1.0])], short).await;
+        assert!(matches!(timed_out, Err(InferError::Timeout { .. })), "{timed_out:?}");
+        blocker.await.expect("task").expect("blocker");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_come_and_go_by_command_and_the_last_one_stays() {
+        let fake = script(5);
+        let handle = spawn(config(4, Replicas { min: 1, max: 4 }), &fake);
+        ready(&handle).await;
+        assert_eq!(handle.load().target, 1);
+        assert!(handle.add_replica(Placement::cpu()));
+        assert!(handle.add_replica(Placement::cpu()));
+        until("three replicas are ready", || handle.load().ready == 3).await;
+        assert_eq!(handle.load().target, 3);
+        // Work spreads while replicas are drained under it, and nothing is lost.
+        let callers: Vec<_> = (0..60).map(|i| (i as f32, ask(&handle, &[i as f32]))).collect();
+        until("work spreads", || handle.replicas().iter().filter(|r| r.batches > 0).count() >= 2).await;
+        assert!(handle.remove_replica());
+        assert!(handle.remove_replica());
+        assert!(!handle.remove_replica(), "the last replica was drained");
+        assert_eq!(handle.load().target, 1);
+        for (v, caller) in callers {
+            assert_eq!(caller.await.expect("task").expect("no request is lost"), vec![v * 2.0]);
+        }
+        until("drained replicas go", || handle.replicas().len() == 1).await;
+
+        // A scale-up whose load fails leaves the target where it was, and the model serving.
+        fake.0.fail_loads.store(1, Ordering::Release);
+        assert!(handle.add_replica(Placement::cpu()));
+        until("the failed replica is forgotten", || {
+            fake.0.fail_loads.load(Ordering::Acquire) == 0 && handle.replicas().len() == 1 && handle.load().target == 1
+        })
+        .await;
+        assert!(matches!(handle.state(), ModelState::Ready(_)));
+        assert_eq!(ask(&handle, &[3.0]).await.expect("task").expect("still serving"), vec![6.0]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_whose_first_load_fails_says_why_and_refuses_work() {
+        let fake = script(0);
+        fake.0.fail_loads.store(1, Ordering::Release);
+        let handle = spawn(config(4, Replicas::fixed(1)), &fake);
+        until("the load fails", || matches!(handle.state(), ModelState::Failed(_))).await;
+        let ModelState::Failed(reason) = handle.state() else { panic!("{:?}", handle.state()) };
+        assert!(reason.contains("scripted load failure"), "{reason}");
+        let refused = ask(&handle, &[1.0]).await.expect("task");
+        assert!(matches!(refused, Err(InferError::NotReady { .. })), "{refused:?}");
+        assert!(handle.replicas().is_empty(), "a failed replica stays listed: {:?}", handle.replicas());
     }
 }

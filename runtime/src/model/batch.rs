@@ -2,8 +2,8 @@
 //! dimension, padding of ragged dimensions, and slicing outputs back to each caller's rows and
 //! length. Pure byte work, no libtorch, so it is tested exhaustively on its own.
 
-use crate::config::{InputSpec, OutputSpec};
-use crate::tensor::{DType, HostTensor};
+use crate::model::signature::{InputSpec, OutputSpec};
+use crate::model::tensor::{DType, HostTensor};
 
 /// What must match for two requests to share a batch: every input's dimensions except the
 /// batch dimension and its ragged one.
@@ -80,7 +80,7 @@ pub fn merge(specs: &[InputSpec], requests: &[&[HostTensor]]) -> Vec<HostTensor>
                     let elem = first.dtype.size();
                     let pad = scalar_bytes(first.dtype, ragged.pad);
                     let mut data = Vec::with_capacity(
-                        crate::tensor::byte_len(first.dtype, &shape).unwrap_or(0),
+                        crate::model::tensor::byte_len(first.dtype, &shape).unwrap_or(0),
                     );
                     for t in &parts {
                         let (rows, outer, len, inner) = around(&t.shape, ragged.dim, elem);
@@ -148,7 +148,7 @@ pub fn split(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Ragged;
+    use crate::model::signature::Ragged;
 
     fn i64s(shape: &[u32], v: &[i64]) -> HostTensor {
         HostTensor {

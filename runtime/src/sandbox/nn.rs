@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::executor::{InferError, InferOptions, ModelHandle};
-use crate::tensor::{DType, HostTensor};
+use crate::model::handle::{InferError, InferOptions, ModelHandle};
+use crate::model::tensor::{DType, HostTensor};
 
 mod generated {
     wasmtime::component::bindgen!({

@@ -5,8 +5,51 @@
 
 use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
 
-use crate::config::{Device, ModelConfig, Precision};
-use crate::tensor::{DType, HostTensor};
+use super::{Backend, BackendError, LoadedModel};
+use crate::model::device::Device;
+use crate::model::spec::{ModelConfig, Precision};
+use crate::model::signature::warmup_inputs;
+use crate::model::tensor::{DType, HostTensor};
+
+/// The libtorch backend: TorchScript files, on the CPU or a CUDA device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Torch;
+
+impl Backend for Torch {
+    type Model = TorchModel;
+
+    /// Loads the module, with this thread's libtorch pool sized to `config.threads`. In reduced
+    /// precision, floating parameters are cast first; when a first pass on zero inputs then
+    /// fails, the model needs its floating buffers cast too (batch norm's running statistics),
+    /// and it is loaded again with everything cast.
+    fn load(&self, config: &ModelConfig, device: Device) -> Result<TorchModel, BackendError> {
+        // Applies to this thread's own parallel regions, so replicas do not share one pool.
+        tch::set_num_threads(config.threads as i32);
+        let model = TorchModel::load(config, device, Cast::Parameters)?;
+        if config.precision == Precision::Fp32 {
+            return Ok(model);
+        }
+        match model.forward(&warmup_inputs(&config.inputs)) {
+            Err(BackendError::Forward(first)) => {
+                TorchModel::load(config, device, Cast::Everything).and_then(|model| match model.forward(&warmup_inputs(&config.inputs)) {
+                    Ok(_) => Ok(model),
+                    Err(_) => Err(BackendError::Forward(first)),
+                })
+            }
+            _ => Ok(model),
+        }
+    }
+}
+
+impl LoadedModel for TorchModel {
+    fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
+        TorchModel::forward(self, inputs)
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        TorchModel::weight_bytes(self)
+    }
+}
 
 /// What a reduced precision converts. libtorch's C++ API casts a module's parameters and
 /// buffers alike, integer buffers included (position ids, for one), and tch cannot reach the
@@ -27,16 +70,7 @@ pub struct TorchModel {
     reduced: Option<Kind>,
 }
 
-/// The dtype and shape of one output, as seen at warm-up (batch dimension reported as dynamic).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputMeta {
-    pub name: String,
-    pub dtype: DType,
-    /// `None` where the dimension followed the batch (dimension 0).
-    pub shape: Vec<Option<u32>>,
-}
-
-fn tch_device(device: Device) -> Result<TchDevice, String> {
+fn tch_device(device: Device) -> Result<TchDevice, BackendError> {
     match device {
         Device::Cpu => Ok(TchDevice::Cpu),
         Device::Cuda(n) => {
@@ -44,9 +78,9 @@ fn tch_device(device: Device) -> Result<TchDevice, String> {
             if n < available {
                 Ok(TchDevice::Cuda(n))
             } else {
-                Err(format!(
+                Err(BackendError::Device(format!(
                     "device cuda:{n} is not available (libtorch sees {available} CUDA devices)"
-                ))
+                )))
             }
         }
     }
@@ -80,18 +114,18 @@ fn dtype(kind: Kind) -> Option<DType> {
 impl TorchModel {
     /// Loads the module named by `config` onto `device`; in reduced precision, `cast` says what
     /// is converted.
-    pub fn load(config: &ModelConfig, device: Device, cast: Cast) -> Result<TorchModel, String> {
+    pub fn load(config: &ModelConfig, device: Device, cast: Cast) -> Result<TorchModel, BackendError> {
         // The profiling executor specializes a graph to the shapes of its first runs and falls
         // back to a slow path for any other shape; served shapes vary (batch sizes, sequence
         // lengths), which made MiniLM ~60% slower than the same forward at a fixed shape.
         tch::jit::set_profiling_mode(false);
         let device = tch_device(device)?;
         let mut module = CModule::load_on_device(&config.path, device).map_err(|e| {
-            format!(
+            BackendError::Load(format!(
                 "cannot load TorchScript file {}: {}",
                 config.path.display(),
                 torch_reason(&e.to_string())
-            )
+            ))
         })?;
         module.set_eval();
         let reduced = match config.precision {
@@ -102,21 +136,23 @@ impl TorchModel {
         if let Some(kind) = reduced {
             let params = module
                 .named_parameters()
-                .map_err(|e| format!("cannot read the module's parameters: {e}"))?;
+                .map_err(|e| BackendError::Load(format!("cannot read the module's parameters: {e}")))?;
             let floating: Vec<Tensor> = params.into_iter().map(|(_, t)| t).filter(Tensor::is_floating_point).collect();
             if floating.is_empty() {
-                return Err(format!(
+                return Err(BackendError::Load(format!(
                     "precision {} needs floating-point parameters to cast, and {} has none: a frozen \
                      TorchScript module (torch.jit.freeze) keeps its weights as constants. Export it \
                      without freezing, or in the precision wanted and serve it as fp32",
                     config.precision,
                     config.path.display()
-                ));
+                )));
             }
             match cast {
                 Cast::Parameters => {
                     for mut t in floating {
-                        let cast = t.f_to_kind(kind).map_err(|e| format!("cannot cast a parameter to {kind:?}: {e}"))?;
+                        let cast = t
+                            .f_to_kind(kind)
+                            .map_err(|e| BackendError::Load(format!("cannot cast a parameter to {kind:?}: {e}")))?;
                         t.set_data(&cast);
                     }
                 }
@@ -148,7 +184,7 @@ impl TorchModel {
     ///
     /// Returns one tensor per configured output name, in order; a module that returns fewer
     /// tensors than configured is an error, extra ones are ignored.
-    pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, String> {
+    pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
         tch::no_grad(|| {
             let args = inputs
                 .iter()
@@ -157,15 +193,15 @@ impl TorchModel {
             let out = self
                 .module
                 .forward_is(&args)
-                .map_err(|e| format!("forward failed: {}", torch_reason(&e.to_string())))?;
+                .map_err(|e| BackendError::Forward(format!("forward failed: {}", torch_reason(&e.to_string()))))?;
             let mut tensors = Vec::with_capacity(self.output_names);
             flatten_outputs(out, &mut tensors)?;
             if tensors.len() < self.output_names {
-                return Err(format!(
+                return Err(BackendError::Output(format!(
                     "the model returned {} tensors but {} outputs are configured",
                     tensors.len(),
                     self.output_names
-                ));
+                )));
             }
             tensors.truncate(self.output_names);
             tensors
@@ -174,7 +210,7 @@ impl TorchModel {
                     // Back to the FP32 a guest expects of a model served in reduced precision.
                     Some(_) if t.is_floating_point() => t
                         .f_to_kind(Kind::Float)
-                        .map_err(|e| format!("cannot cast output to FP32: {e}"))
+                        .map_err(|e| BackendError::Output(format!("cannot cast output to FP32: {e}")))
                         .and_then(|t| from_torch(&t)),
                     _ => from_torch(t),
                 })
@@ -182,26 +218,26 @@ impl TorchModel {
         })
     }
 
-    fn to_torch(&self, t: &HostTensor) -> Result<Tensor, String> {
+    fn to_torch(&self, t: &HostTensor) -> Result<Tensor, BackendError> {
         let shape: Vec<i64> = t.shape.iter().map(|&d| i64::from(d)).collect();
         let cpu = Tensor::f_from_data_size(&t.data, &shape, kind(t.dtype))
-            .map_err(|e| format!("cannot build input tensor: {e}"))?;
+            .map_err(|e| BackendError::Forward(format!("cannot build input tensor: {e}")))?;
         let on_device = if self.device == TchDevice::Cpu {
             cpu
         } else {
             cpu.f_to_device(self.device)
-                .map_err(|e| format!("cannot move input to {:?}: {e}", self.device))?
+                .map_err(|e| BackendError::Forward(format!("cannot move input to {:?}: {e}", self.device)))?
         };
         match self.reduced {
             Some(kind) if t.dtype.is_float() => on_device
                 .f_to_kind(kind)
-                .map_err(|e| format!("cannot cast input to {kind:?}: {e}")),
+                .map_err(|e| BackendError::Forward(format!("cannot cast input to {kind:?}: {e}"))),
             _ => Ok(on_device),
         }
     }
 }
 
-fn flatten_outputs(value: IValue, out: &mut Vec<Tensor>) -> Result<(), String> {
+fn flatten_outputs(value: IValue, out: &mut Vec<Tensor>) -> Result<(), BackendError> {
     match value {
         IValue::Tensor(t) => out.push(t),
         IValue::Tuple(items) | IValue::GenericList(items) => {
@@ -211,10 +247,10 @@ fn flatten_outputs(value: IValue, out: &mut Vec<Tensor>) -> Result<(), String> {
         }
         IValue::TensorList(ts) => out.extend(ts),
         other => {
-            return Err(format!(
+            return Err(BackendError::Output(format!(
                 "the model returned a value Kiln cannot map to tensors: {}",
                 ivalue_kind(&other)
-            ));
+            )));
         }
     }
     Ok(())
@@ -233,59 +269,24 @@ fn ivalue_kind(v: &IValue) -> &'static str {
     }
 }
 
-fn from_torch(t: &Tensor) -> Result<HostTensor, String> {
+fn from_torch(t: &Tensor) -> Result<HostTensor, BackendError> {
+    let output = |message: String| BackendError::Output(message);
     let dtype = dtype(t.kind())
-        .ok_or_else(|| format!("the model returned a {:?} tensor, which Kiln cannot carry", t.kind()))?;
+        .ok_or_else(|| output(format!("the model returned a {:?} tensor, which Kiln cannot carry", t.kind())))?;
     let t = t
         .f_to_device(TchDevice::Cpu)
         .and_then(|t| t.f_contiguous())
-        .map_err(|e| format!("cannot read output: {e}"))?;
+        .map_err(|e| output(format!("cannot read output: {e}")))?;
     let shape = t
         .size()
         .iter()
-        .map(|&d| u32::try_from(d).map_err(|_| format!("output dimension {d} is out of range")))
-        .collect::<Result<Vec<u32>, String>>()?;
+        .map(|&d| u32::try_from(d).map_err(|_| output(format!("output dimension {d} is out of range"))))
+        .collect::<Result<Vec<u32>, BackendError>>()?;
     let numel = t.numel();
     let mut data = vec![0u8; numel * dtype.size()];
     t.f_copy_data_u8(&mut data, numel)
-        .map_err(|e| format!("cannot copy output: {e}"))?;
+        .map_err(|e| output(format!("cannot copy output: {e}")))?;
     Ok(HostTensor { dtype, shape, data })
-}
-
-/// Zero-filled inputs with every dynamic dimension set to 1, for warm-up.
-pub fn warmup_inputs(config: &ModelConfig) -> Vec<HostTensor> {
-    config
-        .inputs
-        .iter()
-        .map(|spec| {
-            let shape: Vec<u32> = spec.shape.iter().map(|d| d.unwrap_or(1)).collect();
-            let bytes = shape.iter().map(|&d| d as usize).product::<usize>() * spec.dtype.size();
-            HostTensor {
-                dtype: spec.dtype,
-                shape,
-                data: vec![0; bytes],
-            }
-        })
-        .collect()
-}
-
-/// Output metadata from a warm-up result: dimension 0 is the batch and so dynamic.
-pub fn output_meta(config: &ModelConfig, outputs: &[HostTensor]) -> Vec<OutputMeta> {
-    config
-        .outputs
-        .iter()
-        .zip(outputs)
-        .map(|(spec, t)| OutputMeta {
-            name: spec.name.clone(),
-            dtype: t.dtype,
-            shape: t
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| (i != 0).then_some(d))
-                .collect(),
-        })
-        .collect()
 }
 
 /// libtorch errors carry a TorchScript traceback and a C++ backtrace; callers only need the

@@ -6,6 +6,8 @@
 //! for a handler that does not exist is counted under `(unknown)`, so a client cannot grow the
 //! metrics without bound.
 
+pub mod histogram;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -14,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use kiln_wire::{EventKind, RouteStats, ServerEvent};
 use tokio::sync::broadcast;
 
-use crate::histogram::AtomicHistogram;
+use crate::telemetry::histogram::AtomicHistogram;
 
 /// Longest guest-trap message kept in an event, in bytes.
 const MAX_MESSAGE: usize = 500;
@@ -24,10 +26,16 @@ pub const UNKNOWN: &str = "(unknown)";
 /// The label for requests without a valid tenant key.
 pub const ANONYMOUS: &str = "(none)";
 
+/// Milliseconds since the Unix epoch: the one clock every timestamp Kiln writes is read from.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds() -> u64 {
+    unix_ms() / 1000
 }
 
 /// Recent events and a feed of new ones.

@@ -1,11 +1,16 @@
-//! Tenants at run time: their rate and concurrency quotas, their share of the sandbox pool, and
-//! the gate their long-running guests take turns through for CPU.
+//! Tenants: who they are and what they may use ([`TenantConfig`], [`Quota`]); at run time their
+//! rate and concurrency quotas, their share of the sandbox pool, and the gate their long-running
+//! guests take turns through for CPU. Beside them: API keys and signatures ([`keys`]) and the
+//! audit log ([`audit`]).
+
+pub mod audit;
+pub mod keys;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::TenantConfig;
+use crate::sandbox::SandboxLimits;
 
 /// A tenant's live state.
 #[derive(Debug)]
@@ -178,6 +183,33 @@ impl TokenBucket {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
+}
+
+/// A tenant: who may call which handlers, see which models, and within what limits.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub name: String,
+    /// The models this tenant's handlers (and its OIP calls) may use.
+    pub models: Vec<String>,
+    /// When set, every deployment for this tenant must carry an Ed25519 signature by this key.
+    pub signing_key: Option<[u8; 32]>,
+    pub quota: Quota,
+}
+
+/// A tenant's limits. Handlers may tighten the sandbox limits, never loosen them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quota {
+    /// Sustained request rate (token bucket refill); over it → 429 with `Retry-After`.
+    pub requests_per_second: f64,
+    /// Requests that may arrive at once above the sustained rate (bucket size).
+    pub burst: u32,
+    /// Requests in flight at once, response bodies and guests still running included; over it
+    /// → 429.
+    pub max_concurrent: u32,
+    /// Sandboxes of the server's pool this tenant's guests may hold at once; over it → 429.
+    pub max_instances: u32,
+    pub max_body_bytes: usize,
+    pub limits: SandboxLimits,
 }
 
 #[cfg(test)]

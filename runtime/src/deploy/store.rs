@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! state/
-//!   admin.keys              key records (see keys.rs)
+//!   admin.keys              key records (see tenancy/keys.rs)
 //!   tenant-keys/NAME.keys
 //!   blobs/SHA256.wasm       component bytes, named by their hash
 //!   handlers/NAME.json      one manifest per deployed handler, naming its blob
@@ -15,66 +15,14 @@
 //! start with `.kiln-tmp-`, which no valid handler or tenant name can (names never start with
 //! `.`). A manifest that cannot be loaded is moved to `quarantine/` with its blob, never deleted.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write as _};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::HandlerSettings;
-
-/// Every temporary file's name starts with this; a valid name cannot (see `check_name`).
-const TEMP_PREFIX: &str = ".kiln-tmp-";
-
-/// Writes `bytes` to `path` so that readers see the old content or the new, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(
-        "{TEMP_PREFIX}{}-{}-{name}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    // Makes the rename itself durable. Folders cannot be opened this way on every platform.
-    match File::open(dir) {
-        Ok(d) => d.sync_all().or(Ok(())),
-        Err(_) => Ok(()),
-    }
-}
-
-/// Hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use crate::deploy::HandlerSettings;
+use crate::files::{TEMP_PREFIX, sha256_hex, sync_dir, write_atomic};
 
 /// What is recorded about one deployed handler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,8 +49,8 @@ impl Deployment {
         let manifest = self.settings.signed_manifest(&self.name, &self.tenant, &self.sha256);
         self.signature
             .as_deref()
-            .and_then(crate::keys::decode_base64)
-            .is_some_and(|sig| crate::keys::verify_signature(public, manifest.as_bytes(), &sig))
+            .and_then(crate::tenancy::keys::decode_base64)
+            .is_some_and(|sig| crate::tenancy::keys::verify_signature(public, manifest.as_bytes(), &sig))
     }
 }
 
@@ -187,9 +135,7 @@ impl Store {
             .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
             .and_then(|v| v["sha256"].as_str().map(str::to_owned))
             .filter(|sha| sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()));
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let stamp = crate::telemetry::unix_seconds();
         let mut moved = vec![manifest.to_path_buf()];
         if let Some(sha) = named_blob {
             moved.push(self.blob(&sha));
@@ -259,6 +205,7 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     pub(crate) fn temp_dir(name: &str) -> PathBuf {
         static N: AtomicU64 = AtomicU64::new(0);
@@ -328,12 +275,12 @@ pub(crate) mod tests {
         let dir = temp_dir("names");
         let store = Store::open(&dir).expect("open");
         for name in ["a.tmp.b", "x.tmp.1.0", "kiln-tmp-z"] {
-            crate::config::check_name(name).expect("a valid name");
+            crate::deploy::check_name(name).expect("a valid name");
             store.save(&deployment(name, name.as_bytes()), name.as_bytes()).expect("save");
         }
         let loaded = Store::open(&dir).expect("reopen").load_all().expect("load");
         assert_eq!(loaded.len(), 3, "{loaded:?}");
-        assert!(crate::config::check_name(".kiln-tmp-1-0-a").is_err(), "no valid name is a temp name");
+        assert!(crate::deploy::check_name(".kiln-tmp-1-0-a").is_err(), "no valid name is a temp name");
     }
 
     /// A manifest that cannot be read keeps its blob: both go to quarantine, not to garbage.

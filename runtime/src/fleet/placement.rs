@@ -10,18 +10,10 @@ use std::sync::Arc;
 
 use kiln_wire::GpuInfo;
 
-use crate::config::{Device, DeviceChoice, ModelConfig};
-use crate::gpu::{Booking, Gpus};
+use crate::model::device::{Device, Placement};
 
-/// Where a replica goes, and the GPU memory booked for it.
-#[derive(Debug)]
-pub struct Placement {
-    /// The device the operator sees (`cuda:N` for a simulated GPU too).
-    pub device: Device,
-    /// Where libtorch runs it: the CPU for a simulated GPU.
-    pub run_on: Device,
-    pub booking: Option<Booking>,
-}
+use crate::model::spec::{DeviceChoice, ModelConfig};
+use crate::fleet::gpu::Gpus;
 
 /// Why no device could take a replica.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,13 +82,13 @@ impl Placer {
     /// books its memory there.
     pub fn place(&self, model: &ModelConfig, weights: u64, purpose: Purpose) -> Result<Placement, PlacementError> {
         let sample = match model.device {
-            DeviceChoice::Cpu => return Ok(cpu()),
+            DeviceChoice::Cpu => return Ok(Placement::cpu()),
             // A fresh sample: a decision on a second-old one could double-book a GPU.
             _ => self.gpus.refresh(),
         };
         let allowed: Vec<&GpuInfo> = match &model.device {
             DeviceChoice::Cpu => Vec::new(),
-            DeviceChoice::Auto if sample.is_empty() => return Ok(cpu()),
+            DeviceChoice::Auto if sample.is_empty() => return Ok(Placement::cpu()),
             DeviceChoice::Auto => sample.iter().collect(),
             DeviceChoice::Gpus(list) => {
                 let allowed: Vec<&GpuInfo> = sample.iter().filter(|g| list.contains(&(g.index as usize))).collect();
@@ -138,7 +130,7 @@ impl Placer {
                 Ok(Placement {
                     device,
                     run_on: if gpu.simulated { Device::Cpu } else { device },
-                    booking: Some(self.gpus.ledger.book(gpu.index, need)),
+                    reservation: Some(Box::new(self.gpus.ledger.book(gpu.index, need))),
                 })
             }
             None if fits_but_busy => Err(PlacementError::Busy {
@@ -157,19 +149,12 @@ impl Placer {
     }
 }
 
-fn cpu() -> Placement {
-    Placement {
-        device: Device::Cpu,
-        run_on: Device::Cpu,
-        booking: None,
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{BatchPolicy, Precision, Replicas, SimulatedGpuConfig, SimulatedStep};
-    use crate::gpu::{Ledger, Simulated};
+    use crate::model::spec::{BatchPolicy, Precision, Replicas};
+    use crate::fleet::gpu::{SimulatedGpuConfig, SimulatedStep};
+    use crate::fleet::gpu::{Ledger, Simulated};
     use std::time::Duration;
 
     /// Simulated GPUs with `(total MiB, used MiB, utilization %)`, constant over time.

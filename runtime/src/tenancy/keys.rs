@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -19,7 +18,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
 use ring::hmac;
 
-use crate::state::write_atomic;
+use crate::files::write_atomic;
 
 const PREFIX: &str = "kiln_";
 const RECORD_VERSION: &str = "v1";
@@ -101,9 +100,7 @@ pub fn generate() -> Result<(String, KeyRecord), KeyError> {
     let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
     let secret = URL_SAFE_NO_PAD.encode(secret);
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &salt), secret.as_bytes());
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let created = crate::telemetry::unix_seconds();
     let record = KeyRecord {
         id: id.clone(),
         salt,
@@ -412,6 +409,15 @@ pub enum KeyError {
     },
 }
 
+/// An Ed25519 public key as written in config: 32 bytes, base64 (standard or URL-safe).
+pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes = crate::tenancy::keys::decode_base64(text.trim())
+        .ok_or_else(|| "not base64 (expected the public key `kiln keygen` prints)".to_owned())?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        format!("the key is {} bytes; an Ed25519 public key is 32 bytes", bytes.len())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,7 +426,7 @@ mod tests {
     /// is the same): every added key is kept, every removed one gone.
     #[test]
     fn concurrent_key_changes_lose_nothing() {
-        let dir = crate::state::tests::temp_dir("key-race");
+        let dir = crate::deploy::store::tests::temp_dir("key-race");
         let tenant = Principal::Tenant("acme".into());
         let doomed: Vec<String> = (0..8).map(|_| add(&dir, &tenant).expect("add")).collect();
         let id = |key: &str| key["kiln_".len().."kiln_".len() + 16].to_owned();
@@ -448,7 +454,7 @@ mod tests {
 
     #[test]
     fn a_generated_key_verifies_and_near_misses_do_not() {
-        let dir = crate::state::tests::temp_dir("keys");
+        let dir = crate::deploy::store::tests::temp_dir("keys");
         let tenant = Principal::Tenant("acme".into());
         let key = add(&dir, &tenant).expect("add");
         let admin = add(&dir, &Principal::Admin).expect("add admin");
@@ -503,7 +509,7 @@ mod tests {
         assert!(!verify_signature(&other, &bytes, &sig));
         assert!(!verify_signature(&public, &bytes, &sig[..63]));
         let text = encode_base64(&public);
-        assert_eq!(crate::config::parse_public_key(&text), Ok(public));
-        assert!(crate::config::parse_public_key("abc").is_err());
+        assert_eq!(crate::tenancy::keys::parse_public_key(&text), Ok(public));
+        assert!(crate::tenancy::keys::parse_public_key("abc").is_err());
     }
 }

@@ -7,33 +7,36 @@
 //! component is accepted, and the response-size cap. The WASI context grants nothing: no files,
 //! no environment, no sockets, no outgoing HTTP.
 
+mod limits;
+mod log;
+pub mod nn;
+
 use std::collections::HashMap;
-use std::pin::Pin;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use tokio::io::AsyncWrite;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
     Trap, UpdateDeadline,
 };
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode as HttpErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::config::{HandlerConfig, SandboxLimits};
-use crate::executor::{InferOptions, ModelHandle};
-use crate::histogram::AtomicHistogram;
-use crate::nn::{self, NnCtx, NnLimits, NnState, NnView};
+use crate::model::handle::{InferOptions, ModelHandle};
+use crate::telemetry::histogram::AtomicHistogram;
+pub use limits::SandboxLimits;
+use limits::{CappedBody, GuestLimits};
+use log::{GuestLog, LogBudget};
+use nn::{NnCtx, NnLimits, NnState, NnView};
 
 /// How often the engine's epoch advances: the granularity of deadlines and of yielding. A busy
 /// guest gives its worker thread back every tick, so this bounds how long it can delay others.
@@ -88,17 +91,6 @@ const KEEP_RESIDENT: usize = 384 << 10;
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 16;
 const MAX_MEMORIES_PER_COMPONENT: u32 = 2;
 const MAX_TABLES_PER_COMPONENT: u32 = 8;
-
-/// Guest tables never need more than this many elements; more is an attack.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
-
-/// Lines a guest writes to stdout/stderr are cut at this length in the log.
-const MAX_LOG_LINE: usize = 4096;
-
-/// What one request may write to the server log through its guest (stdout, stderr and denied
-/// outgoing requests together): then one "truncated" line, and nothing more.
-const LOG_BUDGET_LINES: u32 = 100;
-const LOG_BUDGET_BYTES: usize = 64 << 10;
 
 /// A request's response, with the body still streaming from the guest.
 pub type GuestResponse = http::Response<HyperOutgoingBody>;
@@ -221,6 +213,23 @@ pub struct Sandbox {
     engine: Engine,
     linker: Arc<Linker<RequestState>>,
     metered: bool,
+    activity: Arc<Activity>,
+}
+
+/// What every guest of one engine shares: how long instantiating takes (the sandbox's own cost
+/// per request, over every request since start) and how many guests run now. The engine owns
+/// it; its handlers write it, the metrics read it.
+#[derive(Debug, Default)]
+pub struct Activity {
+    pub instantiation: AtomicHistogram,
+    running: AtomicUsize,
+}
+
+impl Activity {
+    /// Guests executing now, across all handlers of the engine.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
 }
 
 impl Sandbox {
@@ -270,6 +279,7 @@ impl Sandbox {
             engine,
             linker: Arc::new(linker),
             metered,
+            activity: Arc::default(),
         })
     }
 
@@ -313,7 +323,13 @@ impl Sandbox {
             max_priority: config.max_priority,
             models: Arc::new(models),
             origin,
+            activity: Arc::clone(&self.activity),
         })
+    }
+
+    /// Instantiation times and running guests, over every handler of this engine.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 }
 
@@ -345,10 +361,6 @@ fn start_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
     Ok(())
 }
 
-/// How long instantiating a guest takes (a fresh store from the pre-instance), over every
-/// request since start: the sandbox's own cost per request.
-pub static INSTANTIATION: AtomicHistogram = AtomicHistogram::new();
-
 /// A compiled, pre-instantiated handler. Each call runs in a fresh store.
 pub struct Handler {
     name: Arc<str>,
@@ -360,6 +372,7 @@ pub struct Handler {
     max_priority: u8,
     models: Arc<HashMap<String, ModelHandle>>,
     origin: Origin,
+    activity: Arc<Activity>,
 }
 
 /// What a call brings from its tenant: things to hold for as long as the guest runs, and the
@@ -447,6 +460,7 @@ impl Handler {
         let outparam = data.http().new_response_outparam(sender).map_err(internal)?;
 
         let pre = self.pre.clone();
+        let activity = Arc::clone(&self.activity);
         let name = Arc::clone(&self.name);
         let limits = self.limits.clone();
         let budget = self.limits.deadline;
@@ -454,11 +468,11 @@ impl Handler {
             // The tenant's slots stay taken until the guest is gone, not just its answer: a
             // guest that answers and then computes on still holds a sandbox and a core.
             let _held = held;
-            let _running = Running::enter();
+            let _running = Running::enter(&activity);
             let run = async {
                 let instantiating = Instant::now();
                 let proxy = pre.instantiate_async(&mut store).await?;
-                INSTANTIATION.record(instantiating.elapsed());
+                activity.instantiation.record(instantiating.elapsed());
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, incoming, outparam)
@@ -588,6 +602,7 @@ impl Handler {
         let mut busy_ticks: u32 = 0;
         // The turn this guest holds at its tenant's CPU gate, once it is long-running.
         let turn: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
+        let activity = Arc::clone(&self.activity);
         store.epoch_deadline_callback(move |mut ctx| {
             busy_ticks = busy_ticks.saturating_add(1);
             if Instant::now() >= deadline {
@@ -600,7 +615,7 @@ impl Handler {
                 // other guests run it also pauses, keeping about a third of a core.
                 drop(lock(&turn).take());
                 let (gate, turn) = (Arc::clone(&cpu), Arc::clone(&turn));
-                let crowded = RUNNING.load(Ordering::Relaxed) > 1;
+                let crowded = activity.running() > 1;
                 Ok(UpdateDeadline::YieldCustom(
                     1,
                     Box::pin(async move {
@@ -631,22 +646,19 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Guests executing now, across all handlers.
-static RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// Counts a guest in [`Activity::running`] while it lives.
+struct Running<'a>(&'a Activity);
 
-/// Counts a guest in [`RUNNING`] while it lives.
-struct Running;
-
-impl Running {
-    fn enter() -> Running {
-        RUNNING.fetch_add(1, Ordering::Relaxed);
-        Running
+impl Running<'_> {
+    fn enter(activity: &Activity) -> Running<'_> {
+        activity.running.fetch_add(1, Ordering::Relaxed);
+        Running(activity)
     }
 }
 
-impl Drop for Running {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
-        RUNNING.fetch_sub(1, Ordering::Relaxed);
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -794,222 +806,19 @@ impl WasiHttpHooks for DenyOutgoing {
     }
 }
 
-/// Memory and table limits for one store. A growth past the limit traps the guest.
-struct GuestLimits {
-    /// Bytes of linear memory the whole store may have, over all its memories.
-    memory: usize,
-    /// Bytes of linear memory the store has now.
-    used: usize,
-    memory_exceeded: bool,
-}
-
-impl ResourceLimiter for GuestLimits {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        // Every memory's creation and growth passes here, so `used` is the store's total: a
-        // component with several memories gets the limit once, not once per memory.
-        let used = self.used.saturating_add(desired.saturating_sub(current));
-        if used > self.memory {
-            self.memory_exceeded = true;
-            wasmtime::bail!("memory limit of {} MiB exceeded", self.memory >> 20);
-        }
-        self.used = used;
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
-}
-
-/// What is left of one request's share of the server log. Shared by its stdout, stderr and
-/// outgoing-request hooks.
-struct LogBudget {
-    handler: Arc<str>,
-    tenant: Arc<str>,
-    /// Lines and bytes still allowed; the line that finds them spent says so, once.
-    left: std::sync::Mutex<(u32, usize, bool)>,
-}
-
-impl LogBudget {
-    fn new(handler: &Arc<str>, tenant: &Arc<str>) -> LogBudget {
-        LogBudget {
-            handler: Arc::clone(handler),
-            tenant: Arc::clone(tenant),
-            left: std::sync::Mutex::new((LOG_BUDGET_LINES, LOG_BUDGET_BYTES, false)),
-        }
-    }
-
-    /// Takes one line of `bytes` from the budget: whether to write it. The first line refused
-    /// writes the "truncated" notice instead.
-    fn take(&self, bytes: usize) -> bool {
-        let mut left = lock(&self.left);
-        let (lines, room, noticed) = &mut *left;
-        if *lines > 0 && *room >= bytes {
-            *lines -= 1;
-            *room -= bytes;
-            return true;
-        }
-        if !*noticed {
-            *noticed = true;
-            tracing::warn!(
-                target: "kiln::guest",
-                handler = %self.handler,
-                tenant = %self.tenant,
-                "log output truncated: this request used its {LOG_BUDGET_LINES} lines / {LOG_BUDGET_BYTES} bytes"
-            );
-        }
-        false
-    }
-}
-
-/// A guest's stdout or stderr, forwarded line by line to the server log, tagged with the handler,
-/// within the request's [`LogBudget`].
-#[derive(Clone)]
-struct GuestLog {
-    budget: Arc<LogBudget>,
-    stream: &'static str,
-}
-
-impl GuestLog {
-    fn new(budget: &Arc<LogBudget>, stream: &'static str) -> GuestLog {
-        GuestLog {
-            budget: Arc::clone(budget),
-            stream,
-        }
-    }
-}
-
-impl IsTerminal for GuestLog {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestLog {
-    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(GuestLogWriter {
-            log: self.clone(),
-            line: Vec::new(),
-        })
-    }
-}
-
-struct GuestLogWriter {
-    log: GuestLog,
-    line: Vec<u8>,
-}
-
-impl GuestLogWriter {
-    fn emit(&mut self) {
-        if self.log.budget.take(self.line.len() + 1) {
-            let text = String::from_utf8_lossy(&self.line);
-            let text = text.trim_end_matches(['\r', '\n']);
-            tracing::info!(target: "kiln::guest", handler = %self.log.budget.handler, stream = self.log.stream, "{text}");
-        }
-        self.line.clear();
-    }
-}
-
-impl AsyncWrite for GuestLogWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        for &b in buf {
-            if b == b'\n' {
-                this.emit();
-            } else if this.line.len() < MAX_LOG_LINE {
-                this.line.push(b);
-            }
-        }
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.line.is_empty() {
-            this.emit();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Drop for GuestLogWriter {
-    fn drop(&mut self) {
-        if !self.line.is_empty() {
-            self.emit();
-        }
-    }
-}
-
-/// A guest's response body, cut off with an error (the client sees an aborted response) once it
-/// passes the handler's byte limit. The guest's further writes then fail, so it stops or runs
-/// out its deadline; nothing past the limit is ever buffered.
-struct CappedBody {
-    inner: HyperOutgoingBody,
-    limit: u64,
-    sent: u64,
-    handler: Arc<str>,
-    tenant: Arc<str>,
-}
-
-impl http_body::Body for CappedBody {
-    type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, wasmtime_wasi_http::Error>>> {
-        let this = &mut *self;
-        if this.sent > this.limit {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
-                this.sent = this.sent.saturating_add(len);
-                if this.sent > this.limit {
-                    tracing::warn!(
-                        handler = %this.handler,
-                        tenant = %this.tenant,
-                        limit = this.limit,
-                        "response body cut off at its limit of {} bytes",
-                        this.limit
-                    );
-                    return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseBodySize(Some(
-                        this.limit,
-                    )))));
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            other => other,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    pub name: String,
+    /// The tenant that owns the handler: its key calls it, its quotas apply.
+    pub tenant: String,
+    pub component: PathBuf,
+    /// The models this handler's guest may `load-by-name`; nothing else is visible to it.
+    pub models: Vec<String>,
+    pub limits: SandboxLimits,
+    /// Scheduling priority of this handler's inference (higher runs first).
+    pub priority: u8,
+    /// The highest priority a request may ask for with the `kiln-priority` header.
+    pub max_priority: u8,
 }
 
 #[cfg(test)]

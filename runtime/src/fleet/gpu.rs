@@ -13,8 +13,6 @@ use kiln_wire::GpuInfo;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 
-use crate::config::{GpuConfig, SimulatedGpuConfig};
-
 /// A source of GPU samples.
 pub trait Inventory: Send + Sync {
     /// Every GPU now, by index.
@@ -74,9 +72,9 @@ pub struct Booking {
     loaded: bool,
 }
 
-impl Booking {
+impl crate::model::device::Reservation for Booking {
     /// The replica has loaded: its memory is now in use rather than promised.
-    pub fn loaded(&mut self) {
+    fn loaded(&mut self) {
         if !self.loaded {
             self.loaded = true;
             self.ledger.with(self.gpu, |b| {
@@ -315,10 +313,34 @@ impl Inventory for Simulated {
     }
 }
 
+/// Where the GPU inventory comes from (`[gpus]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuConfig {
+    pub poll_interval: Duration,
+    /// When not empty, these stand in for NVML: for tests and demos of placement and scaling on
+    /// machines without GPUs. Replicas placed on them run on the CPU.
+    pub simulated: Vec<SimulatedGpuConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimulatedGpuConfig {
+    pub name: String,
+    pub memory_total_bytes: u64,
+    /// Memory and utilization used by others over time, as steps from the server's start.
+    pub script: Vec<SimulatedStep>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulatedStep {
+    pub at: Duration,
+    pub memory_used_bytes: u64,
+    pub utilization: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SimulatedStep;
+    use crate::model::device::Reservation as _;
 
     #[test]
     fn a_simulated_gpu_follows_its_script_and_counts_loaded_replicas() {

@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use serde_json::Value;
+use kiln_wire::Stats;
 
 /// What to load and how.
 #[derive(Debug, Clone)]
@@ -267,7 +267,7 @@ async fn open_loop(shared: &Arc<Shared>, started: Instant, rate: f64) -> anyhow:
     Ok(total)
 }
 
-async fn stats(client: &HttpClient, spec: &LoadSpec) -> Option<Value> {
+async fn stats(client: &HttpClient, spec: &LoadSpec) -> Option<Stats> {
     let key = spec.admin_key.as_deref()?;
     let request = http::Request::get(format!("{}/v1/stats", spec.server.trim_end_matches('/')))
         .header(http::header::AUTHORIZATION, format!("Bearer {}", key.trim()))
@@ -278,17 +278,12 @@ async fn stats(client: &HttpClient, spec: &LoadSpec) -> Option<Value> {
     serde_json::from_slice(&body).ok()
 }
 
-fn counters(stats: &Option<Value>) -> BTreeMap<String, (u64, u64)> {
-    let mut out = BTreeMap::new();
-    if let Some(models) = stats.as_ref().and_then(|s| s["models"].as_array()) {
-        for m in models {
-            if let Some(name) = m["name"].as_str() {
-                let get = |k: &str| m[k].as_u64().unwrap_or(0);
-                out.insert(name.to_owned(), (get("inferences"), get("executions")));
-            }
-        }
-    }
-    out
+fn counters(stats: &Option<Stats>) -> BTreeMap<String, (u64, u64)> {
+    stats
+        .iter()
+        .flat_map(|s| &s.models)
+        .map(|m| (m.name.clone(), (m.inferences, m.executions)))
+        .collect()
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -299,7 +294,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
 }
 
-fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Value>, after: Option<Value>) -> Report {
+fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Stats>, after: Option<Stats>) -> Report {
     tally.latencies_us.sort_unstable();
     let l = &tally.latencies_us;
     let latency = Latency {
@@ -383,15 +378,14 @@ pub struct RawRow {
 /// Times the module's own forward at each batch size for about `seconds` each, with dynamic
 /// non-batch dimensions set to `dim`. Integer inputs get small ids; floats a ramp.
 pub fn raw(
-    config: &crate::config::ModelConfig,
-    device: crate::config::Device,
+    config: &crate::model::spec::ModelConfig,
+    device: crate::model::device::Device,
     batch_sizes: &[u32],
     dim: u32,
     seconds: f64,
 ) -> anyhow::Result<Vec<RawRow>> {
-    use crate::tensor::{DType, HostTensor};
-    tch::set_num_threads(config.threads as i32);
-    let (model, _) = crate::executor::load_and_warm_up(config, device).map_err(|e| anyhow::anyhow!(e))?;
+    use crate::model::tensor::{DType, HostTensor};
+    let (model, _) = crate::model::scheduler::load_and_warm_up(&crate::model::backend::torch::Torch, config, device)?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {
         let inputs: Vec<HostTensor> = config

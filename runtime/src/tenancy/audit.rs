@@ -294,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_auth_failures_writes_a_bounded_number_of_lines_and_says_how_many_it_left_out() {
-        let dir = crate::state::tests::temp_dir("audit-flood");
+        let dir = crate::deploy::store::tests::temp_dir("audit-flood");
         let audit = Audit::open(&dir);
         let attacker: IpAddr = "10.1.2.3".parse().expect("ip");
         let long_name = "h".repeat(10_000);
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn the_file_is_rotated_past_its_size() {
-        let dir = crate::state::tests::temp_dir("audit-rotate");
+        let dir = crate::deploy::store::tests::temp_dir("audit-rotate");
         let path = dir.join("audit.log");
         let mut writer = Writer::new(path.clone(), Arc::new(AtomicU64::new(0)));
         writer.written = MAX_FILE_BYTES - 10;

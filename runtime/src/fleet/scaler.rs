@@ -14,12 +14,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_wire::{EventKind, GpuBrief, ReplicaState, ScaleAction, ScalingDecision, ScalingInputs};
+use kiln_wire::{EventKind, GpuBrief, ScaleAction, ScalingDecision, ScalingInputs};
 
 use crate::telemetry::EventLog;
 
-use crate::config::{Replicas, ScalerConfig};
-use crate::executor::{ModelHandle, WeakModelHandle};
+use crate::model::spec::Replicas;
+use crate::fleet::estimated_weights;
+use crate::fleet::placement::{Placer, Purpose};
+use crate::model::handle::{ModelHandle, WeakModelHandle};
 use kiln_wire::Histogram;
 
 /// Utilization the remaining replicas may reach after a scale-down.
@@ -289,19 +291,13 @@ struct Watched {
 }
 
 impl Watched {
-    fn observe(&mut self, handle: &ModelHandle) -> Observation {
+    fn observe(&mut self, handle: &ModelHandle, placer: &Placer) -> Observation {
         let now = Mark::now(handle);
         let waits = now.waits.since(&self.mark.waits);
         let elapsed_us = now.at.duration_since(self.mark.at).as_micros().max(1) as f64;
-        let ready = handle
-            .replicas()
-            .iter()
-            .filter(|r| r.state == ReplicaState::Ready)
-            .count()
-            .max(1) as f64;
+        let load = handle.load();
         let busy_us = now.forward_us.saturating_sub(self.mark.forward_us) as f64;
-        let gpus = handle
-            .placer()
+        let gpus = placer
             .candidates(handle.config())
             .into_iter()
             .map(|g| GpuBrief {
@@ -312,18 +308,37 @@ impl Watched {
             .collect();
         self.mark = now;
         Observation {
-            replicas: handle.replica_target(),
-            queue_depth: handle.counters().queued.load(Ordering::Relaxed) as u64,
+            replicas: load.target,
+            queue_depth: load.queued as u64,
             requests: waits.count(),
             wait_p95_ms: waits.quantile_ms(0.95),
-            utilization: (busy_us / (elapsed_us * ready)).clamp(0.0, 1.0),
+            utilization: (busy_us / (elapsed_us * f64::from(load.ready.max(1)))).clamp(0.0, 1.0),
             gpus,
         }
     }
 }
 
+/// Places one more replica of `handle`'s model and asks its scheduler to start it; returns
+/// the device, or why none could take it.
+fn scale_up(handle: &ModelHandle, placer: &Placer) -> Result<String, String> {
+    let config = handle.config();
+    let weights = match handle.load().weights {
+        0 => estimated_weights(config),
+        measured => measured,
+    };
+    let placement = placer
+        .place(config, weights, Purpose::ScaleUp)
+        .map_err(|e| format!("{}: {e}", e.short()))?;
+    let device = placement.device.to_string();
+    if handle.add_replica(placement) {
+        Ok(device)
+    } else {
+        Err(format!("model '{}' is shut down", config.name))
+    }
+}
+
 /// Starts the scaler thread for every scalable model in `models`; returns at once.
-pub fn spawn(models: Vec<ModelHandle>, config: &ScalerConfig, log: Arc<DecisionLog>) -> std::io::Result<()> {
+pub fn spawn(models: Vec<ModelHandle>, placer: Placer, config: &ScalerConfig, log: Arc<DecisionLog>) -> std::io::Result<()> {
     let mut watched: Vec<Watched> = models
         .into_iter()
         .filter(|m| m.config().replicas.scalable())
@@ -350,11 +365,11 @@ pub fn spawn(models: Vec<ModelHandle>, config: &ScalerConfig, log: Arc<DecisionL
             watched.retain(|w| w.handle.upgrade().is_some());
             for w in &mut watched {
                 let Some(handle) = w.handle.upgrade() else { continue };
-                let obs = w.observe(&handle);
+                let obs = w.observe(&handle, &placer);
                 let decision = w.scaler.step(
                     &obs,
                     Instant::now(),
-                    || handle.add_replica().map(|d| d.to_string()).map_err(|e| format!("{}: {e}", e.short())),
+                    || scale_up(&handle, &placer),
                     || handle.remove_replica(),
                 );
                 if let Some(decision) = decision {
@@ -366,11 +381,28 @@ pub fn spawn(models: Vec<ModelHandle>, config: &ScalerConfig, log: Arc<DecisionL
     Ok(())
 }
 
+/// How often and how cautiously the scaler changes replica counts (`[scaler]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalerConfig {
+    /// Every model with `instances.max > instances.min` is looked at this often.
+    pub interval: Duration,
+    /// Least time between two scale-ups of one model.
+    pub up_cooldown: Duration,
+    /// Least time after any change before a scale-down, and how long a model must have been
+    /// quiet for one.
+    pub down_cooldown: Duration,
+    /// A GPU busier than this (percent) takes no new replica.
+    pub max_gpu_utilization: u32,
+    /// Decisions kept for the API.
+    pub history: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DeviceChoice, ModelConfig};
-    use crate::placement::{Placement, Placer, Purpose};
+    use crate::model::spec::{DeviceChoice, ModelConfig};
+    use crate::fleet::placement::{Placer, Purpose};
+    use crate::model::device::Placement;
 
     fn policy(min: u32, max: u32) -> Policy {
         Policy {
@@ -402,8 +434,8 @@ mod tests {
 
     impl Fleet {
         fn new(gpus: &[(u64, u64, u32)], headroom_mib: u64, policy: Policy) -> Fleet {
-            let placer = Placer::new(crate::placement::tests::simulated(gpus), 95);
-            let mut model = crate::placement::tests::model(DeviceChoice::Auto, headroom_mib);
+            let placer = Placer::new(crate::fleet::placement::tests::simulated(gpus), 95);
+            let mut model = crate::fleet::placement::tests::model(DeviceChoice::Auto, headroom_mib);
             model.replicas = policy.replicas;
             model.latency_objective = policy.objective;
             let first = placer.place(&model, 0, Purpose::Start).expect("first replica");

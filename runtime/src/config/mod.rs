@@ -1,0 +1,258 @@
+//! The deployment config: one TOML file with `[server]`, `[[model]]` and `[[handler]]`.
+//!
+//! The file is parsed raw (`deny_unknown_fields`) and then validated into the typed [`Config`]
+//! the rest of Kiln uses. Every error names the file, the field and what is wrong with it.
+
+mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::fleet::gpu::GpuConfig;
+use crate::fleet::scaler::ScalerConfig;
+use crate::model::spec::ModelConfig;
+use crate::sandbox::HandlerConfig;
+use crate::tenancy::TenantConfig;
+use raw::RawConfig;
+use validate::Validator;
+
+/// A validated deployment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config was read from (or `<inline>`), for messages.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub models: Vec<ModelConfig>,
+    pub tenants: Vec<TenantConfig>,
+    pub handlers: Vec<HandlerConfig>,
+    pub scaler: ScalerConfig,
+    pub gpus: GpuConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted on any route; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Sandbox slots in the pooling allocator: the most guest instances alive at once.
+    pub max_instances: u32,
+    /// The highest priority a direct OIP request may ask for with `kiln-priority`.
+    pub oip_max_priority: u8,
+    /// Where deployed handlers and API key hashes live.
+    pub state_dir: PathBuf,
+    /// The admin API's address (deploys, deletes, listing); loopback by default.
+    pub admin_listen: SocketAddr,
+    /// Largest component the admin API accepts.
+    pub max_component_bytes: usize,
+    /// After SIGTERM: how long new connections are still accepted while readiness says 503 (so
+    /// load balancers stop sending first), and how long in-flight work has in all to finish.
+    pub drain_grace: Duration,
+    pub drain_timeout: Duration,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_STATE_DIR: &str = "state";
+pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_REQUESTS_PER_SECOND: f64 = 1000.0;
+pub const DEFAULT_MAX_CONCURRENT: u32 = 64;
+pub const DEFAULT_MAX_COMPUTE_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_COMPUTE_CALLS: u32 = 64;
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_INSTANCES: u32 = 256;
+pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 128;
+pub const DEFAULT_DEADLINE_MS: u64 = 10_000;
+pub const DEFAULT_WARMUP_RUNS: u32 = 2;
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
+pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 0;
+pub const DEFAULT_MAX_QUEUE_SIZE: u32 = 1024;
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_LATENCY_OBJECTIVE_MS: u64 = 50;
+pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 512;
+pub const DEFAULT_SCALER_INTERVAL_MS: u64 = 2_000;
+pub const DEFAULT_UP_COOLDOWN_MS: u64 = 10_000;
+pub const DEFAULT_DOWN_COOLDOWN_MS: u64 = 30_000;
+pub const DEFAULT_MAX_GPU_UTILIZATION: u32 = 95;
+pub const DEFAULT_SCALER_HISTORY: usize = 256;
+pub const DEFAULT_GPU_POLL_MS: u64 = 1_000;
+pub const DEFAULT_DRAIN_GRACE_MS: u64 = 5_000;
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
+
+/// Everything that can be wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid {
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+// ---- raw form, exactly as written in the file -------------------------------------------------
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are relative to its folder.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, file, base)
+    }
+
+    /// Validates config text; `file` is only used in messages, `base` resolves relative paths.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_path_buf(),
+            message: parse_message(text, &e),
+        })?;
+        Validator { file, base }.config(raw)
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+/// toml's own message spans several lines with a source excerpt; keep the place and the reason.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let reason = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {reason}")
+        }
+        None => reason.to_owned(),
+    }
+}
+
+impl Config {
+    pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::spec::{DeviceChoice, Replicas};
+
+    /// Golden files: each `tests/config-errors/NAME.toml` must fail with exactly `NAME.err`.
+    /// Run with `KILN_BLESS=1` to rewrite the `.err` files after an intended change.
+    #[test]
+    fn invalid_configs_fail_with_their_golden_messages() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config-errors");
+        let bless = std::env::var_os("KILN_BLESS").is_some();
+        let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("golden dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        cases.sort();
+        assert!(cases.len() >= 10, "expected the golden cases in {}", dir.display());
+        let mut failures = Vec::new();
+        for case in cases {
+            let text = std::fs::read_to_string(&case).expect("case");
+            let name = case.file_name().expect("name");
+            let err = match Config::parse(&text, Path::new(name), Path::new("/srv")) {
+                Ok(_) => "(no error)\n".to_string(),
+                Err(e) => format!("{e}\n"),
+            };
+            let golden = case.with_extension("err");
+            if bless {
+                std::fs::write(&golden, &err).expect("bless");
+                continue;
+            }
+            let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+            if expected != err {
+                failures.push(format!("{}:\n  expected: {expected}  got:      {err}", case.display()));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out() {
+        let text = r#"
+            [[model]]
+            name = "m"
+            path = "m.pt"
+            inputs = [{ name = "x", dtype = "FP32", shape = [-1, 3] }]
+            outputs = [{ name = "y" }]
+
+            [[tenant]]
+            name = "t"
+            models = ["m"]
+
+            [[handler]]
+            name = "h"
+            tenant = "t"
+            component = "/abs/h.wasm"
+        "#;
+        let config = Config::parse(text, Path::new("t.toml"), Path::new("/srv")).expect("valid");
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        let model = &config.models[0];
+        assert_eq!(model.path, Path::new("/srv/m.pt"));
+        assert_eq!(model.device, DeviceChoice::Auto);
+        assert_eq!(model.replicas, Replicas::fixed(1));
+        assert_eq!(model.inputs[0].shape, vec![None, Some(3)]);
+        assert_eq!(config.scaler.interval, Duration::from_millis(DEFAULT_SCALER_INTERVAL_MS));
+        assert!(config.gpus.simulated.is_empty());
+        let handler = &config.handlers[0];
+        assert_eq!(handler.component, Path::new("/abs/h.wasm"));
+        assert_eq!(handler.models, vec!["m".to_owned()]);
+        assert_eq!(handler.limits.memory_limit_bytes, DEFAULT_MEMORY_LIMIT_MIB << 20);
+        assert_eq!(handler.limits.deadline, Duration::from_millis(DEFAULT_DEADLINE_MS));
+        assert_eq!(handler.limits.fuel, None);
+        let quota = &config.tenants[0].quota;
+        assert_eq!(quota.requests_per_second, DEFAULT_REQUESTS_PER_SECOND);
+        assert_eq!(quota.burst, DEFAULT_REQUESTS_PER_SECOND as u32);
+        assert_eq!(quota.max_concurrent, DEFAULT_MAX_CONCURRENT);
+        assert_eq!(config.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(config.server.state_dir, Path::new("/srv/state"));
+    }
+
+    #[test]
+    fn devices_and_replica_bounds_take_every_documented_form() {
+        let parse = |device: &str, instances: &str| {
+            let text = format!(
+                "[[model]]\nname = \"m\"\npath = \"m.pt\"\ndevice = {device}\ninstances = {instances}\n\
+                 inputs = [{{ name = \"x\", dtype = \"FP32\", shape = [-1] }}]\noutputs = [{{ name = \"y\" }}]\n"
+            );
+            let config = Config::parse(&text, Path::new("t.toml"), Path::new("/srv")).expect("valid");
+            (config.models[0].device.clone(), config.models[0].replicas)
+        };
+        assert_eq!(parse("\"auto\"", "2"), (DeviceChoice::Auto, Replicas::fixed(2)));
+        assert_eq!(parse("\"cpu\"", "{ max = 3 }"), (DeviceChoice::Cpu, Replicas { min: 1, max: 3 }));
+        assert_eq!(parse("\"cuda:1\"", "{ min = 2, max = 4 }").0, DeviceChoice::Gpus(vec![1]));
+        assert_eq!(parse("[\"cuda:1\", \"cuda:0\"]", "1").0, DeviceChoice::Gpus(vec![1, 0]));
+        assert!(parse("\"cpu\"", "{ min = 2, max = 4 }").1.scalable());
+        assert!(!parse("\"cpu\"", "4").1.scalable());
+    }
+
+    #[test]
+    fn the_bundled_examples_config_is_valid() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kiln.toml");
+        let config = Config::load(&file).expect("examples/kiln.toml");
+        assert_eq!(config.models.len(), 2);
+        assert_eq!(config.handlers.len(), 2);
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert!(config.handlers.iter().all(|h| config.tenant(&h.tenant).is_some()));
+    }
+}

@@ -1,0 +1,123 @@
+//! Deployed handlers: the settings a deployment
+//! carries, the state directory that keeps them across restarts ([`store`]), and the live
+//! table every change goes through ([`registry`]).
+
+pub mod registry;
+pub mod store;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::spec::MAX_PRIORITY;
+use crate::sandbox::HandlerConfig;
+use crate::tenancy::TenantConfig;
+
+/// A handler's own settings, as written in a `[[handler]]` section or sent with a deployment.
+/// Everything is optional: models default to all of the tenant's, limits to the tenant's quota.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_priority: Option<u8>,
+}
+
+impl HandlerSettings {
+    /// The text a signature over this deployment covers (see [`crate::tenancy::keys::deployment_manifest`]).
+    pub fn signed_manifest(&self, handler: &str, tenant: &str, sha256: &str) -> String {
+        crate::tenancy::keys::deployment_manifest(handler, tenant, sha256, self.models.as_deref(), self.priority, self.max_priority)
+    }
+
+    /// The handler these settings describe for `tenant`: models must be among the tenant's, and
+    /// limits may only tighten the tenant's quota. An error names the offending field.
+    pub fn resolve(
+        &self,
+        name: &str,
+        tenant: &TenantConfig,
+        component: PathBuf,
+    ) -> Result<HandlerConfig, (&'static str, String)> {
+        let models = match &self.models {
+            None => tenant.models.clone(),
+            Some(models) => {
+                if let Some(m) = models.iter().find(|m| !tenant.models.contains(m)) {
+                    return Err((
+                        "models",
+                        format!("model '{m}' is not among the models of tenant '{}'", tenant.name),
+                    ));
+                }
+                models.clone()
+            }
+        };
+        let quota = &tenant.quota.limits;
+        let mut limits = quota.clone();
+        if let Some(mib) = self.memory_limit_mib {
+            if mib == 0 || mib > quota.memory_limit_bytes >> 20 {
+                return Err((
+                    "memory_limit_mib",
+                    format!(
+                        "{mib} is out of range (1 ..= {}, the quota of tenant '{}')",
+                        quota.memory_limit_bytes >> 20,
+                        tenant.name
+                    ),
+                ));
+            }
+            limits.memory_limit_bytes = mib << 20;
+        }
+        if let Some(ms) = self.deadline_ms {
+            let most = quota.deadline.as_millis() as u64;
+            if ms == 0 || ms > most {
+                return Err((
+                    "deadline_ms",
+                    format!("{ms} is out of range (1 ..= {most}, the quota of tenant '{}')", tenant.name),
+                ));
+            }
+            limits.deadline = Duration::from_millis(ms);
+        }
+        let priority = self.priority.unwrap_or(0);
+        if priority > MAX_PRIORITY {
+            return Err(("priority", format!("{priority} is out of range (0 ..= {MAX_PRIORITY})")));
+        }
+        let max_priority = self.max_priority.unwrap_or(priority);
+        if max_priority > MAX_PRIORITY || max_priority < priority {
+            return Err((
+                "max_priority",
+                format!("{max_priority} is out of range ({priority} ..= {MAX_PRIORITY})"),
+            ));
+        }
+        Ok(HandlerConfig {
+            name: name.to_owned(),
+            tenant: tenant.name.clone(),
+            component,
+            models,
+            limits,
+            priority,
+            max_priority,
+        })
+    }
+}
+
+/// Checks a handler or tenant name from outside the config (the admin API, the CLI).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid name (1-64 of a-z A-Z 0-9 - _ ., not starting with '.')"
+        ))
+    }
+}

@@ -1,0 +1,44 @@
+//! The fleet: the GPUs Kiln manages ([`gpu`]), where a model's replicas go ([`placement`]),
+//! and how many each model has ([`scaler`]). The fleet decides and places; each model's
+//! scheduler starts and drains its own replicas when asked.
+
+pub mod gpu;
+pub mod placement;
+pub mod scaler;
+
+use std::sync::Arc;
+
+use crate::model::backend::torch::Torch;
+use crate::model::handle::ModelHandle;
+use crate::model::spec::{ModelConfig, Precision};
+use crate::telemetry::EventLog;
+use placement::{PlacementError, Placer, Purpose};
+
+/// Why a model could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Places `config`'s first `replicas.min` replicas and starts the model on libtorch. A model
+/// that fits nowhere is refused here.
+pub fn start_model(config: &ModelConfig, placer: &Placer, log: Arc<EventLog>) -> Result<ModelHandle, StartError> {
+    let weights = estimated_weights(config);
+    let placements = (0..config.replicas.min)
+        .map(|_| placer.place(config, weights, Purpose::Start))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ModelHandle::spawn(config.clone(), placements, Arc::new(Torch), log)?)
+}
+
+/// One replica's weights before any has loaded: the file's size, halved in reduced precision.
+pub fn estimated_weights(config: &ModelConfig) -> u64 {
+    let file = std::fs::metadata(&config.path).map_or(0, |m| m.len());
+    match config.precision {
+        Precision::Fp32 => file,
+        Precision::Fp16 | Precision::Bf16 => file / 2,
+    }
+}

@@ -1,0 +1,499 @@
+//! [`ModelHandle`]: how everything outside a model reaches it. Callers (guests' `compute`,
+//! direct OIP calls) queue inputs and await their outputs; the scaler and the admin API send
+//! commands (add a replica, drain one) and read what the scheduler publishes. Nothing here
+//! changes the model's replicas or its queue: the scheduler alone does.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_wire::{ReplicaInfo, ReplicaState};
+use tokio::sync::oneshot;
+
+use crate::model::backend::Backend;
+use crate::model::batch;
+use crate::model::device::{Device, Placement};
+use crate::model::scheduler::{Command, Pending, Scheduler};
+use crate::model::signature::OutputMeta;
+use crate::model::spec::{MAX_PRIORITY, ModelConfig};
+use crate::model::tensor::{HostTensor, TensorError};
+use crate::telemetry::EventLog;
+use crate::telemetry::histogram::{AtomicHistogram, BatchSizes};
+
+/// Why an inference did not produce outputs.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum InferError {
+    /// The model is still loading or failed to load.
+    #[error("model '{model}' is not ready: {reason}")]
+    NotReady { model: String, reason: String },
+    /// The queue is full.
+    #[error("model '{0}' is overloaded; retry later")]
+    Overloaded(String),
+    /// The request's timeout passed before its result was ready.
+    #[error("model '{model}' did not answer within {} ms", after.as_millis())]
+    Timeout { model: String, after: Duration },
+    /// The backend refused the inputs or failed while running.
+    #[error("model '{model}': {message}")]
+    Runtime { model: String, message: String },
+    /// The scheduler is gone (the server is shutting down).
+    #[error("model '{0}' is shut down")]
+    Closed(String),
+}
+
+/// Where a model is in its life.
+#[derive(Debug, Clone)]
+pub enum ModelState {
+    Loading,
+    Ready(Arc<[OutputMeta]>),
+    Failed(String),
+}
+
+/// Per-request scheduling options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InferOptions {
+    /// 0 ..= [`MAX_PRIORITY`]; higher runs first.
+    pub priority: u8,
+    /// Shorter than the model's timeout, or `None` for the model's.
+    pub timeout: Option<Duration>,
+}
+
+/// Counters an operator (and the batching tests) read.
+#[derive(Debug, Default)]
+pub struct ModelCounters {
+    /// Requests answered by a forward pass, successfully or not.
+    pub inferences: AtomicU64,
+    /// Forward passes run.
+    pub executions: AtomicU64,
+    /// Requests whose caller had gone before they ran; skipped, not executed.
+    pub dropped: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub overloaded: AtomicU64,
+    /// Requests whose timeout passed.
+    pub timeouts: AtomicU64,
+    /// Merged forward passes that failed and were split to find the request at fault.
+    pub isolated: AtomicU64,
+    /// Requests waiting in the queue now.
+    pub queued: AtomicUsize,
+    /// Forward passes by rows.
+    pub batch_sizes: BatchSizes,
+    /// Time from enqueue to the start of the request's forward pass.
+    pub queue_wait: AtomicHistogram,
+    /// Forward passes over every replica there has been (replicas' own come and go with them).
+    pub forward: AtomicHistogram,
+}
+
+impl ModelCounters {
+    pub(super) fn count_batch(&self, requests: usize, rows: u32) {
+        self.inferences.fetch_add(requests as u64, Ordering::Relaxed);
+        self.executions.fetch_add(1, Ordering::Relaxed);
+        self.batch_sizes.record(rows);
+    }
+}
+
+/// One replica's histograms, as the metrics export them.
+#[derive(Debug, Clone)]
+pub struct ReplicaMetrics {
+    pub device: String,
+    /// Forward passes per [`kiln_wire::BATCH_BOUNDS`] bucket, and rows over all of them.
+    pub batch_sizes: Vec<u64>,
+    pub rows: u64,
+    pub forward: kiln_wire::Histogram,
+}
+
+/// What the scaler reads of a model: a snapshot, never a lever.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelLoad {
+    /// Replicas asked for and not drained, loading ones included.
+    pub target: u32,
+    /// Replicas ready to take batches.
+    pub ready: u32,
+    /// Requests waiting now.
+    pub queued: usize,
+    /// One replica's weights as measured at load; 0 until one has loaded.
+    pub weights: u64,
+}
+
+/// One replica as operators see it; the scheduler and the replica's thread update it.
+#[derive(Debug)]
+pub(super) struct ReplicaSlot {
+    pub(super) id: u32,
+    pub(super) device: Device,
+    state: Mutex<ReplicaState>,
+    pub(super) busy: AtomicBool,
+    pub(super) forward: AtomicHistogram,
+    pub(super) batch_sizes: BatchSizes,
+}
+
+impl ReplicaSlot {
+    pub(super) fn new(id: u32, device: Device) -> Arc<ReplicaSlot> {
+        Arc::new(ReplicaSlot {
+            id,
+            device,
+            state: Mutex::new(ReplicaState::Loading),
+            busy: AtomicBool::new(false),
+            forward: AtomicHistogram::new(),
+            batch_sizes: BatchSizes::default(),
+        })
+    }
+
+    pub(super) fn state(&self) -> ReplicaState {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn set_state(&self, state: ReplicaState) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    fn info(&self) -> ReplicaInfo {
+        ReplicaInfo {
+            id: self.id,
+            device: self.device.to_string(),
+            state: self.state(),
+            busy: self.busy.load(Ordering::Relaxed),
+            batches: self.batch_sizes.passes(),
+            rows: self.batch_sizes.rows(),
+            busy_seconds: self.forward.sum_us() as f64 / 1e6,
+        }
+    }
+}
+
+/// What the scheduler publishes and callers read. Every field is written by the scheduler (or
+/// its replicas) only, except the queue count callers take a place in before they send.
+pub(super) struct Shared {
+    pub(super) config: ModelConfig,
+    pub(super) state: Mutex<ModelState>,
+    pub(super) counters: ModelCounters,
+    /// Every replica alive, in id order.
+    pub(super) replicas: Mutex<Vec<Arc<ReplicaSlot>>>,
+    /// The scheduler's replica target, as last published.
+    pub(super) target: AtomicU32,
+    /// One replica's weights as measured at load; 0 until one has loaded.
+    pub(super) weights: AtomicU64,
+    /// Whether requests of different lengths may share a batch: false once a load found that
+    /// padding changes the model's outputs.
+    pub(super) ragged_batching: AtomicBool,
+    pub(super) events: Arc<EventLog>,
+}
+
+impl Shared {
+    #[cfg(test)]
+    pub(super) fn for_tests(config: ModelConfig) -> Arc<Shared> {
+        Arc::new(Shared {
+            config,
+            state: Mutex::new(ModelState::Loading),
+            counters: ModelCounters::default(),
+            replicas: Mutex::new(Vec::new()),
+            target: AtomicU32::new(1),
+            weights: AtomicU64::new(0),
+            ragged_batching: AtomicBool::new(true),
+            events: Arc::new(EventLog::new(16)),
+        })
+    }
+
+    pub(super) fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ReplicaSlot>>> {
+        self.replicas.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Sends `Shutdown` when the last handle goes, which stops the scheduler and its replicas.
+struct Submitter {
+    commands: Sender<Command>,
+}
+
+impl Drop for Submitter {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+    }
+}
+
+/// A cheap, cloneable reference to one model's scheduler.
+#[derive(Clone)]
+pub struct ModelHandle {
+    shared: Arc<Shared>,
+    submitter: Arc<Submitter>,
+}
+
+impl std::fmt::Debug for ModelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelHandle")
+            .field("name", &self.shared.config.name)
+            .finish()
+    }
+}
+
+/// A handle that does not keep the model alive (the scaler's): the scheduler shuts down when
+/// the last [`ModelHandle`] goes, whoever else watches it.
+#[derive(Clone)]
+pub struct WeakModelHandle {
+    shared: std::sync::Weak<Shared>,
+    submitter: std::sync::Weak<Submitter>,
+}
+
+impl WeakModelHandle {
+    pub fn upgrade(&self) -> Option<ModelHandle> {
+        Some(ModelHandle { shared: self.shared.upgrade()?, submitter: self.submitter.upgrade()? })
+    }
+}
+
+impl ModelHandle {
+    pub fn downgrade(&self) -> WeakModelHandle {
+        WeakModelHandle { shared: Arc::downgrade(&self.shared), submitter: Arc::downgrade(&self.submitter) }
+    }
+
+    /// Starts the model's scheduler with one replica per placement (the fleet placed them);
+    /// each loads and warms up its own copy of the model on `backend`. Returns at once;
+    /// [`ModelHandle::state`] says when the model is ready.
+    pub fn spawn<B: Backend>(
+        config: ModelConfig,
+        placements: Vec<Placement>,
+        backend: Arc<B>,
+        log: Arc<EventLog>,
+    ) -> std::io::Result<ModelHandle> {
+        let (commands, inbox) = mpsc::channel();
+        let initial = placements.len() as u32;
+        let shared = Arc::new(Shared {
+            config,
+            state: Mutex::new(ModelState::Loading),
+            counters: ModelCounters::default(),
+            replicas: Mutex::new(Vec::new()),
+            target: AtomicU32::new(initial),
+            weights: AtomicU64::new(0),
+            ragged_batching: AtomicBool::new(true),
+            events: log,
+        });
+        let mut scheduler = Scheduler::new(Arc::clone(&shared), backend, commands.clone(), initial);
+        // A model that never has more than one replica runs it on the scheduler's own thread:
+        // one thread hand-off fewer per request, which is most of a small model's latency.
+        let inline = shared.config.replicas.max == 1;
+        let mut placements = placements.into_iter();
+        let inline_placement = if inline { placements.next() } else { None };
+        for placement in placements {
+            scheduler.start_replica(placement)?;
+        }
+        let name = shared.config.name.clone();
+        thread::Builder::new()
+            .name(format!("kiln-{name}-sched"))
+            .spawn(move || {
+                if let Some(placement) = inline_placement {
+                    scheduler.load_inline(placement);
+                }
+                scheduler.run(inbox);
+            })?;
+        Ok(ModelHandle {
+            shared,
+            submitter: Arc::new(Submitter { commands }),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.shared.config
+    }
+
+    /// Whether requests of different lengths are padded into one batch (false for a model whose
+    /// outputs change with padding; see the scheduler's padding probe).
+    pub fn ragged_batching(&self) -> bool {
+        self.shared.ragged_batching.load(Ordering::Relaxed)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    pub fn state(&self) -> ModelState {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn counters(&self) -> &ModelCounters {
+        &self.shared.counters
+    }
+
+    /// Every replica alive (loading, ready or draining).
+    pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        self.shared.slots().iter().map(|s| s.info()).collect()
+    }
+
+    /// Every replica's batch sizes and forward times, for the metrics.
+    pub fn replica_metrics(&self) -> Vec<(String, ReplicaMetrics)> {
+        self.shared
+            .slots()
+            .iter()
+            .map(|s| {
+                let metrics = ReplicaMetrics {
+                    device: s.device.to_string(),
+                    batch_sizes: s.batch_sizes.counts(),
+                    rows: s.batch_sizes.rows(),
+                    forward: s.forward.snapshot(),
+                };
+                (s.id.to_string(), metrics)
+            })
+            .collect()
+    }
+
+    /// The model's load as the scheduler last published it.
+    pub fn load(&self) -> ModelLoad {
+        let ready = self.shared.slots().iter().filter(|s| s.state() == ReplicaState::Ready).count();
+        ModelLoad {
+            target: self.shared.target.load(Ordering::Acquire),
+            ready: ready as u32,
+            queued: self.shared.counters.queued.load(Ordering::Relaxed),
+            weights: self.shared.weights.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks the scheduler to start one more replica where the fleet placed it; the model keeps
+    /// serving meanwhile. `false` when the scheduler is gone.
+    pub fn add_replica(&self, placement: Placement) -> bool {
+        self.submitter.commands.send(Command::AddReplica(placement)).is_ok()
+    }
+
+    /// Asks the scheduler to drain one replica (a loading one first, then an idle one, then the
+    /// newest): it takes no new batch, finishes the one it runs, and is then removed. Returns
+    /// whether one was: the last replica stays. Blocks until the scheduler has decided.
+    pub fn remove_replica(&self) -> bool {
+        let (reply, decided) = mpsc::sync_channel(1);
+        if self.submitter.commands.send(Command::RemoveReplica(reply)).is_err() {
+            return false;
+        }
+        decided.recv().unwrap_or(false)
+    }
+
+    /// Checks `named` inputs against the declared inputs (by name, in declaration order) and
+    /// returns them as `forward`'s positional arguments.
+    pub fn arrange_inputs(
+        &self,
+        mut named: Vec<(String, HostTensor)>,
+    ) -> Result<Vec<HostTensor>, TensorError> {
+        let specs = &self.shared.config.inputs;
+        if let Some((name, _)) = named
+            .iter()
+            .find(|(name, _)| !specs.iter().any(|s| &s.name == name))
+        {
+            let expected: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            return Err(TensorError(format!(
+                "input '{name}' is not an input of model '{}' (expected {expected:?})",
+                self.name()
+            )));
+        }
+        let mut ordered = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let at = named.iter().position(|(name, _)| name == &spec.name);
+            let Some(at) = at else {
+                return Err(TensorError(format!("input '{}' is missing", spec.name)));
+            };
+            let (_, tensor) = named.swap_remove(at);
+            tensor.check(spec)?;
+            ordered.push(tensor);
+        }
+        if !named.is_empty() {
+            return Err(TensorError(format!(
+                "input '{}' was given more than once",
+                named[0].0
+            )));
+        }
+        let rows = ordered[0].rows();
+        let max_rows = self.shared.config.batching.max_rows;
+        if rows > max_rows {
+            return Err(TensorError(format!(
+                "input '{}': {rows} rows, over model '{}''s limit of {max_rows} rows per request (max_rows)",
+                specs[0].name,
+                self.name()
+            )));
+        }
+        if let Some((spec, t)) = specs.iter().zip(&ordered).find(|(_, t)| t.rows() != rows) {
+            return Err(TensorError(format!(
+                "input '{}': batch dimension is {} but input '{}' has {rows}",
+                spec.name,
+                t.rows(),
+                specs[0].name
+            )));
+        }
+        let lens: Vec<(&str, u32)> = specs
+            .iter()
+            .zip(&ordered)
+            .filter_map(|(s, t)| s.ragged.map(|r| (s.name.as_str(), t.shape[r.dim])))
+            .collect();
+        if let Some((name, len)) = lens.iter().find(|(_, len)| *len != lens[0].1) {
+            return Err(TensorError(format!(
+                "input '{name}': ragged length {len} differs from input '{}' ({})",
+                lens[0].0, lens[0].1
+            )));
+        }
+        Ok(ordered)
+    }
+
+    /// Queues inputs from [`ModelHandle::arrange_inputs`] and waits for this caller's outputs.
+    ///
+    /// Dropping the returned future withdraws the request: the scheduler skips it.
+    pub async fn infer(
+        &self,
+        inputs: Vec<HostTensor>,
+        options: InferOptions,
+    ) -> Result<Vec<HostTensor>, InferError> {
+        let name = || self.name().to_owned();
+        match self.state() {
+            ModelState::Ready(_) => {}
+            ModelState::Loading => {
+                return Err(InferError::NotReady {
+                    model: name(),
+                    reason: "still loading".into(),
+                });
+            }
+            ModelState::Failed(reason) => {
+                return Err(InferError::NotReady {
+                    model: name(),
+                    reason,
+                });
+            }
+        }
+        let config = &self.shared.config;
+        let counters = &self.shared.counters;
+        let timeout = options
+            .timeout
+            .map_or(config.timeout, |t| t.min(config.timeout));
+        let deadline = Instant::now() + timeout;
+        let limit = config.batching.max_queue_size as usize;
+        if counters.queued.fetch_add(1, Ordering::AcqRel) >= limit {
+            counters.queued.fetch_sub(1, Ordering::AcqRel);
+            counters.overloaded.fetch_add(1, Ordering::Relaxed);
+            return Err(InferError::Overloaded(name()));
+        }
+        let (reply, answer) = oneshot::channel();
+        let ragged_len = batch::ragged_len(&config.inputs, &inputs);
+        let mut key = batch::compat_key(&config.inputs, &inputs);
+        if let Some(len) = ragged_len.filter(|_| !self.ragged_batching()) {
+            // Padding would change this model's answers: only equal lengths share a batch.
+            key.push(vec![len]);
+        }
+        let pending = Pending {
+            rows: inputs.first().map_or(1, HostTensor::rows),
+            ragged_len,
+            key,
+            inputs,
+            priority: options.priority.min(MAX_PRIORITY),
+            enqueued: Instant::now(),
+            reply,
+        };
+        if self.submitter.commands.send(Command::Submit(pending)).is_err() {
+            counters.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(InferError::Closed(name()));
+        }
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(InferError::Closed(name())),
+            Err(_) => {
+                counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(InferError::Timeout {
+                    model: name(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Models: what a model takes and gives ([`signature`], [`tensor`]), how it is configured
+//! ([`spec`]), where a replica runs ([`device`]), merging requests into batches ([`batch`]), the
+//! [`backend`]s that run forward passes, and the per-model [`scheduler`]. No HTTP and no wasm
+//! here: the sandbox and the API reach a model through a [`handle::ModelHandle`].
+
+pub mod backend;
+pub mod batch;
+pub mod device;
+pub mod handle;
+pub mod scheduler;
+pub mod signature;
+pub mod spec;
+pub mod tensor;

@@ -1,0 +1,118 @@
+//! A model as configured: its file, signature, batching, replicas and precision.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::signature::{InputSpec, OutputSpec};
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// Where replicas may go; the placer picks the device of each replica.
+    pub device: DeviceChoice,
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<OutputSpec>,
+    /// Forward passes run at load, before the model reports ready.
+    pub warmup_runs: u32,
+    pub batching: BatchPolicy,
+    /// How many replicas (each a thread with its own copy of the module) the scaler may run.
+    pub replicas: Replicas,
+    /// The queue-wait p95 the scaler keeps this model under by adding replicas.
+    pub latency_objective: Duration,
+    /// GPU memory each replica needs beyond its weights (activations, workspace); a GPU must have
+    /// weights + headroom free to take a replica.
+    pub memory_headroom_bytes: u64,
+    /// libtorch intra-op threads per instance. Small models run best on one: a thread pool's
+    /// hand-offs cost more than their forward pass, and idle pool threads spin on cores the
+    /// sandboxes need.
+    pub threads: u32,
+    /// Longest a request may wait for its result; a request may ask for less, never more.
+    pub timeout: Duration,
+    /// The floating-point type the model runs in. Floating inputs are cast to it and floating
+    /// outputs back to FP32, so guests see the same dtypes whatever the precision.
+    pub precision: Precision,
+}
+
+/// Floating-point precision of a model's weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// How the scheduler merges concurrent requests for one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Most rows in one forward pass; 1 turns batching off.
+    pub max_batch_size: u32,
+    /// How long the oldest request may wait for a fuller batch, and only while another batch
+    /// is running: an idle model never waits.
+    pub max_queue_delay: Duration,
+    /// Batch sizes the model runs best at, ascending; a batch is trimmed to the largest that fits.
+    pub preferred_batch_sizes: Vec<u32>,
+    /// Requests waiting beyond this are refused as overloaded.
+    pub max_queue_size: u32,
+    /// Most rows one request may carry (`max_rows`; `max_batch_size` by default), so no caller
+    /// can make a forward pass of its own size.
+    pub max_rows: u32,
+}
+
+/// A model's `device`: where its replicas may be placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The GPU with the most free memory that fits, or the CPU where there is no GPU.
+    Auto,
+    Cpu,
+    /// One of these GPUs, the one with the most free memory that fits.
+    Gpus(Vec<usize>),
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Gpus(list) => {
+                let names: Vec<String> = list.iter().map(|n| format!("cuda:{n}")).collect();
+                f.write_str(&names.join(","))
+            }
+        }
+    }
+}
+
+/// Bounds on a model's replica count. `min == max` is a fixed count the scaler leaves alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas {
+    pub min: u32,
+    pub max: u32,
+}
+
+impl Replicas {
+    pub fn fixed(n: u32) -> Replicas {
+        Replicas { min: n, max: n }
+    }
+
+    pub fn scalable(&self) -> bool {
+        self.max > self.min
+    }
+}
+
+/// Most replicas one model may have.
+pub const MAX_REPLICAS: u32 = 64;
+
+/// Priorities run from 0 (default) to this.
+pub const MAX_PRIORITY: u8 = 9;
