@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs every test: unit tests, config golden files, and the
-# end-to-end suite against a real server with real components and models.
+# Sets everything up, then runs every test: unit tests, config golden files, the end-to-end
+# suite against a real server with real components and models, and a short run of every fuzz
+# target (scripts/fuzz.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$KILN_ROOT/scripts/setup.sh"
@@ -9,7 +10,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # --release reuses the artifacts setup.sh just built instead of compiling everything again.
 status=0
-cargo test --release --no-fail-fast -p kiln -p kiln-wire -p kiln-top -p kiln-tests "$@" 2>&1 | tee "$log" || status=$?
+cargo test --release --no-fail-fast -p kiln -p kiln-wire -p kiln-codec -p kiln-top -p kiln-tests "$@" 2>&1 | tee "$log" || status=$?
+# Only for a full run: arguments to this script narrow the tests above.
+if [ $# -eq 0 ]; then
+    "$KILN_ROOT/scripts/fuzz.sh" 5 || status=$?
+fi
 # One total over every test binary, as the last line.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "kiln: %d passed, %d failed\n", p, f }' "$log"

@@ -2,8 +2,8 @@
 //! dimension, padding of ragged dimensions, and slicing outputs back to each caller's rows and
 //! length. Pure byte work, no libtorch, so it is tested exhaustively on its own.
 
-use crate::model::signature::{InputSpec, OutputSpec};
-use crate::model::tensor::{DType, HostTensor};
+use crate::signature::{InputSpec, OutputSpec};
+use crate::tensor::{DType, HostTensor, byte_len};
 
 /// What must match for two requests to share a batch: every input's dimensions except the
 /// batch dimension and its ragged one.
@@ -80,7 +80,7 @@ pub fn merge(specs: &[InputSpec], requests: &[&[HostTensor]]) -> Vec<HostTensor>
                     let elem = first.dtype.size();
                     let pad = scalar_bytes(first.dtype, ragged.pad);
                     let mut data = Vec::with_capacity(
-                        crate::model::tensor::byte_len(first.dtype, &shape).unwrap_or(0),
+                        crate::tensor::byte_len(first.dtype, &shape).unwrap_or(0),
                     );
                     for t in &parts {
                         let (rows, outer, len, inner) = around(&t.shape, ragged.dim, elem);
@@ -111,6 +111,17 @@ pub fn split(
     let total: u32 = rows.iter().sum();
     let mut per_request: Vec<Vec<HostTensor>> = rows.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
     for (spec, out) in specs.iter().zip(outputs) {
+        // A backend's output is checked like a caller's input: bytes that do not fill the
+        // shape would be read past.
+        if byte_len(out.dtype, &out.shape) != Some(out.data.len()) {
+            return Err(format!(
+                "output '{}' has {} bytes, which is not a {} tensor of shape {:?}",
+                spec.name,
+                out.data.len(),
+                out.dtype,
+                out.shape
+            ));
+        }
         if out.shape.first().copied() != Some(total) {
             return Err(format!(
                 "output '{}' has shape {:?}, but the batch has {total} rows",
@@ -148,7 +159,19 @@ pub fn split(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::signature::Ragged;
+    use crate::signature::Ragged;
+
+    /// Found by `fuzz/fuzz_targets/batch.rs`: a ragged output whose bytes do not fill its
+    /// shape made split read past them (a panic on the replica's thread).
+    #[test]
+    fn an_output_whose_bytes_do_not_fill_its_shape_is_an_error() {
+        let specs = [OutputSpec { name: "hidden".into(), ragged_dim: Some(1) }];
+        let short = HostTensor { dtype: DType::I64, shape: vec![1, 21], data: Vec::new() };
+        let error = split(vec![short], &specs, &[1], &[Some(1)]).expect_err("no bytes for 21 values");
+        assert!(error.contains("output 'hidden' has 0 bytes"), "{error}");
+        let odd = HostTensor { dtype: DType::I64, shape: vec![2, 1], data: vec![0; 12] };
+        assert!(split(vec![odd], &specs, &[1, 1], &[None, None]).is_err());
+    }
 
     fn i64s(shape: &[u32], v: &[i64]) -> HostTensor {
         HostTensor {

@@ -1,162 +1,182 @@
-//! The config file as written: every table and field, unknown ones refused. Nothing here
-//! is checked beyond its TOML type; [`super::validate`] turns it into a [`super::Config`].
+//! The config file's syntax: every table and field, unknown ones refused, each with its TOML
+//! type. Nothing here is checked beyond that; the runtime's `config::validate` turns a
+//! [`RawConfig`] into its typed `Config`, naming the field of every error.
 
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawConfig {
+pub struct RawConfig {
     #[serde(default)]
-    pub(super) server: RawServer,
+    pub server: RawServer,
     #[serde(default)]
-    pub(super) model: Vec<RawModel>,
+    pub model: Vec<RawModel>,
     #[serde(default)]
-    pub(super) tenant: Vec<RawTenant>,
+    pub tenant: Vec<RawTenant>,
     #[serde(default)]
-    pub(super) handler: Vec<RawHandler>,
+    pub handler: Vec<RawHandler>,
     #[serde(default)]
-    pub(super) scaler: RawScaler,
+    pub scaler: RawScaler,
     #[serde(default)]
-    pub(super) gpus: RawGpus,
+    pub gpus: RawGpus,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawScaler {
-    pub(super) interval_ms: Option<u64>,
-    pub(super) up_cooldown_ms: Option<u64>,
-    pub(super) down_cooldown_ms: Option<u64>,
-    pub(super) max_gpu_utilization: Option<u32>,
-    pub(super) history: Option<usize>,
+pub struct RawScaler {
+    pub interval_ms: Option<u64>,
+    pub up_cooldown_ms: Option<u64>,
+    pub down_cooldown_ms: Option<u64>,
+    pub max_gpu_utilization: Option<u32>,
+    pub history: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawGpus {
-    pub(super) poll_interval_ms: Option<u64>,
+pub struct RawGpus {
+    pub poll_interval_ms: Option<u64>,
     #[serde(default)]
-    pub(super) simulated: Vec<RawSimulatedGpu>,
+    pub simulated: Vec<RawSimulatedGpu>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawSimulatedGpu {
-    pub(super) name: Option<String>,
-    pub(super) memory_mib: u64,
+pub struct RawSimulatedGpu {
+    pub name: Option<String>,
+    pub memory_mib: u64,
     #[serde(default)]
-    pub(super) script: Vec<RawStep>,
+    pub script: Vec<RawStep>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawStep {
-    pub(super) at_ms: u64,
-    pub(super) used_mib: Option<u64>,
-    pub(super) utilization: Option<u32>,
+pub struct RawStep {
+    pub at_ms: u64,
+    pub used_mib: Option<u64>,
+    pub utilization: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawServer {
-    pub(super) listen: Option<String>,
-    pub(super) max_body_bytes: Option<u64>,
-    pub(super) max_instances: Option<u32>,
-    pub(super) oip_max_priority: Option<u8>,
-    pub(super) state_dir: Option<String>,
-    pub(super) admin_listen: Option<String>,
-    pub(super) max_component_bytes: Option<u64>,
-    pub(super) drain_grace_ms: Option<u64>,
-    pub(super) drain_timeout_ms: Option<u64>,
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub max_body_bytes: Option<u64>,
+    pub max_instances: Option<u32>,
+    pub oip_max_priority: Option<u8>,
+    pub state_dir: Option<String>,
+    pub admin_listen: Option<String>,
+    pub max_component_bytes: Option<u64>,
+    pub drain_grace_ms: Option<u64>,
+    pub drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawTenant {
-    pub(super) name: String,
+pub struct RawTenant {
+    pub name: String,
     #[serde(default)]
-    pub(super) models: Vec<String>,
-    pub(super) signing_key: Option<String>,
+    pub models: Vec<String>,
+    pub signing_key: Option<String>,
     #[serde(default)]
-    pub(super) quota: RawQuota,
+    pub quota: RawQuota,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawQuota {
-    pub(super) requests_per_second: Option<f64>,
-    pub(super) burst: Option<u32>,
-    pub(super) max_concurrent: Option<u32>,
-    pub(super) max_instances: Option<u32>,
-    pub(super) max_body_bytes: Option<u64>,
-    pub(super) memory_limit_mib: Option<u64>,
-    pub(super) deadline_ms: Option<u64>,
-    pub(super) fuel: Option<u64>,
-    pub(super) max_compute_bytes: Option<u64>,
-    pub(super) max_compute_calls: Option<u32>,
-    pub(super) max_response_bytes: Option<u64>,
+pub struct RawQuota {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub max_instances: Option<u32>,
+    pub max_body_bytes: Option<u64>,
+    pub memory_limit_mib: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub fuel: Option<u64>,
+    pub max_compute_bytes: Option<u64>,
+    pub max_compute_calls: Option<u32>,
+    pub max_response_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawModel {
-    pub(super) name: String,
-    pub(super) path: String,
+pub struct RawModel {
+    pub name: String,
+    pub path: String,
     /// `"auto"`, `"cpu"`, `"cuda:N"` or a list of `"cuda:N"`; checked by hand for clear errors.
     #[serde(default)]
-    pub(super) device: Option<toml::Value>,
-    pub(super) inputs: Vec<RawInput>,
-    pub(super) outputs: Vec<RawOutput>,
-    pub(super) warmup_runs: Option<u32>,
+    pub device: Option<toml::Value>,
+    pub inputs: Vec<RawInput>,
+    pub outputs: Vec<RawOutput>,
+    pub warmup_runs: Option<u32>,
     #[serde(default)]
-    pub(super) batching: RawBatching,
+    pub batching: RawBatching,
     /// `N` or `{ min = A, max = B }`.
-    pub(super) instances: Option<toml::Value>,
-    pub(super) threads: Option<u32>,
-    pub(super) timeout_ms: Option<u64>,
-    pub(super) precision: Option<String>,
-    pub(super) latency_objective_ms: Option<u64>,
-    pub(super) memory_headroom_mib: Option<u64>,
+    pub instances: Option<toml::Value>,
+    pub threads: Option<u32>,
+    pub timeout_ms: Option<u64>,
+    pub precision: Option<String>,
+    pub latency_objective_ms: Option<u64>,
+    pub memory_headroom_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawBatching {
-    pub(super) max_batch_size: Option<u32>,
-    pub(super) max_queue_delay_us: Option<u64>,
-    pub(super) preferred_batch_sizes: Option<Vec<u32>>,
-    pub(super) max_queue_size: Option<u32>,
-    pub(super) max_rows: Option<u32>,
+pub struct RawBatching {
+    pub max_batch_size: Option<u32>,
+    pub max_queue_delay_us: Option<u64>,
+    pub preferred_batch_sizes: Option<Vec<u32>>,
+    pub max_queue_size: Option<u32>,
+    pub max_rows: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawInput {
-    pub(super) name: String,
-    pub(super) dtype: String,
-    pub(super) shape: Vec<i64>,
-    pub(super) ragged_dim: Option<usize>,
-    pub(super) pad: Option<f64>,
-    pub(super) min: Option<f64>,
-    pub(super) max: Option<f64>,
-    pub(super) max_dims: Option<Vec<i64>>,
+pub struct RawInput {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub ragged_dim: Option<usize>,
+    pub pad: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub max_dims: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawOutput {
-    pub(super) name: String,
-    pub(super) ragged_dim: Option<usize>,
+pub struct RawOutput {
+    pub name: String,
+    pub ragged_dim: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawHandler {
-    pub(super) name: String,
-    pub(super) tenant: Option<String>,
-    pub(super) component: String,
-    pub(super) models: Option<Vec<String>>,
-    pub(super) memory_limit_mib: Option<u64>,
-    pub(super) deadline_ms: Option<u64>,
-    pub(super) priority: Option<u8>,
-    pub(super) max_priority: Option<u8>,
+pub struct RawHandler {
+    pub name: String,
+    pub tenant: Option<String>,
+    pub component: String,
+    pub models: Option<Vec<String>>,
+    pub memory_limit_mib: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub priority: Option<u8>,
+    pub max_priority: Option<u8>,
+}
+
+/// Parses config text into its raw tables, or says where and why the syntax is wrong.
+pub fn parse(text: &str) -> Result<RawConfig, String> {
+    toml::from_str(text).map_err(|e| syntax_error(text, &e))
+}
+
+/// toml's own message spans several lines with a source excerpt; keep the place and the reason.
+pub fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let reason = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {reason}")
+        }
+        None => reason.to_owned(),
+    }
 }

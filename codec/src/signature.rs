@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::model::tensor::{DType, HostTensor};
+use crate::tensor::{DType, HostTensor};
 
 /// One named `forward` argument, in declaration order.
 #[derive(Debug, Clone, PartialEq, Eq)]

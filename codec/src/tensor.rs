@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::model::signature::{InputSpec, ValueRange};
+use crate::signature::{InputSpec, ValueRange};
 
 pub use kiln_wire::DType;
 

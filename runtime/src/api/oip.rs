@@ -8,17 +8,16 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, json_response, priority_header, read_body, timeout_header};
 use crate::model::handle::InferOptions;
 use crate::model::signature::OutputMeta;
 use crate::model::handle::{ModelHandle, ModelState};
-use crate::model::tensor::{self, DType, HostTensor};
+use crate::model::tensor::{self, HostTensor};
+use kiln_codec::oip::{self, RequestOutput};
 
 /// Header that splits a binary-extension body into its JSON part and raw tensor bytes.
-const HEADER_LENGTH: &str = "inference-header-content-length";
 
 /// Models have one version; clients that name none get this one.
 const VERSION: &str = "1";
@@ -121,35 +120,6 @@ fn dims(shape: &[Option<u32>]) -> Vec<i64> {
     shape.iter().map(|d| d.map_or(-1, i64::from)).collect()
 }
 
-#[derive(Debug, Deserialize)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    inputs: Vec<RequestInput>,
-    #[serde(default)]
-    outputs: Option<Vec<RequestOutput>>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    data: Option<Value>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
-
 /// Direct model calls are counted as the handler `oip`.
 pub(super) async fn infer(
     State(app): State<Arc<AppState>>,
@@ -179,21 +149,8 @@ async fn infer_model(
     let limit = app.max_body_bytes.min(tenant.config.quota.max_body_bytes);
     let _permit = app.admit(tenant, None)?;
     let body = read_body(body, &headers, limit).await?;
-    let (header, mut binary) = split_binary(&headers, body)?;
-    let request: InferRequest = serde_json::from_slice(&header)
-        .map_err(|e| ApiError::BadRequest(format!("invalid inference request: {e}")))?;
-
-    let mut named = Vec::with_capacity(request.inputs.len());
-    for input in request.inputs {
-        let tensor = decode_input(&input, &mut binary)?;
-        named.push((input.name, tensor));
-    }
-    if !binary.is_empty() {
-        return Err(ApiError::BadRequest(format!(
-            "{} bytes of binary tensor data were not claimed by any input",
-            binary.len()
-        )));
-    }
+    let header_length = headers.get(oip::HEADER_LENGTH).map(|v| v.to_str().unwrap_or(""));
+    let (request, named) = oip::decode(header_length, body).map_err(|e| ApiError::BadRequest(e.0))?;
     let arranged = model.arrange_inputs(named)?;
     let options = InferOptions {
         priority: priority_header(&headers)?.map_or(0, |p| p.min(app.oip_max_priority)),
@@ -201,90 +158,6 @@ async fn infer_model(
     };
     let outputs = model.infer(arranged, options).await?;
     encode_response(model, request.id, request.outputs, &request.parameters, outputs, tenant.config.quota.limits.max_response_bytes)
-}
-
-/// Splits the body at `Inference-Header-Content-Length`, if the client sent one.
-fn split_binary(headers: &HeaderMap, body: Bytes) -> Result<(Bytes, Bytes), ApiError> {
-    let Some(value) = headers.get(HEADER_LENGTH) else {
-        return Ok((body, Bytes::new()));
-    };
-    let len = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n <= body.len())
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{HEADER_LENGTH} must be a byte count no larger than the body ({} bytes)",
-                body.len()
-            ))
-        })?;
-    let mut header = body;
-    let binary = header.split_off(len);
-    Ok((header, binary))
-}
-
-fn decode_input(input: &RequestInput, binary: &mut Bytes) -> Result<HostTensor, ApiError> {
-    let name = &input.name;
-    let dtype = DType::from_wire_name(&input.datatype).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{name}': unsupported datatype '{}'",
-            input.datatype
-        ))
-    })?;
-    let shape = input
-        .shape
-        .iter()
-        .map(|&d| u32::try_from(d))
-        .collect::<Result<Vec<u32>, _>>()
-        .map_err(|_| {
-            ApiError::BadRequest(format!(
-                "input '{name}': shape {:?} has a negative or oversized dimension",
-                input.shape
-            ))
-        })?;
-    let data = match (input.parameters.get("binary_data_size"), &input.data) {
-        (Some(size), _) => {
-            let size = size
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .filter(|&n| n <= binary.len())
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "input '{name}': binary_data_size {size} exceeds the {} binary bytes left",
-                        binary.len()
-                    ))
-                })?;
-            binary.split_to(size).to_vec()
-        }
-        (None, Some(data)) => {
-            let mut flat = Vec::new();
-            flatten(data, &mut flat);
-            let expected = tensor::element_count(&shape).unwrap_or(usize::MAX);
-            if flat.len() != expected {
-                return Err(ApiError::BadRequest(format!(
-                    "input '{name}': shape {:?} needs {expected} values, got {}",
-                    shape,
-                    flat.len()
-                )));
-            }
-            tensor::json::encode(name, dtype, &flat)?
-        }
-        (None, None) => {
-            return Err(ApiError::BadRequest(format!(
-                "input '{name}' has neither data nor binary_data_size"
-            )));
-        }
-    };
-    Ok(HostTensor::new(name, dtype, shape, data)?)
-}
-
-/// Row-major flattening of nested JSON arrays.
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        other => out.push(other),
-    }
 }
 
 fn wants_binary(parameters: &Map<String, Value>, key: &str) -> bool {
@@ -385,7 +258,7 @@ fn encode_response(
         let mut response = Response::new(Body::from(body));
         let headers = response.headers_mut();
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        headers.insert(HEADER_LENGTH, HeaderValue::from(header_len));
+        headers.insert(oip::HEADER_LENGTH, HeaderValue::from(header_len));
         return Ok(response);
     }
     // All JSON: the document around the data arrays, then the numbers a chunk at a time.
@@ -465,36 +338,5 @@ impl JsonStream {
             return Some(Err(std::io::Error::other(format!("the answer passed the limit of {} bytes", self.limit))));
         }
         Some(Ok(Bytes::from(chunk)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::tensor::ShapeSpec;
-
-    #[test]
-    fn flatten_is_row_major() {
-        let v = json!([[1, 2], [3, [4, 5]]]);
-        let mut out = Vec::new();
-        flatten(&v, &mut out);
-        let got: Vec<i64> = out.iter().filter_map(|v| v.as_i64()).collect();
-        assert_eq!(got, vec![1, 2, 3, 4, 5]);
-    }
-
-    #[test]
-    fn binary_split_respects_the_header_length() {
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_LENGTH, HeaderValue::from_static("3"));
-        let (json, bin) = split_binary(&headers, Bytes::from_static(b"abcdef")).expect("split");
-        assert_eq!(&json[..], b"abc");
-        assert_eq!(&bin[..], b"def");
-        headers.insert(HEADER_LENGTH, HeaderValue::from_static("7"));
-        assert!(split_binary(&headers, Bytes::from_static(b"abcdef")).is_err());
-    }
-
-    #[test]
-    fn shape_display_matches_config_syntax() {
-        assert_eq!(ShapeSpec(&[None, Some(3)]).to_string(), "[-1, 3]");
     }
 }

@@ -3,7 +3,6 @@
 //! The file is parsed raw (`deny_unknown_fields`) and then validated into the typed [`Config`]
 //! the rest of Kiln uses. Every error names the file, the field and what is wrong with it.
 
-mod raw;
 mod validate;
 
 use std::net::SocketAddr;
@@ -15,7 +14,7 @@ use crate::fleet::scaler::ScalerConfig;
 use crate::model::spec::ModelConfig;
 use crate::sandbox::HandlerConfig;
 use crate::tenancy::TenantConfig;
-use raw::RawConfig;
+use kiln_codec::config::RawConfig;
 use validate::Validator;
 
 /// A validated deployment.
@@ -115,9 +114,9 @@ impl Config {
 
     /// Validates config text; `file` is only used in messages, `base` resolves relative paths.
     pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let raw: RawConfig = kiln_codec::config::parse(text).map_err(|message| ConfigError::Parse {
             file: file.to_path_buf(),
-            message: parse_message(text, &e),
+            message,
         })?;
         Validator { file, base }.config(raw)
     }
@@ -127,19 +126,6 @@ impl Config {
     }
 }
 
-/// toml's own message spans several lines with a source excerpt; keep the place and the reason.
-fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let reason = e.message().trim();
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {reason}")
-        }
-        None => reason.to_owned(),
-    }
-}
 
 impl Config {
     pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {

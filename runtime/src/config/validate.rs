@@ -16,7 +16,7 @@ use crate::sandbox::{HandlerConfig, SandboxLimits};
 use crate::tenancy::keys::parse_public_key;
 use crate::tenancy::{Quota, TenantConfig};
 
-use super::raw::{
+use kiln_codec::config::{
     RawBatching, RawConfig, RawGpus, RawHandler, RawModel, RawQuota,
     RawScaler, RawServer, RawTenant,
 };

@@ -4,10 +4,10 @@
 //! here: the sandbox and the API reach a model through a [`handle::ModelHandle`].
 
 pub mod backend;
-pub mod batch;
 pub mod device;
 pub mod handle;
 pub mod scheduler;
-pub mod signature;
 pub mod spec;
-pub mod tensor;
+
+// Decoders of untrusted input live in kiln-codec (no libtorch, so they can be fuzzed).
+pub use kiln_codec::{batch, signature, tensor};

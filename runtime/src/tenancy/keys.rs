@@ -18,10 +18,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
 use ring::hmac;
 
-use crate::files::write_atomic;
+use kiln_codec::keys::{PREFIX, Record, TokenError, parse_bearer};
 
-const PREFIX: &str = "kiln_";
-const RECORD_VERSION: &str = "v1";
+use crate::files::write_atomic;
 
 /// Who a key belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -45,37 +44,19 @@ impl fmt::Display for Principal {
 pub struct KeyRecord {
     pub id: String,
     salt: [u8; 16],
-    tag: Vec<u8>,
+    tag: [u8; 32],
     /// Seconds since the Unix epoch.
     pub created: u64,
 }
 
 impl KeyRecord {
     fn to_line(&self) -> String {
-        format!(
-            "{RECORD_VERSION} {} {} {} {}",
-            self.id,
-            STANDARD.encode(self.salt),
-            STANDARD.encode(&self.tag),
-            self.created
-        )
+        Record { id: self.id.clone(), salt: self.salt, tag: self.tag, created: self.created }.to_line()
     }
 
     fn parse_line(line: &str) -> Option<KeyRecord> {
-        let mut parts = line.split_ascii_whitespace();
-        if parts.next()? != RECORD_VERSION {
-            return None;
-        }
-        let id = parts.next()?.to_owned();
-        let salt = <[u8; 16]>::try_from(STANDARD.decode(parts.next()?).ok()?).ok()?;
-        let tag = STANDARD.decode(parts.next()?).ok()?;
-        let created = parts.next()?.parse().ok()?;
-        (is_key_id(&id) && tag.len() == 32 && parts.next().is_none()).then_some(KeyRecord {
-            id,
-            salt,
-            tag,
-            created,
-        })
+        let Record { id, salt, tag, created } = Record::parse_line(line)?;
+        Some(KeyRecord { id, salt, tag, created })
     }
 
     fn matches(&self, secret: &str) -> bool {
@@ -84,8 +65,11 @@ impl KeyRecord {
     }
 }
 
-fn is_key_id(id: &str) -> bool {
-    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+/// An HMAC-SHA256 tag, which is always 32 bytes.
+fn tag_bytes(tag: &hmac::Tag) -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    bytes.iter_mut().zip(tag.as_ref()).for_each(|(b, t)| *b = *t);
+    bytes
 }
 
 /// Makes a new key: the text to hand out once, and the record to keep.
@@ -104,7 +88,7 @@ pub fn generate() -> Result<(String, KeyRecord), KeyError> {
     let record = KeyRecord {
         id: id.clone(),
         salt,
-        tag: tag.as_ref().to_vec(),
+        tag: tag_bytes(&tag),
         created,
     };
     Ok((format!("{PREFIX}{id}_{secret}"), record))
@@ -174,16 +158,10 @@ impl KeyRing {
 
     /// Checks an `Authorization` header value.
     pub fn verify(&self, authorization: Option<&str>) -> Result<&Principal, AuthFailure> {
-        let value = authorization.ok_or(AuthFailure::Missing)?.trim();
-        let (scheme, key) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthFailure::Malformed);
-        }
-        let rest = key.trim().strip_prefix(PREFIX).ok_or(AuthFailure::Malformed)?;
-        let (id, secret) = rest.split_once('_').ok_or(AuthFailure::Malformed)?;
-        if !is_key_id(id) || secret.is_empty() || secret.len() > 128 {
-            return Err(AuthFailure::Malformed);
-        }
+        let (id, secret) = parse_bearer(authorization).map_err(|e| match e {
+            TokenError::Missing => AuthFailure::Missing,
+            TokenError::Malformed => AuthFailure::Malformed,
+        })?;
         // An unknown id is checked against a decoy record, so both failures take one path and
         // the same time (one HMAC).
         let found = self.by_id.get(id);
@@ -222,7 +200,7 @@ fn decoy() -> &'static KeyRecord {
         KeyRecord {
             id: "0000000000000000".to_owned(),
             salt,
-            tag: vec![0; 32],
+            tag: [0; 32],
             created: 0,
         }
     })
