@@ -68,6 +68,7 @@ pub struct RawServer {
     pub max_component_bytes: Option<u64>,
     pub drain_grace_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
+    pub slot_reset: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -69,7 +69,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         .max()
         .unwrap_or(DEFAULT_MEMORY_LIMIT_MIB << 20);
     let metered = config.tenants.iter().any(|t| t.quota.limits.fuel.is_some());
-    let sandbox = Sandbox::new(config.server.max_instances, max_memory, metered)
+    let sandbox = Sandbox::new(config.server.max_instances, max_memory, metered, config.server.slot_reset)
         .map_err(|e| anyhow::anyhow!("cannot create the sandbox engine: {e}"))?;
 
     let audit = Arc::new(Audit::open(state_dir));

@@ -28,7 +28,13 @@ inputs = [
     {{ name = "attention_mask", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0, min = 0, max = 1, max_dims = [-1, 512] }},
 ]
 outputs = [{{ name = "last_hidden_state", ragged_dim = 1 }}]
-"#
+
+[[handler]]
+name = "keeper"
+tenant = "demo"
+component = "{misbehave}"
+"#,
+            misbehave = artifact("target/wasm32-wasip2/guest/misbehave.wasm").display(),
         );
         let config = examples_config("max_instances = 32", &[], &extra)
             .replace(
@@ -327,3 +333,46 @@ async fn oip_answers_stream_within_the_tenant_s_response_limit() {
     assert_eq!(status, 400, "{answer}");
     assert!(answer["error"].as_str().is_some_and(|e| e.contains("limit of 64 rows per request")), "{answer}");
 }
+
+/// What one tenant's guest leaves in linear memory never reaches another tenant's sandbox. The
+/// victim's guest leaves a marker on every page of 3 MiB of heap (past the prefix a slot reset
+/// always clears) while the attacker's guest — the same component, the same pool, so its slots
+/// are the victim's last ones — grows its memory by 8 MiB and scans all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_never_reads_what_another_tenant_s_guest_left_in_memory() {
+    let _turn = turn().await;
+    let (victim, attacker) = (server().client("demo"), server().client("mallory"));
+    let plant_url = server().url("/v1/handlers/keeper/plant");
+    let scan_url = server().url("/v1/handlers/misbehave/scan");
+    let plants = futures::stream::iter(0..120)
+        .map(|_| {
+            let (client, url) = (victim.clone(), plant_url.clone());
+            async move {
+                let response = client.post(url).send().await.expect("plant");
+                (response.status().as_u16(), response.text().await.unwrap_or_default())
+            }
+        })
+        .buffer_unordered(3)
+        .collect::<Vec<_>>();
+    let scans = futures::stream::iter(0..120)
+        .map(|_| {
+            let (client, url) = (attacker.clone(), scan_url.clone());
+            async move { json_of(client.post(url).send().await.expect("scan")).await }
+        })
+        .buffer_unordered(3)
+        .collect::<Vec<_>>();
+    let (plants, scans) = tokio::join!(plants, scans);
+    for (status, planted) in &plants {
+        assert_eq!(*status, 200, "{planted}");
+        assert!(planted.parse::<usize>().is_ok_and(|n| n > 700), "planted {planted}");
+    }
+    for (status, body) in &scans {
+        assert_eq!(*status, 200, "{body}");
+        assert!(body["grown"] == true && body["scanned_bytes"].as_u64().is_some_and(|b| b >= 8 << 20), "{body}");
+        assert_eq!(body["found"], 0, "the attacker read the victim's memory: {body}");
+    }
+    // The victim's own next sandboxes start clean too.
+    let (status, body) = json_of(victim.post(server().url("/v1/handlers/keeper/scan")).send().await.expect("scan")).await;
+    assert_eq!((status, &body["found"]), (200, &serde_json::json!(0)), "{body}");
+}
+

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::fleet::gpu::GpuConfig;
 use crate::fleet::scaler::ScalerConfig;
 use crate::model::spec::ModelConfig;
-use crate::sandbox::HandlerConfig;
+use crate::sandbox::{HandlerConfig, SlotResetPolicy};
 use crate::tenancy::TenantConfig;
 use kiln_codec::config::RawConfig;
 use validate::Validator;
@@ -49,6 +49,8 @@ pub struct ServerConfig {
     /// load balancers stop sending first), and how long in-flight work has in all to finish.
     pub drain_grace: Duration,
     pub drain_timeout: Duration,
+    /// How sandbox slots are reset between requests.
+    pub slot_reset: SlotResetPolicy,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -12,7 +12,7 @@ use crate::model::spec::{
     BatchPolicy, DeviceChoice, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Precision, Replicas,
 };
 use crate::model::tensor::DType;
-use crate::sandbox::{HandlerConfig, SandboxLimits};
+use crate::sandbox::{HandlerConfig, SandboxLimits, SlotResetPolicy};
 use crate::tenancy::keys::parse_public_key;
 use crate::tenancy::{Quota, TenantConfig};
 
@@ -162,6 +162,16 @@ impl Validator<'_> {
                 format!("{drain_grace_ms} is over drain_timeout_ms ({drain_timeout_ms})"),
             ));
         }
+        let slot_reset = match raw.slot_reset.as_deref() {
+            None | Some("auto") => SlotResetPolicy::Auto,
+            Some("memset") => SlotResetPolicy::Memset,
+            Some(other) => {
+                return Err(self.invalid(
+                    "server.slot_reset",
+                    format!("'{other}' is not a slot reset; use \"auto\" (PAGEMAP_SCAN where the kernel has it) or \"memset\""),
+                ));
+            }
+        };
         Ok(ServerConfig {
             listen,
             max_body_bytes: max_body_bytes as usize,
@@ -172,6 +182,7 @@ impl Validator<'_> {
             max_component_bytes: max_component_bytes as usize,
             drain_grace: Duration::from_millis(drain_grace_ms),
             drain_timeout: Duration::from_millis(drain_timeout_ms),
+            slot_reset,
         })
     }
 

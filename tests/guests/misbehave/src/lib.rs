@@ -68,6 +68,49 @@ fn answer_then_spin(out: ResponseOutparam) {
     }
 }
 
+/// Bytes of the marker `/plant` leaves at the start of every page it touches.
+const MARKER_LEN: usize = 64;
+const PAGE: usize = 4096;
+
+/// The marker's bytes, computed and never stored whole, so a scan finds only planted copies.
+fn marker(i: usize) -> u8 {
+    ((i as u32).wrapping_mul(131).wrapping_add(71) ^ 0xC3) as u8
+}
+
+/// Leaves the marker at the start of every page of 3 MiB of heap (past the first pages a slot
+/// reset always clears), as a tenant's secret would be left; returns how many copies.
+fn plant() -> usize {
+    let mut heap = vec![0u8; 3 << 20];
+    let base = heap.as_ptr() as usize;
+    let mut at = base.next_multiple_of(PAGE) - base;
+    let mut planted = 0;
+    while at + MARKER_LEN <= heap.len() {
+        for i in 0..MARKER_LEN {
+            heap[at + i] = marker(i);
+        }
+        at += PAGE;
+        planted += 1;
+    }
+    std::hint::black_box(&heap);
+    planted
+}
+
+/// Grows linear memory by 8 MiB and looks for the marker at the start of every page of all
+/// of it: what an attacker's guest would do to read what the sandbox's previous tenant left.
+fn scan() -> serde_json::Value {
+    let grown = core::arch::wasm32::memory_grow(0, 128) != usize::MAX;
+    let size = core::arch::wasm32::memory_size(0) * 65536;
+    let mut found = 0;
+    let mut addr = PAGE;
+    while addr + MARKER_LEN <= size {
+        // SAFETY: every address below memory_size is readable linear memory.
+        let matches = (0..MARKER_LEN).all(|i| unsafe { core::ptr::read_volatile((addr + i) as *const u8) } == marker(i));
+        found += usize::from(matches);
+        addr += PAGE;
+    }
+    json!({ "found": found, "scanned_bytes": size, "grown": grown })
+}
+
 /// The count in a `?N` query.
 fn count(query: &str) -> Result<usize, Error> {
     query.parse().map_err(|_| Error::bad_request("?COUNT"))
@@ -93,6 +136,8 @@ impl Handler for Misbehave {
                 }
             }
             "/recurse" => Ok(Response::text(200, recurse(1).to_string())),
+            "/plant" => Ok(Response::text(200, plant().to_string())),
+            "/scan" => Ok(Response::json(200, &scan())?),
             "/panic" => panic!("this guest panics on purpose"),
             "/print" => {
                 println!("hello from the guest's stdout");
