@@ -17,8 +17,6 @@ use crate::model::handle::{ModelHandle, ModelState};
 use crate::model::tensor::{self, HostTensor};
 use kiln_codec::oip::{self, RequestOutput};
 
-/// Header that splits a binary-extension body into its JSON part and raw tensor bytes.
-
 /// Models have one version; clients that name none get this one.
 const VERSION: &str = "1";
 

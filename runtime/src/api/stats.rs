@@ -92,17 +92,13 @@ pub(super) async fn events(State(app): State<Arc<AppState>>, headers: HeaderMap)
     // The stream ends after the server's last event, so clients see the drain and go.
     let live = futures::stream::unfold(Some(feed), |feed| async move {
         let mut feed = feed?;
-        loop {
-            match feed.recv().await {
-                Ok(event) if matches!(event.kind, kiln_wire::EventKind::Draining { .. }) => {
-                    return Some((Ok(sse(&event)), None));
-                }
-                Ok(event) => return Some((Ok(sse(&event)), Some(feed))),
-                Err(RecvError::Lagged(missed)) => {
-                    return Some((Ok(Event::default().event("lagged").data(missed.to_string())), Some(feed)));
-                }
-                Err(RecvError::Closed) => return None,
+        match feed.recv().await {
+            Ok(event) if matches!(event.kind, kiln_wire::EventKind::Draining { .. }) => Some((Ok(sse(&event)), None)),
+            Ok(event) => Some((Ok(sse(&event)), Some(feed))),
+            Err(RecvError::Lagged(missed)) => {
+                Some((Ok(Event::default().event("lagged").data(missed.to_string())), Some(feed)))
             }
+            Err(RecvError::Closed) => None,
         }
     });
     let stream: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =

@@ -86,6 +86,10 @@ struct Replica {
     draining: bool,
 }
 
+/// The only replica, run on the scheduler's own thread: the model, its slot, and what the fleet
+/// reserved for it.
+type InlineReplica<M> = (M, Arc<ReplicaSlot>, Option<Box<dyn Reservation>>);
+
 /// The owner of one model's queue, replica set and replica target.
 pub(super) struct Scheduler<B: Backend> {
     shared: Arc<Shared>,
@@ -93,7 +97,7 @@ pub(super) struct Scheduler<B: Backend> {
     /// For new replicas' threads to report to.
     commands: Sender<Command>,
     /// The model, when the scheduler runs the only replica itself.
-    inline: Option<(B::Model, Arc<ReplicaSlot>, Option<Box<dyn Reservation>>)>,
+    inline: Option<InlineReplica<B::Model>>,
     replicas: Vec<Replica>,
     /// Replicas asked for and not drained, published in `shared.target`.
     target: u32,
