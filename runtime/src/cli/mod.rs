@@ -40,7 +40,7 @@ pub fn list_keys(config: &Config, principal: &Principal) -> anyhow::Result<()> {
         eprintln!("{principal} has no keys");
     }
     for r in records {
-        println!("{}  created {}", r.id, r.created);
+        println!("{}  created {}", r.id(), r.created());
     }
     Ok(())
 }

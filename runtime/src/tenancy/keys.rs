@@ -39,29 +39,24 @@ impl fmt::Display for Principal {
     }
 }
 
-/// What is written down for one key.
+/// What is written down for one key (its line format is kiln-codec's `Record`); the salt and
+/// tag stay inside this module.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyRecord {
-    pub id: String,
-    salt: [u8; 16],
-    tag: [u8; 32],
-    /// Seconds since the Unix epoch.
-    pub created: u64,
-}
+pub struct KeyRecord(Record);
 
 impl KeyRecord {
-    fn to_line(&self) -> String {
-        Record { id: self.id.clone(), salt: self.salt, tag: self.tag, created: self.created }.to_line()
+    pub fn id(&self) -> &str {
+        &self.0.id
     }
 
-    fn parse_line(line: &str) -> Option<KeyRecord> {
-        let Record { id, salt, tag, created } = Record::parse_line(line)?;
-        Some(KeyRecord { id, salt, tag, created })
+    /// Seconds since the Unix epoch.
+    pub fn created(&self) -> u64 {
+        self.0.created
     }
 
     fn matches(&self, secret: &str) -> bool {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.salt);
-        hmac::verify(&key, secret.as_bytes(), &self.tag).is_ok()
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0.salt);
+        hmac::verify(&key, secret.as_bytes(), &self.0.tag).is_ok()
     }
 }
 
@@ -85,12 +80,7 @@ pub fn generate() -> Result<(String, KeyRecord), KeyError> {
     let secret = URL_SAFE_NO_PAD.encode(secret);
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &salt), secret.as_bytes());
     let created = crate::telemetry::unix_seconds();
-    let record = KeyRecord {
-        id: id.clone(),
-        salt,
-        tag: tag_bytes(&tag),
-        created,
-    };
+    let record = KeyRecord(Record { id: id.clone(), salt, tag: tag_bytes(&tag), created });
     Ok((format!("{PREFIX}{id}_{secret}"), record))
 }
 
@@ -146,7 +136,7 @@ impl KeyRing {
         let mut ring = KeyRing::default();
         let mut add = |principal: Principal, file: PathBuf| {
             for record in read_records(&file) {
-                ring.by_id.insert(record.id.clone(), (principal.clone(), record));
+                ring.by_id.insert(record.id().to_owned(), (principal.clone(), record));
             }
         };
         add(Principal::Admin, admin_keys_file(state_dir));
@@ -197,12 +187,7 @@ fn decoy() -> &'static KeyRecord {
         let mut salt = [0u8; 16];
         // Without randomness the decoy still costs one HMAC; it never matches either way.
         let _ = SystemRandom::new().fill(&mut salt);
-        KeyRecord {
-            id: "0000000000000000".to_owned(),
-            salt,
-            tag: [0; 32],
-            created: 0,
-        }
+        KeyRecord(Record { id: "0000000000000000".to_owned(), salt, tag: [0; 32], created: 0 })
     })
 }
 
@@ -236,7 +221,7 @@ fn read_records(file: &Path) -> Vec<KeyRecord> {
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
-        match KeyRecord::parse_line(line) {
+        match Record::parse_line(line).map(KeyRecord) {
             Some(record) => records.push(record),
             None => tracing::warn!("{}:{}: not a key record; skipped", file.display(), n + 1),
         }
@@ -286,7 +271,7 @@ pub fn remove(state_dir: &Path, principal: &Principal, id: &str) -> Result<bool,
     let file = keys_file(state_dir, principal);
     let mut records = read_records(&file);
     let before = records.len();
-    records.retain(|r| r.id != id);
+    records.retain(|r| r.id() != id);
     if records.len() == before {
         return Ok(false);
     }
@@ -297,7 +282,7 @@ pub fn remove(state_dir: &Path, principal: &Principal, id: &str) -> Result<bool,
 fn write_records(file: &Path, records: &[KeyRecord]) -> Result<(), KeyError> {
     let mut text = String::from("# Kiln API key hashes (salted HMAC-SHA256). Edit with `kiln tenant` / `kiln admin`.\n");
     for r in records {
-        text.push_str(&r.to_line());
+        text.push_str(&r.0.to_line());
         text.push('\n');
     }
     write_atomic(file, text.as_bytes()).map_err(|source| KeyError::Write {
