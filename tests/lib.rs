@@ -156,20 +156,38 @@ impl Server {
         }
         let admin_key = kiln(&["admin", "add-key", "--config", &config_arg])?;
         keys.insert(String::new(), admin_key.trim().to_owned());
-        let (port, admin_port) = (free_port()?, free_port()?);
-        let server = Server {
+        let mut server = Server {
             process: Mutex::new(None),
-            base: format!("http://127.0.0.1:{port}"),
-            addr: format!("127.0.0.1:{port}"),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            admin_addr: format!("127.0.0.1:{admin_port}"),
+            base: String::new(),
+            addr: String::new(),
+            admin: String::new(),
+            admin_addr: String::new(),
             config: config_path,
             log: dir.path.join("server.log"),
             keys,
             dir,
         };
-        server.launch()?;
-        Ok(server)
+        // A port found free can be taken before kiln binds it (another test's server or one of
+        // the many client connections the tests open): then start again on new ports.
+        let mut tries = 0;
+        loop {
+            server.set_ports(free_port()?, free_port()?);
+            match server.launch() {
+                Err(e) if tries < 5 && e.to_string().contains("Address already in use") => {
+                    tries += 1;
+                    server.kill()?;
+                    std::fs::write(&server.log, "")?;
+                }
+                result => return result.map(|()| server),
+            }
+        }
+    }
+
+    fn set_ports(&mut self, port: u16, admin_port: u16) {
+        self.base = format!("http://127.0.0.1:{port}");
+        self.addr = format!("127.0.0.1:{port}");
+        self.admin = format!("http://127.0.0.1:{admin_port}");
+        self.admin_addr = format!("127.0.0.1:{admin_port}");
     }
 
     /// Starts the process (again) on the same config, state and ports, and waits until ready.
@@ -359,7 +377,23 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// A loopback port that is free now, picked below the kernel's ephemeral range so that the
+/// outgoing connections of tests running beside this one cannot be given it.
 fn free_port() -> anyhow::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    for _ in 0..200 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let port = low + (hasher.finish() % u64::from(high - low)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
