@@ -1,40 +1,60 @@
 #!/usr/bin/env bash
-# Slot reset side by side: the same server with `slot_reset = "auto"` (PAGEMAP_SCAN, 4 MiB kept
-# mapped) and `"memset"` (384 KiB reset in place), interleaved over three rounds, on the echo
-# guest (the sandbox alone) and digits. Needs scripts/bench.sh's configs (run it once first).
-#   scripts/bench-reset.sh     (about 2 minutes)
+# Two or more Kilns side by side, interleaved over three rounds (alternating which goes first),
+# on the echo guest (the sandbox alone), digits and embeddings. Each is LABEL=BINARY, optionally
+# followed by ,SETTING lines for the [server] table:
+#   scripts/bench-ab.sh auto=target/release/kiln 'memset=target/release/kiln,slot_reset = "memset"'
+#   scripts/bench-ab.sh old=build/bin/kiln-OLD new=target/release/kiln
+# Needs scripts/bench.sh's configs (run it once first). About 1.5 minutes per Kiln. The load
+# generator is always target/release/kiln; the server's CPU µs and wake-ups per request come from
+# /v1/stats (absent for a server that predates them).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KILN_ROOT"
 out=build/bench
-kiln=target/release/kiln
+client=target/release/kiln
 [ -f "$out/batching-on.toml" ] || { echo "run scripts/bench.sh first (it writes $out/batching-on.toml)" >&2; exit 1; }
-for mode in auto memset; do
-    sed -e "s|^\[server\]|[server]\nslot_reset = \"$mode\"|" "$out/batching-on.toml" > "$out/reset-$mode.toml"
+[ $# -ge 2 ] || { sed -n '2,9p' "$0" >&2; exit 2; }
+labels=(); binaries=()
+for spec in "$@"; do
+    label=${spec%%=*}; rest=${spec#*=}
+    IFS=, read -r -a parts <<< "$rest"
+    labels+=("$label"); binaries+=("${parts[0]}")
+    settings=$(printf '%s\\n' "${parts[@]:1}")
+    sed -e "s|^\[server\]|[server]\n$settings|" "$out/batching-on.toml" > "$out/ab-$label.toml"
 done
-KILN_KEY=$($kiln tenant add-key demo -c "$out/reset-auto.toml" 2>/dev/null)
-export KILN_KEY
+KILN_KEY=$($client tenant add-key demo -c "$out/ab-${labels[0]}.toml" 2>/dev/null)
+KILN_ADMIN_KEY=$($client admin add-key -c "$out/ab-${labels[0]}.toml" 2>/dev/null)
+export KILN_KEY KILN_ADMIN_KEY
 png=$(ls build/holdout/digits/*.png | head -1)
-printf '| round | slot_reset | echo c=1 req/s | echo c=16 req/s | digits c=16 req/s | digits c=64 req/s (p99 ms) |\n|---|---|---:|---:|---:|---:|\n'
+echo '{"sentences": ["The quick brown fox jumps over the lazy dog near the river bank."]}' > "$out/ab-sentence.json"
+runs=("echo 1" "echo 16" "digits 1" "digits 16" "digits 64" "embeddings 1" "embeddings 16" "embeddings 64")
+header="| round | kiln"; rule="|---|---"
+for run in "${runs[@]}"; do header="$header | ${run/ / c=}"; rule="$rule|---:"; done
+echo "Cells: req/s (p99 ms; server CPU µs and wake-ups per request)."
+echo "$header |"; echo "$rule|"
 for round in 1 2 3; do
-    # Alternate which mode goes first, so neither always follows the other.
-    modes=(auto memset); [ $((round % 2)) = 0 ] && modes=(memset auto)
-    for mode in "${modes[@]}"; do
-        $kiln serve -c "$out/reset-$mode.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 > "$out/reset-$mode.log" 2>&1 &
+    order=("${!labels[@]}")
+    [ $((round % 2)) = 0 ] && order=($(printf '%s\n' "${order[@]}" | tac))
+    for i in "${order[@]}"; do
+        label=${labels[$i]}
+        "${binaries[$i]}" serve -c "$out/ab-$label.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 > "$out/ab-$label.log" 2>&1 &
         server=$!
         for _ in $(seq 300); do curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && break; sleep 0.2; done
-        row="| $round | $mode"
-        for run in "echo 1" "echo 16" "digits 16" "digits 64"; do
+        row="| $round | $label"
+        for run in "${runs[@]}"; do
             set -- $run
-            if [ "$1" = echo ]; then args=(--handler echo --path echo); else args=(--handler digits --body "$png"); fi
-            $kiln bench --server http://127.0.0.1:18080 --duration 3s --json "${args[@]}" -c "$2" > "$out/reset.json"
+            case $1 in
+                echo) args=(--handler echo --path echo) ;;
+                digits) args=(--handler digits --body "$png") ;;
+                embeddings) args=(--handler embeddings --body "$out/ab-sentence.json") ;;
+            esac
+            $client bench --server http://127.0.0.1:18080 --duration 3s --json "${args[@]}" -c "$2" > "$out/ab.json"
             row="$row | $(.venv/bin/python -c "
-import json; r = json.load(open('$out/reset.json')); e = sum(r['errors'].values())
-cell = f\"{r['ok'] / 3:.0f}\" + (f\" ({r['latency_ms']['p99']:.1f})\" if '$1 $2' == 'digits 64' else '')
-print(cell + (f' ({e} errors)' if e else ''))")"
+import json; r = json.load(open('$out/ab.json')); e = sum(r['errors'].values()); c = r.get('server_cost')
+cost = f\"; {c['cpu_us_per_request']:.0f}, {c['wakeups_per_request']:.1f}\" if c else ''
+print(f\"{r['ok'] / r['seconds']:.0f} ({r['latency_ms']['p99']:.1f}{cost})\" + (f' {e} errors' if e else ''))")"
         done
         echo "$row |"
-        grep -q 'reset=DirtyPages' "$out/reset-$mode.log" && [ "$mode" = memset ] && echo "memset asked for, PAGEMAP_SCAN used" >&2
         kill "$server"; wait "$server" 2>/dev/null || true
     done
 done

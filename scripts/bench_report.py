@@ -52,6 +52,14 @@ def batch_of(report, model: str) -> float:
     return b["average_batch_size"] if b else 0.0
 
 
+def cost(report) -> str:
+    """The server's CPU µs, wake-ups and RSS per request during the run, as table cells."""
+    c = report.get("server_cost")
+    if not c:
+        return "- | - | -"
+    return f"{c['cpu_us_per_request']:.0f} | {c['wakeups_per_request']:.2f} | {c['rss_mib']:.0f}"
+
+
 def main(d: Path, md: Path, seconds: str) -> None:
     raw = {m: load(d, f"raw-{m}") for m in ("digits", "minilm", "resnet18")}
     lines = [BEGIN, "", f"Machine: {machine()}.", "",
@@ -64,8 +72,8 @@ def main(d: Path, md: Path, seconds: str) -> None:
 
     lines += ["### 2. End to end through a guest handler (`kiln bench --handler`)", "",
               "| handler | batching | concurrency | req/s | p50 ms | p90 ms | p99 ms | max ms "
-              "| avg batch | errors |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| avg batch | server CPU µs/req | wake-ups/req | RSS MiB | errors |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     model_of = {"digits": "digits", "embeddings": "minilm"}
     for handler in ("digits", "embeddings"):
         for mode in ("on", "off"):
@@ -76,17 +84,18 @@ def main(d: Path, md: Path, seconds: str) -> None:
                 lines.append(
                     f"| {handler} | {mode} | {c} | {r['throughput_rps']:.0f} | {l['p50']:.3f} "
                     f"| {l['p90']:.3f} | {l['p99']:.3f} | {l['max']:.3f} "
-                    f"| {batch_of(r, model_of[handler]):.2f} | {errors} |")
+                    f"| {batch_of(r, model_of[handler]):.2f} | {cost(r)} | {errors} |")
     lines.append("")
 
     lines += ["### 3. Sandbox overhead (echo guest, no model call; median of three runs each)", "",
-              "| route | concurrency | req/s | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
+              "| route | concurrency | req/s | p50 ms | p99 ms | server CPU µs/req | wake-ups/req "
+              "| RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in (1, 16):
         for name, label in ((f"live-c{c}", "GET /v2/health/live (no sandbox)"),
                             (f"echo-c{c}", "echo handler (fresh sandbox)")):
             r = load(d, name)
             lines.append(f"| {label} | {c} | {r['throughput_rps']:.0f} | "
-                         f"{r['latency_ms']['p50']:.3f} | {r['latency_ms']['p99']:.3f} |")
+                         f"{r['latency_ms']['p50']:.3f} | {r['latency_ms']['p99']:.3f} | {cost(r)} |")
     e1, l1 = load(d, "echo-c1"), load(d, "live-c1")
     e16, l16 = load(d, "echo-c16"), load(d, "live-c16")
     p50_overhead = (e1["latency_ms"]["p50"] - l1["latency_ms"]["p50"]) * 1000

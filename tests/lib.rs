@@ -66,6 +66,8 @@ inputs = [
 ]
 outputs = [{{ name = "last_hidden_state", ragged_dim = 1 }}]
 batching = {{ max_batch_size = 64 }}
+# As examples/kiln.toml ships it: two single-threaded replicas sharing one copy of the weights.
+instances = 2
 
 [[tenant]]
 name = "demo"

@@ -103,8 +103,13 @@ async fn stats_parse_as_the_dashboards_wire_type() {
     let minilm = stats.models.iter().find(|m| m.name == "minilm").expect("minilm");
     assert_eq!(minilm.state, "ready");
     assert!(minilm.inferences >= 1 && minilm.queue_wait.count() >= 1);
-    assert_eq!(minilm.replicas.len(), 1);
-    assert_eq!(minilm.replicas[0].device, "cpu");
+    // The examples serve MiniLM as two single-threaded CPU replicas.
+    assert_eq!(minilm.replicas.len(), 2);
+    assert!(minilm.replicas.iter().all(|r| r.device == "cpu"), "{:?}", minilm.replicas);
+    // The scheduler's learned forward curve, and what the process itself costs.
+    assert!(minilm.forward_curve.iter().any(|p| p.rows >= 1 && p.samples >= 1 && p.forward_ms > 0.0), "{:?}", minilm.forward_curve);
+    assert!(stats.process.threads >= 4 && stats.process.rss_bytes > 100 << 20 && stats.process.cpu_seconds > 0.0, "{:?}", stats.process);
+    assert!(stats.process.voluntary_switches > 0, "{:?}", stats.process);
     let embeddings = stats.handlers.iter().find(|h| h.name == "embeddings").expect("embeddings handler");
     assert!(embeddings.requests >= 1 && embeddings.latency.quantile_ms(0.5) > 0.0);
     assert!(stats.tenants.iter().any(|t| t.name == "demo"));

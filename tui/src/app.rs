@@ -70,6 +70,8 @@ pub struct ModelRow {
     pub replicas: u32,
     pub max: u32,
     pub devices: String,
+    /// The learned batch size with the cheapest forward pass per row, and that cost in ms.
+    pub best_batch: Option<(u32, f64)>,
 }
 
 /// One handler or tenant row, with its recent rates.
@@ -328,6 +330,7 @@ impl App {
                     replicas: m.replica_target,
                     max: m.instances.max,
                     devices: devices.join(","),
+                    best_batch: m.best_batch(),
                 }
             })
             .collect();

@@ -227,7 +227,10 @@ fn ms(v: f64) -> String {
 
 fn draw_models(app: &App, frame: &mut Frame, area: Rect) {
     let focused = app.focus == Panel::Models;
-    let names = ["Model", "Queue", "Wait p50", "Wait p95", "Batch", "Req/s", "Replicas", "Devices"];
+    // The learned best batch size only where there is room for it beside the rest.
+    let wide = area.width >= 110;
+    let names = ["Model", "Queue", "Wait p50", "Wait p95", "Batch", "Req/s", "Replicas", "Devices", "Best batch"];
+    let names = if wide { &names[..] } else { &names[..names.len() - 1] };
     let header = Row::new(names.iter().enumerate().map(|(i, n)| {
         let column = COLUMNS.get(i).copied();
         let mut text = (*n).to_owned();
@@ -245,7 +248,7 @@ fn draw_models(app: &App, frame: &mut Frame, area: Rect) {
     let rows = app.models.iter().map(|m| {
         let wait = Style::new().fg(load_color(m.wait_p95_ms, 10.0, 100.0));
         let name = if m.state == "ready" { m.name.clone() } else { format!("{} ({})", m.name, m.state) };
-        Row::new(vec![
+        let mut cells = vec![
             Cell::from(name),
             Cell::from(m.queue.to_string()).style(Style::new().fg(if m.queue > 0 { Color::Yellow } else { Color::Reset })),
             Cell::from(ms(m.wait_p50_ms)),
@@ -254,7 +257,11 @@ fn draw_models(app: &App, frame: &mut Frame, area: Rect) {
             Cell::from(rate(m.rate)),
             Cell::from(format!("{}/{}", m.replicas, m.max)),
             Cell::from(m.devices.clone()),
-        ])
+        ];
+        if wide {
+            cells.push(Cell::from(m.best_batch.map_or_else(String::new, |(rows, per_row)| format!("{rows} @ {} ms/row", ms(per_row)))));
+        }
+        Row::new(cells)
     });
     let widths = [
         Constraint::Min(10),
@@ -265,8 +272,10 @@ fn draw_models(app: &App, frame: &mut Frame, area: Rect) {
         Constraint::Length(8),
         Constraint::Length(9),
         Constraint::Length(14),
+        Constraint::Length(20),
     ];
-    let table = Table::new(rows, widths)
+    let widths = if wide { &widths[..] } else { &widths[..widths.len() - 1] };
+    let table = Table::new(rows, widths.iter().copied())
         .header(header)
         .block(panel("Model queues", focused))
         .row_highlight_style(Style::new().reversed());

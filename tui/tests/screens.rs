@@ -48,6 +48,10 @@ fn stats(t: u64, gpus: bool) -> Stats {
         batch_sizes: vec![0; BATCH_BOUNDS.len() + 1],
         queue_wait: histogram(&[(wait_bucket, rate * t * 9 / 10), (wait_bucket + 2, rate * t / 10)]),
         forward: histogram(&[(8, rate * t / batch)]),
+        forward_curve: vec![
+            CurvePoint { rows: 1, forward_ms: 0.3, samples: 40 },
+            CurvePoint { rows: batch as u32, forward_ms: 0.3 + 0.05 * batch as f64, samples: 12 },
+        ],
     };
     let route = |name: &str, rate: u64, bucket: usize, errors: u64, throttled: u64| RouteStats {
         name: name.into(),
@@ -105,6 +109,7 @@ fn stats(t: u64, gpus: bool) -> Stats {
         ],
         handlers: vec![route("digits", 1200, 6, 0, 0), route("embeddings", 400, 10, 1, 3)],
         tenants: vec![route("demo", 1600, 8, 1, 3)],
+        process: Default::default(),
     }
 }
 

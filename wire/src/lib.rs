@@ -263,6 +263,25 @@ pub struct Stats {
     pub models: Vec<ModelStats>,
     pub handlers: Vec<RouteStats>,
     pub tenants: Vec<RouteStats>,
+    /// What the server process itself costs; absent from servers older than this field.
+    #[serde(default)]
+    pub process: ProcessStats,
+}
+
+/// The server process's own cost, cumulative over its live threads (a thread that has exited
+/// takes its counts with it, so compare two snapshots of a steady server).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessStats {
+    /// CPU time, in seconds.
+    pub cpu_seconds: f64,
+    /// Times a thread went to sleep waiting for something: each one is a wake-up later, the
+    /// hand-offs a request pays for.
+    pub voluntary_switches: u64,
+    /// Times a thread was preempted while it had work.
+    pub involuntary_switches: u64,
+    pub threads: u64,
+    /// Resident memory, in bytes.
+    pub rss_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -299,6 +318,30 @@ pub struct ModelStats {
     pub batch_sizes: Vec<u64>,
     pub queue_wait: Histogram,
     pub forward: Histogram,
+    /// Mean forward time by batch rows, learned while serving: what the scheduler weighs when
+    /// it holds a partial batch for rows on their way.
+    #[serde(default)]
+    pub forward_curve: Vec<CurvePoint>,
+}
+
+/// One batch size of a model's learned forward curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub rows: u32,
+    pub forward_ms: f64,
+    pub samples: u64,
+}
+
+impl ModelStats {
+    /// The measured batch size with the lowest forward time per row (among sizes seen at least
+    /// three times), as `(rows, ms per row)`.
+    pub fn best_batch(&self) -> Option<(u32, f64)> {
+        self.forward_curve
+            .iter()
+            .filter(|p| p.samples >= 3 && p.rows > 0)
+            .map(|p| (p.rows, p.forward_ms / f64::from(p.rows)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
 }
 
 fn yes() -> bool {

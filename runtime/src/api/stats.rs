@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use kiln_wire::{Bounds, ModelStats, ScalerReport, ServerEvent, Stats};
+use kiln_wire::{Bounds, CurvePoint, ModelStats, ScalerReport, ServerEvent, Stats};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -62,6 +62,11 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
                 batch_sizes: c.batch_sizes.counts(),
                 queue_wait: c.queue_wait.snapshot(),
                 forward: c.forward.snapshot(),
+                forward_curve: model
+                    .forward_curve()
+                    .into_iter()
+                    .map(|(rows, us, samples)| CurvePoint { rows, forward_ms: us / 1e3, samples })
+                    .collect(),
             }
         })
         .collect();
@@ -72,6 +77,7 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
         models,
         handlers: app.telemetry.handlers(),
         tenants: app.telemetry.tenants(),
+        process: crate::telemetry::process::sample(),
     };
     Ok(json_response(StatusCode::OK, &json!(stats)))
 }

@@ -59,6 +59,20 @@ pub struct Report {
     pub latency_ms: Latency,
     /// Per model: requests and forward passes during the run, and their ratio.
     pub server_batching: BTreeMap<String, Batching>,
+    /// What the server spent per request during the run (from `/v1/stats`, with an admin key).
+    pub server_cost: Option<ServerCost>,
+}
+
+/// The server's own CPU time and thread hand-offs during a run, per request sent; they include
+/// whatever else the server did meanwhile, so measure a server that serves only this load.
+#[derive(Debug, Serialize)]
+pub struct ServerCost {
+    pub cpu_us_per_request: f64,
+    /// A thread went to sleep and had to be woken again: the hand-offs between threads.
+    pub wakeups_per_request: f64,
+    pub preemptions_per_request: f64,
+    /// Resident memory after the run.
+    pub rss_mib: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -304,6 +318,20 @@ fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Stats>
         p99: percentile(l, 99.0),
         max: l.last().map_or(0.0, |&m| m as f64 / 1000.0),
     };
+    let errors: u64 = tally.errors.values().sum();
+    let requests = tally.ok + errors;
+    let server_cost = match (&before, &after) {
+        (Some(b), Some(a)) if requests > 0 && a.process.threads > 0 => {
+            let (b, a, n) = (&b.process, &a.process, requests as f64);
+            Some(ServerCost {
+                cpu_us_per_request: (a.cpu_seconds - b.cpu_seconds).max(0.0) * 1e6 / n,
+                wakeups_per_request: a.voluntary_switches.saturating_sub(b.voluntary_switches) as f64 / n,
+                preemptions_per_request: a.involuntary_switches.saturating_sub(b.involuntary_switches) as f64 / n,
+                rss_mib: a.rss_bytes as f64 / (1 << 20) as f64,
+            })
+        }
+        _ => None,
+    };
     let (before, after) = (counters(&before), counters(&after));
     let server_batching = after
         .iter()
@@ -315,8 +343,6 @@ fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Stats>
             })
         })
         .collect();
-    let errors: u64 = tally.errors.values().sum();
-    let requests = tally.ok + errors;
     Report {
         url: spec.url.clone(),
         mode: match spec.rate {
@@ -331,6 +357,7 @@ fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Stats>
         throughput_rps: tally.ok as f64 / seconds.max(1e-9),
         latency_ms: latency,
         server_batching,
+        server_cost,
     }
 }
 
@@ -362,6 +389,13 @@ impl std::fmt::Display for Report {
                 b.inferences, b.executions, b.average_batch_size
             )?;
         }
+        if let Some(c) = &self.server_cost {
+            writeln!(
+                f,
+                "server      {:.0} µs CPU, {:.2} wake-ups, {:.2} preemptions per request; RSS {:.0} MiB",
+                c.cpu_us_per_request, c.wakeups_per_request, c.preemptions_per_request, c.rss_mib
+            )?;
+        }
         Ok(())
     }
 }
@@ -385,7 +419,7 @@ pub fn raw(
     seconds: f64,
 ) -> anyhow::Result<Vec<RawRow>> {
     use crate::model::tensor::{DType, HostTensor};
-    let (model, _) = crate::model::scheduler::load_and_warm_up(&crate::model::backend::torch::Torch, config, device)?;
+    let (model, _) = crate::model::scheduler::load_and_warm_up(&crate::model::backend::torch::Torch::default(), config, device)?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {
         let inputs: Vec<HostTensor> = config

@@ -31,7 +31,7 @@ pub fn start_model(config: &ModelConfig, placer: &Placer, log: Arc<EventLog>) ->
     let placements = (0..config.replicas.min)
         .map(|_| placer.place(config, weights, Purpose::Start))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(ModelHandle::spawn(config.clone(), placements, Arc::new(Torch), log)?)
+    Ok(ModelHandle::spawn(config.clone(), placements, Arc::new(Torch::default()), log)?)
 }
 
 /// One replica's weights before any has loaded: the file's size, halved in reduced precision.

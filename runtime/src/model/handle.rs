@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::model::backend::Backend;
 use crate::model::batch;
+use crate::model::curve::ForwardCurve;
 use crate::model::device::{Device, Placement};
 use crate::model::scheduler::{Command, Pending, Scheduler};
 use crate::model::signature::OutputMeta;
@@ -176,11 +177,18 @@ pub(super) struct Shared {
     /// padding changes the model's outputs.
     pub(super) ragged_batching: AtomicBool,
     pub(super) events: Arc<EventLog>,
+    /// Forward time by batch rows, learned while serving.
+    pub(super) curve: Mutex<ForwardCurve>,
+    /// Guests running now that may call this model and have not yet: the rows on their way.
+    pub(super) expected: AtomicUsize,
+    /// Whether the scheduler is holding a partial batch for them.
+    pub(super) holding: AtomicBool,
 }
 
 impl Shared {
     #[cfg(test)]
     pub(super) fn for_tests(config: ModelConfig) -> Arc<Shared> {
+        let max_rows = config.batching.max_batch_size;
         Arc::new(Shared {
             config,
             state: Mutex::new(ModelState::Loading),
@@ -190,11 +198,59 @@ impl Shared {
             weights: AtomicU64::new(0),
             ragged_batching: AtomicBool::new(true),
             events: Arc::new(EventLog::new(16)),
+            curve: Mutex::new(ForwardCurve::new(max_rows)),
+            expected: AtomicUsize::new(0),
+            holding: AtomicBool::new(false),
         })
     }
 
     pub(super) fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ReplicaSlot>>> {
         self.replicas.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn curve(&self) -> std::sync::MutexGuard<'_, ForwardCurve> {
+        self.curve.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running guest that may call a model and has not yet: while it is held, the model's
+/// scheduler counts one row on its way (see [`crate::model::curve`]). Given up by
+/// [`Expectation::arrived`] just before the guest's first request is queued, or when dropped.
+pub struct Expectation {
+    shared: Arc<Shared>,
+    submitter: Arc<Submitter>,
+    pending: bool,
+}
+
+impl std::fmt::Debug for Expectation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expectation")
+            .field("model", &self.shared.config.name)
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+impl Expectation {
+    /// The guest is calling `model` now (a no-op for another model, or after the first call).
+    pub fn arrived(&mut self, model: &ModelHandle) {
+        if self.pending && Arc::ptr_eq(&self.shared, &model.shared) {
+            self.pending = false;
+            self.shared.expected.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Expectation {
+    fn drop(&mut self) {
+        // The last guest a held batch waited for is not coming: wake the scheduler so the
+        // batch goes now, not when the hold runs out.
+        if self.pending
+            && self.shared.expected.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.shared.holding.load(Ordering::Acquire)
+        {
+            let _ = self.submitter.commands.send(Command::Wake);
+        }
     }
 }
 
@@ -254,6 +310,7 @@ impl ModelHandle {
     ) -> std::io::Result<ModelHandle> {
         let (commands, inbox) = mpsc::channel();
         let initial = placements.len() as u32;
+        let max_rows = config.batching.max_batch_size;
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(ModelState::Loading),
@@ -263,6 +320,9 @@ impl ModelHandle {
             weights: AtomicU64::new(0),
             ragged_batching: AtomicBool::new(true),
             events: log,
+            curve: Mutex::new(ForwardCurve::new(max_rows)),
+            expected: AtomicUsize::new(0),
+            holding: AtomicBool::new(false),
         });
         let mut scheduler = Scheduler::new(Arc::clone(&shared), backend, commands.clone(), initial);
         // A model that never has more than one replica runs it on the scheduler's own thread:
@@ -290,6 +350,26 @@ impl ModelHandle {
 
     pub fn config(&self) -> &ModelConfig {
         &self.shared.config
+    }
+
+    /// Says that a guest that may call this model is running: see [`Expectation`].
+    pub fn expect(&self) -> Expectation {
+        self.shared.expected.fetch_add(1, Ordering::AcqRel);
+        Expectation {
+            shared: Arc::clone(&self.shared),
+            submitter: Arc::clone(&self.submitter),
+            pending: true,
+        }
+    }
+
+    /// Guests running now that may call this model and have not yet.
+    pub fn expected(&self) -> usize {
+        self.shared.expected.load(Ordering::Acquire)
+    }
+
+    /// The forward time learned so far, by batch rows: `(rows, mean µs, samples)`.
+    pub fn forward_curve(&self) -> Vec<(u32, f64, u64)> {
+        self.shared.curve().points()
     }
 
     /// Whether requests of different lengths are padded into one batch (false for a model whose

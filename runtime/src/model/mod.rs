@@ -1,9 +1,11 @@
 //! Models: what a model takes and gives ([`signature`], [`tensor`]), how it is configured
 //! ([`spec`]), where a replica runs ([`device`]), merging requests into batches ([`batch`]), the
-//! [`backend`]s that run forward passes, and the per-model [`scheduler`]. No HTTP and no wasm
+//! [`backend`]s that run forward passes, the per-model [`scheduler`] and the forward-time
+//! [`curve`] it learns. No HTTP and no wasm
 //! here: the sandbox and the API reach a model through a [`handle::ModelHandle`].
 
 pub mod backend;
+pub mod curve;
 pub mod device;
 pub mod handle;
 pub mod scheduler;

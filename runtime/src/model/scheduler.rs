@@ -6,10 +6,11 @@
 //! [`Command`]s. The scheduler is a dedicated thread, not an async task, so its batching window
 //! has microsecond precision and the backend never runs on an async worker.
 //!
-//! Batching never delays an idle model: a request that arrives while a replica is idle runs at
-//! once. Requests accumulate only while forward passes are running, and the next batch takes
-//! them all (up to `max_batch_size`). `max_queue_delay` only holds a partial batch back while
-//! another replica is busy.
+//! Batching never delays a lone request: one that arrives at an idle replica with nothing on its
+//! way runs at once. Requests accumulate while forward passes run, and the next batch takes them
+//! all (up to `max_batch_size`). A partial batch is held back only while guests that may call
+//! the model are still running and the learned forward curve says a fuller batch pays (see
+//! [`crate::model::curve`]), or, with `max_queue_delay` set, while another replica is busy.
 //!
 //! Replicas come and go while requests flow (the scaler sends [`Command::AddReplica`] and
 //! [`Command::RemoveReplica`]). The queue is the model's, not a replica's: a replica that is
@@ -60,6 +61,8 @@ pub(super) enum Command {
     Done {
         replica: u32,
     },
+    /// Look at the queue again: a guest the scheduler held a batch for ended without calling.
+    Wake,
     Shutdown,
 }
 
@@ -71,6 +74,7 @@ impl ReplicaSlot {
         run_batch(model, &shared.config, &shared.counters, batch);
         let elapsed = started.elapsed();
         shared.counters.forward.record(elapsed);
+        shared.curve().record(rows, elapsed);
         self.forward.record(elapsed);
         self.batch_sizes.record(rows);
     }
@@ -229,6 +233,7 @@ impl<B: Backend> Scheduler<B> {
                 let removed = self.drain_one();
                 let _ = reply.send(removed);
             }
+            Command::Wake => {}
             Command::Shutdown => return false,
         }
         true
@@ -351,6 +356,13 @@ impl<B: Backend> Scheduler<B> {
             {
                 return Some(oldest + policy.max_queue_delay);
             }
+            if let Some(until) = self.hold_until(rows, oldest)
+                && now < until
+            {
+                self.shared.holding.store(true, Ordering::Release);
+                return Some(until);
+            }
+            self.shared.holding.store(false, Ordering::Release);
             let mut batch = Vec::with_capacity(plan.len());
             // Remove from the back so earlier indices stay valid.
             let mut plan = plan;
@@ -387,6 +399,24 @@ impl<B: Backend> Scheduler<B> {
                 }
             }
         }
+    }
+
+    /// Until when a partial batch of `rows` (its oldest request queued at `oldest`) waits for the
+    /// rows on their way, if the learned curve says a fuller batch pays (see
+    /// [`crate::model::curve`]). Capped by `max_queue_delay` when one is set, and by half the
+    /// latency objective. `None` when nothing is on its way: a lone request never waits.
+    fn hold_until(&self, rows: u32, oldest: Instant) -> Option<Instant> {
+        let config = &self.shared.config;
+        let coming = self.shared.expected.load(Ordering::Acquire);
+        if coming == 0 || rows >= config.batching.max_batch_size {
+            return None;
+        }
+        let coming = u32::try_from(coming).unwrap_or(u32::MAX);
+        let mut hold = self.shared.curve().hold(rows, coming, config.batching.max_batch_size)?;
+        if !config.batching.max_queue_delay.is_zero() {
+            hold = hold.min(config.batching.max_queue_delay);
+        }
+        Some(oldest + hold.min(config.latency_objective / 2))
     }
 
     /// Picks the next batch: the oldest request of the highest priority, then every compatible
@@ -779,7 +809,7 @@ mod tests {
 
     async fn ready(config: ModelConfig) -> ModelHandle {
         let placements = (0..config.replicas.min).map(|_| Placement::cpu()).collect();
-        let handle = ModelHandle::spawn(config, placements, Arc::new(Torch), Arc::new(EventLog::new(16))).expect("spawn");
+        let handle = ModelHandle::spawn(config, placements, Arc::new(Torch::default()), Arc::new(EventLog::new(16))).expect("spawn");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match handle.state() {
@@ -854,7 +884,7 @@ mod tests {
 
     /// Plans batches over a queue without any model: rows per request in arrival order.
     fn planned_rows(policy: BatchPolicy, queued: &[(u32, u8, u32)]) -> Vec<u32> {
-        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy, 1)), Arc::new(Torch), mpsc::channel().0, 1);
+        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy, 1)), Arc::new(Torch::default()), mpsc::channel().0, 1);
         let mut keep = Vec::new();
         for &(rows, priority, width) in queued {
             let (reply, answer) = oneshot::channel();
@@ -1085,7 +1115,7 @@ mod tests {
         // In reduced precision the noise is larger; the probe still tells the two apart.
         for (mut reduced, masks) in [(tokenwise(policy(8, 0), 1), true), (config.clone(), false)] {
             reduced.precision = Precision::Bf16;
-            let (model, _) = load_and_warm_up(&Torch, &reduced, Device::Cpu).expect("bf16 load");
+            let (model, _) = load_and_warm_up(&Torch::default(), &reduced, Device::Cpu).expect("bf16 load");
             assert_eq!(padding_changes_outputs(&model, &reduced).is_none(), masks, "{} in bf16", reduced.name);
         }
         let handle = ready(config).await;
@@ -1229,7 +1259,7 @@ mod tests {
 
     #[test]
     fn the_next_batch_goes_to_the_device_with_the_least_outstanding_work() {
-        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy(8, 0), 3)), Arc::new(Torch), mpsc::channel().0, 3);
+        let mut scheduler = Scheduler::new(test_shared(tokenwise(policy(8, 0), 3)), Arc::new(Torch::default()), mpsc::channel().0, 3);
         for (id, device, busy) in [(0, Device::Cuda(0), true), (1, Device::Cuda(0), false), (2, Device::Cuda(1), false)] {
             scheduler.replicas.push(Replica { slot: ReplicaSlot::new(id, device), work: None, ready: true, busy, draining: false });
         }
@@ -1250,7 +1280,7 @@ mod tests {
     #[test]
     fn a_failed_scale_up_racing_a_removal_never_drains_the_last_replica() {
         let shared = test_shared(tokenwise(policy(8, 0), 1));
-        let mut scheduler = Scheduler::new(Arc::clone(&shared), Arc::new(Torch), mpsc::channel().0, 1);
+        let mut scheduler = Scheduler::new(Arc::clone(&shared), Arc::new(Torch::default()), mpsc::channel().0, 1);
         for (id, ready) in [(0, true), (1, false)] {
             let slot = ReplicaSlot::new(id, Device::Cpu);
             shared.slots().push(Arc::clone(&slot));
@@ -1362,19 +1392,48 @@ mod tests {
 
     /// What libtorch's whole-module cast gets wrong, and what no cast can do.
     #[test]
+    fn cpu_replicas_share_one_copy_of_the_weights_and_run_it_from_two_threads_at_once() {
+        let torch = Torch::default();
+        let config = tokenwise(policy(8, 0), 2);
+        let first = torch.load(&config, Device::Cpu).expect("first replica");
+        let second = torch.load(&config, Device::Cpu).expect("second replica");
+        assert!(first.shares_weights_with(&second), "a second CPU replica loaded the weights again");
+        let mut rng = Rng(7);
+        let requests: Vec<Vec<HostTensor>> = (0..8u32).map(|i| token_request(&mut rng, 1 + i % 3, 4 + i % 9)).collect();
+        let alone: Vec<Vec<HostTensor>> = requests.iter().map(|r| first.forward(r).expect("forward")).collect();
+        std::thread::scope(|scope| {
+            for model in [&first, &second] {
+                let (requests, alone) = (&requests, &alone);
+                scope.spawn(move || {
+                    for _ in 0..2 {
+                        for (request, want) in requests.iter().zip(alone) {
+                            assert_close(&model.forward(request).expect("concurrent forward"), want, "shared module");
+                        }
+                    }
+                });
+            }
+        });
+        // Another model file, or the last replica gone: loaded afresh.
+        drop((first, second));
+        let again = torch.load(&config, Device::Cpu).expect("reload");
+        let other = torch.load(&one_input_model("normed.pt", InputSpec::new("x", DType::F32, vec![None, Some(4)], None), "y", Precision::Fp32), Device::Cpu).expect("other");
+        assert!(!again.shares_weights_with(&other));
+    }
+
+    #[test]
     fn reduced_precision_keeps_integer_buffers_casts_batch_norm_and_refuses_frozen_modules() {
         let ids = InputSpec::new("ids", DType::I64, vec![None, None], None);
         // Position ids in an integer buffer stay integers: the lookup works and positions past
         // 256 (not representable in bf16) still get their own embedding.
         let config = one_input_model("positions.pt", ids.clone(), "hidden", Precision::Bf16);
-        let (model, meta) = load_and_warm_up(&Torch, &config, Device::Cpu).expect("positions in bf16");
+        let (model, meta) = load_and_warm_up(&Torch::default(), &config, Device::Cpu).expect("positions in bf16");
         assert_eq!(meta[0].dtype, DType::F32);
         let long = i64_tensor(vec![1, 300], &[5; 300]);
         let out = f32_values(&model.forward(std::slice::from_ref(&long)).expect("300 positions")[0]);
         let row = |i: usize| &out[i * 16..(i + 1) * 16];
         assert_ne!(row(297), row(298), "positions 297 and 298 collapsed: the buffer was cast");
         let full = one_input_model("positions.pt", ids.clone(), "hidden", Precision::Fp32);
-        let (reference, _) = load_and_warm_up(&Torch, &full, Device::Cpu).expect("fp32");
+        let (reference, _) = load_and_warm_up(&Torch::default(), &full, Device::Cpu).expect("fp32");
         let want = f32_values(&reference.forward(std::slice::from_ref(&long)).expect("fp32 forward")[0]);
         let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(worst > 0.0 && worst < 0.1, "bf16 differs from fp32 by {worst}");
@@ -1382,13 +1441,13 @@ mod tests {
         // Batch norm's running statistics are cast with the parameters.
         let x = InputSpec::new("x", DType::F32, vec![None, Some(4)], None);
         let config = one_input_model("normed.pt", x, "y", Precision::Bf16);
-        let (model, _) = load_and_warm_up(&Torch, &config, Device::Cpu).expect("batch norm in bf16");
+        let (model, _) = load_and_warm_up(&Torch::default(), &config, Device::Cpu).expect("batch norm in bf16");
         let input = HostTensor { dtype: DType::F32, shape: vec![2, 4], data: [0.5f32; 8].iter().flat_map(|v| v.to_le_bytes()).collect() };
         assert_eq!(model.forward(&[input]).expect("forward")[0].dtype, DType::F32);
 
         // A frozen module has nothing to cast: refused, not silently served in FP32.
         let config = one_input_model("positions-frozen.pt", ids, "hidden", Precision::Bf16);
-        let error = load_and_warm_up(&Torch, &config, Device::Cpu).err().expect("frozen in bf16").to_string();
+        let error = load_and_warm_up(&Torch::default(), &config, Device::Cpu).err().expect("frozen in bf16").to_string();
         assert!(error.contains("frozen") && error.contains("precision bf16"), "{error}");
     }
 
@@ -1418,7 +1477,7 @@ mod tests {
         for (precision, tolerance) in [(Precision::Bf16, 0.25f32), (Precision::Fp16, 0.05)] {
             let mut config = digits(policy(1, 0));
             config.precision = precision;
-            let loaded = load_and_warm_up(&Torch, &config, Device::Cpu);
+            let loaded = load_and_warm_up(&Torch::default(), &config, Device::Cpu);
             match loaded.and_then(|(model, _)| model.forward(std::slice::from_ref(&input))) {
                 Ok(outputs) => {
                     let values = f32_values(&outputs[0]);
@@ -1551,6 +1610,45 @@ mod on_a_fake_backend {
         assert!(passes.len() < 2 + 30, "nothing was batched: {} passes", passes.len());
         assert!(passes.iter().all(|p| p.len() <= 8), "a pass over max_batch_size: {passes:?}");
         assert_eq!(handle.counters().inferences.load(Ordering::Relaxed), 31);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partial_batch_waits_for_guests_on_their_way_and_a_lone_request_never_waits() {
+        // Every pass costs the same whatever its rows, so fuller batches pay.
+        let fake = script(100);
+        let mut config = config(8, Replicas::fixed(1));
+        config.latency_objective = Duration::from_secs(1);
+        let handle = spawn(config, &fake);
+        ready(&handle).await;
+        // A lone request: nothing on its way, so it runs at once (a hold would add 100 ms).
+        let started = Instant::now();
+        assert_eq!(ask(&handle, &[1.0]).await.expect("task").expect("answer"), vec![2.0]);
+        assert!(started.elapsed() < Duration::from_millis(195), "a lone request waited: {:?}", started.elapsed());
+        // The pass is timed after its callers are answered.
+        until("the pass is on the curve", || !handle.forward_curve().is_empty()).await;
+        assert_eq!(handle.forward_curve().first().map(|p| p.0), Some(1));
+
+        // Three guests are running that may call the model; two do, one ends without calling.
+        let mut guests: Vec<_> = (0..3).map(|_| handle.expect()).collect();
+        assert_eq!(handle.expected(), 3);
+        let first = ask(&handle, &[2.0]);
+        until("the first waits", || handle.counters().queued.load(Ordering::Relaxed) == 1).await;
+        let counters = handle.counters();
+        let queued = |n: usize| move || counters.queued.load(Ordering::Relaxed) == n;
+        guests[0].arrived(&handle);
+        let second = ask(&handle, &[3.0]);
+        until("the second waits too", queued(2)).await;
+        guests[1].arrived(&handle);
+        let third = ask(&handle, &[4.0]);
+        until("the third waits too", queued(3)).await;
+        // The last guest ends without calling: the held batch goes now.
+        drop(guests);
+        assert_eq!(handle.expected(), 0);
+        for (caller, want) in [(first, 4.0), (second, 6.0), (third, 8.0)] {
+            assert_eq!(caller.await.expect("task").expect("answer"), vec![want]);
+        }
+        let passes = fake.0.passes();
+        assert!(passes.contains(&vec![2.0, 3.0, 4.0]), "the three did not share a pass: {passes:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

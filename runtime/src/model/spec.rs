@@ -36,7 +36,7 @@ pub struct ModelConfig {
 }
 
 /// Floating-point precision of a model's weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Precision {
     #[default]
     Fp32,

@@ -677,6 +677,8 @@ impl Handler {
                 ctx.data_mut().deadline_hit = true;
                 Err(Trap::Interrupt.into())
             } else if busy_ticks > LONG_RUNNING_TICKS {
+                // A guest computing this long is not about to call a model: no batch waits for it.
+                ctx.data_mut().nn.not_expected();
                 // A guest that has computed for a while gives up its turn every tick and queues
                 // behind its tenant's other long-running guests (FIFO), so a tenant's busy loops
                 // together get one turn: a hundred of them take no more CPU than one. While

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::model::handle::{InferError, InferOptions, ModelHandle};
+use crate::model::handle::{Expectation, InferError, InferOptions, ModelHandle};
 use crate::model::tensor::{DType, HostTensor};
 
 mod generated {
@@ -108,6 +108,9 @@ pub struct NnCtx {
     /// Host bytes the request's `wasi:nn` resources hold now (tensors both ways, errors,
     /// graphs, contexts), against `limits.max_compute_bytes`.
     live_bytes: u64,
+    /// One per allowed model until this guest first calls it: the model's scheduler may hold a
+    /// partial batch for rows on their way.
+    expected: Vec<Expectation>,
 }
 
 impl NnCtx {
@@ -121,6 +124,7 @@ impl NnCtx {
         tenant: Arc<str>,
     ) -> NnCtx {
         NnCtx {
+            expected: models.values().map(ModelHandle::expect).collect(),
             models,
             options,
             limits,
@@ -129,6 +133,14 @@ impl NnCtx {
             compute_calls: 0,
             live_bytes: 0,
         }
+    }
+}
+
+impl NnCtx {
+    /// This guest has computed for long without calling a model: schedulers stop holding
+    /// batches for it.
+    pub fn not_expected(&mut self) {
+        self.expected.clear();
     }
 }
 
@@ -354,6 +366,9 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 );
             }
         };
+        for expectation in &mut self.ctx.expected {
+            expectation.arrived(&model);
+        }
         let outputs = match model.infer(arranged, self.ctx.options).await {
             Ok(outputs) => outputs,
             Err(e) => return self.fail(error_code(&e), e.to_string()),

@@ -7,6 +7,7 @@
 //! metrics without bound.
 
 pub mod histogram;
+pub mod process;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

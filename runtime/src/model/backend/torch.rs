@@ -3,6 +3,10 @@
 //! Everything here blocks and must run on the model's own thread, never on an async worker.
 //! Fallible `f_*` calls are used throughout: a shape the model rejects is an error, not a panic.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
 use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
 
 use super::{Backend, BackendError, LoadedModel};
@@ -12,8 +16,28 @@ use crate::model::signature::warmup_inputs;
 use crate::model::tensor::{DType, HostTensor};
 
 /// The libtorch backend: TorchScript files, on the CPU or a CUDA device.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Torch;
+///
+/// CPU replicas of one model share one copy of its weights: libtorch runs a module's forward
+/// from several threads at once, so a second CPU replica costs a thread, not the model's memory
+/// again. (Each GPU replica loads its own, on its own device.)
+#[derive(Debug, Default)]
+pub struct Torch {
+    on_cpu: Mutex<HashMap<(PathBuf, Precision), Weak<CModule>>>,
+}
+
+impl Torch {
+    /// A module this backend already holds on the CPU for `config`, if a replica still uses it.
+    fn loaded_on_cpu(&self, config: &ModelConfig) -> Option<Arc<CModule>> {
+        let cache = self.on_cpu.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.get(&(config.path.clone(), config.precision))?.upgrade()
+    }
+
+    fn keep_on_cpu(&self, config: &ModelConfig, model: &TorchModel) {
+        let mut cache = self.on_cpu.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.retain(|_, module| module.strong_count() > 0);
+        cache.insert((config.path.clone(), config.precision), Arc::downgrade(&model.module));
+    }
+}
 
 impl Backend for Torch {
     type Model = TorchModel;
@@ -25,6 +49,21 @@ impl Backend for Torch {
     fn load(&self, config: &ModelConfig, device: Device) -> Result<TorchModel, BackendError> {
         // Applies to this thread's own parallel regions, so replicas do not share one pool.
         tch::set_num_threads(config.threads as i32);
+        if device == Device::Cpu
+            && let Some(module) = self.loaded_on_cpu(config)
+        {
+            return Ok(TorchModel::sharing(module, config));
+        }
+        let model = self.load_new(config, device)?;
+        if device == Device::Cpu {
+            self.keep_on_cpu(config, &model);
+        }
+        Ok(model)
+    }
+}
+
+impl Torch {
+    fn load_new(&self, config: &ModelConfig, device: Device) -> Result<TorchModel, BackendError> {
         let model = TorchModel::load(config, device, Cast::Parameters)?;
         if config.precision == Precision::Fp32 {
             return Ok(model);
@@ -63,7 +102,7 @@ pub enum Cast {
 
 /// A loaded TorchScript module, in eval mode on its device.
 pub struct TorchModel {
-    module: CModule,
+    module: Arc<CModule>,
     device: TchDevice,
     output_names: usize,
     /// The kind floating tensors are cast to, when the model runs in reduced precision.
@@ -83,6 +122,15 @@ fn tch_device(device: Device) -> Result<TchDevice, BackendError> {
                 )))
             }
         }
+    }
+}
+
+/// The kind a reduced precision casts floating tensors to; `None` for fp32.
+fn reduced_kind(precision: Precision) -> Option<Kind> {
+    match precision {
+        Precision::Fp32 => None,
+        Precision::Fp16 => Some(Kind::Half),
+        Precision::Bf16 => Some(Kind::BFloat16),
     }
 }
 
@@ -128,11 +176,7 @@ impl TorchModel {
             ))
         })?;
         module.set_eval();
-        let reduced = match config.precision {
-            Precision::Fp32 => None,
-            Precision::Fp16 => Some(Kind::Half),
-            Precision::Bf16 => Some(Kind::BFloat16),
-        };
+        let reduced = reduced_kind(config.precision);
         if let Some(kind) = reduced {
             let params = module
                 .named_parameters()
@@ -161,11 +205,26 @@ impl TorchModel {
             }
         }
         Ok(TorchModel {
-            module,
+            module: Arc::new(module),
             device,
             output_names: config.outputs.len(),
             reduced,
         })
+    }
+
+    /// Another CPU replica of `config`'s model, on the same module as one already loaded.
+    fn sharing(module: Arc<CModule>, config: &ModelConfig) -> TorchModel {
+        TorchModel {
+            module,
+            device: TchDevice::Cpu,
+            output_names: config.outputs.len(),
+            reduced: reduced_kind(config.precision),
+        }
+    }
+
+    /// Whether two replicas run on one copy of the weights.
+    pub fn shares_weights_with(&self, other: &TorchModel) -> bool {
+        Arc::ptr_eq(&self.module, &other.module)
     }
 
     /// Bytes of the module's parameters as loaded (in its precision): what a replica needs on
