@@ -30,7 +30,7 @@ echo '{"sentences": ["The quick brown fox jumps over the lazy dog near the river
 runs=("echo 1" "echo 16" "digits 1" "digits 16" "digits 64" "embeddings 1" "embeddings 16" "embeddings 64")
 header="| round | kiln"; rule="|---|---"
 for run in "${runs[@]}"; do header="$header | ${run/ / c=}"; rule="$rule|---:"; done
-echo "Cells: req/s (p99 ms; server CPU µs and wake-ups per request)."
+echo "Cells: req/s (p99 ms; server CPU µs, wake-ups and allocations per request)."
 echo "$header |"; echo "$rule|"
 for round in 1 2 3; do
     order=("${!labels[@]}")
@@ -51,7 +51,7 @@ for round in 1 2 3; do
             $client bench --server http://127.0.0.1:18080 --duration 3s --json "${args[@]}" -c "$2" > "$out/ab.json"
             row="$row | $(.venv/bin/python -c "
 import json; r = json.load(open('$out/ab.json')); e = sum(r['errors'].values()); c = r.get('server_cost')
-cost = f\"; {c['cpu_us_per_request']:.0f}, {c['wakeups_per_request']:.1f}\" if c else ''
+cost = f\"; {c['cpu_us_per_request']:.0f}, {c['wakeups_per_request']:.1f}, {c.get('allocations_per_request', 0):.0f}\" if c else ''
 print(f\"{r['ok'] / r['seconds']:.0f} ({r['latency_ms']['p99']:.1f}{cost})\" + (f' {e} errors' if e else ''))")"
         done
         echo "$row |"

@@ -53,11 +53,13 @@ def batch_of(report, model: str) -> float:
 
 
 def cost(report) -> str:
-    """The server's CPU µs, wake-ups and RSS per request during the run, as table cells."""
+    """The server's CPU µs, wake-ups and allocations per request during the run, and its RSS, as
+    table cells."""
     c = report.get("server_cost")
     if not c:
-        return "- | - | -"
-    return f"{c['cpu_us_per_request']:.0f} | {c['wakeups_per_request']:.2f} | {c['rss_mib']:.0f}"
+        return "- | - | - | -"
+    return (f"{c['cpu_us_per_request']:.0f} | {c['wakeups_per_request']:.2f} "
+            f"| {c.get('allocations_per_request', 0):.0f} | {c['rss_mib']:.0f}")
 
 
 def main(d: Path, md: Path, seconds: str) -> None:
@@ -67,13 +69,13 @@ def main(d: Path, md: Path, seconds: str) -> None:
 
     lines += ["### 1. Raw libtorch ceiling (`kiln bench-raw`, each model with its configured `threads`)", ""]
     lines += raw_table(raw["digits"], "digits CNN, input [N, 1, 8, 8], 1 thread")
-    lines += raw_table(raw["minilm"], "MiniLM-L6, 12 tokens per sentence, 2 threads")
+    lines += raw_table(raw["minilm"], "MiniLM-L6, 12 tokens per sentence, 1 thread (one of its two replicas)")
     lines += raw_table(raw["resnet18"], "ResNet-18 (random weights), [N, 3, 224, 224], 2 threads")
 
     lines += ["### 2. End to end through a guest handler (`kiln bench --handler`)", "",
               "| handler | batching | concurrency | req/s | p50 ms | p90 ms | p99 ms | max ms "
-              "| avg batch | server CPU µs/req | wake-ups/req | RSS MiB | errors |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| avg batch | server CPU µs/req | wake-ups/req | allocs/req | RSS MiB | errors |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     model_of = {"digits": "digits", "embeddings": "minilm"}
     for handler in ("digits", "embeddings"):
         for mode in ("on", "off"):
@@ -89,7 +91,7 @@ def main(d: Path, md: Path, seconds: str) -> None:
 
     lines += ["### 3. Sandbox overhead (echo guest, no model call; median of three runs each)", "",
               "| route | concurrency | req/s | p50 ms | p99 ms | server CPU µs/req | wake-ups/req "
-              "| RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| allocs/req | RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in (1, 16):
         for name, label in ((f"live-c{c}", "GET /v2/health/live (no sandbox)"),
                             (f"echo-c{c}", "echo handler (fresh sandbox)")):

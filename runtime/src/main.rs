@@ -10,6 +10,11 @@ use kiln::config::Config;
 use kiln::model::device::Device;
 use kiln::model::spec::DeviceChoice;
 
+/// The server's Rust heap, counted for `/v1/stats`: glibc's malloc, which served the sandbox path
+/// faster here than mimalloc did (docs/BENCHMARKS.md, "Levers tried").
+#[global_allocator]
+static ALLOCATOR: kiln::telemetry::alloc::Counting<std::alloc::System> = kiln::telemetry::alloc::Counting(std::alloc::System);
+
 const EXAMPLES: &str = "\
 Examples:
   kiln serve

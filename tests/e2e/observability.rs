@@ -113,6 +113,12 @@ async fn stats_parse_as_the_dashboards_wire_type() {
     let embeddings = stats.handlers.iter().find(|h| h.name == "embeddings").expect("embeddings handler");
     assert!(embeddings.requests >= 1 && embeddings.latency.quantile_ms(0.5) > 0.0);
     assert!(stats.tenants.iter().any(|t| t.name == "demo"));
+    // The server counts its own heap allocations, and a request makes some.
+    let (status, _) = json_of(client().post(server().url("/v1/handlers/embeddings/")).json(&serde_json::json!({ "sentences": ["again"] })).send().await.expect("post")).await;
+    assert_eq!(status, 200);
+    let later: kiln_wire::Stats = serde_json::from_str(&admin_text("/v1/stats").await).expect("Stats");
+    assert!(stats.process.allocations > 0, "{:?}", stats.process);
+    assert!(later.process.allocations > stats.process.allocations, "{:?} then {:?}", stats.process, later.process);
 }
 
 /// Reads SSE `data:` lines until `found` accepts one, or fails after a while.

@@ -282,6 +282,9 @@ pub struct ProcessStats {
     pub threads: u64,
     /// Resident memory, in bytes.
     pub rss_bytes: u64,
+    /// Heap allocations made by the server's Rust code (libtorch's tensors not included).
+    #[serde(default)]
+    pub allocations: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -71,6 +71,8 @@ pub struct ServerCost {
     /// A thread went to sleep and had to be woken again: the hand-offs between threads.
     pub wakeups_per_request: f64,
     pub preemptions_per_request: f64,
+    /// Heap allocations by the server's Rust code (0 from a server that does not count them).
+    pub allocations_per_request: f64,
     /// Resident memory after the run.
     pub rss_mib: f64,
 }
@@ -327,6 +329,7 @@ fn report(spec: &LoadSpec, mut tally: Tally, seconds: f64, before: Option<Stats>
                 cpu_us_per_request: (a.cpu_seconds - b.cpu_seconds).max(0.0) * 1e6 / n,
                 wakeups_per_request: a.voluntary_switches.saturating_sub(b.voluntary_switches) as f64 / n,
                 preemptions_per_request: a.involuntary_switches.saturating_sub(b.involuntary_switches) as f64 / n,
+                allocations_per_request: a.allocations.saturating_sub(b.allocations) as f64 / n,
                 rss_mib: a.rss_bytes as f64 / (1 << 20) as f64,
             })
         }
@@ -392,8 +395,8 @@ impl std::fmt::Display for Report {
         if let Some(c) = &self.server_cost {
             writeln!(
                 f,
-                "server      {:.0} µs CPU, {:.2} wake-ups, {:.2} preemptions per request; RSS {:.0} MiB",
-                c.cpu_us_per_request, c.wakeups_per_request, c.preemptions_per_request, c.rss_mib
+                "server      {:.0} µs CPU, {:.2} wake-ups, {:.2} preemptions, {:.0} allocations per request; RSS {:.0} MiB",
+                c.cpu_us_per_request, c.wakeups_per_request, c.preemptions_per_request, c.allocations_per_request, c.rss_mib
             )?;
         }
         Ok(())

@@ -25,6 +25,7 @@ pub fn sample() -> ProcessStats {
             .unwrap_or(0);
         stats.cpu_seconds += on_cpu_ns as f64 / 1e9;
     }
+    stats.allocations = crate::telemetry::alloc::allocations();
     stats.rss_bytes = read(Path::new("/proc/self/status")).map_or(0, |s| field(&s, "VmRSS:") * 1024);
     stats
 }
