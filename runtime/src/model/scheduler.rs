@@ -1420,6 +1420,50 @@ mod tests {
         assert!(!again.shares_weights_with(&other));
     }
 
+    /// Replicas start loading at the same moment: the second waits for the first one's module.
+    #[test]
+    fn cpu_replicas_that_load_at_once_still_share_one_copy_of_the_weights() {
+        let torch = Torch::default();
+        let config = tokenwise(policy(8, 0), 4);
+        let start = std::sync::Barrier::new(4);
+        let models: Vec<TorchModel> = std::thread::scope(|scope| {
+            let loads: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        torch.load(&config, Device::Cpu).expect("replica")
+                    })
+                })
+                .collect();
+            loads.into_iter().map(|l| l.join().expect("load thread")).collect()
+        });
+        for model in &models[1..] {
+            assert!(models[0].shares_weights_with(model), "replicas that loaded together loaded the weights twice");
+        }
+    }
+
+    /// libtorch sizes a thread's pool at its first parallel region from the count any thread set
+    /// last: another model's replica setting its `threads` between this replica's load and its
+    /// first forward pass must not decide this replica's.
+    #[test]
+    fn a_replica_keeps_its_own_thread_count_when_another_model_sets_another_one() {
+        let (loaded, load_done) = std::sync::mpsc::channel();
+        let (go, may_run) = std::sync::mpsc::channel::<()>();
+        let replica = std::thread::spawn(move || {
+            let model = Torch::default().load(&digits(policy(1, 0)), Device::Cpu).expect("load");
+            loaded.send(()).expect("main thread");
+            may_run.recv().expect("main thread");
+            let image = HostTensor { dtype: DType::F32, shape: vec![1, 1, 8, 8], data: vec![0; 256] };
+            model.forward(&[image]).expect("forward");
+            tch::get_num_threads()
+        });
+        load_done.recv().expect("replica thread");
+        // Another model, configured with three threads, loading on its own thread.
+        std::thread::spawn(|| tch::set_num_threads(3)).join().expect("other model's thread");
+        go.send(()).expect("replica thread");
+        assert_eq!(replica.join().expect("replica thread"), 1, "the replica's pool was resized by another model");
+    }
+
     #[test]
     fn reduced_precision_keeps_integer_buffers_casts_batch_norm_and_refuses_frozen_modules() {
         let ids = InputSpec::new("ids", DType::I64, vec![None, None], None);

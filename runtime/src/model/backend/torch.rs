@@ -22,21 +22,32 @@ use crate::model::tensor::{DType, HostTensor};
 /// again. (Each GPU replica loads its own, on its own device.)
 #[derive(Debug, Default)]
 pub struct Torch {
-    on_cpu: Mutex<HashMap<(PathBuf, Precision), Weak<CModule>>>,
+    /// CPU modules by file and precision. An entry stays locked while its module loads, so
+    /// replicas that start together wait for the first one's module instead of loading their own.
+    on_cpu: Mutex<HashMap<(PathBuf, Precision), Arc<Mutex<Weak<CModule>>>>>,
 }
 
 impl Torch {
-    /// A module this backend already holds on the CPU for `config`, if a replica still uses it.
-    fn loaded_on_cpu(&self, config: &ModelConfig) -> Option<Arc<CModule>> {
-        let cache = self.on_cpu.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.get(&(config.path.clone(), config.precision))?.upgrade()
-    }
-
-    fn keep_on_cpu(&self, config: &ModelConfig, model: &TorchModel) {
+    /// The entry for `config`'s module on the CPU, made if there is none; entries whose module
+    /// is gone and that nobody is loading are dropped on the way.
+    fn cpu_entry(&self, config: &ModelConfig) -> Arc<Mutex<Weak<CModule>>> {
         let mut cache = self.on_cpu.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.retain(|_, module| module.strong_count() > 0);
-        cache.insert((config.path.clone(), config.precision), Arc::downgrade(&model.module));
+        cache.retain(|_, entry| {
+            // A locked entry is loading: keep it.
+            Arc::strong_count(entry) > 1 || entry.try_lock().map_or(true, |module| module.strong_count() > 0)
+        });
+        Arc::clone(cache.entry((config.path.clone(), config.precision)).or_default())
     }
+}
+
+/// Sizes the calling thread's libtorch pool to `threads`. libtorch sizes a thread's pool lazily,
+/// at its first parallel region, from the count last set by *any* thread: so without the first
+/// call, a replica of another model setting its own `threads` meanwhile (as replicas loading
+/// together do) would decide this thread's. Asking for the count makes the lazy sizing happen
+/// now; setting it then holds for this thread alone.
+fn use_threads(threads: u32) {
+    tch::get_num_threads();
+    tch::set_num_threads(threads as i32);
 }
 
 impl Backend for Torch {
@@ -48,16 +59,17 @@ impl Backend for Torch {
     /// and it is loaded again with everything cast.
     fn load(&self, config: &ModelConfig, device: Device) -> Result<TorchModel, BackendError> {
         // Applies to this thread's own parallel regions, so replicas do not share one pool.
-        tch::set_num_threads(config.threads as i32);
-        if device == Device::Cpu
-            && let Some(module) = self.loaded_on_cpu(config)
-        {
+        use_threads(config.threads);
+        if device != Device::Cpu {
+            return self.load_new(config, device);
+        }
+        let entry = self.cpu_entry(config);
+        let mut cached = entry.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(module) = cached.upgrade() {
             return Ok(TorchModel::sharing(module, config));
         }
         let model = self.load_new(config, device)?;
-        if device == Device::Cpu {
-            self.keep_on_cpu(config, &model);
-        }
+        *cached = Arc::downgrade(&model.module);
         Ok(model)
     }
 }
