@@ -17,6 +17,7 @@ import concurrent.futures as cf
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -150,18 +151,49 @@ def parse_hey(text):
 
 
 def hey(url, work, conc, duration, headers, save=None):
+    """One hey run; adds the CPU seconds hey itself spent (`client_cpu_s`)."""
     cmd = ["hey", "-z", duration, "-c", str(conc), "-m", "POST", "-T", work.content_type,
            "-D", str(work.body)]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd + [url], capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if save:
         save.write_text(done.stdout + done.stderr)
-    return parse_hey(done.stdout)
+    run = parse_hey(done.stdout)
+    run["client_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return run
 
 
-def measure(system, config, url, work, args, headers=None, batches=None):
-    """Warm-up, then RUNS runs per concurrency; the median run by throughput is kept."""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(roots):
+    """CPU seconds (user + system, all threads) of the live processes in `roots` and every
+    descendant of theirs: a server's whole cost, TorchServe's Java frontend and Python workers
+    together."""
+    parent, cpu = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+        parent[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    tree, frontier = set(), set(roots)
+    while frontier:
+        tree |= frontier
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree}
+    return sum(cpu.get(pid, 0.0) for pid in tree)
+
+
+def measure(system, config, url, work, args, headers=None, batches=None, server=None):
+    """Warm-up, then RUNS runs per concurrency; the median run by throughput is kept. `server`
+    gives the server's process ids, to charge it its CPU time per request (and hey its own)."""
     headers = headers or {}
     hey(url, work, max(args.conc), args.warmup, headers)
     rows = []
@@ -169,8 +201,14 @@ def measure(system, config, url, work, args, headers=None, batches=None):
         runs = []
         for i in range(args.runs):
             before = batches() if batches else None
+            cpu_before = tree_cpu_seconds(server()) if server else None
             tag = f"{system}_{config}_{work.name}_c{conc}_{i}".replace(" ", "-")
             run = hey(url, work, conc, args.duration, headers, args.out / "hey" / f"{tag}.txt")
+            answered = run["ok"] + run["errors"]
+            if cpu_before is not None and answered:
+                run["server_cpu_us"] = (tree_cpu_seconds(server()) - cpu_before) * 1e6 / answered
+            if answered:
+                run["client_cpu_us"] = run["client_cpu_s"] * 1e6 / answered
             if batches and before is not None:
                 after = batches()
                 run["mean_batch"] = after_minus(after, before)
@@ -181,7 +219,9 @@ def measure(system, config, url, work, args, headers=None, batches=None):
         rows.append(row)
         log(f"  {system:<10} {config:<24} {work.name:<10} c={conc:<3} {row['rps']:8.1f} req/s  "
             f"p50 {row['p50_ms'] or -1:7.2f} ms  p99 {row['p99_ms'] or -1:7.2f} ms  "
-            f"errors {row['errors']}  batch {row.get('mean_batch') or '-'}  runs {row['runs_rps']}")
+            f"errors {row['errors']}  batch {row.get('mean_batch') or '-'}  "
+            f"CPU µs/req server {row.get('server_cpu_us', -1):.0f} hey {row.get('client_cpu_us', -1):.0f}  "
+            f"runs {row['runs_rps']}")
     return rows
 
 
@@ -325,7 +365,8 @@ def run_torchserve(args, works):
                         checks[name] = CHECKS[name](url, {})
                         log(f"TorchServe answers {name} correctly: {checks[name]}")
                     rows += measure("TorchServe", label, url, works[name], args,
-                                    batches=lambda: ts.batches(name))
+                                    batches=lambda: ts.batches(name),
+                                    server=lambda: [ts.proc.pid, *ts.processes()])
                     ts.unregister(name)
             ts.stop()
     finally:
@@ -387,7 +428,7 @@ def run_kiln(args, works, label, binary, settings):
             checks[name] = CHECKS[name](url, headers)
             log(f"Kiln ({label}) answers {name} correctly: {checks[name]}")
             rows += measure("Kiln", label, url, works[name], args, headers,
-                            batches=lambda: batches(name))
+                            batches=lambda: batches(name), server=lambda: [proc.pid])
         checks["rss_after_load_mib"] = rss_mib()
         log(f"Kiln ({label}) resident memory: {checks['idle_rss_mib']} MiB idle, "
             f"{checks['rss_after_load_mib']} MiB after the load")
@@ -432,6 +473,32 @@ def table(results):
                 continue
             ratio = k["rps"] / t["rps"] if t["rps"] else float("nan")
             line += f" {k['rps']:,.0f} | {ms(k['p50_ms'])} | {ms(k['p99_ms'])} | **{ratio:.2f}** |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cpu_table(results):
+    """Where the two cores went in the rows of the main table: each server's CPU time per request
+    and hey's, and what the server's own cost alone would allow on all the machine's cores."""
+    rows, kilns = results["rows"], results["kiln_labels"]
+    ts = best_rows(rows, "TorchServe")
+    cores = os.cpu_count() or 1
+
+    def cells(r):
+        server, client = r.get("server_cpu_us"), r.get("client_cpu_us")
+        if server is None or client is None:
+            return " - | - | - |"
+        return f" {server:,.0f} | {client:,.0f} | {cores * 1e6 / server:,.0f} |"
+
+    lines = ["| workload | c | TorchServe server µs/req | hey µs/req | server-only bound req/s |"
+             + "".join(f" Kiln {k} server µs/req | hey µs/req | server-only bound req/s |" for k in kilns),
+             "|---|---:|---:|---:|---:|" + "---:|---:|---:|" * len(kilns)]
+    for (work, conc), t in sorted(ts.items()):
+        line = f"| {work} | {conc} |{cells(t)}"
+        for label in kilns:
+            k = next((r for r in rows if r["system"] == "Kiln" and r["config"] == label
+                      and r["workload"] == work and r["conc"] == conc), None)
+            line += cells(k) if k else " - | - | - |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -498,6 +565,10 @@ def write_doc(results, doc, svg):
             f"runs, warm-up {results['warmup']}). Raw hey outputs: `build/peers/hey/`.\n\n"
             f"{table(results)}\n\n"
             f"![throughput and p99 against concurrency]({svg.name})\n\n"
+            f"CPU time per request in the same runs (each server's processes and threads together, "
+            f"from /proc; hey's from its own rusage). The bound is the machine's cores divided by the "
+            f"server's cost alone: what it could serve with the client elsewhere.\n\n"
+            f"{cpu_table(results)}\n\n"
             f"Checked before loading:\n\n{checks}"
             f"{end}")
     if start in text:
@@ -571,6 +642,7 @@ def main():
         write_doc(results, doc, svg)
         log(f"wrote {doc} and {svg}")
     print(table(results))
+    print(cpu_table(results))
 
 
 if __name__ == "__main__":
