@@ -22,15 +22,18 @@ use crate::model::tensor::{DType, HostTensor};
 /// again. (Each GPU replica loads its own, on its own device.)
 #[derive(Debug, Default)]
 pub struct Torch {
-    /// CPU modules by file and precision. An entry stays locked while its module loads, so
-    /// replicas that start together wait for the first one's module instead of loading their own.
-    on_cpu: Mutex<HashMap<(PathBuf, Precision), Arc<Mutex<Weak<CModule>>>>>,
+    /// CPU modules by file and precision.
+    on_cpu: Mutex<HashMap<(PathBuf, Precision), CpuEntry>>,
 }
+
+/// One file's module on the CPU while a replica uses it. The entry stays locked while the module
+/// loads, so replicas that start together wait for the first one's instead of loading their own.
+type CpuEntry = Arc<Mutex<Weak<CModule>>>;
 
 impl Torch {
     /// The entry for `config`'s module on the CPU, made if there is none; entries whose module
     /// is gone and that nobody is loading are dropped on the way.
-    fn cpu_entry(&self, config: &ModelConfig) -> Arc<Mutex<Weak<CModule>>> {
+    fn cpu_entry(&self, config: &ModelConfig) -> CpuEntry {
         let mut cache = self.on_cpu.lock().unwrap_or_else(PoisonError::into_inner);
         cache.retain(|_, entry| {
             // A locked entry is loading: keep it.
