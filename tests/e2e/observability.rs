@@ -98,7 +98,16 @@ async fn metrics_have_the_documented_names_types_and_labels() {
 async fn stats_parse_as_the_dashboards_wire_type() {
     let (status, _) = json_of(client().post(server().url("/v1/handlers/embeddings/")).json(&serde_json::json!({ "sentences": ["hi"] })).send().await.expect("post")).await;
     assert_eq!(status, 200);
-    let stats: kiln_wire::Stats = serde_json::from_str(&admin_text("/v1/stats").await).expect("Stats");
+    // A replica records its forward pass's time just after it answers: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stats = loop {
+        let stats: kiln_wire::Stats = serde_json::from_str(&admin_text("/v1/stats").await).expect("Stats");
+        let timed = stats.models.iter().any(|m| m.name == "minilm" && !m.forward_curve.is_empty());
+        if timed || Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(stats.server.starts_with("kiln "));
     let minilm = stats.models.iter().find(|m| m.name == "minilm").expect("minilm");
     assert_eq!(minilm.state, "ready");
