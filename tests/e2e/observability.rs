@@ -130,6 +130,35 @@ async fn stats_parse_as_the_dashboards_wire_type() {
     assert!(later.process.allocations > stats.process.allocations, "{:?} then {:?}", stats.process, later.process);
 }
 
+#[tokio::test]
+async fn every_answer_carries_a_request_id_of_its_own_that_a_guest_cannot_choose() {
+    let id = |response: &reqwest::Response| -> String {
+        let value = response.headers().get(kiln_wire::headers::REQUEST_ID);
+        let id = value.and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{} {}: id {id:?}", response.status(), response.url());
+        id
+    };
+    let image = std::fs::read(kiln_tests::artifact("build/holdout/digits/0000_9.png")).expect("a hold-out digit");
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let answers = [
+            client().post(server().url("/v1/handlers/digits/")).body(image.clone()).send().await.expect("handler"),
+            client().get(server().url("/v2/models/digits/ready")).send().await.expect("oip"),
+            reqwest::Client::new().post(server().url("/v1/handlers/digits/")).send().await.expect("no key"),
+            client().get(server().url("/no/such/route")).send().await.expect("missing route"),
+            server().admin_client().get(server().admin_url("/v1/handlers")).send().await.expect("admin"),
+            mallory().get(server().url("/v1/handlers/misbehave/request-id")).send().await.expect("guest"),
+        ];
+        let statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+        assert_eq!(statuses, [200, 200, 401, 404, 200, 200]);
+        for answer in &answers {
+            assert!(ids.insert(id(answer)), "a request id came twice: {}", id(answer));
+        }
+        // The guest's own header is replaced, not kept beside the server's.
+        assert_eq!(answers[5].headers().get_all(kiln_wire::headers::REQUEST_ID).iter().count(), 1);
+    }
+}
+
 /// Reads SSE `data:` lines until `found` accepts one, or fails after a while.
 async fn until_event(response: reqwest::Response, found: impl Fn(&Value) -> bool) -> Vec<Value> {
     let mut seen = Vec::new();

@@ -11,8 +11,11 @@ pub use dtype::DType;
 
 use serde::{Deserialize, Serialize};
 
-/// Header names Kiln reads from clients.
+/// Header names Kiln reads from clients, and writes.
 pub mod headers {
+    /// On every answer: an id for this request, unique to it (24 hex digits), for logs and
+    /// support.
+    pub const REQUEST_ID: &str = "kiln-request-id";
     /// A request's scheduling priority, `0 ..= 9`; capped at what the handler (or, for OIP,
     /// the server) allows.
     pub const PRIORITY: &str = "kiln-priority";

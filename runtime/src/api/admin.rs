@@ -34,7 +34,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
         })
-        .layer(axum::middleware::from_fn(super::remember_peer))
+        .layer(axum::middleware::from_fn(super::tag_request))
         .with_state(state)
 }
 

@@ -141,21 +141,43 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 tokio::task_local! {
-    /// The client's address while its request is handled (see [`remember_peer`]).
+    /// The client's address while its request is handled (see [`tag_request`]).
     static PEER: std::net::IpAddr;
 }
 
-/// Middleware: makes the client's address known to everything that handles its request, for
-/// the audit log's flood limit, without threading it through every route.
-pub(crate) async fn remember_peer(request: Request, next: axum::middleware::Next) -> Response {
+/// Middleware on every route: makes the client's address known to everything that handles its
+/// request, for the audit log's flood limit, without threading it through every route; and tags
+/// the answer with a fresh `kiln-request-id`, whatever answered it (a guest cannot set its own).
+pub(crate) async fn tag_request(request: Request, next: axum::middleware::Next) -> Response {
     let peer = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0.ip());
-    match peer {
+    let id = next_request_id();
+    let mut response = match peer {
         Some(ip) => PEER.scope(ip, next.run(request)).await,
         None => next.run(request).await,
+    };
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
     }
+    response
+}
+
+/// A request id no other request of this server has had, nor (but by a 1 in 2^32 chance) one of
+/// an earlier run: a random prefix drawn at start-up and a counter, 24 hex digits. No system
+/// call per request.
+fn next_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 4];
+        // Without randomness the ids are still unique within this run.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        u32::from_le_bytes(bytes)
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix:08x}{n:016x}")
 }
 
 /// The address of the client whose request is being handled, where known.
@@ -182,7 +204,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
         })
-        .layer(axum::middleware::from_fn(remember_peer))
+        .layer(axum::middleware::from_fn(tag_request))
         .with_state(state)
 }
 

@@ -145,6 +145,8 @@ impl Handler for Misbehave {
                 Ok(Response::text(200, "printed"))
             }
             "/env" => Ok(Response::json(200, &std::env::vars().collect::<Vec<_>>())?),
+            // Tries to pass its own id off as the server's.
+            "/request-id" => Ok(Response::text(200, "mine").with_header("kiln-request-id", "chosen-by-the-guest")),
             "/headers" => {
                 let seen: Vec<(String, String)> = request
                     .headers()
