@@ -159,6 +159,52 @@ async fn every_answer_carries_a_request_id_of_its_own_that_a_guest_cannot_choose
     }
 }
 
+/// The log filter changes while serving: a debug line the server writes for every API error
+/// stops and starts again. A server of its own, so no other test's log changes under it.
+#[tokio::test]
+async fn the_log_filter_changes_at_run_time_through_the_admin_api_and_is_audited() {
+    let server = tokio::task::spawn_blocking(|| kiln_tests::Server::start(&kiln_tests::examples_config("", &[], ""), &["demo"]))
+        .await
+        .expect("start thread")
+        .expect("server");
+    let (admin, url) = (server.admin_client(), |path: &str| server.admin_url(path));
+    let put = |filter: &str| admin.put(url("/v1/log")).json(&serde_json::json!({ "filter": filter })).send();
+    let shown = |response: reqwest::Response| async move {
+        let (status, body) = json_of(response).await;
+        (status, body["filter"].as_str().unwrap_or_default().to_owned())
+    };
+    // The test harness starts servers with KILN_LOG=info,kiln=debug; the filter shows most
+    // specific directives first.
+    assert_eq!(shown(admin.get(url("/v1/log")).send().await.expect("get")).await, (200, "kiln=debug,info".to_owned()));
+    // Every API error is logged at debug level with its message, which names the path.
+    let missing = |marker: &'static str| server.client("demo").get(server.url(&format!("/no/such/{marker}"))).send();
+    let logged = |marker: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !server.log_text().contains(marker) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server.log_text().contains(marker)
+    };
+
+    assert_eq!(shown(put("info").await.expect("put")).await, (200, "info".to_owned()));
+    assert_eq!(missing("quiet-marker").await.expect("get").status(), 404);
+    assert_eq!(shown(put("info,kiln=debug").await.expect("put")).await, (200, "kiln=debug,info".to_owned()));
+    assert_eq!(missing("loud-marker").await.expect("get").status(), 404);
+    assert!(logged("loud-marker"), "debug lines did not come back:\n{}", server.log_text());
+    // The quiet request's line, had it been written, came before the loud one's.
+    assert!(!server.log_text().contains("quiet-marker"), "a debug line was written under `info`");
+
+    // A filter that does not parse is refused by name, and nothing changes; tenants cannot.
+    let (status, body) = json_of(put("kiln=loud").await.expect("put")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("\"kiln=loud\" is not a log filter")), "{body}");
+    let tenant = server.client("demo").put(url("/v1/log")).json(&serde_json::json!({ "filter": "trace" })).send().await.expect("put");
+    assert_eq!(tenant.status(), 403);
+    assert_eq!(shown(admin.get(url("/v1/log")).send().await.expect("get")).await.1, "kiln=debug,info");
+    let audit = server.audit_log_with(|line| line.contains("log_filter") && line.contains("-> kiln=debug,info"));
+    assert!(audit.lines().any(|l| l.contains("log_filter") && l.contains("kiln=debug,info -> info")), "{audit}");
+}
+
 /// Reads SSE `data:` lines until `found` accepts one, or fails after a while.
 async fn until_event(response: reqwest::Response, found: impl Fn(&Value) -> bool) -> Vec<Value> {
     let mut seen = Vec::new();

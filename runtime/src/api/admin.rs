@@ -1,5 +1,5 @@
 //! The admin API, on its own listener (loopback by default): deploy, replace, delete and list
-//! handlers at run time. Every call needs an admin key. These routes only translate HTTP: the
+//! handlers at run time, and read or change the log filter. Every call needs an admin key. These routes only translate HTTP: the
 //! [`Registry`](crate::deploy::registry::Registry) does the work.
 //!
 //! `PUT /v1/handlers/{name}?tenant=T[&models=a,b][&memory_limit_mib=N][&deadline_ms=N]
@@ -23,6 +23,7 @@ use super::{ApiError, AppState, json_response, read_body};
 use crate::deploy::HandlerSettings;
 use crate::deploy::registry::DeployRequest;
 use crate::sandbox::{Handler, Origin};
+use crate::telemetry::logging::{self, LogError};
 use crate::tenancy::audit::Event;
 use crate::tenancy::keys::Principal;
 
@@ -31,6 +32,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/handlers", get(list))
         .route("/v1/handlers/{name}", get(show).put(deploy).delete(remove))
+        .route("/v1/log", get(show_log).put(set_log))
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
         })
@@ -116,6 +118,38 @@ async fn remove(
     require_admin(&app, &headers, Some(&name))?;
     app.registry.remove(&name).await?;
     Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
+}
+
+/// `{"filter": "..."}`: the log filter, as `GET /v1/log` shows it and `PUT /v1/log` takes it.
+#[derive(Debug, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogFilter {
+    filter: String,
+}
+
+/// Longest log filter `PUT /v1/log` takes.
+const MAX_LOG_FILTER: usize = 4096;
+
+async fn show_log(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let filter = logging::filter().ok_or_else(|| ApiError::Internal(LogError::NotInstalled.to_string()))?;
+    Ok(json_response(StatusCode::OK, &LogFilter { filter }))
+}
+
+/// Replaces the log filter (`{"filter": "info,kiln=debug"}`) at once, for every thread; audited.
+async fn set_log(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let bytes = read_body(body, &headers, MAX_LOG_FILTER).await?;
+    let wanted: LogFilter = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("send {{\"filter\": \"...\"}}, like {{\"filter\": \"info,kiln=debug\"}}: {e}")))?;
+    let before = logging::filter().unwrap_or_default();
+    let filter = logging::set_filter(&wanted.filter).map_err(|e| match e {
+        LogError::Invalid(..) => ApiError::BadRequest(e.to_string()),
+        LogError::NotInstalled | LogError::Reload(_) => ApiError::Internal(e.to_string()),
+    })?;
+    tracing::info!(before = %before, after = %filter, "log filter changed");
+    app.audit.record(Event::LogFilter, None, None, &format!("{before} -> {filter}"));
+    Ok(json_response(StatusCode::OK, &LogFilter { filter }))
 }
 
 async fn list(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {

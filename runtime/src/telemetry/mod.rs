@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod histogram;
+pub mod logging;
 pub mod process;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

@@ -30,6 +30,8 @@ pub enum Event {
     Delete,
     AuthFailure,
     QuotaRefused,
+    /// The log filter was changed through the admin API.
+    LogFilter,
 }
 
 impl Event {
@@ -40,6 +42,7 @@ impl Event {
             Event::Delete => "delete",
             Event::AuthFailure => "auth_failure",
             Event::QuotaRefused => "quota_refused",
+            Event::LogFilter => "log_filter",
         }
     }
 
