@@ -125,7 +125,7 @@ async fn a_neighbour_s_bad_inputs_never_fail_another_tenant_s_requests() {
         });
         let bad = [&out_of_vocabulary, &too_long].map(|ids| {
             let (client, url) = (attacker.clone(), server().url("/v2/models/minilm/infer"));
-            let body = minilm_request(&[ids.clone()]);
+            let body = minilm_request(std::slice::from_ref(ids));
             async move { json_of(client.post(url).json(&body).send().await.expect("post")).await }
         });
         let (good, bad) = tokio::join!(futures::future::join_all(good), futures::future::join_all(bad));
@@ -144,7 +144,7 @@ async fn a_neighbour_s_bad_inputs_never_fail_another_tenant_s_requests() {
     assert!(isolated >= 1, "no failed batch was split: the bad inputs never shared a batch");
 
     for (ids, limit) in [(&out_of_vocabulary, "outside the model's range 0 ..= 30521"), (&too_long, "over the model's limit of 512")] {
-        let response = attacker.post(server().url("/v2/models/minilm-checked/infer")).json(&minilm_request(&[ids.clone()])).send().await;
+        let response = attacker.post(server().url("/v2/models/minilm-checked/infer")).json(&minilm_request(std::slice::from_ref(ids))).send().await;
         let (status, body) = json_of(response.expect("post")).await;
         assert_eq!(status, 400, "{body}");
         assert!(body["error"].as_str().is_some_and(|e| e.contains(limit)), "{body}");

@@ -48,10 +48,10 @@ fn main() -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         while !app.quit {
             terminal.draw(|frame| view::draw(&app, frame))?;
-            if event::poll(Duration::from_millis(50))? {
-                if let Event::Key(key) = event::read()? {
-                    app.update(Msg::Key(key));
-                }
+            if event::poll(Duration::from_millis(50))?
+                && let Event::Key(key) = event::read()?
+            {
+                app.update(Msg::Key(key));
             }
             while let Ok(msg) = rx.try_recv() {
                 app.update(msg);

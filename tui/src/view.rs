@@ -234,10 +234,10 @@ fn draw_models(app: &App, frame: &mut Frame, area: Rect) {
     let header = Row::new(names.iter().enumerate().map(|(i, n)| {
         let column = COLUMNS.get(i).copied();
         let mut text = (*n).to_owned();
-        if let (Some(c), Some((sorted, descending))) = (column, app.sort) {
-            if c == sorted {
-                text.push(if descending { '▼' } else { '▲' });
-            }
+        if let (Some(c), Some((sorted, descending))) = (column, app.sort)
+            && c == sorted
+        {
+            text.push(if descending { '▼' } else { '▲' });
         }
         let mut style = Style::new().bold();
         if column == Some(app.sort_column) && focused {
