@@ -1,6 +1,7 @@
 //! The admin API, on its own listener (loopback by default): deploy, replace, delete and list
-//! handlers at run time, and read or change the log filter. Every call needs an admin key. These routes only translate HTTP: the
-//! [`Registry`](crate::deploy::registry::Registry) does the work.
+//! handlers at run time, and read or change the log filter. Every call needs an admin key. These
+//! routes only translate HTTP: the [`Registry`](crate::deploy::registry::Registry) and
+//! [`logging`](crate::telemetry::logging) do the work.
 //!
 //! `PUT /v1/handlers/{name}?tenant=T[&models=a,b][&memory_limit_mib=N][&deadline_ms=N]
 //! [&priority=N][&max_priority=N]` with the component bytes as the body and, when the tenant has a
