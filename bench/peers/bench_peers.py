@@ -453,6 +453,12 @@ def best_rows(rows, system):
     return best
 
 
+def kiln_row(rows, label, work, conc):
+    """The row of the Kiln labelled `label` for `work` at concurrency `conc`, if it ran."""
+    return next((r for r in rows if r["system"] == "Kiln" and r["config"] == label
+                 and r["workload"] == work and r["conc"] == conc), None)
+
+
 def ms(v):
     return f"{v:.1f}" if v is not None and v >= 10 else (f"{v:.2f}" if v is not None else "-")
 
@@ -466,8 +472,7 @@ def table(results):
     for (work, conc), t in sorted(ts.items()):
         line = f"| {work} | {conc} | {t['config']} | {t['rps']:,.0f} | {ms(t['p50_ms'])} | {ms(t['p99_ms'])} |"
         for label in kilns:
-            k = next((r for r in rows if r["system"] == "Kiln" and r["config"] == label
-                      and r["workload"] == work and r["conc"] == conc), None)
+            k = kiln_row(rows, label, work, conc)
             if k is None:
                 line += " - | - | - | - |"
                 continue
@@ -496,8 +501,7 @@ def cpu_table(results):
     for (work, conc), t in sorted(ts.items()):
         line = f"| {work} | {conc} |{cells(t)}"
         for label in kilns:
-            k = next((r for r in rows if r["system"] == "Kiln" and r["config"] == label
-                      and r["workload"] == work and r["conc"] == conc), None)
+            k = kiln_row(rows, label, work, conc)
             line += cells(k) if k else " - | - | - |"
         lines.append(line)
     return "\n".join(lines)
