@@ -119,6 +119,11 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Load, replace, unload, delete and list a running server's models.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
     /// Put load on a handler or a model's OIP endpoint and report latency, throughput, errors
     /// and the server's average batch size.
     #[command(after_help = EXAMPLES)]
@@ -211,6 +216,37 @@ impl AdminArgs {
             key: self.admin_key,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ModelAction {
+    /// Load a model, or replace the one served under its name once the new one is ready. With
+    /// --spec, from that file: a [[model]] section's fields (TOML or JSON) and `tenants = [...]`;
+    /// without, again from the server's repository (a reload, or a load after `unload`).
+    Load {
+        name: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop serving a model; it stays in the repository, to be loaded again.
+    Unload {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop serving a model loaded through the API and forget it.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List every model of the repository, served or not.
+    Ls {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -369,6 +405,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy { request, admin } => kiln::cli::deploy(&admin.target(), &request),
         Command::Undeploy { name, admin } => kiln::cli::undeploy(&admin.target(), &name),
         Command::Handlers { admin } => kiln::cli::list_handlers(&admin.target()),
+        Command::Model { action } => match action {
+            ModelAction::Load { name, spec, admin } => kiln::cli::load_model(&admin.target(), &name, spec.as_deref()),
+            ModelAction::Unload { name, admin } => kiln::cli::unload_model(&admin.target(), &name),
+            ModelAction::Delete { name, admin } => kiln::cli::delete_model(&admin.target(), &name),
+            ModelAction::Ls { admin } => kiln::cli::list_models(&admin.target()),
+        },
         Command::Bench(args) => bench(args),
         Command::BenchRaw {
             config,

@@ -17,6 +17,7 @@ use crate::tenancy::audit::Audit;
 use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
 use crate::fleet::gpu::Gpus;
 use crate::fleet::start_model;
+use crate::deploy::models::{ModelRepository, RepositoryParts};
 use crate::fleet::placement::Placer;
 use crate::fleet::scaler::{self, DecisionLog};
 use crate::telemetry::{EventLog, Telemetry};
@@ -40,17 +41,17 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         .context("cannot start the GPU poller")?;
     let placer = Placer::new(Arc::clone(&gpus), config.scaler.max_gpu_utilization);
     let events = Arc::new(EventLog::new(EVENT_HISTORY));
-    let mut models = HashMap::new();
+    let mut config_models = Vec::with_capacity(config.models.len());
     for model in &config.models {
         let handle = start_model(model, &placer, Arc::clone(&events)).map_err(|e| {
             anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
         })?;
-        models.insert(model.name.clone(), handle);
+        let users: Vec<String> =
+            config.tenants.iter().filter(|t| t.models.contains(&model.name)).map(|t| t.name.clone()).collect();
+        config_models.push((model.clone(), handle, users));
     }
     let decisions = Arc::new(DecisionLog::new(config.scaler.history, Arc::clone(&events)));
     let telemetry = Arc::new(Telemetry::new(Arc::clone(&events)));
-    scaler::spawn(models.values().cloned().collect(), placer.clone(), &config.scaler, Arc::clone(&decisions))
-        .context("cannot start the scaler")?;
     let tenants: HashMap<String, Arc<Tenant>> = config
         .tenants
         .iter()
@@ -73,21 +74,36 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         .map_err(|e| anyhow::anyhow!("cannot create the sandbox engine: {e}"))?;
 
     let audit = Arc::new(Audit::open(state_dir));
+    let base = config.base().to_path_buf();
+    let repository = Arc::new(
+        ModelRepository::restore(RepositoryParts {
+            config_models,
+            placer: placer.clone(),
+            store: store.clone(),
+            parse: Box::new(move |name, spec| crate::config::model_spec(&base, name, spec)),
+            tenants: config.tenants.iter().map(|t| t.name.clone()).collect(),
+            audit: Arc::clone(&audit),
+            events: Arc::clone(&events),
+        })
+        .with_context(|| format!("cannot read the models kept in {}", state_dir.display()))?,
+    );
+    let models = Arc::clone(repository.table());
+    scaler::spawn(Arc::clone(&models), placer.clone(), &config.scaler, Arc::clone(&decisions))
+        .context("cannot start the scaler")?;
     let activity = Arc::clone(sandbox.activity());
     let restore = Handlers { source: &config.source, handlers: &config.handlers, tenants: &config.tenants };
-    let registry = Registry::restore(&restore, sandbox, store, models.clone(), Arc::clone(&audit), Arc::clone(&events))?;
-
-    let mut models_for_metrics: Vec<_> = models.values().cloned().collect();
-    models_for_metrics.sort_by(|a, b| a.name().cmp(b.name()));
+    let registry = Registry::restore(&restore, sandbox, store, Arc::clone(&models), Arc::clone(&audit), Arc::clone(&events))?;
+    let metrics = api::metrics::registry(&models, &gpus, &decisions, &telemetry, &activity);
     Ok(AppState {
         registry,
+        repository,
         models,
         tenants,
         keys: RwLock::new(Arc::new(keys)),
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
         audit,
-        metrics: api::metrics::registry(&models_for_metrics, &gpus, &decisions, &telemetry, &activity),
+        metrics,
         gpus,
         decisions,
         telemetry,
@@ -167,7 +183,7 @@ pub async fn serve(
     let handler_count = state.registry.list().len();
     tracing::info!(
         "listening on http://{local} ({} models, {} tenants, {handler_count} handlers); admin API on http://{admin_local}",
-        state.models.len(),
+        state.models.snapshot().len(),
         state.tenants.len(),
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -11,6 +11,8 @@ unmasked.pt: ids [N, L] int64 -> pooled [N, 16] float32, the mean over every pos
     included: a model that does not mask padding, which must never be batched across lengths.
 normed.pt: x [N, 4] float32 -> y [N, 4] float32 through batch norm with running statistics:
     floating buffers that reduced precision must cast along with the parameters.
+offset-1.pt, offset-2.pt, offset-3.pt: x [N, 4] float32 -> y [N, 4] float32 = x + V, three
+    versions of one model whose answers say which version gave them (the reload tests).
 """
 
 import sys
@@ -66,6 +68,15 @@ class Normed(torch.nn.Module):
         return self.norm(self.linear(x))
 
 
+class Offset(torch.nn.Module):
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.full((4,), float(version)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
 def main(build: Path) -> None:
     torch.manual_seed(11)
     models = build / "models"
@@ -76,6 +87,8 @@ def main(build: Path) -> None:
     torch.jit.freeze(positions).save(str(models / "positions-frozen.pt"))
     torch.jit.script(Normed().eval()).save(str(models / "normed.pt"))
     torch.jit.script(Unmasked().eval()).save(str(models / "unmasked.pt"))
+    for version in (1, 2, 3):
+        torch.jit.script(Offset(version).eval()).save(str(models / f"offset-{version}.pt"))
     print(f"test models: wrote {models / 'tokenwise.pt'}")
 
 

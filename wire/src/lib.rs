@@ -80,6 +80,49 @@ pub struct HandlerList {
     pub handlers: Vec<HandlerInfo>,
 }
 
+/// One model of the repository, as `GET /v1/models` lists it and a load answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// `config` (the config file owns it) or `api` (loaded through the admin API).
+    pub origin: String,
+    /// `READY`, `LOADING` or `UNAVAILABLE`, as the OIP repository index spells them.
+    pub state: String,
+    /// Why it is unavailable; empty otherwise.
+    pub reason: String,
+    /// The tenants that may use it.
+    pub tenants: Vec<String>,
+    pub path: String,
+    pub device: String,
+    pub precision: String,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<String>,
+    pub instances: Bounds,
+    pub max_batch_size: u32,
+    pub max_queue_delay_us: u64,
+    pub timeout_ms: u64,
+    /// One replica's weights as measured at load; 0 until one has loaded.
+    pub weights_bytes: u64,
+    /// For models loaded through the API: seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_at: Option<u64>,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// A model input's name, type and shape (`-1` for a dynamic dimension).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<ModelInfo>,
+}
+
 /// One GPU as the inventory last saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuInfo {
@@ -393,6 +436,9 @@ pub enum EventKind {
     ModelUnloaded { model: String, replica: u32, device: String },
     ModelFailed { model: String, replica: u32, device: String, reason: String },
     GuestTrap { handler: String, tenant: String, kind: String, message: String },
+    /// The model repository changed: `change` is `loaded`, `replaced`, `unloaded`, `deleted` or
+    /// `load_failed` (then `detail` says why).
+    ModelChanged { model: String, change: String, detail: String },
     /// The server is shutting down: the last event of every stream.
     Draining { grace_ms: u64, timeout_ms: u64 },
 }
@@ -408,6 +454,7 @@ impl EventKind {
             EventKind::ModelUnloaded { .. } => "model_unloaded",
             EventKind::ModelFailed { .. } => "model_failed",
             EventKind::GuestTrap { .. } => "guest_trap",
+            EventKind::ModelChanged { .. } => "model_changed",
             EventKind::Draining { .. } => "draining",
         }
     }

@@ -1,5 +1,6 @@
 //! The admin API, on its own listener (loopback by default): deploy, replace, delete and list
-//! handlers at run time, and read or change the log filter. Every call needs an admin key. These
+//! handlers at run time, load and unload models ([`super::repository`]), and read or change the
+//! log filter. Every call needs an admin key. These
 //! routes only translate HTTP: the [`Registry`](crate::deploy::registry::Registry) and
 //! [`logging`](crate::telemetry::logging) do the work.
 //!
@@ -15,7 +16,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use kiln_wire::{HandlerInfo, HandlerLimits, HandlerList, HandlerOrigin};
 use serde::Deserialize;
 use serde_json::json;
@@ -34,6 +35,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/handlers", get(list))
         .route("/v1/handlers/{name}", get(show).put(deploy).delete(remove))
         .route("/v1/log", get(show_log).put(set_log))
+        .route("/v1/models", get(super::repository::list))
+        .route(
+            "/v1/models/{name}",
+            get(super::repository::show).put(super::repository::put).delete(super::repository::delete),
+        )
+        .route("/v2/repository/index", post(super::repository::index))
+        .route("/v2/repository/models/{name}/load", post(super::repository::load))
+        .route("/v2/repository/models/{name}/unload", post(super::repository::unload))
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
         })
@@ -177,7 +186,7 @@ fn describe(handler: &Handler) -> HandlerInfo {
     let mut info = HandlerInfo {
         name: handler.name().to_owned(),
         tenant: handler.tenant().to_owned(),
-        models: handler.model_names().into_iter().map(str::to_owned).collect(),
+        models: handler.model_names(),
         limits: HandlerLimits {
             memory_limit_mib: limits.memory_limit_bytes >> 20,
             deadline_ms: limits.deadline.as_millis() as u64,

@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_wire::ErrorBody;
 
+use crate::deploy::models::ModelError;
 use crate::deploy::registry::DeployError;
 use crate::model::handle::InferError;
 use crate::sandbox::{ComponentError, GuestError};
@@ -38,6 +39,9 @@ pub enum ApiError {
     Infer(#[from] InferError),
     #[error(transparent)]
     Guest(#[from] GuestError),
+    /// A model did not load (its file, its placement, its warm-up).
+    #[error("{0}")]
+    LoadFailed(String),
 }
 
 impl From<DeployError> for ApiError {
@@ -49,6 +53,18 @@ impl From<DeployError> for ApiError {
             e @ DeployError::NotFound(_) => ApiError::NotFound(e.to_string()),
             DeployError::Component(e) => ApiError::Component(e),
             DeployError::Store(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Invalid(m) => ApiError::BadRequest(m),
+            e @ ModelError::ConfigOwned(_) => ApiError::Conflict(e.to_string()),
+            e @ ModelError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            e @ ModelError::LoadFailed { .. } => ApiError::LoadFailed(e.to_string()),
+            ModelError::Store(m) => ApiError::Internal(m),
         }
     }
 }
@@ -69,6 +85,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Infer(e) => match e {
                 InferError::NotReady { .. } | InferError::Overloaded(_) | InferError::Closed(_) => {
@@ -103,6 +120,7 @@ impl ApiError {
             ApiError::Quota(_) => "quota",
             ApiError::Component(_) => "bad_component",
             ApiError::Internal(_) => "internal",
+            ApiError::LoadFailed(_) => "load_failed",
             ApiError::PayloadTooLarge { .. } => "too_large",
             ApiError::Infer(InferError::Overloaded(_)) => "overloaded",
             ApiError::Infer(InferError::Timeout { .. }) => "timeout",

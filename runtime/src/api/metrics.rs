@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::{ApiError, AppState};
-use crate::model::handle::ModelHandle;
+use crate::model::table::ModelTable;
 use crate::fleet::gpu::Gpus;
 use crate::fleet::scaler::DecisionLog;
 use crate::sandbox::Activity;
@@ -27,7 +27,7 @@ use crate::telemetry::Telemetry;
 
 /// The registry `/metrics` encodes: one collector over the whole server.
 pub fn registry(
-    models: &[ModelHandle],
+    models: &Arc<ModelTable>,
     gpus: &Arc<Gpus>,
     decisions: &Arc<DecisionLog>,
     telemetry: &Arc<Telemetry>,
@@ -35,7 +35,7 @@ pub fn registry(
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Exporter {
-        models: models.to_vec(),
+        models: Arc::clone(models),
         gpus: Arc::clone(gpus),
         decisions: Arc::clone(decisions),
         telemetry: Arc::clone(telemetry),
@@ -59,7 +59,7 @@ pub(super) async fn export(State(app): State<Arc<AppState>>, headers: HeaderMap)
 
 #[derive(Debug)]
 struct Exporter {
-    models: Vec<ModelHandle>,
+    models: Arc<ModelTable>,
     gpus: Arc<Gpus>,
     decisions: Arc<DecisionLog>,
     telemetry: Arc<Telemetry>,
@@ -141,7 +141,7 @@ impl Collector for Exporter {
         family(&mut e, "kiln_request_duration", "Time to a handler's response head, by handler", Some(&Unit::Seconds), Hist,
             handlers.iter().map(|h| (vec![("handler", h.name.as_str())], Latency(h.latency.clone()))))?;
 
-        let m = &self.models;
+        let m = &self.models.handles();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         family(&mut e, "kiln_queue_depth", "Requests waiting in a model's queue", None, Gauge,
             m.iter().map(|h| (vec![("model", h.name())], G(h.counters().queued.load(Ordering::Relaxed) as f64))))?;

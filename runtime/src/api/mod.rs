@@ -9,6 +9,7 @@ pub mod admin;
 mod error;
 pub mod metrics;
 mod oip;
+mod repository;
 mod stats;
 
 use std::collections::HashMap;
@@ -25,10 +26,12 @@ use http_body_util::{Full, LengthLimitError};
 use kiln_wire::headers::{PRIORITY as PRIORITY_HEADER, TIMEOUT_MS as TIMEOUT_HEADER};
 
 pub use self::error::ApiError;
+use crate::deploy::models::ModelRepository;
 use crate::deploy::registry::Registry;
 use crate::fleet::gpu::Gpus;
 use crate::fleet::scaler::DecisionLog;
 use crate::model::handle::ModelHandle;
+use crate::model::table::ModelTable;
 use crate::model::spec::MAX_PRIORITY;
 use crate::sandbox::{CallOptions, Handler, Lease};
 use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
@@ -40,7 +43,10 @@ use crate::tenancy::{Permit, QuotaRefusal, Tenant};
 pub struct AppState {
     /// Live handlers by name, and the one way they change.
     pub registry: Registry,
-    pub models: HashMap<String, ModelHandle>,
+    /// Every model known, and the one way models change while serving.
+    pub repository: Arc<ModelRepository>,
+    /// The models being served now (the repository's table).
+    pub models: Arc<ModelTable>,
     pub tenants: HashMap<String, Arc<Tenant>>,
     /// Reloaded from the state directory when key files change.
     pub keys: RwLock<Arc<KeyRing>>,
@@ -111,15 +117,14 @@ impl AppState {
         &self,
         headers: &http::HeaderMap,
         name: &str,
-    ) -> Result<(&ModelHandle, &Arc<Tenant>), ApiError> {
+    ) -> Result<(ModelHandle, &Arc<Tenant>), ApiError> {
         let principal = self.authenticate(headers, None)?;
-        let not_found = || ApiError::NotFound(format!("model '{name}' not found"));
         // Admin keys manage; model calls go through a tenant and its quotas.
         let tenant = self.tenant_of(&principal)?;
-        if !tenant.config.models.iter().any(|m| m == name) {
-            return Err(not_found());
-        }
-        let model = self.models.get(name).ok_or_else(not_found)?;
+        let model = self
+            .models
+            .usable(tenant.name(), name)
+            .ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
         Ok((model, tenant))
     }
 

@@ -18,7 +18,7 @@ use crate::model::tensor::{self, HostTensor};
 use kiln_codec::oip::{self, RequestOutput};
 
 /// Models have one version; clients that name none get this one.
-const VERSION: &str = "1";
+pub(super) const VERSION: &str = "1";
 
 pub(super) async fn live() -> Response {
     json_response(StatusCode::OK, &json!({ "live": true }))
@@ -26,11 +26,9 @@ pub(super) async fn live() -> Response {
 
 pub(super) async fn ready(State(app): State<Arc<AppState>>) -> Response {
     let draining = app.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let ready = !draining
-        && app
-            .models
-            .values()
-            .all(|m| matches!(m.state(), ModelState::Ready(_)));
+    // Every model of the config file ready (but those an operator unloaded): models loaded
+    // through the admin API report their own readiness.
+    let ready = !draining && app.repository.config_models_ready();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -155,7 +153,7 @@ async fn infer_model(
         timeout: timeout_header(&headers)?,
     };
     let outputs = model.infer(arranged, options).await?;
-    encode_response(model, request.id, request.outputs, &request.parameters, outputs, tenant.config.quota.limits.max_response_bytes)
+    encode_response(&model, request.id, request.outputs, &request.parameters, outputs, tenant.config.quota.limits.max_response_bytes)
 }
 
 fn wants_binary(parameters: &Map<String, Value>, key: &str) -> bool {

@@ -25,12 +25,11 @@ use crate::model::handle::ModelState;
 /// Every model, handler, tenant and GPU: admin only, since it names every tenant's models.
 pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     super::admin::require_admin(&app, &headers, None)?;
-    let mut names: Vec<&String> = app.models.keys().collect();
-    names.sort();
-    let models = names
-        .into_iter()
-        .map(|name| {
-            let model = &app.models[name];
+    let served = app.models.snapshot();
+    let models = served
+        .iter()
+        .map(|(name, served)| {
+            let model = &served.handle;
             let c = model.counters();
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             let (inferences, executions) = (load(&c.inferences), load(&c.executions));

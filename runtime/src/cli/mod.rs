@@ -229,6 +229,77 @@ pub fn list_handlers(target: &AdminTarget) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `kiln model load NAME [--spec FILE]`: with a spec (a `[[model]]` section's fields, TOML or
+/// JSON, and `tenants`), load or replace the model from it; without, load it again from the
+/// repository. A relative `path` in the spec is made absolute against the spec's own folder.
+pub fn load_model(target: &AdminTarget, name: &str, spec: Option<&Path>) -> anyhow::Result<()> {
+    check_name(name).map_err(|m| anyhow::anyhow!("model name {m}"))?;
+    let Some(file) = spec else {
+        call(target, http::Method::POST, &format!("/v2/repository/models/{name}/load"), Vec::new(), &[])?;
+        return show_model(target, name);
+    };
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut fields: serde_json::Map<String, Value> = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).with_context(|| format!("{}: not a JSON object", file.display()))?
+    } else {
+        let table: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?;
+        serde_json::from_value(serde_json::to_value(table)?)?
+    };
+    if let Some(Value::String(path)) = fields.get("path")
+        && Path::new(path).is_relative()
+    {
+        let folder = std::path::absolute(file)?.parent().map(Path::to_path_buf).unwrap_or_default();
+        fields.insert("path".to_owned(), Value::String(folder.join(path).display().to_string()));
+    }
+    let body = serde_json::to_vec(&Value::Object(fields))?;
+    let value = call(target, http::Method::PUT, &format!("/v1/models/{name}"), body, &[])?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+/// `kiln model unload NAME`: stop serving it, keep it in the repository.
+pub fn unload_model(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
+    check_name(name).map_err(|m| anyhow::anyhow!("model name {m}"))?;
+    call(target, http::Method::POST, &format!("/v2/repository/models/{name}/unload"), Vec::new(), &[])?;
+    show_model(target, name)
+}
+
+/// `kiln model delete NAME`: stop serving a model loaded through the API and forget it.
+pub fn delete_model(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
+    check_name(name).map_err(|m| anyhow::anyhow!("model name {m}"))?;
+    let value = call(target, http::Method::DELETE, &format!("/v1/models/{name}"), Vec::new(), &[])?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+fn show_model(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
+    let value = call(target, http::Method::GET, &format!("/v1/models/{name}"), Vec::new(), &[])?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+/// `kiln model ls`: every model of the repository, served or not.
+pub fn list_models(target: &AdminTarget) -> anyhow::Result<()> {
+    let value = call(target, http::Method::GET, "/v1/models", Vec::new(), &[])?;
+    let list: kiln_wire::ModelList =
+        serde_json::from_value(value).context("the admin API answered something other than a model list")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<24} {:<7} {:<12} {:<9} {:<20} REASON", "MODEL", "ORIGIN", "STATE", "REPLICAS", "TENANTS")?;
+    for m in list.models {
+        writeln!(
+            out,
+            "{:<24} {:<7} {:<12} {:<9} {:<20} {}",
+            m.name,
+            m.origin,
+            m.state,
+            m.replicas.len(),
+            m.tenants.join(","),
+            m.reason
+        )?;
+    }
+    Ok(())
+}
+
 /// One admin API call; a non-2xx answer becomes an error carrying the server's message.
 fn call(
     target: &AdminTarget,

@@ -129,7 +129,40 @@ impl Config {
 }
 
 
+/// Validates the fields of a model sent to the admin API for model `name`: the same fields as a
+/// `[[model]]` section, as JSON, where `name` may be left out and `tenants` lists the tenants
+/// that may use the model. Relative paths resolve against `base` (the config file's folder).
+pub fn model_spec(base: &Path, name: &str, spec: &serde_json::Value) -> Result<(ModelConfig, Vec<String>), String> {
+    use serde_json::Value;
+    let Value::Object(fields) = spec else {
+        return Err("send the model's fields as an object, like a [[model]] section".to_owned());
+    };
+    let mut fields = fields.clone();
+    match fields.remove("name") {
+        None => {}
+        Some(Value::String(n)) if n == name => {}
+        Some(other) => return Err(format!("name: {other} is not the name in the path ('{name}')")),
+    }
+    let users = match fields.remove("tenants") {
+        None => Vec::new(),
+        Some(v) => serde_json::from_value::<Vec<String>>(v).map_err(|e| format!("tenants: a list of tenant names: {e}"))?,
+    };
+    fields.insert("name".to_owned(), Value::String(name.to_owned()));
+    let raw: kiln_codec::config::RawModel = serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
+    let file = Path::new("<model>");
+    let config = Validator { file, base }.model(0, raw).map_err(|e| match e {
+        ConfigError::Invalid { field, message, .. } => format!("{field}: {message}"),
+        other => other.to_string(),
+    })?;
+    Ok((config, users))
+}
+
 impl Config {
+    /// The folder relative paths of the config file (and of models loaded later) resolve against.
+    pub fn base(&self) -> &Path {
+        self.source.parent().unwrap_or(Path::new("."))
+    }
+
     pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
         self.tenants.iter().find(|t| t.name == name)
     }
@@ -204,7 +237,7 @@ mod tests {
         assert!(config.gpus.simulated.is_empty());
         let handler = &config.handlers[0];
         assert_eq!(handler.component, Path::new("/abs/h.wasm"));
-        assert_eq!(handler.models, vec!["m".to_owned()]);
+        assert_eq!(handler.models, None, "every model of the tenant, as they come and go");
         assert_eq!(handler.limits.memory_limit_bytes, DEFAULT_MEMORY_LIMIT_MIB << 20);
         assert_eq!(handler.limits.deadline, Duration::from_millis(DEFAULT_DEADLINE_MS));
         assert_eq!(handler.limits.fuel, None);

@@ -197,7 +197,7 @@ impl Validator<'_> {
         check_name(name).map_err(|m| self.invalid(field, m))
     }
 
-    fn model(&self, i: usize, raw: RawModel) -> Result<ModelConfig, ConfigError> {
+    pub(super) fn model(&self, i: usize, raw: RawModel) -> Result<ModelConfig, ConfigError> {
         let at = |f: &str| format!("model[{i}].{f}");
         self.name(&at("name"), &raw.name)?;
         let at = |f: &str| format!("model '{}'.{f}", raw.name);
@@ -713,7 +713,7 @@ impl Validator<'_> {
             max_priority: raw.max_priority,
         };
         settings
-            .resolve(&raw.name, tenant, self.path(&raw.component))
+            .resolve(&raw.name, tenant, |m| tenant.models.iter().any(|t| t == m), self.path(&raw.component))
             .map_err(|(f, message)| self.invalid(at(f), message))
     }
 }

@@ -1,7 +1,8 @@
-//! Deployed handlers: the settings a deployment
-//! carries, the state directory that keeps them across restarts ([`store`]), and the live
-//! table every change goes through ([`registry`]).
+//! Deployed handlers and models: the settings a deployment carries, the state directory that
+//! keeps them across restarts ([`store`]), the live handler table every change goes through
+//! ([`registry`]), and the model repository ([`models`]).
 
+pub mod models;
 pub mod registry;
 pub mod store;
 
@@ -15,7 +16,8 @@ use crate::sandbox::HandlerConfig;
 use crate::tenancy::TenantConfig;
 
 /// A handler's own settings, as written in a `[[handler]]` section or sent with a deployment.
-/// Everything is optional: models default to all of the tenant's, limits to the tenant's quota.
+/// Everything is optional: models default to all of the tenant's (as they come and go), limits
+/// to the tenant's quota.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerSettings {
@@ -37,26 +39,20 @@ impl HandlerSettings {
         crate::tenancy::keys::deployment_manifest(handler, tenant, sha256, self.models.as_deref(), self.priority, self.max_priority)
     }
 
-    /// The handler these settings describe for `tenant`: models must be among the tenant's, and
-    /// limits may only tighten the tenant's quota. An error names the offending field.
+    /// The handler these settings describe for `tenant`: models must be ones the tenant may use
+    /// (`may_use`), and limits may only tighten the tenant's quota. An error names the offending
+    /// field.
     pub fn resolve(
         &self,
         name: &str,
         tenant: &TenantConfig,
+        may_use: impl Fn(&str) -> bool,
         component: PathBuf,
     ) -> Result<HandlerConfig, (&'static str, String)> {
-        let models = match &self.models {
-            None => tenant.models.clone(),
-            Some(models) => {
-                if let Some(m) = models.iter().find(|m| !tenant.models.contains(m)) {
-                    return Err((
-                        "models",
-                        format!("model '{m}' is not among the models of tenant '{}'", tenant.name),
-                    ));
-                }
-                models.clone()
-            }
-        };
+        if let Some(m) = self.models.iter().flatten().find(|m| !may_use(m)) {
+            return Err(("models", format!("model '{m}' is not among the models of tenant '{}'", tenant.name)));
+        }
+        let models = self.models.clone();
         let quota = &tenant.quota.limits;
         let mut limits = quota.clone();
         if let Some(mib) = self.memory_limit_mib {

@@ -12,7 +12,7 @@ use kiln_wire::EventKind;
 use crate::deploy::store::{Deployment, Store};
 use crate::files::sha256_hex;
 use crate::deploy::{HandlerSettings, check_name};
-use crate::model::handle::ModelHandle;
+use crate::model::table::ModelTable;
 use crate::sandbox::{ComponentError, Handler, HandlerConfig, Origin, Sandbox};
 use crate::telemetry::{EventLog, unix_seconds};
 use crate::tenancy::TenantConfig;
@@ -67,7 +67,7 @@ pub struct Registry {
     live: RwLock<HashMap<String, Arc<Handler>>>,
     sandbox: Sandbox,
     store: Store,
-    models: HashMap<String, ModelHandle>,
+    models: Arc<ModelTable>,
     /// Handlers from the config file: the file owns them, the API cannot replace or delete them.
     config_handlers: HashSet<String>,
     /// One change at a time, so the state directory and the live table agree.
@@ -84,7 +84,7 @@ impl Registry {
         config: &Handlers<'_>,
         sandbox: Sandbox,
         store: Store,
-        models: HashMap<String, ModelHandle>,
+        models: Arc<ModelTable>,
         audit: Arc<Audit>,
         events: Arc<EventLog>,
     ) -> anyhow::Result<Registry> {
@@ -179,9 +179,10 @@ impl Registry {
             self.audit.record(Event::DeployRefused, Some(&deployment.tenant), Some(name), reason);
             return Err(reason.to_owned());
         }
+        // Models it names that are gone since are simply not visible to it, as while serving.
         let handler = deployment
             .settings
-            .resolve(name, tenant, self.store.dir().join("blobs"))
+            .resolve(name, tenant, |_| true, self.store.dir().join("blobs"))
             .map_err(|(field, message)| format!("{field}: {message}"))?;
         let component = component.map_err(|e| e.to_string())?;
         self.instantiate(&handler, &component, origin(deployment)).map_err(|e| e.to_string())
@@ -193,7 +194,7 @@ impl Registry {
         component: &wasmtime::component::Component,
         origin: Origin,
     ) -> Result<Handler, ComponentError> {
-        self.sandbox.handler(handler, component, allowed_models(&self.models, &handler.models), origin)
+        self.sandbox.handler(handler, component, Arc::clone(&self.models), origin)
     }
 
     /// The handler serving `name` now.
@@ -216,8 +217,9 @@ impl Registry {
         if self.config_handlers.contains(name) {
             return Err(DeployError::ConfigOwned(name.to_owned()));
         }
+        let may_use = |m: &str| self.models.usable(&tenant.name, m).is_some();
         let config = settings
-            .resolve(name, tenant, PathBuf::from(format!("<deployed {name}>")))
+            .resolve(name, tenant, may_use, PathBuf::from(format!("<deployed {name}>")))
             .map_err(|(field, message)| DeployError::Invalid(format!("{field}: {message}")))?;
         let sha256 = sha256_hex(&bytes);
         let signature = match &tenant.signing_key {
@@ -323,14 +325,6 @@ fn origin(deployment: &Deployment) -> Origin {
         deployed_at: deployment.deployed_at,
         signed: deployment.signed,
     }
-}
-
-/// The models of `names` (the config's validation already checked they exist).
-fn allowed_models(models: &HashMap<String, ModelHandle>, names: &[String]) -> HashMap<String, ModelHandle> {
-    names
-        .iter()
-        .filter_map(|n| models.get(n).map(|m| (n.clone(), m.clone())))
-        .collect()
 }
 
 /// Checks and compiles every component, as many at once as there are cores; results in order.

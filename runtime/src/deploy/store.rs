@@ -6,6 +6,7 @@
 //!   tenant-keys/NAME.keys
 //!   blobs/SHA256.wasm       component bytes, named by their hash
 //!   handlers/NAME.json      one manifest per deployed handler, naming its blob
+//!   models/NAME.json        one record per model loaded through the admin API
 //! ```
 //!
 //! Every file is written whole to a temporary name, synced, renamed over the old one and the
@@ -54,7 +55,20 @@ impl Deployment {
     }
 }
 
-/// The deployed handlers in a state directory.
+/// What is recorded about one model loaded through the admin API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDeployment {
+    pub name: String,
+    /// The `[[model]]` fields as they were sent (with `tenants`), validated again at every start.
+    pub spec: serde_json::Value,
+    /// Whether it is to be served: an unloaded model keeps its record until it is deleted.
+    pub loaded: bool,
+    /// Seconds since the Unix epoch.
+    pub deployed_at: u64,
+}
+
+/// The deployed handlers and models in a state directory.
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
@@ -66,7 +80,7 @@ impl Store {
         let store = Store {
             dir: dir.to_path_buf(),
         };
-        for sub in [store.handlers_dir(), store.blobs_dir(), dir.join("tenant-keys"), dir.to_path_buf()] {
+        for sub in [store.handlers_dir(), store.blobs_dir(), store.models_dir(), dir.join("tenant-keys"), dir.to_path_buf()] {
             fs::create_dir_all(&sub)?;
             for entry in fs::read_dir(&sub)? {
                 let entry = entry?;
@@ -89,6 +103,57 @@ impl Store {
 
     fn blobs_dir(&self) -> PathBuf {
         self.dir.join("blobs")
+    }
+
+    fn models_dir(&self) -> PathBuf {
+        self.dir.join("models")
+    }
+
+    fn model_record(&self, name: &str) -> PathBuf {
+        self.models_dir().join(format!("{name}.json"))
+    }
+
+    /// Every model record, in name order. One that cannot be read is quarantined and skipped
+    /// with an error in the log.
+    pub fn load_models(&self) -> io::Result<Vec<ModelDeployment>> {
+        let mut entries: Vec<PathBuf> = fs::read_dir(self.models_dir())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        entries.sort();
+        let mut found = Vec::new();
+        for path in entries {
+            let loaded = fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| serde_json::from_slice::<ModelDeployment>(&text).map_err(|e| format!("invalid record: {e}")))
+                .and_then(|record| {
+                    let expected = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                    if expected.as_deref() == Some(record.name.as_str()) {
+                        Ok(record)
+                    } else {
+                        Err(format!("the record names model '{}'", record.name))
+                    }
+                });
+            match loaded {
+                Ok(record) => found.push(record),
+                Err(e) => {
+                    tracing::error!("skipping model record {}: {e}", path.display());
+                    self.quarantine(&path)?;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records a model durably (replacing an earlier record of the same name).
+    pub fn save_model(&self, record: &ModelDeployment) -> io::Result<()> {
+        let text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_atomic(&self.model_record(&record.name), &text)
+    }
+
+    /// Forgets a model; false when it had no record.
+    pub fn remove_model(&self, name: &str) -> io::Result<bool> {
+        remove_durably(&self.model_record(name))
     }
 
     fn manifest(&self, name: &str) -> PathBuf {
@@ -146,7 +211,7 @@ impl Store {
             fs::rename(&path, &to)?;
             tracing::warn!("quarantined {} as {}", path.display(), to.display());
         }
-        sync_dir(&self.handlers_dir())?;
+        sync_dir(manifest.parent().unwrap_or(&self.dir))?;
         sync_dir(&dir)
     }
 
@@ -179,14 +244,7 @@ impl Store {
 
     /// Removes a deployment; false when there was none. Its blob goes at the next start.
     pub fn remove(&self, name: &str) -> io::Result<bool> {
-        match fs::remove_file(self.manifest(name)) {
-            Ok(()) => {
-                sync_dir(&self.handlers_dir())?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+        remove_durably(&self.manifest(name))
     }
 
     fn collect_garbage(&self, live: &[&str]) -> io::Result<()> {
@@ -199,6 +257,18 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// Removes a file and syncs its folder; false when there was none.
+fn remove_durably(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -303,6 +373,30 @@ pub(crate) mod tests {
         assert!(quarantined.iter().any(|n| n.ends_with("-h.json")), "{quarantined:?}");
         assert!(quarantined.iter().any(|n| n.ends_with(&blob)), "{quarantined:?}");
         assert!(!manifest.exists());
+    }
+
+    #[test]
+    fn model_records_load_back_until_removed_and_a_broken_one_is_quarantined() {
+        let dir = temp_dir("models");
+        let store = Store::open(&dir).expect("open");
+        let record = |name: &str, loaded: bool| ModelDeployment {
+            name: name.to_owned(),
+            spec: serde_json::json!({ "path": "/m.pt", "tenants": ["t"] }),
+            loaded,
+            deployed_at: 7,
+        };
+        store.save_model(&record("a", true)).expect("save a");
+        store.save_model(&record("b", true)).expect("save b");
+        store.save_model(&record("a", false)).expect("replace a");
+        store.save_model(&record("c", true)).expect("save c");
+        assert!(store.remove_model("b").expect("remove"));
+        assert!(!store.remove_model("b").expect("remove again"));
+        // A record whose file name and content disagree is not trusted.
+        fs::rename(dir.join("models/c.json"), dir.join("models/d.json")).expect("rename");
+        let loaded = Store::open(&dir).expect("reopen").load_models().expect("load");
+        assert_eq!(loaded, vec![record("a", false)]);
+        let quarantined = fs::read_dir(dir.join("quarantine")).expect("quarantine").count();
+        assert_eq!(quarantined, 1);
     }
 
     #[test]

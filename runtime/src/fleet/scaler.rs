@@ -22,6 +22,7 @@ use crate::model::spec::Replicas;
 use crate::fleet::estimated_weights;
 use crate::fleet::placement::{Placer, Purpose};
 use crate::model::handle::{ModelHandle, WeakModelHandle};
+use crate::model::table::ModelTable;
 use kiln_wire::Histogram;
 
 /// Utilization the remaining replicas may reach after a scale-down.
@@ -291,6 +292,18 @@ struct Watched {
 }
 
 impl Watched {
+    fn new(handle: &ModelHandle, config: &ScalerConfig) -> Watched {
+        let c = handle.config();
+        let policy = Policy {
+            replicas: c.replicas,
+            objective: c.latency_objective,
+            max_batch_size: c.batching.max_batch_size,
+            up_cooldown: config.up_cooldown,
+            down_cooldown: config.down_cooldown,
+        };
+        Watched { scaler: ModelScaler::new(c.name.clone(), policy), mark: Mark::now(handle), handle: handle.downgrade() }
+    }
+
     fn observe(&mut self, handle: &ModelHandle, placer: &Placer) -> Observation {
         let now = Mark::now(handle);
         let waits = now.waits.since(&self.mark.waits);
@@ -337,32 +350,26 @@ fn scale_up(handle: &ModelHandle, placer: &Placer) -> Result<String, String> {
     }
 }
 
-/// Starts the scaler thread for every scalable model in `models`; returns at once.
-pub fn spawn(models: Vec<ModelHandle>, placer: Placer, config: &ScalerConfig, log: Arc<DecisionLog>) -> std::io::Result<()> {
-    let mut watched: Vec<Watched> = models
-        .into_iter()
-        .filter(|m| m.config().replicas.scalable())
-        .map(|handle| {
-            let c = handle.config();
-            let policy = Policy {
-                replicas: c.replicas,
-                objective: c.latency_objective,
-                max_batch_size: c.batching.max_batch_size,
-                up_cooldown: config.up_cooldown,
-                down_cooldown: config.down_cooldown,
-            };
-            Watched { scaler: ModelScaler::new(c.name.clone(), policy), mark: Mark::now(&handle), handle: handle.downgrade() }
-        })
-        .collect();
-    if watched.is_empty() {
-        return Ok(());
-    }
-    let interval = config.interval;
+/// Starts the scaler thread, which looks at every scalable model of `models` each interval
+/// (models loaded later too) for as long as the table lives; returns at once.
+pub fn spawn(models: Arc<ModelTable>, placer: Placer, config: &ScalerConfig, log: Arc<DecisionLog>) -> std::io::Result<()> {
+    let table = Arc::downgrade(&models);
+    drop(models);
+    let config = config.clone();
     thread::Builder::new().name("kiln-scaler".into()).spawn(move || {
-        // Ends when every watched model has shut down.
-        while !watched.is_empty() {
-            thread::sleep(interval);
-            watched.retain(|w| w.handle.upgrade().is_some());
+        let mut watched: Vec<Watched> = Vec::new();
+        loop {
+            thread::sleep(config.interval);
+            let Some(table) = table.upgrade() else { return };
+            let serving = table.handles();
+            drop(table);
+            // Unloaded and replaced models are no longer scaled; their last callers finish.
+            watched.retain(|w| serving.iter().any(|h| w.handle.refers_to(h)));
+            for handle in serving.iter().filter(|h| h.config().replicas.scalable()) {
+                if !watched.iter().any(|w| w.handle.refers_to(handle)) {
+                    watched.push(Watched::new(handle, &config));
+                }
+            }
             for w in &mut watched {
                 let Some(handle) = w.handle.upgrade() else { continue };
                 let obs = w.observe(&handle, &placer);

@@ -292,9 +292,19 @@ impl WeakModelHandle {
     pub fn upgrade(&self) -> Option<ModelHandle> {
         Some(ModelHandle { shared: self.shared.upgrade()?, submitter: self.submitter.upgrade()? })
     }
+
+    /// Whether this is a handle to `model` (not to another model of the same name).
+    pub fn refers_to(&self, model: &ModelHandle) -> bool {
+        std::ptr::eq(self.shared.as_ptr(), Arc::as_ptr(&model.shared))
+    }
 }
 
 impl ModelHandle {
+    /// Whether both are handles to one model (a reloaded model is a new one).
+    pub fn same(&self, other: &ModelHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     pub fn downgrade(&self) -> WeakModelHandle {
         WeakModelHandle { shared: Arc::downgrade(&self.shared), submitter: Arc::downgrade(&self.submitter) }
     }

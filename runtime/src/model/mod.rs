@@ -1,7 +1,7 @@
 //! Models: what a model takes and gives ([`signature`], [`tensor`]), how it is configured
 //! ([`spec`]), where a replica runs ([`device`]), merging requests into batches ([`batch`]), the
-//! [`backend`]s that run forward passes, the per-model [`scheduler`] and the forward-time
-//! [`curve`] it learns. No HTTP and no wasm
+//! [`backend`]s that run forward passes, the per-model [`scheduler`], the forward-time
+//! [`curve`] it learns, and the [`table`] of models being served. No HTTP and no wasm
 //! here: the sandbox and the API reach a model through a [`handle::ModelHandle`].
 
 pub mod backend;
@@ -10,6 +10,7 @@ pub mod device;
 pub mod handle;
 pub mod scheduler;
 pub mod spec;
+pub mod table;
 
 // Decoders of untrusted input live in kiln-codec (no libtorch, so they can be fuzzed).
 pub use kiln_codec::{batch, signature, tensor};

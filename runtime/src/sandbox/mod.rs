@@ -32,6 +32,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::model::handle::{InferOptions, ModelHandle};
+use crate::model::table::ModelTable;
 use crate::telemetry::histogram::AtomicHistogram;
 pub use limits::SandboxLimits;
 use limits::{CappedBody, GuestLimits};
@@ -370,13 +371,13 @@ impl Sandbox {
             .map_err(|e| ComponentError::Invalid(first_line(&format!("{e:#}")).to_owned()))
     }
 
-    /// Pre-instantiates a checked component as the handler `config` describes. `models` is its
-    /// allow-list, already resolved to executors.
+    /// Pre-instantiates a checked component as the handler `config` describes; its guest sees
+    /// the models of `models` that its tenant may use and `config` names.
     pub fn handler(
         &self,
         config: &HandlerConfig,
         component: &Component,
-        models: HashMap<String, ModelHandle>,
+        models: Arc<ModelTable>,
         origin: Origin,
     ) -> Result<Handler, ComponentError> {
         let link = |e: wasmtime::Error| ComponentError::Link(first_line(&format!("{e:#}")).to_owned());
@@ -389,7 +390,7 @@ impl Sandbox {
             metered: self.metered,
             priority: config.priority,
             max_priority: config.max_priority,
-            models: Arc::new(models),
+            models: ModelView::new(models, &config.tenant, config.models.clone()),
             origin,
             activity: Arc::clone(&self.activity),
         })
@@ -438,9 +439,42 @@ pub struct Handler {
     metered: bool,
     priority: u8,
     max_priority: u8,
-    models: Arc<HashMap<String, ModelHandle>>,
+    models: ModelView,
     origin: Origin,
     activity: Arc<Activity>,
+}
+
+/// The models a handler's guest sees: those of the live table its tenant may use and the handler
+/// names (all of them when it names none), rebuilt when the table changes. A request takes the
+/// view as it is when it starts and keeps it to the end.
+struct ModelView {
+    table: Arc<ModelTable>,
+    tenant: String,
+    names: Option<Vec<String>>,
+    /// The view and the table generation it was built from.
+    cached: std::sync::RwLock<(u64, Arc<HashMap<String, ModelHandle>>)>,
+}
+
+impl ModelView {
+    fn new(table: Arc<ModelTable>, tenant: &str, names: Option<Vec<String>>) -> ModelView {
+        let generation = table.generation();
+        let view = Arc::new(table.view(tenant, names.as_deref()));
+        ModelView { table, tenant: tenant.to_owned(), names, cached: std::sync::RwLock::new((generation, view)) }
+    }
+
+    fn current(&self) -> Arc<HashMap<String, ModelHandle>> {
+        // Read before the table: a change landing in between makes the next call rebuild again.
+        let generation = self.table.generation();
+        {
+            let cached = self.cached.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cached.0 == generation {
+                return Arc::clone(&cached.1);
+            }
+        }
+        let view = Arc::new(self.table.view(&self.tenant, self.names.as_deref()));
+        *self.cached.write().unwrap_or_else(std::sync::PoisonError::into_inner) = (generation, Arc::clone(&view));
+        view
+    }
 }
 
 /// What a call brings from its tenant: things to hold for as long as the guest runs, and the
@@ -485,9 +519,9 @@ impl Handler {
         &self.origin
     }
 
-    /// The models this handler's guest may load, sorted.
-    pub fn model_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.models.keys().map(String::as_str).collect();
+    /// The models this handler's guest may load now, sorted.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.models.current().keys().cloned().collect();
         names.sort_unstable();
         names
     }
@@ -642,7 +676,7 @@ impl Handler {
             http: WasiHttpCtx::new(),
             hooks: DenyOutgoing { log: budget },
             nn: NnCtx::new(
-                Arc::clone(&self.models),
+                self.models.current(),
                 options,
                 NnLimits {
                     max_compute_bytes: self.limits.max_compute_bytes,
@@ -882,8 +916,9 @@ pub struct HandlerConfig {
     /// The tenant that owns the handler: its key calls it, its quotas apply.
     pub tenant: String,
     pub component: PathBuf,
-    /// The models this handler's guest may `load-by-name`; nothing else is visible to it.
-    pub models: Vec<String>,
+    /// The models this handler's guest may `load-by-name` (of those its tenant may use), or
+    /// `None` for every model its tenant may use, now and as models are loaded later.
+    pub models: Option<Vec<String>>,
     pub limits: SandboxLimits,
     /// Scheduling priority of this handler's inference (higher runs first).
     pub priority: u8,

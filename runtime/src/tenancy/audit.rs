@@ -32,6 +32,13 @@ pub enum Event {
     QuotaRefused,
     /// The log filter was changed through the admin API.
     LogFilter,
+    /// A model was loaded, replaced or reloaded through the admin API.
+    ModelLoad,
+    /// A model load through the admin API was refused or failed.
+    ModelLoadFailed,
+    /// A model was unloaded (kept in the repository) or deleted from it.
+    ModelUnload,
+    ModelDelete,
 }
 
 impl Event {
@@ -43,6 +50,10 @@ impl Event {
             Event::AuthFailure => "auth_failure",
             Event::QuotaRefused => "quota_refused",
             Event::LogFilter => "log_filter",
+            Event::ModelLoad => "model_load",
+            Event::ModelLoadFailed => "model_load_failed",
+            Event::ModelUnload => "model_unload",
+            Event::ModelDelete => "model_delete",
         }
     }
 

@@ -1,0 +1,181 @@
+//! The model repository over HTTP, on the admin listener (admin key): Kiln's own routes and the
+//! Open Inference Protocol's repository extension as Triton speaks it, so `tritonclient`'s
+//! `load_model`, `unload_model` and `get_model_repository_index` work against the admin URL.
+//!
+//! - `GET /v1/models`, `GET /v1/models/{name}`: every model Kiln knows, served or not.
+//! - `PUT /v1/models/{name}`: load or replace a model; the body is a `[[model]]` section's fields
+//!   as JSON or TOML (`name` may be left out), plus `tenants = [...]`, the tenants that may use
+//!   it. Answers once the model is ready (201 new, 200 replaced) or did not load (422, the model
+//!   serving before still is).
+//! - `DELETE /v1/models/{name}`: stop serving a model loaded through the API and forget it.
+//! - `POST /v2/repository/index` (`{"ready": true}` for ready models only),
+//!   `POST /v2/repository/models/{name}/load` (a reload, or with `parameters.config` the model's
+//!   fields as a JSON string, a load of that definition) and `.../unload` (kept, not served).
+//!
+//! The [`ModelRepository`](crate::deploy::models::ModelRepository) does the work; these routes
+//! only translate.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use kiln_wire::{Bounds, ModelInfo, ModelList, TensorInfo};
+use serde_json::{Value, json};
+
+use super::admin::require_admin;
+use super::{ApiError, AppState, json_response, read_body};
+use crate::deploy::models::{Loaded, ModelEntry, ModelOrigin};
+
+/// Largest model definition accepted (the fields, not the weights).
+const MAX_SPEC_BYTES: usize = 1 << 20;
+
+pub(super) async fn list(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let models = app.repository.list().iter().map(describe).collect();
+    Ok(json_response(StatusCode::OK, &ModelList { models }))
+}
+
+pub(super) async fn show(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let entry = app.repository.get(&name).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+    Ok(json_response(StatusCode::OK, &describe(&entry)))
+}
+
+pub(super) async fn put(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let bytes = read_body(body, &headers, MAX_SPEC_BYTES).await?;
+    let spec = parse_spec(&bytes)?;
+    let loaded = app.repository.put(&name, spec).await?;
+    let status = match loaded {
+        Loaded::New => StatusCode::CREATED,
+        Loaded::Replaced => StatusCode::OK,
+    };
+    let entry = app.repository.get(&name).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+    Ok(json_response(status, &describe(&entry)))
+}
+
+pub(super) async fn delete(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    app.repository.delete(&name).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
+}
+
+/// A model's fields: a JSON object, or TOML text (a `[[model]]` section's body).
+fn parse_spec(bytes: &[u8]) -> Result<Value, ApiError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| ApiError::BadRequest("the model's fields are not UTF-8".to_owned()))?;
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("the model's fields as JSON: {e}")));
+    }
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| ApiError::BadRequest(format!("the model's fields as TOML: {}", e.message())))?;
+    serde_json::to_value(table).map_err(|e| ApiError::BadRequest(format!("the model's fields: {e}")))
+}
+
+/// `POST /v2/repository/index`: every model with its state, as Triton lists them.
+pub(super) async fn index(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let request = read_json(body, &headers).await?;
+    let only_ready = request.get("ready").and_then(Value::as_bool).unwrap_or(false);
+    let models: Vec<Value> = app
+        .repository
+        .list()
+        .iter()
+        .filter(|m| !only_ready || m.state == "READY")
+        .map(|m| json!({ "name": m.name, "version": super::oip::VERSION, "state": m.state, "reason": m.reason }))
+        .collect();
+    Ok(json_response(StatusCode::OK, &models))
+}
+
+/// `POST /v2/repository/models/{name}/load`.
+pub(super) async fn load(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let request = read_json(body, &headers).await?;
+    match request.pointer("/parameters/config") {
+        None => app.repository.load(&name).await?,
+        Some(Value::String(config)) => {
+            let spec = serde_json::from_str(config)
+                .map_err(|e| ApiError::BadRequest(format!("parameters.config: the model's fields as JSON: {e}")))?;
+            app.repository.put(&name, spec).await?
+        }
+        Some(_) => return Err(ApiError::BadRequest("parameters.config must be a string of JSON".to_owned())),
+    };
+    Ok(json_response(StatusCode::OK, &json!({})))
+}
+
+/// `POST /v2/repository/models/{name}/unload`.
+pub(super) async fn unload(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    read_json(body, &headers).await?;
+    app.repository.unload(&name).await?;
+    Ok(json_response(StatusCode::OK, &json!({})))
+}
+
+/// A JSON object body; an empty one (as tritonclient sends for the index) is `{}`.
+async fn read_json(body: Body, headers: &HeaderMap) -> Result<Value, ApiError> {
+    let bytes = read_body(body, headers, MAX_SPEC_BYTES).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("the request body as JSON: {e}")))?;
+    if value.is_object() { Ok(value) } else { Err(ApiError::BadRequest("the request body must be a JSON object".to_owned())) }
+}
+
+fn describe(entry: &ModelEntry) -> ModelInfo {
+    let c = &entry.config;
+    ModelInfo {
+        name: entry.name.clone(),
+        origin: match entry.origin {
+            ModelOrigin::Config => "config",
+            ModelOrigin::Api => "api",
+        }
+        .to_owned(),
+        state: entry.state.to_owned(),
+        reason: entry.reason.clone(),
+        tenants: entry.users.to_vec(),
+        path: c.path.display().to_string(),
+        device: c.device.to_string(),
+        precision: c.precision.to_string(),
+        inputs: c
+            .inputs
+            .iter()
+            .map(|i| TensorInfo {
+                name: i.name.clone(),
+                datatype: i.dtype.wire_name().to_owned(),
+                shape: i.shape.iter().map(|d| d.map_or(-1, i64::from)).collect(),
+            })
+            .collect(),
+        outputs: c.outputs.iter().map(|o| o.name.clone()).collect(),
+        instances: Bounds { min: c.replicas.min, max: c.replicas.max },
+        max_batch_size: c.batching.max_batch_size,
+        max_queue_delay_us: c.batching.max_queue_delay.as_micros() as u64,
+        timeout_ms: c.timeout.as_millis() as u64,
+        weights_bytes: entry.handle.as_ref().map_or(0, |h| h.load().weights),
+        deployed_at: entry.deployed_at,
+        replicas: entry.handle.as_ref().map(|h| h.replicas()).unwrap_or_default(),
+    }
+}

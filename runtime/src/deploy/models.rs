@@ -1,0 +1,434 @@
+//! The model repository: every model Kiln knows (the config file's and those loaded through the
+//! admin API), whether each is being served, and the one way models are loaded, replaced,
+//! unloaded and deleted while serving. The admin API's `/v1/models` routes and the Open
+//! Inference Protocol's repository extension both go through it.
+//!
+//! A replacement never drops a request: the new model loads and warms up beside the old one,
+//! which keeps serving; only once the new one is ready does the [`ModelTable`] switch to it.
+//! Requests already holding the old model finish on it, and it stops when the last is done.
+//! A model loaded for the first time is in the table while it loads, so that its readiness and
+//! its callers see "loading", and leaves it again if the load fails.
+//!
+//! Models loaded through the API are recorded in the state directory (`models/NAME.json`, the
+//! fields as sent) when their load succeeds, and come back after a restart; an unloaded one keeps
+//! its record until it is deleted. The config file's models can be unloaded and loaded again
+//! (a reload from the same file), not replaced or deleted: the file owns them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kiln_wire::EventKind;
+
+use crate::deploy::check_name;
+use crate::deploy::store::{ModelDeployment, Store};
+use crate::fleet::placement::Placer;
+use crate::fleet::start_model;
+use crate::model::handle::{ModelHandle, ModelState};
+use crate::model::spec::ModelConfig;
+use crate::model::table::{ModelTable, Served};
+use crate::telemetry::{EventLog, unix_seconds};
+use crate::tenancy::audit::{Audit, Event};
+
+/// Turns the fields sent for model `name` into its config and the tenants that may use it, or
+/// says which field is wrong. The config layer's validation, handed down (it sits above this).
+pub type ParseModel = dyn Fn(&str, &serde_json::Value) -> Result<(ModelConfig, Vec<String>), String> + Send + Sync;
+
+/// How often a load in progress is looked at.
+const LOAD_POLL: Duration = Duration::from_millis(10);
+
+/// Why a repository change was refused or failed. Nothing changed in any case.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The request is wrong: a name, a field, an unknown tenant.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("model '{0}' is defined in the config file; change it there")]
+    ConfigOwned(String),
+    #[error("model '{0}' not found")]
+    NotFound(String),
+    /// The model did not load (its file, its placement, its warm-up); the one serving before,
+    /// if any, still is.
+    #[error("model '{model}' did not load: {reason}")]
+    LoadFailed { model: String, reason: String },
+    /// The state directory could not record the change.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// Where a model's definition comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelOrigin {
+    Config,
+    Api,
+}
+
+/// One model of the repository, as the API shows it.
+#[derive(Debug, Clone)]
+pub struct ModelEntry {
+    pub name: String,
+    pub origin: ModelOrigin,
+    /// `READY`, `LOADING` or `UNAVAILABLE`, as the OIP repository index spells them.
+    pub state: &'static str,
+    /// Why it is unavailable; empty otherwise.
+    pub reason: String,
+    pub config: ModelConfig,
+    pub users: Arc<[String]>,
+    /// When it was last loaded through the API.
+    pub deployed_at: Option<u64>,
+    /// The model being served, when one is.
+    pub handle: Option<ModelHandle>,
+}
+
+/// What the repository keeps about a model besides the table entry.
+#[derive(Debug, Clone)]
+struct Record {
+    config: ModelConfig,
+    users: Arc<[String]>,
+    /// `None` for the config file's models.
+    deployment: Option<ModelDeployment>,
+    /// Why it is not served, when it is not.
+    reason: Option<String>,
+}
+
+/// What a successful load did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// The model was not being served before.
+    New,
+    /// It replaced the version that was.
+    Replaced,
+}
+
+pub struct ModelRepository {
+    table: Arc<ModelTable>,
+    records: Mutex<BTreeMap<String, Record>>,
+    placer: Placer,
+    store: Store,
+    parse: Box<ParseModel>,
+    /// Every tenant's name, to check a model's `tenants`.
+    tenants: Vec<String>,
+    /// One change at a time, so the table, the records and the state directory agree.
+    changes: tokio::sync::Mutex<()>,
+    audit: Arc<Audit>,
+    events: Arc<EventLog>,
+}
+
+/// What the repository is built from.
+pub struct RepositoryParts {
+    /// The config file's models, already started, and who may use each.
+    pub config_models: Vec<(ModelConfig, ModelHandle, Vec<String>)>,
+    pub placer: Placer,
+    pub store: Store,
+    pub parse: Box<ParseModel>,
+    pub tenants: Vec<String>,
+    pub audit: Arc<Audit>,
+    pub events: Arc<EventLog>,
+}
+
+impl ModelRepository {
+    /// The config file's models (already starting), then every model the state directory kept:
+    /// those recorded as loaded start loading now. A kept model that no longer validates, or
+    /// whose name the config file now uses, is reported unavailable with the reason.
+    pub fn restore(parts: RepositoryParts) -> std::io::Result<ModelRepository> {
+        let RepositoryParts { config_models, placer, store, parse, tenants, audit, events } = parts;
+        let mut records = BTreeMap::new();
+        let table = Arc::new(ModelTable::default());
+        table.update(|served| {
+            for (config, handle, users) in config_models {
+                let users: Arc<[String]> = users.into();
+                served.insert(config.name.clone(), Served { handle, users: Arc::clone(&users) });
+                records.insert(config.name.clone(), Record { config, users, deployment: None, reason: None });
+            }
+        });
+        let repository = ModelRepository {
+            table,
+            records: Mutex::new(BTreeMap::new()),
+            placer,
+            store,
+            parse,
+            tenants,
+            changes: tokio::sync::Mutex::new(()),
+            audit,
+            events,
+        };
+        for deployment in repository.store.load_models()? {
+            let name = deployment.name.clone();
+            if records.contains_key(&name) {
+                tracing::error!(model = %name, "kept model not loaded: the config file now defines a model of this name");
+                continue;
+            }
+            let (config, users) = match repository.check(&name, &deployment.spec) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    // Nothing to serve, and no config to show: the record stays for inspection.
+                    tracing::error!(model = %name, "kept model not loaded: {e}");
+                    continue;
+                }
+            };
+            let users: Arc<[String]> = users.into();
+            let mut reason = (!deployment.loaded).then(|| "unloaded".to_owned());
+            if deployment.loaded {
+                match start_model(&config, &repository.placer, Arc::clone(&repository.events)) {
+                    Ok(handle) => {
+                        tracing::info!(model = %name, "kept model loading");
+                        repository.table.update(|served| {
+                            served.insert(name.clone(), Served { handle, users: Arc::clone(&users) })
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(model = %name, "kept model not loaded: {e}");
+                        reason = Some(e.to_string());
+                    }
+                }
+            }
+            records.insert(name, Record { config, users, deployment: Some(deployment), reason });
+        }
+        *repository.records() = records;
+        Ok(repository)
+    }
+
+    /// The models being served now: what every request looks models up in.
+    pub fn table(&self) -> &Arc<ModelTable> {
+        &self.table
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Validates `spec` for model `name`: the fields, and that every tenant named exists.
+    fn check(&self, name: &str, spec: &serde_json::Value) -> Result<(ModelConfig, Vec<String>), ModelError> {
+        check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
+        let (config, users) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
+        if let Some(unknown) = users.iter().find(|u| !self.tenants.contains(u)) {
+            return Err(ModelError::Invalid(format!("tenants: tenant '{unknown}' is not declared in the config")));
+        }
+        Ok((config, users))
+    }
+
+    /// Every model of the repository, in name order.
+    pub fn list(&self) -> Vec<ModelEntry> {
+        let served = self.table.snapshot();
+        self.records().iter().map(|(name, record)| entry(name, record, served.get(name).map(|s| &s.handle))).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<ModelEntry> {
+        let handle = self.table.get(name);
+        self.records().get(name).map(|record| entry(name, record, handle.as_ref()))
+    }
+
+    /// Whether every model of the config file that is meant to be served is ready: the server's
+    /// readiness. Models loaded through the API report on their own, at load and in the index.
+    pub fn config_models_ready(&self) -> bool {
+        let served = self.table.snapshot();
+        self.records().iter().filter(|(_, r)| r.deployment.is_none()).all(|(name, record)| {
+            match served.get(name) {
+                Some(s) => matches!(s.handle.state(), ModelState::Ready(_)),
+                // Unloaded on purpose through the API.
+                None => record.reason.is_some(),
+            }
+        })
+    }
+
+    /// Loads model `name` from `spec` (the `[[model]]` fields as JSON, with `tenants`), replacing
+    /// the one served under that name once the new one is ready. Returns when it is ready, or
+    /// with the reason it did not load (the old one still serving).
+    pub async fn put(self: &Arc<Self>, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
+        let (this, name) = (Arc::clone(self), name.to_owned());
+        detached(async move { this.put_now(&name, spec).await }).await
+    }
+
+    async fn put_now(&self, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let result = self.put_locked(name, spec).await;
+        self.report(name, &result);
+        result
+    }
+
+    async fn put_locked(&self, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
+        if self.records().get(name).is_some_and(|r| r.deployment.is_none()) {
+            return Err(ModelError::ConfigOwned(name.to_owned()));
+        }
+        let (config, users) = self.check(name, &spec)?;
+        let deployment = ModelDeployment { name: name.to_owned(), spec, loaded: true, deployed_at: unix_seconds() };
+        self.load_record(name, Record { config, users: users.into(), deployment: Some(deployment), reason: None }).await
+    }
+
+    /// Loads the model `name` the repository already knows, again from its own definition: a
+    /// reload when it is being served, a load when it was unloaded or had failed.
+    pub async fn load(self: &Arc<Self>, name: &str) -> Result<Loaded, ModelError> {
+        let (this, name) = (Arc::clone(self), name.to_owned());
+        detached(async move { this.load_now(&name).await }).await
+    }
+
+    async fn load_now(&self, name: &str) -> Result<Loaded, ModelError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let result = async {
+            let mut record = self.records().get(name).cloned().ok_or_else(|| ModelError::NotFound(name.to_owned()))?;
+            if let Some(deployment) = &mut record.deployment {
+                deployment.loaded = true;
+            }
+            record.reason = None;
+            self.load_record(name, record).await
+        }
+        .await;
+        self.report(name, &result);
+        result
+    }
+
+    /// Starts `record`'s model, waits for it, records it, then serves it.
+    async fn load_record(&self, name: &str, record: Record) -> Result<Loaded, ModelError> {
+        let failed = |reason: String| ModelError::LoadFailed { model: name.to_owned(), reason };
+        let handle = start_model(&record.config, &self.placer, Arc::clone(&self.events)).map_err(|e| failed(e.to_string()))?;
+        let replacing = self.table.get(name).is_some();
+        let served = Served { handle: handle.clone(), users: Arc::clone(&record.users) };
+        if !replacing {
+            // Loading for the first time: callers and readiness see it loading.
+            self.table.update(|s| s.insert(name.to_owned(), served.clone()));
+        }
+        let outcome = match ready(&handle).await {
+            Ok(()) => self.save(&record).await,
+            Err(reason) => Err(failed(reason)),
+        };
+        if let Err(e) = outcome {
+            if !replacing {
+                self.table.update(|s| {
+                    if s.get(name).is_some_and(|x| x.handle.same(&handle)) {
+                        s.remove(name);
+                    }
+                });
+            }
+            // A model new to the repository stays in it, unavailable with the reason, until
+            // it loads or is deleted; it is recorded only once it has loaded.
+            let mut records = self.records();
+            match records.get_mut(name) {
+                Some(known) if replacing => known.reason = None,
+                Some(known) => known.reason = Some(e.to_string()),
+                None => {
+                    let deployment = record.deployment.map(|d| ModelDeployment { loaded: false, ..d });
+                    records.insert(name.to_owned(), Record { reason: Some(e.to_string()), deployment, ..record });
+                }
+            }
+            return Err(e);
+        }
+        if replacing {
+            self.table.update(|s| s.insert(name.to_owned(), served));
+        }
+        self.records().insert(name.to_owned(), record);
+        Ok(if replacing { Loaded::Replaced } else { Loaded::New })
+    }
+
+    /// Records an API model in the state directory; the config file's need no record.
+    async fn save(&self, record: &Record) -> Result<(), ModelError> {
+        let Some(deployment) = record.deployment.clone() else { return Ok(()) };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.save_model(&deployment))
+            .await
+            .map_err(|e| ModelError::Store(format!("state task failed: {e}")))?
+            .map_err(|e| ModelError::Store(format!("cannot record the model: {e}")))
+    }
+
+    /// Stops serving `name` and keeps it in the repository (and its record, marked unloaded);
+    /// requests in flight finish.
+    pub async fn unload(self: &Arc<Self>, name: &str) -> Result<(), ModelError> {
+        let (this, name) = (Arc::clone(self), name.to_owned());
+        detached(async move { this.unload_now(&name).await }).await
+    }
+
+    async fn unload_now(&self, name: &str) -> Result<(), ModelError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let mut record = self.records().get(name).cloned().ok_or_else(|| ModelError::NotFound(name.to_owned()))?;
+        if let Some(deployment) = &mut record.deployment {
+            deployment.loaded = false;
+        }
+        self.save(&record).await?;
+        record.reason = Some("unloaded".to_owned());
+        self.table.update(|s| s.remove(name));
+        self.records().insert(name.to_owned(), record);
+        self.audit.record(Event::ModelUnload, None, None, &format!("model '{name}' unloaded"));
+        self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: "unloaded".into(), detail: String::new() });
+        Ok(())
+    }
+
+    /// Stops serving an API model and forgets it; requests in flight finish.
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), ModelError> {
+        let (this, name) = (Arc::clone(self), name.to_owned());
+        detached(async move { this.delete_now(&name).await }).await
+    }
+
+    async fn delete_now(&self, name: &str) -> Result<(), ModelError> {
+        let _one_at_a_time = self.changes.lock().await;
+        match self.records().get(name) {
+            None => return Err(ModelError::NotFound(name.to_owned())),
+            Some(r) if r.deployment.is_none() => return Err(ModelError::ConfigOwned(name.to_owned())),
+            Some(_) => {}
+        }
+        let store = self.store.clone();
+        let key = name.to_owned();
+        tokio::task::spawn_blocking(move || store.remove_model(&key))
+            .await
+            .map_err(|e| ModelError::Store(format!("state task failed: {e}")))?
+            .map_err(|e| ModelError::Store(format!("cannot remove the model's record: {e}")))?;
+        self.table.update(|s| s.remove(name));
+        self.records().remove(name);
+        self.audit.record(Event::ModelDelete, None, None, &format!("model '{name}' deleted"));
+        self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: "deleted".into(), detail: String::new() });
+        Ok(())
+    }
+
+    /// Audits and announces the outcome of a load.
+    fn report(&self, name: &str, result: &Result<Loaded, ModelError>) {
+        let (event, change, detail) = match result {
+            Ok(Loaded::New) => (Event::ModelLoad, "loaded", String::new()),
+            Ok(Loaded::Replaced) => (Event::ModelLoad, "replaced", String::new()),
+            Err(e) => (Event::ModelLoadFailed, "load_failed", e.to_string()),
+        };
+        match result {
+            Ok(_) => tracing::info!(model = %name, "model {change}"),
+            Err(e) => tracing::warn!(model = %name, "{e}"),
+        }
+        let line = if detail.is_empty() { format!("model '{name}' {change}") } else { detail.clone() };
+        self.audit.record(event, None, None, &line);
+        self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: change.to_owned(), detail });
+    }
+}
+
+/// Runs a change to its end on its own task: a caller that goes away (a client that hangs up
+/// during a long load) cannot leave the table, the records and the state directory disagreeing.
+async fn detached<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ModelError>> + Send + 'static,
+) -> Result<T, ModelError> {
+    tokio::spawn(change).await.map_err(|e| ModelError::Store(format!("the change's task failed: {e}")))?
+}
+
+/// Waits until `handle` is ready, or says why it failed.
+async fn ready(handle: &ModelHandle) -> Result<(), String> {
+    loop {
+        match handle.state() {
+            ModelState::Ready(_) => return Ok(()),
+            ModelState::Failed(reason) => return Err(reason),
+            ModelState::Loading => tokio::time::sleep(LOAD_POLL).await,
+        }
+    }
+}
+
+fn entry(name: &str, record: &Record, handle: Option<&ModelHandle>) -> ModelEntry {
+    let (state, reason) = match handle.map(ModelHandle::state) {
+        Some(ModelState::Ready(_)) => ("READY", String::new()),
+        Some(ModelState::Loading) => ("LOADING", String::new()),
+        Some(ModelState::Failed(reason)) => ("UNAVAILABLE", reason),
+        None => ("UNAVAILABLE", record.reason.clone().unwrap_or_else(|| "unloaded".to_owned())),
+    };
+    ModelEntry {
+        name: name.to_owned(),
+        origin: if record.deployment.is_some() { ModelOrigin::Api } else { ModelOrigin::Config },
+        state,
+        reason,
+        config: record.config.clone(),
+        users: Arc::clone(&record.users),
+        deployed_at: record.deployment.as_ref().map(|d| d.deployed_at),
+        handle: handle.cloned(),
+    }
+}
