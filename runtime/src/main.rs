@@ -119,7 +119,16 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Load, replace, unload, delete and list a running server's models.
+    /// List the requests a running server is handling now, or cancel one by its id.
+    Requests {
+        /// Cancel this request (its kiln-request-id) instead of listing.
+        #[arg(long)]
+        cancel: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Load, replace, unload, delete and list a running server's models; pause, resume, flush,
+    /// reset and tune a served one.
     Model {
         #[command(subcommand)]
         action: ModelAction,
@@ -218,6 +227,15 @@ impl AdminArgs {
     }
 }
 
+/// `--instances N` or `MIN..MAX`, as the admin API takes it.
+fn parse_instances(text: &str) -> anyhow::Result<serde_json::Value> {
+    let number = |s: &str| s.trim().parse::<u32>().map_err(|_| anyhow::anyhow!("--instances: '{text}' is not N or MIN..MAX"));
+    Ok(match text.split_once("..") {
+        Some((min, max)) => serde_json::json!({ "min": number(min)?, "max": number(max)? }),
+        None => serde_json::json!(number(text)?),
+    })
+}
+
 #[derive(Subcommand)]
 enum ModelAction {
     /// Load a model, or replace the one served under its name once the new one is ready. With
@@ -244,6 +262,44 @@ enum ModelAction {
     },
     /// List every model of the repository, served or not.
     Ls {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop running batches: requests queue (up to the queue limit) until `resume`.
+    Pause {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    Resume {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Answer every queued request 503 `flushed`.
+    Flush {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Zero the model's counters and histograms.
+    ResetStats {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change a served model's knobs while it serves (until it is reloaded).
+    Set {
+        name: String,
+        #[arg(long)]
+        max_batch_size: Option<u32>,
+        #[arg(long)]
+        max_queue_delay_us: Option<u64>,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// `N`, or `MIN..MAX` for the scaler to move between.
+        #[arg(long)]
+        instances: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -410,7 +466,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ModelAction::Unload { name, admin } => kiln::cli::unload_model(&admin.target(), &name),
             ModelAction::Delete { name, admin } => kiln::cli::delete_model(&admin.target(), &name),
             ModelAction::Ls { admin } => kiln::cli::list_models(&admin.target()),
+            ModelAction::Pause { name, admin } => kiln::cli::control_model(&admin.target(), &name, "pause"),
+            ModelAction::Resume { name, admin } => kiln::cli::control_model(&admin.target(), &name, "resume"),
+            ModelAction::Flush { name, admin } => kiln::cli::control_model(&admin.target(), &name, "flush"),
+            ModelAction::ResetStats { name, admin } => kiln::cli::control_model(&admin.target(), &name, "reset-stats"),
+            ModelAction::Set { name, max_batch_size, max_queue_delay_us, timeout_ms, instances, admin } => {
+                let mut knobs = serde_json::Map::new();
+                if let Some(n) = max_batch_size {
+                    knobs.insert("max_batch_size".into(), n.into());
+                }
+                if let Some(n) = max_queue_delay_us {
+                    knobs.insert("max_queue_delay_us".into(), n.into());
+                }
+                if let Some(n) = timeout_ms {
+                    knobs.insert("timeout_ms".into(), n.into());
+                }
+                if let Some(text) = instances {
+                    knobs.insert("instances".into(), parse_instances(&text)?);
+                }
+                kiln::cli::tune_model(&admin.target(), &name, &serde_json::Value::Object(knobs))
+            }
         },
+        Command::Requests { cancel, admin } => kiln::cli::requests(&admin.target(), cancel.as_deref()),
         Command::Bench(args) => bench(args),
         Command::BenchRaw {
             config,

@@ -246,3 +246,176 @@ fn three_reloads_under_load_lose_no_request_and_switch_to_the_new_weights() {
         assert!(answers.len() > 100, "too little load to mean anything: {}", answers.len());
     });
 }
+
+/// The model's info as `GET /v1/models/offset` shows it, once `want` accepts it.
+async fn info_until(server: &Server, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = model_state(server, "offset").await;
+        if want(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{what}: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn a_served_model_pauses_resumes_flushes_retunes_and_its_requests_cancel_by_id() {
+    let server = Arc::new(start());
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = server.admin_client();
+        let mut spec = offset_spec(1, &["demo"]);
+        spec["instances"] = json!({ "min": 1, "max": 3 });
+        let response = admin.put(server.admin_url("/v1/models/offset")).json(&spec).send().await.expect("load");
+        assert_eq!(response.status(), 201);
+        let act = |action: &'static str| {
+            let (admin, url) = (admin.clone(), server.admin_url(&format!("/v1/models/offset/{action}")));
+            async move { json_of(admin.post(url).send().await.expect(action)).await }
+        };
+        let calls = |n: usize| -> Vec<tokio::task::JoinHandle<(u16, Option<f64>)>> {
+            (0..n)
+                .map(|_| {
+                    let server = Arc::clone(&server);
+                    tokio::spawn(async move { offset_version(&server.client("demo"), &server).await })
+                })
+                .collect()
+        };
+
+        // Paused: requests queue; resumed: every one is answered.
+        let (status, body) = act("pause").await;
+        assert_eq!((status, body["paused"].as_bool(), body["done"].as_str()), (200, Some(true), Some("paused")), "{body}");
+        let waiting = calls(3);
+        info_until(&server, "three requests queue while paused", |b| b["queued"] == 3).await;
+        let (_, body) = act("resume").await;
+        assert_eq!(body["paused"], false);
+        for call in waiting {
+            assert_eq!(call.await.expect("call"), (200, Some(1.0)));
+        }
+
+        // Flushed: the queued callers get 503 `flushed`.
+        act("pause").await;
+        let flushed: Vec<_> = (0..2)
+            .map(|_| {
+                let server = Arc::clone(&server);
+                tokio::spawn(async move {
+                    let request = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0] }] });
+                    let response = server.client("demo").post(server.url("/v2/models/offset/infer")).json(&request).send().await;
+                    json_of(response.expect("infer")).await
+                })
+            })
+            .collect();
+        info_until(&server, "two requests queue", |b| b["queued"] == 2).await;
+        let (_, body) = act("flush").await;
+        assert_eq!(body["done"], "flushed 2 queued requests", "{body}");
+        for call in flushed {
+            let (status, body) = call.await.expect("call");
+            assert_eq!((status, body["kind"].as_str()), (503, Some("flushed")), "{body}");
+        }
+
+        // Cancelled by id: listed in flight, then answered 503 `cancelled` under that id.
+        let waiting = tokio::spawn({
+            let server = Arc::clone(&server);
+            async move {
+                let request = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0] }] });
+                server.client("demo").post(server.url("/v2/models/offset/infer")).json(&request).send().await.expect("infer")
+            }
+        });
+        info_until(&server, "one request queues", |b| b["queued"] == 1).await;
+        let (_, listed) = json_of(admin.get(server.admin_url("/v1/requests")).send().await.expect("list")).await;
+        let id = listed["requests"]
+            .as_array()
+            .expect("requests")
+            .iter()
+            .find(|r| r["path"] == "/v2/models/offset/infer")
+            .and_then(|r| r["id"].as_str())
+            .unwrap_or_else(|| panic!("the waiting request is listed: {listed}"))
+            .to_owned();
+        let (status, body) = json_of(admin.delete(server.admin_url(&format!("/v1/requests/{id}"))).send().await.expect("cancel")).await;
+        assert_eq!((status, body["cancelled"].as_str()), (200, Some(id.as_str())), "{body}");
+        let response = waiting.await.expect("waiting call");
+        let header = response.headers().get("kiln-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        assert_eq!(header.as_deref(), Some(id.as_str()));
+        let (status, body) = json_of(response).await;
+        assert_eq!((status, body["kind"].as_str()), (503, Some("cancelled")), "{body}");
+        info_until(&server, "the cancelled request leaves the queue", |b| b["queued"] == 0).await;
+        let (status, _) = json_of(admin.delete(server.admin_url(&format!("/v1/requests/{id}"))).send().await.expect("cancel")).await;
+        assert_eq!(status, 404, "a request no longer in flight");
+
+        // A live timeout: a paused model's request gives up after it.
+        let patch = |body: Value| admin.patch(server.admin_url("/v1/models/offset")).json(&body).send();
+        let (status, body) = json_of(patch(json!({ "timeout_ms": 300 })).await.expect("patch")).await;
+        assert_eq!((status, body["timeout_ms"].as_u64()), (200, Some(300)), "{body}");
+        let started = Instant::now();
+        let (status, _) = offset_version(&server.client("demo"), &server).await;
+        assert_eq!(status, 504);
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        act("resume").await;
+
+        // Batch size, delay and replica bounds, live; bad values refused by name.
+        let change = json!({ "max_batch_size": 4, "max_queue_delay_us": 500, "instances": { "min": 2, "max": 3 } });
+        let (status, body) = json_of(patch(change).await.expect("patch")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!((body["max_batch_size"].as_u64(), body["max_queue_delay_us"].as_u64()), (Some(4), Some(500)));
+        assert_eq!(body["instances"], json!({ "min": 2, "max": 3 }));
+        info_until(&server, "a second replica is ready", |b| {
+            b["replicas"].as_array().is_some_and(|r| r.iter().filter(|r| r["state"] == "ready").count() == 2)
+        })
+        .await;
+        assert_eq!(offset_version(&server.client("demo"), &server).await, (200, Some(1.0)));
+        let (_, body) = json_of(patch(json!({ "instances": 1 })).await.expect("patch")).await;
+        assert_eq!(body["instances"], json!({ "min": 1, "max": 1 }));
+        info_until(&server, "back to one replica", |b| b["replicas"].as_array().is_some_and(|r| r.len() == 1)).await;
+        for (bad, naming) in [
+            (json!({ "max_batch_size": 0 }), "max_batch_size"),
+            (json!({ "instances": { "min": 3, "max": 2 } }), "instances"),
+            (json!({ "batch": 3 }), "unknown field"),
+        ] {
+            let (status, body) = json_of(patch(bad).await.expect("patch")).await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body["error"].as_str().unwrap_or_default().contains(naming), "{naming}: {body}");
+        }
+
+        // Statistics reset to zero; the model keeps serving.
+        let before = stats_inferences(&server).await;
+        assert!(before > 0);
+        let (_, body) = act("reset-stats").await;
+        assert_eq!(body["done"], "statistics reset");
+        assert_eq!(stats_inferences(&server).await, 0);
+        assert_eq!(offset_version(&server.client("demo"), &server).await, (200, Some(1.0)));
+        assert_eq!(act("explode").await.0, 404);
+        let tenant = server.client("demo");
+        let refused = tenant.post(server.admin_url("/v1/models/offset/pause")).send().await.expect("pause");
+        assert_eq!(refused.status(), 403, "a tenant key cannot steer a model");
+        let refused = tenant.delete(server.admin_url(&format!("/v1/requests/{id}"))).send().await.expect("cancel");
+        assert_eq!(refused.status(), 403, "a tenant key cannot cancel requests");
+
+        // The same through `kiln model` and `kiln requests`.
+        let cli = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.extend_from_slice(&["--admin-url", &server.admin, "--admin-key", server.admin_key()]);
+            kiln_tests::kiln(&all).unwrap_or_else(|e| panic!("{e:#}"))
+        };
+        assert_eq!(cli(&["model", "pause", "offset"]).trim(), "paused");
+        let said = cli(&["model", "set", "offset", "--max-batch-size", "8", "--instances", "1..2"]);
+        assert!(said.contains("max_batch_size 8") && said.contains("instances 1..=2"), "{said}");
+        assert_eq!(model_state(&server, "offset").await.1["instances"], json!({ "min": 1, "max": 2 }));
+        assert_eq!(cli(&["model", "resume", "offset"]).trim(), "resumed");
+        assert!(cli(&["requests"]).starts_with("ID "), "a table of requests");
+        let audit = server.audit_log_with(|l| l.contains("statistics reset"));
+        for line in ["paused", "resumed", "flushed 2 queued requests", "tuned", "request_cancel"] {
+            assert!(audit.contains(line), "{line} in the audit log:\n{audit}");
+        }
+    });
+}
+
+/// The offset model's inferences as `/v1/stats` counts them.
+async fn stats_inferences(server: &Server) -> u64 {
+    let (_, stats) = json_of(server.admin_client().get(server.url("/v1/stats")).send().await.expect("stats")).await;
+    stats["models"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "offset"))
+        .and_then(|m| m["inferences"].as_u64())
+        .expect("offset in the stats")
+}

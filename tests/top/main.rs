@@ -1,6 +1,7 @@
 //! `kiln-top` in a real terminal (tmux): a server under `kiln bench` load with a model the
 //! scaler grows, the dashboard started against it, and the screen read back: the model's queue,
-//! a non-zero request rate and a scaling decision; then `p`, `?` and `q`.
+//! a non-zero request rate and a scaling decision; then the model keys (`p` pauses and resumes,
+//! `f` `y` flushes, `+`/`-` scale), checked through the admin API; then Space, `?` and `q`.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -104,7 +105,7 @@ fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
 
     let top = root().join("target/release/kiln-top");
     assert!(top.exists(), "{} is missing: run scripts/setup.sh", top.display());
-    let command = format!("{} {} --refresh-ms 500", top.display(), server.base);
+    let command = format!("{} {} --refresh-ms 500 --admin-url {}", top.display(), server.base, server.admin);
     let env = format!("KILN_ADMIN_KEY={}", server.admin_key());
     let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "120", "-y", "40", "-e", &env, &command]);
     assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
@@ -114,11 +115,45 @@ fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
     });
     assert!(screen.contains("Sim GPU") && screen.contains("embeddings"), "{screen}");
 
+    // The model keys act on the selected row (digits, the first) through the admin API.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let model = |name: &str| -> serde_json::Value {
+        runtime.block_on(async {
+            let response = server.admin_client().get(server.admin_url(&format!("/v1/models/{name}"))).send().await;
+            response.expect("model info").json().await.expect("JSON")
+        })
+    };
     tmux.keys("p");
-    tmux.until("PAUSED", |s| s.lines().next().is_some_and(|h| h.contains("PAUSED")));
+    tmux.until("digits paused", |s| s.contains("digits (paused)"));
+    assert_eq!(model("digits")["paused"], true);
+    tmux.keys("p");
+    tmux.until("digits resumed", |s| s.contains("digits: resumed") && !s.contains("digits (paused)"));
+    assert_eq!(model("digits")["paused"], false);
+    tmux.keys("f");
+    tmux.until("the flush prompt", |s| s.contains("flush the queue of digits?"));
+    tmux.keys("y");
+    tmux.until("the flush done", |s| s.contains("digits: flushed 0 queued requests"));
+    // MiniLM, the second row: one replica more, then one fewer, as fixed counts.
+    tmux.keys("j");
+    let before = model("minilm")["replicas"].as_array().map_or(0, Vec::len) as u64;
+    tmux.keys("+");
+    tmux.until("minilm tuned up", |s| s.contains("minilm: tuned"));
+    let up = model("minilm")["instances"].clone();
+    assert!(up["min"] == up["max"] && up["max"].as_u64().is_some_and(|n| n > before && n >= 2), "{up} from {before}");
+    tmux.keys("-");
+    let want = up["max"].as_u64().unwrap_or(0) - 1;
+    let started = Instant::now();
+    while model("minilm")["instances"]["max"].as_u64() != Some(want) {
+        assert!(started.elapsed() < Duration::from_secs(30), "minilm not tuned down to {want}: {}", model("minilm"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tmux.until("minilm's row with the new count", |s| s.lines().any(|l| l.contains("minilm") && l.contains(&format!("/{want} "))));
+
+    tmux.keys("Space");
+    tmux.until("FROZEN", |s| s.lines().next().is_some_and(|h| h.contains("FROZEN")));
     tmux.keys("?");
     let help = tmux.until("the help overlay", |s| s.contains("Help") && s.contains("refresh faster / slower"));
-    assert!(help.contains("PAUSED"), "{help}");
+    assert!(help.contains("FROZEN") && help.contains("pause / resume the selected model"), "{help}");
     tmux.keys("Escape");
     tmux.until("help closed", |s| !s.contains("refresh faster / slower"));
     tmux.keys("q");

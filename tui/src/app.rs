@@ -23,6 +23,26 @@ pub enum Msg {
     /// replaces what is shown.
     EventsReset,
     Event(Box<ServerEvent>),
+    /// What an action on a model came to: the server's words, or why it failed.
+    ActionDone(String),
+    ActionFailed(String),
+}
+
+/// Something to do to a model through the admin API; `main` hands it to the controller thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    pub model: String,
+    pub kind: ActionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionKind {
+    Pause,
+    Resume,
+    /// Answer every queued request 503; asked to confirm first.
+    Flush,
+    /// Hold this many replicas (instances = N).
+    Replicas(u32),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +90,8 @@ pub struct ModelRow {
     pub replicas: u32,
     pub max: u32,
     pub devices: String,
+    /// Paused by an operator: requests queue, no batch runs.
+    pub paused: bool,
     /// The learned batch size with the cheapest forward pass per row, and that cost in ms.
     pub best_batch: Option<(u32, f64)>,
 }
@@ -119,6 +141,12 @@ pub struct App {
     pub cpu_history: BTreeMap<String, VecDeque<u64>>,
     /// Handler latency p50 and p99 (ms) over each interval, newest last.
     pub latency: VecDeque<(f64, f64)>,
+    /// An action waiting for `y` (flush).
+    pub confirm: Option<Action>,
+    /// Actions to send, oldest first; `main` takes them.
+    pub actions: Vec<Action>,
+    /// The last action's outcome, for the footer.
+    pub notice: Option<(String, bool)>,
 }
 
 impl App {
@@ -150,6 +178,9 @@ impl App {
             gpu_history: BTreeMap::new(),
             cpu_history: BTreeMap::new(),
             latency: VecDeque::new(),
+            confirm: None,
+            actions: Vec::new(),
+            notice: None,
         }
     }
 
@@ -167,6 +198,8 @@ impl App {
                 self.events.clear();
                 self.server_draining = false;
             }
+            Msg::ActionDone(text) => self.notice = Some((text, true)),
+            Msg::ActionFailed(text) => self.notice = Some((text, false)),
             Msg::Event(event) => {
                 if matches!(event.kind, EventKind::Draining { .. }) {
                     self.server_draining = true;
@@ -187,6 +220,14 @@ impl App {
         }
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
             self.quit = true;
+            return;
+        }
+        if let Some(action) = self.confirm.take() {
+            if key.code == KeyCode::Char('y') {
+                self.actions.push(action);
+            } else {
+                self.notice = Some((format!("flush of {} cancelled", action.model), true));
+            }
             return;
         }
         if self.editing_filter {
@@ -216,7 +257,31 @@ impl App {
                     self.order();
                 }
             }
-            KeyCode::Char('p') | KeyCode::Char(' ') => self.paused = !self.paused,
+            KeyCode::Char(' ') => self.paused = !self.paused,
+            KeyCode::Char('p') => {
+                if let Some(m) = self.selected_model() {
+                    let kind = if m.paused { ActionKind::Resume } else { ActionKind::Pause };
+                    let model = m.name.clone();
+                    self.actions.push(Action { model, kind });
+                }
+            }
+            KeyCode::Char('f') => {
+                if let Some(m) = self.selected_model() {
+                    self.confirm = Some(Action { model: m.name.clone(), kind: ActionKind::Flush });
+                }
+            }
+            KeyCode::Char('+') => {
+                if let Some(m) = self.selected_model() {
+                    let action = Action { model: m.name.clone(), kind: ActionKind::Replicas(m.replicas + 1) };
+                    self.actions.push(action);
+                }
+            }
+            KeyCode::Char('-') => {
+                if let Some(m) = self.selected_model().filter(|m| m.replicas > 1) {
+                    let action = Action { model: m.name.clone(), kind: ActionKind::Replicas(m.replicas - 1) };
+                    self.actions.push(action);
+                }
+            }
             KeyCode::Tab => self.cycle(1),
             KeyCode::BackTab => self.cycle(PANELS.len() - 1),
             KeyCode::Down | KeyCode::Char('j') => self.selected = (self.selected + 1).min(self.rows().saturating_sub(1)),
@@ -232,10 +297,15 @@ impl App {
                 self.order();
             }
             KeyCode::Char('/') => self.editing_filter = true,
-            KeyCode::Char('+') | KeyCode::Char('=') => self.refresh = (self.refresh / 2).max(Duration::from_millis(250)),
-            KeyCode::Char('-') => self.refresh = (self.refresh * 2).min(Duration::from_secs(10)),
+            KeyCode::Char('>') => self.refresh = (self.refresh / 2).max(Duration::from_millis(250)),
+            KeyCode::Char('<') => self.refresh = (self.refresh * 2).min(Duration::from_secs(10)),
             _ => {}
         }
+    }
+
+    /// The model row under the cursor, when the models panel has the focus.
+    pub fn selected_model(&self) -> Option<&ModelRow> {
+        (self.focus == Panel::Models).then(|| self.models.get(self.selected)).flatten()
     }
 
     fn cycle(&mut self, by: usize) {
@@ -330,6 +400,7 @@ impl App {
                     replicas: m.replica_target,
                     max: m.instances.max,
                     devices: devices.join(","),
+                    paused: m.paused,
                     best_batch: m.best_batch(),
                 }
             })

@@ -1,5 +1,6 @@
 //! The fetchers: one thread polls `/v1/stats`, one follows `/v1/events`; both reconnect with
-//! backoff and report what happened as [`Msg`]s. The only I/O in `kiln-top`.
+//! backoff and report what happened as [`Msg`]s. And the controller, which carries out the
+//! model actions the keys ask for through the admin API. The only I/O in `kiln-top`.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kiln_wire::{ServerEvent, Stats};
 
-use crate::app::Msg;
+use crate::app::{Action, ActionKind, Msg};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -78,6 +79,40 @@ pub fn spawn_events(url: String, key: String, tx: Sender<Msg>) -> anyhow::Result
             }
             thread::sleep(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    })?;
+    Ok(())
+}
+
+/// Carries out each action sent on `actions` against the admin API at `admin_url`, one at a
+/// time, and reports the server's words (or why it failed).
+pub fn spawn_control(admin_url: String, key: String, actions: std::sync::mpsc::Receiver<Action>, tx: Sender<Msg>) -> anyhow::Result<()> {
+    let http = client(Some(Duration::from_secs(60)))?;
+    thread::Builder::new().name("control".into()).spawn(move || {
+        for Action { model, kind } in actions {
+            let models = format!("{admin_url}/v1/models/{model}");
+            let request = match kind {
+                ActionKind::Pause => http.post(format!("{models}/pause")),
+                ActionKind::Resume => http.post(format!("{models}/resume")),
+                ActionKind::Flush => http.post(format!("{models}/flush")),
+                ActionKind::Replicas(n) => http.patch(&models).json(&serde_json::json!({ "instances": n })),
+            };
+            let answer = request.bearer_auth(&key).send().and_then(|r| {
+                let status = r.status();
+                r.json::<serde_json::Value>().map(|body| (status, body))
+            });
+            let msg = match answer {
+                Ok((status, body)) if status.is_success() => {
+                    Msg::ActionDone(format!("{model}: {}", body["done"].as_str().unwrap_or("done")))
+                }
+                Ok((status, body)) => {
+                    Msg::ActionFailed(format!("{model}: {}: {}", status.as_u16(), body["error"].as_str().unwrap_or("failed")))
+                }
+                Err(e) => Msg::ActionFailed(format!("{model}: {} (admin API at {admin_url})", describe(&e))),
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
         }
     })?;
     Ok(())

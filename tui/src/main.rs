@@ -1,5 +1,6 @@
 //! `kiln-top [URL]`: a live dashboard for a Kiln server. It polls `/v1/stats` and follows
-//! `/v1/events` with the admin key (`--key` or `KILN_ADMIN_KEY`).
+//! `/v1/events` with the admin key (`--key` or `KILN_ADMIN_KEY`), and pauses, flushes and scales
+//! the selected model through the admin API (`--admin-url`).
 //!
 //! Shape: fetcher threads send [`Msg`]s; [`App::update`] changes the state; [`view::draw`] only
 //! draws it. The terminal is restored on exit and on panic.
@@ -25,9 +26,12 @@ struct Args {
     /// An admin key (`kiln admin add-key`).
     #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
     key: Option<String>,
-    /// Milliseconds between snapshots (`+`/`-` change it while running).
+    /// Milliseconds between snapshots (`>`/`<` change it while running).
     #[arg(long, default_value_t = 1000)]
     refresh_ms: u64,
+    /// The admin API's address, for the model actions (pause, flush, replicas).
+    #[arg(long, env = "KILN_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
+    admin_url: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,7 +44,9 @@ fn main() -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel();
     let started = Instant::now();
     client::spawn_stats(url.clone(), key.clone(), Arc::clone(&refresh), started, tx.clone())?;
-    client::spawn_events(url.clone(), key, tx)?;
+    client::spawn_events(url.clone(), key.clone(), tx.clone())?;
+    let (actions, queued) = mpsc::channel();
+    client::spawn_control(args.admin_url.trim_end_matches('/').to_owned(), key, queued, tx)?;
 
     let mut app = App::new(url, Duration::from_millis(refresh.load(Ordering::Relaxed)));
     // ratatui::init installs a panic hook that restores the terminal before the message prints.
@@ -55,6 +61,10 @@ fn main() -> anyhow::Result<()> {
             }
             while let Ok(msg) = rx.try_recv() {
                 app.update(msg);
+            }
+            for action in app.actions.drain(..) {
+                // The controller lives as long as this loop; a send cannot fail before it ends.
+                let _ = actions.send(action);
             }
             refresh.store(app.refresh.as_millis() as u64, Ordering::Relaxed);
         }

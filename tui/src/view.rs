@@ -71,7 +71,7 @@ fn draw_header(app: &App, frame: &mut Frame, area: Rect) {
             Color::Red,
         )),
         _ if app.server_draining => Some((" SERVER SHUTTING DOWN ".to_owned(), Color::Magenta)),
-        (_, true) => Some((" PAUSED ".to_owned(), Color::Yellow)),
+        (_, true) => Some((" FROZEN ".to_owned(), Color::Yellow)),
         (Connection::Connecting, false) => Some((" CONNECTING ".to_owned(), Color::Blue)),
         _ => None,
     };
@@ -83,15 +83,24 @@ fn draw_header(app: &App, frame: &mut Frame, area: Rect) {
 }
 
 fn draw_footer(app: &App, frame: &mut Frame, area: Rect) {
-    let line = if app.editing_filter {
+    let line = if let Some(action) = &app.confirm {
+        Line::from(vec![
+            Span::styled(format!(" flush the queue of {}? ", action.model), Style::new().bold().fg(Color::Black).bg(Color::Yellow)),
+            Span::raw("  y flushes (queued requests get 503), any other key cancels"),
+        ])
+    } else if app.editing_filter {
         Line::from(vec![Span::styled(" filter: ", Style::new().bold()), Span::raw(format!("{}_", app.filter)), Span::raw("  (Enter keep, Esc clear)")])
     } else {
         let key = |k: &'static str| Span::styled(k, Style::new().bold().fg(Color::Cyan));
         let mut spans = vec![
             key(" q"), Span::raw(" quit "), key("?"), Span::raw(" help "), key("Tab"), Span::raw(" panel "),
-            key("s"), Span::raw(" sort "), key("/"), Span::raw(" filter "), key("p"), Span::raw(" pause "),
-            key("+/-"), Span::raw(format!(" {:.2}s", app.refresh.as_secs_f64())),
+            key("s"), Span::raw(" sort "), key("/"), Span::raw(" filter "), key("Space"), Span::raw(" freeze "),
+            key("</>"), Span::raw(format!(" {:.2}s ", app.refresh.as_secs_f64())),
+            key("p f +/-"), Span::raw(" model"),
         ];
+        if let Some((notice, ok)) = &app.notice {
+            spans.push(Span::styled(format!("  {notice}"), Style::new().fg(if *ok { Color::Green } else { Color::Red })));
+        }
         if !app.filter.is_empty() {
             spans.push(Span::styled(format!("  filter: {}", app.filter), Style::new().fg(Color::Yellow)));
         }
@@ -247,7 +256,11 @@ fn draw_models(app: &App, frame: &mut Frame, area: Rect) {
     }));
     let rows = app.models.iter().map(|m| {
         let wait = Style::new().fg(load_color(m.wait_p95_ms, 10.0, 100.0));
-        let name = if m.state == "ready" { m.name.clone() } else { format!("{} ({})", m.name, m.state) };
+        let name = match (m.state.as_str(), m.paused) {
+            (_, true) => format!("{} (paused)", m.name),
+            ("ready", false) => m.name.clone(),
+            (state, false) => format!("{} ({state})", m.name),
+        };
         let mut cells = vec![
             Cell::from(name),
             Cell::from(m.queue.to_string()).style(Style::new().fg(if m.queue > 0 { Color::Yellow } else { Color::Reset })),
@@ -347,7 +360,7 @@ fn draw_decisions(app: &App, frame: &mut Frame, area: Rect) {
     frame.render_stateful_widget(list.block(panel("Scaling decisions", focused)), area, &mut state);
 }
 
-const HELP: [(&str, &str); 12] = [
+const HELP: [(&str, &str); 16] = [
     ("q, Ctrl-c", "quit"),
     ("?", "this help (again or Esc to close)"),
     ("Tab, BackTab", "next / previous panel"),
@@ -356,8 +369,12 @@ const HELP: [(&str, &str); 12] = [
     ("s", "sort by it (again to reverse)"),
     ("/", "filter models and handlers by name"),
     ("Esc", "clear the filter"),
-    ("p, Space", "pause (freeze the screen)"),
-    ("+ / -", "refresh faster / slower"),
+    ("Space", "freeze the screen (again to go on)"),
+    ("> / <", "refresh faster / slower"),
+    ("p", "pause / resume the selected model"),
+    ("f", "flush its queue (asks to confirm)"),
+    ("+ / -", "one replica more / fewer (fixed count)"),
+    ("", "Model keys go to the admin API (--admin-url)"),
     ("", ""),
     ("", "Data: /v1/stats each refresh; /v1/events live"),
 ];

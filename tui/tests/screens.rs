@@ -30,6 +30,7 @@ fn stats(t: u64, gpus: bool) -> Stats {
         name: name.into(),
         state: "ready".into(),
         device: "auto".into(),
+        paused: false,
         instances: Bounds { min: 1, max },
         replica_target: replicas.len() as u32,
         replicas,
@@ -195,11 +196,11 @@ fn keys_pause_sort_filter_refresh_move_and_quit() {
     let minilm = app.models.iter().find(|m| m.name == "minilm").expect("minilm");
     assert!((minilm.rate - 400.0).abs() < 1e-6 && (minilm.batch - 8.0).abs() < 1e-6);
 
-    app.update(key(KeyCode::Char('p')));
+    app.update(key(KeyCode::Char(' ')));
     assert!(app.paused);
     app.update(Msg::Stats { stats: Box::new(stats(10, true)), at: Duration::from_secs(10) });
-    assert_eq!(app.stats.as_ref().map(|s| s.uptime_seconds), Some(3726.0), "a paused screen stays still");
-    assert!(screen(&app, 80, 24).contains("PAUSED"));
+    assert_eq!(app.stats.as_ref().map(|s| s.uptime_seconds), Some(3726.0), "a frozen screen stays still");
+    assert!(screen(&app, 80, 24).contains("FROZEN"));
     app.update(key(KeyCode::Char(' ')));
     assert!(!app.paused);
 
@@ -220,10 +221,10 @@ fn keys_pause_sort_filter_refresh_move_and_quit() {
     app.update(key(KeyCode::Esc));
     assert_eq!(app.models.len(), 2, "Esc clears the filter");
 
-    app.update(key(KeyCode::Char('+')));
+    app.update(key(KeyCode::Char('>')));
     assert_eq!(app.refresh, Duration::from_millis(500));
-    app.update(key(KeyCode::Char('-')));
-    app.update(key(KeyCode::Char('-')));
+    app.update(key(KeyCode::Char('<')));
+    app.update(key(KeyCode::Char('<')));
     assert_eq!(app.refresh, Duration::from_secs(2));
 
     assert_eq!(app.focus, Panel::Models);
@@ -242,4 +243,48 @@ fn keys_pause_sort_filter_refresh_move_and_quit() {
     let mut other = App::new(String::new(), Duration::from_secs(1));
     other.update(key(KeyCode::Char('q')));
     assert!(other.quit);
+}
+
+#[test]
+fn model_keys_pause_flush_after_confirming_and_scale_the_selected_model() {
+    use kiln_top::app::{Action, ActionKind};
+    let mut app = app(true);
+    let first = app.models[0].clone();
+    let action = |kind| Action { model: first.name.clone(), kind };
+
+    app.update(key(KeyCode::Char('p')));
+    app.update(key(KeyCode::Char('+')));
+    app.update(key(KeyCode::Char('-')));
+    let expected_down = (first.replicas > 1).then(|| action(ActionKind::Replicas(first.replicas - 1)));
+    let mut expected = vec![action(ActionKind::Pause), action(ActionKind::Replicas(first.replicas + 1))];
+    expected.extend(expected_down);
+    assert_eq!(std::mem::take(&mut app.actions), expected);
+
+    // Flush asks first: any key but y cancels, y sends it.
+    app.update(key(KeyCode::Char('f')));
+    let asking = screen(&app, 80, 24);
+    assert!(asking.contains(&format!("flush the queue of {}?", first.name)), "{asking}");
+    insta::assert_snapshot!("confirm_flush_80x24", asking);
+    app.update(key(KeyCode::Char('n')));
+    assert!(app.actions.is_empty() && app.confirm.is_none());
+    app.update(key(KeyCode::Char('f')));
+    app.update(key(KeyCode::Char('y')));
+    assert_eq!(std::mem::take(&mut app.actions), vec![action(ActionKind::Flush)]);
+
+    // The server's answer shows in the footer; a paused model says so in its row, and p resumes.
+    app.update(Msg::ActionDone(format!("{}: flushed 3 queued requests", first.name)));
+    let mut paused = stats(8, true);
+    paused.models.iter_mut().for_each(|m| m.paused = m.name == first.name);
+    app.update(Msg::Stats { stats: Box::new(paused), at: Duration::from_secs(8) });
+    let shown = screen(&app, 120, 40);
+    assert!(shown.contains(&format!("{} (paused)", first.name)) && shown.contains("flushed 3 queued requests"), "{shown}");
+    insta::assert_snapshot!("model_paused_120x40", shown);
+    app.update(key(KeyCode::Char('p')));
+    assert_eq!(std::mem::take(&mut app.actions), vec![action(ActionKind::Resume)]);
+
+    // Model keys do nothing outside the models panel.
+    app.update(key(KeyCode::Tab));
+    app.update(key(KeyCode::Char('p')));
+    app.update(key(KeyCode::Char('f')));
+    assert!(app.actions.is_empty() && app.confirm.is_none());
 }

@@ -103,6 +103,13 @@ pub struct ModelInfo {
     pub timeout_ms: u64,
     /// One replica's weights as measured at load; 0 until one has loaded.
     pub weights_bytes: u64,
+    /// Requests waiting now, and whether an operator paused it (requests queue, none run).
+    pub queued: u64,
+    pub paused: bool,
+    /// How long its first replica took to load and warm up; 0 until it has.
+    pub load_ms: u64,
+    /// Its versions (one until versioned models land).
+    pub versions: Vec<String>,
     /// For models loaded through the API: seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployed_at: Option<u64>,
@@ -115,6 +122,17 @@ pub struct TensorInfo {
     pub name: String,
     pub datatype: String,
     pub shape: Vec<i64>,
+}
+
+/// One request being handled, as `GET /v1/requests` lists it (to cancel with
+/// `DELETE /v1/requests/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestInFlight {
+    pub id: String,
+    pub method: String,
+    /// Without the query.
+    pub path: String,
+    pub age_ms: f64,
 }
 
 /// `GET /v1/models`.
@@ -340,6 +358,9 @@ pub struct ModelStats {
     pub state: String,
     /// The configured choice: `auto`, `cpu`, `cuda:N` or a list.
     pub device: String,
+    /// Whether an operator paused it (requests queue, no batch runs).
+    #[serde(default)]
+    pub paused: bool,
     pub instances: Bounds,
     pub replica_target: u32,
     pub replicas: Vec<ReplicaInfo>,
@@ -436,8 +457,9 @@ pub enum EventKind {
     ModelUnloaded { model: String, replica: u32, device: String },
     ModelFailed { model: String, replica: u32, device: String, reason: String },
     GuestTrap { handler: String, tenant: String, kind: String, message: String },
-    /// The model repository changed: `change` is `loaded`, `replaced`, `unloaded`, `deleted` or
-    /// `load_failed` (then `detail` says why).
+    /// The model repository changed: `change` is `loaded`, `replaced`, `unloaded`, `deleted`,
+    /// `load_failed` (then `detail` says why) or `controlled` (paused, resumed, flushed, reset or
+    /// tuned: `detail` says which).
     ModelChanged { model: String, change: String, detail: String },
     /// The server is shutting down: the last event of every stream.
     Draining { grace_ms: u64, timeout_ms: u64 },

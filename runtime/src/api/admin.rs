@@ -38,8 +38,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(super::repository::list))
         .route(
             "/v1/models/{name}",
-            get(super::repository::show).put(super::repository::put).delete(super::repository::delete),
+            get(super::repository::show)
+                .put(super::repository::put)
+                .patch(super::repository::tune)
+                .delete(super::repository::delete),
         )
+        .route("/v1/models/{name}/{action}", post(super::repository::control))
+        .route("/v1/requests", get(super::repository::in_flight))
+        .route("/v1/requests/{id}", axum::routing::delete(super::repository::cancel))
         .route("/v2/repository/index", post(super::repository::index))
         .route("/v2/repository/models/{name}/load", post(super::repository::load))
         .route("/v2/repository/models/{name}/unload", post(super::repository::unload))

@@ -42,6 +42,9 @@ pub enum ApiError {
     /// A model did not load (its file, its placement, its warm-up).
     #[error("{0}")]
     LoadFailed(String),
+    /// An operator cancelled the request (by its `kiln-request-id`).
+    #[error("request {0} was cancelled by an operator")]
+    Cancelled(String),
 }
 
 impl From<DeployError> for ApiError {
@@ -86,11 +89,13 @@ impl ApiError {
             ApiError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Cancelled(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Infer(e) => match e {
-                InferError::NotReady { .. } | InferError::Overloaded(_) | InferError::Closed(_) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                InferError::NotReady { .. }
+                | InferError::Overloaded(_)
+                | InferError::Closed(_)
+                | InferError::Flushed(_) => StatusCode::SERVICE_UNAVAILABLE,
                 InferError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 InferError::Runtime { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -121,8 +126,10 @@ impl ApiError {
             ApiError::Component(_) => "bad_component",
             ApiError::Internal(_) => "internal",
             ApiError::LoadFailed(_) => "load_failed",
+            ApiError::Cancelled(_) => "cancelled",
             ApiError::PayloadTooLarge { .. } => "too_large",
             ApiError::Infer(InferError::Overloaded(_)) => "overloaded",
+            ApiError::Infer(InferError::Flushed(_)) => "flushed",
             ApiError::Infer(InferError::Timeout { .. }) => "timeout",
             ApiError::Infer(_) => "inference",
             ApiError::Guest(e) => e.kind(),
@@ -143,7 +150,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody { error: self.to_string(), kind: self.kind().to_owned() };
         let mut response = (status, Json(body)).into_response();
         match &self {
-            ApiError::Infer(InferError::Overloaded(_)) | ApiError::Guest(GuestError::PoolFull { .. }) => {
+            ApiError::Infer(InferError::Overloaded(_) | InferError::Flushed(_)) | ApiError::Guest(GuestError::PoolFull { .. }) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -151,38 +151,132 @@ tokio::task_local! {
 }
 
 /// Middleware on every route: makes the client's address known to everything that handles its
-/// request, for the audit log's flood limit, without threading it through every route; and tags
-/// the answer with a fresh `kiln-request-id`, whatever answered it (a guest cannot set its own).
+/// request, for the audit log's flood limit, without threading it through every route; tags
+/// the answer with a fresh `kiln-request-id`, whatever answered it (a guest cannot set its own);
+/// and lets an operator cancel the request by that id until its answer's head is sent
+/// ([`cancel_request`]).
 pub(crate) async fn tag_request(request: Request, next: axum::middleware::Next) -> Response {
     let peer = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0.ip());
-    let id = next_request_id();
-    let mut response = match peer {
-        Some(ip) => PEER.scope(ip, next.run(request)).await,
-        None => next.run(request).await,
+    let (n, id) = next_request_id();
+    let cancelled = in_flight().register(n, &request);
+    let handled = async {
+        match peer {
+            Some(ip) => PEER.scope(ip, next.run(request)).await,
+            None => next.run(request).await,
+        }
     };
+    // Dropping the handler's future withdraws everything it started: its guest task is
+    // aborted, and its queued inference is skipped by the model's scheduler.
+    let mut response = tokio::select! {
+        response = handled => response,
+        Ok(()) = cancelled => ApiError::Cancelled(id.clone()).into_response(),
+    };
+    in_flight().forget(n);
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
     }
     response
 }
 
-/// A request id no other request of this server has had, nor (but by a 1 in 2^32 chance) one of
-/// an earlier run: a random prefix drawn at start-up and a counter, 24 hex digits. No system
-/// call per request.
-fn next_request_id() -> String {
+/// The start-up prefix of this server's request ids.
+fn request_id_prefix() -> u32 {
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
+    *PREFIX.get_or_init(|| {
         let mut bytes = [0u8; 4];
         // Without randomness the ids are still unique within this run.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
         u32::from_le_bytes(bytes)
-    });
+    })
+}
+
+/// A request id no other request of this server has had, nor (but by a 1 in 2^32 chance) one of
+/// an earlier run: a random prefix drawn at start-up and a counter, 24 hex digits; and the
+/// counter. No system call per request.
+fn next_request_id() -> (u64, String) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{prefix:08x}{n:016x}")
+    (n, format!("{:08x}{n:016x}", request_id_prefix()))
+}
+
+/// The requests being handled now, by their id's counter, each with the way to cancel it.
+/// Sharded, so that concurrent requests rarely meet on one lock.
+struct InFlight {
+    shards: [std::sync::Mutex<HashMap<u64, Flying>>; 16],
+}
+
+/// One request in flight. Cloning a parsed request's method and URI shares their bytes: no
+/// allocation per request.
+struct Flying {
+    cancel: tokio::sync::oneshot::Sender<()>,
+    method: http::Method,
+    uri: http::Uri,
+    since: std::time::Instant,
+}
+
+fn in_flight() -> &'static InFlight {
+    static IN_FLIGHT: std::sync::OnceLock<InFlight> = std::sync::OnceLock::new();
+    IN_FLIGHT.get_or_init(|| InFlight { shards: std::array::from_fn(|_| std::sync::Mutex::new(HashMap::new())) })
+}
+
+impl InFlight {
+    fn shard(&self, n: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Flying>> {
+        self.shards[(n % 16) as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self, n: u64, request: &Request) -> tokio::sync::oneshot::Receiver<()> {
+        let (cancel, cancelled) = tokio::sync::oneshot::channel();
+        let flying = Flying {
+            cancel,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            since: std::time::Instant::now(),
+        };
+        self.shard(n).insert(n, flying);
+        cancelled
+    }
+
+    fn forget(&self, n: u64) {
+        self.shard(n).remove(&n);
+    }
+}
+
+/// Cancels the request `id` if it is still being handled (its answer's head not yet sent):
+/// its caller gets 503 `cancelled`, its guest stops and its queued inference is withdrawn.
+/// `false` when no such request is in flight.
+pub(crate) fn cancel_request(id: &str) -> bool {
+    let parsed = (id.len() == 24 && id.is_ascii())
+        .then(|| (u32::from_str_radix(&id[..8], 16).ok(), u64::from_str_radix(&id[8..], 16).ok()));
+    let Some((Some(prefix), Some(n))) = parsed else { return false };
+    if prefix != request_id_prefix() {
+        return false;
+    }
+    let flying = in_flight().shard(n).remove(&n);
+    flying.is_some_and(|f| f.cancel.send(()).is_ok())
+}
+
+/// Every request in flight on both listeners, oldest first: its id, method, path (no query) and
+/// age (`GET /v1/requests`).
+pub(crate) fn requests_in_flight() -> Vec<kiln_wire::RequestInFlight> {
+    let prefix = request_id_prefix();
+    let now = std::time::Instant::now();
+    let mut all: Vec<(u64, kiln_wire::RequestInFlight)> = Vec::new();
+    for shard in &in_flight().shards {
+        let shard = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.extend(shard.iter().map(|(n, f)| {
+            let seen = kiln_wire::RequestInFlight {
+                id: format!("{prefix:08x}{n:016x}"),
+                method: f.method.to_string(),
+                path: f.uri.path().to_owned(),
+                age_ms: now.duration_since(f.since).as_secs_f64() * 1e3,
+            };
+            (*n, seen)
+        }));
+    }
+    all.sort_by_key(|(n, _)| *n);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The address of the client whose request is being handled, where known.

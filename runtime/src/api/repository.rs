@@ -8,6 +8,9 @@
 //!   it. Answers once the model is ready (201 new, 200 replaced) or did not load (422, the model
 //!   serving before still is).
 //! - `DELETE /v1/models/{name}`: stop serving a model loaded through the API and forget it.
+//! - `POST /v1/models/{name}/pause|resume|flush|reset-stats`, `PATCH /v1/models/{name}` (the
+//!   batching knobs, the timeout and the replica bounds): steer a served model.
+//! - `GET /v1/requests`, `DELETE /v1/requests/{id}`: the requests in flight; cancel one.
 //! - `POST /v2/repository/index` (`{"ready": true}` for ready models only),
 //!   `POST /v2/repository/models/{name}/load` (a reload, or with `parameters.config` the model's
 //!   fields as a JSON string, a load of that definition) and `.../unload` (kept, not served).
@@ -26,7 +29,9 @@ use serde_json::{Value, json};
 
 use super::admin::require_admin;
 use super::{ApiError, AppState, json_response, read_body};
-use crate::deploy::models::{Loaded, ModelEntry, ModelOrigin};
+use crate::deploy::models::{Control, Loaded, ModelEntry, ModelOrigin};
+use crate::model::handle::{ModelHandle, TuningChange};
+use crate::model::spec::{Replicas, Tuning};
 
 /// Largest model definition accepted (the fields, not the weights).
 const MAX_SPEC_BYTES: usize = 1 << 20;
@@ -73,6 +78,100 @@ pub(super) async fn delete(
     require_admin(&app, &headers, None)?;
     app.repository.delete(&name).await?;
     Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
+}
+
+/// `POST /v1/models/{name}/{pause|resume|flush|reset-stats}`: the model's info after, and what
+/// was done (`flushed N queued requests`).
+pub(super) async fn control(
+    State(app): State<Arc<AppState>>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let control = match action.as_str() {
+        "pause" => Control::Pause,
+        "resume" => Control::Resume,
+        "flush" => Control::Flush,
+        "reset-stats" => Control::ResetStats,
+        other => {
+            return Err(ApiError::NotFound(format!(
+                "no model action '{other}' (pause, resume, flush, reset-stats; PATCH to tune)"
+            )));
+        }
+    };
+    controlled(&app, &name, control).await
+}
+
+/// The knobs `PATCH /v1/models/{name}` takes; each optional.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TuneRequest {
+    max_batch_size: Option<u32>,
+    max_queue_delay_us: Option<u64>,
+    timeout_ms: Option<u64>,
+    /// `N`, or `{ "min": A, "max": B }`.
+    instances: Option<Instances>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum Instances {
+    Fixed(u32),
+    Range { min: u32, max: u32 },
+}
+
+/// `PATCH /v1/models/{name}`: change the served model's knobs while it serves.
+pub(super) async fn tune(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    let bytes = read_body(body, &headers, MAX_SPEC_BYTES).await?;
+    let request: TuneRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "send any of max_batch_size, max_queue_delay_us, timeout_ms, instances (N or {{\"min\": A, \"max\": B}}): {e}"
+        ))
+    })?;
+    let change = TuningChange {
+        max_batch_size: request.max_batch_size,
+        max_queue_delay: request.max_queue_delay_us.map(std::time::Duration::from_micros),
+        timeout: request.timeout_ms.map(std::time::Duration::from_millis),
+        replicas: request.instances.map(|i| match i {
+            Instances::Fixed(n) => Replicas::fixed(n),
+            Instances::Range { min, max } => Replicas { min, max },
+        }),
+    };
+    controlled(&app, &name, Control::Tune(change)).await
+}
+
+async fn controlled(app: &AppState, name: &str, control: Control) -> Result<Response, ApiError> {
+    let done = app.repository.control(name, control).await?;
+    let entry = app.repository.get(name).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+    let mut body = serde_json::to_value(describe(&entry)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body["done"] = Value::String(done);
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// `GET /v1/requests`: every request in flight, oldest first.
+pub(super) async fn in_flight(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    Ok(json_response(StatusCode::OK, &json!({ "requests": super::requests_in_flight() })))
+}
+
+/// `DELETE /v1/requests/{id}`: cancel a request in flight by its `kiln-request-id`.
+pub(super) async fn cancel(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, None)?;
+    if !super::cancel_request(&id) {
+        return Err(ApiError::NotFound(format!("no request {id} in flight (it may have been answered already)")));
+    }
+    app.audit.record(crate::tenancy::audit::Event::RequestCancel, None, None, &format!("request {id} cancelled"));
+    Ok(json_response(StatusCode::OK, &json!({ "cancelled": id })))
 }
 
 /// A model's fields: a JSON object, or TOML text (a `[[model]]` section's body).
@@ -147,6 +246,8 @@ async fn read_json(body: Body, headers: &HeaderMap) -> Result<Value, ApiError> {
 
 fn describe(entry: &ModelEntry) -> ModelInfo {
     let c = &entry.config;
+    // The live knobs of the model served, else the definition's.
+    let tuning = entry.handle.as_ref().map_or_else(|| Tuning::of(c), ModelHandle::tuning);
     ModelInfo {
         name: entry.name.clone(),
         origin: match entry.origin {
@@ -170,11 +271,15 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
             })
             .collect(),
         outputs: c.outputs.iter().map(|o| o.name.clone()).collect(),
-        instances: Bounds { min: c.replicas.min, max: c.replicas.max },
-        max_batch_size: c.batching.max_batch_size,
-        max_queue_delay_us: c.batching.max_queue_delay.as_micros() as u64,
-        timeout_ms: c.timeout.as_millis() as u64,
+        instances: Bounds { min: tuning.replicas.min, max: tuning.replicas.max },
+        max_batch_size: tuning.max_batch_size,
+        max_queue_delay_us: tuning.max_queue_delay.as_micros() as u64,
+        timeout_ms: tuning.timeout.as_millis() as u64,
         weights_bytes: entry.handle.as_ref().map_or(0, |h| h.load().weights),
+        queued: entry.handle.as_ref().map_or(0, |h| h.load().queued as u64),
+        paused: entry.handle.as_ref().is_some_and(ModelHandle::paused),
+        load_ms: entry.handle.as_ref().and_then(ModelHandle::load_time).map_or(0, |d| d.as_millis() as u64),
+        versions: vec![super::oip::VERSION.to_owned()],
         deployed_at: entry.deployed_at,
         replicas: entry.handle.as_ref().map(|h| h.replicas()).unwrap_or_default(),
     }

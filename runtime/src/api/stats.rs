@@ -34,6 +34,7 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             let (inferences, executions) = (load(&c.inferences), load(&c.executions));
             let config = model.config();
+            let tuning = model.tuning();
             ModelStats {
                 name: name.clone(),
                 state: match model.state() {
@@ -43,10 +44,11 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
                 }
                 .to_owned(),
                 device: config.device.to_string(),
-                instances: Bounds { min: config.replicas.min, max: config.replicas.max },
+                paused: model.paused(),
+                instances: Bounds { min: tuning.replicas.min, max: tuning.replicas.max },
                 replica_target: model.load().target,
                 replicas: model.replicas(),
-                max_batch_size: config.batching.max_batch_size,
+                max_batch_size: tuning.max_batch_size,
                 latency_objective_ms: config.latency_objective.as_secs_f64() * 1e3,
                 queued: c.queued.load(Ordering::Relaxed) as u64,
                 inferences,

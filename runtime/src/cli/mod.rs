@@ -272,6 +272,40 @@ pub fn delete_model(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `kiln model pause|resume|flush|reset-stats NAME`.
+pub fn control_model(target: &AdminTarget, name: &str, action: &str) -> anyhow::Result<()> {
+    check_name(name).map_err(|m| anyhow::anyhow!("model name {m}"))?;
+    let value = call(target, http::Method::POST, &format!("/v1/models/{name}/{action}"), Vec::new(), &[])?;
+    println!("{}", value["done"].as_str().unwrap_or("done"));
+    Ok(())
+}
+
+/// `kiln model set NAME ...`: change a served model's knobs (a JSON object of them).
+pub fn tune_model(target: &AdminTarget, name: &str, knobs: &Value) -> anyhow::Result<()> {
+    check_name(name).map_err(|m| anyhow::anyhow!("model name {m}"))?;
+    let value = call(target, http::Method::PATCH, &format!("/v1/models/{name}"), serde_json::to_vec(knobs)?, &[])?;
+    println!("{}", value["done"].as_str().unwrap_or("done"));
+    Ok(())
+}
+
+/// `kiln requests`: every request in flight, oldest first; `kiln requests --cancel ID`.
+pub fn requests(target: &AdminTarget, cancel: Option<&str>) -> anyhow::Result<()> {
+    if let Some(id) = cancel {
+        call(target, http::Method::DELETE, &format!("/v1/requests/{id}"), Vec::new(), &[])?;
+        println!("cancelled {id}");
+        return Ok(());
+    }
+    let value = call(target, http::Method::GET, "/v1/requests", Vec::new(), &[])?;
+    let list: Vec<kiln_wire::RequestInFlight> =
+        serde_json::from_value(value["requests"].clone()).context("the admin API answered something other than a request list")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<24} {:>10} {:<7} PATH", "ID", "AGE_MS", "METHOD")?;
+    for r in list {
+        writeln!(out, "{:<24} {:>10.1} {:<7} {}", r.id, r.age_ms, r.method, r.path)?;
+    }
+    Ok(())
+}
+
 fn show_model(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
     let value = call(target, http::Method::GET, &format!("/v1/models/{name}"), Vec::new(), &[])?;
     println!("{}", serde_json::to_string_pretty(&value)?);

@@ -34,6 +34,40 @@ pub fn start_model(config: &ModelConfig, placer: &Placer, log: Arc<EventLog>) ->
     Ok(ModelHandle::spawn(config.clone(), placements, Arc::new(Torch::default()), log)?)
 }
 
+/// Starts or drains replicas of `handle` until its count is within the bounds an operator set
+/// (`ModelHandle::tune`); the scaler moves it within them afterwards. Returns the replica target
+/// reached, or why a replica could not be placed (those placed before stay).
+pub fn fit_replicas(handle: &ModelHandle, placer: &Placer) -> Result<u32, String> {
+    let bounds = handle.tuning().replicas;
+    let weights = match handle.load().weights {
+        0 => estimated_weights(handle.config()),
+        measured => measured,
+    };
+    while handle.load().target < bounds.min {
+        let placement = placer
+            .place(handle.config(), weights, Purpose::ScaleUp)
+            .map_err(|e| format!("cannot place another replica of '{}': {e}", handle.name()))?;
+        let before = handle.load().target;
+        if !handle.add_replica(placement) {
+            return Err(format!("model '{}' is shut down", handle.name()));
+        }
+        // The scheduler raises the target once it has started the replica's thread.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while handle.load().target == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if handle.load().target == before {
+            return Err(format!("model '{}' did not start another replica", handle.name()));
+        }
+    }
+    while handle.load().target > bounds.max {
+        if !handle.remove_replica() {
+            break;
+        }
+    }
+    Ok(handle.load().target)
+}
+
 /// One replica's weights before any has loaded: the file's size, halved in reduced precision.
 pub fn estimated_weights(config: &ModelConfig) -> u64 {
     let file = std::fs::metadata(&config.path).map_or(0, |m| m.len());

@@ -294,10 +294,11 @@ struct Watched {
 impl Watched {
     fn new(handle: &ModelHandle, config: &ScalerConfig) -> Watched {
         let c = handle.config();
+        let tuning = handle.tuning();
         let policy = Policy {
-            replicas: c.replicas,
+            replicas: tuning.replicas,
             objective: c.latency_objective,
-            max_batch_size: c.batching.max_batch_size,
+            max_batch_size: tuning.max_batch_size,
             up_cooldown: config.up_cooldown,
             down_cooldown: config.down_cooldown,
         };
@@ -363,15 +364,20 @@ pub fn spawn(models: Arc<ModelTable>, placer: Placer, config: &ScalerConfig, log
             let Some(table) = table.upgrade() else { return };
             let serving = table.handles();
             drop(table);
-            // Unloaded and replaced models are no longer scaled; their last callers finish.
-            watched.retain(|w| serving.iter().any(|h| w.handle.refers_to(h)));
-            for handle in serving.iter().filter(|h| h.config().replicas.scalable()) {
+            // Unloaded and replaced models are no longer scaled (their last callers finish), nor
+            // models an operator fixed at one count.
+            let scalable: Vec<&ModelHandle> = serving.iter().filter(|h| h.tuning().replicas.scalable()).collect();
+            watched.retain(|w| scalable.iter().any(|h| w.handle.refers_to(h)));
+            for handle in scalable {
                 if !watched.iter().any(|w| w.handle.refers_to(handle)) {
                     watched.push(Watched::new(handle, &config));
                 }
             }
             for w in &mut watched {
                 let Some(handle) = w.handle.upgrade() else { continue };
+                let tuning = handle.tuning();
+                w.scaler.policy.replicas = tuning.replicas;
+                w.scaler.policy.max_batch_size = tuning.max_batch_size;
                 let obs = w.observe(&handle, &placer);
                 let decision = w.scaler.step(
                     &obs,

@@ -40,6 +40,15 @@ impl ForwardCurve {
         }
     }
 
+    /// Makes room for batches of up to `max_rows` rows (a larger `max_batch_size` set while
+    /// serving); what was learned stays.
+    pub fn grow(&mut self, max_rows: u32) {
+        let len = max_rows as usize + 1;
+        if self.points.len() < len {
+            self.points.resize(len, Point::default());
+        }
+    }
+
     /// Adds one forward pass of `rows` rows that took `elapsed`.
     pub fn record(&mut self, rows: u32, elapsed: Duration) {
         let Some(point) = self.points.get_mut(rows as usize).filter(|_| rows > 0) else {

@@ -18,7 +18,7 @@ use crate::model::curve::ForwardCurve;
 use crate::model::device::{Device, Placement};
 use crate::model::scheduler::{Command, Pending, Scheduler};
 use crate::model::signature::OutputMeta;
-use crate::model::spec::{MAX_PRIORITY, ModelConfig};
+use crate::model::spec::{MAX_BATCH_SIZE, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Replicas, Tuning};
 use crate::model::tensor::{HostTensor, TensorError};
 use crate::telemetry::EventLog;
 use crate::telemetry::histogram::{AtomicHistogram, BatchSizes};
@@ -42,6 +42,9 @@ pub enum InferError {
     /// The scheduler is gone (the server is shutting down).
     #[error("model '{0}' is shut down")]
     Closed(String),
+    /// An operator flushed the model's queue while the request waited in it.
+    #[error("model '{0}': the queue was flushed by an operator; retry later")]
+    Flushed(String),
 }
 
 /// Where a model is in its life.
@@ -59,6 +62,15 @@ pub struct InferOptions {
     pub priority: u8,
     /// Shorter than the model's timeout, or `None` for the model's.
     pub timeout: Option<Duration>,
+}
+
+/// Knobs to change with [`ModelHandle::tune`]; `None` leaves one as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TuningChange {
+    pub max_batch_size: Option<u32>,
+    pub max_queue_delay: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub replicas: Option<Replicas>,
 }
 
 /// Counters an operator (and the batching tests) read.
@@ -87,6 +99,16 @@ pub struct ModelCounters {
 }
 
 impl ModelCounters {
+    /// Back to zero (`queued` is live state, not a statistic: it stays).
+    fn reset(&self) {
+        for counter in [&self.inferences, &self.executions, &self.dropped, &self.overloaded, &self.timeouts, &self.isolated] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        self.batch_sizes.reset();
+        self.queue_wait.reset();
+        self.forward.reset();
+    }
+
     pub(super) fn count_batch(&self, requests: usize, rows: u32) {
         self.inferences.fetch_add(requests as u64, Ordering::Relaxed);
         self.executions.fetch_add(1, Ordering::Relaxed);
@@ -183,12 +205,19 @@ pub(super) struct Shared {
     pub(super) expected: AtomicUsize,
     /// Whether the scheduler is holding a partial batch for them.
     pub(super) holding: AtomicBool,
+    /// What an operator may change while serving; the config's values until then.
+    pub(super) tuning: Mutex<Tuning>,
+    /// While set, requests queue (up to the queue limit) and no batch runs.
+    pub(super) paused: AtomicBool,
+    /// How long its first replica took to load and warm up.
+    pub(super) load_time: Mutex<Option<Duration>>,
 }
 
 impl Shared {
     #[cfg(test)]
     pub(super) fn for_tests(config: ModelConfig) -> Arc<Shared> {
         let max_rows = config.batching.max_batch_size;
+        let tuning = Tuning::of(&config);
         Arc::new(Shared {
             config,
             state: Mutex::new(ModelState::Loading),
@@ -201,7 +230,14 @@ impl Shared {
             curve: Mutex::new(ForwardCurve::new(max_rows)),
             expected: AtomicUsize::new(0),
             holding: AtomicBool::new(false),
+            tuning: Mutex::new(tuning),
+            paused: AtomicBool::new(false),
+            load_time: Mutex::new(None),
         })
+    }
+
+    pub(super) fn tuning(&self) -> Tuning {
+        *self.tuning.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(super) fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ReplicaSlot>>> {
@@ -321,6 +357,7 @@ impl ModelHandle {
         let (commands, inbox) = mpsc::channel();
         let initial = placements.len() as u32;
         let max_rows = config.batching.max_batch_size;
+        let tuning = Tuning::of(&config);
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(ModelState::Loading),
@@ -333,6 +370,9 @@ impl ModelHandle {
             curve: Mutex::new(ForwardCurve::new(max_rows)),
             expected: AtomicUsize::new(0),
             holding: AtomicBool::new(false),
+            tuning: Mutex::new(tuning),
+            paused: AtomicBool::new(false),
+            load_time: Mutex::new(None),
         });
         let mut scheduler = Scheduler::new(Arc::clone(&shared), backend, commands.clone(), initial);
         // A model that never has more than one replica runs it on the scheduler's own thread:
@@ -454,6 +494,95 @@ impl ModelHandle {
         decided.recv().unwrap_or(false)
     }
 
+    /// The knobs as they are now (the config's, unless an operator changed them).
+    pub fn tuning(&self) -> Tuning {
+        self.shared.tuning()
+    }
+
+    /// Changes the knobs while serving; the scheduler uses them from its next batch. Replica
+    /// bounds are only recorded here: the fleet starts or drains replicas to fit them. An error
+    /// names the knob and its range; nothing changed then.
+    pub fn tune(&self, change: TuningChange) -> Result<Tuning, String> {
+        let mut tuning = self.shared.tuning.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = *tuning;
+        if let Some(n) = change.max_batch_size {
+            if !(1..=MAX_BATCH_SIZE).contains(&n) {
+                return Err(format!("max_batch_size: {n} is out of range (1 ..= {MAX_BATCH_SIZE})"));
+            }
+            next.max_batch_size = n;
+        }
+        if let Some(delay) = change.max_queue_delay {
+            if delay > Duration::from_secs(1) {
+                return Err(format!("max_queue_delay_us: {} is out of range (0 ..= 1000000)", delay.as_micros()));
+            }
+            next.max_queue_delay = delay;
+        }
+        if let Some(timeout) = change.timeout {
+            if timeout.is_zero() || timeout > Duration::from_secs(3600) {
+                return Err(format!("timeout_ms: {} is out of range (1 ..= 3600000)", timeout.as_millis()));
+            }
+            next.timeout = timeout;
+        }
+        if let Some(Replicas { min, max }) = change.replicas {
+            if min == 0 || min > max || max > MAX_REPLICAS {
+                return Err(format!("instances: {{ min = {min}, max = {max} }} is out of range (1 <= min <= max <= {MAX_REPLICAS})"));
+            }
+            if self.shared.config.replicas.max == 1 && max > 1 {
+                return Err(format!(
+                    "instances: model '{}' was loaded with instances.max = 1, so its one replica runs on its scheduler's \
+                     thread; load it again with a larger instances.max to scale it",
+                    self.name()
+                ));
+            }
+            next.replicas = Replicas { min, max };
+        }
+        *tuning = next;
+        drop(tuning);
+        self.shared.curve().grow(next.max_batch_size);
+        // The scheduler may be holding a batch under the old limits.
+        let _ = self.submitter.commands.send(Command::Wake);
+        Ok(next)
+    }
+
+    /// Stops running batches: requests queue, up to the queue limit, until [`ModelHandle::resume`].
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::Release);
+    }
+
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::Release);
+        let _ = self.submitter.commands.send(Command::Wake);
+    }
+
+    pub fn paused(&self) -> bool {
+        self.shared.paused.load(Ordering::Acquire)
+    }
+
+    /// Answers every queued request with [`InferError::Flushed`]; returns how many there were.
+    /// Batches already running finish.
+    pub fn flush(&self) -> usize {
+        let (reply, flushed) = mpsc::sync_channel(1);
+        if self.submitter.commands.send(Command::Flush(reply)).is_err() {
+            return 0;
+        }
+        flushed.recv().unwrap_or(0)
+    }
+
+    /// Zeroes the model's counters and histograms (its learned forward curve stays: that is
+    /// how it batches, not a statistic).
+    pub fn reset_stats(&self) {
+        self.shared.counters.reset();
+        for slot in self.shared.slots().iter() {
+            slot.forward.reset();
+            slot.batch_sizes.reset();
+        }
+    }
+
+    /// How long the model's first replica took to load and warm up, once it has.
+    pub fn load_time(&self) -> Option<Duration> {
+        *self.shared.load_time.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Checks `named` inputs against the declared inputs (by name, in declaration order) and
     /// returns them as `forward`'s positional arguments.
     pub fn arrange_inputs(
@@ -544,9 +673,8 @@ impl ModelHandle {
         }
         let config = &self.shared.config;
         let counters = &self.shared.counters;
-        let timeout = options
-            .timeout
-            .map_or(config.timeout, |t| t.min(config.timeout));
+        let most = self.shared.tuning().timeout;
+        let timeout = options.timeout.map_or(most, |t| t.min(most));
         let deadline = Instant::now() + timeout;
         let limit = config.batching.max_queue_size as usize;
         if counters.queued.fetch_add(1, Ordering::AcqRel) >= limit {

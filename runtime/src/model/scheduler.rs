@@ -31,7 +31,7 @@ use crate::model::batch;
 use crate::model::device::{Device, Placement, Reservation};
 use crate::model::handle::{InferError, ModelCounters, ModelState, ReplicaSlot, Shared};
 use crate::model::signature::{OutputMeta, output_meta, warmup_inputs};
-use crate::model::spec::{MAX_PRIORITY, ModelConfig, Precision};
+use crate::model::spec::{MAX_PRIORITY, ModelConfig, Precision, Tuning};
 use crate::model::tensor::HostTensor;
 
 pub(super) type Reply = oneshot::Sender<Result<Vec<HostTensor>, InferError>>;
@@ -61,8 +61,11 @@ pub(super) enum Command {
     Done {
         replica: u32,
     },
-    /// Look at the queue again: a guest the scheduler held a batch for ended without calling.
+    /// Look at the queue again: a guest the scheduler held a batch for ended without calling,
+    /// or an operator resumed the model or changed its knobs.
     Wake,
+    /// Answer every queued request with `Flushed`; the answer says how many.
+    Flush(SyncSender<usize>),
     Shutdown,
 }
 
@@ -234,9 +237,44 @@ impl<B: Backend> Scheduler<B> {
                 let _ = reply.send(removed);
             }
             Command::Wake => {}
+            Command::Flush(reply) => {
+                let flushed = self.flush();
+                let _ = reply.send(flushed);
+            }
             Command::Shutdown => return false,
         }
         true
+    }
+
+    /// Drops the queued requests whose callers have gone.
+    fn skip_withdrawn(&mut self) {
+        let counters = &self.shared.counters;
+        for queue in &mut self.queues {
+            let before = queue.len();
+            queue.retain(|p| !p.reply.is_closed());
+            let gone = before - queue.len();
+            if gone > 0 {
+                counters.dropped.fetch_add(gone as u64, Ordering::Relaxed);
+                counters.queued.fetch_sub(gone, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Answers every queued request with `Flushed`.
+    fn flush(&mut self) -> usize {
+        let mut flushed = 0;
+        for queue in &mut self.queues {
+            for p in queue.drain(..) {
+                let _ = p.reply.send(Err(InferError::Flushed(self.shared.config.name.clone())));
+                flushed += 1;
+            }
+        }
+        self.shared.counters.queued.fetch_sub(flushed, Ordering::AcqRel);
+        self.shared.holding.store(false, Ordering::Release);
+        if flushed > 0 {
+            tracing::info!(model = %self.shared.config.name, flushed, "queue flushed by an operator");
+        }
+        flushed
     }
 
     /// Stops one replica from taking work: a loading one first, then an idle one, then the
@@ -327,8 +365,15 @@ impl<B: Backend> Scheduler<B> {
 
     /// Sends batches to idle replicas; returns when to look again if a partial batch is held.
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
-        let counters = &self.shared.counters;
-        let policy = &self.shared.config.batching;
+        let shared = Arc::clone(&self.shared);
+        let counters = &shared.counters;
+        if self.shared.paused.load(Ordering::Acquire) {
+            // Callers that give up while paused leave the queue (looked for now and then);
+            // resuming wakes the scheduler.
+            self.skip_withdrawn();
+            return Some(now + PAUSED_POLL);
+        }
+        let tuning = self.shared.tuning();
         loop {
             let idle = if self.inline.is_some() {
                 usize::MAX
@@ -336,27 +381,19 @@ impl<B: Backend> Scheduler<B> {
                 self.idle_replica()?
             };
             // Callers that gave up are skipped before any work is done for them.
-            for queue in &mut self.queues {
-                let before = queue.len();
-                queue.retain(|p| !p.reply.is_closed());
-                let gone = before - queue.len();
-                if gone > 0 {
-                    counters.dropped.fetch_add(gone as u64, Ordering::Relaxed);
-                    counters.queued.fetch_sub(gone, Ordering::AcqRel);
-                }
-            }
-            let plan = self.plan()?;
+            self.skip_withdrawn();
+            let plan = self.plan(tuning.max_batch_size)?;
             let rows: u32 = plan.iter().map(|&(l, i)| self.queues[l][i].rows).sum();
             let (seed_level, seed_index) = plan[0];
             let oldest = self.queues[seed_level][seed_index].enqueued;
             let under_load = self.replicas.iter().any(|r| r.busy);
             if under_load
-                && rows < policy.max_batch_size
-                && now < oldest + policy.max_queue_delay
+                && rows < tuning.max_batch_size
+                && now < oldest + tuning.max_queue_delay
             {
-                return Some(oldest + policy.max_queue_delay);
+                return Some(oldest + tuning.max_queue_delay);
             }
-            if let Some(until) = self.hold_until(rows, oldest)
+            if let Some(until) = self.hold_until(rows, oldest, &tuning)
                 && now < until
             {
                 self.shared.holding.store(true, Ordering::Release);
@@ -405,37 +442,36 @@ impl<B: Backend> Scheduler<B> {
     /// rows on their way, if the learned curve says a fuller batch pays (see
     /// [`crate::model::curve`]). Capped by `max_queue_delay` when one is set, and by half the
     /// latency objective. `None` when nothing is on its way: a lone request never waits.
-    fn hold_until(&self, rows: u32, oldest: Instant) -> Option<Instant> {
-        let config = &self.shared.config;
+    fn hold_until(&self, rows: u32, oldest: Instant, tuning: &Tuning) -> Option<Instant> {
         let coming = self.shared.expected.load(Ordering::Acquire);
-        if coming == 0 || rows >= config.batching.max_batch_size {
+        if coming == 0 || rows >= tuning.max_batch_size {
             return None;
         }
         let coming = u32::try_from(coming).unwrap_or(u32::MAX);
-        let mut hold = self.shared.curve().hold(rows, coming, config.batching.max_batch_size)?;
-        if !config.batching.max_queue_delay.is_zero() {
-            hold = hold.min(config.batching.max_queue_delay);
+        let mut hold = self.shared.curve().hold(rows, coming, tuning.max_batch_size)?;
+        if !tuning.max_queue_delay.is_zero() {
+            hold = hold.min(tuning.max_queue_delay);
         }
-        Some(oldest + hold.min(config.latency_objective / 2))
+        Some(oldest + hold.min(self.shared.config.latency_objective / 2))
     }
 
     /// Picks the next batch: the oldest request of the highest priority, then every compatible
     /// request by priority and age while the rows fit, trimmed to a preferred size.
     /// Returns `(level, index)` pairs, seed first.
-    fn plan(&self) -> Option<Vec<(usize, usize)>> {
+    fn plan(&self, max_batch_size: u32) -> Option<Vec<(usize, usize)>> {
         let policy = &self.shared.config.batching;
         let seed_level = (0..self.queues.len()).rev().find(|&l| !self.queues[l].is_empty())?;
         let seed = &self.queues[seed_level][0];
         let mut plan = vec![(seed_level, 0)];
         let mut rows = seed.rows;
-        if policy.max_batch_size > 1 {
+        if max_batch_size > 1 {
             'levels: for level in (0..self.queues.len()).rev() {
                 for (index, p) in self.queues[level].iter().enumerate() {
                     if (level, index) == (seed_level, 0) || p.key != seed.key {
                         continue;
                     }
-                    if rows + p.rows > policy.max_batch_size {
-                        if rows == policy.max_batch_size {
+                    if rows + p.rows > max_batch_size {
+                        if rows == max_batch_size {
                             break 'levels;
                         }
                         continue;
@@ -466,6 +502,9 @@ impl<B: Backend> Scheduler<B> {
         Some(plan)
     }
 }
+
+/// How often a paused model's queue is cleared of callers that gave up.
+const PAUSED_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One replica's thread: load and warm up, then run every batch the scheduler sends until the
 /// scheduler drops its sender (drained or shut down).
@@ -546,6 +585,7 @@ fn load_replica<B: Backend>(
             if weights > 0 {
                 shared.weights.store(weights, Ordering::Relaxed);
             }
+            shared.load_time.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(started.elapsed());
             tracing::info!(
                 model = %config.name,
                 replica = slot.id,
@@ -899,7 +939,7 @@ mod tests {
                 reply,
             });
         }
-        let plan = scheduler.plan().expect("a plan");
+        let plan = scheduler.plan(scheduler.shared.tuning().max_batch_size).expect("a plan");
         plan.iter().map(|&(l, i)| scheduler.queues[l][i].rows).collect()
     }
 

@@ -71,6 +71,30 @@ pub struct BatchPolicy {
     pub max_rows: u32,
 }
 
+/// The knobs an operator may turn while the model serves (`PATCH /v1/models/{name}`). They start
+/// as the model's config says and last until it is reloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    pub max_batch_size: u32,
+    pub max_queue_delay: Duration,
+    pub timeout: Duration,
+    pub replicas: Replicas,
+}
+
+impl Tuning {
+    pub fn of(config: &ModelConfig) -> Tuning {
+        Tuning {
+            max_batch_size: config.batching.max_batch_size,
+            max_queue_delay: config.batching.max_queue_delay,
+            timeout: config.timeout,
+            replicas: config.replicas,
+        }
+    }
+}
+
+/// Largest `max_batch_size` a model may be tuned to while serving.
+pub const MAX_BATCH_SIZE: u32 = 4096;
+
 /// A model's `device`: where its replicas may be placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceChoice {

@@ -254,7 +254,7 @@ fn tensor_type(dtype: DType) -> tensor::TensorType {
 fn error_code(e: &InferError) -> ErrorCode {
     match e {
         InferError::Overloaded(_) | InferError::Timeout { .. } => ErrorCode::Timeout,
-        InferError::NotReady { .. } | InferError::Runtime { .. } | InferError::Closed(_) => {
+        InferError::NotReady { .. } | InferError::Runtime { .. } | InferError::Closed(_) | InferError::Flushed(_) => {
             ErrorCode::RuntimeError
         }
     }

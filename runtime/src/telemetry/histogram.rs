@@ -33,6 +33,14 @@ impl AtomicHistogram {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Back to empty (an operator's reset; readers that take differences must saturate).
+    pub fn reset(&self) {
+        for c in &self.counts {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.sum_us.store(0, Ordering::Relaxed);
+    }
+
     /// Microseconds over every record.
     pub fn sum_us(&self) -> u64 {
         self.sum_us.load(Ordering::Relaxed)
@@ -58,6 +66,13 @@ impl BatchSizes {
         let bucket = BATCH_BOUNDS.iter().position(|&b| rows <= b).unwrap_or(BATCH_BOUNDS.len());
         self.counts[bucket].fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(u64::from(rows), Ordering::Relaxed);
+    }
+
+    pub fn reset(&self) {
+        for c in &self.counts {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.rows.store(0, Ordering::Relaxed);
     }
 
     pub fn counts(&self) -> Vec<u64> {

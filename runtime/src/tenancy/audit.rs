@@ -39,6 +39,10 @@ pub enum Event {
     /// A model was unloaded (kept in the repository) or deleted from it.
     ModelUnload,
     ModelDelete,
+    /// A served model was paused, resumed, flushed, reset or tuned.
+    ModelControl,
+    /// A request in flight was cancelled by its id.
+    RequestCancel,
 }
 
 impl Event {
@@ -54,6 +58,8 @@ impl Event {
             Event::ModelLoadFailed => "model_load_failed",
             Event::ModelUnload => "model_unload",
             Event::ModelDelete => "model_delete",
+            Event::ModelControl => "model_control",
+            Event::RequestCancel => "request_cancel",
         }
     }
 
