@@ -161,6 +161,19 @@ pub struct RawHandler {
     pub deadline_ms: Option<u64>,
     pub priority: Option<u8>,
     pub max_priority: Option<u8>,
+    /// `{ ttl_ms, max_entries, max_bytes }`: a response cache for this handler.
+    pub cache: Option<RawCache>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_entries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
 }
 
 /// Parses config text into its raw tables, or says where and why the syntax is wrong.

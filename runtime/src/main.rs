@@ -325,6 +325,14 @@ struct BenchArgs {
     /// Request body, read from a file.
     #[arg(long)]
     body: Option<PathBuf>,
+    /// Other bodies: every file in this folder, sent in turn by the requests that do not repeat
+    /// --body (see --repeat-percent).
+    #[arg(long, requires = "body")]
+    vary: Option<PathBuf>,
+    /// The percent of requests that repeat the same request exactly; each of the others is made
+    /// unique with a `kiln-bench-unique=N` query parameter (a response cache's benchmark).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100))]
+    repeat_percent: u32,
     /// HTTP method (default POST with a body, GET without).
     #[arg(long)]
     method: Option<String>,
@@ -563,6 +571,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         admin_key: args.admin_key.clone(),
         method,
         body,
+        others: args.vary.as_deref().map(kiln::cli::bench::read_bodies).transpose()?.unwrap_or_default(),
+        repeat_percent: args.repeat_percent,
         content_type: args.content_type.clone(),
         headers,
         concurrency: args.concurrency,

@@ -1,6 +1,7 @@
 //! End-to-end: one real `kiln serve` on loopback, shared by every test in this binary.
 
 mod batching;
+mod cache;
 mod deploy;
 mod digits;
 mod embeddings;

@@ -403,6 +403,15 @@ fn a_served_model_pauses_resumes_flushes_retunes_and_its_requests_cancel_by_id()
         assert_eq!(model_state(&server, "offset").await.1["instances"], json!({ "min": 1, "max": 2 }));
         assert_eq!(cli(&["model", "resume", "offset"]).trim(), "resumed");
         assert!(cli(&["requests"]).starts_with("ID "), "a table of requests");
+        // Deleting a paused model does not strand what it queued: those requests run on it.
+        act("pause").await;
+        let waiting = calls(1);
+        info_until(&server, "one request queues before the delete", |b| b["queued"] == 1).await;
+        let (status, _) = json_of(admin.delete(server.admin_url("/v1/models/offset")).send().await.expect("delete")).await;
+        assert_eq!(status, 200);
+        for call in waiting {
+            assert_eq!(call.await.expect("call"), (200, Some(1.0)), "answered by the deleted model");
+        }
         let audit = server.audit_log_with(|l| l.contains("statistics reset"));
         for line in ["paused", "resumed", "flushed 2 queued requests", "tuned", "request_cancel"] {
             assert!(audit.contains(line), "{line} in the audit log:\n{audit}");

@@ -105,6 +105,8 @@ pub struct RouteRow {
     pub p99_ms: f64,
     pub errors: u64,
     pub throttled: u64,
+    /// For a handler with a response cache: hits among its lookups over the last interval.
+    pub cache_hit: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -417,11 +419,20 @@ impl App {
                         p99_ms: recent.quantile_ms(0.99),
                         errors: r.errors,
                         throttled: r.throttled,
+                        cache_hit: None,
                     }
                 })
                 .collect()
         };
         self.all_handlers = routes(&stats.handlers, before.map(|b| b.handlers.as_slice()));
+        for handler in &mut self.all_handlers {
+            let Some(cache) = stats.caches.iter().find(|c| c.handler == handler.name) else { continue };
+            let old = before.and_then(|b| b.caches.iter().find(|c| c.handler == handler.name));
+            let (hits, misses) = old.map_or((cache.hits, cache.misses), |o| {
+                (cache.hits.saturating_sub(o.hits), cache.misses.saturating_sub(o.misses))
+            });
+            handler.cache_hit = Some(if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 });
+        }
         self.tenants = routes(&stats.tenants, before.map(|b| b.tenants.as_slice()));
         self.order();
     }

@@ -312,7 +312,10 @@ fn draw_routes(app: &App, frame: &mut Frame, area: Rect) {
     let rows: Vec<Row> = app
         .handlers
         .iter()
-        .map(|h| row(h.name.clone(), h))
+        .map(|h| match h.cache_hit {
+            Some(hit) => row(format!("{} ({:.0}% hit)", h.name, hit * 100.0), h),
+            None => row(h.name.clone(), h),
+        })
         .chain(app.tenants.iter().map(|t| row(format!("tenant {}", t.name), t).style(Style::new().fg(Color::Gray))))
         .collect();
     // Fits 80 columns exactly: an over-full table has no single layout, and the solver may pick

@@ -111,6 +111,7 @@ fn stats(t: u64, gpus: bool) -> Stats {
         handlers: vec![route("digits", 1200, 6, 0, 0), route("embeddings", 400, 10, 1, 3)],
         tenants: vec![route("demo", 1600, 8, 1, 3)],
         process: Default::default(),
+        caches: Vec::new(),
     }
 }
 
@@ -281,6 +282,15 @@ fn model_keys_pause_flush_after_confirming_and_scale_the_selected_model() {
     insta::assert_snapshot!("model_paused_120x40", shown);
     app.update(key(KeyCode::Char('p')));
     assert_eq!(std::mem::take(&mut app.actions), vec![action(ActionKind::Resume)]);
+
+    // A handler with a response cache shows its hit ratio over the last interval.
+    let cache = |t: u64| CacheStats { handler: "digits".into(), hits: 90 * t, misses: 10 * t, stores: 10 * t, evictions: 0, entries: 5, bytes: 500 };
+    for t in [9, 10] {
+        let mut cached = stats(t, true);
+        cached.caches = vec![cache(t)];
+        app.update(Msg::Stats { stats: Box::new(cached), at: Duration::from_secs(t) });
+    }
+    assert!(screen(&app, 120, 40).contains("digits (90% hit)"), "{}", screen(&app, 120, 40));
 
     // Model keys do nothing outside the models panel.
     app.update(key(KeyCode::Tab));

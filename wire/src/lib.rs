@@ -330,6 +330,9 @@ pub struct Stats {
     /// What the server process itself costs; absent from servers older than this field.
     #[serde(default)]
     pub process: ProcessStats,
+    /// Handlers' response caches (those that have one).
+    #[serde(default)]
+    pub caches: Vec<CacheStats>,
 }
 
 /// The server process's own cost, cumulative over its live threads (a thread that has exited
@@ -422,6 +425,19 @@ fn yes() -> bool {
 pub struct Bounds {
     pub min: u32,
     pub max: u32,
+}
+
+/// One handler's response cache, as `/v1/stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    pub handler: String,
+    pub hits: u64,
+    pub misses: u64,
+    pub stores: u64,
+    pub evictions: u64,
+    /// Entries and their body bytes now.
+    pub entries: u64,
+    pub bytes: u64,
 }
 
 /// Requests through one handler, or from one tenant.

@@ -27,13 +27,15 @@ impl Handler for Digits {
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(d, _)| d)
             .ok_or_else(|| Error::internal("the model returned no scores"))?;
-        Response::json(
+        // The same image always gets the same answer: a handler with a response cache may keep it.
+        Ok(Response::json(
             200,
             &Prediction {
                 digit,
                 probabilities,
             },
-        )
+        )?
+        .with_header("cache-control", "public, max-age=3600"))
     }
 }
 

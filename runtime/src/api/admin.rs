@@ -5,7 +5,8 @@
 //! [`logging`](crate::telemetry::logging) do the work.
 //!
 //! `PUT /v1/handlers/{name}?tenant=T[&models=a,b][&memory_limit_mib=N][&deadline_ms=N]
-//! [&priority=N][&max_priority=N]` with the component bytes as the body and, when the tenant has a
+//! [&priority=N][&max_priority=N][&cache_ttl_ms=N][&cache_max_entries=N][&cache_max_bytes=N]` with
+//! the component bytes as the body and, when the tenant has a
 //! signing key, `kiln-signature: BASE64` (Ed25519 over the deployment's manifest).
 
 use std::sync::Arc;
@@ -77,6 +78,10 @@ struct DeployParams {
     deadline_ms: Option<u64>,
     priority: Option<u8>,
     max_priority: Option<u8>,
+    /// Any of these gives the handler a response cache (the rest take their defaults).
+    cache_ttl_ms: Option<u64>,
+    cache_max_entries: Option<u64>,
+    cache_max_bytes: Option<u64>,
 }
 
 async fn deploy(
@@ -117,6 +122,13 @@ async fn deploy_checked(
         deadline_ms: params.deadline_ms,
         priority: params.priority,
         max_priority: params.max_priority,
+        cache: (params.cache_ttl_ms.is_some() || params.cache_max_entries.is_some() || params.cache_max_bytes.is_some()).then_some(
+            kiln_codec::config::RawCache {
+                ttl_ms: params.cache_ttl_ms,
+                max_entries: params.cache_max_entries,
+                max_bytes: params.cache_max_bytes,
+            },
+        ),
     };
     let component = read_body(body, headers, app.max_component_bytes).await?.to_vec();
     let signature = headers.get(kiln_wire::headers::SIGNATURE).and_then(|v| v.to_str().ok());

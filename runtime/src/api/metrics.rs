@@ -202,6 +202,9 @@ impl Collector for Exporter {
         let refusals = t.refusals();
         family(&mut e, "kiln_quota_refusals", "Requests refused by a tenant's quota, by tenant and quota", None, Counter,
             refusals.iter().map(|((tenant, kind), n)| (vec![("tenant", tenant.as_str()), ("quota", *kind)], C(*n))))?;
+        let caches = t.caches();
+        family(&mut e, "kiln_response_cache", "Response cache lookups and changes, by handler and outcome (hit, miss, store, eviction)", None, Counter,
+            caches.iter().map(|((handler, outcome), n)| (vec![("handler", handler.as_str()), ("outcome", *outcome)], C(*n))))?;
         family(&mut e, "kiln_scaling_decisions", "Scaler decisions recorded, by direction", None, Counter,
             [ScaleAction::Up, ScaleAction::Down, ScaleAction::Hold]
                 .into_iter()

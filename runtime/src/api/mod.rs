@@ -33,6 +33,7 @@ use crate::fleet::scaler::DecisionLog;
 use crate::model::handle::ModelHandle;
 use crate::model::table::ModelTable;
 use crate::model::spec::MAX_PRIORITY;
+use crate::sandbox::cache::{self, Outcome};
 use crate::sandbox::{CallOptions, Handler, Lease};
 use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
 use crate::tenancy::audit::{Audit, Event};
@@ -375,6 +376,21 @@ async fn call_handler(
         Some(q) => format!("{}?{q}", guest_path(parts.uri.path())),
         None => guest_path(parts.uri.path()).to_owned(),
     };
+    // The handler's response cache, when it has one and the method may be cached: answered
+    // here without a sandbox (the tenant's quota was still charged).
+    let cache = handler
+        .cache()
+        .filter(|_| cache::cacheable_request(&parts.method))
+        .map(|_| cache::key(&parts.method, &path_and_query, &body));
+    if let Some(key) = &cache
+        && let Some(kept) = handler.cache().and_then(|c| c.get(key, std::time::Instant::now()))
+    {
+        app.telemetry.record_cache(name, Outcome::Hit.as_str(), 1);
+        return Ok(cached_response(kept));
+    }
+    if cache.is_some() {
+        app.telemetry.record_cache(name, Outcome::Miss.as_str(), 1);
+    }
     strip_kiln_headers(&mut parts.headers);
     let authority = parts
         .headers
@@ -398,8 +414,105 @@ async fn call_handler(
         app.telemetry.record_trap(name, tenant.name(), e.kind(), e.to_string());
         ApiError::Guest(e)
     })?;
+    let keep = cache.zip(handler.cache()).and_then(|(key, c)| {
+        cache::lifetime(response.status(), response.headers(), c.policy().ttl).map(|lifetime| (key, lifetime))
+    });
     // The tenant's slot is held until the guest has streamed its whole body.
-    Ok(response.map(|body| Body::new(Holding { body, _permit: held })))
+    let Some((key, lifetime)) = keep else {
+        return Ok(response.map(|body| Body::new(Holding { body, _permit: held })));
+    };
+    let (mut head, body) = response.into_parts();
+    head.headers.insert(CACHE_HEADER, HeaderValue::from_static("miss"));
+    let capture = Capture {
+        body: Body::new(body),
+        kept: Some(Vec::new()),
+        headers: head.headers.clone(),
+        key,
+        lifetime,
+        handler: Arc::clone(&handler),
+        telemetry: Arc::clone(&app.telemetry),
+    };
+    Ok(http::Response::from_parts(head, Body::new(Holding { body: capture, _permit: held })))
+}
+
+/// Says on a handler's answer whether its response cache gave it (`hit`) or it was kept for the
+/// next one (`miss`).
+const CACHE_HEADER: &str = "kiln-cache";
+
+/// A kept answer, as it was first sent, with its age.
+fn cached_response(kept: cache::Cached) -> Response {
+    let mut response = Response::new(Body::from(kept.body));
+    *response.headers_mut() = kept.headers;
+    response.headers_mut().insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+    if let Ok(age) = HeaderValue::from_str(&kept.stored.elapsed().as_secs().to_string()) {
+        response.headers_mut().insert(header::AGE, age);
+    }
+    response
+}
+
+/// A guest's body on its way to the client, copied as it streams; once it has ended whole
+/// (within the cache's byte limit) the answer goes into the handler's cache.
+struct Capture {
+    body: Body,
+    /// `None` once the body outgrew the cache or failed: nothing is stored then.
+    kept: Option<Vec<u8>>,
+    headers: http::HeaderMap,
+    key: [u8; 32],
+    lifetime: std::time::Duration,
+    handler: Arc<Handler>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl http_body::Body for Capture {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        let this = &mut *self;
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                let limit = this.handler.cache().map_or(0, |c| c.policy().max_bytes);
+                if let (Some(kept), Some(data)) = (&mut this.kept, frame.data_ref()) {
+                    if kept.len() + data.len() <= limit {
+                        kept.extend_from_slice(data);
+                    } else {
+                        this.kept = None;
+                    }
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) => this.kept = None,
+            std::task::Poll::Ready(None) => {
+                if let (Some(body), Some(cache)) = (this.kept.take(), this.handler.cache()) {
+                    let kept = cache::Cached {
+                        headers: std::mem::take(&mut this.headers),
+                        body: Bytes::from(body),
+                        stored: std::time::Instant::now(),
+                    };
+                    if let Some(evicted) = cache.put(this.key, kept, this.lifetime) {
+                        let name = this.handler.name();
+                        this.telemetry.record_cache(name, Outcome::Store.as_str(), 1);
+                        if evicted > 0 {
+                            this.telemetry.record_cache(name, Outcome::Eviction.as_str(), evicted as u64);
+                        }
+                    }
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The raw path after `/v1/handlers/NAME`, always starting with `/`.

@@ -22,6 +22,31 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{ApiError, AppState, json_response};
 use crate::model::handle::ModelState;
 
+/// Every live handler's cache: the counters over its name (they survive redeploys), the size
+/// of the one serving now.
+fn cache_stats(app: &AppState) -> Vec<kiln_wire::CacheStats> {
+    let counted = app.telemetry.caches();
+    let count = |handler: &str, outcome: &str| {
+        counted.iter().find(|((h, o), _)| h == handler && *o == outcome).map_or(0, |(_, n)| *n)
+    };
+    app.registry
+        .list()
+        .iter()
+        .filter_map(|h| {
+            let (entries, bytes) = h.cache()?.size();
+            Some(kiln_wire::CacheStats {
+                handler: h.name().to_owned(),
+                hits: count(h.name(), "hit"),
+                misses: count(h.name(), "miss"),
+                stores: count(h.name(), "store"),
+                evictions: count(h.name(), "eviction"),
+                entries: entries as u64,
+                bytes: bytes as u64,
+            })
+        })
+        .collect()
+}
+
 /// Every model, handler, tenant and GPU: admin only, since it names every tenant's models.
 pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     super::admin::require_admin(&app, &headers, None)?;
@@ -79,6 +104,7 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
         handlers: app.telemetry.handlers(),
         tenants: app.telemetry.tenants(),
         process: crate::telemetry::process::sample(),
+        caches: cache_stats(&app),
     };
     Ok(json_response(StatusCode::OK, &json!(stats)))
 }

@@ -6,7 +6,7 @@
 //! The server's average batch size comes from `/v1/stats` before and after the run.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +30,11 @@ pub struct LoadSpec {
     pub admin_key: Option<String>,
     pub method: http::Method,
     pub body: Bytes,
+    /// Other bodies, sent in turn by the requests that do not repeat `body`.
+    pub others: Vec<Bytes>,
+    /// Percent of requests that repeat `body` exactly; each of the others is unique (100: all
+    /// repeat).
+    pub repeat_percent: u32,
     pub content_type: Option<String>,
     pub headers: Vec<(String, String)>,
     pub concurrency: usize,
@@ -100,6 +105,8 @@ struct Shared {
     client: HttpClient,
     stop: AtomicBool,
     issued: AtomicU64,
+    /// Requests built, to pick each one's body.
+    built: AtomicU64,
     progress: indicatif::ProgressBar,
 }
 
@@ -141,16 +148,28 @@ impl Shared {
     }
 
     async fn one(&self, tally: &mut Tally, since: Instant) {
-        let mut request = http::Request::builder()
-            .method(self.spec.method.clone())
-            .uri(&self.spec.url);
+        // Below `repeat_percent`, the request repeats `body` exactly; the others are each made
+        // unique (a query parameter no guest reads), with the `others` bodies in turn.
+        let n = self.built.fetch_add(1, Ordering::Relaxed);
+        let repeat = self.spec.repeat_percent >= 100 || n % 100 < u64::from(self.spec.repeat_percent);
+        let (uri, body) = if repeat {
+            (std::borrow::Cow::Borrowed(self.spec.url.as_str()), &self.spec.body)
+        } else {
+            let separator = if self.spec.url.contains('?') { '&' } else { '?' };
+            let body = match self.spec.others.len() as u64 {
+                0 => &self.spec.body,
+                others => &self.spec.others[(n % others) as usize],
+            };
+            (std::borrow::Cow::Owned(format!("{}{separator}kiln-bench-unique={n}", self.spec.url)), body)
+        };
+        let mut request = http::Request::builder().method(self.spec.method.clone()).uri(uri.as_ref());
         if let Some(ct) = &self.spec.content_type {
             request = request.header(http::header::CONTENT_TYPE, ct);
         }
         for (k, v) in &self.spec.headers {
             request = request.header(k, v);
         }
-        let request = match request.body(Full::new(self.spec.body.clone())) {
+        let request = match request.body(Full::new(body.clone())) {
             Ok(r) => r,
             Err(_) => {
                 *tally.errors.entry("invalid request".into()).or_default() += 1;
@@ -207,6 +226,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
         client,
         stop: AtomicBool::new(false),
         issued: AtomicU64::new(0),
+        built: AtomicU64::new(0),
         progress,
     });
     let started = Instant::now();
@@ -459,6 +479,18 @@ pub fn raw(
         });
     }
     Ok(rows)
+}
+
+/// Every file in `dir`, in name order: the other bodies of `--vary`.
+pub fn read_bodies(dir: &Path) -> anyhow::Result<Vec<Bytes>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "{} has no files to send", dir.display());
+    files.iter().map(|p| Ok(Bytes::from(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?))).collect()
 }
 
 /// Reads a request body file.

@@ -175,6 +175,14 @@ pub struct DeployRequest {
     /// The highest priority a request may ask for with kiln-priority.
     #[arg(long)]
     pub max_priority: Option<u8>,
+    /// Give the handler a response cache: answers its guest marks `cache-control: public,
+    /// max-age=N` are kept for at most this long (any --cache-* turns the cache on).
+    #[arg(long)]
+    pub cache_ttl_ms: Option<u64>,
+    #[arg(long)]
+    pub cache_max_entries: Option<u64>,
+    #[arg(long)]
+    pub cache_max_bytes: Option<u64>,
 }
 
 pub fn deploy(target: &AdminTarget, request: &DeployRequest) -> anyhow::Result<()> {
@@ -190,6 +198,9 @@ pub fn deploy(target: &AdminTarget, request: &DeployRequest) -> anyhow::Result<(
         ("deadline_ms", request.deadline_ms),
         ("priority", request.priority.map(u64::from)),
         ("max_priority", request.max_priority.map(u64::from)),
+        ("cache_ttl_ms", request.cache_ttl_ms),
+        ("cache_max_entries", request.cache_max_entries),
+        ("cache_max_bytes", request.cache_max_bytes),
     ] {
         if let Some(v) = v {
             query.push(format!("{k}={v}"));

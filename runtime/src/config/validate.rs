@@ -711,6 +711,7 @@ impl Validator<'_> {
             deadline_ms: raw.deadline_ms,
             priority: raw.priority,
             max_priority: raw.max_priority,
+            cache: raw.cache,
         };
         settings
             .resolve(&raw.name, tenant, |m| tenant.models.iter().any(|t| t == m), self.path(&raw.component))

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::model::spec::MAX_PRIORITY;
 use crate::sandbox::HandlerConfig;
+use crate::sandbox::cache::CachePolicy;
 use crate::tenancy::TenantConfig;
 
 /// A handler's own settings, as written in a `[[handler]]` section or sent with a deployment.
@@ -31,6 +32,31 @@ pub struct HandlerSettings {
     pub priority: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_priority: Option<u8>,
+    /// A response cache for this handler (not covered by the signature: it changes how answers
+    /// are kept, not what runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<kiln_codec::config::RawCache>,
+}
+
+/// Defaults of a handler's `cache`, and the largest values it may take.
+pub const DEFAULT_CACHE_TTL_MS: u64 = 60_000;
+pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 1024;
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 16 << 20;
+const MAX_CACHE_TTL_MS: u64 = 86_400_000;
+const MAX_CACHE_ENTRIES: u64 = 1_000_000;
+const MAX_CACHE_BYTES: u64 = 1 << 30;
+
+/// A handler's `cache` with its defaults, or the field that is out of range.
+fn cache_policy(raw: &kiln_codec::config::RawCache) -> Result<CachePolicy, (&'static str, String)> {
+    let range = |field: &'static str, value: Option<u64>, default: u64, most: u64| match value.unwrap_or(default) {
+        n if (1..=most).contains(&n) => Ok(n),
+        n => Err((field, format!("{n} is out of range (1 ..= {most})"))),
+    };
+    Ok(CachePolicy {
+        ttl: Duration::from_millis(range("cache.ttl_ms", raw.ttl_ms, DEFAULT_CACHE_TTL_MS, MAX_CACHE_TTL_MS)?),
+        max_entries: range("cache.max_entries", raw.max_entries, DEFAULT_CACHE_MAX_ENTRIES, MAX_CACHE_ENTRIES)? as usize,
+        max_bytes: range("cache.max_bytes", raw.max_bytes, DEFAULT_CACHE_MAX_BYTES, MAX_CACHE_BYTES)? as usize,
+    })
 }
 
 impl HandlerSettings {
@@ -89,7 +115,9 @@ impl HandlerSettings {
                 format!("{max_priority} is out of range ({priority} ..= {MAX_PRIORITY})"),
             ));
         }
+        let cache = self.cache.as_ref().map(cache_policy).transpose()?;
         Ok(HandlerConfig {
+            cache,
             name: name.to_owned(),
             tenant: tenant.name.clone(),
             component,

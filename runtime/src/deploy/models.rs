@@ -314,7 +314,11 @@ impl ModelRepository {
             return Err(e);
         }
         if replacing {
-            self.table.update(|s| s.insert(name.to_owned(), served));
+            let old = self.table.update(|s| s.insert(name.to_owned(), served));
+            // Requests an operator's pause held in the old one's queue run there, not time out.
+            if let Some(old) = old {
+                old.handle.resume();
+            }
         }
         self.records().insert(name.to_owned(), record);
         Ok(if replacing { Loaded::Replaced } else { Loaded::New })
@@ -345,7 +349,9 @@ impl ModelRepository {
         }
         self.save(&record).await?;
         record.reason = Some("unloaded".to_owned());
-        self.table.update(|s| s.remove(name));
+        if let Some(old) = self.table.update(|s| s.remove(name)) {
+            old.handle.resume();
+        }
         self.records().insert(name.to_owned(), record);
         self.audit.record(Event::ModelUnload, None, None, &format!("model '{name}' unloaded"));
         self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: "unloaded".into(), detail: String::new() });
@@ -371,7 +377,9 @@ impl ModelRepository {
             .await
             .map_err(|e| ModelError::Store(format!("state task failed: {e}")))?
             .map_err(|e| ModelError::Store(format!("cannot remove the model's record: {e}")))?;
-        self.table.update(|s| s.remove(name));
+        if let Some(old) = self.table.update(|s| s.remove(name)) {
+            old.handle.resume();
+        }
         self.records().remove(name);
         self.audit.record(Event::ModelDelete, None, None, &format!("model '{name}' deleted"));
         self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: "deleted".into(), detail: String::new() });

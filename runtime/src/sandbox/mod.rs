@@ -7,6 +7,7 @@
 //! component is accepted, and the response-size cap. The WASI context grants nothing: no files,
 //! no environment, no sockets, no outgoing HTTP.
 
+pub mod cache;
 mod limits;
 mod log;
 pub mod nn;
@@ -33,6 +34,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 use crate::model::handle::{InferOptions, ModelHandle};
 use crate::model::table::ModelTable;
+use cache::{CachePolicy, ResponseCache};
 use crate::telemetry::histogram::AtomicHistogram;
 pub use limits::SandboxLimits;
 use limits::{CappedBody, GuestLimits};
@@ -391,6 +393,7 @@ impl Sandbox {
             priority: config.priority,
             max_priority: config.max_priority,
             models: ModelView::new(models, &config.tenant, config.models.clone()),
+            cache: config.cache.map(ResponseCache::new),
             origin,
             activity: Arc::clone(&self.activity),
         })
@@ -440,6 +443,8 @@ pub struct Handler {
     priority: u8,
     max_priority: u8,
     models: ModelView,
+    /// Answers kept for repeated requests; new (empty) with every deployment of the handler.
+    cache: Option<ResponseCache>,
     origin: Origin,
     activity: Arc<Activity>,
 }
@@ -517,6 +522,10 @@ impl Handler {
 
     pub fn origin(&self) -> &Origin {
         &self.origin
+    }
+
+    pub fn cache(&self) -> Option<&ResponseCache> {
+        self.cache.as_ref()
     }
 
     /// The models this handler's guest may load now, sorted.
@@ -924,6 +933,8 @@ pub struct HandlerConfig {
     pub priority: u8,
     /// The highest priority a request may ask for with the `kiln-priority` header.
     pub max_priority: u8,
+    /// Its response cache, if it has one.
+    pub cache: Option<CachePolicy>,
 }
 
 #[cfg(test)]

@@ -117,6 +117,8 @@ pub struct Telemetry {
     tenants: RwLock<BTreeMap<String, Arc<Route>>>,
     traps: Mutex<BTreeMap<&'static str, u64>>,
     refusals: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Response cache outcomes by (handler, `hit` | `miss` | `store` | `eviction`).
+    caches: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 fn route(map: &RwLock<BTreeMap<String, Arc<Route>>>, name: &str) -> Arc<Route> {
@@ -136,6 +138,7 @@ impl Telemetry {
             tenants: RwLock::new(BTreeMap::new()),
             traps: Mutex::new(BTreeMap::new()),
             refusals: Mutex::new(BTreeMap::new()),
+            caches: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -174,6 +177,22 @@ impl Telemetry {
             .unwrap_or_else(PoisonError::into_inner)
             .entry((tenant.to_owned(), kind))
             .or_default() += 1;
+    }
+
+    /// Counts `n` response-cache outcomes of `handler`.
+    pub fn record_cache(&self, handler: &str, outcome: &'static str, n: u64) {
+        let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        match caches.get_mut(&(handler.to_owned(), outcome)) {
+            Some(count) => *count += n,
+            None => {
+                caches.insert((handler.to_owned(), outcome), n);
+            }
+        }
+    }
+
+    /// Response-cache outcomes by (handler, outcome).
+    pub fn caches(&self) -> Vec<((String, &'static str), u64)> {
+        self.caches.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// Requests by (handler, tenant, status).

@@ -122,6 +122,17 @@ impl Handler for Misbehave {
         let (route, query) = path.split_once('?').unwrap_or((&path, ""));
         match route {
             "/echo" => Ok(Response::bytes(200, "application/octet-stream", request.body())),
+            // A different answer every time it runs (the clock, and what was sent): a cached one
+            // shows as the same answer twice.
+            "/cacheable" | "/uncacheable" | "/private" => {
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+                let answer = Response::text(200, format!("{nanos} {}", String::from_utf8_lossy(request.body())));
+                Ok(match route {
+                    "/cacheable" => answer.with_header("cache-control", "public, max-age=60"),
+                    "/private" => answer.with_header("cache-control", "private, max-age=60"),
+                    _ => answer,
+                })
+            }
             "/loop" => {
                 let mut x: u64 = 0;
                 loop {
