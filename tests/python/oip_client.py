@@ -59,6 +59,15 @@ def main(url: str, digits_pt: str, minilm_pt: str) -> None:
             check(np.allclose(got, expected, rtol=1e-5, atol=1e-5),
                   f"digits infer matches TorchScript (binary in={binary_in}, out={binary_out})")
 
+    # Version "1" by name, on every route that takes one; another version is not there.
+    check(client.is_model_ready("digits", "1"), "digits version 1 is ready")
+    check(not client.is_model_ready("digits", "2"), "digits has no version 2")
+    check(client.get_model_metadata("digits", "1")["versions"] == ["1"], "version 1's metadata")
+    inp = httpclient.InferInput("image", list(images.shape), "FP32")
+    inp.set_data_from_numpy(images)
+    got = client.infer("digits", [inp], model_version="1").as_numpy("logits")
+    check(got is not None and np.allclose(got, expected, rtol=1e-5, atol=1e-5), "digits infer by version 1")
+
     # Without requested outputs, every output comes back.
     inp = httpclient.InferInput("image", list(images.shape), "FP32")
     inp.set_data_from_numpy(images)

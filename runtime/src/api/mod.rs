@@ -301,6 +301,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}", get(oip::model_metadata))
         .route("/v2/models/{model}/ready", get(oip::model_ready))
         .route("/v2/models/{model}/infer", post(oip::infer))
+        .route("/v2/models/{model}/versions/{version}", get(oip::version_metadata))
+        .route("/v2/models/{model}/versions/{version}/ready", get(oip::version_ready))
+        .route("/v2/models/{model}/versions/{version}/infer", post(oip::version_infer))
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
         })

@@ -116,6 +116,46 @@ fn dims(shape: &[Option<u32>]) -> Vec<i64> {
     shape.iter().map(|d| d.map_or(-1, i64::from)).collect()
 }
 
+/// `/v2/models/{m}/versions/{v}/...`: the same routes for a named version. Models have one
+/// version, "1"; another is "not found" (after the model itself is found, so another tenant's
+/// model still looks missing).
+fn check_version(app: &AppState, headers: &HeaderMap, model: &str, version: &str) -> Result<(), ApiError> {
+    app.authorized_model(headers, model)?;
+    if version == VERSION {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound(format!("model '{model}' has no version '{version}' (its one version is '{VERSION}')")))
+    }
+}
+
+pub(super) async fn version_ready(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_version(&app, &headers, &model, &version)?;
+    model_ready(State(app), Path(model), headers).await
+}
+
+pub(super) async fn version_metadata(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_version(&app, &headers, &model, &version)?;
+    model_metadata(State(app), Path(model), headers).await
+}
+
+pub(super) async fn version_infer(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_version(&app, &headers, &model, &version)?;
+    Ok(infer(State(app), Path(model), headers, body).await)
+}
+
 /// Direct model calls are counted as the handler `oip`.
 pub(super) async fn infer(
     State(app): State<Arc<AppState>>,
