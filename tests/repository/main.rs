@@ -181,6 +181,12 @@ fn a_model_loaded_through_the_api_is_its_tenants_only_and_comes_back_after_a_res
             .map(|m| (m["name"].as_str().unwrap_or_default(), m["origin"].as_str().unwrap_or_default()))
             .collect();
         assert_eq!(listed, [("digits", "config"), ("minilm", "config"), ("offset", "api")]);
+        // A model's info: its parameters as loaded, its one version, its load and warm-up times.
+        let (_, digits) = model_state(&server, "digits").await;
+        assert!(digits["parameters"].as_u64().is_some_and(|n| n > 1000), "{digits}");
+        assert_eq!(digits["versions"], json!(["1"]));
+        assert!(digits["load_ms"].is_u64() && digits["warmup_ms"].is_u64(), "{digits}");
+        assert_eq!((digits["precision"].as_str(), digits["origin"].as_str()), (Some("fp32"), Some("config")));
     });
 
     server.restart().expect("restart");

@@ -106,8 +106,11 @@ pub struct ModelInfo {
     /// Requests waiting now, and whether an operator paused it (requests queue, none run).
     pub queued: u64,
     pub paused: bool,
-    /// How long its first replica took to load and warm up; 0 until it has.
+    /// The module's parameters (elements; 0 for a frozen module, whose weights are constants).
+    pub parameters: u64,
+    /// How long its first replica took to load, and then to warm up; 0 until it has.
     pub load_ms: u64,
+    pub warmup_ms: u64,
     /// Its versions (one until versioned models land).
     pub versions: Vec<String>,
     /// For models loaded through the API: seconds since the Unix epoch.

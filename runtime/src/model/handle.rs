@@ -16,7 +16,7 @@ use crate::model::backend::Backend;
 use crate::model::batch;
 use crate::model::curve::ForwardCurve;
 use crate::model::device::{Device, Placement};
-use crate::model::scheduler::{Command, Pending, Scheduler};
+use crate::model::scheduler::{Command, LoadTimes, Pending, Scheduler};
 use crate::model::signature::OutputMeta;
 use crate::model::spec::{MAX_BATCH_SIZE, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Replicas, Tuning};
 use crate::model::tensor::{HostTensor, TensorError};
@@ -209,8 +209,10 @@ pub(super) struct Shared {
     pub(super) tuning: Mutex<Tuning>,
     /// While set, requests queue (up to the queue limit) and no batch runs.
     pub(super) paused: AtomicBool,
-    /// How long its first replica took to load and warm up.
-    pub(super) load_time: Mutex<Option<Duration>>,
+    /// How long its first replica took to load, and to warm up.
+    pub(super) load_time: Mutex<Option<LoadTimes>>,
+    /// The module's parameters (elements), as the first replica to load counted them.
+    pub(super) parameters: AtomicU64,
 }
 
 impl Shared {
@@ -233,6 +235,7 @@ impl Shared {
             tuning: Mutex::new(tuning),
             paused: AtomicBool::new(false),
             load_time: Mutex::new(None),
+            parameters: AtomicU64::new(0),
         })
     }
 
@@ -373,6 +376,7 @@ impl ModelHandle {
             tuning: Mutex::new(tuning),
             paused: AtomicBool::new(false),
             load_time: Mutex::new(None),
+            parameters: AtomicU64::new(0),
         });
         let mut scheduler = Scheduler::new(Arc::clone(&shared), backend, commands.clone(), initial);
         // A model that never has more than one replica runs it on the scheduler's own thread:
@@ -578,9 +582,15 @@ impl ModelHandle {
         }
     }
 
-    /// How long the model's first replica took to load and warm up, once it has.
-    pub fn load_time(&self) -> Option<Duration> {
+    /// How long the model's first replica took to load, and to warm up, once it has.
+    pub fn load_time(&self) -> Option<LoadTimes> {
         *self.shared.load_time.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The module's parameters (elements); 0 until a replica has loaded, and for a frozen module
+    /// (its weights are constants, not parameters).
+    pub fn parameters(&self) -> u64 {
+        self.shared.parameters.load(Ordering::Relaxed)
     }
 
     /// Checks `named` inputs against the declared inputs (by name, in declaration order) and

@@ -568,9 +568,9 @@ fn load_replica<B: Backend>(
 ) -> Result<(B::Model, Vec<OutputMeta>), BackendError> {
     let config = &shared.config;
     let started = Instant::now();
-    let loaded = load_and_warm_up(backend, config, placement.run_on);
+    let loaded = load_and_warm_up_timed(backend, config, placement.run_on);
     match &loaded {
-        Ok((model, _)) => {
+        Ok((model, _, times)) => {
             if let Some(difference) = padding_changes_outputs(model, config) {
                 shared.ragged_batching.store(false, Ordering::Relaxed);
                 tracing::warn!(
@@ -585,7 +585,8 @@ fn load_replica<B: Backend>(
             if weights > 0 {
                 shared.weights.store(weights, Ordering::Relaxed);
             }
-            shared.load_time.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(started.elapsed());
+            shared.load_time.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(*times);
+            shared.parameters.store(model.parameters(), Ordering::Relaxed);
             tracing::info!(
                 model = %config.name,
                 replica = slot.id,
@@ -612,7 +613,7 @@ fn load_replica<B: Backend>(
             });
         }
     }
-    loaded
+    loaded.map(|(model, meta, _)| (model, meta))
 }
 
 fn run_batch<M: LoadedModel>(model: &M, config: &ModelConfig, counters: &ModelCounters, batch: Vec<Pending>) {
@@ -679,7 +680,18 @@ pub fn load_and_warm_up<B: Backend>(
     config: &ModelConfig,
     device: Device,
 ) -> Result<(B::Model, Vec<OutputMeta>), BackendError> {
+    load_and_warm_up_timed(backend, config, device).map(|(model, meta, _)| (model, meta))
+}
+
+/// [`load_and_warm_up`], with how long the load and the warm-up each took.
+fn load_and_warm_up_timed<B: Backend>(
+    backend: &B,
+    config: &ModelConfig,
+    device: Device,
+) -> Result<(B::Model, Vec<OutputMeta>, LoadTimes), BackendError> {
+    let started = Instant::now();
     let model = backend.load(config, device)?;
+    let load = started.elapsed();
     let inputs = warmup_inputs(&config.inputs);
     let mut meta = Vec::new();
     for _ in 0..config.warmup_runs.max(1) {
@@ -689,7 +701,14 @@ pub fn load_and_warm_up<B: Backend>(
         })?;
         meta = output_meta(&config.outputs, &outputs);
     }
-    Ok((model, meta))
+    Ok((model, meta, LoadTimes { load, warmup: started.elapsed().saturating_sub(load) }))
+}
+
+/// How long a replica took to load its model, and then to run its warm-up passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadTimes {
+    pub load: std::time::Duration,
+    pub warmup: std::time::Duration,
 }
 
 /// Length of the probe row [`padding_changes_outputs`] pads, and of its longer neighbour.

@@ -64,6 +64,10 @@ impl LoadedModel for FakeModel {
     fn weight_bytes(&self) -> u64 {
         1 << 20
     }
+
+    fn parameters(&self) -> u64 {
+        1 << 18
+    }
 }
 
 pub(crate) fn f32_tensor(shape: Vec<u32>, values: &[f32]) -> HostTensor {

@@ -49,6 +49,9 @@ pub trait LoadedModel: Send + 'static {
 
     /// Bytes of weights the replica holds on its device (0 when unknown).
     fn weight_bytes(&self) -> u64;
+
+    /// Elements of the module's parameters (0 when unknown).
+    fn parameters(&self) -> u64;
 }
 
 #[cfg(test)]

@@ -103,6 +103,10 @@ impl LoadedModel for TorchModel {
     fn weight_bytes(&self) -> u64 {
         TorchModel::weight_bytes(self)
     }
+
+    fn parameters(&self) -> u64 {
+        self.module.named_parameters().map_or(0, |params| params.iter().map(|(_, t)| t.numel() as u64).sum())
+    }
 }
 
 /// What a reduced precision converts. libtorch's C++ API casts a module's parameters and
