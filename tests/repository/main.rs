@@ -349,6 +349,26 @@ fn a_served_model_pauses_resumes_flushes_retunes_and_its_requests_cancel_by_id()
         let (status, _) = json_of(admin.delete(server.admin_url(&format!("/v1/requests/{id}"))).send().await.expect("cancel")).await;
         assert_eq!(status, 404, "a request no longer in flight");
 
+        // A client that hangs up leaves neither the list of requests in flight nor the queue.
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .default_headers(std::iter::once((reqwest::header::AUTHORIZATION, format!("Bearer {}", server.key("demo")).parse().expect("header"))).collect())
+            .build()
+            .expect("client");
+        let request = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0] }] });
+        assert!(impatient.post(server.url("/v2/models/offset/infer")).json(&request).send().await.is_err(), "the client gave up");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, listed) = json_of(admin.get(server.admin_url("/v1/requests")).send().await.expect("list")).await;
+            let stale = listed["requests"].as_array().is_some_and(|r| r.iter().any(|r| r["path"] == "/v2/models/offset/infer"));
+            if !stale {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a request whose client left is still listed: {listed}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info_until(&server, "the abandoned request leaves the queue", |b| b["queued"] == 0).await;
+
         // A live timeout: a paused model's request gives up after it.
         let patch = |body: Value| admin.patch(server.admin_url("/v1/models/offset")).json(&body).send();
         let (status, body) = json_of(patch(json!({ "timeout_ms": 300 })).await.expect("patch")).await;

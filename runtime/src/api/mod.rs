@@ -163,6 +163,8 @@ pub(crate) async fn tag_request(request: Request, next: axum::middleware::Next) 
         .map(|info| info.0.ip());
     let (n, id) = next_request_id();
     let cancelled = in_flight().register(n, &request);
+    // Forgotten however this ends: answered, cancelled, or dropped because the client went away.
+    let _registered = Registered(n);
     let handled = async {
         match peer {
             Some(ip) => PEER.scope(ip, next.run(request)).await,
@@ -175,7 +177,6 @@ pub(crate) async fn tag_request(request: Request, next: axum::middleware::Next) 
         response = handled => response,
         Ok(()) = cancelled => ApiError::Cancelled(id.clone()).into_response(),
     };
-    in_flight().forget(n);
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
     }
@@ -208,13 +209,22 @@ struct InFlight {
     shards: [std::sync::Mutex<HashMap<u64, Flying>>; 16],
 }
 
-/// One request in flight. Cloning a parsed request's method and URI shares their bytes: no
-/// allocation per request.
+/// One request in flight. Cloning a parsed request's method and URI shares their bytes (the
+/// first share of hyper's buffer allocates once); the channel is one allocation more.
 struct Flying {
     cancel: tokio::sync::oneshot::Sender<()>,
     method: http::Method,
     uri: http::Uri,
     since: std::time::Instant,
+}
+
+/// A request's place in [`InFlight`], given up when dropped.
+struct Registered(u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        in_flight().forget(self.0);
+    }
 }
 
 fn in_flight() -> &'static InFlight {
