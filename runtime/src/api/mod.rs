@@ -520,7 +520,8 @@ impl http_body::Body for Capture {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        // Until the copy is stored, ask to be polled to the end: the store happens on `None`.
+        self.kept.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
