@@ -117,15 +117,14 @@ fn dims(shape: &[Option<u32>]) -> Vec<i64> {
 }
 
 /// `/v2/models/{m}/versions/{v}/...`: the same routes for a named version. Models have one
-/// version, "1"; another is "not found" (after the model itself is found, so another tenant's
-/// model still looks missing).
+/// version, "1", whose routes authorize as the plain ones do; another version is "not found",
+/// said only once the model itself is found, so another tenant's model still looks missing.
 fn check_version(app: &AppState, headers: &HeaderMap, model: &str, version: &str) -> Result<(), ApiError> {
-    app.authorized_model(headers, model)?;
     if version == VERSION {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound(format!("model '{model}' has no version '{version}' (its one version is '{VERSION}')")))
+        return Ok(());
     }
+    app.authorized_model(headers, model)?;
+    Err(ApiError::NotFound(format!("model '{model}' has no version '{version}' (its one version is '{VERSION}')")))
 }
 
 pub(super) async fn version_ready(

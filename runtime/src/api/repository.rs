@@ -48,7 +48,7 @@ pub(super) async fn show(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers, None)?;
-    let entry = app.repository.get(&name).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+    let entry = entry(&app, &name)?;
     Ok(json_response(StatusCode::OK, &describe(&entry)))
 }
 
@@ -66,7 +66,7 @@ pub(super) async fn put(
         Loaded::New => StatusCode::CREATED,
         Loaded::Replaced => StatusCode::OK,
     };
-    let entry = app.repository.get(&name).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+    let entry = entry(&app, &name)?;
     Ok(json_response(status, &describe(&entry)))
 }
 
@@ -148,7 +148,7 @@ pub(super) async fn tune(
 
 async fn controlled(app: &AppState, name: &str, control: Control) -> Result<Response, ApiError> {
     let done = app.repository.control(name, control).await?;
-    let entry = app.repository.get(name).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+    let entry = entry(app, name)?;
     let mut body = serde_json::to_value(describe(&entry)).map_err(|e| ApiError::Internal(e.to_string()))?;
     body["done"] = Value::String(done);
     Ok(json_response(StatusCode::OK, &body))
@@ -172,6 +172,11 @@ pub(super) async fn cancel(
     }
     app.audit.record(crate::tenancy::audit::Event::RequestCancel, None, None, &format!("request {id} cancelled"));
     Ok(json_response(StatusCode::OK, &json!({ "cancelled": id })))
+}
+
+/// The repository's entry for `name`, or 404.
+fn entry(app: &AppState, name: &str) -> Result<ModelEntry, ApiError> {
+    app.repository.get(name).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))
 }
 
 /// A model's fields: a JSON object, or TOML text (a `[[model]]` section's body).
