@@ -133,6 +133,8 @@ pub struct Server {
     pub config: PathBuf,
     pub log: PathBuf,
     keys: std::collections::HashMap<String, String>,
+    /// Environment the server runs with, beyond the test's own.
+    env: Vec<(String, String)>,
     pub dir: TempDir,
 }
 
@@ -147,6 +149,11 @@ impl Server {
     /// `kiln tenant add-key` / `kiln admin add-key`, starts `kiln serve` and waits until it is
     /// ready.
     pub fn start(config: &str, tenants: &[&str]) -> anyhow::Result<Server> {
+        Server::start_with_env(config, tenants, &[])
+    }
+
+    /// [`Server::start`], with `env` set for the server (every start of it).
+    pub fn start_with_env(config: &str, tenants: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Server> {
         let dir = TempDir::new("kiln-test")?;
         let config_path = dir.path.join("kiln.toml");
         std::fs::write(&config_path, config)?;
@@ -167,6 +174,7 @@ impl Server {
             config: config_path,
             log: dir.path.join("server.log"),
             keys,
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             dir,
         };
         // A port found free can be taken before kiln binds it (another test's server or one of
@@ -205,6 +213,7 @@ impl Server {
             .arg(&self.admin_addr)
             .arg("--stop-on-stdin-close")
             .env("KILN_LOG", "info,kiln=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

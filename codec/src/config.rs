@@ -69,6 +69,12 @@ pub struct RawServer {
     pub drain_grace_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
     pub slot_reset: Option<String>,
+    /// Where remote model files are kept (default: `STATE_DIR/cache`).
+    pub cache_dir: Option<String>,
+    /// Size of that cache before least recently used files no model uses go; no limit if unset.
+    pub cache_max_bytes: Option<u64>,
+    /// Load remote sources without a `sha256` pin (their digest is logged, to pin it).
+    pub allow_unpinned: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,7 +108,12 @@ pub struct RawQuota {
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub name: String,
-    pub path: String,
+    /// The file: a local path (also accepted as `path`), `https://HOST/FILE` or
+    /// `hf://ORG/REPO/FILE@REVISION`.
+    pub source: Option<String>,
+    pub path: Option<String>,
+    /// The file's SHA-256; remote sources need it.
+    pub sha256: Option<String>,
     /// `"auto"`, `"cpu"`, `"cuda:N"` or a list of `"cuda:N"`; checked by hand for clear errors.
     #[serde(default)]
     pub device: Option<toml::Value>,

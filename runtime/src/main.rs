@@ -67,6 +67,10 @@ enum Command {
         /// Address of the admin API; overrides [server].admin_listen.
         #[arg(long)]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Load remote model sources that have no sha256 pin (each one's digest is logged, to
+        /// pin it); overrides [server].allow_unpinned.
+        #[arg(long)]
+        allow_unpinned: bool,
         /// Exit when standard input closes (lets a supervising process, such as the test
         /// harness, take the server down with it).
         #[arg(long, hide = true)]
@@ -260,10 +264,40 @@ enum ModelAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// List every model of the repository, served or not.
+    /// List every model of the repository, served or not; with --cache, the files of the model
+    /// cache instead (least recently used first).
     Ls {
-        #[command(flatten)]
-        admin: AdminArgs,
+        /// List the model cache of the config's server (read here, no server needed).
+        #[arg(long)]
+        cache: bool,
+        /// The deployment config whose cache to list.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, env = "KILN_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
+        admin_url: String,
+        #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
+        admin_key: Option<String>,
+    },
+    /// Download a remote model file into the model cache ahead of its load, with a progress bar.
+    /// SOURCE is https://HOST/FILE or hf://ORG/REPO/FILE@REVISION.
+    Pull {
+        source: String,
+        /// The file's SHA-256; the download is refused if it does not match.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Download without a pin, and print the digest to pin it with.
+        #[arg(long)]
+        allow_unpinned: bool,
+        /// The deployment config whose cache to fill.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Remove a file from the model cache, by its SHA-256 (a model using it is fetched again at
+    /// its next load).
+    Rm {
+        sha256: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Stop running batches: requests queue (up to the queue limit) until `resume`.
     Pause {
@@ -412,6 +446,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             listen,
             admin_listen,
+            allow_unpinned,
             stop_on_stdin_close,
         } => {
             if stop_on_stdin_close {
@@ -421,7 +456,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
             let path = config.unwrap_or_else(default_config);
-            let config = Config::load(&path)?;
+            let mut config = Config::load(&path)?;
+            config.server.allow_unpinned |= allow_unpinned;
             let listen = listen.unwrap_or(config.server.listen);
             let admin_listen = admin_listen.unwrap_or(config.server.admin_listen);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -473,7 +509,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ModelAction::Load { name, spec, admin } => kiln::cli::load_model(&admin.target(), &name, spec.as_deref()),
             ModelAction::Unload { name, admin } => kiln::cli::unload_model(&admin.target(), &name),
             ModelAction::Delete { name, admin } => kiln::cli::delete_model(&admin.target(), &name),
-            ModelAction::Ls { admin } => kiln::cli::list_models(&admin.target()),
+            ModelAction::Ls { cache: true, config, .. } => kiln::cli::list_cache(&load(config)?),
+            ModelAction::Ls { cache: false, admin_url, admin_key, .. } => {
+                let key = admin_key.ok_or_else(|| anyhow::anyhow!("give an admin key: --admin-key or KILN_ADMIN_KEY"))?;
+                kiln::cli::list_models(&kiln::cli::AdminTarget { url: admin_url, key })
+            }
+            ModelAction::Pull { source, sha256, allow_unpinned, config } => {
+                kiln::cli::pull_model(&load(config)?, &source, sha256.as_deref(), allow_unpinned)
+            }
+            ModelAction::Rm { sha256, config } => kiln::cli::remove_cached(&load(config)?, &sha256),
             ModelAction::Pause { name, admin } => kiln::cli::control_model(&admin.target(), &name, "pause"),
             ModelAction::Resume { name, admin } => kiln::cli::control_model(&admin.target(), &name, "resume"),
             ModelAction::Flush { name, admin } => kiln::cli::control_model(&admin.target(), &name, "flush"),

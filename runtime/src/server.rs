@@ -18,6 +18,7 @@ use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
 use crate::fleet::gpu::Gpus;
 use crate::fleet::start_model;
 use crate::deploy::models::{ModelRepository, RepositoryParts};
+use crate::deploy::sources::ModelCache;
 use crate::fleet::placement::Placer;
 use crate::fleet::scaler::{self, DecisionLog};
 use crate::telemetry::{EventLog, Telemetry};
@@ -43,9 +44,14 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let events = Arc::new(EventLog::new(EVENT_HISTORY));
     let mut config_models = Vec::with_capacity(config.models.len());
     for model in &config.models {
-        let handle = start_model(model, &placer, Arc::clone(&events)).map_err(|e| {
-            anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
-        })?;
+        // A remote file is fetched, and a pinned one checked, by the repository before it starts.
+        let deferred = model.source.is_some() || model.sha256.is_some();
+        let handle = match deferred {
+            true => None,
+            false => Some(start_model(model, &placer, Arc::clone(&events)).map_err(|e| {
+                anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
+            })?),
+        };
         let users: Vec<String> =
             config.tenants.iter().filter(|t| t.models.contains(&model.name)).map(|t| t.name.clone()).collect();
         config_models.push((model.clone(), handle, users));
@@ -80,6 +86,11 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
             config_models,
             placer: placer.clone(),
             store: store.clone(),
+            cache: Arc::new(ModelCache::new(
+                config.server.cache_dir.clone(),
+                config.server.cache_max_bytes,
+                config.server.allow_unpinned,
+            )),
             parse: Box::new(move |name, spec| crate::config::model_spec(&base, name, spec)),
             tenants: config.tenants.iter().map(|t| t.name.clone()).collect(),
             audit: Arc::clone(&audit),
@@ -87,6 +98,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         })
         .with_context(|| format!("cannot read the models kept in {}", state_dir.display()))?,
     );
+    repository.start_fetches();
     let models = Arc::clone(repository.table());
     scaler::spawn(Arc::clone(&models), placer.clone(), &config.scaler, Arc::clone(&decisions))
         .context("cannot start the scaler")?;

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_tests::{Server, artifact, examples_config, python, root};
+
+mod sources;
 use serde_json::{Value, json};
 
 fn start() -> Server {

@@ -92,7 +92,14 @@ pub struct ModelInfo {
     pub reason: String,
     /// The tenants that may use it.
     pub tenants: Vec<String>,
+    /// The file loaded (for a remote source, the cache's copy).
     pub path: String,
+    /// Where the file comes from when it is not local: `https://…` or `hf://…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Its pinned SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     pub device: String,
     pub precision: String,
     pub inputs: Vec<TensorInfo>,

@@ -264,6 +264,8 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
         reason: entry.reason.clone(),
         tenants: entry.users.to_vec(),
         path: c.path.display().to_string(),
+        source: c.source.clone(),
+        sha256: c.sha256.clone(),
         device: c.device.to_string(),
         precision: c.precision.to_string(),
         inputs: c

@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::config::Config;
 
 use crate::deploy::check_name;
+use crate::deploy::sources::{self, ModelCache, Progress};
 use crate::tenancy::keys::{self, Principal};
 use crate::files::write_atomic;
 
@@ -342,6 +343,68 @@ pub fn list_models(target: &AdminTarget) -> anyhow::Result<()> {
             m.reason
         )?;
     }
+    Ok(())
+}
+
+fn model_cache(config: &Config, allow_unpinned: bool) -> ModelCache {
+    ModelCache::new(config.server.cache_dir.clone(), config.server.cache_max_bytes, allow_unpinned)
+}
+
+/// `kiln model pull`: downloads `source` into the config's model cache, with a progress bar on a
+/// terminal; prints the file's digest and path.
+pub fn pull_model(config: &Config, source: &str, sha256: Option<&str>, allow_unpinned: bool) -> anyhow::Result<()> {
+    let remote = sources::parse_source(source)
+        .map_err(anyhow::Error::msg)?
+        .ok_or_else(|| anyhow::anyhow!("'{source}' is a local path: it needs no pull"))?;
+    let pin = sha256.map(sources::parse_digest).transpose().map_err(anyhow::Error::msg)?;
+    let cache = model_cache(config, allow_unpinned || config.server.allow_unpinned);
+    let bar = indicatif::ProgressBar::no_length();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let fetched = cache.fetch(&remote, pin.as_deref(), &mut |progress| match progress {
+        Progress::Started { at, total } => {
+            if let Some(total) = total {
+                bar.set_length(total);
+            }
+            bar.set_position(at);
+            bar.reset_eta();
+        }
+        Progress::Advanced(n) => bar.inc(n),
+    });
+    bar.finish_and_clear();
+    let fetched = fetched?;
+    let mut out = std::io::stdout().lock();
+    let how = if fetched.downloaded { "downloaded" } else { "already cached" };
+    writeln!(out, "{how}: {} bytes\nsha256 {}\n{}", fetched.bytes, fetched.sha256, fetched.path.display())?;
+    if pin.is_none() {
+        writeln!(out, "pin it in the model's definition: sha256 = \"{}\"", fetched.sha256)?;
+    }
+    Ok(())
+}
+
+/// `kiln model ls --cache`: the model cache's files, least recently used first.
+pub fn list_cache(config: &Config) -> anyhow::Result<()> {
+    let cache = model_cache(config, false);
+    let files = cache.list().with_context(|| format!("cannot read the model cache {}", cache.dir().display()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<64} {:>12} {:>10} SOURCES", "SHA256", "BYTES", "IDLE")?;
+    for file in files {
+        let idle = file.last_used.elapsed().map_or(0, |d| d.as_secs());
+        writeln!(out, "{:<64} {:>12} {:>9}s {}", file.sha256, file.bytes, idle, file.meta.sources.join(" "))?;
+    }
+    Ok(())
+}
+
+/// `kiln model rm`: removes one file from the model cache.
+pub fn remove_cached(config: &Config, sha256: &str) -> anyhow::Result<()> {
+    let digest = sources::parse_digest(sha256).map_err(anyhow::Error::msg)?;
+    let cache = model_cache(config, false);
+    if !cache.remove(&digest).with_context(|| format!("cannot remove {digest} from {}", cache.dir().display()))? {
+        bail!("{digest} is not in the model cache {}", cache.dir().display());
+    }
+    println!("removed {digest}");
     Ok(())
 }
 

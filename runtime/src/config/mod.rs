@@ -51,6 +51,11 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// How sandbox slots are reset between requests.
     pub slot_reset: SlotResetPolicy,
+    /// The content-addressed cache of remote model files, and its size limit.
+    pub cache_dir: PathBuf,
+    pub cache_max_bytes: Option<u64>,
+    /// Whether remote sources may go without a `sha256` pin.
+    pub allow_unpinned: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use crate::deploy::{HandlerSettings, check_name};
+use crate::deploy::sources::{parse_digest, parse_source};
 use crate::fleet::gpu::{GpuConfig, SimulatedGpuConfig, SimulatedStep};
 use crate::fleet::scaler::ScalerConfig;
 use crate::model::signature::{InputSpec, OutputSpec, Ragged, ValueRange};
@@ -172,7 +173,17 @@ impl Validator<'_> {
                 ));
             }
         };
+        let cache_dir = match raw.cache_dir.as_deref() {
+            Some(dir) => self.path(dir),
+            None => state_dir.join("cache"),
+        };
+        if raw.cache_max_bytes == Some(0) {
+            return Err(self.invalid("server.cache_max_bytes", "0 would keep nothing; leave it out for no limit"));
+        }
         Ok(ServerConfig {
+            cache_dir,
+            cache_max_bytes: raw.cache_max_bytes,
+            allow_unpinned: raw.allow_unpinned.unwrap_or(false),
             listen,
             max_body_bytes: max_body_bytes as usize,
             max_instances,
@@ -384,9 +395,26 @@ impl Validator<'_> {
                 ));
             }
         };
+        let (path, source) = match (raw.path, raw.source) {
+            (Some(_), Some(_)) => return Err(self.invalid(at("source"), "give `source` or `path`, not both")),
+            (None, None) => {
+                return Err(self.invalid(
+                    at("source"),
+                    "a model needs a `source`: a local path, https://HOST/FILE or hf://ORG/REPO/FILE@REVISION",
+                ));
+            }
+            (Some(path), None) => (self.path(&path), None),
+            (None, Some(text)) => match parse_source(&text).map_err(|e| self.invalid(at("source"), e))? {
+                None => (self.path(&text), None),
+                Some(remote) => (PathBuf::new(), Some(remote.text)),
+            },
+        };
+        let sha256 = raw.sha256.map(|d| parse_digest(&d).map_err(|e| self.invalid(at("sha256"), e))).transpose()?;
         Ok(ModelConfig {
             precision,
-            path: self.path(&raw.path),
+            path,
+            source,
+            sha256,
             name: raw.name,
             device,
             inputs,

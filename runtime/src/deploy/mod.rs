@@ -4,6 +4,7 @@
 
 pub mod models;
 pub mod registry;
+pub mod sources;
 pub mod store;
 
 use std::path::PathBuf;

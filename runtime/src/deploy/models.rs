@@ -21,6 +21,7 @@ use std::time::Duration;
 use kiln_wire::EventKind;
 
 use crate::deploy::check_name;
+use crate::deploy::sources::{ModelCache, Remote, verify_local};
 use crate::deploy::store::{ModelDeployment, Store};
 use crate::fleet::placement::Placer;
 use crate::fleet::start_model;
@@ -33,6 +34,9 @@ use crate::tenancy::audit::{Audit, Event};
 /// Turns the fields sent for model `name` into its config and the tenants that may use it, or
 /// says which field is wrong. The config layer's validation, handed down (it sits above this).
 pub type ParseModel = dyn Fn(&str, &serde_json::Value) -> Result<(ModelConfig, Vec<String>), String> + Send + Sync;
+
+/// Why a model the config file defines is not served: an operator unloaded it.
+const UNLOADED: &str = "unloaded";
 
 /// How often a load in progress is looked at.
 const LOAD_POLL: Duration = Duration::from_millis(10);
@@ -90,6 +94,8 @@ struct Record {
     deployment: Option<ModelDeployment>,
     /// Why it is not served, when it is not.
     reason: Option<String>,
+    /// Its file is being fetched (or waits to be, at start-up) before it loads.
+    fetching: bool,
 }
 
 /// What a successful load did.
@@ -106,6 +112,7 @@ pub struct ModelRepository {
     records: Mutex<BTreeMap<String, Record>>,
     placer: Placer,
     store: Store,
+    cache: Arc<ModelCache>,
     parse: Box<ParseModel>,
     /// Every tenant's name, to check a model's `tenants`.
     tenants: Vec<String>,
@@ -117,10 +124,12 @@ pub struct ModelRepository {
 
 /// What the repository is built from.
 pub struct RepositoryParts {
-    /// The config file's models, already started, and who may use each.
-    pub config_models: Vec<(ModelConfig, ModelHandle, Vec<String>)>,
+    /// The config file's models, already started (those with a remote source not yet: see
+    /// [`ModelRepository::start_fetches`]), and who may use each.
+    pub config_models: Vec<(ModelConfig, Option<ModelHandle>, Vec<String>)>,
     pub placer: Placer,
     pub store: Store,
+    pub cache: Arc<ModelCache>,
     pub parse: Box<ParseModel>,
     pub tenants: Vec<String>,
     pub audit: Arc<Audit>,
@@ -129,17 +138,21 @@ pub struct RepositoryParts {
 
 impl ModelRepository {
     /// The config file's models (already starting), then every model the state directory kept:
-    /// those recorded as loaded start loading now. A kept model that no longer validates, or
-    /// whose name the config file now uses, is reported unavailable with the reason.
+    /// those recorded as loaded start loading now (those with a remote source once
+    /// [`ModelRepository::start_fetches`] runs). A kept model that no longer validates, or whose
+    /// name the config file now uses, is reported unavailable with the reason.
     pub fn restore(parts: RepositoryParts) -> std::io::Result<ModelRepository> {
-        let RepositoryParts { config_models, placer, store, parse, tenants, audit, events } = parts;
+        let RepositoryParts { config_models, placer, store, cache, parse, tenants, audit, events } = parts;
         let mut records = BTreeMap::new();
         let table = Arc::new(ModelTable::default());
         table.update(|served| {
             for (config, handle, users) in config_models {
                 let users: Arc<[String]> = users.into();
-                served.insert(config.name.clone(), Served { handle, users: Arc::clone(&users) });
-                records.insert(config.name.clone(), Record { config, users, deployment: None, reason: None });
+                let fetching = handle.is_none();
+                if let Some(handle) = handle {
+                    served.insert(config.name.clone(), Served { handle, users: Arc::clone(&users) });
+                }
+                records.insert(config.name.clone(), Record { config, users, deployment: None, reason: None, fetching });
             }
         });
         let repository = ModelRepository {
@@ -147,6 +160,7 @@ impl ModelRepository {
             records: Mutex::new(BTreeMap::new()),
             placer,
             store,
+            cache,
             parse,
             tenants,
             changes: tokio::sync::Mutex::new(()),
@@ -168,8 +182,9 @@ impl ModelRepository {
                 }
             };
             let users: Arc<[String]> = users.into();
-            let mut reason = (!deployment.loaded).then(|| "unloaded".to_owned());
-            if deployment.loaded {
+            let mut reason = (!deployment.loaded).then(|| UNLOADED.to_owned());
+            let fetching = deployment.loaded && config.source.is_some();
+            if deployment.loaded && !fetching {
                 match start_model(&config, &repository.placer, Arc::clone(&repository.events)) {
                     Ok(handle) => {
                         tracing::info!(model = %name, "kept model loading");
@@ -183,10 +198,21 @@ impl ModelRepository {
                     }
                 }
             }
-            records.insert(name, Record { config, users, deployment: Some(deployment), reason });
+            records.insert(name, Record { config, users, deployment: Some(deployment), reason, fetching });
         }
         *repository.records() = records;
         Ok(repository)
+    }
+
+    /// Fetches and loads, in the background, every model restored with a remote source.
+    pub fn start_fetches(self: &Arc<Self>) {
+        let waiting: Vec<String> = self.records().iter().filter(|(_, r)| r.fetching).map(|(n, _)| n.clone()).collect();
+        for name in waiting {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = this.load_now(&name).await;
+            });
+        }
     }
 
     /// The models being served now: what every request looks models up in.
@@ -227,7 +253,7 @@ impl ModelRepository {
             match served.get(name) {
                 Some(s) => matches!(s.handle.state(), ModelState::Ready(_)),
                 // Unloaded on purpose through the API.
-                None => record.reason.is_some(),
+                None => !record.fetching && record.reason.as_deref() == Some(UNLOADED),
             }
         })
     }
@@ -241,19 +267,27 @@ impl ModelRepository {
     }
 
     async fn put_now(&self, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
-        let _one_at_a_time = self.changes.lock().await;
-        let result = self.put_locked(name, spec).await;
+        let result = self.put_fetched(name, spec).await;
         self.report(name, &result);
         result
     }
 
-    async fn put_locked(&self, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
-        if self.records().get(name).is_some_and(|r| r.deployment.is_none()) {
+    async fn put_fetched(&self, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
+        let config_owned = || self.records().get(name).is_some_and(|r| r.deployment.is_none());
+        if config_owned() {
             return Err(ModelError::ConfigOwned(name.to_owned()));
         }
         let (config, users) = self.check(name, &spec)?;
         let deployment = ModelDeployment { name: name.to_owned(), spec, loaded: true, deployed_at: unix_seconds() };
-        self.load_record(name, Record { config, users: users.into(), deployment: Some(deployment), reason: None }).await
+        let record = Record { config, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
+        // Downloads run outside the one-change-at-a-time lock: a large file does not hold up
+        // other models' changes, and loads of the same file at once share one download.
+        let record = self.fetch(name, record).await?;
+        let _one_at_a_time = self.changes.lock().await;
+        if config_owned() {
+            return Err(ModelError::ConfigOwned(name.to_owned()));
+        }
+        self.load_record(name, record).await
     }
 
     /// Loads the model `name` the repository already knows, again from its own definition: a
@@ -264,13 +298,14 @@ impl ModelRepository {
     }
 
     async fn load_now(&self, name: &str) -> Result<Loaded, ModelError> {
-        let _one_at_a_time = self.changes.lock().await;
         let result = async {
             let mut record = self.records().get(name).cloned().ok_or_else(|| ModelError::NotFound(name.to_owned()))?;
             if let Some(deployment) = &mut record.deployment {
                 deployment.loaded = true;
             }
             record.reason = None;
+            let record = self.fetch(name, record).await?;
+            let _one_at_a_time = self.changes.lock().await;
             self.load_record(name, record).await
         }
         .await;
@@ -305,7 +340,10 @@ impl ModelRepository {
             let mut records = self.records();
             match records.get_mut(name) {
                 Some(known) if replacing => known.reason = None,
-                Some(known) => known.reason = Some(e.to_string()),
+                Some(known) => {
+                    known.reason = Some(e.to_string());
+                    known.fetching = false;
+                }
                 None => {
                     let deployment = record.deployment.map(|d| ModelDeployment { loaded: false, ..d });
                     records.insert(name.to_owned(), Record { reason: Some(e.to_string()), deployment, ..record });
@@ -321,7 +359,102 @@ impl ModelRepository {
             }
         }
         self.records().insert(name.to_owned(), record);
+        self.evict().await;
         Ok(if replacing { Loaded::Replaced } else { Loaded::New })
+    }
+
+    /// Makes `record`'s file ready to load: checks a local file against its pin, or fetches a
+    /// remote one into the cache and points the config at the cached copy. While a download
+    /// runs the model shows as loading (a model new to the repository is listed from now on,
+    /// and keeps the reason if the download fails).
+    async fn fetch(&self, name: &str, record: Record) -> Result<Record, ModelError> {
+        let fetched = self.fetch_file(name, record).await;
+        if let Err(e) = &fetched {
+            self.done_fetching(name, Some(e));
+        }
+        fetched
+    }
+
+    async fn fetch_file(&self, name: &str, mut record: Record) -> Result<Record, ModelError> {
+        let failed = |reason: String| ModelError::LoadFailed { model: name.to_owned(), reason };
+        let pin = record.config.sha256.clone();
+        let Some(source) = record.config.source.clone() else {
+            if let Some(pin) = pin {
+                let path = record.config.path.clone();
+                tokio::task::spawn_blocking(move || verify_local(&path, &pin))
+                    .await
+                    .map_err(|e| ModelError::Store(format!("the check task failed: {e}")))?
+                    .map_err(failed)?;
+            }
+            return Ok(record);
+        };
+        if pin.is_none() && !self.cache.allows_unpinned() {
+            return Err(ModelError::Invalid(crate::deploy::sources::FetchError::Unpinned { origin: source }.to_string()));
+        }
+        let fetched = match pin.as_deref().and_then(|d| self.cache.cached(d)) {
+            Some(hit) => hit,
+            None => {
+                self.mark_fetching(name, &record);
+                tracing::info!(model = %name, "fetching {source}");
+                let cache = Arc::clone(&self.cache);
+                let remote = Remote { text: source.clone() };
+                let fetched = tokio::task::spawn_blocking(move || cache.fetch(&remote, pin.as_deref(), &mut |_| {}))
+                    .await
+                    .map_err(|e| ModelError::Store(format!("the download task failed: {e}")))
+                    .and_then(|r| r.map_err(|e| failed(e.to_string())));
+                let fetched = fetched?;
+                self.done_fetching(name, None);
+                tracing::info!(model = %name, "fetched {source}: {} bytes, sha256 {}", fetched.bytes, fetched.sha256);
+                if record.config.sha256.is_none() {
+                    tracing::warn!(model = %name, "{source} is not pinned; pin it with sha256 = \"{}\"", fetched.sha256);
+                }
+                fetched
+            }
+        };
+        record.config.path = fetched.path;
+        record.fetching = false;
+        Ok(record)
+    }
+
+    /// Shows `name` as fetching; a model new to the repository is listed from now on.
+    fn mark_fetching(&self, name: &str, record: &Record) {
+        let mut records = self.records();
+        match records.get_mut(name) {
+            Some(known) => known.fetching = true,
+            None => {
+                let deployment = record.deployment.clone().map(|d| ModelDeployment { loaded: false, ..d });
+                records.insert(name.to_owned(), Record { fetching: true, deployment, ..record.clone() });
+            }
+        }
+    }
+
+    /// A fetch ended; one that failed is the reason a model not being served is not.
+    fn done_fetching(&self, name: &str, error: Option<&ModelError>) {
+        let serving = self.table.get(name).is_some();
+        if let Some(known) = self.records().get_mut(name) {
+            known.fetching = false;
+            if let Some(e) = error
+                && !serving
+            {
+                known.reason = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Over the cache's size limit, removes the least recently used files no served model uses.
+    async fn evict(&self) {
+        let in_use: std::collections::HashSet<std::path::PathBuf> =
+            self.table.handles().iter().map(|h| h.config().path.clone()).collect();
+        let cache = Arc::clone(&self.cache);
+        match tokio::task::spawn_blocking(move || cache.evict(&in_use)).await {
+            Ok(Ok(removed)) => {
+                for file in removed {
+                    tracing::info!("model cache: removed {} ({} bytes, least recently used)", file.sha256, file.bytes);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("model cache: cannot evict: {e}"),
+            Err(e) => tracing::warn!("model cache: the eviction task failed: {e}"),
+        }
     }
 
     /// Records an API model in the state directory; the config file's need no record.
@@ -348,7 +481,7 @@ impl ModelRepository {
             deployment.loaded = false;
         }
         self.save(&record).await?;
-        record.reason = Some("unloaded".to_owned());
+        record.reason = Some(UNLOADED.to_owned());
         if let Some(old) = self.table.update(|s| s.remove(name)) {
             old.handle.resume();
         }
@@ -483,10 +616,11 @@ async fn ready(handle: &ModelHandle) -> Result<(), String> {
 
 fn entry(name: &str, record: &Record, handle: Option<&ModelHandle>) -> ModelEntry {
     let (state, reason) = match handle.map(ModelHandle::state) {
+        None if record.fetching => ("LOADING", format!("fetching {}", record.config.source.as_deref().unwrap_or_default())),
         Some(ModelState::Ready(_)) => ("READY", String::new()),
         Some(ModelState::Loading) => ("LOADING", String::new()),
         Some(ModelState::Failed(reason)) => ("UNAVAILABLE", reason),
-        None => ("UNAVAILABLE", record.reason.clone().unwrap_or_else(|| "unloaded".to_owned())),
+        None => ("UNAVAILABLE", record.reason.clone().unwrap_or_else(|| UNLOADED.to_owned())),
     };
     ModelEntry {
         name: name.to_owned(),

@@ -175,6 +175,8 @@ pub(crate) mod tests {
         ModelConfig {
             name: "m".into(),
             path: "m.pt".into(),
+            source: None,
+            sha256: None,
             device,
             inputs: Vec::new(),
             outputs: Vec::new(),

@@ -828,6 +828,8 @@ mod tests {
         ModelConfig {
             name: "tokenwise".into(),
             path: model_path("tokenwise.pt"),
+            source: None,
+            sha256: None,
             device: DeviceChoice::Cpu,
             inputs: vec![
                 InputSpec::new("ids", DType::I64, vec![None, None], ragged),
@@ -852,6 +854,8 @@ mod tests {
         ModelConfig {
             name: "digits".into(),
             path: model_path("digits.pt"),
+            source: None,
+            sha256: None,
             device: DeviceChoice::Cpu,
             inputs: vec![InputSpec::new("image", DType::F32, vec![None, Some(1), Some(8), Some(8)], None)],
             outputs: vec![OutputSpec { name: "logits".into(), ragged_dim: None }],
@@ -1629,6 +1633,8 @@ mod on_a_fake_backend {
         ModelConfig {
             name: "fake".into(),
             path: PathBuf::from("fake.pt"),
+            source: None,
+            sha256: None,
             device: DeviceChoice::Cpu,
             inputs: vec![InputSpec::new("x", DType::F32, vec![None, Some(1)], None)],
             outputs: vec![OutputSpec { name: "y".into(), ragged_dim: None }],

@@ -9,7 +9,12 @@ use crate::model::signature::{InputSpec, OutputSpec};
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub name: String,
+    /// The TorchScript file. For a remote `source`, the cache's copy once fetched (empty before).
     pub path: PathBuf,
+    /// Where the file comes from when it is not local, as written: `https://…` or `hf://…`.
+    pub source: Option<String>,
+    /// The file's SHA-256 (lower-case hex), checked before it loads; remote sources need one.
+    pub sha256: Option<String>,
     /// Where replicas may go; the placer picks the device of each replica.
     pub device: DeviceChoice,
     pub inputs: Vec<InputSpec>,
