@@ -104,7 +104,7 @@ pub struct RawQuota {
     pub max_response_bytes: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub name: String,
@@ -114,6 +114,10 @@ pub struct RawModel {
     pub path: Option<String>,
     /// The file's SHA-256; remote sources need it.
     pub sha256: Option<String>,
+    /// Numbered versions, each with its own file (instead of `source`).
+    pub versions: Option<Vec<RawVersion>>,
+    /// Which versions are served: `"latest(N)"` (default `latest(1)`), `"all"`, `"specific(1,3)"`.
+    pub version_policy: Option<String>,
     /// `"auto"`, `"cpu"`, `"cuda:N"` or a list of `"cuda:N"`; checked by hand for clear errors.
     #[serde(default)]
     pub device: Option<toml::Value>,
@@ -131,7 +135,17 @@ pub struct RawModel {
     pub memory_headroom_mib: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// One version of a model: its number and its file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVersion {
+    pub version: u64,
+    pub source: Option<String>,
+    pub path: Option<String>,
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBatching {
     pub max_batch_size: Option<u32>,
@@ -141,7 +155,7 @@ pub struct RawBatching {
     pub max_rows: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawInput {
     pub name: String,
@@ -154,7 +168,7 @@ pub struct RawInput {
     pub max_dims: Option<Vec<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOutput {
     pub name: String,

@@ -169,8 +169,11 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a model by the name it was deployed under. Handlers only see the models their
-    /// deployment allows; any other name is `not-found`.
+    /// Loads a model by the name it was deployed under: `"m"` is its latest version served,
+    /// `"m@2"` version 2. Handlers only see the models their deployment allows; any other name
+    /// is `not-found`, and a string that is not a name (`NAME` or `NAME@VERSION`, NAME being 1-64
+    /// of `a-z A-Z 0-9 - _ .` not starting with `.`; so no `/`, `..` or NUL) is
+    /// `invalid-argument`.
     pub fn load(name: &str) -> Result<Model, Error> {
         let graph = graph::load_by_name(name)?;
         let context = graph.init_execution_context()?;

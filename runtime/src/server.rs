@@ -17,6 +17,7 @@ use crate::tenancy::audit::Audit;
 use crate::config::{Config, DEFAULT_MEMORY_LIMIT_MIB};
 use crate::fleet::gpu::Gpus;
 use crate::fleet::start_model;
+use crate::model::spec::ModelConfig;
 use crate::deploy::models::{ModelRepository, RepositoryParts};
 use crate::deploy::sources::ModelCache;
 use crate::fleet::placement::Placer;
@@ -42,19 +43,35 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         .context("cannot start the GPU poller")?;
     let placer = Placer::new(Arc::clone(&gpus), config.scaler.max_gpu_utilization);
     let events = Arc::new(EventLog::new(EVENT_HISTORY));
-    let mut config_models = Vec::with_capacity(config.models.len());
+    // Each model's served versions, together, in the config's order.
+    let mut grouped: Vec<Vec<ModelConfig>> = Vec::new();
     for model in &config.models {
+        match grouped.last_mut() {
+            Some(versions) if versions[0].model_name() == model.model_name() => versions.push(model.clone()),
+            _ => grouped.push(vec![model.clone()]),
+        }
+    }
+    let mut config_models = Vec::with_capacity(grouped.len());
+    for versions in grouped {
         // A remote file is fetched, and a pinned one checked, by the repository before it starts.
-        let deferred = model.source.is_some() || model.sha256.is_some();
-        let handle = match deferred {
+        let deferred = versions.iter().any(|m| m.source.is_some() || m.sha256.is_some());
+        let handles = match deferred {
             true => None,
-            false => Some(start_model(model, &placer, Arc::clone(&events)).map_err(|e| {
-                anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
-            })?),
+            false => Some(
+                versions
+                    .iter()
+                    .map(|model| {
+                        start_model(model, &placer, Arc::clone(&events)).map_err(|e| {
+                            anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
+                        })
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            ),
         };
+        let name = versions[0].model_name().to_owned();
         let users: Vec<String> =
-            config.tenants.iter().filter(|t| t.models.contains(&model.name)).map(|t| t.name.clone()).collect();
-        config_models.push((model.clone(), handle, users));
+            config.tenants.iter().filter(|t| t.models.contains(&name)).map(|t| t.name.clone()).collect();
+        config_models.push((versions, handles, users));
     }
     let decisions = Arc::new(DecisionLog::new(config.scaler.history, Arc::clone(&events)));
     let telemetry = Arc::new(Telemetry::new(Arc::clone(&events)));

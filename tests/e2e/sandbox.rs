@@ -86,14 +86,21 @@ async fn load_from_bytes_is_refused_as_security() {
 }
 
 #[tokio::test]
-async fn only_allowed_models_can_be_loaded_and_paths_are_just_unknown_names() {
-    let (_, body) = get("/v1/handlers/misbehave/nn/load?digits").await;
-    assert_eq!(body["code"], "ok", "{body}");
-    for name in ["minilm", "../build/models/digits.pt", "/etc/passwd", "a/../../b", "nope"] {
+async fn only_allowed_models_can_be_loaded_and_paths_are_refused_by_their_form() {
+    for name in ["digits", "digits@1"] {
+        let (_, body) = get(&format!("/v1/handlers/misbehave/nn/load?{name}")).await;
+        assert_eq!(body["code"], "ok", "{name}: {body}");
+    }
+    for name in ["minilm", "nope", "digits@2"] {
         let (status, body) = get(&format!("/v1/handlers/misbehave/nn/load?{name}")).await;
         assert_eq!(status, 200);
         assert_eq!(body["code"], "NotFound", "{name}: {body}");
         assert_eq!(body["message"], format!("model '{name}' not found"));
+    }
+    for name in ["../build/models/digits.pt", "/etc/passwd", "a/../../b", ".hidden"] {
+        let (status, body) = get(&format!("/v1/handlers/misbehave/nn/load?{name}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["code"], "InvalidArgument", "{name}: {body}");
     }
 }
 

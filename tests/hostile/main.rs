@@ -235,14 +235,19 @@ async fn attack_round(attack: &Attack<'_>, traffic: &Traffic) {
     }
     attack.logged("deploy", &["kiln::audit", "deploy_refused", "tenant=mallory", "handler=evil", "wasi:sockets/tcp"]).await;
 
-    // wasi:nn: raw bytes are a security error; another tenant's model and path-like names are
-    // simply not there.
+    // wasi:nn: raw bytes are a security error; another tenant's model is simply not there, and
+    // path-like names are refused by their form before any lookup.
     let (_, body, _) = attack.get("/nn/load-bytes").await;
     assert_eq!(body["code"], "Security", "{body}");
-    for name in ["secret", "../secret", "/etc/passwd", "a/../../b", "digits/../secret"] {
+    for name in ["secret", "secret@1", "digits@7"] {
         let (_, body, _) = attack.get(&format!("/nn/load?{name}")).await;
         assert_eq!(body["code"], "NotFound", "{name}: {body}");
         assert_eq!(body["message"], format!("model '{name}' not found"), "{name}");
+    }
+    for name in ["../secret", "/etc/passwd", "a/../../b", "digits/../secret", "..", "digits@", "digits@x", "digits@0"] {
+        let (_, body, _) = attack.get(&format!("/nn/load?{name}")).await;
+        assert_eq!(body["code"], "InvalidArgument", "{name}: {body}");
+        assert!(body["message"].as_str().unwrap_or_default().contains("is not a model name"), "{name}: {body}");
     }
     attack.logged("nn", &["tenant=mallory", "wasi:nn refused", "model 'secret' not found"]).await;
 

@@ -456,3 +456,97 @@ async fn stats_inferences(server: &Server) -> u64 {
         .and_then(|m| m["inferences"].as_u64())
         .expect("offset in the stats")
 }
+
+/// `offset` with every version listed (`offset-N.pt` answers y = x + N) and `policy`.
+fn versioned_spec(versions: &[u32], policy: &str) -> Value {
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({ "version": v, "source": artifact("build/models").join(format!("offset-{v}.pt")).display().to_string() }))
+        .collect();
+    json!({
+        "versions": versions,
+        "version_policy": policy,
+        "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }],
+        "outputs": [{ "name": "y" }],
+        "tenants": ["mallory"],
+    })
+}
+
+/// `/v2/models/{path}/infer` for mallory: the status, the version that answered (y - x) and the
+/// `model_version` it reported.
+async fn answer_of(server: &Server, path: &str) -> (u16, Option<f64>, Value) {
+    let request = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0, 1.0, 2.0, 3.0] }] });
+    let response = server.client("mallory").post(server.url(&format!("/v2/models/{path}/infer"))).json(&request).send().await;
+    let (status, body) = json_of(response.expect("infer")).await;
+    (status, body["outputs"][0]["data"][0].as_f64(), body["model_version"].clone())
+}
+
+#[test]
+fn versions_serve_by_policy_and_by_number_for_guests_and_oip_callers() {
+    let server = start();
+    let rt = runtime();
+    let admin = server.admin_client();
+    let put = |spec: Value| admin.put(server.admin_url("/v1/models/multi")).json(&spec).send();
+    rt.block_on(async {
+        let (status, body) = json_of(put(versioned_spec(&[1, 2, 3], "latest(2)")).await.expect("put")).await;
+        assert_eq!((status, body["state"].as_str()), (201, Some("READY")), "{body}");
+        assert_eq!(body["versions"], json!(["2", "3"]));
+
+        // The plain name is the latest version; each served version by number; 1 is not served.
+        assert_eq!(answer_of(&server, "multi").await, (200, Some(3.0), json!("3")));
+        assert_eq!(answer_of(&server, "multi/versions/2").await, (200, Some(2.0), json!("2")));
+        let (status, _, _) = answer_of(&server, "multi/versions/1").await;
+        assert_eq!(status, 404);
+        let (status, body) = json_of(server.client("mallory").get(server.url("/v2/models/multi/versions/1/ready")).send().await.expect("ready")).await;
+        assert_eq!(status, 404, "{body}");
+        assert!(body["error"].as_str().unwrap_or_default().contains("has no version '1'"), "{body}");
+        let (_, meta) = json_of(server.client("mallory").get(server.url("/v2/models/multi")).send().await.expect("meta")).await;
+        assert_eq!((meta["name"].as_str(), &meta["versions"]), (Some("multi"), &json!(["2", "3"])), "{meta}");
+        // Another tenant sees no version of it.
+        let (status, _) = json_of(server.client("demo").get(server.url("/v2/models/multi/versions/2")).send().await.expect("meta")).await;
+        assert_eq!(status, 404);
+
+        // A guest: `multi` and `multi@2` load, `multi@1` is not there, a malformed one is refused.
+        assert_eq!(guest_load(&server, "multi").await, "ok");
+        assert_eq!(guest_load(&server, "multi@2").await, "ok");
+        assert_eq!(guest_load(&server, "multi@1").await, "NotFound");
+        assert_eq!(guest_load(&server, "multi@two").await, "InvalidArgument");
+
+        // Triton's index lists each version served; the stats one row per version.
+        let (_, index) = json_of(admin.post(server.admin_url("/v2/repository/index")).json(&json!({})).send().await.expect("index")).await;
+        let rows: Vec<(String, String)> = index
+            .as_array()
+            .expect("rows")
+            .iter()
+            .filter(|r| r["name"] == "multi")
+            .map(|r| (r["version"].as_str().unwrap_or_default().to_owned(), r["state"].as_str().unwrap_or_default().to_owned()))
+            .collect();
+        assert_eq!(rows, [("2".to_owned(), "READY".to_owned()), ("3".to_owned(), "READY".to_owned())]);
+        let (_, stats) = json_of(admin.get(server.url("/v1/stats")).send().await.expect("stats")).await;
+        let names: Vec<&str> = stats["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
+        assert!(names.contains(&"multi@2") && names.contains(&"multi@3") && !names.contains(&"multi@1"), "{names:?}");
+
+        // Other policies, loaded over the running one.
+        let (status, body) = json_of(put(versioned_spec(&[1, 2, 3], "specific(1)")).await.expect("put")).await;
+        assert_eq!((status, &body["versions"]), (200, &json!(["1"])), "{body}");
+        assert_eq!(answer_of(&server, "multi").await, (200, Some(1.0), json!("1")));
+        let (status, body) = json_of(put(versioned_spec(&[1, 3], "all")).await.expect("put")).await;
+        assert_eq!((status, &body["versions"]), (200, &json!(["1", "3"])), "{body}");
+        assert_eq!(answer_of(&server, "multi/versions/1").await.1, Some(1.0));
+        assert_eq!(answer_of(&server, "multi").await.1, Some(3.0));
+
+        // Refused definitions name what is wrong, and the versions served stay.
+        for (spec, naming) in [
+            (versioned_spec(&[1, 2], "newest"), "version_policy"),
+            (versioned_spec(&[1, 2], "specific(5)"), "version 5 is not in `versions`"),
+            (versioned_spec(&[1, 1], "all"), "version 1 is listed twice"),
+            (versioned_spec(&[0], "all"), "not a version number"),
+        ] {
+            let (status, body) = json_of(put(spec).await.expect("put")).await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body["error"].as_str().unwrap_or_default().contains(naming), "{naming}: {body}");
+        }
+        let (_, info) = model_state(&server, "multi").await;
+        assert_eq!(info["versions"], json!(["1", "3"]));
+    });
+}

@@ -125,7 +125,10 @@ impl AppState {
         let model = self
             .models
             .usable(tenant.name(), name)
-            .ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+            .ok_or_else(|| match name.split_once('@') {
+                Some((model, version)) => ApiError::NotFound(format!("model '{model}' has no version '{version}'")),
+                None => ApiError::NotFound(format!("model '{name}' not found")),
+            })?;
         Ok((model, tenant))
     }
 

@@ -14,11 +14,10 @@ use super::{ApiError, AppState, json_response, priority_header, read_body, timeo
 use crate::model::handle::InferOptions;
 use crate::model::signature::OutputMeta;
 use crate::model::handle::{ModelHandle, ModelState};
+use crate::model::spec::split_version;
 use crate::model::tensor::{self, HostTensor};
 use kiln_codec::oip::{self, RequestOutput};
 
-/// Models have one version; clients that name none get this one.
-pub(super) const VERSION: &str = "1";
 
 pub(super) async fn live() -> Response {
     json_response(StatusCode::OK, &json!({ "live": true }))
@@ -54,13 +53,14 @@ pub(super) async fn model_ready(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (model, _) = app.authorized_model(&headers, &model)?;
+    let name = model.config().model_name();
     let (status, ready) = match model.state() {
         ModelState::Ready(_) => (StatusCode::OK, true),
         ModelState::Loading | ModelState::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, false),
     };
     Ok(json_response(
         status,
-        &json!({ "name": model.name(), "ready": ready }),
+        &json!({ "name": name, "ready": ready }),
     ))
 }
 
@@ -69,7 +69,9 @@ pub(super) async fn model_metadata(
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (model, _) = app.authorized_model(&headers, &model)?;
+    let (model, tenant) = app.authorized_model(&headers, &model)?;
+    let name = model.config().model_name();
+    let versions: Vec<String> = app.models.versions(tenant.name(), name).iter().map(u64::to_string).collect();
     let inputs: Vec<Value> = model
         .config()
         .inputs
@@ -95,8 +97,8 @@ pub(super) async fn model_metadata(
     Ok(json_response(
         StatusCode::OK,
         &json!({
-            "name": model.name(),
-            "versions": [VERSION],
+            "name": name,
+            "versions": versions,
             "platform": "pytorch_libtorch",
             "inputs": inputs,
             "outputs": outputs,
@@ -116,15 +118,15 @@ fn dims(shape: &[Option<u32>]) -> Vec<i64> {
     shape.iter().map(|d| d.map_or(-1, i64::from)).collect()
 }
 
-/// `/v2/models/{m}/versions/{v}/...`: the same routes for a named version. Models have one
-/// version, "1", whose routes authorize as the plain ones do; another version is "not found",
-/// said only once the model itself is found, so another tenant's model still looks missing.
-fn check_version(app: &AppState, headers: &HeaderMap, model: &str, version: &str) -> Result<(), ApiError> {
-    if version == VERSION {
-        return Ok(());
+/// `/v2/models/{m}/versions/{v}/...`: the same routes for one version, looked up as `m@v` (a
+/// model defined without versions has one, `1`); a version not served is "not found", as a
+/// model that is not.
+fn version_name(model: &str, version: &str) -> Result<String, ApiError> {
+    let name = format!("{model}@{version}");
+    match split_version(&name) {
+        Some((base, Some(_))) if base == model => Ok(name),
+        _ => Err(ApiError::NotFound(format!("model '{model}' has no version '{version}'"))),
     }
-    app.authorized_model(headers, model)?;
-    Err(ApiError::NotFound(format!("model '{model}' has no version '{version}' (its one version is '{VERSION}')")))
 }
 
 pub(super) async fn version_ready(
@@ -132,8 +134,8 @@ pub(super) async fn version_ready(
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_version(&app, &headers, &model, &version)?;
-    model_ready(State(app), Path(model), headers).await
+    let name = version_name(&model, &version)?;
+    model_ready(State(app), Path(name), headers).await
 }
 
 pub(super) async fn version_metadata(
@@ -141,8 +143,8 @@ pub(super) async fn version_metadata(
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_version(&app, &headers, &model, &version)?;
-    model_metadata(State(app), Path(model), headers).await
+    let name = version_name(&model, &version)?;
+    model_metadata(State(app), Path(name), headers).await
 }
 
 pub(super) async fn version_infer(
@@ -151,8 +153,8 @@ pub(super) async fn version_infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    check_version(&app, &headers, &model, &version)?;
-    Ok(infer(State(app), Path(model), headers, body).await)
+    let name = version_name(&model, &version)?;
+    Ok(infer(State(app), Path(name), headers, body).await)
 }
 
 /// Direct model calls are counted as the handler `oip`.
@@ -254,8 +256,8 @@ fn encode_response(
         )));
     }
     let mut document = json!({
-        "model_name": model.name(),
-        "model_version": VERSION,
+        "model_name": model.config().model_name(),
+        "model_version": model.config().version.to_string(),
         "outputs": [],
     });
     if let Some(id) = id {

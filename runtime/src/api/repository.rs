@@ -200,7 +200,14 @@ pub(super) async fn index(State(app): State<Arc<AppState>>, headers: HeaderMap, 
         .list()
         .iter()
         .filter(|m| !only_ready || m.state == "READY")
-        .map(|m| json!({ "name": m.name, "version": super::oip::VERSION, "state": m.state, "reason": m.reason }))
+        .flat_map(|m| {
+            // One row per version served, as Triton lists them; one without a version otherwise.
+            let versions: Vec<String> = match m.versions.is_empty() {
+                true => vec![String::new()],
+                false => m.versions.iter().map(u64::to_string).collect(),
+            };
+            versions.into_iter().map(|v| json!({ "name": m.name, "version": v, "state": m.state, "reason": m.reason })).collect::<Vec<_>>()
+        })
         .collect();
     Ok(json_response(StatusCode::OK, &models))
 }
@@ -288,7 +295,7 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
         parameters: entry.handle.as_ref().map_or(0, ModelHandle::parameters),
         load_ms: entry.handle.as_ref().and_then(ModelHandle::load_time).map_or(0, |t| t.load.as_millis() as u64),
         warmup_ms: entry.handle.as_ref().and_then(ModelHandle::load_time).map_or(0, |t| t.warmup.as_millis() as u64),
-        versions: vec![super::oip::VERSION.to_owned()],
+        versions: entry.versions.iter().map(u64::to_string).collect(),
         deployed_at: entry.deployed_at,
         replicas: entry.handle.as_ref().map(|h| h.replicas()).unwrap_or_default(),
     }

@@ -50,18 +50,19 @@ fn cache_stats(app: &AppState) -> Vec<kiln_wire::CacheStats> {
 /// Every model, handler, tenant and GPU: admin only, since it names every tenant's models.
 pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     super::admin::require_admin(&app, &headers, None)?;
-    let served = app.models.snapshot();
-    let models = served
+    // One row per version served (a versioned model's are named NAME@VERSION).
+    let models = app
+        .models
+        .handles()
         .iter()
-        .map(|(name, served)| {
-            let model = &served.handle;
+        .map(|model| {
             let c = model.counters();
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             let (inferences, executions) = (load(&c.inferences), load(&c.executions));
             let config = model.config();
             let tuning = model.tuning();
             ModelStats {
-                name: name.clone(),
+                name: model.name().to_owned(),
                 state: match model.state() {
                     ModelState::Loading => "loading",
                     ModelState::Ready(_) => "ready",

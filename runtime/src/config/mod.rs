@@ -128,8 +128,9 @@ impl Config {
         Validator { file, base }.config(raw)
     }
 
+    /// Model `name` (`NAME@VERSION`, or `NAME` for its latest version served).
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
-        self.models.iter().find(|m| m.name == name)
+        self.models.iter().find(|m| m.name == name).or_else(|| self.models.iter().rfind(|m| m.model_name() == name))
     }
 }
 
@@ -137,7 +138,7 @@ impl Config {
 /// Validates the fields of a model sent to the admin API for model `name`: the same fields as a
 /// `[[model]]` section, as JSON, where `name` may be left out and `tenants` lists the tenants
 /// that may use the model. Relative paths resolve against `base` (the config file's folder).
-pub fn model_spec(base: &Path, name: &str, spec: &serde_json::Value) -> Result<(ModelConfig, Vec<String>), String> {
+pub fn model_spec(base: &Path, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), String> {
     use serde_json::Value;
     let Value::Object(fields) = spec else {
         return Err("send the model's fields as an object, like a [[model]] section".to_owned());
@@ -155,11 +156,11 @@ pub fn model_spec(base: &Path, name: &str, spec: &serde_json::Value) -> Result<(
     fields.insert("name".to_owned(), Value::String(name.to_owned()));
     let raw: kiln_codec::config::RawModel = serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
     let file = Path::new("<model>");
-    let config = Validator { file, base }.model(0, raw).map_err(|e| match e {
+    let configs = Validator { file, base }.model_versions(0, raw).map_err(|e| match e {
         ConfigError::Invalid { field, message, .. } => format!("{field}: {message}"),
         other => other.to_string(),
     })?;
-    Ok((config, users))
+    Ok((configs, users))
 }
 
 impl Config {
@@ -252,6 +253,39 @@ mod tests {
         assert_eq!(quota.max_concurrent, DEFAULT_MAX_CONCURRENT);
         assert_eq!(config.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
         assert_eq!(config.server.state_dir, Path::new("/srv/state"));
+    }
+
+    #[test]
+    fn a_versioned_model_serves_the_versions_its_policy_picks_each_under_its_own_name() {
+        let parse = |policy: &str| {
+            let text = format!(
+                "[[model]]\nname = \"m\"\nversion_policy = \"{policy}\"\ninputs = [{{ name = \"x\", dtype = \"FP32\", shape = [-1, 3] }}]\n\
+                 outputs = [{{ name = \"y\" }}]\nversions = [\n  {{ version = 3, source = \"m3.pt\" }},\n  {{ version = 1, path = \"m1.pt\" }},\n\
+                 {{ version = 2, source = \"https://example.com/m2.pt\", sha256 = \"{}\" }},\n]\n\
+                 [[tenant]]\nname = \"t\"\nmodels = [\"m\"]\n",
+                "0".repeat(64)
+            );
+            Config::parse(&text, Path::new("t.toml"), Path::new("/srv")).map(|c| {
+                c.models.iter().map(|m| (m.name.clone(), m.version, m.model_name().to_owned())).collect::<Vec<_>>()
+            })
+        };
+        let named = |vs: &[u64]| vs.iter().map(|v| (format!("m@{v}"), *v, "m".to_owned())).collect::<Vec<_>>();
+        assert_eq!(parse("latest(1)").expect("valid"), named(&[3]));
+        assert_eq!(parse("latest(2)").expect("valid"), named(&[2, 3]));
+        assert_eq!(parse("latest(9)").expect("valid"), named(&[1, 2, 3]));
+        assert_eq!(parse("all").expect("valid"), named(&[1, 2, 3]));
+        assert_eq!(parse("specific(3, 1)").expect("valid"), named(&[1, 3]));
+        for (bad, naming) in [("latest(0)", "N must be 1 or more"), ("specific(4)", "version 4 is not in"), ("first", "not a version policy")] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("model 'm'.version_policy") && e.contains(naming), "{bad}: {e}");
+        }
+        let config = Config::parse(
+            "[[model]]\nname = \"m\"\nversions = [{ version = 1, source = \"ftp://x/m.pt\" }]\ninputs = [{ name = \"x\", dtype = \"FP32\", shape = [-1] }]\noutputs = [{ name = \"y\" }]\n",
+            Path::new("t.toml"),
+            Path::new("/srv"),
+        );
+        let e = config.expect_err("bad scheme").to_string();
+        assert!(e.contains("model 'm'.versions[1].source") && e.contains("unsupported scheme"), "{e}");
     }
 
     #[test]

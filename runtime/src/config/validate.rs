@@ -10,7 +10,7 @@ use crate::fleet::gpu::{GpuConfig, SimulatedGpuConfig, SimulatedStep};
 use crate::fleet::scaler::ScalerConfig;
 use crate::model::signature::{InputSpec, OutputSpec, Ragged, ValueRange};
 use crate::model::spec::{
-    BatchPolicy, DeviceChoice, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Precision, Replicas,
+    BatchPolicy, DeviceChoice, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Precision, Replicas, versioned_name,
 };
 use crate::model::tensor::DType;
 use crate::sandbox::{HandlerConfig, SandboxLimits, SlotResetPolicy};
@@ -60,13 +60,16 @@ impl Validator<'_> {
 
     pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
+        self.unique("model", raw.model.iter().map(|m| m.name.as_str()))?;
         let models = raw
             .model
             .into_iter()
             .enumerate()
-            .map(|(i, m)| self.model(i, m))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.unique("model", models.iter().map(|m| m.name.as_str()))?;
+            .map(|(i, m)| self.model_versions(i, m))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>();
         let tenants = raw
             .tenant
             .into_iter()
@@ -206,6 +209,87 @@ impl Validator<'_> {
 
     fn name(&self, field: &str, name: &str) -> Result<(), ConfigError> {
         check_name(name).map_err(|m| self.invalid(field, m))
+    }
+
+    /// A `[[model]]` section as the configs of the versions it serves, in version order: one,
+    /// named as the model, without `versions`; else one per version its `version_policy` picks,
+    /// each named `NAME@VERSION`.
+    pub(super) fn model_versions(&self, i: usize, mut raw: RawModel) -> Result<Vec<ModelConfig>, ConfigError> {
+        let at = |f: &str| format!("model '{}'.{f}", raw.name);
+        let Some(mut versions) = raw.versions.take() else {
+            if raw.version_policy.is_some() {
+                return Err(self.invalid(at("version_policy"), "a version policy needs `versions`"));
+            }
+            return Ok(vec![self.model(i, raw)?]);
+        };
+        if raw.source.is_some() || raw.path.is_some() || raw.sha256.is_some() {
+            return Err(self.invalid(
+                at("versions"),
+                "give each version its `source` (and `sha256`) in `versions`, not the model one",
+            ));
+        }
+        if versions.is_empty() {
+            return Err(self.invalid(at("versions"), "list at least one version"));
+        }
+        versions.sort_by_key(|v| v.version);
+        if let Some(bad) = versions.iter().find(|v| v.version == 0) {
+            return Err(self.invalid(at("versions"), format!("version {} is not a version number (1 or more)", bad.version)));
+        }
+        if let Some(w) = versions.windows(2).find(|w| w[0].version == w[1].version) {
+            return Err(self.invalid(at("versions"), format!("version {} is listed twice", w[0].version)));
+        }
+        let numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
+        let served = self.version_policy(&at("version_policy"), raw.version_policy.as_deref(), &numbers)?;
+        let name = raw.name.clone();
+        let mut configs = Vec::with_capacity(served.len());
+        for version in versions.into_iter().filter(|v| served.contains(&v.version)) {
+            let mut one = raw.clone();
+            (one.source, one.path, one.sha256) = (version.source, version.path, version.sha256);
+            let mut config = self.model(i, one).map_err(|e| match e {
+                ConfigError::Invalid { file, field, message } => ConfigError::Invalid {
+                    file,
+                    field: field.replacen(&format!("model '{name}'."), &format!("model '{name}'.versions[{}].", version.version), 1),
+                    message,
+                },
+                other => other,
+            })?;
+            config.name = versioned_name(&name, version.version);
+            config.version = version.version;
+            configs.push(config);
+        }
+        Ok(configs)
+    }
+
+    /// The versions `policy` serves out of `versions` (ascending).
+    fn version_policy(&self, field: &str, policy: Option<&str>, versions: &[u64]) -> Result<Vec<u64>, ConfigError> {
+        let usage = "use \"latest(N)\", \"all\" or \"specific(1,3)\"";
+        let text = policy.unwrap_or("latest(1)").replace(' ', "");
+        let inner = |prefix: &str| text.strip_prefix(prefix).and_then(|t| t.strip_suffix(')'));
+        if text == "all" {
+            return Ok(versions.to_vec());
+        }
+        if let Some(n) = inner("latest(") {
+            let n: usize = n
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| self.invalid(field, format!("'{text}': N must be 1 or more; {usage}")))?;
+            return Ok(versions[versions.len().saturating_sub(n)..].to_vec());
+        }
+        if let Some(list) = inner("specific(") {
+            let mut picked = Vec::new();
+            for item in list.split(',') {
+                let v: u64 = item.parse().map_err(|_| self.invalid(field, format!("'{item}' is not a version number; {usage}")))?;
+                if !versions.contains(&v) {
+                    return Err(self.invalid(field, format!("version {v} is not in `versions`")));
+                }
+                picked.push(v);
+            }
+            picked.sort_unstable();
+            picked.dedup();
+            return Ok(picked);
+        }
+        Err(self.invalid(field, format!("'{text}' is not a version policy; {usage}")))
     }
 
     pub(super) fn model(&self, i: usize, raw: RawModel) -> Result<ModelConfig, ConfigError> {
@@ -415,6 +499,7 @@ impl Validator<'_> {
             path,
             source,
             sha256,
+            version: 1,
             name: raw.name,
             device,
             inputs,
@@ -612,7 +697,7 @@ impl Validator<'_> {
         self.name(&format!("tenant[{i}].name"), &raw.name)?;
         let at = |f: &str| format!("tenant '{}'.{f}", raw.name);
         for m in &raw.models {
-            if !models.iter().any(|known| &known.name == m) {
+            if !models.iter().any(|known| known.model_name() == m) {
                 return Err(self.invalid(
                     at("models"),
                     format!("model '{m}' is not declared in any [[model]] section"),

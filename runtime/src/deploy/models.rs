@@ -31,9 +31,10 @@ use crate::model::table::{ModelTable, Served};
 use crate::telemetry::{EventLog, unix_seconds};
 use crate::tenancy::audit::{Audit, Event};
 
-/// Turns the fields sent for model `name` into its config and the tenants that may use it, or
-/// says which field is wrong. The config layer's validation, handed down (it sits above this).
-pub type ParseModel = dyn Fn(&str, &serde_json::Value) -> Result<(ModelConfig, Vec<String>), String> + Send + Sync;
+/// Turns the fields sent for model `name` into the configs of its versions to serve (in version
+/// order) and the tenants that may use it, or says which field is wrong. The config layer's
+/// validation, handed down (it sits above this).
+pub type ParseModel = dyn Fn(&str, &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), String> + Send + Sync;
 
 /// Why a model the config file defines is not served: an operator unloaded it.
 const UNLOADED: &str = "unloaded";
@@ -77,18 +78,22 @@ pub struct ModelEntry {
     pub state: &'static str,
     /// Why it is unavailable; empty otherwise.
     pub reason: String,
+    /// Its latest version's config.
     pub config: ModelConfig,
     pub users: Arc<[String]>,
     /// When it was last loaded through the API.
     pub deployed_at: Option<u64>,
-    /// The model being served, when one is.
+    /// Its latest version being served, when one is.
     pub handle: Option<ModelHandle>,
+    /// The versions served, in order.
+    pub versions: Vec<u64>,
 }
 
 /// What the repository keeps about a model besides the table entry.
 #[derive(Debug, Clone)]
 struct Record {
-    config: ModelConfig,
+    /// The versions its definition serves, in version order; never empty.
+    configs: Vec<ModelConfig>,
     users: Arc<[String]>,
     /// `None` for the config file's models.
     deployment: Option<ModelDeployment>,
@@ -122,11 +127,15 @@ pub struct ModelRepository {
     events: Arc<EventLog>,
 }
 
+/// One model of the config file: the versions it serves, their handles once started (`None`:
+/// the repository fetches or checks their files first), and the tenants that may use it.
+pub type ConfigModel = (Vec<ModelConfig>, Option<Vec<ModelHandle>>, Vec<String>);
+
 /// What the repository is built from.
 pub struct RepositoryParts {
     /// The config file's models, already started (those with a remote source not yet: see
     /// [`ModelRepository::start_fetches`]), and who may use each.
-    pub config_models: Vec<(ModelConfig, Option<ModelHandle>, Vec<String>)>,
+    pub config_models: Vec<ConfigModel>,
     pub placer: Placer,
     pub store: Store,
     pub cache: Arc<ModelCache>,
@@ -146,13 +155,14 @@ impl ModelRepository {
         let mut records = BTreeMap::new();
         let table = Arc::new(ModelTable::default());
         table.update(|served| {
-            for (config, handle, users) in config_models {
+            for (configs, handles, users) in config_models {
                 let users: Arc<[String]> = users.into();
-                let fetching = handle.is_none();
-                if let Some(handle) = handle {
-                    served.insert(config.name.clone(), Served { handle, users: Arc::clone(&users) });
+                let name = configs[0].model_name().to_owned();
+                let fetching = handles.is_none();
+                if let Some(handles) = handles {
+                    served.insert(name.clone(), Served::new(handles, Arc::clone(&users)));
                 }
-                records.insert(config.name.clone(), Record { config, users, deployment: None, reason: None, fetching });
+                records.insert(name, Record { configs, users, deployment: None, reason: None, fetching });
             }
         });
         let repository = ModelRepository {
@@ -173,7 +183,7 @@ impl ModelRepository {
                 tracing::error!(model = %name, "kept model not loaded: the config file now defines a model of this name");
                 continue;
             }
-            let (config, users) = match repository.check(&name, &deployment.spec) {
+            let (configs, users) = match repository.check(&name, &deployment.spec) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     // Nothing to serve, and no config to show: the record stays for inspection.
@@ -183,14 +193,12 @@ impl ModelRepository {
             };
             let users: Arc<[String]> = users.into();
             let mut reason = (!deployment.loaded).then(|| UNLOADED.to_owned());
-            let fetching = deployment.loaded && config.source.is_some();
+            let fetching = deployment.loaded && configs.iter().any(|c| c.source.is_some() || c.sha256.is_some());
             if deployment.loaded && !fetching {
-                match start_model(&config, &repository.placer, Arc::clone(&repository.events)) {
-                    Ok(handle) => {
+                match repository.start(&configs) {
+                    Ok(handles) => {
                         tracing::info!(model = %name, "kept model loading");
-                        repository.table.update(|served| {
-                            served.insert(name.clone(), Served { handle, users: Arc::clone(&users) })
-                        });
+                        repository.table.update(|served| served.insert(name.clone(), Served::new(handles, Arc::clone(&users))));
                     }
                     Err(e) => {
                         tracing::error!(model = %name, "kept model not loaded: {e}");
@@ -198,7 +206,7 @@ impl ModelRepository {
                     }
                 }
             }
-            records.insert(name, Record { config, users, deployment: Some(deployment), reason, fetching });
+            records.insert(name, Record { configs, users, deployment: Some(deployment), reason, fetching });
         }
         *repository.records() = records;
         Ok(repository)
@@ -215,6 +223,11 @@ impl ModelRepository {
         }
     }
 
+    /// Starts every version of `configs`; stops those started if one cannot start.
+    fn start(&self, configs: &[ModelConfig]) -> Result<Vec<ModelHandle>, crate::fleet::StartError> {
+        configs.iter().map(|c| start_model(c, &self.placer, Arc::clone(&self.events))).collect()
+    }
+
     /// The models being served now: what every request looks models up in.
     pub fn table(&self) -> &Arc<ModelTable> {
         &self.table
@@ -225,24 +238,24 @@ impl ModelRepository {
     }
 
     /// Validates `spec` for model `name`: the fields, and that every tenant named exists.
-    fn check(&self, name: &str, spec: &serde_json::Value) -> Result<(ModelConfig, Vec<String>), ModelError> {
+    fn check(&self, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), ModelError> {
         check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
-        let (config, users) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
+        let (configs, users) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
         if let Some(unknown) = users.iter().find(|u| !self.tenants.contains(u)) {
             return Err(ModelError::Invalid(format!("tenants: tenant '{unknown}' is not declared in the config")));
         }
-        Ok((config, users))
+        Ok((configs, users))
     }
 
     /// Every model of the repository, in name order.
     pub fn list(&self) -> Vec<ModelEntry> {
         let served = self.table.snapshot();
-        self.records().iter().map(|(name, record)| entry(name, record, served.get(name).map(|s| &s.handle))).collect()
+        self.records().iter().map(|(name, record)| entry(name, record, served.get(name))).collect()
     }
 
     pub fn get(&self, name: &str) -> Option<ModelEntry> {
-        let handle = self.table.get(name);
-        self.records().get(name).map(|record| entry(name, record, handle.as_ref()))
+        let served = self.table.snapshot();
+        self.records().get(name).map(|record| entry(name, record, served.get(name)))
     }
 
     /// Whether every model of the config file that is meant to be served is ready: the server's
@@ -251,7 +264,7 @@ impl ModelRepository {
         let served = self.table.snapshot();
         self.records().iter().filter(|(_, r)| r.deployment.is_none()).all(|(name, record)| {
             match served.get(name) {
-                Some(s) => matches!(s.handle.state(), ModelState::Ready(_)),
+                Some(s) => s.versions.values().all(|h| matches!(h.state(), ModelState::Ready(_))),
                 // Unloaded on purpose through the API.
                 None => !record.fetching && record.reason.as_deref() == Some(UNLOADED),
             }
@@ -277,9 +290,9 @@ impl ModelRepository {
         if config_owned() {
             return Err(ModelError::ConfigOwned(name.to_owned()));
         }
-        let (config, users) = self.check(name, &spec)?;
+        let (configs, users) = self.check(name, &spec)?;
         let deployment = ModelDeployment { name: name.to_owned(), spec, loaded: true, deployed_at: unix_seconds() };
-        let record = Record { config, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
+        let record = Record { configs, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
         // Downloads run outside the one-change-at-a-time lock: a large file does not hold up
         // other models' changes, and loads of the same file at once share one download.
         let record = self.fetch(name, record).await?;
@@ -316,21 +329,29 @@ impl ModelRepository {
     /// Starts `record`'s model, waits for it, records it, then serves it.
     async fn load_record(&self, name: &str, record: Record) -> Result<Loaded, ModelError> {
         let failed = |reason: String| ModelError::LoadFailed { model: name.to_owned(), reason };
-        let handle = start_model(&record.config, &self.placer, Arc::clone(&self.events)).map_err(|e| failed(e.to_string()))?;
-        let replacing = self.table.get(name).is_some();
-        let served = Served { handle: handle.clone(), users: Arc::clone(&record.users) };
+        let handles = self.start(&record.configs).map_err(|e| failed(e.to_string()))?;
+        let replacing = self.table.snapshot().contains_key(name);
+        let served = Served::new(handles.clone(), Arc::clone(&record.users));
+        let latest = served.latest().clone();
         if !replacing {
             // Loading for the first time: callers and readiness see it loading.
             self.table.update(|s| s.insert(name.to_owned(), served.clone()));
         }
-        let outcome = match ready(&handle).await {
-            Ok(()) => self.save(&record).await,
-            Err(reason) => Err(failed(reason)),
-        };
+        let mut outcome = Ok(());
+        for handle in &handles {
+            if let Err(reason) = ready(handle).await {
+                let version = if record.configs.len() > 1 { format!("version {}: ", handle.config().version) } else { String::new() };
+                outcome = Err(failed(format!("{version}{reason}")));
+                break;
+            }
+        }
+        if outcome.is_ok() {
+            outcome = self.save(&record).await;
+        }
         if let Err(e) = outcome {
             if !replacing {
                 self.table.update(|s| {
-                    if s.get(name).is_some_and(|x| x.handle.same(&handle)) {
+                    if s.get(name).is_some_and(|x| x.latest().same(&latest)) {
                         s.remove(name);
                     }
                 });
@@ -355,7 +376,7 @@ impl ModelRepository {
             let old = self.table.update(|s| s.insert(name.to_owned(), served));
             // Requests an operator's pause held in the old one's queue run there, not time out.
             if let Some(old) = old {
-                old.handle.resume();
+                old.resume();
             }
         }
         self.records().insert(name.to_owned(), record);
@@ -376,17 +397,27 @@ impl ModelRepository {
     }
 
     async fn fetch_file(&self, name: &str, mut record: Record) -> Result<Record, ModelError> {
+        for i in 0..record.configs.len() {
+            let config = self.fetch_version(name, &record, &record.configs[i]).await?;
+            record.configs[i] = config;
+        }
+        record.fetching = false;
+        Ok(record)
+    }
+
+    async fn fetch_version(&self, name: &str, record: &Record, config: &ModelConfig) -> Result<ModelConfig, ModelError> {
+        let mut config = config.clone();
         let failed = |reason: String| ModelError::LoadFailed { model: name.to_owned(), reason };
-        let pin = record.config.sha256.clone();
-        let Some(source) = record.config.source.clone() else {
+        let pin = config.sha256.clone();
+        let Some(source) = config.source.clone() else {
             if let Some(pin) = pin {
-                let path = record.config.path.clone();
+                let path = config.path.clone();
                 tokio::task::spawn_blocking(move || verify_local(&path, &pin))
                     .await
                     .map_err(|e| ModelError::Store(format!("the check task failed: {e}")))?
                     .map_err(failed)?;
             }
-            return Ok(record);
+            return Ok(config);
         };
         if pin.is_none() && !self.cache.allows_unpinned() {
             return Err(ModelError::Invalid(crate::deploy::sources::FetchError::Unpinned { origin: source }.to_string()));
@@ -394,7 +425,7 @@ impl ModelRepository {
         let fetched = match pin.as_deref().and_then(|d| self.cache.cached(d)) {
             Some(hit) => hit,
             None => {
-                self.mark_fetching(name, &record);
+                self.mark_fetching(name, record, &source);
                 tracing::info!(model = %name, "fetching {source}");
                 let cache = Arc::clone(&self.cache);
                 let remote = Remote { text: source.clone() };
@@ -405,19 +436,18 @@ impl ModelRepository {
                 let fetched = fetched?;
                 self.done_fetching(name, None);
                 tracing::info!(model = %name, "fetched {source}: {} bytes, sha256 {}", fetched.bytes, fetched.sha256);
-                if record.config.sha256.is_none() {
+                if config.sha256.is_none() {
                     tracing::warn!(model = %name, "{source} is not pinned; pin it with sha256 = \"{}\"", fetched.sha256);
                 }
                 fetched
             }
         };
-        record.config.path = fetched.path;
-        record.fetching = false;
-        Ok(record)
+        config.path = fetched.path;
+        Ok(config)
     }
 
     /// Shows `name` as fetching; a model new to the repository is listed from now on.
-    fn mark_fetching(&self, name: &str, record: &Record) {
+    fn mark_fetching(&self, name: &str, record: &Record, source: &str) {
         let mut records = self.records();
         match records.get_mut(name) {
             Some(known) => known.fetching = true,
@@ -426,6 +456,7 @@ impl ModelRepository {
                 records.insert(name.to_owned(), Record { fetching: true, deployment, ..record.clone() });
             }
         }
+        tracing::debug!(model = %name, "fetching {source}");
     }
 
     /// A fetch ended; one that failed is the reason a model not being served is not.
@@ -483,7 +514,7 @@ impl ModelRepository {
         self.save(&record).await?;
         record.reason = Some(UNLOADED.to_owned());
         if let Some(old) = self.table.update(|s| s.remove(name)) {
-            old.handle.resume();
+            old.resume();
         }
         self.records().insert(name.to_owned(), record);
         self.audit.record(Event::ModelUnload, None, None, &format!("model '{name}' unloaded"));
@@ -511,7 +542,7 @@ impl ModelRepository {
             .map_err(|e| ModelError::Store(format!("state task failed: {e}")))?
             .map_err(|e| ModelError::Store(format!("cannot remove the model's record: {e}")))?;
         if let Some(old) = self.table.update(|s| s.remove(name)) {
-            old.handle.resume();
+            old.resume();
         }
         self.records().remove(name);
         self.audit.record(Event::ModelDelete, None, None, &format!("model '{name}' deleted"));
@@ -614,9 +645,17 @@ async fn ready(handle: &ModelHandle) -> Result<(), String> {
     }
 }
 
-fn entry(name: &str, record: &Record, handle: Option<&ModelHandle>) -> ModelEntry {
-    let (state, reason) = match handle.map(ModelHandle::state) {
-        None if record.fetching => ("LOADING", format!("fetching {}", record.config.source.as_deref().unwrap_or_default())),
+fn entry(name: &str, record: &Record, served: Option<&Served>) -> ModelEntry {
+    let handle = served.map(Served::latest);
+    let latest = record.configs.last().unwrap_or_else(|| unreachable!("a model has a version"));
+    // The least ready version speaks for the model: loading or failed if any one is.
+    let state = served.map(|s| {
+        let states: Vec<ModelState> = s.versions.values().map(ModelHandle::state).collect();
+        let failed = states.iter().find(|s| matches!(s, ModelState::Failed(_))).cloned();
+        failed.or_else(|| states.iter().find(|s| matches!(s, ModelState::Loading)).cloned()).unwrap_or_else(|| states[0].clone())
+    });
+    let (state, reason) = match state {
+        None if record.fetching => ("LOADING", format!("fetching {}", latest.source.as_deref().unwrap_or_default())),
         Some(ModelState::Ready(_)) => ("READY", String::new()),
         Some(ModelState::Loading) => ("LOADING", String::new()),
         Some(ModelState::Failed(reason)) => ("UNAVAILABLE", reason),
@@ -627,9 +666,10 @@ fn entry(name: &str, record: &Record, handle: Option<&ModelHandle>) -> ModelEntr
         origin: if record.deployment.is_some() { ModelOrigin::Api } else { ModelOrigin::Config },
         state,
         reason,
-        config: record.config.clone(),
+        config: latest.clone(),
         users: Arc::clone(&record.users),
         deployed_at: record.deployment.as_ref().map(|d| d.deployed_at),
         handle: handle.cloned(),
+        versions: served.map(|s| s.versions.keys().copied().collect()).unwrap_or_default(),
     }
 }

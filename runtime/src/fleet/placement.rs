@@ -177,6 +177,7 @@ pub(crate) mod tests {
             path: "m.pt".into(),
             source: None,
             sha256: None,
+            version: 1,
             device,
             inputs: Vec::new(),
             outputs: Vec::new(),

@@ -830,6 +830,7 @@ mod tests {
             path: model_path("tokenwise.pt"),
             source: None,
             sha256: None,
+            version: 1,
             device: DeviceChoice::Cpu,
             inputs: vec![
                 InputSpec::new("ids", DType::I64, vec![None, None], ragged),
@@ -856,6 +857,7 @@ mod tests {
             path: model_path("digits.pt"),
             source: None,
             sha256: None,
+            version: 1,
             device: DeviceChoice::Cpu,
             inputs: vec![InputSpec::new("image", DType::F32, vec![None, Some(1), Some(8), Some(8)], None)],
             outputs: vec![OutputSpec { name: "logits".into(), ragged_dim: None }],
@@ -1635,6 +1637,7 @@ mod on_a_fake_backend {
             path: PathBuf::from("fake.pt"),
             source: None,
             sha256: None,
+            version: 1,
             device: DeviceChoice::Cpu,
             inputs: vec![InputSpec::new("x", DType::F32, vec![None, Some(1)], None)],
             outputs: vec![OutputSpec { name: "y".into(), ragged_dim: None }],

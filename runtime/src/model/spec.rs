@@ -8,7 +8,11 @@ use crate::model::signature::{InputSpec, OutputSpec};
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
+    /// The name it is served and reported under: the model's name, or `NAME@VERSION` for each
+    /// version of a model whose definition lists `versions`.
     pub name: String,
+    /// Its version number (1 for a model defined without versions).
+    pub version: u64,
     /// The TorchScript file. For a remote `source`, the cache's copy once fetched (empty before).
     pub path: PathBuf,
     /// Where the file comes from when it is not local, as written: `https://…` or `hf://…`.
@@ -38,6 +42,31 @@ pub struct ModelConfig {
     /// The floating-point type the model runs in. Floating inputs are cast to it and floating
     /// outputs back to FP32, so guests see the same dtypes whatever the precision.
     pub precision: Precision,
+}
+
+/// Splits a model name as guests and callers write it, `NAME` or `NAME@VERSION`, into the name
+/// and the version asked for; `None` if it is neither.
+pub fn split_version(name: &str) -> Option<(&str, Option<u64>)> {
+    match name.split_once('@') {
+        None => Some((name, None)),
+        Some((base, version)) => {
+            let digits = !version.is_empty() && version.len() <= 19 && version.bytes().all(|b| b.is_ascii_digit());
+            let number = if digits { version.parse::<u64>().ok().filter(|v| *v > 0) } else { None };
+            number.map(|v| (base, Some(v)))
+        }
+    }
+}
+
+/// The name one version of a versioned model is served and reported under.
+pub fn versioned_name(name: &str, version: u64) -> String {
+    format!("{name}@{version}")
+}
+
+impl ModelConfig {
+    /// The model's own name, without the version a versioned model's name carries.
+    pub fn model_name(&self) -> &str {
+        self.name.split_once('@').map_or(self.name.as_str(), |(name, _)| name)
+    }
 }
 
 /// Floating-point precision of a model's weights and activations.

@@ -1,4 +1,5 @@
-//! [`ModelTable`]: the models being served now, by name, and who may use each. Every reader
+//! [`ModelTable`]: the models being served now, by name, with their versions, and who may use
+//! each. A name looked up is `NAME` (the model's latest version) or `NAME@VERSION`. Every reader
 //! (a guest's `load-by-name`, a direct OIP call, the scaler, the metrics) looks models up here,
 //! so a model loaded, replaced or unloaded while serving is seen everywhere at once.
 //!
@@ -12,18 +13,47 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::model::handle::ModelHandle;
+use crate::model::spec::split_version;
 
-/// One model being served.
+/// One model being served: each of its versions served, and who may use them.
 #[derive(Debug, Clone)]
 pub struct Served {
-    pub handle: ModelHandle,
+    /// By version number; never empty.
+    pub versions: BTreeMap<u64, ModelHandle>,
     /// The tenants that may use it, by name. The model layer knows nothing else of tenants.
     pub users: Arc<[String]>,
 }
 
 impl Served {
+    pub fn new(handles: impl IntoIterator<Item = ModelHandle>, users: Arc<[String]>) -> Served {
+        Served { versions: handles.into_iter().map(|h| (h.config().version, h)).collect(), users }
+    }
+
     pub fn usable_by(&self, tenant: &str) -> bool {
         self.users.iter().any(|u| u == tenant)
+    }
+
+    /// The latest version: what the plain name resolves to. (A new set of versions takes the
+    /// table only once every one is ready, so the latest is ready whenever the model was.)
+    pub fn latest(&self) -> &ModelHandle {
+        match self.versions.last_key_value() {
+            Some((_, handle)) => handle,
+            None => unreachable!("a served model has a version"),
+        }
+    }
+
+    /// Lets every version's queue run again (after an operator's pause), as the model leaves the
+    /// table: what it holds is served, not timed out.
+    pub fn resume(&self) {
+        self.versions.values().for_each(ModelHandle::resume);
+    }
+
+    /// Version `version`, or the latest for `None`.
+    pub fn version(&self, version: Option<u64>) -> Option<&ModelHandle> {
+        match version {
+            None => Some(self.latest()),
+            Some(v) => self.versions.get(&v),
+        }
     }
 }
 
@@ -51,29 +81,46 @@ impl ModelTable {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The model `name` if `tenant` may use it; `None` whether it is missing or someone else's.
+    /// The model `name` (`NAME` or `NAME@VERSION`) if `tenant` may use it; `None` whether it is
+    /// missing or someone else's.
     pub fn usable(&self, tenant: &str, name: &str) -> Option<ModelHandle> {
+        let (base, version) = split_version(name)?;
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        current.get(name).filter(|s| s.usable_by(tenant)).map(|s| s.handle.clone())
+        current.get(base).filter(|s| s.usable_by(tenant)).and_then(|s| s.version(version)).cloned()
     }
 
+    /// The model `name` (`NAME` or `NAME@VERSION`), whoever may use it.
     pub fn get(&self, name: &str) -> Option<ModelHandle> {
+        let (base, version) = split_version(name)?;
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        current.get(name).map(|s| s.handle.clone())
+        current.get(base).and_then(|s| s.version(version)).cloned()
     }
 
-    /// Every model, in name order.
+    /// The versions of `name` served, for `tenant` (none if it may not use it).
+    pub fn versions(&self, tenant: &str, name: &str) -> Vec<u64> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        current.get(name).filter(|s| s.usable_by(tenant)).map(|s| s.versions.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Every version of every model, in name order.
     pub fn handles(&self) -> Vec<ModelHandle> {
-        self.snapshot().values().map(|s| s.handle.clone()).collect()
+        self.snapshot().values().flat_map(|s| s.versions.values().cloned()).collect()
     }
 
-    /// The models `tenant` may use, limited to `names` when given: what a handler's guest sees.
+    /// The models `tenant` may use, limited to `names` when given: what a handler's guest sees,
+    /// under each model's name (its latest version) and `NAME@VERSION` for every version.
     pub fn view(&self, tenant: &str, names: Option<&[String]>) -> std::collections::HashMap<String, ModelHandle> {
-        self.snapshot()
-            .iter()
-            .filter(|(name, served)| served.usable_by(tenant) && names.is_none_or(|n| n.contains(name)))
-            .map(|(name, served)| (name.clone(), served.handle.clone()))
-            .collect()
+        let mut view = std::collections::HashMap::new();
+        for (name, served) in self.snapshot().iter() {
+            if !served.usable_by(tenant) || names.is_some_and(|n| !n.contains(name)) {
+                continue;
+            }
+            view.insert(name.clone(), served.latest().clone());
+            for (version, handle) in &served.versions {
+                view.insert(format!("{name}@{version}"), handle.clone());
+            }
+        }
+        view
     }
 
     /// Changes the table in one step: readers see it before or after, never half-way. Returns

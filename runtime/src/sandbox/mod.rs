@@ -528,9 +528,9 @@ impl Handler {
         self.cache.as_ref()
     }
 
-    /// The models this handler's guest may load now, sorted.
+    /// The models this handler's guest may load now, sorted (each also loads as `NAME@VERSION`).
     pub fn model_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.models.current().keys().cloned().collect();
+        let mut names: Vec<String> = self.models.current().keys().filter(|n| !n.contains('@')).cloned().collect();
         names.sort_unstable();
         names
     }

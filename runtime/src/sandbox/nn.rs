@@ -71,6 +71,13 @@ pub struct NnError {
 /// Longest model name `load-by-name` looks up; a longer one is not a name that exists.
 pub const MAX_NAME_BYTES: usize = 256;
 
+/// Whether `name` has the form of a model name a guest may ask for: `NAME` or `NAME@VERSION`.
+fn model_name_grammar(name: &str) -> bool {
+    name.len() <= MAX_NAME_BYTES
+        && crate::model::spec::split_version(name)
+            .is_some_and(|(base, _)| crate::deploy::check_name(base).is_ok())
+}
+
 /// Most dimensions a tensor may have (the config allows no model more).
 pub const MAX_DIMENSIONS: usize = 8;
 
@@ -273,9 +280,22 @@ impl graph::Host for NnView<'_> {
         )
     }
 
+    /// `NAME` (the model's latest version) or `NAME@VERSION`. Anything else (a path, `..`, a NUL)
+    /// is refused by its form; a well-formed name is looked up in the guest's allow-list only.
     fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
-        // Only the allow-list is consulted: a path-like name is simply a name that isn't there.
-        let found = (name.len() <= MAX_NAME_BYTES).then(|| self.ctx.models.get(&name)).flatten();
+        if !model_name_grammar(&name) {
+            let shown = truncated(&name, 64);
+            let more = if shown.len() < name.len() { "..." } else { "" };
+            return self.fail(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "'{}{more}' is not a model name: NAME or NAME@VERSION, where NAME is 1-64 of a-z A-Z 0-9 - _ . \
+                     not starting with '.', and VERSION a number",
+                    shown.escape_debug()
+                ),
+            );
+        }
+        let found = self.ctx.models.get(&name);
         match found {
             Some(model) => {
                 let model = model.clone();
