@@ -75,6 +75,8 @@ pub struct RawServer {
     pub cache_max_bytes: Option<u64>,
     /// Load remote sources without a `sha256` pin (their digest is logged, to pin it).
     pub allow_unpinned: Option<bool>,
+    /// Let tenants' model sources be loopback or private addresses (an internal model store).
+    pub tenant_private_sources: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +104,10 @@ pub struct RawQuota {
     pub max_compute_bytes: Option<u64>,
     pub max_compute_calls: Option<u32>,
     pub max_response_bytes: Option<u64>,
+    /// Models the tenant may load into its own namespace (default 0: none).
+    pub max_models: Option<u32>,
+    /// Their files' bytes in all (every version served counts).
+    pub max_model_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

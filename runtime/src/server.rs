@@ -47,7 +47,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let mut grouped: Vec<Vec<ModelConfig>> = Vec::new();
     for model in &config.models {
         match grouped.last_mut() {
-            Some(versions) if versions[0].model_name() == model.model_name() => versions.push(model.clone()),
+            Some(versions) if versions[0].key() == model.key() => versions.push(model.clone()),
             _ => grouped.push(vec![model.clone()]),
         }
     }
@@ -68,7 +68,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
                     .collect::<anyhow::Result<Vec<_>>>()?,
             ),
         };
-        let name = versions[0].model_name().to_owned();
+        let name = versions[0].key().to_owned();
         let users: Vec<String> =
             config.tenants.iter().filter(|t| t.models.contains(&name)).map(|t| t.name.clone()).collect();
         config_models.push((versions, handles, users));
@@ -108,6 +108,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
                 config.server.cache_max_bytes,
                 config.server.allow_unpinned,
             )),
+            tenant_private_sources: config.server.tenant_private_sources,
             parse: Box::new(move |name, spec| crate::config::model_spec(&base, name, spec)),
             tenants: config.tenants.iter().map(|t| t.name.clone()).collect(),
             audit: Arc::clone(&audit),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kiln_tests::{Server, artifact, examples_config, python, root};
 
 mod sources;
+mod tenants;
 use serde_json::{Value, json};
 
 fn start() -> Server {

@@ -21,14 +21,14 @@ use super::{json_of, model_state, runtime, until_ready};
 /// - `/cut/F`: the first request without a range gets half the file and a closed connection;
 /// - `/slow/F`: the file in 10 pieces, 80 ms apart;
 /// - `/hf/ORG/REPO/resolve/REV/F`: as `/files/F` (Hugging Face's URL layout).
-struct FileServer {
+pub(crate) struct FileServer {
     base: String,
     /// Every request: its path and its Range header (empty without one).
     requests: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl FileServer {
-    fn start(files: HashMap<String, Vec<u8>>) -> FileServer {
+    pub(crate) fn start(files: HashMap<String, Vec<u8>>) -> FileServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the file server");
         let base = format!("http://{}", listener.local_addr().expect("address"));
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -42,7 +42,7 @@ impl FileServer {
         FileServer { base, requests }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
@@ -113,16 +113,16 @@ fn serve(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Ve
     let _ = stream.write_all(rest);
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn offset_bytes(version: u32) -> Vec<u8> {
+pub(crate) fn offset_bytes(version: u32) -> Vec<u8> {
     std::fs::read(artifact("build/models").join(format!("offset-{version}.pt"))).expect("offset model")
 }
 
 /// The `offset` model's fields with a remote `source` (and `sha256`, when given).
-fn remote_spec(source: &str, sha256: Option<&str>) -> Value {
+pub(crate) fn remote_spec(source: &str, sha256: Option<&str>) -> Value {
     let mut spec = json!({
         "source": source,
         "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }],

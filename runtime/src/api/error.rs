@@ -68,6 +68,7 @@ impl From<ModelError> for ApiError {
             e @ ModelError::NotFound(_) => ApiError::NotFound(e.to_string()),
             e @ ModelError::LoadFailed { .. } => ApiError::LoadFailed(e.to_string()),
             ModelError::Store(m) => ApiError::Internal(m),
+            ModelError::Quota(m) => ApiError::Forbidden(m),
         }
     }
 }

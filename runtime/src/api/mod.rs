@@ -304,6 +304,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/handlers/{name}", any(invoke_root))
         .route("/v1/handlers/{name}/", any(invoke_root))
         .route("/v1/handlers/{name}/{*rest}", any(invoke))
+        .route("/v1/models", get(repository::tenant_list))
+        .route(
+            "/v1/models/{name}",
+            get(repository::tenant_show).put(repository::tenant_put).delete(repository::tenant_delete),
+        )
         .route("/v1/stats", get(stats::snapshot))
         .route("/v1/scaler", get(stats::scaler))
         .route("/v1/events", get(stats::events))

@@ -15,6 +15,11 @@
 //!   `POST /v2/repository/models/{name}/load` (a reload, or with `parameters.config` the model's
 //!   fields as a JSON string, a load of that definition) and `.../unload` (kept, not served).
 //!
+//! On the serving listener, with a tenant's key, the same `GET/PUT/DELETE /v1/models[/{name}]`
+//! manage the tenant's own models (its namespace: no other tenant sees them), within its quota
+//! (`max_models`, `max_model_bytes`); their files must be remote and pinned. Its `GET` lists the
+//! tenant's own models and the others it may use.
+//!
 //! The [`ModelRepository`](crate::deploy::models::ModelRepository) does the work; these routes
 //! only translate.
 
@@ -29,7 +34,8 @@ use serde_json::{Value, json};
 
 use super::admin::require_admin;
 use super::{ApiError, AppState, json_response, read_body};
-use crate::deploy::models::{Control, Loaded, ModelEntry, ModelOrigin};
+use crate::deploy::models::{Control, Loaded, ModelEntry, ModelOrigin, OwnerQuota};
+use crate::model::spec::owned_key;
 use crate::model::handle::{ModelHandle, TuningChange};
 use crate::model::spec::{Replicas, Tuning};
 
@@ -77,6 +83,83 @@ pub(super) async fn delete(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers, None)?;
     app.repository.delete(&name).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
+}
+
+/// The tenant a serving-listener model route acts for.
+fn owner<'a>(app: &'a AppState, headers: &HeaderMap) -> Result<&'a Arc<crate::tenancy::Tenant>, ApiError> {
+    let principal = app.authenticate(headers, None)?;
+    app.tenant_of(&principal)
+}
+
+/// A tenant's view of a model: by the name it knows.
+fn describe_for(entry: &ModelEntry) -> ModelInfo {
+    let mut info = describe(entry);
+    info.name = entry.config.model_name().to_owned();
+    info
+}
+
+/// `GET /v1/models` with a tenant key: its own models, then the others it may use.
+pub(super) async fn tenant_list(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let tenant = owner(&app, &headers)?;
+    let own = app.repository.list_owned(tenant.name());
+    let shared = app.repository.list().into_iter().filter(|e| {
+        !matches!(e.origin, ModelOrigin::Tenant) && e.users.iter().any(|u| u == tenant.name())
+    });
+    let models = own.iter().chain(shared.collect::<Vec<_>>().iter()).map(describe_for).collect();
+    Ok(json_response(StatusCode::OK, &ModelList { models }))
+}
+
+/// `GET /v1/models/{name}` with a tenant key: its own model of that name, else one it may use.
+pub(super) async fn tenant_show(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let tenant = owner(&app, &headers)?;
+    let own = app.repository.get(&owned_key(tenant.name(), &name));
+    let shared = || {
+        app.repository
+            .get(&name)
+            .filter(|e| !matches!(e.origin, ModelOrigin::Tenant) && e.users.iter().any(|u| u == tenant.name()))
+    };
+    let entry = own.or_else(shared).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
+    Ok(json_response(StatusCode::OK, &describe_for(&entry)))
+}
+
+/// `PUT /v1/models/{name}` with a tenant key: loads or replaces one of its own models.
+pub(super) async fn tenant_put(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let tenant = owner(&app, &headers)?;
+    let bytes = read_body(body, &headers, MAX_SPEC_BYTES).await?;
+    let spec = parse_spec(&bytes)?;
+    let quota = &tenant.config.quota;
+    let quota = OwnerQuota { max_models: quota.max_models, max_model_bytes: quota.max_model_bytes };
+    let loaded = app.repository.put_owned(tenant.name(), quota, &name, spec).await?;
+    let status = match loaded {
+        Loaded::New => StatusCode::CREATED,
+        Loaded::Replaced => StatusCode::OK,
+    };
+    let entry = entry(&app, &owned_key(tenant.name(), &name))?;
+    Ok(json_response(status, &describe_for(&entry)))
+}
+
+/// `DELETE /v1/models/{name}` with a tenant key: stops serving one of its own models and forgets it.
+pub(super) async fn tenant_delete(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let tenant = owner(&app, &headers)?;
+    let key = owned_key(tenant.name(), &name);
+    if app.repository.get(&key).is_none() {
+        return Err(ApiError::NotFound(format!("model '{name}' is not one of your own")));
+    }
+    app.repository.delete(&key).await?;
     Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
 }
 
@@ -265,6 +348,7 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
         origin: match entry.origin {
             ModelOrigin::Config => "config",
             ModelOrigin::Api => "api",
+            ModelOrigin::Tenant => "tenant",
         }
         .to_owned(),
         state: entry.state.to_owned(),

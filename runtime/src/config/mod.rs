@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub cache_max_bytes: Option<u64>,
     /// Whether remote sources may go without a `sha256` pin.
     pub allow_unpinned: bool,
+    /// Whether tenants' model sources may be loopback or private addresses.
+    pub tenant_private_sources: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -63,6 +65,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
 pub const DEFAULT_STATE_DIR: &str = "state";
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_REQUESTS_PER_SECOND: f64 = 1000.0;
+/// What a tenant's own models' files may weigh in all, unless its quota says otherwise.
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
 pub const DEFAULT_MAX_CONCURRENT: u32 = 64;
 pub const DEFAULT_MAX_COMPUTE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_COMPUTE_CALLS: u32 = 64;

@@ -31,7 +31,7 @@ use super::{
     DEFAULT_LATENCY_OBJECTIVE_MS, DEFAULT_MEMORY_HEADROOM_MIB, DEFAULT_SCALER_INTERVAL_MS,
     DEFAULT_UP_COOLDOWN_MS, DEFAULT_DOWN_COOLDOWN_MS, DEFAULT_MAX_GPU_UTILIZATION,
     DEFAULT_SCALER_HISTORY, DEFAULT_GPU_POLL_MS, DEFAULT_DRAIN_GRACE_MS,
-    DEFAULT_DRAIN_TIMEOUT_MS,
+    DEFAULT_DRAIN_TIMEOUT_MS, DEFAULT_MAX_MODEL_BYTES,
 };
 use crate::model::device::Device;
 
@@ -187,6 +187,7 @@ impl Validator<'_> {
             cache_dir,
             cache_max_bytes: raw.cache_max_bytes,
             allow_unpinned: raw.allow_unpinned.unwrap_or(false),
+            tenant_private_sources: raw.tenant_private_sources.unwrap_or(false),
             listen,
             max_body_bytes: max_body_bytes as usize,
             max_instances,
@@ -781,7 +782,12 @@ impl Validator<'_> {
             1,
             1 << 40,
         )?;
+        let max_models = range("max_models", raw.max_models.map_or(0, u64::from), 0, 10_000)?;
+        let max_model_bytes =
+            range("max_model_bytes", raw.max_model_bytes.unwrap_or(DEFAULT_MAX_MODEL_BYTES), 1, 1 << 44)?;
         Ok(Quota {
+            max_models: max_models as u32,
+            max_model_bytes,
             requests_per_second: rps,
             burst: burst as u32,
             max_concurrent: max_concurrent as u32,

@@ -26,7 +26,7 @@ use crate::deploy::store::{ModelDeployment, Store};
 use crate::fleet::placement::Placer;
 use crate::fleet::start_model;
 use crate::model::handle::{ModelHandle, ModelState, TuningChange};
-use crate::model::spec::ModelConfig;
+use crate::model::spec::{ModelConfig, OWNER_SEPARATOR, owned_key};
 use crate::model::table::{ModelTable, Served};
 use crate::telemetry::{EventLog, unix_seconds};
 use crate::tenancy::audit::{Audit, Event};
@@ -60,6 +60,9 @@ pub enum ModelError {
     /// The state directory could not record the change.
     #[error("{0}")]
     Store(String),
+    /// A tenant's own model would take it over its quota.
+    #[error("{0}")]
+    Quota(String),
 }
 
 /// Where a model's definition comes from.
@@ -67,11 +70,14 @@ pub enum ModelError {
 pub enum ModelOrigin {
     Config,
     Api,
+    /// Loaded by a tenant into its own namespace.
+    Tenant,
 }
 
 /// One model of the repository, as the API shows it.
 #[derive(Debug, Clone)]
 pub struct ModelEntry {
+    /// Its key in the repository: `NAME`, or `TENANT:NAME` for a tenant's own.
     pub name: String,
     pub origin: ModelOrigin,
     /// `READY`, `LOADING` or `UNAVAILABLE`, as the OIP repository index spells them.
@@ -118,6 +124,8 @@ pub struct ModelRepository {
     placer: Placer,
     store: Store,
     cache: Arc<ModelCache>,
+    /// Whether tenants' model sources may be loopback or private addresses.
+    tenant_private_sources: bool,
     parse: Box<ParseModel>,
     /// Every tenant's name, to check a model's `tenants`.
     tenants: Vec<String>,
@@ -139,6 +147,7 @@ pub struct RepositoryParts {
     pub placer: Placer,
     pub store: Store,
     pub cache: Arc<ModelCache>,
+    pub tenant_private_sources: bool,
     pub parse: Box<ParseModel>,
     pub tenants: Vec<String>,
     pub audit: Arc<Audit>,
@@ -151,13 +160,13 @@ impl ModelRepository {
     /// [`ModelRepository::start_fetches`] runs). A kept model that no longer validates, or whose
     /// name the config file now uses, is reported unavailable with the reason.
     pub fn restore(parts: RepositoryParts) -> std::io::Result<ModelRepository> {
-        let RepositoryParts { config_models, placer, store, cache, parse, tenants, audit, events } = parts;
+        let RepositoryParts { config_models, placer, store, cache, tenant_private_sources, parse, tenants, audit, events } = parts;
         let mut records = BTreeMap::new();
         let table = Arc::new(ModelTable::default());
         table.update(|served| {
             for (configs, handles, users) in config_models {
                 let users: Arc<[String]> = users.into();
-                let name = configs[0].model_name().to_owned();
+                let name = configs[0].key().to_owned();
                 let fetching = handles.is_none();
                 if let Some(handles) = handles {
                     served.insert(name.clone(), Served::new(handles, Arc::clone(&users)));
@@ -171,6 +180,7 @@ impl ModelRepository {
             placer,
             store,
             cache,
+            tenant_private_sources,
             parse,
             tenants,
             changes: tokio::sync::Mutex::new(()),
@@ -237,14 +247,46 @@ impl ModelRepository {
         self.records.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Validates `spec` for model `name`: the fields, and that every tenant named exists.
+    /// Validates `spec` for model `name`: the fields, and that every tenant named exists. For a
+    /// tenant's own model (`TENANT:NAME`), also that its files are remote and pinned (a tenant
+    /// cannot name a file of the server's) and that it names no other tenant.
     fn check(&self, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), ModelError> {
+        if let Some((owner, short)) = name.split_once(OWNER_SEPARATOR) {
+            return self.check_owned(owner, short, spec);
+        }
         check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
         let (configs, users) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
         if let Some(unknown) = users.iter().find(|u| !self.tenants.contains(u)) {
             return Err(ModelError::Invalid(format!("tenants: tenant '{unknown}' is not declared in the config")));
         }
         Ok((configs, users))
+    }
+
+    fn check_owned(&self, owner: &str, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), ModelError> {
+        check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
+        if !self.tenants.iter().any(|t| t == owner) {
+            return Err(ModelError::Invalid(format!("tenant '{owner}' is not declared in the config")));
+        }
+        if spec.get("tenants").is_some() {
+            return Err(ModelError::Invalid("tenants: a tenant's own model is its own; leave `tenants` out".to_owned()));
+        }
+        let (mut configs, _) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
+        let key = owned_key(owner, name);
+        for config in &mut configs {
+            if config.source.is_none() || config.sha256.is_none() {
+                return Err(ModelError::Invalid(
+                    "source: a tenant's model comes from https://HOST/FILE or hf://ORG/REPO/FILE@REVISION, with its sha256 \
+                     (not a file of the server's)"
+                        .to_owned(),
+                ));
+            }
+            if let Some((_, version)) = config.name.split_once('@') {
+                config.name = format!("{key}@{version}");
+            } else {
+                config.name = key.clone();
+            }
+        }
+        Ok((configs, vec![owner.to_owned()]))
     }
 
     /// Every model of the repository, in name order.
@@ -301,6 +343,61 @@ impl ModelRepository {
             return Err(ModelError::ConfigOwned(name.to_owned()));
         }
         self.load_record(name, record).await
+    }
+
+    /// Loads tenant `owner`'s own model `name` from `spec` (a `[[model]]` section's fields, with
+    /// remote pinned sources and no `tenants`), replacing its own of that name once the new one
+    /// is ready, if its quota allows: `max_models` models, `max_model_bytes` of files in all.
+    pub async fn put_owned(self: &Arc<Self>, owner: &str, quota: OwnerQuota, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
+        let (this, key) = (Arc::clone(self), owned_key(owner, name));
+        let owner = owner.to_owned();
+        detached(async move {
+            let result = this.put_owned_fetched(&owner, quota, &key, spec).await;
+            this.report(&key, &result);
+            result
+        })
+        .await
+    }
+
+    async fn put_owned_fetched(&self, owner: &str, quota: OwnerQuota, key: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
+        if quota.max_models == 0 {
+            return Err(ModelError::Quota(format!("tenant '{owner}' may not load models (its quota.max_models is 0)")));
+        }
+        let (configs, users) = self.check(key, &spec)?;
+        let others = self.owned_by(owner, key);
+        if others.len() as u64 >= u64::from(quota.max_models) {
+            return Err(ModelError::Quota(format!(
+                "tenant '{owner}' has {} models, its quota.max_models; delete one first",
+                others.len()
+            )));
+        }
+        let deployment = ModelDeployment { name: key.to_owned(), spec, loaded: true, deployed_at: unix_seconds() };
+        let record = Record { configs, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
+        let record = self.fetch(key, record).await?;
+        let bytes = |configs: &[ModelConfig]| configs.iter().map(|c| std::fs::metadata(&c.path).map_or(0, |m| m.len())).sum::<u64>();
+        let kept: u64 = others.iter().map(|r| bytes(&r.configs)).sum();
+        let wanted = bytes(&record.configs);
+        if kept + wanted > quota.max_model_bytes {
+            return Err(ModelError::Quota(format!(
+                "tenant '{owner}': this model's files ({wanted} bytes) and its others' ({kept} bytes) would be over its \
+                 quota.max_model_bytes ({})",
+                quota.max_model_bytes
+            )));
+        }
+        let _one_at_a_time = self.changes.lock().await;
+        self.load_record(key, record).await
+    }
+
+    /// Tenant `owner`'s own models but `except`.
+    fn owned_by(&self, owner: &str, except: &str) -> Vec<Record> {
+        let prefix = owned_key(owner, "");
+        self.records().iter().filter(|(key, _)| key.starts_with(&prefix) && key.as_str() != except).map(|(_, r)| r.clone()).collect()
+    }
+
+    /// Tenant `owner`'s own models, named as it knows them.
+    pub fn list_owned(&self, owner: &str) -> Vec<ModelEntry> {
+        let prefix = owned_key(owner, "");
+        self.list().into_iter().filter(|e| e.name.starts_with(&prefix)).collect()
     }
 
     /// Loads the model `name` the repository already knows, again from its own definition: a
@@ -409,6 +506,7 @@ impl ModelRepository {
         let mut config = config.clone();
         let failed = |reason: String| ModelError::LoadFailed { model: name.to_owned(), reason };
         let pin = config.sha256.clone();
+        let public_only = name.contains(OWNER_SEPARATOR) && !self.tenant_private_sources;
         let Some(source) = config.source.clone() else {
             if let Some(pin) = pin {
                 let path = config.path.clone();
@@ -429,7 +527,7 @@ impl ModelRepository {
                 tracing::info!(model = %name, "fetching {source}");
                 let cache = Arc::clone(&self.cache);
                 let remote = Remote { text: source.clone() };
-                let fetched = tokio::task::spawn_blocking(move || cache.fetch(&remote, pin.as_deref(), &mut |_| {}))
+                let fetched = tokio::task::spawn_blocking(move || cache.fetch(&remote, pin.as_deref(), public_only, &mut |_| {}))
                     .await
                     .map_err(|e| ModelError::Store(format!("the download task failed: {e}")))
                     .and_then(|r| r.map_err(|e| failed(e.to_string())));
@@ -545,7 +643,7 @@ impl ModelRepository {
             old.resume();
         }
         self.records().remove(name);
-        self.audit.record(Event::ModelDelete, None, None, &format!("model '{name}' deleted"));
+        self.audit.record(Event::ModelDelete, owner_of(name), None, &format!("model '{name}' deleted"));
         self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: "deleted".into(), detail: String::new() });
         Ok(())
     }
@@ -562,9 +660,16 @@ impl ModelRepository {
             Err(e) => tracing::warn!(model = %name, "{e}"),
         }
         let line = if detail.is_empty() { format!("model '{name}' {change}") } else { detail.clone() };
-        self.audit.record(event, None, None, &line);
+        self.audit.record(event, owner_of(name), None, &line);
         self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: change.to_owned(), detail });
     }
+}
+
+/// What a tenant may load into its own namespace (its quota's part about models).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnerQuota {
+    pub max_models: u32,
+    pub max_model_bytes: u64,
 }
 
 /// What an operator does to a model being served (`ModelRepository::control`).
@@ -634,6 +739,11 @@ async fn detached<T: Send + 'static>(
     tokio::spawn(change).await.map_err(|e| ModelError::Store(format!("the change's task failed: {e}")))?
 }
 
+/// The tenant that owns the model keyed `name`, if a tenant does.
+fn owner_of(name: &str) -> Option<&str> {
+    name.split_once(OWNER_SEPARATOR).map(|(owner, _)| owner)
+}
+
 /// Waits until `handle` is ready, or says why it failed.
 async fn ready(handle: &ModelHandle) -> Result<(), String> {
     loop {
@@ -663,7 +773,11 @@ fn entry(name: &str, record: &Record, served: Option<&Served>) -> ModelEntry {
     };
     ModelEntry {
         name: name.to_owned(),
-        origin: if record.deployment.is_some() { ModelOrigin::Api } else { ModelOrigin::Config },
+        origin: match &record.deployment {
+            None => ModelOrigin::Config,
+            Some(_) if name.contains(OWNER_SEPARATOR) => ModelOrigin::Tenant,
+            Some(_) => ModelOrigin::Api,
+        },
         state,
         reason,
         config: latest.clone(),

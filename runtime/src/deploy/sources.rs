@@ -16,6 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -206,11 +207,22 @@ impl ModelCache {
 
     /// The file of `remote`, from the cache or downloaded into it. `pin` is its SHA-256; without
     /// one the fetch is refused unless the cache allows unpinned sources.
-    pub fn fetch(&self, remote: &Remote, pin: Option<&str>, progress: &mut dyn FnMut(Progress)) -> Result<Fetched, FetchError> {
+    /// With `public_only` (a tenant's model), every address connected to, redirects included,
+    /// must be a public one: a tenant cannot make the server fetch from its own network.
+    pub fn fetch(
+        &self,
+        remote: &Remote,
+        pin: Option<&str>,
+        public_only: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Fetched, FetchError> {
         if pin.is_none() && !self.allow_unpinned {
             return Err(FetchError::Unpinned { origin: remote.text.clone() });
         }
         let url = remote.url();
+        if public_only {
+            public_url(&url).map_err(|reason| FetchError::Download { origin: remote.text.clone(), reason })?;
+        }
         let key = pin.map_or_else(|| sha256_hex(url.as_bytes()), str::to_owned);
         let gate = Arc::clone(
             self.fetching.lock().unwrap_or_else(PoisonError::into_inner).entry(key.clone()).or_default(),
@@ -219,7 +231,7 @@ impl ModelCache {
             let _one_download = gate.lock().unwrap_or_else(PoisonError::into_inner);
             match pin.and_then(|d| self.cached(d)) {
                 Some(hit) => Ok(hit),
-                None => self.download(remote, &url, &key, pin, progress),
+                None => self.download(remote, &url, &key, pin, public_only, progress),
             }
         };
         let mut fetching = self.fetching.lock().unwrap_or_else(PoisonError::into_inner);
@@ -235,6 +247,7 @@ impl ModelCache {
         url: &str,
         key: &str,
         pin: Option<&str>,
+        public_only: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Fetched, FetchError> {
         let partial_dir = self.dir.join("partial");
@@ -246,7 +259,8 @@ impl ModelCache {
             .build()
             .map_err(|e| failed(format!("cannot start the download: {e}")))?;
         let token = if remote.is_hub() { std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) } else { None };
-        let (actual, bytes) = runtime.block_on(download(url, token.as_deref(), &partial, progress)).map_err(failed)?;
+        let (actual, bytes) =
+            runtime.block_on(download(url, token.as_deref(), public_only, &partial, progress)).map_err(failed)?;
         if let Some(expected) = pin
             && actual != expected
         {
@@ -368,12 +382,27 @@ enum Stop {
 
 /// Downloads `url` into `partial` (resuming what is there), up to [`ATTEMPTS`] tries; returns
 /// the content's SHA-256 and size.
-async fn download(url: &str, token: Option<&str>, partial: &Path, progress: &mut dyn FnMut(Progress)) -> Result<(String, u64), String> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+async fn download(
+    url: &str,
+    token: Option<&str>,
+    public_only: bool,
+    partial: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(String, u64), String> {
+    let mut builder =
+        reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
+    if public_only {
+        // Names resolve to public addresses only (so a name cannot be rebound to a private one
+        // between a check and the connection), and redirects to private literals are refused.
+        builder = builder.dns_resolver(Arc::new(PublicOnly)).redirect(reqwest::redirect::Policy::custom(|attempt| {
+            match public_url(attempt.url().as_str()) {
+                Err(reason) => attempt.error(reason),
+                Ok(()) if attempt.previous().len() >= 10 => attempt.error("more than 10 redirects"),
+                Ok(()) => attempt.follow(),
+            }
+        }));
+    }
+    let client = builder.build().map_err(|e| format!("cannot make an HTTP client: {e}"))?;
     let mut attempt = 1;
     loop {
         match try_download(&client, url, token, partial, progress).await {
@@ -466,6 +495,67 @@ async fn try_download(
     Ok((hex(context.finish().as_ref()), written))
 }
 
+/// Refuses a URL whose host is `localhost` or a literal address that is not public.
+pub fn public_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("'{url}' is not a valid URL: {e}"))?;
+    let refused = || Err(format!("{url}: a tenant's model source must be a public address"));
+    let Some(host) = parsed.host_str() else { return refused() };
+    let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
+    match host.parse::<IpAddr>() {
+        Ok(ip) if !is_public(ip) => refused(),
+        Ok(_) => Ok(()),
+        Err(_) if host == "localhost" || host.ends_with(".localhost") => refused(),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Whether `ip` is on the public internet: not loopback, private, link-local, shared (CGNAT),
+/// unique-local, multicast, unspecified or broadcast; an IPv4-mapped address by its IPv4 part.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// A resolver that answers with a name's public addresses only.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = all.into_iter().filter(|a| is_public(a.ip())).collect();
+            if public.is_empty() {
+                return Err(format!("{host} has no public address: a tenant's model source must be public").into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// Where a 206 answer starts, from `Content-Range: bytes START-END/TOTAL`.
 fn range_start(response: &reqwest::Response) -> Option<u64> {
     let value = response.headers().get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
@@ -500,6 +590,32 @@ mod tests {
         for bad in ["s3://bucket/m.pt", "hf://org/m.pt", "hf://org/repo/../m.pt@x", "hf://org/repo/m.pt@", "https://", ""] {
             assert!(parse_source(bad).is_err(), "{bad} was accepted");
         }
+    }
+
+    #[test]
+    fn tenants_sources_must_be_public_addresses() {
+        for private in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1"] {
+            assert!(!is_public(private.parse().expect("address")), "{private} counted as public");
+        }
+        for public in ["1.1.1.1", "8.8.8.8", "2606:4700::1111"] {
+            assert!(is_public(public.parse().expect("address")), "{public} counted as private");
+        }
+        for url in ["http://127.0.0.1:8081/v1/models", "http://[::1]/m.pt", "http://localhost/m.pt", "https://169.254.169.254/latest"] {
+            assert!(public_url(url).is_err(), "{url} allowed");
+        }
+        assert!(public_url("https://huggingface.co/org/repo/resolve/main/m.pt").is_ok());
+        // A name that resolves to loopback only has no address to connect to.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let name: reqwest::dns::Name = "localhost".parse().expect("name");
+        let resolved = runtime.block_on(reqwest::dns::Resolve::resolve(&PublicOnly, name));
+        assert!(resolved.is_err_and(|e| e.to_string().contains("no public address")));
+        // And a tenant's fetch from a private literal stops before any connection.
+        let dir = std::env::temp_dir().join(format!("kiln-sources-{}", std::process::id()));
+        let cache = ModelCache::new(dir.clone(), None, false);
+        let remote = Remote { text: "http://127.0.0.1:9/m.pt".to_owned() };
+        let e = cache.fetch(&remote, Some(&"0".repeat(64)), true, &mut |_| {}).expect_err("refused").to_string();
+        assert!(e.contains("must be a public address"), "{e}");
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]

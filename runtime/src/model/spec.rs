@@ -63,10 +63,26 @@ pub fn versioned_name(name: &str, version: u64) -> String {
 }
 
 impl ModelConfig {
-    /// The model's own name, without the version a versioned model's name carries.
+    /// The model's name as its users know it: without the version a versioned model's name
+    /// carries, nor the owner a tenant's own model's carries.
     pub fn model_name(&self) -> &str {
+        let key = self.key();
+        key.split_once(OWNER_SEPARATOR).map_or(key, |(_, name)| name)
+    }
+
+    /// The name the model table keeps it under: `NAME`, or `TENANT:NAME` for a tenant's own.
+    pub fn key(&self) -> &str {
         self.name.split_once('@').map_or(self.name.as_str(), |(name, _)| name)
     }
+}
+
+/// Between a tenant's name and the name of a model it owns, in the model table's keys. Names
+/// cannot hold it, so a tenant's `m` never meets another's, nor the operator's.
+pub const OWNER_SEPARATOR: char = ':';
+
+/// The model table's key for tenant `owner`'s own model `name`.
+pub fn owned_key(owner: &str, name: &str) -> String {
+    format!("{owner}{OWNER_SEPARATOR}{name}")
 }
 
 /// Floating-point precision of a model's weights and activations.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::model::handle::ModelHandle;
-use crate::model::spec::split_version;
+use crate::model::spec::{OWNER_SEPARATOR, owned_key, split_version};
 
 /// One model being served: each of its versions served, and who may use them.
 #[derive(Debug, Clone)]
@@ -83,10 +83,11 @@ impl ModelTable {
 
     /// The model `name` (`NAME` or `NAME@VERSION`) if `tenant` may use it; `None` whether it is
     /// missing or someone else's.
+    /// A tenant's own model of that name comes first.
     pub fn usable(&self, tenant: &str, name: &str) -> Option<ModelHandle> {
         let (base, version) = split_version(name)?;
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        current.get(base).filter(|s| s.usable_by(tenant)).and_then(|s| s.version(version)).cloned()
+        resolve(&current, tenant, base).and_then(|s| s.version(version)).cloned()
     }
 
     /// The model `name` (`NAME` or `NAME@VERSION`), whoever may use it.
@@ -99,7 +100,7 @@ impl ModelTable {
     /// The versions of `name` served, for `tenant` (none if it may not use it).
     pub fn versions(&self, tenant: &str, name: &str) -> Vec<u64> {
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        current.get(name).filter(|s| s.usable_by(tenant)).map(|s| s.versions.keys().copied().collect()).unwrap_or_default()
+        resolve(&current, tenant, name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default()
     }
 
     /// Every version of every model, in name order.
@@ -109,13 +110,29 @@ impl ModelTable {
 
     /// The models `tenant` may use, limited to `names` when given: what a handler's guest sees,
     /// under each model's name (its latest version) and `NAME@VERSION` for every version.
+    /// The tenant's own models appear under their own names, before any other of the same name.
     pub fn view(&self, tenant: &str, names: Option<&[String]>) -> std::collections::HashMap<String, ModelHandle> {
+        let snapshot = self.snapshot();
+        let own: Vec<(&str, &Served)> = snapshot
+            .iter()
+            .filter_map(|(key, served)| match key.split_once(OWNER_SEPARATOR) {
+                Some((owner, name)) if owner == tenant => Some((name, served)),
+                _ => None,
+            })
+            .collect();
+        let shared: Vec<(&str, &Served)> = snapshot
+            .iter()
+            .filter(|(key, served)| {
+                !key.contains(OWNER_SEPARATOR) && served.usable_by(tenant) && !own.iter().any(|(name, _)| name == key)
+            })
+            .map(|(key, served)| (key.as_str(), served))
+            .collect();
         let mut view = std::collections::HashMap::new();
-        for (name, served) in self.snapshot().iter() {
-            if !served.usable_by(tenant) || names.is_some_and(|n| !n.contains(name)) {
+        for (name, served) in own.into_iter().chain(shared) {
+            if names.is_some_and(|n| !n.iter().any(|allowed| allowed == name)) {
                 continue;
             }
-            view.insert(name.clone(), served.latest().clone());
+            view.insert(name.to_owned(), served.latest().clone());
             for (version, handle) in &served.versions {
                 view.insert(format!("{name}@{version}"), handle.clone());
             }
@@ -134,4 +151,12 @@ impl ModelTable {
         self.generation.fetch_add(1, Ordering::AcqRel);
         out
     }
+}
+
+/// The model `name` means to `tenant`: its own of that name, else a shared one it may use.
+fn resolve<'a>(models: &'a Models, tenant: &str, name: &str) -> Option<&'a Served> {
+    if name.contains(OWNER_SEPARATOR) {
+        return None;
+    }
+    models.get(&owned_key(tenant, name)).or_else(|| models.get(name).filter(|s| s.usable_by(tenant)))
 }

@@ -210,6 +210,9 @@ pub struct Quota {
     pub max_instances: u32,
     pub max_body_bytes: usize,
     pub limits: SandboxLimits,
+    /// Models it may load into its own namespace, and their files' bytes in all.
+    pub max_models: u32,
+    pub max_model_bytes: u64,
 }
 
 #[cfg(test)]
