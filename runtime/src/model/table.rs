@@ -9,7 +9,7 @@
 //! the [`ModelHandle`] they hold, so a replaced model drains its queue before it stops.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::model::handle::ModelHandle;
@@ -64,11 +64,14 @@ pub type Models = BTreeMap<String, Served>;
 pub struct ModelTable {
     current: RwLock<Arc<Models>>,
     generation: AtomicU64,
+    /// Whether any tenant has a model of its own: lookups skip that step (an allocation) when none.
+    any_owned: AtomicBool,
 }
 
 impl ModelTable {
     pub fn new(models: Models) -> ModelTable {
-        ModelTable { current: RwLock::new(Arc::new(models)), generation: AtomicU64::new(0) }
+        let any_owned = AtomicBool::new(models.keys().any(|k| k.contains(OWNER_SEPARATOR)));
+        ModelTable { current: RwLock::new(Arc::new(models)), generation: AtomicU64::new(0), any_owned }
     }
 
     /// The table as it is now; later changes do not touch it.
@@ -86,8 +89,9 @@ impl ModelTable {
     /// A tenant's own model of that name comes first.
     pub fn usable(&self, tenant: &str, name: &str) -> Option<ModelHandle> {
         let (base, version) = split_version(name)?;
+        let any_owned = self.any_owned.load(Ordering::Acquire);
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        resolve(&current, tenant, base).and_then(|s| s.version(version)).cloned()
+        resolve(&current, any_owned, tenant, base).and_then(|s| s.version(version)).cloned()
     }
 
     /// The model `name` (`NAME` or `NAME@VERSION`), whoever may use it.
@@ -99,8 +103,9 @@ impl ModelTable {
 
     /// The versions of `name` served, for `tenant` (none if it may not use it).
     pub fn versions(&self, tenant: &str, name: &str) -> Vec<u64> {
+        let any_owned = self.any_owned.load(Ordering::Acquire);
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        resolve(&current, tenant, name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default()
+        resolve(&current, any_owned, tenant, name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default()
     }
 
     /// Every version of every model, in name order.
@@ -147,6 +152,7 @@ impl ModelTable {
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
         let mut next = Models::clone(&current);
         let out = change(&mut next);
+        self.any_owned.store(next.keys().any(|k| k.contains(OWNER_SEPARATOR)), Ordering::Release);
         *current = Arc::new(next);
         self.generation.fetch_add(1, Ordering::AcqRel);
         out
@@ -154,9 +160,10 @@ impl ModelTable {
 }
 
 /// The model `name` means to `tenant`: its own of that name, else a shared one it may use.
-fn resolve<'a>(models: &'a Models, tenant: &str, name: &str) -> Option<&'a Served> {
+fn resolve<'a>(models: &'a Models, any_owned: bool, tenant: &str, name: &str) -> Option<&'a Served> {
     if name.contains(OWNER_SEPARATOR) {
         return None;
     }
-    models.get(&owned_key(tenant, name)).or_else(|| models.get(name).filter(|s| s.usable_by(tenant)))
+    let own = if any_owned { models.get(&owned_key(tenant, name)) } else { None };
+    own.or_else(|| models.get(name).filter(|s| s.usable_by(tenant)))
 }
