@@ -132,13 +132,7 @@ impl HandlerSettings {
 
 /// Checks a handler or tenant name from outside the config (the admin API, the CLI).
 pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && !name.starts_with('.');
-    if ok {
+    if crate::model::spec::is_name(name) {
         Ok(())
     } else {
         Err(format!(

@@ -364,19 +364,41 @@ impl ModelRepository {
             return Err(ModelError::Quota(format!("tenant '{owner}' may not load models (its quota.max_models is 0)")));
         }
         let (configs, users) = self.check(key, &spec)?;
-        let others = self.owned_by(owner, key);
-        if others.len() as u64 >= u64::from(quota.max_models) {
-            return Err(ModelError::Quota(format!(
-                "tenant '{owner}' has {} models, its quota.max_models; delete one first",
-                others.len()
-            )));
-        }
+        // Checked before the download, to refuse early, and again under the lock, where no other
+        // change of this tenant's can slip in between the check and the load.
+        self.within_models(owner, quota, key)?;
+        let known = self.records().contains_key(key);
         let deployment = ModelDeployment { name: key.to_owned(), spec, loaded: true, deployed_at: unix_seconds() };
         let record = Record { configs, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
         let record = self.fetch(key, record).await?;
+        let _one_at_a_time = self.changes.lock().await;
+        let allowed = self.within_models(owner, quota, key).and_then(|()| self.within_bytes(owner, quota, key, &record.configs));
+        if let Err(refused) = allowed {
+            // A model new to the namespace was listed while its file downloaded: it goes.
+            if !known && self.table.get(key).is_none() {
+                self.records().remove(key);
+            }
+            return Err(refused);
+        }
+        self.load_record(key, record).await
+    }
+
+    /// Whether tenant `owner` may have model `key` besides its others.
+    fn within_models(&self, owner: &str, quota: OwnerQuota, key: &str) -> Result<(), ModelError> {
+        let others = self.owned_by(owner, key).len();
+        if others as u64 >= u64::from(quota.max_models) {
+            return Err(ModelError::Quota(format!(
+                "tenant '{owner}' has {others} models, its quota.max_models; delete one first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the files of `configs` and of tenant `owner`'s other models fit its quota.
+    fn within_bytes(&self, owner: &str, quota: OwnerQuota, key: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
         let bytes = |configs: &[ModelConfig]| configs.iter().map(|c| std::fs::metadata(&c.path).map_or(0, |m| m.len())).sum::<u64>();
-        let kept: u64 = others.iter().map(|r| bytes(&r.configs)).sum();
-        let wanted = bytes(&record.configs);
+        let kept: u64 = self.owned_by(owner, key).iter().map(|r| bytes(&r.configs)).sum();
+        let wanted = bytes(configs);
         if kept + wanted > quota.max_model_bytes {
             return Err(ModelError::Quota(format!(
                 "tenant '{owner}': this model's files ({wanted} bytes) and its others' ({kept} bytes) would be over its \
@@ -384,8 +406,7 @@ impl ModelRepository {
                 quota.max_model_bytes
             )));
         }
-        let _one_at_a_time = self.changes.lock().await;
-        self.load_record(key, record).await
+        Ok(())
     }
 
     /// Tenant `owner`'s own models but `except`.

@@ -44,6 +44,15 @@ pub struct ModelConfig {
     pub precision: Precision,
 }
 
+/// Whether `name` is a valid name for a model, handler or tenant: 1-64 of `a-z A-Z 0-9 - _ .`,
+/// not starting with `.` (so never a path, `..`, a NUL, nor a temporary file's name).
+pub fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.')
+}
+
 /// Splits a model name as guests and callers write it, `NAME` or `NAME@VERSION`, into the name
 /// and the version asked for; `None` if it is neither.
 pub fn split_version(name: &str) -> Option<(&str, Option<u64>)> {

@@ -74,8 +74,7 @@ pub const MAX_NAME_BYTES: usize = 256;
 /// Whether `name` has the form of a model name a guest may ask for: `NAME` or `NAME@VERSION`.
 fn model_name_grammar(name: &str) -> bool {
     name.len() <= MAX_NAME_BYTES
-        && crate::model::spec::split_version(name)
-            .is_some_and(|(base, _)| crate::deploy::check_name(base).is_ok())
+        && crate::model::spec::split_version(name).is_some_and(|(base, _)| crate::model::spec::is_name(base))
 }
 
 /// Most dimensions a tensor may have (the config allows no model more).
