@@ -8,6 +8,7 @@ mod embeddings;
 mod errors;
 mod observability;
 mod oip;
+mod openai;
 mod sandbox;
 mod tenancy;
 

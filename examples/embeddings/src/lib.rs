@@ -3,15 +3,17 @@
 //! `POST /` with `{"sentences": ["...", ...]}` returns `{"embeddings": [[f32; 384], ...]}`:
 //! tokenized here in the guest, one batched forward pass on the host, then mean pooling over the
 //! attention mask and L2 normalization here again. `POST /tokenize` returns the token ids, so the
-//! tokenizer can be checked against the reference one.
+//! tokenizer can be checked against the reference one. `POST /v1/embeddings` speaks OpenAI's
+//! embeddings API (see [`openai`]).
 
+mod openai;
 mod wordpiece;
 
 use kiln_guest::{Error, Handler, Model, Request, Response, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The model's position limit, [CLS] and [SEP] included.
-const MAX_TOKENS: usize = 256;
+pub(crate) const MAX_TOKENS: usize = 256;
 /// Sentences per request; more should be split across requests.
 const MAX_SENTENCES: usize = 64;
 
@@ -35,6 +37,9 @@ struct Embeddings;
 
 impl Handler for Embeddings {
     fn handle(request: Request) -> Result<Response, Error> {
+        if let Some(response) = openai::route(&request) {
+            return Ok(response);
+        }
         if request.method() != "POST" {
             return Err(Error::with_status(405, "use POST with {\"sentences\": [...]}"));
         }
@@ -67,7 +72,7 @@ impl Handler for Embeddings {
 
 kiln_guest::export_handler!(Embeddings);
 
-fn embed(ids: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f32>>, Error> {
+pub(crate) fn embed(ids: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f32>>, Error> {
     let rows = ids.len();
     let len = ids.iter().map(Vec::len).max().unwrap_or(0);
     let mut input_ids = Vec::with_capacity(rows * len);
