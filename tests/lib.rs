@@ -130,6 +130,8 @@ pub struct Server {
     /// The admin API's base URL.
     pub admin: String,
     admin_addr: String,
+    /// The gRPC API's address, `127.0.0.1:PORT`.
+    pub grpc: String,
     pub config: PathBuf,
     pub log: PathBuf,
     keys: std::collections::HashMap<String, String>,
@@ -171,6 +173,7 @@ impl Server {
             addr: String::new(),
             admin: String::new(),
             admin_addr: String::new(),
+            grpc: String::new(),
             config: config_path,
             log: dir.path.join("server.log"),
             keys,
@@ -181,7 +184,7 @@ impl Server {
         // the many client connections the tests open): then start again on new ports.
         let mut tries = 0;
         loop {
-            server.set_ports(free_port()?, free_port()?);
+            server.set_ports(free_port()?, free_port()?, free_port()?);
             match server.launch() {
                 Err(e) if tries < 5 && e.to_string().contains("Address already in use") => {
                     tries += 1;
@@ -193,7 +196,8 @@ impl Server {
         }
     }
 
-    fn set_ports(&mut self, port: u16, admin_port: u16) {
+    fn set_ports(&mut self, port: u16, admin_port: u16, grpc_port: u16) {
+        self.grpc = format!("127.0.0.1:{grpc_port}");
         self.base = format!("http://127.0.0.1:{port}");
         self.addr = format!("127.0.0.1:{port}");
         self.admin = format!("http://127.0.0.1:{admin_port}");
@@ -211,6 +215,8 @@ impl Server {
             .arg(&self.addr)
             .arg("--admin-listen")
             .arg(&self.admin_addr)
+            .arg("--grpc-listen")
+            .arg(&self.grpc)
             .arg("--stop-on-stdin-close")
             .env("KILN_LOG", "info,kiln=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))

@@ -65,6 +65,8 @@ pub struct RawServer {
     pub oip_max_priority: Option<u8>,
     pub state_dir: Option<String>,
     pub admin_listen: Option<String>,
+    /// The gRPC API's address, or `off`.
+    pub grpc_listen: Option<String>,
     pub max_component_bytes: Option<u64>,
     pub drain_grace_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,

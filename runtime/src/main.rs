@@ -67,6 +67,9 @@ enum Command {
         /// Address of the admin API; overrides [server].admin_listen.
         #[arg(long)]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Address of the gRPC API, or `off`; overrides [server].grpc_listen.
+        #[arg(long, value_name = "ADDR|off")]
+        grpc_listen: Option<String>,
         /// Load remote model sources that have no sha256 pin (each one's digest is logged, to
         /// pin it); overrides [server].allow_unpinned.
         #[arg(long)]
@@ -359,6 +362,10 @@ struct BenchArgs {
     /// Request body, read from a file.
     #[arg(long)]
     body: Option<PathBuf>,
+    /// With --model: send gRPC ModelInfer to this address (HOST:PORT) instead; --body is then
+    /// an OIP JSON request, sent as raw contents.
+    #[arg(long, requires_all = ["model", "body"], value_name = "HOST:PORT")]
+    grpc: Option<String>,
     /// Other bodies: every file in this folder, sent in turn by the requests that do not repeat
     /// --body (see --repeat-percent).
     #[arg(long, requires = "body")]
@@ -446,6 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             listen,
             admin_listen,
+            grpc_listen,
             allow_unpinned,
             stop_on_stdin_close,
         } => {
@@ -458,6 +466,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = config.unwrap_or_else(default_config);
             let mut config = Config::load(&path)?;
             config.server.allow_unpinned |= allow_unpinned;
+            if let Some(text) = grpc_listen {
+                config.server.grpc_listen = kiln::config::parse_optional_listen(&text)
+                    .ok_or_else(|| anyhow::anyhow!("--grpc-listen: '{text}' is not an address like 127.0.0.1:8001, nor 'off'"))?;
+            }
             let listen = listen.unwrap_or(config.server.listen);
             let admin_listen = admin_listen.unwrap_or(config.server.admin_listen);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -592,6 +604,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         _ => anyhow::bail!("say what to load: --handler NAME, --model NAME or --url URL"),
     };
     let body = kiln::cli::bench::read_body(&args.body)?;
+    let body_for_grpc = body.clone();
     let method = match &args.method {
         Some(m) => m.to_uppercase().parse()?,
         None if args.body.is_some() => http::Method::POST,
@@ -609,6 +622,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(key) = &args.key {
         headers.push(("authorization".to_owned(), format!("Bearer {}", key.trim())));
     }
+    let url = match (&args.grpc, &args.model) {
+        (Some(addr), Some(model)) => format!("grpc://{addr}/{model}"),
+        _ => url,
+    };
     let spec = kiln::cli::bench::LoadSpec {
         url,
         server,
@@ -627,6 +644,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             .or(if args.requests.is_none() { Some(std::time::Duration::from_secs(10)) } else { None }),
         requests: args.requests,
         progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        grpc: match (&args.grpc, &args.model) {
+            (Some(addr), Some(model)) => Some(kiln::cli::bench::GrpcLoad {
+                addr: addr.clone(),
+                request: kiln::cli::bench::grpc_request(model, body_for_grpc)?,
+            }),
+            _ => None,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(kiln::cli::bench::run(spec))?;

@@ -195,7 +195,8 @@ fn watch_keys(state: Arc<AppState>, config: Config) {
     });
 }
 
-/// Serves `config`'s API on `listen` and its admin API on `admin_listen` until `shutdown`.
+/// Serves `config`'s API on `listen`, its gRPC API on `[server].grpc_listen` (unless off) and its
+/// admin API on `admin_listen` until `shutdown`.
 pub async fn serve(
     config: &Config,
     listen: SocketAddr,
@@ -205,14 +206,20 @@ pub async fn serve(
     let state = Arc::new(build(config)?);
     let listener = bind(listen).await?;
     let admin_listener = bind(admin_listen).await?;
+    let grpc_listener = match config.server.grpc_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (grpc_listen)"))?),
+        None => None,
+    };
+    let grpc_local = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let (local, admin_local) = (listener.local_addr()?, admin_listener.local_addr()?);
     if !admin_local.ip().is_loopback() {
         tracing::warn!("the admin API listens on {admin_local}, which is not a loopback address");
     }
     watch_keys(Arc::clone(&state), config.clone());
     let handler_count = state.registry.list().len();
+    let grpc_text = grpc_local.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
-        "listening on http://{local} ({} models, {} tenants, {handler_count} handlers); admin API on http://{admin_local}",
+        "listening on http://{local} ({} models, {} tenants, {handler_count} handlers); gRPC on {grpc_text}; admin API on http://{admin_local}",
         state.models.snapshot().len(),
         state.tenants.len(),
     );
@@ -244,11 +251,25 @@ pub async fn serve(
     };
     let main = axum::serve(listener, api::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(until_stopped(stopped.clone()));
+    let grpc_stopped = stopped.clone();
+    let grpc_state = Arc::clone(&state);
+    let grpc = async move {
+        let Some(listener) = grpc_listener else { return Ok(()) };
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(api::grpc::service(grpc_state))
+            .serve_with_incoming_shutdown(incoming, until_stopped(grpc_stopped))
+            .await
+            .context("gRPC server failed")
+    };
     let admin = axum::serve(admin_listener, api::admin::router(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(until_stopped(stopped));
     // In-flight requests (and the batches they wait on) finish, bounded by the drain timeout
     // counted from the signal.
-    let served = async { tokio::try_join!(main, admin).context("HTTP server failed") };
+    let served = async {
+        let http = async { tokio::try_join!(main, admin).context("HTTP server failed") };
+        tokio::try_join!(http, grpc)
+    };
     let out_of_time = async {
         match drain_started_rx.await {
             Ok(started) => tokio::time::sleep_until(started + timeout).await,

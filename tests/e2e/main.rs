@@ -6,6 +6,7 @@ mod deploy;
 mod digits;
 mod embeddings;
 mod errors;
+mod grpc;
 mod observability;
 mod oip;
 mod openai;

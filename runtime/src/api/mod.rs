@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod error;
+pub mod grpc;
 pub mod metrics;
 mod oip;
 mod repository;

@@ -23,11 +23,15 @@ pub(super) async fn live() -> Response {
     json_response(StatusCode::OK, &json!({ "live": true }))
 }
 
-pub(super) async fn ready(State(app): State<Arc<AppState>>) -> Response {
+/// Not draining, and every model of the config file ready (but those an operator unloaded):
+/// models loaded through the admin API report their own readiness.
+pub(super) fn server_ready(app: &AppState) -> bool {
     let draining = app.draining.load(std::sync::atomic::Ordering::Relaxed);
-    // Every model of the config file ready (but those an operator unloaded): models loaded
-    // through the admin API report their own readiness.
-    let ready = !draining && app.repository.config_models_ready();
+    !draining && app.repository.config_models_ready()
+}
+
+pub(super) async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    let ready = server_ready(&app);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -114,14 +118,14 @@ fn output_metadata(meta: &OutputMeta) -> Value {
     })
 }
 
-fn dims(shape: &[Option<u32>]) -> Vec<i64> {
+pub(super) fn dims(shape: &[Option<u32>]) -> Vec<i64> {
     shape.iter().map(|d| d.map_or(-1, i64::from)).collect()
 }
 
 /// `/v2/models/{m}/versions/{v}/...`: the same routes for one version, looked up as `m@v` (a
 /// model defined without versions has one, `1`); a version not served is "not found", as a
 /// model that is not.
-fn version_name(model: &str, version: &str) -> Result<String, ApiError> {
+pub(super) fn version_name(model: &str, version: &str) -> Result<String, ApiError> {
     let name = format!("{model}@{version}");
     match split_version(&name) {
         Some((base, Some(_))) if base == model => Ok(name),

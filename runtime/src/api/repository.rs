@@ -278,21 +278,28 @@ pub(super) async fn index(State(app): State<Arc<AppState>>, headers: HeaderMap, 
     require_admin(&app, &headers, None)?;
     let request = read_json(body, &headers).await?;
     let only_ready = request.get("ready").and_then(Value::as_bool).unwrap_or(false);
-    let models: Vec<Value> = app
-        .repository
+    let models: Vec<Value> = index_rows(&app, only_ready)
+        .into_iter()
+        .map(|(name, version, state, reason)| json!({ "name": name, "version": version, "state": state, "reason": reason }))
+        .collect();
+    Ok(json_response(StatusCode::OK, &models))
+}
+
+/// The repository index as Triton lists it, over HTTP and gRPC: `(name, version, state, reason)`
+/// for each version served, one row without a version for a model not served.
+pub(super) fn index_rows(app: &AppState, only_ready: bool) -> Vec<(String, String, &'static str, String)> {
+    app.repository
         .list()
-        .iter()
+        .into_iter()
         .filter(|m| !only_ready || m.state == "READY")
         .flat_map(|m| {
-            // One row per version served, as Triton lists them; one without a version otherwise.
             let versions: Vec<String> = match m.versions.is_empty() {
                 true => vec![String::new()],
                 false => m.versions.iter().map(u64::to_string).collect(),
             };
-            versions.into_iter().map(|v| json!({ "name": m.name, "version": v, "state": m.state, "reason": m.reason })).collect::<Vec<_>>()
+            versions.into_iter().map(move |v| (m.name.clone(), v, m.state, m.reason.clone()))
         })
-        .collect();
-    Ok(json_response(StatusCode::OK, &models))
+        .collect()
 }
 
 /// `POST /v2/repository/models/{name}/load`.
@@ -304,16 +311,27 @@ pub(super) async fn load(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers, None)?;
     let request = read_json(body, &headers).await?;
-    match request.pointer("/parameters/config") {
-        None => app.repository.load(&name).await?,
-        Some(Value::String(config)) => {
-            let spec = serde_json::from_str(config)
-                .map_err(|e| ApiError::BadRequest(format!("parameters.config: the model's fields as JSON: {e}")))?;
-            app.repository.put(&name, spec).await?
-        }
+    let config = match request.pointer("/parameters/config") {
+        None => None,
+        Some(Value::String(config)) => Some(config.as_str()),
         Some(_) => return Err(ApiError::BadRequest("parameters.config must be a string of JSON".to_owned())),
     };
+    load_model(&app, &name, config).await?;
     Ok(json_response(StatusCode::OK, &json!({})))
+}
+
+/// The repository extension's load, over HTTP and gRPC: a reload of `name` as it is defined,
+/// or with `config` (the model's fields as JSON) a load of that definition.
+pub(super) async fn load_model(app: &AppState, name: &str, config: Option<&str>) -> Result<(), ApiError> {
+    match config {
+        None => app.repository.load(name).await?,
+        Some(config) => {
+            let spec = serde_json::from_str(config)
+                .map_err(|e| ApiError::BadRequest(format!("parameters.config: the model's fields as JSON: {e}")))?;
+            app.repository.put(name, spec).await?
+        }
+    };
+    Ok(())
 }
 
 /// `POST /v2/repository/models/{name}/unload`.

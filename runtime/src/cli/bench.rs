@@ -1,5 +1,6 @@
-//! `kiln bench`: a load generator for handlers and OIP models, and `kiln bench-raw`: the libtorch
-//! ceiling, the same module's forward passes without HTTP, sandbox or queue.
+//! `kiln bench`: a load generator for handlers and OIP models (over HTTP, or gRPC with
+//! `--grpc`), and `kiln bench-raw`: the libtorch ceiling, the same module's forward passes
+//! without HTTP, sandbox or queue.
 //!
 //! Closed loop keeps `concurrency` requests in flight; open loop starts requests at a fixed
 //! rate and measures each from its scheduled start, so a slow server cannot hide its queueing.
@@ -19,6 +20,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use kiln_wire::Stats;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+
+use crate::api::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use crate::api::grpc::proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use crate::api::grpc::proto::ModelInferRequest;
 
 /// What to load and how.
 #[derive(Debug, Clone)]
@@ -45,6 +52,47 @@ pub struct LoadSpec {
     pub duration: Option<Duration>,
     pub requests: Option<u64>,
     pub progress: bool,
+    /// Send `ModelInfer` over gRPC to this address instead of HTTP requests to `url`.
+    pub grpc: Option<GrpcLoad>,
+}
+
+/// A gRPC load: one OIP request, sent again and again.
+#[derive(Debug, Clone)]
+pub struct GrpcLoad {
+    /// `HOST:PORT`.
+    pub addr: String,
+    pub request: ModelInferRequest,
+}
+
+/// The gRPC `ModelInfer` request for `model` from an OIP JSON request body (`--body`): the same
+/// inputs, sent as raw contents, as the official clients send them.
+pub fn grpc_request(model: &str, body: Bytes) -> anyhow::Result<ModelInferRequest> {
+    let (request, named) = kiln_codec::oip::decode(None, body).map_err(|e| anyhow::anyhow!("--body: {}", e.0))?;
+    let mut inputs = Vec::with_capacity(named.len());
+    let mut raw = Vec::with_capacity(named.len());
+    for (name, tensor) in named {
+        inputs.push(InferInputTensor {
+            name,
+            datatype: tensor.dtype.wire_name().to_owned(),
+            shape: tensor.shape.iter().map(|&d| i64::from(d)).collect(),
+            ..InferInputTensor::default()
+        });
+        raw.push(Bytes::from(tensor.data));
+    }
+    let outputs = request
+        .outputs
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| InferRequestedOutputTensor { name: o.name, ..InferRequestedOutputTensor::default() })
+        .collect();
+    Ok(ModelInferRequest {
+        model_name: model.to_owned(),
+        id: request.id.unwrap_or_default(),
+        inputs,
+        outputs,
+        raw_input_contents: raw,
+        ..ModelInferRequest::default()
+    })
 }
 
 /// The result of a run, as printed and as `--json`.
@@ -108,6 +156,45 @@ struct Shared {
     /// Requests built, to pick each one's body.
     built: AtomicU64,
     progress: indicatif::ProgressBar,
+    grpc: Option<GrpcClient>,
+}
+
+/// One HTTP/2 connection for every request in flight, as gRPC clients use one.
+struct GrpcClient {
+    client: GrpcInferenceServiceClient<Channel>,
+    request: ModelInferRequest,
+    metadata: MetadataMap,
+}
+
+impl GrpcClient {
+    async fn connect(load: &GrpcLoad, headers: &[(String, String)]) -> anyhow::Result<GrpcClient> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", load.addr))
+            .with_context(|| format!("--grpc {}", load.addr))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", load.addr))?;
+        let mut headers_map = http::HeaderMap::new();
+        for (k, v) in headers {
+            let name = http::HeaderName::from_bytes(k.to_lowercase().as_bytes()).with_context(|| format!("header '{k}'"))?;
+            headers_map.insert(name, v.parse().with_context(|| format!("header '{k}'"))?);
+        }
+        let client = GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        Ok(GrpcClient { client, request: load.request.clone(), metadata: MetadataMap::from_headers(headers_map) })
+    }
+
+    async fn one(&self, tally: &mut Tally, since: Instant) {
+        let mut request = tonic::Request::new(self.request.clone());
+        *request.metadata_mut() = self.metadata.clone();
+        let result = self.client.clone().model_infer(request).await;
+        tally.latencies_us.push(since.elapsed().as_micros() as u64);
+        match result {
+            Ok(_) => tally.ok += 1,
+            Err(status) => *tally.errors.entry(format!("grpc {:?}", status.code())).or_default() += 1,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -148,6 +235,11 @@ impl Shared {
     }
 
     async fn one(&self, tally: &mut Tally, since: Instant) {
+        if let Some(grpc) = &self.grpc {
+            grpc.one(tally, since).await;
+            self.progress.inc(1);
+            return;
+        }
         // Below `repeat_percent`, the request repeats `body` exactly; the others are each made
         // unique (a query parameter no guest reads), with the `others` bodies in turn.
         let n = self.built.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +299,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(spec.concurrency.max(64))
         .build(connector);
+    let grpc = match &spec.grpc {
+        Some(load) => Some(GrpcClient::connect(load, &spec.headers).await?),
+        None => None,
+    };
     let before = stats(&client, &spec).await;
     let progress = if spec.progress {
         let bar = match (spec.requests, spec.duration) {
@@ -228,6 +324,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
         issued: AtomicU64::new(0),
         built: AtomicU64::new(0),
         progress,
+        grpc,
     });
     let started = Instant::now();
     let tally = match spec.rate {

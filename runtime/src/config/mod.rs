@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// The admin API's address (deploys, deletes, listing); loopback by default.
     pub admin_listen: SocketAddr,
+    /// The gRPC API's address (Open Inference Protocol); `None` when turned off.
+    pub grpc_listen: Option<SocketAddr>,
     /// Largest component the admin API accepts.
     pub max_component_bytes: usize,
     /// After SIGTERM: how long new connections are still accepted while readiness says 503 (so
@@ -62,6 +64,8 @@ pub struct ServerConfig {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+/// Triton's gRPC port, so its clients' defaults work.
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8001";
 pub const DEFAULT_STATE_DIR: &str = "state";
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_REQUESTS_PER_SECOND: f64 = 1000.0;
@@ -178,8 +182,24 @@ impl Config {
     }
 }
 
+/// An address to listen on, or `None` for `off` (the listener turned off); `None` inside the
+/// `Option` when the text is neither.
+pub fn parse_optional_listen(text: &str) -> Option<Option<SocketAddr>> {
+    match text {
+        "off" => Some(None),
+        _ => text.parse().ok().map(Some),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_listener_may_be_turned_off() {
+        assert_eq!(super::parse_optional_listen("off"), Some(None));
+        assert_eq!(super::parse_optional_listen("127.0.0.1:9001"), Some(Some(([127, 0, 0, 1], 9001).into())));
+        assert_eq!(super::parse_optional_listen("localhost"), None);
+    }
+
     use super::*;
     use crate::model::spec::{DeviceChoice, Replicas};
 
@@ -237,6 +257,7 @@ mod tests {
         "#;
         let config = Config::parse(text, Path::new("t.toml"), Path::new("/srv")).expect("valid");
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.server.grpc_listen.map(|a| a.to_string()).as_deref(), Some(DEFAULT_GRPC_LISTEN));
         assert_eq!(config.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         let model = &config.models[0];
         assert_eq!(model.path, Path::new("/srv/m.pt"));

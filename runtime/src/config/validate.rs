@@ -22,7 +22,7 @@ use kiln_codec::config::{
     RawScaler, RawServer, RawTenant,
 };
 use super::{
-    Config, ConfigError, ServerConfig, DEFAULT_LISTEN, DEFAULT_ADMIN_LISTEN, DEFAULT_STATE_DIR,
+    Config, ConfigError, ServerConfig, DEFAULT_LISTEN, DEFAULT_ADMIN_LISTEN, DEFAULT_GRPC_LISTEN, DEFAULT_STATE_DIR,
     DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_REQUESTS_PER_SECOND, DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_COMPUTE_BYTES, DEFAULT_MAX_COMPUTE_CALLS, DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_LIMIT_MIB,
@@ -142,6 +142,13 @@ impl Validator<'_> {
                 format!("'{admin_listen}' is not an address like 127.0.0.1:8081"),
             )
         })?;
+        let grpc_listen = raw.grpc_listen.as_deref().unwrap_or(DEFAULT_GRPC_LISTEN);
+        let grpc_listen = super::parse_optional_listen(grpc_listen).ok_or_else(|| {
+            self.invalid(
+                "server.grpc_listen",
+                format!("'{grpc_listen}' is not an address like 127.0.0.1:8001, nor 'off'"),
+            )
+        })?;
         let state_dir = self.path(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
         let max_component_bytes = raw
             .max_component_bytes
@@ -194,6 +201,7 @@ impl Validator<'_> {
             oip_max_priority,
             state_dir,
             admin_listen,
+            grpc_listen,
             max_component_bytes: max_component_bytes as usize,
             drain_grace: Duration::from_millis(drain_grace_ms),
             drain_timeout: Duration::from_millis(drain_timeout_ms),
