@@ -108,6 +108,12 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Check that Kiln can serve a component, before deploying it: its size, its imports
+    /// against Kiln's allow-list, its handler export, and that it compiles and links.
+    Check {
+        /// The component (.wasm).
+        component: PathBuf,
+    },
     /// Deploy a handler to a running server, or atomically replace one.
     Deploy {
         #[command(flatten)]
@@ -553,6 +559,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Requests { cancel, admin } => kiln::cli::requests(&admin.target(), cancel.as_deref()),
         Command::Bench(args) => bench(args),
+        Command::Check { component } => kiln::cli::author::check(&component),
         Command::BenchRaw {
             config,
             model,

@@ -1,5 +1,6 @@
 //! End-to-end: one real `kiln serve` on loopback, shared by every test in this binary.
 
+mod author;
 mod batching;
 mod cache;
 mod deploy;

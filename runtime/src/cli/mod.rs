@@ -1,5 +1,6 @@
 //! The operator commands beside `serve`: keys, signing, and deploying through the admin API.
 
+pub mod author;
 pub mod bench;
 
 use std::io::Write as _;

@@ -206,7 +206,7 @@ impl GuestError {
 
 /// The names a component imports and exports at its top level (nested components and modules
 /// are the component's own business).
-fn component_interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
+pub(crate) fn component_interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
     use wasmparser::{Encoding, Parser, Payload};
     let mut imports = Vec::new();
     let mut exports = Vec::new();
@@ -371,6 +371,14 @@ impl Sandbox {
         }
         Component::new(&self.engine, bytes)
             .map_err(|e| ComponentError::Invalid(first_line(&format!("{e:#}")).to_owned()))
+    }
+
+    /// Links a checked component against Kiln's host interfaces, as a deploy would, without
+    /// making a handler of it.
+    pub fn check_links(&self, component: &Component) -> Result<(), ComponentError> {
+        let link = |e: wasmtime::Error| ComponentError::Link(first_line(&format!("{e:#}")).to_owned());
+        ProxyPre::new(self.linker.instantiate_pre(component).map_err(link)?).map_err(link)?;
+        Ok(())
     }
 
     /// Pre-instantiates a checked component as the handler `config` describes; its guest sees
