@@ -21,7 +21,7 @@ pngs=(build/holdout/digits/*.png); png=${pngs[0]}
 echo "| cache | c | req/s | p99 ms | hit ratio |"
 echo "|---|---:|---:|---:|---:|"
 for mode in off on; do
-    $kiln serve -c "$out/cache-$mode.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 > "$out/cache-$mode.log" 2>&1 &
+    $kiln serve -c "$out/cache-$mode.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 --grpc-listen off > "$out/cache-$mode.log" 2>&1 &
     server=$!
     for _ in $(seq 300); do curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && break; sleep 0.2; done
     for c in 1 16 64; do

@@ -48,7 +48,7 @@ $kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --seconds 3 -
 $kiln bench-raw -c "$out/batching-on.toml" --model resnet18 --batch-sizes 1,2,4,8,16 --seconds 2 --json > "$out/raw-resnet18.json"
 
 serve() { # CONFIG
-    $kiln serve -c "$out/$1.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 \
+    $kiln serve -c "$out/$1.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 --grpc-listen off \
         > "$out/$1.log" 2>&1 &
     server=$!
     for _ in $(seq 300); do

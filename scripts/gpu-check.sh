@@ -139,7 +139,7 @@ open(sys.argv[1] + ".len", "w").write(str(len(header)))
 PY
 export KILN_KEY=$("$kiln" tenant add-key bench -c "$root/bench.toml" 2>/dev/null)
 export KILN_ADMIN_KEY=$("$kiln" admin add-key -c "$root/bench.toml" 2>/dev/null)
-"$kiln" serve -c "$root/bench.toml" --listen 127.0.0.1:18090 --admin-listen 127.0.0.1:18091 > "$root/serve.log" 2>&1 &
+"$kiln" serve -c "$root/bench.toml" --listen 127.0.0.1:18090 --admin-listen 127.0.0.1:18091 --grpc-listen off > "$root/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 600); do
     "$python" -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:18090/v2/health/ready")' \

@@ -32,7 +32,7 @@ KILN_KEY=$($kiln tenant add-key demo -c "$out/kiln.toml" 2>/dev/null)
 mallory=$($kiln tenant add-key mallory -c "$out/kiln.toml" 2>/dev/null)
 export KILN_KEY
 
-$kiln serve -c "$out/kiln.toml" --listen 127.0.0.1:18280 --admin-listen 127.0.0.1:18281 > "$out/serve.log" 2>&1 &
+$kiln serve -c "$out/kiln.toml" --listen 127.0.0.1:18280 --admin-listen 127.0.0.1:18281 --grpc-listen off > "$out/serve.log" 2>&1 &
 server=$!
 pids=()
 trap 'kill $server "${pids[@]}" 2> /dev/null || true' EXIT

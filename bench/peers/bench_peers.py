@@ -391,7 +391,7 @@ def run_kiln(args, works, label, binary, settings):
                            capture_output=True, text=True).stdout.strip()
     api, admin_port = KILN_PORTS
     proc = subprocess.Popen([binary, "serve", "-c", conf, "--listen", f"127.0.0.1:{api}",
-                             "--admin-listen", f"127.0.0.1:{admin_port}"],
+                             "--admin-listen", f"127.0.0.1:{admin_port}", "--grpc-listen", "off"],
                             stdout=open(out / "kiln.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{api}"

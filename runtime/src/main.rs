@@ -108,6 +108,31 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Make a new handler crate: standalone, built with `kiln build` (or cargo alone), with a
+    /// README, tests of its own logic and a sample config that serves it.
+    New {
+        /// The handler's name (also the crate's and the folder's).
+        name: String,
+        /// What it starts as.
+        #[arg(long, value_enum, default_value = "json")]
+        template: kiln::cli::author::Template,
+        /// The folder to make it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The kiln-guest SDK's folder (default: the one this kiln was built with, else the
+        /// registry's kiln-guest).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+        /// The text template's vocabulary (default: the bundled MiniLM's).
+        #[arg(long)]
+        vocab: Option<PathBuf>,
+    },
+    /// Build a handler crate for wasm32-wasip2 in release, then check it as `kiln check` does.
+    Build {
+        /// The handler crate's folder.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Check that Kiln can serve a component, before deploying it: its size, its imports
     /// against Kiln's allow-list, its handler export, and that it compiles and links.
     Check {
@@ -560,6 +585,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Requests { cancel, admin } => kiln::cli::requests(&admin.target(), cancel.as_deref()),
         Command::Bench(args) => bench(args),
         Command::Check { component } => kiln::cli::author::check(&component),
+        Command::New { name, template, dir, sdk, vocab } => {
+            kiln::cli::author::new_handler(&name, template, &dir, sdk.as_deref(), vocab.as_deref())
+        }
+        Command::Build { dir } => kiln::cli::author::build(&dir).map(|_| ()),
         Command::BenchRaw {
             config,
             model,

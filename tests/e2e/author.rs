@@ -33,3 +33,110 @@ fn kiln_check_passes_a_handler_and_names_what_kiln_would_refuse() {
     let (ok, text) = check(&dir.path.join("missing.wasm"));
     assert!(!ok && text.contains("cannot read") && text.contains("missing.wasm"), "{text}");
 }
+
+/// Runs `program` with `args` in `dir` with `env`, failing with everything it printed.
+fn run(program: &std::path::Path, args: &[&str], env: &[(&str, &std::path::Path)]) -> String {
+    let mut command = Command::new(program);
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{} {} failed:\n{text}", program.display(), args.join(" "));
+    text
+}
+
+/// Where handler crates made by the tests build: kept between runs, so only the first compiles
+/// their dependencies.
+fn authors_target() -> std::path::PathBuf {
+    kiln_tests::root().join("target/authors")
+}
+
+#[tokio::test]
+async fn a_handler_goes_from_kiln_new_to_served_and_redeployed_offline() {
+    let server = super::server();
+    let dir = kiln_tests::TempDir::new("kiln-new").expect("temp dir");
+    let folder = dir.path.display().to_string();
+    let made = run(&kiln_bin(), &["new", "rows", "--template", "json", "--dir", &folder], &[]);
+    assert!(made.contains("from the json template"), "{made}");
+    let crate_dir = dir.path.join("rows");
+    for file in ["Cargo.toml", ".cargo/config.toml", "README.md", "kiln.toml", "src/lib.rs"] {
+        assert!(crate_dir.join(file).is_file(), "kiln new made no {file}");
+    }
+    // Offline: everything it needs is what building Kiln already fetched.
+    let target = authors_target();
+    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let crate_path = crate_dir.display().to_string();
+    let built = run(&kiln_bin(), &["build", &crate_path], &offline);
+    assert!(built.contains("ok: Kiln can serve this component"), "{built}");
+    let component = target.join("wasm32-wasip2/release/rows.wasm");
+    assert!(built.contains(&component.display().to_string()), "{built}");
+
+    let deploy = |component: &std::path::Path| {
+        let path = component.display().to_string();
+        run(
+            &kiln_bin(),
+            &["deploy", &path, "--name", "authored-rows", "--tenant", "demo", "--admin-url", &server.admin],
+            &[("KILN_ADMIN_KEY", std::path::Path::new(server.admin_key()))],
+        )
+    };
+    deploy(&component);
+    let client = server.client("demo");
+    let url = server.url("/v1/handlers/authored-rows/");
+    let row: Vec<f32> = (0..64).map(|i| ((i * 7) % 16) as f32 / 16.0).collect();
+    let two_rows = serde_json::json!({ "rows": [row, row] });
+    let answer = client.post(&url).json(&two_rows).send().await.expect("call");
+    let status = answer.status().as_u16();
+    let body: serde_json::Value = answer.json().await.expect("JSON");
+    assert_eq!(status, 200, "{body}");
+    let predictions = body.as_array().expect("a list");
+    assert_eq!(predictions.len(), 2);
+    assert_eq!(predictions[0]["scores"].as_array().map(Vec::len), Some(10), "{body}");
+    // The same class the model gives straight through the Open Inference Protocol.
+    let oip = serde_json::json!({ "inputs": [{ "name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": row }] });
+    let direct: serde_json::Value =
+        client.post(server.url("/v2/models/digits/infer")).json(&oip).send().await.expect("OIP").json().await.expect("JSON");
+    let logits: Vec<f64> = direct["outputs"][0]["data"].as_array().expect("data").iter().filter_map(|v| v.as_f64()).collect();
+    let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).expect("scores");
+    assert_eq!(predictions[0]["class"], serde_json::json!(best), "{body} against {direct}");
+
+    // A changed handler, built and deployed again under the same name, answers as changed.
+    let source = crate_dir.join("src/lib.rs");
+    let text = std::fs::read_to_string(&source).expect("read lib.rs");
+    std::fs::write(&source, text.replace("const MAX_ROWS: usize = 64;", "const MAX_ROWS: usize = 1;")).expect("edit");
+    run(&kiln_bin(), &["build", &crate_path], &offline);
+    deploy(&component);
+    let answer = client.post(&url).json(&two_rows).send().await.expect("call");
+    let status = answer.status().as_u16();
+    let body = answer.text().await.expect("body");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("send 1 to 1 rows, got 2"), "{body}");
+}
+
+#[test]
+fn every_template_builds_passes_kiln_check_and_its_own_tests() {
+    let dir = kiln_tests::TempDir::new("kiln-templates").expect("temp dir");
+    let folder = dir.path.display().to_string();
+    let target = authors_target();
+    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    for template in ["image", "text"] {
+        let name = format!("made-{template}");
+        run(&kiln_bin(), &["new", &name, "--template", template, "--dir", &folder], &[]);
+        let crate_dir = dir.path.join(&name);
+        let built = run(&kiln_bin(), &["build", &crate_dir.display().to_string()], &offline);
+        assert!(built.contains("ok: Kiln can serve this component"), "{template}: {built}");
+        // The crate's own tests, on this machine, with cargo alone.
+        let manifest = crate_dir.join("Cargo.toml").display().to_string();
+        let tested = run(std::path::Path::new("cargo"), &["test", "--release", "--manifest-path", &manifest], &offline);
+        assert!(tested.contains("test result: ok. 2 passed"), "{template}: {tested}");
+    }
+    // Its sample config is one `kiln serve` accepts.
+    let config = dir.path.join("made-text/kiln.toml").display().to_string();
+    let key = run(&kiln_bin(), &["tenant", "add-key", "demo", "-c", &config], &[]);
+    assert!(key.starts_with("kiln_"), "{key}");
+    // A name that cannot be a handler's is refused before anything is written.
+    let output = Command::new(kiln_bin()).args(["new", "Bad Name", "--dir", &folder]).output().expect("run");
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("cannot name a handler"));
+    assert!(!dir.path.join("Bad Name").exists());
+}

@@ -63,6 +63,9 @@ const ALLOWED_IMPORTS: &[&str] = &[
     "wasi:clocks/monotonic-clock",
     "wasi:clocks/wall-clock",
     "wasi:random/random",
+    // Rust's std seeds every HashMap from here: randomness, no capability.
+    "wasi:random/insecure-seed",
+    "wasi:random/insecure",
     "wasi:cli/stdout",
     "wasi:cli/stderr",
     "wasi:cli/stdin",
