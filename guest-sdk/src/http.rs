@@ -21,9 +21,32 @@ pub struct Request {
     path: String,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
+    /// Set by a [`Router`](crate::Router): the path's `{name}` captures.
+    params: Vec<(String, String)>,
 }
 
 impl Request {
+    /// A request built by hand, to run a handler's logic in a test on the host:
+    /// `Request::new("POST", "/", br#"{"rows": [[1.0]]}"#.to_vec())`.
+    pub fn new(method: &str, path: &str, body: Vec<u8>) -> Request {
+        Request { method: method.to_ascii_uppercase(), path: path.to_owned(), headers: Vec::new(), body, params: Vec::new() }
+    }
+
+    /// The same request with one more header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Request {
+        self.headers.push((name.to_owned(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// A `{name}` capture of the route that matched (see [`Router`](crate::Router)).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn set_params(&mut self, params: Vec<(String, String)>) {
+        self.params = params;
+    }
+
     /// The HTTP method, upper case (`GET`, `POST`, ...).
     pub fn method(&self) -> &str {
         &self.method
@@ -82,6 +105,7 @@ impl Request {
             path,
             headers,
             body,
+            params: Vec::new(),
         })
     }
 }

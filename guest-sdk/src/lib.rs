@@ -30,9 +30,11 @@
 
 mod http;
 mod nn;
+mod route;
 
 pub use crate::http::{Request, Response};
 pub use crate::nn::{DType, Model, Outputs, Tensor};
+pub use crate::route::{RouteFn, Router};
 
 use std::fmt;
 

@@ -9,7 +9,7 @@
 mod openai;
 mod wordpiece;
 
-use kiln_guest::{Error, Handler, Model, Request, Response, Tensor};
+use kiln_guest::{Error, Handler, Model, Request, Response, Router, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The model's position limit, [CLS] and [SEP] included.
@@ -37,37 +37,38 @@ struct Embeddings;
 
 impl Handler for Embeddings {
     fn handle(request: Request) -> Result<Response, Error> {
-        if let Some(response) = openai::route(&request) {
-            return Ok(response);
-        }
-        if request.method() != "POST" {
-            return Err(Error::with_status(405, "use POST with {\"sentences\": [...]}"));
-        }
-        let input: Input = request.json()?;
-        if input.sentences.is_empty() || input.sentences.len() > MAX_SENTENCES {
-            return Err(Error::bad_request(format!(
-                "send 1 to {MAX_SENTENCES} sentences, got {}",
-                input.sentences.len()
-            )));
-        }
-        let specials = wordpiece::Specials::get()
-            .ok_or_else(|| Error::internal("the vocabulary lacks BERT's special tokens"))?;
-        let ids: Vec<Vec<u32>> = input
-            .sentences
-            .iter()
-            .map(|s| wordpiece::encode(s, &specials, MAX_TOKENS))
-            .collect();
-        match request.path().split('?').next() {
-            Some("/tokenize") => Response::json(200, &Tokens { input_ids: ids }),
-            Some("/") => Response::json(
-                200,
-                &Output {
-                    embeddings: embed(&ids, specials.pad)?,
-                },
-            ),
-            _ => Err(Error::with_status(404, "routes: POST / and POST /tokenize")),
-        }
+        Router::new()
+            .post("/", sentences)
+            .post("/tokenize", tokenize)
+            .post("/v1/embeddings", openai::embeddings)
+            .get("/v1/models", openai::models)
+            .handle(request)
     }
+}
+
+fn sentences(request: Request) -> Result<Response, Error> {
+    let (ids, specials) = token_ids(&request)?;
+    Response::json(200, &Output { embeddings: embed(&ids, specials.pad)? })
+}
+
+fn tokenize(request: Request) -> Result<Response, Error> {
+    let (input_ids, _) = token_ids(&request)?;
+    Response::json(200, &Tokens { input_ids })
+}
+
+/// The token ids of `{"sentences": [...]}`, each cut at the model's limit.
+fn token_ids(request: &Request) -> Result<(Vec<Vec<u32>>, wordpiece::Specials), Error> {
+    let input: Input = request.json()?;
+    if input.sentences.is_empty() || input.sentences.len() > MAX_SENTENCES {
+        return Err(Error::bad_request(format!(
+            "send 1 to {MAX_SENTENCES} sentences, got {}",
+            input.sentences.len()
+        )));
+    }
+    let specials = wordpiece::Specials::get()
+        .ok_or_else(|| Error::internal("the vocabulary lacks BERT's special tokens"))?;
+    let ids = input.sentences.iter().map(|s| wordpiece::encode(s, &specials, MAX_TOKENS)).collect();
+    Ok((ids, specials))
 }
 
 kiln_guest::export_handler!(Embeddings);

@@ -53,24 +53,15 @@ fn openai_error(status: u16, message: &str, param: Option<&str>, code: Option<&s
     Response::bytes(status, "application/json", body.to_string())
 }
 
-/// `/v1/...` requests; `None` for any other path.
-pub(crate) fn route(request: &Request) -> Option<Response> {
-    let path = request.path().split('?').next().unwrap_or_default();
-    let response = match (request.method(), path) {
-        ("POST", "/v1/embeddings") => embeddings(request).unwrap_or_else(|(status, message, param, code)| {
-            openai_error(status, &message, param, code)
-        }),
-        ("GET", "/v1/models") => Response::bytes(
-            200,
-            "application/json",
-            json!({ "object": "list", "data": [{ "id": MODEL_NAMES[0], "object": "model", "created": 0, "owned_by": "kiln" }] })
-                .to_string(),
-        ),
-        (_, "/v1/embeddings" | "/v1/models") => openai_error(405, "method not allowed", None, None),
-        (_, p) if p.starts_with("/v1/") => openai_error(404, &format!("unknown route {p}"), None, None),
-        _ => return None,
-    };
-    Some(response)
+/// `POST /v1/embeddings`: every refusal in OpenAI's error shape.
+pub(crate) fn embeddings(request: Request) -> Result<Response, Error> {
+    Ok(create(&request).unwrap_or_else(|(status, message, param, code)| openai_error(status, &message, param, code)))
+}
+
+/// `GET /v1/models`.
+pub(crate) fn models(_: Request) -> Result<Response, Error> {
+    let list = json!({ "object": "list", "data": [{ "id": MODEL_NAMES[0], "object": "model", "created": 0, "owned_by": "kiln" }] });
+    Ok(Response::bytes(200, "application/json", list.to_string()))
 }
 
 type Refusal = (u16, String, Option<&'static str>, Option<&'static str>);
@@ -79,7 +70,7 @@ fn invalid(message: impl Into<String>, param: &'static str) -> Refusal {
     (400, message.into(), Some(param), None)
 }
 
-fn embeddings(request: &Request) -> Result<Response, Refusal> {
+fn create(request: &Request) -> Result<Response, Refusal> {
     let body: EmbeddingRequest =
         serde_json::from_slice(request.body()).map_err(|e| (400, format!("invalid request body: {e}"), None, None))?;
     if !MODEL_NAMES.contains(&body.model.as_str()) {

@@ -5,7 +5,7 @@
 //! Made by `kiln new --template image` for the bundled `digits` model (8×8, grey, ink bright on
 //! dark): change the constants below for another model.
 
-use kiln_guest::{Error, Handler, Model, Request, Response, Tensor};
+use kiln_guest::{Error, Handler, Model, Request, Response, Router, Tensor};
 use serde::Serialize;
 
 /// The model, as the server's config names it, and its input and output names.
@@ -27,17 +27,19 @@ struct Images;
 
 impl Handler for Images {
     fn handle(request: Request) -> Result<Response, Error> {
-        if request.method() != "POST" {
-            return Err(Error::with_status(405, "use POST with a PNG as the body"));
-        }
-        let (width, grey) = decode_png(request.body())?;
-        let grid = shrink(&grey, width, SIDE);
-        let input = Tensor::from_f32(&[1, 1, SIDE as u32, SIDE as u32], &grid)?;
-        let scores = Model::load(MODEL)?.infer(&[(INPUT, input)])?.get(OUTPUT)?.to_f32()?;
-        let class = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        let class = class.ok_or_else(|| Error::internal("the model returned no scores"))?;
-        Response::json(200, &Answer { class, scores })
+        // More routes go here: `.get("/info", info)`, `.post("/items/{id}", item)`, ...
+        Router::new().post("/", classify).handle(request)
     }
+}
+
+fn classify(request: Request) -> Result<Response, Error> {
+    let (width, grey) = decode_png(request.body())?;
+    let grid = shrink(&grey, width, SIDE);
+    let input = Tensor::from_f32(&[1, 1, SIDE as u32, SIDE as u32], &grid)?;
+    let scores = Model::load(MODEL)?.infer(&[(INPUT, input)])?.get(OUTPUT)?.to_f32()?;
+    let class = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let class = class.ok_or_else(|| Error::internal("the model returned no scores"))?;
+    Response::json(200, &Answer { class, scores })
 }
 
 kiln_guest::export_handler!(Images);

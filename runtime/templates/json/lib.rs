@@ -5,7 +5,7 @@
 //! Made by `kiln new --template json` for the bundled `digits` model (an 8×8 image, 64 values per
 //! row): change the constants below for another model.
 
-use kiln_guest::{Error, Handler, Model, Request, Response, Tensor};
+use kiln_guest::{Error, Handler, Model, Request, Response, Router, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The model, as the server's config names it (`[[model]] name`).
@@ -34,17 +34,19 @@ struct Rows;
 
 impl Handler for Rows {
     fn handle(request: Request) -> Result<Response, Error> {
-        if request.method() != "POST" {
-            return Err(Error::with_status(405, "use POST with {\"rows\": [[...], ...]}"));
-        }
-        let input: Input = request.json()?;
-        let values = flatten(&input.rows)?;
-        let mut shape = vec![input.rows.len() as u32];
-        shape.extend(ROW_SHAPE);
-        let outputs = Model::load(MODEL)?.infer(&[(INPUT, Tensor::from_f32(&shape, &values)?)])?;
-        let scores = outputs.get(OUTPUT)?.to_f32()?;
-        Response::json(200, &predictions(&scores, input.rows.len())?)
+        // More routes go here: `.get("/info", info)`, `.post("/items/{id}", item)`, ...
+        Router::new().post("/", predict).handle(request)
     }
+}
+
+fn predict(request: Request) -> Result<Response, Error> {
+    let input: Input = request.json()?;
+    let values = flatten(&input.rows)?;
+    let mut shape = vec![input.rows.len() as u32];
+    shape.extend(ROW_SHAPE);
+    let outputs = Model::load(MODEL)?.infer(&[(INPUT, Tensor::from_f32(&shape, &values)?)])?;
+    let scores = outputs.get(OUTPUT)?.to_f32()?;
+    Response::json(200, &predictions(&scores, input.rows.len())?)
 }
 
 kiln_guest::export_handler!(Rows);

@@ -5,7 +5,7 @@
 //! Made by `kiln new --template text` for the bundled `minilm` model (a BERT: `input_ids` and
 //! `attention_mask` in, `last_hidden_state` out): change the constants below for another.
 
-use kiln_guest::{Error, Handler, Model, Request, Response, Tensor};
+use kiln_guest::{Error, Handler, Model, Request, Response, Router, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The model, as the server's config names it, and its output.
@@ -33,33 +33,35 @@ struct Texts;
 
 impl Handler for Texts {
     fn handle(request: Request) -> Result<Response, Error> {
-        if request.method() != "POST" {
-            return Err(Error::with_status(405, "use POST with {\"texts\": [...]}"));
-        }
-        let input: Input = request.json()?;
-        if input.texts.is_empty() || input.texts.len() > MAX_TEXTS {
-            return Err(Error::bad_request(format!("send 1 to {MAX_TEXTS} texts, got {}", input.texts.len())));
-        }
-        let vocab = Vocab::new(VOCAB)?;
-        let ids: Vec<Vec<i64>> = input.texts.iter().map(|t| vocab.encode(t, MAX_TOKENS)).collect();
-        // One batch, padded to the longest text; the mask tells the model which tokens are real.
-        let width = ids.iter().map(Vec::len).max().unwrap_or(0);
-        let shape = [ids.len() as u32, width as u32];
-        let padded: Vec<i64> = ids.iter().flat_map(|row| (0..width).map(|i| row.get(i).copied().unwrap_or(vocab.pad))).collect();
-        let mask: Vec<i64> = ids.iter().flat_map(|row| (0..width).map(|i| i64::from(i < row.len()))).collect();
-        let outputs = Model::load(MODEL)?.infer(&[
-            ("input_ids", Tensor::from_i64(&shape, &padded)?),
-            ("attention_mask", Tensor::from_i64(&shape, &mask)?),
-        ])?;
-        let hidden = outputs.get(OUTPUT)?;
-        let dims = hidden.shape().to_vec();
-        if dims.len() != 3 || dims[0] as usize != ids.len() || dims[1] as usize != width {
-            return Err(Error::internal(format!("the model answered with shape {dims:?}")));
-        }
-        let hidden = hidden.to_f32()?;
-        let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
-        Response::json(200, &Output { vectors: pool(&hidden, &lengths, width, dims[2] as usize) })
+        // More routes go here: `.get("/info", info)`, `.post("/items/{id}", item)`, ...
+        Router::new().post("/", vectors).handle(request)
     }
+}
+
+fn vectors(request: Request) -> Result<Response, Error> {
+    let input: Input = request.json()?;
+    if input.texts.is_empty() || input.texts.len() > MAX_TEXTS {
+        return Err(Error::bad_request(format!("send 1 to {MAX_TEXTS} texts, got {}", input.texts.len())));
+    }
+    let vocab = Vocab::new(VOCAB)?;
+    let ids: Vec<Vec<i64>> = input.texts.iter().map(|t| vocab.encode(t, MAX_TOKENS)).collect();
+    // One batch, padded to the longest text; the mask tells the model which tokens are real.
+    let width = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let shape = [ids.len() as u32, width as u32];
+    let padded: Vec<i64> = ids.iter().flat_map(|row| (0..width).map(|i| row.get(i).copied().unwrap_or(vocab.pad))).collect();
+    let mask: Vec<i64> = ids.iter().flat_map(|row| (0..width).map(|i| i64::from(i < row.len()))).collect();
+    let outputs = Model::load(MODEL)?.infer(&[
+        ("input_ids", Tensor::from_i64(&shape, &padded)?),
+        ("attention_mask", Tensor::from_i64(&shape, &mask)?),
+    ])?;
+    let hidden = outputs.get(OUTPUT)?;
+    let dims = hidden.shape().to_vec();
+    if dims.len() != 3 || dims[0] as usize != ids.len() || dims[1] as usize != width {
+        return Err(Error::internal(format!("the model answered with shape {dims:?}")));
+    }
+    let hidden = hidden.to_f32()?;
+    let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    Response::json(200, &Output { vectors: pool(&hidden, &lengths, width, dims[2] as usize) })
 }
 
 kiln_guest::export_handler!(Texts);
