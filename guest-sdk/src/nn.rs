@@ -5,7 +5,7 @@ use crate::{Error, ErrorCode};
 #[allow(missing_docs, clippy::all, unreachable_pub)]
 pub(crate) mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "wasi:nn/ml",
         generate_all,
     });

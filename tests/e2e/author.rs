@@ -140,3 +140,25 @@ fn every_template_builds_passes_kiln_check_and_its_own_tests() {
     assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("cannot name a handler"));
     assert!(!dir.path.join("Bad Name").exists());
 }
+
+#[test]
+fn kiln_guest_packages_for_the_registry_and_builds_from_its_package() {
+    // `cargo package` builds each crate from what it would upload: the SDK must carry its
+    // wasi:nn WIT and name kiln-wire by version, or a handler outside this repository could
+    // not depend on it.
+    let target = authors_target();
+    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let manifest = kiln_tests::root().join("Cargo.toml").display().to_string();
+    let packaged = run(
+        std::path::Path::new("cargo"),
+        &["package", "--allow-dirty", "--manifest-path", &manifest, "-p", "kiln-wire", "-p", "kiln-guest"],
+        &offline,
+    );
+    assert!(packaged.contains("Compiling kiln-guest v0.1.0") && packaged.contains("package/kiln-guest-0.1.0"), "{packaged}");
+    let listed = run(
+        std::path::Path::new("cargo"),
+        &["package", "--allow-dirty", "--list", "--manifest-path", &manifest, "-p", "kiln-guest"],
+        &offline,
+    );
+    assert!(listed.lines().any(|l| l == "wit/wasi-nn.wit") && listed.lines().any(|l| l == "README.md"), "{listed}");
+}
