@@ -210,10 +210,13 @@ impl Response {
 
 /// Reads the request, runs `H`, and sends its response or its error as JSON.
 pub fn serve<H: Handler>(request: IncomingRequest, out: ResponseOutparam) {
-    let response = Request::read(&request).and_then(H::handle);
-    let response = response.unwrap_or_else(|e| {
+    respond(Request::read(&request).and_then(H::handle)).send(out);
+}
+
+/// A handler's answer as the client gets it: an error becomes `{"error": ...}` with its status.
+pub(crate) fn respond(result: Result<Response, Error>) -> Response {
+    result.unwrap_or_else(|e| {
         Response::json(e.status(), &serde_json::json!({ "error": e.to_string() }))
             .unwrap_or_else(|_| Response::text(e.status(), e.to_string()))
-    });
-    response.send(out);
+    })
 }

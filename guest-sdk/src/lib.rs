@@ -31,6 +31,8 @@
 mod http;
 mod nn;
 mod route;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 pub use crate::http::{Request, Response};
 pub use crate::nn::{DType, Model, Outputs, Tensor};

@@ -72,6 +72,10 @@ async fn a_handler_goes_from_kiln_new_to_served_and_redeployed_offline() {
     assert!(built.contains("ok: Kiln can serve this component"), "{built}");
     let component = target.join("wasm32-wasip2/release/rows.wasm");
     assert!(built.contains(&component.display().to_string()), "{built}");
+    // Its own tests, the whole handler among them, run in-process on the host.
+    let manifest = crate_dir.join("Cargo.toml").display().to_string();
+    let tested = run(std::path::Path::new("cargo"), &["test", "--release", "--manifest-path", &manifest], &offline);
+    assert!(tested.contains("test result: ok. 3 passed"), "{tested}");
 
     let deploy = |component: &std::path::Path| {
         let path = component.display().to_string();
@@ -129,7 +133,7 @@ fn every_template_builds_passes_kiln_check_and_its_own_tests() {
         // The crate's own tests, on this machine, with cargo alone.
         let manifest = crate_dir.join("Cargo.toml").display().to_string();
         let tested = run(std::path::Path::new("cargo"), &["test", "--release", "--manifest-path", &manifest], &offline);
-        assert!(tested.contains("test result: ok. 2 passed"), "{template}: {tested}");
+        assert!(tested.contains("test result: ok. 3 passed"), "{template}: {tested}");
     }
     // Its sample config is one `kiln serve` accepts.
     let config = dir.path.join("made-text/kiln.toml").display().to_string();

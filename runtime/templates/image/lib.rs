@@ -93,7 +93,8 @@ fn shrink(grey: &[f32], width: usize, side: usize) -> Vec<f32> {
     grid
 }
 
-#[cfg(test)]
+// The tests run on the host (`cargo test`), where kiln_guest::testing serves stand-in models.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
 
@@ -113,5 +114,28 @@ mod tests {
         let error = decode_png(b"GIF89a").expect_err("not a PNG");
         assert_eq!(error.status(), 400);
         assert!(error.message().contains("not a PNG"), "{error}");
+    }
+
+    /// The whole handler, in this process: a PNG in, the client's answer out, with a stand-in
+    /// for the model that scores class 7 highest.
+    #[test]
+    fn a_png_runs_through_the_handler_with_a_stand_in_model() {
+        kiln_guest::testing::serve_model(MODEL, |inputs| {
+            assert_eq!(inputs[0].1.shape(), &[1, 1, SIDE as u32, SIDE as u32]);
+            let scores: Vec<f32> = (0..10).map(|i| if i == 7 { 1.0 } else { 0.0 }).collect();
+            Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[1, 10], &scores)?)])
+        });
+        // A 16×16 grey PNG, made here.
+        let mut png_bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut png_bytes, 16, 16);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().expect("header");
+        writer.write_image_data(&[200; 256]).expect("pixels");
+        writer.finish().expect("PNG");
+        let response = kiln_guest::testing::call::<Images>(Request::new("POST", "/", png_bytes));
+        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
+        let answer: serde_json::Value = serde_json::from_slice(response.body()).expect("JSON");
+        assert_eq!(answer["class"], 7);
     }
 }

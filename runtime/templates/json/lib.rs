@@ -98,7 +98,8 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
     exp.iter().map(|e| e / sum).collect()
 }
 
-#[cfg(test)]
+// The tests run on the host (`cargo test`), where kiln_guest::testing serves stand-in models.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
 
@@ -123,5 +124,24 @@ mod tests {
             assert!((p.scores.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         }
         assert!(predictions(&[1.0, 2.0, 3.0], 2).is_err());
+    }
+
+    /// The whole handler, in this process: a request in, the client's answer out, with a
+    /// stand-in for the model that scores class 3 highest for every row.
+    #[test]
+    fn a_request_runs_through_the_handler_with_a_stand_in_model() {
+        kiln_guest::testing::serve_model(MODEL, |inputs| {
+            let (name, rows) = (&inputs[0].0, inputs[0].1.shape()[0]);
+            assert_eq!(*name, INPUT);
+            let logits: Vec<f32> = (0..rows * 10).map(|i| if i % 10 == 3 { 5.0 } else { 0.0 }).collect();
+            Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[rows, 10], &logits)?)])
+        });
+        let body = serde_json::json!({ "rows": [vec![0.5; row_len()], vec![0.0; row_len()]] }).to_string();
+        let response = kiln_guest::testing::call::<Rows>(Request::new("POST", "/", body.into_bytes()));
+        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
+        let answer: Vec<serde_json::Value> = serde_json::from_slice(response.body()).expect("JSON");
+        assert_eq!((answer.len(), &answer[1]["class"]), (2, &serde_json::json!(3)));
+        let wrong = kiln_guest::testing::call::<Rows>(Request::new("GET", "/", Vec::new()));
+        assert_eq!(wrong.status(), 405);
     }
 }

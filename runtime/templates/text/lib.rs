@@ -143,7 +143,8 @@ fn pool(hidden: &[f32], lengths: &[usize], width: usize, dim: usize) -> Vec<Vec<
         .collect()
 }
 
-#[cfg(test)]
+// The tests run on the host (`cargo test`), where kiln_guest::testing serves stand-in models.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
 
@@ -163,5 +164,21 @@ mod tests {
         let hidden = [1.0, 0.0, 3.0, 0.0, 0.0, 2.0, 9.0, 9.0];
         let vectors = pool(&hidden, &[2, 1], 2, 2);
         assert_eq!(vectors, vec![vec![1.0, 0.0], vec![0.0, 1.0]]);
+    }
+
+    /// The whole handler, in this process: texts in, the client's answer out, with a stand-in
+    /// for the model whose hidden states are all ones.
+    #[test]
+    fn texts_run_through_the_handler_with_a_stand_in_model() {
+        kiln_guest::testing::serve_model(MODEL, |inputs| {
+            let shape = inputs[0].1.shape().to_vec();
+            let ones = vec![1.0; (shape[0] * shape[1] * 4) as usize];
+            Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[shape[0], shape[1], 4], &ones)?)])
+        });
+        let body = serde_json::json!({ "texts": ["Hello, world!", "A longer text than the first one."] }).to_string();
+        let response = kiln_guest::testing::call::<Texts>(Request::new("POST", "/", body.into_bytes()));
+        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
+        let answer: serde_json::Value = serde_json::from_slice(response.body()).expect("JSON");
+        assert_eq!(answer["vectors"][1], serde_json::json!([0.5, 0.5, 0.5, 0.5]));
     }
 }
