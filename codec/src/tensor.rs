@@ -32,17 +32,7 @@ impl fmt::Debug for HostTensor {
 #[error("{0}")]
 pub struct TensorError(pub String);
 
-/// Number of elements for `shape`, or `None` on overflow.
-pub fn element_count(shape: &[u32]) -> Option<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
-}
-
-/// Bytes a tensor of this dtype and shape must have, or `None` on overflow.
-pub fn byte_len(dtype: DType, shape: &[u32]) -> Option<usize> {
-    element_count(shape)?.checked_mul(dtype.size())
-}
+pub use kiln_wire::dtype::{byte_len, element_count};
 
 impl HostTensor {
     /// Builds a tensor after checking that `data` has exactly the bytes `shape` needs.

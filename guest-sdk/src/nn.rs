@@ -99,11 +99,10 @@ macro_rules! typed {
 impl Tensor {
     /// A tensor from raw little-endian bytes; the length must match `shape` and `dtype`.
     pub fn from_bytes(shape: &[u32], dtype: DType, data: Vec<u8>) -> Result<Tensor, Error> {
-        let elements = shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
+        // The same count the server checks tensors against.
+        let elements = kiln_wire::dtype::element_count(shape)
             .ok_or_else(|| Error::bad_request(format!("tensor shape {shape:?} is too large")))?;
-        if elements.checked_mul(dtype.size()) != Some(data.len()) {
+        if kiln_wire::dtype::byte_len(dtype, shape) != Some(data.len()) {
             return Err(Error::bad_request(format!(
                 "a {dtype:?} tensor of shape {shape:?} needs {elements} elements, got {} bytes",
                 data.len()

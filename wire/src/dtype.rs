@@ -82,3 +82,14 @@ impl fmt::Display for DType {
         f.write_str(self.wire_name())
     }
 }
+
+/// Elements in a tensor of this shape, or `None` on overflow: the one count the server and the
+/// guest SDK both check tensors against.
+pub fn element_count(shape: &[u32]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d as usize))
+}
+
+/// Bytes a tensor of this dtype and shape must have, or `None` on overflow.
+pub fn byte_len(dtype: DType, shape: &[u32]) -> Option<usize> {
+    element_count(shape)?.checked_mul(dtype.size())
+}

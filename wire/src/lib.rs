@@ -5,7 +5,7 @@
 
 #![forbid(unsafe_code)]
 
-mod dtype;
+pub mod dtype;
 
 pub use dtype::DType;
 
