@@ -45,7 +45,6 @@ struct Usage {
 fn openai_error(status: u16, message: &str, param: Option<&str>, code: Option<&str>) -> Response {
     let kind = match status {
         401 => "authentication_error",
-        404 => "invalid_request_error",
         400..=499 => "invalid_request_error",
         _ => "server_error",
     };

@@ -91,13 +91,17 @@ fn counted_status<T>(result: &Result<T, ApiError>) -> u16 {
     }
 }
 
-/// Runs `call` as a request from `peer` (for the audit log's flood limit), with a fresh
+/// Runs `call` on the request's metadata (as HTTP headers, for the checks the HTTP routes make)
+/// and message, as a request from its peer (for the audit log's flood limit), with a fresh
 /// `kiln-request-id` on its answer.
-async fn tagged<T>(
-    peer: Option<std::net::SocketAddr>,
-    call: impl Future<Output = Result<T, ApiError>>,
-) -> Result<Response<T>, Status> {
+async fn tagged<M, T, F>(request: Request<M>, call: impl FnOnce(http::HeaderMap, M) -> F) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, ApiError>>,
+{
     let (_, id) = super::next_request_id();
+    let peer = request.remote_addr();
+    let (metadata, _, message) = request.into_parts();
+    let call = call(metadata.into_headers(), message);
     let result = match peer {
         Some(addr) => super::PEER.scope(addr.ip(), call).await,
         None => call.await,
@@ -139,10 +143,7 @@ impl GrpcInferenceService for Grpc {
     }
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        let peer = request.remote_addr();
-        let headers = request.metadata().clone().into_headers();
-        let request = request.into_inner();
-        tagged(peer, async {
+        tagged(request, |headers, request| async move {
             let name = versioned(&request.name, &request.version)?;
             let (model, _) = self.app.authorized_model(&headers, &name)?;
             Ok(ModelReadyResponse { ready: matches!(model.state(), ModelState::Ready(_)) })
@@ -154,10 +155,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let peer = request.remote_addr();
-        let headers = request.metadata().clone().into_headers();
-        let request = request.into_inner();
-        tagged(peer, async {
+        tagged(request, |headers, request| async move {
             let name = versioned(&request.name, &request.version)?;
             let (model, tenant) = self.app.authorized_model(&headers, &name)?;
             Ok(metadata(&self.app, &model, tenant.name()))
@@ -167,12 +165,9 @@ impl GrpcInferenceService for Grpc {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
-        let peer = request.remote_addr();
-        let headers = request.metadata().clone().into_headers();
-        let request = request.into_inner();
-        let mut tenant_label = None;
         let app = &self.app;
-        tagged(peer, async {
+        tagged(request, |headers, request| async move {
+            let mut tenant_label = None;
             let result = infer(app, &headers, request, &mut tenant_label).await;
             let tenant = tenant_label.as_deref().unwrap_or(crate::telemetry::ANONYMOUS);
             app.telemetry.record_request(HANDLER, tenant, counted_status(&result), started.elapsed());
@@ -185,12 +180,9 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        let peer = request.remote_addr();
-        let headers = request.metadata().clone().into_headers();
-        let only_ready = request.get_ref().ready;
-        tagged(peer, async {
+        tagged(request, |headers, request| async move {
             super::admin::require_admin(&self.app, &headers, None)?;
-            let models = super::repository::index_rows(&self.app, only_ready)
+            let models = super::repository::index_rows(&self.app, request.ready)
                 .into_iter()
                 .map(|(name, version, state, reason)| repository_index_response::ModelIndex {
                     name,
@@ -208,10 +200,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let peer = request.remote_addr();
-        let headers = request.metadata().clone().into_headers();
-        let request = request.into_inner();
-        tagged(peer, async {
+        tagged(request, |headers, request| async move {
             super::admin::require_admin(&self.app, &headers, None)?;
             use model_repository_parameter::ParameterChoice;
             let config = match request.parameters.get("config").and_then(|p| p.parameter_choice.as_ref()) {
@@ -233,12 +222,9 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        let peer = request.remote_addr();
-        let headers = request.metadata().clone().into_headers();
-        let name = request.into_inner().model_name;
-        tagged(peer, async {
+        tagged(request, |headers, request| async move {
             super::admin::require_admin(&self.app, &headers, None)?;
-            self.app.repository.unload(&name).await?;
+            self.app.repository.unload(&request.model_name).await?;
             Ok(RepositoryModelUnloadResponse {})
         })
         .await

@@ -379,9 +379,13 @@ impl Sandbox {
     /// Links a checked component against Kiln's host interfaces, as a deploy would, without
     /// making a handler of it.
     pub fn check_links(&self, component: &Component) -> Result<(), ComponentError> {
+        self.proxy_pre(component).map(drop)
+    }
+
+    /// The component linked against Kiln's host interfaces, ready to instantiate.
+    fn proxy_pre(&self, component: &Component) -> Result<ProxyPre<RequestState>, ComponentError> {
         let link = |e: wasmtime::Error| ComponentError::Link(first_line(&format!("{e:#}")).to_owned());
-        ProxyPre::new(self.linker.instantiate_pre(component).map_err(link)?).map_err(link)?;
-        Ok(())
+        ProxyPre::new(self.linker.instantiate_pre(component).map_err(link)?).map_err(link)
     }
 
     /// Pre-instantiates a checked component as the handler `config` describes; its guest sees
@@ -393,8 +397,7 @@ impl Sandbox {
         models: Arc<ModelTable>,
         origin: Origin,
     ) -> Result<Handler, ComponentError> {
-        let link = |e: wasmtime::Error| ComponentError::Link(first_line(&format!("{e:#}")).to_owned());
-        let pre = ProxyPre::new(self.linker.instantiate_pre(component).map_err(link)?).map_err(link)?;
+        let pre = self.proxy_pre(component)?;
         Ok(Handler {
             name: config.name.as_str().into(),
             tenant: config.tenant.as_str().into(),
