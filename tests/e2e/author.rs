@@ -147,22 +147,28 @@ fn every_template_builds_passes_kiln_check_and_its_own_tests() {
 
 #[test]
 fn kiln_guest_packages_for_the_registry_and_builds_from_its_package() {
-    // `cargo package` builds each crate from what it would upload: the SDK must carry its
-    // wasi:nn WIT and name kiln-wire by version, or a handler outside this repository could
-    // not depend on it.
+    // The SDK must carry its wasi:nn WIT and name kiln-wire by version, or a handler outside
+    // this repository could not depend on it: package both, then build kiln-guest from exactly
+    // what would be uploaded. (Not `cargo package`'s own verify: cargo keeps the first copy of a
+    // locally packaged crate it extracts, so a changed kiln-wire of the same version would be
+    // built from a stale copy on every later run.)
     let target = authors_target();
     let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
     let manifest = kiln_tests::root().join("Cargo.toml").display().to_string();
-    let packaged = run(
-        std::path::Path::new("cargo"),
-        &["package", "--allow-dirty", "--manifest-path", &manifest, "-p", "kiln-wire", "-p", "kiln-guest"],
-        &offline,
-    );
-    assert!(packaged.contains("Compiling kiln-guest v0.1.0") && packaged.contains("package/kiln-guest-0.1.0"), "{packaged}");
-    let listed = run(
-        std::path::Path::new("cargo"),
-        &["package", "--allow-dirty", "--list", "--manifest-path", &manifest, "-p", "kiln-guest"],
-        &offline,
-    );
+    let cargo = std::path::Path::new("cargo");
+    run(cargo, &["package", "--allow-dirty", "--no-verify", "--manifest-path", &manifest, "-p", "kiln-wire", "-p", "kiln-guest"], &offline);
+    let dir = kiln_tests::TempDir::new("kiln-package").expect("temp dir");
+    for krate in ["kiln-wire-0.1.0", "kiln-guest-0.1.0"] {
+        let file = target.join("package").join(format!("{krate}.crate"));
+        assert!(file.is_file(), "cargo package made no {}", file.display());
+        run(std::path::Path::new("tar"), &["-xzf", &file.display().to_string(), "-C", &dir.path.display().to_string()], &[]);
+    }
+    // The packaged SDK names kiln-wire by version, as from the registry: that version is the
+    // packaged kiln-wire beside it.
+    let guest = dir.path.join("kiln-guest-0.1.0");
+    let patch = format!("patch.crates-io.kiln-wire.path={:?}", dir.path.join("kiln-wire-0.1.0").display().to_string());
+    let built = run(cargo, &["build", "--config", &patch, "--manifest-path", &guest.join("Cargo.toml").display().to_string()], &offline);
+    assert!(built.contains("Compiling kiln-guest v0.1.0") && built.contains("kiln-guest-0.1.0)"), "{built}");
+    let listed = run(cargo, &["package", "--allow-dirty", "--list", "--manifest-path", &manifest, "-p", "kiln-guest"], &offline);
     assert!(listed.lines().any(|l| l == "wit/wasi-nn.wit") && listed.lines().any(|l| l == "README.md"), "{listed}");
 }
