@@ -154,6 +154,49 @@ impl From<serde_json::Error> for Error {
 }
 
 /// Exports a [`Handler`] as the component's `wasi:http/incoming-handler`.
+///
+/// # Pre-initialisation
+///
+/// `export_handler!(H, init = f)`, at the crate's top level, also exports `f` as
+/// `wizer-initialize`. `kiln build` then runs
+/// `f` once at build time and ships the memory it leaves (Wizer), so every request's fresh
+/// instance starts with it: the place to build a vocabulary's hash map or parse an embedded
+/// table, work a handler would otherwise redo on every request.
+///
+/// `f` should only fill what `handle` would also build on first use (a `OnceLock`, say): a
+/// component built with plain `cargo build` is never pre-initialised and must answer the same.
+/// While `f` runs there are no models, no HTTP and no files (such calls fail the build), and what
+/// it reads from WASI's clocks or randomness is fixed at build time for every request (so is a
+/// `HashMap`'s hash seed: fine for a table the handler only reads).
+///
+/// ```no_run
+/// use std::collections::HashMap;
+/// use std::sync::OnceLock;
+/// use kiln_guest::{Error, Handler, Request, Response};
+///
+/// const VOCAB: &str = "[PAD]\n[UNK]\nhello\nworld";
+///
+/// fn vocabulary() -> &'static HashMap<&'static str, i64> {
+///     static IDS: OnceLock<HashMap<&'static str, i64>> = OnceLock::new();
+///     IDS.get_or_init(|| VOCAB.lines().zip(0..).collect())
+/// }
+///
+/// struct Lookup;
+///
+/// impl Handler for Lookup {
+///     fn handle(request: Request) -> Result<Response, Error> {
+///         let word: String = request.json()?;
+///         Response::json(200, &vocabulary().get(word.as_str()).copied().unwrap_or(1))
+///     }
+/// }
+///
+/// fn warm() {
+///     vocabulary();
+/// }
+///
+/// kiln_guest::export_handler!(Lookup, init = warm);
+/// # fn main() {}
+/// ```
 #[macro_export]
 macro_rules! export_handler {
     ($handler:ty) => {
@@ -170,6 +213,32 @@ macro_rules! export_handler {
 
         $crate::__private::wasi::http::proxy::export!(__KilnIncomingHandler);
     };
+    ($handler:ty, init = $init:path $(,)?) => {
+        $crate::export_handler!($handler);
+
+        fn __kiln_initialize() {
+            $init()
+        }
+
+        #[allow(missing_docs, clippy::all, unreachable_pub, dead_code)]
+        mod __kiln_pre_initialise {
+            $crate::__private::wit_bindgen::generate!({
+                inline: "package kiln:pre-initialise; world pre-initialise { export wizer-initialize: func(); }",
+                world: "pre-initialise",
+                runtime_path: "::kiln_guest::__private::wit_bindgen::rt",
+            });
+
+            struct Initialise;
+
+            impl Guest for Initialise {
+                fn wizer_initialize() {
+                    super::__kiln_initialize()
+                }
+            }
+
+            export!(Initialise);
+        }
+    };
 }
 
 /// The raw `wasi:nn` bindings, for what the typed API does not cover (for example calling
@@ -182,6 +251,7 @@ pub mod raw {
 pub mod __private {
     pub use crate::http::serve;
     pub use wasi;
+    pub use wit_bindgen;
     pub use wasi::exports::http::incoming_handler::Guest as IncomingHandler;
     pub use wasi::http::types::{IncomingRequest, ResponseOutparam};
 }

@@ -118,6 +118,112 @@ async fn a_handler_goes_from_kiln_new_to_served_and_redeployed_offline() {
     assert!(body.contains("send 1 to 1 rows, got 2"), "{body}");
 }
 
+/// A handler that reports what it found in memory when its request began: what `warm` left
+/// (with the answer wasi:nn gave it at build time), and how many requests its instance has seen.
+const PROBE: &str = r#"
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use kiln_guest::{Error, Handler, Model, Request, Response};
+
+static WARMED: OnceLock<String> = OnceLock::new();
+static REQUESTS: AtomicU32 = AtomicU32::new(0);
+
+struct Probe;
+
+impl Handler for Probe {
+    fn handle(_request: Request) -> Result<Response, Error> {
+        let seen = REQUESTS.fetch_add(1, Ordering::Relaxed) + 1;
+        Response::json(200, &serde_json::json!({ "warmed": WARMED.get(), "requests_seen": seen }))
+    }
+}
+
+fn warm() {
+    let model = match Model::load("digits") {
+        Ok(_) => "loaded".to_owned(),
+        Err(e) => format!("{:?}", e.code()),
+    };
+    WARMED.get_or_init(|| format!("model at build time: {model}"));
+}
+
+kiln_guest::export_handler!(Probe, init = warm);
+"#;
+
+#[tokio::test]
+async fn kiln_build_pre_initialises_a_handler_that_opts_in() {
+    let server = super::server();
+    let dir = kiln_tests::TempDir::new("kiln-preinit").expect("temp dir");
+    let folder = dir.path.display().to_string();
+    run(&kiln_bin(), &["new", "probe", "--template", "json", "--dir", &folder], &[]);
+    let crate_dir = dir.path.join("probe");
+    std::fs::write(crate_dir.join("src/lib.rs"), PROBE).expect("write lib.rs");
+    let target = authors_target();
+    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let crate_path = crate_dir.display().to_string();
+    let built = run(&kiln_bin(), &["build", &crate_path], &offline);
+    assert!(built.contains("pre-initialised: ran `wizer-initialize`"), "{built}");
+    let plain = target.join("wasm32-wasip2/release/probe.wasm");
+    let initialized = target.join("wasm32-wasip2/release/probe.initialized.wasm");
+    assert!(built.contains(&format!("component: {}", initialized.display())), "{built}");
+
+    let admin_key = [("KILN_ADMIN_KEY", std::path::Path::new(server.admin_key()))];
+    let client = server.client("demo");
+    for (name, component) in [("probe-plain", &plain), ("probe-initialized", &initialized)] {
+        let path = component.display().to_string();
+        run(&kiln_bin(), &["deploy", &path, "--name", name, "--tenant", "demo", "--admin-url", &server.admin], &admin_key);
+    }
+    for _ in 0..2 {
+        let url = server.url("/v1/handlers/probe-initialized/");
+        let body: serde_json::Value = client.get(&url).send().await.expect("call").json().await.expect("JSON");
+        // What `warm` built is there from the start, wasi:nn had no model for it, and each
+        // request still gets a fresh instance of the snapshot.
+        assert_eq!(body, serde_json::json!({ "warmed": "model at build time: Some(NotFound)", "requests_seen": 1 }));
+        let url = server.url("/v1/handlers/probe-plain/");
+        let body: serde_json::Value = client.get(&url).send().await.expect("call").json().await.expect("JSON");
+        assert_eq!(body, serde_json::json!({ "warmed": null, "requests_seen": 1 }), "cargo's own file is left as cargo made it");
+    }
+
+    // An initialisation that fails stops the build, and says where.
+    std::fs::write(crate_dir.join("src/lib.rs"), PROBE.replace("WARMED.get_or_init", "panic!(\"no warm-up today\"); #[allow(unreachable_code)] WARMED.get_or_init"))
+        .expect("write lib.rs");
+    let mut command = Command::new(kiln_bin());
+    command.args(["build", &crate_path]).envs(offline);
+    let output = command.output().expect("run kiln build");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("no warm-up today") && text.contains("`wizer-initialize` failed"), "{text}");
+}
+
+/// The text template builds its vocabulary at build time; served both ways, the pre-initialised
+/// component answers exactly as cargo's own build of it.
+#[tokio::test]
+async fn the_pre_initialised_text_template_answers_like_its_plain_build() {
+    let server = super::server();
+    let dir = kiln_tests::TempDir::new("kiln-preinit-text").expect("temp dir");
+    let folder = dir.path.display().to_string();
+    run(&kiln_bin(), &["new", "words", "--template", "text", "--dir", &folder], &[]);
+    let target = authors_target();
+    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let built = run(&kiln_bin(), &["build", &dir.path.join("words").display().to_string()], &offline);
+    assert!(built.contains("pre-initialised"), "{built}");
+    let config = std::fs::read_to_string(dir.path.join("words/kiln.toml")).expect("kiln.toml");
+    assert!(config.contains("words.initialized.wasm"), "the sample config serves the pre-initialised file: {config}");
+    let admin_key = [("KILN_ADMIN_KEY", std::path::Path::new(server.admin_key()))];
+    let texts = serde_json::json!({ "texts": ["A man is eating food.", "Playing the guitar, loudly!"] });
+    let mut answers = Vec::new();
+    for (name, file) in [("words-plain", "words.wasm"), ("words-initialized", "words.initialized.wasm")] {
+        let path = target.join("wasm32-wasip2/release").join(file).display().to_string();
+        run(&kiln_bin(), &["deploy", &path, "--name", name, "--tenant", "demo", "--admin-url", &server.admin], &admin_key);
+        let answer = server.client("demo").post(server.url(&format!("/v1/handlers/{name}/"))).json(&texts).send().await.expect("call");
+        let status = answer.status().as_u16();
+        let body: serde_json::Value = answer.json().await.expect("JSON");
+        assert_eq!(status, 200, "{name}: {body}");
+        assert_eq!(body["vectors"].as_array().map(Vec::len), Some(2), "{name}: {body}");
+        assert_eq!(body["vectors"][0].as_array().map(Vec::len), Some(384), "{name}: {body}");
+        answers.push(body);
+    }
+    assert_eq!(answers[0], answers[1]);
+}
+
 #[test]
 fn every_template_builds_passes_kiln_check_and_its_own_tests() {
     let dir = kiln_tests::TempDir::new("kiln-templates").expect("temp dir");

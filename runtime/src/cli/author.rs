@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::sandbox::{self, Sandbox, SlotResetPolicy};
+use crate::sandbox::{self, Sandbox, SlotResetPolicy, preinit};
 
 /// What `kiln check` found: printed as it is, and `Err` when Kiln would refuse the component.
 pub fn check(path: &Path) -> anyhow::Result<()> {
@@ -105,6 +105,12 @@ impl Template {
         }
     }
 
+    /// Whether its handler opts in to pre-initialisation (`export_handler!(H, init = f)`): then
+    /// `kiln build` writes `NAME.initialized.wasm`, the component to serve.
+    fn pre_initialised(self) -> bool {
+        matches!(self, Template::Text)
+    }
+
     /// A request body for the README's curl line.
     fn example(self) -> &'static str {
         match self {
@@ -154,9 +160,11 @@ pub fn new_handler(name: &str, template: Template, dir: &Path, sdk: Option<&Path
         .map_or_else(|_| "models".to_owned(), |p| p.display().to_string());
     let crate_name = name.replace('-', "_");
     let (model_name, model_section) = template.model(&models);
+    let component = if template.pre_initialised() { format!("{crate_name}.initialized.wasm") } else { format!("{crate_name}.wasm") };
     let fill = |text: &str| {
         text.replace("{{name}}", name)
             .replace("{{crate}}", &crate_name)
+            .replace("{{component}}", &component)
             .replace("{{template}}", template.name())
             .replace("{{sdk}}", &sdk_line)
             .replace("{{deps}}", template.dependencies())
@@ -213,7 +221,30 @@ pub fn build(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         .filter_map(|f| f.as_str().map(std::path::PathBuf::from))
         .find(|f| f.extension().is_some_and(|e| e == "wasm"))
         .ok_or_else(|| anyhow::anyhow!("cargo built no .wasm: is the crate a cdylib (crate-type = [\"cdylib\"])?"))?;
+    let component = pre_initialise_if_asked(&component)?;
     check(&component)?;
     println!("component: {}", component.display());
     Ok(component)
+}
+
+/// When the component exports `wizer-initialize` (kiln-guest's `export_handler!(H, init = f)`),
+/// runs it once and writes the pre-initialised component beside cargo's as
+/// `NAME.initialized.wasm` (cargo's own file stays as cargo made it), which is returned.
+fn pre_initialise_if_asked(component: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let bytes = std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
+    if !preinit::wants_pre_initialisation(&bytes).map_err(|e| anyhow::anyhow!("{} is not a component: {e}", component.display()))? {
+        return Ok(component.to_path_buf());
+    }
+    let started = std::time::Instant::now();
+    let initialized = preinit::pre_initialise(&bytes).map_err(|e| anyhow::anyhow!("pre-initialising {} failed: {e}", component.display()))?;
+    let out = component.with_extension("initialized.wasm");
+    crate::files::write_atomic(&out, &initialized).with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "pre-initialised: ran `{}` in {} ms, {} -> {}",
+        preinit::INIT_EXPORT,
+        started.elapsed().as_millis(),
+        human_size(bytes.len() as u64),
+        human_size(initialized.len() as u64)
+    );
+    Ok(out)
 }

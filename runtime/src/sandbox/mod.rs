@@ -11,6 +11,7 @@ pub mod cache;
 mod limits;
 mod log;
 pub mod nn;
+pub mod preinit;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -337,12 +338,7 @@ impl Sandbox {
         start_epoch_ticker(&engine)
             .map_err(|e| wasmtime::format_err!("cannot start the epoch ticker thread: {e}"))?;
 
-        let mut linker = Linker::new(&engine);
-        // The full WASI surface is linked so ordinary Rust guests instantiate (std imports
-        // filesystem and environment); the per-request context then grants none of it.
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        nn::add_to_linker(&mut linker)?;
+        let linker = host_linker(&engine)?;
         Ok(Sandbox {
             engine,
             linker: Arc::new(linker),
@@ -859,6 +855,17 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
+/// Kiln's host interfaces for handlers: the full WASI surface, so ordinary Rust guests
+/// instantiate (std imports filesystem and environment), and a store's context then grants none
+/// of it; wasi:http's types without outgoing requests; wasi:nn.
+fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<RequestState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    nn::add_to_linker(&mut linker)?;
+    Ok(linker)
+}
+
 /// Per-request store data.
 pub struct RequestState {
     table: ResourceTable,
@@ -868,6 +875,27 @@ pub struct RequestState {
     nn: NnCtx,
     limits: GuestLimits,
     deadline_hit: bool,
+}
+
+impl RequestState {
+    /// A store's data for running a handler at build time (pre-initialisation): nothing granted,
+    /// no models (every `load-by-name` is `not-found`), outgoing HTTP refused; the guest's output
+    /// goes to the building process's own, for the author to see.
+    fn at_build_time() -> RequestState {
+        let name: Arc<str> = Arc::from("pre-initialisation");
+        let tenant: Arc<str> = Arc::from("build");
+        let budget = Arc::new(LogBudget::new(&name, &tenant));
+        let limits = NnLimits { max_compute_bytes: 64 << 20, max_compute_calls: 0 };
+        RequestState {
+            table: ResourceTable::new(),
+            wasi: WasiCtx::builder().inherit_stdout().inherit_stderr().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build(),
+            http: WasiHttpCtx::new(),
+            hooks: DenyOutgoing { log: budget },
+            nn: NnCtx::new(Arc::default(), InferOptions::default(), limits, name, tenant),
+            limits: GuestLimits { memory: usize::MAX, used: 0, memory_exceeded: false },
+            deadline_hit: false,
+        }
+    }
 }
 
 impl WasiView for RequestState {
