@@ -376,3 +376,24 @@ async fn a_guest_never_reads_what_another_tenant_s_guest_left_in_memory() {
     assert_eq!((status, &body["found"]), (200, &serde_json::json!(0)), "{body}");
 }
 
+
+/// Item 1 of the hardening issue over gRPC (issue 14's listener shares the same path): the
+/// attacker's out-of-vocabulary ids, 600-token sequences and busy batches, from several channels
+/// at once, beside the victim's MiniLM and digits calls; every victim call answers what it answers
+/// alone, every bad attacker call fails. Checked with the official `tritonclient[grpc]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_s_bad_grpc_calls_never_fail_another_tenant_s_grpc_calls() {
+    let _turn = turn().await;
+    let mut command = std::process::Command::new(kiln_tests::python());
+    command
+        .arg(kiln_tests::root().join("tests/python/grpc_neighbours.py"))
+        .arg(&server().grpc)
+        .env("VICTIM_KEY", server().key("demo"))
+        .env("ATTACKER_KEY", server().key("mallory"));
+    let output = tokio::task::spawn_blocking(move || command.output()).await.expect("task").expect("run the Python gRPC client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "grpc_neighbours.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("grpc neighbours: all checks passed"), "{stdout}");
+    print!("{stdout}");
+}
