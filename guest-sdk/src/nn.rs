@@ -159,10 +159,21 @@ impl Tensor {
 }
 
 /// A model this handler may use, loaded by its deployment name.
+///
+/// # Staying portable
+///
+/// Kiln passes inputs and outputs by name. Other `wasi:nn` hosts may not: `wasmtime serve -S nn`
+/// with its PyTorch backend passes inputs by position and answers with one output named
+/// `output`. A handler that declares the model's signature with [`Model::with_signature`] runs
+/// unchanged on both: its inputs are sent in the declared order whatever order it lists them
+/// in, and [`Outputs::get`] finds an output by its declared name on a host that names outputs
+/// otherwise (see there for the exact rule).
 #[derive(Debug)]
 pub struct Model {
     name: String,
     inner: Inner,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -190,14 +201,33 @@ impl Model {
         {
             // On the host there is no wasi:nn: only the test's stand-ins answer.
             let stand_in = crate::testing::stand_in(name)?;
-            Ok(Model { name: name.to_owned(), inner: Inner::StandIn(stand_in) })
+            Ok(Model { name: name.to_owned(), inner: Inner::StandIn(stand_in), inputs: Vec::new(), outputs: Vec::new() })
         }
         #[cfg(target_arch = "wasm32")]
         {
             let graph = bindings::wasi::nn::graph::load_by_name(name)?;
             let context = graph.init_execution_context()?;
-            Ok(Model { name: name.to_owned(), inner: Inner::Wasi { _graph: graph, context } })
+            Ok(Model { name: name.to_owned(), inner: Inner::Wasi { _graph: graph, context }, inputs: Vec::new(), outputs: Vec::new() })
         }
+    }
+
+    /// Declares the model's inputs and outputs by name, each in the model's own order (a
+    /// TorchScript module's `forward` arguments, and what it returns): what keeps the handler
+    /// portable to hosts that pass tensors by position (see [`Model`]).
+    ///
+    /// ```no_run
+    /// # use kiln_guest::{Model, Tensor};
+    /// # fn run(ids: Tensor, mask: Tensor) -> Result<(), kiln_guest::Error> {
+    /// let model = Model::load("minilm")?.with_signature(&["input_ids", "attention_mask"], &["last_hidden_state"]);
+    /// // Sent as input_ids, attention_mask, whatever the order here.
+    /// let outputs = model.infer(&[("attention_mask", mask), ("input_ids", ids)])?;
+    /// let hidden = outputs.get("last_hidden_state")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_signature(mut self, inputs: &[&str], outputs: &[&str]) -> Model {
+        self.inputs = inputs.iter().map(|&name| name.to_owned()).collect();
+        self.outputs = outputs.iter().map(|&name| name.to_owned()).collect();
+        self
     }
 
     /// The name the model was loaded by.
@@ -207,15 +237,23 @@ impl Model {
 
     /// Runs the model on named inputs and returns its named outputs.
     ///
+    /// With a declared signature ([`Model::with_signature`]) the inputs are sent in its order,
+    /// and each declared input must be given exactly once; without one, in the order given.
+    ///
     /// Concurrent requests to the same model may be batched together by the host; each caller
     /// gets exactly its own rows back.
     pub fn infer(&self, inputs: &[(&str, Tensor)]) -> Result<Outputs, Error> {
+        let ordered = in_declared_order(&self.name, &self.inputs, inputs)?;
+        let declared = self.outputs.clone();
         let context = match &self.inner {
             Inner::Wasi { context, .. } => context,
             #[cfg(not(target_arch = "wasm32"))]
-            Inner::StandIn(stand_in) => return stand_in.infer(inputs).map(Outputs),
+            Inner::StandIn(stand_in) => {
+                let given: Vec<(&str, Tensor)> = ordered.iter().map(|&(name, t)| (name, t.clone())).collect();
+                return stand_in.infer(&given).map(|tensors| Outputs { tensors, declared });
+            }
         };
-        let named: Vec<(String, NnTensor)> = inputs
+        let named: Vec<(String, NnTensor)> = ordered
             .iter()
             .map(|(name, t)| {
                 (
@@ -225,41 +263,175 @@ impl Model {
             })
             .collect();
         let outputs = context.compute(named)?;
-        Ok(Outputs(
-            outputs
-                .into_iter()
-                .map(|(name, t)| {
-                    let tensor = Tensor {
-                        shape: t.dimensions(),
-                        dtype: from_nn_type(t.ty()),
-                        data: t.data(),
-                    };
-                    (name, tensor)
-                })
-                .collect(),
-        ))
+        let tensors = outputs
+            .into_iter()
+            .map(|(name, t)| {
+                let tensor = Tensor {
+                    shape: t.dimensions(),
+                    dtype: from_nn_type(t.ty()),
+                    data: t.data(),
+                };
+                (name, tensor)
+            })
+            .collect();
+        Ok(Outputs { tensors, declared })
     }
 }
 
-/// Named outputs of one inference.
+/// `given` in the `declared` order; as given when nothing is declared. Every declared input must
+/// be given once, and nothing else.
+fn in_declared_order<'a>(model: &str, declared: &[String], given: &'a [(&'a str, Tensor)]) -> Result<Vec<(&'a str, &'a Tensor)>, Error> {
+    if declared.is_empty() {
+        return Ok(given.iter().map(|(name, t)| (*name, t)).collect());
+    }
+    if let Some((extra, _)) = given.iter().find(|(name, _)| !declared.iter().any(|d| d == name)) {
+        return Err(Error::internal(format!("model '{model}' declares no input '{extra}' (it declares {declared:?})")));
+    }
+    declared
+        .iter()
+        .map(|name| {
+            let mut found = given.iter().filter(|(n, _)| n == name);
+            match (found.next(), found.next()) {
+                (Some((n, t)), None) => Ok((*n, t)),
+                (None, _) => Err(Error::internal(format!("model '{model}' needs input '{name}', which was not given"))),
+                (Some(_), Some(_)) => Err(Error::internal(format!("input '{name}' of model '{model}' was given twice"))),
+            }
+        })
+        .collect()
+}
+
+/// Named outputs of one inference, and the output names the handler declared for its model.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outputs(Vec<(String, Tensor)>);
+pub struct Outputs {
+    tensors: Vec<(String, Tensor)>,
+    declared: Vec<String>,
+}
 
 impl Outputs {
-    /// The output called `name`; an error naming the outputs there are if it is missing.
-    pub fn get(&self, name: &str) -> Result<&Tensor, Error> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.0.iter().map(|(n, _)| n.as_str()).collect();
-                Error::internal(format!("the model has no output '{name}' (it has {names:?})"))
-            })
+    /// Outputs as a host gave them, for a model declared with `declared` output names (empty
+    /// when undeclared). What [`Model::infer`] returns; made directly in tests.
+    pub fn new(tensors: Vec<(String, Tensor)>, declared: &[&str]) -> Outputs {
+        Outputs { tensors, declared: declared.iter().map(|&name| name.to_owned()).collect() }
     }
 
-    /// All outputs in the model's order.
+    /// The output called `name`, found the same way on every host:
+    ///
+    /// 1. the output the host gave that name (Kiln names every output as the model's config
+    ///    does);
+    /// 2. else, when the host named none of the outputs by a declared name and gave as many as
+    ///    were declared ([`Model::with_signature`]), the one at `name`'s declared position (a
+    ///    host that names outputs by position, or `output` for the only one, as `wasmtime serve
+    ///    -S nn` does);
+    /// 3. else, when nothing was declared and the host gave exactly one output, that one.
+    ///
+    /// Anything else is an error naming what the host gave: with several outputs and no way
+    /// to tell which is which, it never guesses.
+    pub fn get(&self, name: &str) -> Result<&Tensor, Error> {
+        if let Some((_, tensor)) = self.tensors.iter().find(|(n, _)| n == name) {
+            return Ok(tensor);
+        }
+        let given: Vec<&str> = self.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        if self.declared.is_empty() {
+            return match self.tensors.as_slice() {
+                [(_, only)] => Ok(only),
+                _ => Err(Error::internal(format!("the model has no output '{name}' (it has {given:?})"))),
+            };
+        }
+        let Some(position) = self.declared.iter().position(|d| d == name) else {
+            return Err(Error::internal(format!(
+                "'{name}' is not one of the model's declared outputs {:?} (the host gave {given:?})",
+                self.declared
+            )));
+        };
+        let named_by_declaration = given.iter().any(|g| self.declared.iter().any(|d| d == g));
+        if named_by_declaration {
+            return Err(Error::internal(format!("the model has no output '{name}' (the host gave {given:?})")));
+        }
+        if self.tensors.len() == self.declared.len() {
+            return Ok(&self.tensors[position].1);
+        }
+        Err(Error::internal(format!(
+            "the model has no output '{name}': the host gave {given:?} for declared outputs {:?}, \
+             so which is which cannot be told",
+            self.declared
+        )))
+    }
+
+    /// All outputs in the order the host gave them (Kiln: the model's order).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.0.iter().map(|(n, t)| (n.as_str(), t))
+        self.tensors.iter().map(|(n, t)| (n.as_str(), t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(value: f32) -> Tensor {
+        Tensor::from_f32(&[1], &[value]).expect("one value")
+    }
+
+    fn outputs(names: &[&str], declared: &[&str]) -> Outputs {
+        Outputs::new(names.iter().zip(0..).map(|(n, i)| ((*n).to_owned(), tensor(i as f32))).collect(), declared)
+    }
+
+    fn value(result: Result<&Tensor, Error>) -> Result<f32, String> {
+        result.map(|t| t.to_f32().expect("f32")[0]).map_err(|e| e.message().to_owned())
+    }
+
+    #[test]
+    fn an_output_is_found_by_its_name_first_on_every_host() {
+        assert_eq!(value(outputs(&["logits"], &[]).get("logits")), Ok(0.0));
+        assert_eq!(value(outputs(&["a", "b"], &["a", "b"]).get("b")), Ok(1.0));
+        // The host's names win over positions: b is where the host says, not where declared.
+        assert_eq!(value(outputs(&["b", "a"], &["a", "b"]).get("b")), Ok(0.0));
+    }
+
+    #[test]
+    fn the_only_output_under_another_name_is_that_output() {
+        // wasmtime serve -S nn: one output, named "output".
+        assert_eq!(value(outputs(&["output"], &[]).get("logits")), Ok(0.0));
+        assert_eq!(value(outputs(&["output"], &["logits"]).get("logits")), Ok(0.0));
+    }
+
+    #[test]
+    fn several_outputs_under_other_names_are_taken_by_declared_position_only() {
+        // A host naming outputs by position, with as many as were declared.
+        assert_eq!(value(outputs(&["0", "1"], &["scores", "boxes"]).get("boxes")), Ok(1.0));
+        // Undeclared: several outputs, none of that name, so no guess.
+        let error = value(outputs(&["0", "1"], &[]).get("boxes")).expect_err("ambiguous");
+        assert!(error.contains("no output 'boxes'") && error.contains("[\"0\", \"1\"]"), "{error}");
+        // Declared two, the host gave one: which one it is cannot be told.
+        let error = value(outputs(&["output"], &["scores", "boxes"]).get("scores")).expect_err("ambiguous");
+        assert!(error.contains("cannot be told"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_name_is_an_error_naming_what_there_is() {
+        // Named by declaration, and this one is not among them: missing, not guessed.
+        let error = value(outputs(&["scores", "extra"], &["scores", "boxes"]).get("boxes")).expect_err("missing");
+        assert!(error.contains("no output 'boxes'") && error.contains("\"extra\""), "{error}");
+        let error = value(outputs(&["scores"], &["scores"]).get("labels")).expect_err("not declared");
+        assert!(error.contains("not one of the model's declared outputs"), "{error}");
+        let error = value(outputs(&["a", "b"], &[]).get("c")).expect_err("missing");
+        assert!(error.contains("no output 'c'") && error.contains("\"a\""), "{error}");
+    }
+
+    #[test]
+    fn inputs_go_in_the_declared_order_whatever_order_they_are_given_in() {
+        let given = [("attention_mask", tensor(1.0)), ("input_ids", tensor(0.0))];
+        let declared = ["input_ids".to_owned(), "attention_mask".to_owned()];
+        let ordered = in_declared_order("minilm", &declared, &given).expect("all given");
+        assert_eq!(ordered.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["input_ids", "attention_mask"]);
+        // Undeclared: as given.
+        let as_given = in_declared_order("minilm", &[], &given).expect("as given");
+        assert_eq!(as_given.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["attention_mask", "input_ids"]);
+        let missing = in_declared_order("minilm", &declared, &given[..1]).expect_err("one missing");
+        assert!(missing.message().contains("needs input 'input_ids'"), "{}", missing.message());
+        let extra = [("input_ids", tensor(0.0)), ("attention_mask", tensor(1.0)), ("token_type_ids", tensor(0.0))];
+        let error = in_declared_order("minilm", &declared, &extra).expect_err("undeclared input");
+        assert!(error.message().contains("declares no input 'token_type_ids'"), "{}", error.message());
+        let twice = [("input_ids", tensor(0.0)), ("input_ids", tensor(0.0)), ("attention_mask", tensor(1.0))];
+        assert!(in_declared_order("minilm", &declared, &twice).is_err());
     }
 }

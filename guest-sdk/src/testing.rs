@@ -97,9 +97,10 @@ mod tests {
     fn a_stand_in_answers_with_named_outputs_and_its_errors_reach_the_client() {
         serve_model("echo", |inputs| Ok(vec![("same".to_owned(), inputs[0].1.clone())]));
         let input = Tensor::from_i64(&[2], &[4, 5]).expect("tensor");
-        let outputs = Model::load("echo").expect("served").infer(&[("x", input)]).expect("answers");
+        let model = Model::load("echo").expect("served").with_signature(&["x"], &["same"]);
+        let outputs = model.infer(&[("x", input)]).expect("answers");
         assert_eq!(outputs.get("same").expect("named").to_i64().expect("i64"), vec![4, 5]);
-        assert!(outputs.get("other").is_err());
+        assert!(outputs.get("other").is_err(), "not a declared output");
 
         struct Failing;
         impl Handler for Failing {

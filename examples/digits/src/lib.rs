@@ -19,7 +19,9 @@ impl Handler for Digits {
     fn handle(request: Request) -> Result<Response, Error> {
         let pixels = to_grid(&decode(request.body())?);
         let input = Tensor::from_f32(&[1, 1, SIDE, SIDE], &pixels)?;
-        let outputs = Model::load("digits")?.infer(&[("image", input)])?;
+        // The declared signature keeps this portable to hosts that pass tensors by position.
+        let model = Model::load("digits")?.with_signature(&["image"], &["logits"]);
+        let outputs = model.infer(&[("image", input)])?;
         let probabilities = softmax(&outputs.get("logits")?.to_f32()?);
         let digit = probabilities
             .iter()

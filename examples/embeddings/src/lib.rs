@@ -85,7 +85,9 @@ pub(crate) fn embed(ids: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f32>>, Error> 
         }
     }
     let shape = [rows as u32, len as u32];
-    let outputs = Model::load("minilm")?.infer(&[
+    // In the model's `forward` order, declared, so positional hosts get them right too.
+    let model = Model::load("minilm")?.with_signature(&["input_ids", "attention_mask"], &["last_hidden_state"]);
+    let outputs = model.infer(&[
         ("input_ids", Tensor::from_i64(&shape, &input_ids)?),
         ("attention_mask", Tensor::from_i64(&shape, &mask)?),
     ])?;

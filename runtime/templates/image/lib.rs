@@ -8,7 +8,8 @@
 use kiln_guest::{Error, Handler, Model, Request, Response, Router, Tensor};
 use serde::Serialize;
 
-/// The model, as the server's config names it, and its input and output names.
+/// The model, as the server's config names it, and its input and output names (declared with
+/// `with_signature`, so the handler also runs on hosts that pass tensors by position).
 const MODEL: &str = "digits";
 const INPUT: &str = "image";
 const OUTPUT: &str = "logits";
@@ -36,7 +37,8 @@ fn classify(request: Request) -> Result<Response, Error> {
     let (width, grey) = decode_png(request.body())?;
     let grid = shrink(&grey, width, SIDE);
     let input = Tensor::from_f32(&[1, 1, SIDE as u32, SIDE as u32], &grid)?;
-    let scores = Model::load(MODEL)?.infer(&[(INPUT, input)])?.get(OUTPUT)?.to_f32()?;
+    let model = Model::load(MODEL)?.with_signature(&[INPUT], &[OUTPUT]);
+    let scores = model.infer(&[(INPUT, input)])?.get(OUTPUT)?.to_f32()?;
     let class = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     let class = class.ok_or_else(|| Error::internal("the model returned no scores"))?;
     Response::json(200, &Answer { class, scores })

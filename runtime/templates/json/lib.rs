@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// The model, as the server's config names it (`[[model]] name`).
 const MODEL: &str = "digits";
-/// Its input and output names (`inputs` and `outputs` in the config).
+/// Its input and output names (`inputs` and `outputs` in the config), declared with
+/// `with_signature` so the handler also runs on hosts that pass tensors by position
+/// (`wasmtime serve -S nn`).
 const INPUT: &str = "image";
 const OUTPUT: &str = "logits";
 /// One row's shape, after the batch dimension.
@@ -44,7 +46,8 @@ fn predict(request: Request) -> Result<Response, Error> {
     let values = flatten(&input.rows)?;
     let mut shape = vec![input.rows.len() as u32];
     shape.extend(ROW_SHAPE);
-    let outputs = Model::load(MODEL)?.infer(&[(INPUT, Tensor::from_f32(&shape, &values)?)])?;
+    let model = Model::load(MODEL)?.with_signature(&[INPUT], &[OUTPUT]);
+    let outputs = model.infer(&[(INPUT, Tensor::from_f32(&shape, &values)?)])?;
     let scores = outputs.get(OUTPUT)?.to_f32()?;
     Response::json(200, &predictions(&scores, input.rows.len())?)
 }

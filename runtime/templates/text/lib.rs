@@ -54,7 +54,10 @@ fn vectors(request: Request) -> Result<Response, Error> {
     let shape = [ids.len() as u32, width as u32];
     let padded: Vec<i64> = ids.iter().flat_map(|row| (0..width).map(|i| row.get(i).copied().unwrap_or(vocab.pad))).collect();
     let mask: Vec<i64> = ids.iter().flat_map(|row| (0..width).map(|i| i64::from(i < row.len()))).collect();
-    let outputs = Model::load(MODEL)?.infer(&[
+    // The model's inputs in its `forward` order, declared so hosts that pass tensors by
+    // position (`wasmtime serve -S nn`) get them right too.
+    let model = Model::load(MODEL)?.with_signature(&["input_ids", "attention_mask"], &[OUTPUT]);
+    let outputs = model.infer(&[
         ("input_ids", Tensor::from_i64(&shape, &padded)?),
         ("attention_mask", Tensor::from_i64(&shape, &mask)?),
     ])?;
