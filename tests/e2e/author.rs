@@ -53,6 +53,11 @@ fn authors_target() -> std::path::PathBuf {
     kiln_tests::root().join("target/authors")
 }
 
+/// The environment that builds a handler crate offline into `target`.
+fn offline(target: &std::path::Path) -> [(&'static str, &std::path::Path); 2] {
+    [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target)]
+}
+
 #[tokio::test]
 async fn a_handler_goes_from_kiln_new_to_served_and_redeployed_offline() {
     let server = super::server();
@@ -66,7 +71,7 @@ async fn a_handler_goes_from_kiln_new_to_served_and_redeployed_offline() {
     }
     // Offline: everything it needs is what building Kiln already fetched.
     let target = authors_target();
-    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let offline = offline(&target);
     let crate_path = crate_dir.display().to_string();
     let built = run(&kiln_bin(), &["build", &crate_path], &offline);
     assert!(built.contains("ok: Kiln can serve this component"), "{built}");
@@ -157,7 +162,7 @@ async fn kiln_build_pre_initialises_a_handler_that_opts_in() {
     let crate_dir = dir.path.join("probe");
     std::fs::write(crate_dir.join("src/lib.rs"), PROBE).expect("write lib.rs");
     let target = authors_target();
-    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let offline = offline(&target);
     let crate_path = crate_dir.display().to_string();
     let built = run(&kiln_bin(), &["build", &crate_path], &offline);
     assert!(built.contains("pre-initialised: ran `wizer-initialize`"), "{built}");
@@ -202,7 +207,7 @@ async fn the_pre_initialised_text_template_answers_like_its_plain_build() {
     let folder = dir.path.display().to_string();
     run(&kiln_bin(), &["new", "words", "--template", "text", "--dir", &folder], &[]);
     let target = authors_target();
-    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let offline = offline(&target);
     let built = run(&kiln_bin(), &["build", &dir.path.join("words").display().to_string()], &offline);
     assert!(built.contains("pre-initialised"), "{built}");
     let config = std::fs::read_to_string(dir.path.join("words/kiln.toml")).expect("kiln.toml");
@@ -229,7 +234,7 @@ fn every_template_builds_passes_kiln_check_and_its_own_tests() {
     let dir = kiln_tests::TempDir::new("kiln-templates").expect("temp dir");
     let folder = dir.path.display().to_string();
     let target = authors_target();
-    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let offline = offline(&target);
     for template in ["image", "text"] {
         let name = format!("made-{template}");
         run(&kiln_bin(), &["new", &name, "--template", template, "--dir", &folder], &[]);
@@ -259,7 +264,7 @@ fn kiln_guest_packages_for_the_registry_and_builds_from_its_package() {
     // locally packaged crate it extracts, so a changed kiln-wire of the same version would be
     // built from a stale copy on every later run.)
     let target = authors_target();
-    let offline = [("CARGO_NET_OFFLINE", std::path::Path::new("true")), ("CARGO_TARGET_DIR", target.as_path())];
+    let offline = offline(&target);
     let manifest = kiln_tests::root().join("Cargo.toml").display().to_string();
     let cargo = std::path::Path::new("cargo");
     run(cargo, &["package", "--allow-dirty", "--no-verify", "--manifest-path", &manifest, "-p", "kiln-wire", "-p", "kiln-guest"], &offline);
