@@ -53,7 +53,7 @@ export_if_stale examples/export/embeddings.py build/models/minilm.pt build/model
 
 step "building the guest components (wasm32-wasip2)"
 cargo build --quiet --profile guest --target wasm32-wasip2 -p digits -p embeddings \
-    -p misbehave -p forbidden -p greeter
+    -p misbehave -p forbidden -p greeter -p foreign
 
 step "building kiln and kiln-top (release)"
 cargo build --quiet --release -p kiln -p kiln-top -p kiln-tests

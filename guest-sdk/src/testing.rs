@@ -66,6 +66,26 @@ pub fn serve_model(name: &str, compute: impl Fn(&[(&str, Tensor)]) -> Result<Vec
     MODELS.with(|models| models.borrow_mut().insert(name.to_owned(), StandIn(Rc::new(compute))));
 }
 
+/// Serves `name` as a host that passes tensors by position does (`wasmtime serve -S nn` with
+/// its PyTorch backend): `compute` sees the inputs in the order the handler sent them, named
+/// `"0"`, `"1"`, ...; it may answer with only one output, which the handler gets named
+/// `output`. A handler whose tests pass against this and [`serve_model`] alike runs on both
+/// hosts (docs/PORTABILITY.md in Kiln's repository).
+pub fn serve_model_positionally(name: &str, compute: impl Fn(&[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, Error> + 'static) {
+    let model = name.to_owned();
+    serve_model(name, move |inputs| {
+        let positions: Vec<String> = (0..inputs.len()).map(|i| i.to_string()).collect();
+        let positional: Vec<(&str, Tensor)> = positions.iter().map(String::as_str).zip(inputs.iter().map(|(_, t)| t.clone())).collect();
+        match compute(&positional)?.as_slice() {
+            [(_, only)] => Ok(vec![("output".to_owned(), only.clone())]),
+            outputs => Err(Error::inference(
+                ErrorCode::RuntimeError,
+                format!("model '{model}' answered {} outputs; a positional host returns exactly one", outputs.len()),
+            )),
+        }
+    });
+}
+
 pub(crate) fn stand_in(name: &str) -> Result<StandIn, Error> {
     MODELS.with(|models| models.borrow().get(name).cloned()).ok_or_else(|| {
         Error::inference(
@@ -101,6 +121,18 @@ mod tests {
         let outputs = model.infer(&[("x", input)]).expect("answers");
         assert_eq!(outputs.get("same").expect("named").to_i64().expect("i64"), vec![4, 5]);
         assert!(outputs.get("other").is_err(), "not a declared output");
+
+        // As a positional host: inputs by position, the one output named "output".
+        serve_model_positionally("echo", |inputs| {
+            assert_eq!(inputs.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["0", "1"]);
+            Ok(vec![("anything".to_owned(), inputs[1].1.clone())])
+        });
+        let model = Model::load("echo").expect("served").with_signature(&["a", "b"], &["same"]);
+        let b = Tensor::from_i64(&[1], &[7]).expect("tensor");
+        let a = Tensor::from_i64(&[1], &[6]).expect("tensor");
+        let outputs = model.infer(&[("b", b), ("a", a)]).expect("answers");
+        assert_eq!(outputs.iter().map(|(n, _)| n).collect::<Vec<_>>(), ["output"]);
+        assert_eq!(outputs.get("same").expect("by declared position").to_i64().expect("i64"), vec![7]);
 
         struct Failing;
         impl Handler for Failing {

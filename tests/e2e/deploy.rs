@@ -51,7 +51,7 @@ async fn a_deployed_handler_serves_is_listed_replaced_and_deleted() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["origin"], "deployed");
     assert_eq!(body["tenant"], "demo");
-    assert_eq!(body["models"], serde_json::json!(["digits", "minilm", "minilm-stats", "minilm-tight"]));
+    assert_eq!(body["models"], serde_json::json!(["digits", "minilm", "minilm-stats", "minilm-tight", "mnist8"]));
     assert_eq!(body["sha256"].as_str().map(str::len), Some(64));
 
     assert_eq!(call("demo", "greet-1", "hi").await, (200, "hello from greeter (2 bytes)".into()));

@@ -11,6 +11,7 @@ mod grpc;
 mod observability;
 mod oip;
 mod openai;
+mod portable;
 mod sandbox;
 mod tenancy;
 
@@ -24,8 +25,9 @@ use kiln_tests::{Server, TempDir, examples_config, kiln};
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| {
-        let extra = format!("{}{}", batching::extra_models(), deploy::tenants());
-        let config = examples_config("", batching::EXTRA_MODEL_NAMES, &extra);
+        let extra = format!("{}{}{}", batching::extra_models(), deploy::tenants(), portable::extra());
+        let demo_models = [batching::EXTRA_MODEL_NAMES, portable::MODEL_NAMES].concat();
+        let config = examples_config("", &demo_models, &extra);
         match Server::start(&config, &["demo", "mallory", "signed"]) {
             Ok(server) => server,
             Err(e) => panic!("cannot start the test server: {e:#}"),

@@ -119,15 +119,27 @@ mod tests {
     }
 
     /// The whole handler, in this process: a PNG in, the client's answer out, with a stand-in
-    /// for the model that scores class 7 highest.
+    /// for the model that scores class 7 highest. Served by name as Kiln serves it, then by
+    /// position as `wasmtime serve -S nn` does: the same answer.
     #[test]
     fn a_png_runs_through_the_handler_with_a_stand_in_model() {
-        kiln_guest::testing::serve_model(MODEL, |inputs| {
+        let model = |inputs: &[(&str, Tensor)]| {
             assert_eq!(inputs[0].1.shape(), &[1, 1, SIDE as u32, SIDE as u32]);
             let scores: Vec<f32> = (0..10).map(|i| if i == 7 { 1.0 } else { 0.0 }).collect();
             Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[1, 10], &scores)?)])
-        });
-        // A 16×16 grey PNG, made here.
+        };
+        kiln_guest::testing::serve_model(MODEL, model);
+        let by_name = kiln_guest::testing::call::<Images>(Request::new("POST", "/", grey_png()));
+        kiln_guest::testing::serve_model_positionally(MODEL, model);
+        let by_position = kiln_guest::testing::call::<Images>(Request::new("POST", "/", grey_png()));
+        assert_eq!(by_name.status(), 200, "{}", String::from_utf8_lossy(by_name.body()));
+        assert_eq!(by_name.body(), by_position.body());
+        let answer: serde_json::Value = serde_json::from_slice(by_name.body()).expect("JSON");
+        assert_eq!(answer["class"], 7);
+    }
+
+    /// A 16×16 grey PNG, made here.
+    fn grey_png() -> Vec<u8> {
         let mut png_bytes = Vec::new();
         let mut encoder = png::Encoder::new(&mut png_bytes, 16, 16);
         encoder.set_color(png::ColorType::Grayscale);
@@ -135,9 +147,6 @@ mod tests {
         let mut writer = encoder.write_header().expect("header");
         writer.write_image_data(&[200; 256]).expect("pixels");
         writer.finish().expect("PNG");
-        let response = kiln_guest::testing::call::<Images>(Request::new("POST", "/", png_bytes));
-        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
-        let answer: serde_json::Value = serde_json::from_slice(response.body()).expect("JSON");
-        assert_eq!(answer["class"], 7);
+        png_bytes
     }
 }

@@ -130,20 +130,31 @@ mod tests {
     }
 
     /// The whole handler, in this process: a request in, the client's answer out, with a
-    /// stand-in for the model that scores class 3 highest for every row.
+    /// stand-in for the model that scores class 3 highest for every row. Served by name as
+    /// Kiln serves it, then by position as `wasmtime serve -S nn` does: the same answer.
     #[test]
     fn a_request_runs_through_the_handler_with_a_stand_in_model() {
-        kiln_guest::testing::serve_model(MODEL, |inputs| {
-            let (name, rows) = (&inputs[0].0, inputs[0].1.shape()[0]);
-            assert_eq!(*name, INPUT);
-            let logits: Vec<f32> = (0..rows * 10).map(|i| if i % 10 == 3 { 5.0 } else { 0.0 }).collect();
-            Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[rows, 10], &logits)?)])
-        });
-        let body = serde_json::json!({ "rows": [vec![0.5; row_len()], vec![0.0; row_len()]] }).to_string();
-        let response = kiln_guest::testing::call::<Rows>(Request::new("POST", "/", body.into_bytes()));
-        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
-        let answer: Vec<serde_json::Value> = serde_json::from_slice(response.body()).expect("JSON");
-        assert_eq!((answer.len(), &answer[1]["class"]), (2, &serde_json::json!(3)));
+        let mut answers = Vec::new();
+        for positional in [false, true] {
+            let model = move |inputs: &[(&str, Tensor)]| {
+                let (name, rows) = (inputs[0].0, inputs[0].1.shape()[0]);
+                assert_eq!(name, if positional { "0" } else { INPUT });
+                let logits: Vec<f32> = (0..rows * 10).map(|i| if i % 10 == 3 { 5.0 } else { 0.0 }).collect();
+                Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[rows, 10], &logits)?)])
+            };
+            if positional {
+                kiln_guest::testing::serve_model_positionally(MODEL, model);
+            } else {
+                kiln_guest::testing::serve_model(MODEL, model);
+            }
+            let body = serde_json::json!({ "rows": [vec![0.5; row_len()], vec![0.0; row_len()]] }).to_string();
+            let response = kiln_guest::testing::call::<Rows>(Request::new("POST", "/", body.into_bytes()));
+            assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
+            let answer: Vec<serde_json::Value> = serde_json::from_slice(response.body()).expect("JSON");
+            assert_eq!((answer.len(), &answer[1]["class"]), (2, &serde_json::json!(3)));
+            answers.push(answer);
+        }
+        assert_eq!(answers[0], answers[1]);
         let wrong = kiln_guest::testing::call::<Rows>(Request::new("GET", "/", Vec::new()));
         assert_eq!(wrong.status(), 405);
     }

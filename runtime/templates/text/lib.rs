@@ -187,18 +187,29 @@ mod tests {
     }
 
     /// The whole handler, in this process: texts in, the client's answer out, with a stand-in
-    /// for the model whose hidden states are all ones.
+    /// for the model.
     #[test]
     fn texts_run_through_the_handler_with_a_stand_in_model() {
-        kiln_guest::testing::serve_model(MODEL, |inputs| {
+        // The stand-in's hidden states carry the attention mask in their first dimension, so
+        // inputs in the wrong order would show in the answer.
+        let model = |inputs: &[(&str, Tensor)]| {
             let shape = inputs[0].1.shape().to_vec();
-            let ones = vec![1.0; (shape[0] * shape[1] * 4) as usize];
-            Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[shape[0], shape[1], 4], &ones)?)])
-        });
-        let body = serde_json::json!({ "texts": ["Hello, world!", "A longer text than the first one."] }).to_string();
-        let response = kiln_guest::testing::call::<Texts>(Request::new("POST", "/", body.into_bytes()));
-        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
-        let answer: serde_json::Value = serde_json::from_slice(response.body()).expect("JSON");
-        assert_eq!(answer["vectors"][1], serde_json::json!([0.5, 0.5, 0.5, 0.5]));
+            let mask = inputs[1].1.to_i64()?;
+            let hidden: Vec<f32> = mask.iter().flat_map(|&m| [m as f32, 1.0, 1.0, 1.0]).collect();
+            Ok(vec![(OUTPUT.to_owned(), Tensor::from_f32(&[shape[0], shape[1], 4], &hidden)?)])
+        };
+        // Served by name as Kiln serves it, then by position as `wasmtime serve -S nn` does.
+        for positional in [false, true] {
+            if positional {
+                kiln_guest::testing::serve_model_positionally(MODEL, model);
+            } else {
+                kiln_guest::testing::serve_model(MODEL, model);
+            }
+            let body = serde_json::json!({ "texts": ["Hello, world!", "A longer text than the first one."] }).to_string();
+            let response = kiln_guest::testing::call::<Texts>(Request::new("POST", "/", body.into_bytes()));
+            assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(response.body()));
+            let answer: serde_json::Value = serde_json::from_slice(response.body()).expect("JSON");
+            assert_eq!(answer["vectors"][1], serde_json::json!([0.5, 0.5, 0.5, 0.5]), "positional: {positional}");
+        }
     }
 }
