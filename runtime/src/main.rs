@@ -127,11 +127,15 @@ enum Command {
         #[arg(long)]
         vocab: Option<PathBuf>,
     },
-    /// Build a handler crate for wasm32-wasip2 in release, then check it as `kiln check` does.
+    /// Build a handler crate for wasm32-wasip2 in release, pre-initialise it when it opts in
+    /// (`export_handler!(H, init = f)`), then check it as `kiln check` does.
     Build {
         /// The handler crate's folder.
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// How long the pre-initialisation function may run before the build fails.
+        #[arg(long, default_value_t = 60)]
+        init_timeout_s: u64,
     },
     /// Check that Kiln can serve a component, before deploying it: its size, its imports
     /// against Kiln's allow-list, its handler export, and that it compiles and links.
@@ -588,7 +592,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::New { name, template, dir, sdk, vocab } => {
             kiln::cli::author::new_handler(&name, template, &dir, sdk.as_deref(), vocab.as_deref())
         }
-        Command::Build { dir } => kiln::cli::author::build(&dir).map(|_| ()),
+        Command::Build { dir, init_timeout_s } => kiln::cli::author::build(&dir, std::time::Duration::from_secs(init_timeout_s)).map(|_| ()),
         Command::BenchRaw {
             config,
             model,

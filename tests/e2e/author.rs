@@ -47,6 +47,14 @@ fn run(program: &std::path::Path, args: &[&str], env: &[(&str, &std::path::Path)
     text
 }
 
+/// Runs `kiln ARGS` with `env`, expecting it to fail; everything it printed.
+fn failing(args: &[&str], env: &[(&str, &std::path::Path)]) -> String {
+    let output = Command::new(kiln_bin()).args(args).envs(env.iter().copied()).output().expect("run kiln");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(!output.status.success(), "kiln {} succeeded:\n{text}", args.join(" "));
+    text
+}
+
 /// Where handler crates made by the tests build: kept between runs, so only the first compiles
 /// their dependencies.
 fn authors_target() -> std::path::PathBuf {
@@ -190,12 +198,14 @@ async fn kiln_build_pre_initialises_a_handler_that_opts_in() {
     // An initialisation that fails stops the build, and says where.
     std::fs::write(crate_dir.join("src/lib.rs"), PROBE.replace("WARMED.get_or_init", "panic!(\"no warm-up today\"); #[allow(unreachable_code)] WARMED.get_or_init"))
         .expect("write lib.rs");
-    let mut command = Command::new(kiln_bin());
-    command.args(["build", &crate_path]).envs(offline);
-    let output = command.output().expect("run kiln build");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(!output.status.success(), "{text}");
+    let text = failing(&["build", &crate_path], &offline);
     assert!(text.contains("no warm-up today") && text.contains("`wizer-initialize` failed"), "{text}");
+
+    // One that never returns is stopped at the timeout.
+    std::fs::write(crate_dir.join("src/lib.rs"), PROBE.replace("WARMED.get_or_init", "loop { std::hint::black_box(0); } #[allow(unreachable_code)] WARMED.get_or_init"))
+        .expect("write lib.rs");
+    let text = failing(&["build", &crate_path, "--init-timeout-s", "1"], &offline);
+    assert!(text.contains("`wizer-initialize` ran past 1 s"), "{text}");
 }
 
 /// The text template builds its vocabulary at build time; served both ways, the pre-initialised

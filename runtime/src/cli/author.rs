@@ -195,9 +195,10 @@ pub fn new_handler(name: &str, template: Template, dir: &Path, sdk: Option<&Path
     Ok(())
 }
 
-/// `kiln build [DIR]`: builds the handler crate in `dir` for wasm32-wasip2 in release, then
+/// `kiln build [DIR]`: builds the handler crate in `dir` for wasm32-wasip2 in release,
+/// pre-initialises it when it asks (its init function may run for `init_timeout`), then
 /// [`check`]s the component. Returns its path.
-pub fn build(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+pub fn build(dir: &Path, init_timeout: std::time::Duration) -> anyhow::Result<std::path::PathBuf> {
     let manifest = dir.join("Cargo.toml");
     if !manifest.is_file() {
         anyhow::bail!("{} has no Cargo.toml: give the handler crate's folder", dir.display());
@@ -221,7 +222,7 @@ pub fn build(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         .filter_map(|f| f.as_str().map(std::path::PathBuf::from))
         .find(|f| f.extension().is_some_and(|e| e == "wasm"))
         .ok_or_else(|| anyhow::anyhow!("cargo built no .wasm: is the crate a cdylib (crate-type = [\"cdylib\"])?"))?;
-    let component = pre_initialise_if_asked(&component)?;
+    let component = pre_initialise_if_asked(&component, init_timeout)?;
     check(&component)?;
     println!("component: {}", component.display());
     Ok(component)
@@ -230,13 +231,13 @@ pub fn build(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
 /// When the component exports `wizer-initialize` (kiln-guest's `export_handler!(H, init = f)`),
 /// runs it once and writes the pre-initialised component beside cargo's as
 /// `NAME.initialized.wasm` (cargo's own file stays as cargo made it), which is returned.
-fn pre_initialise_if_asked(component: &Path) -> anyhow::Result<std::path::PathBuf> {
+fn pre_initialise_if_asked(component: &Path, timeout: std::time::Duration) -> anyhow::Result<std::path::PathBuf> {
     let bytes = std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
     if !preinit::wants_pre_initialisation(&bytes).map_err(|e| anyhow::anyhow!("{} is not a component: {e}", component.display()))? {
         return Ok(component.to_path_buf());
     }
     let started = std::time::Instant::now();
-    let initialized = preinit::pre_initialise(&bytes).map_err(|e| anyhow::anyhow!("pre-initialising {} failed: {e}", component.display()))?;
+    let initialized = preinit::pre_initialise(&bytes, timeout).map_err(|e| anyhow::anyhow!("pre-initialising {} failed: {e}", component.display()))?;
     let out = component.with_extension("initialized.wasm");
     crate::files::write_atomic(&out, &initialized).with_context(|| format!("cannot write {}", out.display()))?;
     println!(

@@ -29,14 +29,14 @@ pub fn wants_pre_initialisation(bytes: &[u8]) -> Result<bool, String> {
 }
 
 /// Runs the component's `wizer-initialize` and returns the component rewritten with the state it
-/// left. Fails, naming the cause, when the component is not a shape Wizer handles or the
-/// function traps (for example by calling wasi:nn).
-pub fn pre_initialise(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+/// left. Fails, naming the cause, when the component is not a shape Wizer handles, or the
+/// function traps (for example by panicking) or runs past `timeout`.
+pub fn pre_initialise(bytes: &[u8], timeout: std::time::Duration) -> anyhow::Result<Vec<u8>> {
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
-    runtime.block_on(snapshot(bytes)).map_err(|e| anyhow::anyhow!("{e:#}"))
+    runtime.block_on(snapshot(bytes, timeout)).map_err(|e| anyhow::anyhow!("{e:#}"))
 }
 
-async fn snapshot(bytes: &[u8]) -> wasmtime::Result<Vec<u8>> {
+async fn snapshot(bytes: &[u8], timeout: std::time::Duration) -> wasmtime::Result<Vec<u8>> {
     let mut wizer = Wizer::new();
     // Wizer removes the function from the core module and from the component alike, but a
     // component made by wit-bindgen lifts the core export of the same name, which would then
@@ -48,21 +48,38 @@ async fn snapshot(bytes: &[u8]) -> wasmtime::Result<Vec<u8>> {
         .map_err(|e| e.context("Wizer cannot pre-initialise this component"))?;
 
     let mut config = Config::new();
-    config.wasm_component_model(true);
+    config.wasm_component_model(true).epoch_interruption(true);
     let engine = Engine::new(&config)?;
+    // One epoch tick at the timeout ends an initialisation that never returns.
+    let ticker = engine.weak();
+    std::thread::Builder::new().name("kiln-preinit-timeout".into()).spawn(move || {
+        std::thread::sleep(timeout);
+        if let Some(engine) = ticker.upgrade() {
+            engine.increment_epoch();
+        }
+    })?;
     let component = Component::new(&engine, &instrumented)?;
     let linker = super::host_linker(&engine)?;
     let mut store = Store::new(&engine, RequestState::at_build_time());
+    store.set_epoch_deadline(1);
     let instance = linker.instantiate_async(&mut store, &component).await?;
     let init = instance
         .get_typed_func::<(), ()>(&mut store, INIT_EXPORT)
         .map_err(|e| e.context(format!("`{INIT_EXPORT}` must be a function without parameters or results")))?;
     init.call_async(&mut store, ()).await.map_err(|e| {
-        e.context(format!(
-            "`{INIT_EXPORT}` failed (while pre-initialising there are no models, no outgoing \
-             HTTP and no files)"
-        ))
+        let timed_out = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
+        let why = if timed_out {
+            format!("`{INIT_EXPORT}` ran past {} s (kiln build --init-timeout-s)", timeout.as_secs_f64())
+        } else {
+            format!(
+                "`{INIT_EXPORT}` failed (while pre-initialising there are no models, no outgoing \
+                 HTTP and no files)"
+            )
+        };
+        e.context(why)
     })?;
+    // Reading the state back is Wizer's own code: no deadline for it.
+    store.set_epoch_deadline(1 << 40);
     let mut state = Snapshotting { store: &mut store, instance, failed: None };
     let snapshot = wizer.snapshot_component(&context, &mut state).await?;
     match state.failed {
