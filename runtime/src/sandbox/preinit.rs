@@ -50,7 +50,16 @@ async fn snapshot(bytes: &[u8], timeout: std::time::Duration) -> wasmtime::Resul
     let mut config = Config::new();
     config.wasm_component_model(true).epoch_interruption(true);
     let engine = Engine::new(&config)?;
-    // One epoch tick at the timeout ends an initialisation that never returns.
+    let component = Component::new(&engine, &instrumented)?;
+    let linker = super::host_linker(&engine)?;
+    let mut store = Store::new(&engine, RequestState::at_build_time());
+    // Nothing ticks until the function is called below.
+    store.set_epoch_deadline(1);
+    let instance = linker.instantiate_async(&mut store, &component).await?;
+    let init = instance
+        .get_typed_func::<(), ()>(&mut store, INIT_EXPORT)
+        .map_err(|e| e.context(format!("`{INIT_EXPORT}` must be a function without parameters or results")))?;
+    // One epoch tick at the timeout, counted from the call, ends a function that never returns.
     let ticker = engine.weak();
     std::thread::Builder::new().name("kiln-preinit-timeout".into()).spawn(move || {
         std::thread::sleep(timeout);
@@ -58,14 +67,6 @@ async fn snapshot(bytes: &[u8], timeout: std::time::Duration) -> wasmtime::Resul
             engine.increment_epoch();
         }
     })?;
-    let component = Component::new(&engine, &instrumented)?;
-    let linker = super::host_linker(&engine)?;
-    let mut store = Store::new(&engine, RequestState::at_build_time());
-    store.set_epoch_deadline(1);
-    let instance = linker.instantiate_async(&mut store, &component).await?;
-    let init = instance
-        .get_typed_func::<(), ()>(&mut store, INIT_EXPORT)
-        .map_err(|e| e.context(format!("`{INIT_EXPORT}` must be a function without parameters or results")))?;
     init.call_async(&mut store, ()).await.map_err(|e| {
         let timed_out = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
         let why = if timed_out {
