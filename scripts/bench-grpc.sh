@@ -11,7 +11,7 @@ run_s=${SECONDS_PER_RUN:-5}
 out=build/bench-grpc
 rm -rf "$out" && mkdir -p "$out"
 kiln=target/release/kiln
-sed -e "s|\.\./build/state|$out/state|" -e "s|\.\./|$KILN_ROOT/|g" examples/kiln.toml > "$out/kiln.toml"
+examples_config "$out" > "$out/kiln.toml"
 KILN_KEY=$($kiln tenant add-key demo -c "$out/kiln.toml" 2>/dev/null)
 KILN_ADMIN_KEY=$($kiln admin add-key -c "$out/kiln.toml" 2>/dev/null)
 export KILN_KEY KILN_ADMIN_KEY

@@ -19,8 +19,7 @@ echo '{"sentences": ["A man is eating a piece of bread."]}' > "$out/sentence.jso
 # Configs: the examples with batching on and off, plus the echo guest and ResNet-18, with their
 # own state directory (and API key for tenant demo).
 write_config() { # NAME MAX_BATCH
-    sed -e "s|\.\./build/state|$out/state|" -e "s|\.\./|$KILN_ROOT/|g" \
-        -e "s|max_batch_size = 64|max_batch_size = $2|" examples/kiln.toml > "$out/$1.toml"
+    examples_config "$out" -e "s|max_batch_size = 64|max_batch_size = $2|" > "$out/$1.toml"
     cat >> "$out/$1.toml" <<TOML
 
 [[handler]]

@@ -16,7 +16,7 @@ out=build/overload
 rm -rf "$out" && mkdir -p "$out"
 kiln=target/release/kiln
 pngs=(build/holdout/digits/*.png)
-sed -e "s|\.\./build/state|$out/state|" -e "s|\.\./|$KILN_ROOT/|g" examples/kiln.toml > "$out/kiln.toml"
+examples_config "$out" > "$out/kiln.toml"
 KILN_KEY=$($kiln tenant add-key demo -c "$out/kiln.toml" 2>/dev/null)
 KILN_ADMIN_KEY=$($kiln admin add-key -c "$out/kiln.toml" 2>/dev/null)
 export KILN_KEY KILN_ADMIN_KEY

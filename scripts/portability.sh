@@ -50,8 +50,7 @@ mkdir -p "$out/models/mnist8"
 ln -s "$KILN_ROOT/build/models/digits.pt" "$out/models/mnist8/model.pt"
 
 kiln=target/release/kiln
-sed -e "s|\.\./build/state|$out/state|" -e "s|\.\./|$KILN_ROOT/|g" \
-    -e 's|^models = \["digits", "minilm"\]$|models = ["digits", "minilm", "mnist8"]|' examples/kiln.toml > "$out/kiln.toml"
+examples_config "$out" -e 's|^models = \["digits", "minilm"\]$|models = ["digits", "minilm", "mnist8"]|' > "$out/kiln.toml"
 # On Kiln the foreign guest needs only a config naming the model's input and output its way.
 cat >> "$out/kiln.toml" <<EOF
 

@@ -15,7 +15,7 @@ rm -rf "$out" && mkdir -p "$out"
 kiln=target/release/kiln
 pngs=(build/holdout/digits/*.png)
 echo '{"sentences": ["A man is eating a piece of bread."]}' > "$out/sentence.json"
-sed -e "s|\.\./build/state|$out/state|" -e "s|\.\./|$KILN_ROOT/|g" examples/kiln.toml > "$out/kiln.toml"
+examples_config "$out" > "$out/kiln.toml"
 cat >> "$out/kiln.toml" <<TOML
 
 [[tenant]]
