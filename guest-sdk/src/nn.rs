@@ -308,12 +308,6 @@ pub struct Outputs {
 }
 
 impl Outputs {
-    /// Outputs as a host gave them, for a model declared with `declared` output names (empty
-    /// when undeclared). What [`Model::infer`] returns; made directly in tests.
-    pub fn new(tensors: Vec<(String, Tensor)>, declared: &[&str]) -> Outputs {
-        Outputs { tensors, declared: declared.iter().map(|&name| name.to_owned()).collect() }
-    }
-
     /// The output called `name`, found the same way on every host:
     ///
     /// 1. the output the host gave that name (Kiln names every output as the model's config
@@ -372,7 +366,10 @@ mod tests {
     }
 
     fn outputs(names: &[&str], declared: &[&str]) -> Outputs {
-        Outputs::new(names.iter().zip(0..).map(|(n, i)| ((*n).to_owned(), tensor(i as f32))).collect(), declared)
+        Outputs {
+            tensors: names.iter().zip(0..).map(|(n, i)| ((*n).to_owned(), tensor(i as f32))).collect(),
+            declared: declared.iter().map(|&name| name.to_owned()).collect(),
+        }
     }
 
     fn value(result: Result<&Tensor, Error>) -> Result<f32, String> {
