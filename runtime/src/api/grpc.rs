@@ -7,23 +7,33 @@
 //! one (8001 beside 8000), an operator can expose, firewall and balance HTTP/2 apart from
 //! HTTP/1, and the HTTP listener keeps serving HTTP/1 alone.
 //!
-//! The key goes in the `authorization` metadata (`Bearer …`), as over HTTP; `kiln-priority` and
-//! `kiln-timeout-ms` too, and a client's `grpc-timeout` bounds the model's wait like
-//! `kiln-timeout-ms`. Errors carry the HTTP API's message, with the status mapped to its gRPC
-//! code (404 → NOT_FOUND, 400 → INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 429 → RESOURCE_EXHAUSTED,
-//! …) and its kind in the `kiln-error-kind` metadata. The repository calls take an admin key,
-//! as the HTTP repository extension does on the admin listener.
+//! The key goes in the `authorization` metadata (`Bearer …`), as over HTTP, and is checked by
+//! [`Authenticated`] before any of the message is read: a caller without a valid key gets nothing
+//! decoded, and a tenant's message is read only up to its own `max_body_bytes`. `kiln-priority`
+//! and `kiln-timeout-ms` go in the metadata too, and a client's `grpc-timeout` bounds the model's
+//! wait like `kiln-timeout-ms`. Errors carry the HTTP API's message, with the status mapped to
+//! its gRPC code (404 → NOT_FOUND, 400 → INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 413 and 429 →
+//! RESOURCE_EXHAUSTED, …) and its kind in the `kiln-error-kind` metadata. The repository calls
+//! take an admin key, as the HTTP repository extension does on the admin listener.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tonic::codegen::{BoxFuture, Service};
 use tonic::metadata::MetadataValue;
+use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status};
 
 use super::{ApiError, AppState, priority_header, timeout_header};
 use crate::model::handle::{InferOptions, ModelHandle, ModelState};
 use crate::model::tensor::{DType, HostTensor};
+use crate::telemetry::ANONYMOUS;
+use crate::tenancy::Tenant;
 
 /// The code generated from `proto/inference.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -39,17 +49,217 @@ use proto::*;
 /// Direct model calls over gRPC are counted as this handler.
 const HANDLER: &str = "grpc";
 
-/// The service, ready to add to a tonic server. Messages up to the server's `max_body_bytes`
-/// are read; each tenant's own `max_body_bytes` is checked after.
-pub fn service(app: Arc<AppState>) -> GrpcInferenceServiceServer<Grpc> {
-    let limit = app.max_body_bytes;
-    GrpcInferenceServiceServer::new(Grpc { app })
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(usize::MAX)
+/// The service, ready to add to a tonic server: every call's key is checked, and its message
+/// bounded, by [`Authenticated`] before the generated server reads it.
+pub fn service(app: Arc<AppState>) -> Authenticated {
+    // A backstop only: `Authenticated` refuses any message over this (or the tenant's own
+    // limit) from its length prefix, before the decoder sees it. Compression stays off (tonic's
+    // default) because that bound is on the bytes received, which compression would not bound.
+    let inner = GrpcInferenceServiceServer::new(Grpc { app: Arc::clone(&app) })
+        .max_decoding_message_size(app.max_body_bytes)
+        .max_encoding_message_size(usize::MAX);
+    Authenticated { app, inner }
 }
 
+/// The calls' handlers. Only [`service`] builds it, always behind [`Authenticated`], whose
+/// [`Caller`] each call that needs a key takes from its request.
 pub struct Grpc {
     app: Arc<AppState>,
+}
+
+/// The messages of the calls that need no key (health and server metadata) are empty: anything
+/// larger than this is not a real client's, and is refused unread.
+const KEYLESS_MAX_BYTES: usize = 4096;
+
+/// Each message on the wire starts with a compressed flag and a 4-byte big-endian length.
+const FRAME_PREFIX: usize = 5;
+
+/// Who a call is from, as [`Authenticated`] found it from the metadata; in the request's
+/// extensions, so no handler checks the key again.
+#[derive(Clone)]
+enum Caller {
+    /// A tenant's key, on the model calls.
+    Tenant(Arc<Tenant>),
+    /// The admin key, on the repository calls.
+    Admin,
+}
+
+/// What a call needs before its message is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Health and server metadata, answered to anyone (load balancers probe them keyless).
+    Anyone,
+    /// The model calls: a tenant's key.
+    Tenant,
+    /// The repository calls: the admin key.
+    Admin,
+}
+
+/// The access a call's path needs. A method not named here needs a tenant's key, so a call
+/// added to the proto later is closed until it is given its place.
+fn access(path: &str) -> Access {
+    match path.rsplit('/').next().unwrap_or_default() {
+        "ServerLive" | "ServerReady" | "ServerMetadata" => Access::Anyone,
+        "RepositoryIndex" | "RepositoryModelLoad" | "RepositoryModelUnload" => Access::Admin,
+        _ => Access::Tenant,
+    }
+}
+
+/// The generated server behind a check made from the metadata alone, before any of the body is
+/// read: a call that needs a key and has no valid one is answered at once, its message unread;
+/// an accepted call's body is bounded by the caller's `max_body_bytes` (see [`Bounded`]) as it
+/// streams in, and carries its [`Caller`] to the handler.
+#[derive(Clone)]
+pub struct Authenticated {
+    app: Arc<AppState>,
+    inner: GrpcInferenceServiceServer<Grpc>,
+}
+
+impl NamedService for Authenticated {
+    const NAME: &'static str = <GrpcInferenceServiceServer<Grpc> as NamedService>::NAME;
+}
+
+impl Authenticated {
+    /// The caller of a call needing `access`, and the most message bytes it may send; or the
+    /// refusal. Failures are audited (with the peer, for the flood limit) by the same checks as
+    /// the HTTP routes make.
+    fn check_key(&self, access: Access, headers: &http::HeaderMap) -> Result<(Option<Caller>, usize), ApiError> {
+        let app = &self.app;
+        match access {
+            Access::Anyone => Ok((None, KEYLESS_MAX_BYTES.min(app.max_body_bytes))),
+            Access::Admin => {
+                super::admin::require_admin(app, headers, None)?;
+                Ok((Some(Caller::Admin), app.max_body_bytes))
+            }
+            Access::Tenant => {
+                let principal = app.authenticate(headers, None)?;
+                // Admin keys manage; model calls go through a tenant and its quotas.
+                let tenant = Arc::clone(app.tenant_of(&principal)?);
+                let limit = app.max_body_bytes.min(tenant.config.quota.max_body_bytes);
+                Ok((Some(Caller::Tenant(tenant)), limit))
+            }
+        }
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Authenticated {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let started = Instant::now();
+        let access = access(request.uri().path());
+        let counted = request.uri().path().ends_with("/ModelInfer");
+        let peer = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(tonic::transport::server::TcpConnectInfo::remote_addr);
+        let admitted = match peer {
+            Some(addr) => super::PEER.sync_scope(addr.ip(), || self.check_key(access, request.headers())),
+            None => self.check_key(access, request.headers()),
+        };
+        let (caller, limit) = match admitted {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                if counted {
+                    let code = error.status().as_u16();
+                    self.app.telemetry.record_request(HANDLER, ANONYMOUS, code, started.elapsed());
+                }
+                // The body is dropped unread: the stream is reset once the answer is sent.
+                let mut response: http::Response<tonic::body::Body> = status(error).into_http();
+                tag_response(response.headers_mut());
+                return Box::pin(std::future::ready(Ok(response)));
+            }
+        };
+        let over = Arc::new(AtomicBool::new(false));
+        let tenant = match &caller {
+            Some(Caller::Tenant(tenant)) if counted => Some(Arc::clone(tenant)),
+            _ => None,
+        };
+        let (mut parts, body) = request.into_parts();
+        if let Some(caller) = caller {
+            parts.extensions.insert(caller);
+        }
+        let body = Bounded { inner: body, limit, read: 0, prefix: [0; FRAME_PREFIX], over: Arc::clone(&over) };
+        let answer = self.inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body)));
+        let app = Arc::clone(&self.app);
+        Box::pin(async move {
+            let response = answer.await;
+            // Refused while its message was read, the call never reached its handler, which
+            // counts the others.
+            if let Some(tenant) = tenant
+                && over.load(Ordering::Relaxed)
+            {
+                let code = ApiError::PayloadTooLarge { limit }.status().as_u16();
+                app.telemetry.record_request(HANDLER, tenant.name(), code, started.elapsed());
+            }
+            response
+        })
+    }
+}
+
+/// A request body cut off past `limit` bytes of message: refused as soon as the message's
+/// length prefix says it is longer, and in any case once more than one prefix and `limit` bytes
+/// have come (a unary call carries one message). So at most that much is ever buffered.
+struct Bounded {
+    inner: tonic::body::Body,
+    limit: usize,
+    /// Bytes received so far.
+    read: usize,
+    /// The first message's length prefix, as it arrives.
+    prefix: [u8; FRAME_PREFIX],
+    /// Set once the body has been refused.
+    over: Arc<AtomicBool>,
+}
+
+impl Bounded {
+    /// Counts `data` in; whether the body is now over its limit.
+    fn exceeds(&mut self, data: &[u8]) -> bool {
+        if let Some(missing) = self.prefix.get_mut(self.read..) {
+            let n = missing.len().min(data.len());
+            missing[..n].copy_from_slice(&data[..n]);
+        }
+        self.read = self.read.saturating_add(data.len());
+        let declared = (self.read >= FRAME_PREFIX)
+            .then(|| u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as usize);
+        declared.is_some_and(|n| n > self.limit) || self.read > self.limit.saturating_add(FRAME_PREFIX)
+    }
+}
+
+impl http_body::Body for Bounded {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if self.over.load(Ordering::Relaxed) {
+            return Poll::Ready(None);
+        }
+        let polled = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &polled
+            && let Some(data) = frame.data_ref()
+            && self.exceeds(data)
+        {
+            self.over.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(status(ApiError::PayloadTooLarge { limit: self.limit }))));
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.over.load(Ordering::Relaxed) || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The gRPC status for an API error: the same message, the code nearest its HTTP status.
@@ -91,26 +301,52 @@ fn counted_status<T>(result: &Result<T, ApiError>) -> u16 {
     }
 }
 
-/// Runs `call` on the request's metadata (as HTTP headers, for the checks the HTTP routes make)
-/// and message, as a request from its peer (for the audit log's flood limit), with a fresh
-/// `kiln-request-id` on its answer.
-async fn tagged<M, T, F>(request: Request<M>, call: impl FnOnce(http::HeaderMap, M) -> F) -> Result<Response<T>, Status>
+/// Runs `call` on the request's metadata (as HTTP headers, for the checks the HTTP routes make),
+/// its [`Caller`] and its message, as a request from its peer (for the audit log's flood limit),
+/// with a fresh `kiln-request-id` on its answer.
+async fn tagged<M, T, F>(
+    request: Request<M>,
+    call: impl FnOnce(http::HeaderMap, Option<Caller>, M) -> F,
+) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, ApiError>>,
 {
-    let (_, id) = super::next_request_id();
     let peer = request.remote_addr();
-    let (metadata, _, message) = request.into_parts();
-    let call = call(metadata.into_headers(), message);
+    let (metadata, mut extensions, message) = request.into_parts();
+    let caller = extensions.remove::<Caller>();
+    let call = call(metadata.into_headers(), caller, message);
     let result = match peer {
         Some(addr) => super::PEER.scope(addr.ip(), call).await,
         None => call.await,
     };
     let mut response = Response::new(result.map_err(status)?);
-    if let Ok(value) = MetadataValue::try_from(id.as_str()) {
-        response.metadata_mut().insert(kiln_wire::headers::REQUEST_ID, value);
-    }
+    tag_response(response.metadata_mut().as_mut());
     Ok(response)
+}
+
+/// Gives an answer a fresh `kiln-request-id`.
+fn tag_response(headers: &mut http::HeaderMap) {
+    let (_, id) = super::next_request_id();
+    if let Ok(value) = http::HeaderValue::from_str(&id) {
+        headers.insert(kiln_wire::headers::REQUEST_ID, value);
+    }
+}
+
+/// The tenant a model call is from.
+fn tenant_of(caller: Option<Caller>) -> Result<Arc<Tenant>, ApiError> {
+    match caller {
+        Some(Caller::Tenant(tenant)) => Ok(tenant),
+        // `Authenticated` lets no model call through without a tenant: this is a wiring fault.
+        Some(Caller::Admin) | None => Err(ApiError::Internal("a model call reached its handler without a tenant's key".to_owned())),
+    }
+}
+
+/// `Ok` for a call made with the admin key.
+fn admin_only(caller: Option<Caller>) -> Result<(), ApiError> {
+    match caller {
+        Some(Caller::Admin) => Ok(()),
+        Some(Caller::Tenant(_)) | None => Err(ApiError::Internal("a repository call reached its handler without the admin key".to_owned())),
+    }
 }
 
 /// `model` or, for a version, `model@version`.
@@ -143,9 +379,10 @@ impl GrpcInferenceService for Grpc {
     }
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        tagged(request, |headers, request| async move {
+        tagged(request, |_, caller, request| async move {
+            let tenant = tenant_of(caller)?;
             let name = versioned(&request.name, &request.version)?;
-            let (model, _) = self.app.authorized_model(&headers, &name)?;
+            let model = self.app.tenant_model(&tenant, &name)?;
             Ok(ModelReadyResponse { ready: matches!(model.state(), ModelState::Ready(_)) })
         })
         .await
@@ -155,9 +392,10 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        tagged(request, |headers, request| async move {
+        tagged(request, |_, caller, request| async move {
+            let tenant = tenant_of(caller)?;
             let name = versioned(&request.name, &request.version)?;
-            let (model, tenant) = self.app.authorized_model(&headers, &name)?;
+            let model = self.app.tenant_model(&tenant, &name)?;
             Ok(metadata(&self.app, &model, tenant.name()))
         })
         .await
@@ -166,11 +404,16 @@ impl GrpcInferenceService for Grpc {
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
         let app = &self.app;
-        tagged(request, |headers, request| async move {
-            let mut tenant_label = None;
-            let result = infer(app, &headers, request, &mut tenant_label).await;
-            let tenant = tenant_label.as_deref().unwrap_or(crate::telemetry::ANONYMOUS);
-            app.telemetry.record_request(HANDLER, tenant, counted_status(&result), started.elapsed());
+        tagged(request, |headers, caller, request| async move {
+            let (tenant, result) = match tenant_of(caller) {
+                Ok(tenant) => {
+                    let result = infer(app, &headers, &tenant, request).await;
+                    (Some(tenant), result)
+                }
+                Err(e) => (None, Err(e)),
+            };
+            let label = tenant.as_deref().map_or(ANONYMOUS, Tenant::name);
+            app.telemetry.record_request(HANDLER, label, counted_status(&result), started.elapsed());
             result
         })
         .await
@@ -180,8 +423,8 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        tagged(request, |headers, request| async move {
-            super::admin::require_admin(&self.app, &headers, None)?;
+        tagged(request, |_, caller, request| async move {
+            admin_only(caller)?;
             let models = super::repository::index_rows(&self.app, request.ready)
                 .into_iter()
                 .map(|(name, version, state, reason)| repository_index_response::ModelIndex {
@@ -200,8 +443,8 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        tagged(request, |headers, request| async move {
-            super::admin::require_admin(&self.app, &headers, None)?;
+        tagged(request, |_, caller, request| async move {
+            admin_only(caller)?;
             use model_repository_parameter::ParameterChoice;
             let config = match request.parameters.get("config").and_then(|p| p.parameter_choice.as_ref()) {
                 None => None,
@@ -222,8 +465,8 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        tagged(request, |headers, request| async move {
-            super::admin::require_admin(&self.app, &headers, None)?;
+        tagged(request, |_, caller, request| async move {
+            admin_only(caller)?;
             self.app.repository.unload(&request.model_name).await?;
             Ok(RepositoryModelUnloadResponse {})
         })
@@ -265,20 +508,16 @@ fn metadata(app: &AppState, model: &ModelHandle, tenant: &str) -> ModelMetadataR
     }
 }
 
+/// One inference for `tenant`, whose message [`Authenticated`] has already held to its
+/// `max_body_bytes`.
 async fn infer(
     app: &AppState,
     headers: &http::HeaderMap,
+    tenant: &Arc<Tenant>,
     mut request: ModelInferRequest,
-    tenant_label: &mut Option<String>,
 ) -> Result<ModelInferResponse, ApiError> {
     let name = versioned(&request.model_name, &request.model_version)?;
-    let (model, tenant) = app.authorized_model(headers, &name)?;
-    *tenant_label = Some(tenant.name().to_owned());
-    let limit = app.max_body_bytes.min(tenant.config.quota.max_body_bytes);
-    let size = prost::Message::encoded_len(&request);
-    if size > limit {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
+    let model = app.tenant_model(tenant, &name)?;
     let _permit = app.admit(tenant, None)?;
     let named = decode_inputs(&mut request)?;
     let arranged = model.arrange_inputs(named)?;
@@ -514,6 +753,68 @@ mod tests {
         let half = InferTensorContents { fp32_contents: vec![1.0], ..Default::default() };
         let mut request = ModelInferRequest { inputs: vec![input("h", "FP16", &[1], Some(half))], ..Default::default() };
         assert!(decode_inputs(&mut request).expect_err("fp16").to_string().contains("raw_input_contents"));
+    }
+
+    #[test]
+    fn only_health_and_server_metadata_go_without_a_key() {
+        let path = |method: &str| format!("/inference.GRPCInferenceService/{method}");
+        for method in ["ServerLive", "ServerReady", "ServerMetadata"] {
+            assert_eq!(access(&path(method)), Access::Anyone, "{method}");
+        }
+        for method in ["RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"] {
+            assert_eq!(access(&path(method)), Access::Admin, "{method}");
+        }
+        for method in ["ModelReady", "ModelMetadata", "ModelInfer", "ModelStreamInfer", "", "Anything"] {
+            assert_eq!(access(&path(method)), Access::Tenant, "{method}");
+        }
+    }
+
+    /// `chunks` as a request body held to `limit`, read to its end: the bytes passed on, or the
+    /// refusal, and whether the body was marked over.
+    async fn read_bounded(chunks: &[&[u8]], limit: usize) -> (Result<usize, Status>, bool) {
+        use http_body_util::BodyExt as _;
+        let frames: Vec<Result<http_body::Frame<Bytes>, Status>> =
+            chunks.iter().map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let inner = tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)));
+        let over = Arc::new(AtomicBool::new(false));
+        let mut body = Bounded { inner, limit, read: 0, prefix: [0; FRAME_PREFIX], over: Arc::clone(&over) };
+        let mut passed = 0;
+        let result = loop {
+            match body.frame().await {
+                None => break Ok(passed),
+                Some(Ok(frame)) => passed += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(status)) => break Err(status),
+            }
+        };
+        (result, over.load(Ordering::Relaxed))
+    }
+
+    /// A message's length prefix (uncompressed) for `len` bytes.
+    fn prefix(len: u32) -> Vec<u8> {
+        let mut p = vec![0];
+        p.extend_from_slice(&len.to_be_bytes());
+        p
+    }
+
+    #[tokio::test]
+    async fn a_body_is_cut_off_at_its_callers_limit() {
+        // A message of exactly the limit, its prefix split over two frames, passes whole.
+        let p = prefix(8);
+        let (passed, over) = read_bounded(&[&p[..2], &p[2..], &[7; 8]], 8).await;
+        assert_eq!((passed.expect("within the limit"), over), (13, false));
+
+        // A prefix declaring more than the limit is refused before any of the message comes.
+        let (refused, over) = read_bounded(&[&prefix(9), &[7; 9]], 8).await;
+        let refused = refused.expect_err("declared over the limit");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(refused.message(), "request body is larger than the limit of 8 bytes");
+        assert_eq!(refused.metadata().get("kiln-error-kind").and_then(|v| v.to_str().ok()), Some("too_large"));
+        assert!(over);
+
+        // A prefix that understates the message is no way round it: the bytes are counted too.
+        let (refused, over) = read_bounded(&[&prefix(4), &[7; 4], &[7; 5], &[7; 1000]], 8).await;
+        assert_eq!(refused.expect_err("more bytes than the limit").code(), Code::ResourceExhausted);
+        assert!(over);
     }
 
     #[test]

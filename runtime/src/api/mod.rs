@@ -123,14 +123,15 @@ impl AppState {
         let principal = self.authenticate(headers, None)?;
         // Admin keys manage; model calls go through a tenant and its quotas.
         let tenant = self.tenant_of(&principal)?;
-        let model = self
-            .models
-            .usable(tenant.name(), name)
-            .ok_or_else(|| match name.split_once('@') {
-                Some((model, version)) => ApiError::NotFound(format!("model '{model}' has no version '{version}'")),
-                None => ApiError::NotFound(format!("model '{name}' not found")),
-            })?;
-        Ok((model, tenant))
+        Ok((self.tenant_model(tenant, name)?, tenant))
+    }
+
+    /// A model `tenant` may use; any other name is "not found", whether or not it exists.
+    fn tenant_model(&self, tenant: &Tenant, name: &str) -> Result<ModelHandle, ApiError> {
+        self.models.usable(tenant.name(), name).ok_or_else(|| match name.split_once('@') {
+            Some((model, version)) => ApiError::NotFound(format!("model '{model}' has no version '{version}'")),
+            None => ApiError::NotFound(format!("model '{name}' not found")),
+        })
     }
 
     /// The live handler `name`, if there is one.
