@@ -79,6 +79,10 @@ pub struct RawServer {
     pub allow_unpinned: Option<bool>,
     /// Let tenants' model sources be loopback or private addresses (an internal model store).
     pub tenant_private_sources: Option<bool>,
+    /// How long a model may take to load and warm up before its load fails (seconds).
+    pub load_timeout_s: Option<u64>,
+    /// How long a tenant's model download may take in all (seconds).
+    pub tenant_fetch_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +114,15 @@ pub struct RawQuota {
     pub max_models: Option<u32>,
     /// Their files' bytes in all (every version served counts).
     pub max_model_bytes: Option<u64>,
+    /// Versions served, instances (at most) and threads (instances times threads) of its own
+    /// models, in all.
+    pub max_model_versions: Option<u32>,
+    pub max_model_instances: Option<u32>,
+    pub max_model_threads: Option<u32>,
+    /// Where its own models may run: `"cpu"`, `"cuda"` (any GPU), `"cuda:N"`.
+    pub model_devices: Option<Vec<String>>,
+    /// The smallest latency objective its own models may ask for.
+    pub min_latency_objective_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -13,6 +13,8 @@ normed.pt: x [N, 4] float32 -> y [N, 4] float32 through batch norm with running 
     floating buffers that reduced precision must cast along with the parameters.
 offset-1.pt, offset-2.pt, offset-3.pt: x [N, 4] float32 -> y [N, 4] float32 = x + V, three
     versions of one model whose answers say which version gave them (the reload tests).
+hang.pt: x [N, 4] float32 -> y [N, 4] float32 after 2^40 tiny additions: a load whose warm-up
+    never ends (the load deadline's test). Only pure tensor operators.
 """
 
 import sys
@@ -77,6 +79,14 @@ class Offset(torch.nn.Module):
         return x + self.offset
 
 
+class Hang(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for _ in range(1 << 40):
+            y = y + 1.0
+        return y
+
+
 def main(build: Path) -> None:
     torch.manual_seed(11)
     models = build / "models"
@@ -89,6 +99,7 @@ def main(build: Path) -> None:
     torch.jit.script(Unmasked().eval()).save(str(models / "unmasked.pt"))
     for version in (1, 2, 3):
         torch.jit.script(Offset(version).eval()).save(str(models / f"offset-{version}.pt"))
+    torch.jit.script(Hang().eval()).save(str(models / "hang.pt"))
     print(f"test models: wrote {models / 'tokenwise.pt'}")
 
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kiln_tests::{Server, artifact, examples_config, python, root};
 
+mod confinement;
 mod sources;
 mod tenants;
 use serde_json::{Value, json};

@@ -23,6 +23,9 @@ pub mod headers {
     pub const TIMEOUT_MS: &str = "kiln-timeout-ms";
     /// A deployment's Ed25519 signature (base64), as `kiln sign` prints it.
     pub const SIGNATURE: &str = "kiln-signature";
+    /// A tenant's own token for its model's hub source, sent with its model load and used for
+    /// that download alone (never stored, never the operator's).
+    pub const SOURCE_TOKEN: &str = "kiln-source-token";
 }
 
 /// The body of every error Kiln answers (4xx and 5xx): what went wrong for people, and a

@@ -10,6 +10,7 @@ use crate::deploy::models::ModelError;
 use crate::deploy::registry::DeployError;
 use crate::model::handle::InferError;
 use crate::sandbox::{ComponentError, GuestError};
+use crate::telemetry::{MAX_LOGGED, loggable};
 use crate::tenancy::QuotaRefusal;
 use crate::model::tensor::TensorError;
 
@@ -45,6 +46,9 @@ pub enum ApiError {
     /// An operator cancelled the request (by its `kiln-request-id`).
     #[error("request {0} was cancelled by an operator")]
     Cancelled(String),
+    /// The same work of this caller's is already running (a tenant's model load): try later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl From<DeployError> for ApiError {
@@ -69,6 +73,7 @@ impl From<ModelError> for ApiError {
             e @ ModelError::LoadFailed { .. } => ApiError::LoadFailed(e.to_string()),
             ModelError::Store(m) => ApiError::Internal(m),
             ModelError::Quota(m) => ApiError::Forbidden(m),
+            ModelError::Busy(m) => ApiError::Busy(m),
         }
     }
 }
@@ -87,7 +92,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Quota(_) | ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Cancelled(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -124,6 +129,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Conflict(_) => "conflict",
             ApiError::Quota(_) => "quota",
+            ApiError::Busy(_) => "busy",
             ApiError::Component(_) => "bad_component",
             ApiError::Internal(_) => "internal",
             ApiError::LoadFailed(_) => "load_failed",
@@ -144,14 +150,17 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Guest(_)) {
             // Logged where it happened, with the handler's tenant.
         } else if status.is_server_error() {
-            tracing::warn!(kind = self.kind(), status = status.as_u16(), "{self}");
+            tracing::warn!(kind = self.kind(), status = status.as_u16(), "{}", loggable(&self.to_string(), MAX_LOGGED));
         } else {
-            tracing::debug!(kind = self.kind(), status = status.as_u16(), "{self}");
+            // A client's mistake can quote what it sent: escaped and bounded for the log.
+            tracing::debug!(kind = self.kind(), status = status.as_u16(), "{}", loggable(&self.to_string(), MAX_LOGGED));
         }
         let body = ErrorBody { error: self.to_string(), kind: self.kind().to_owned() };
         let mut response = (status, Json(body)).into_response();
         match &self {
-            ApiError::Infer(InferError::Overloaded(_) | InferError::Flushed(_)) | ApiError::Guest(GuestError::PoolFull { .. }) => {
+            ApiError::Infer(InferError::Overloaded(_) | InferError::Flushed(_))
+            | ApiError::Guest(GuestError::PoolFull { .. })
+            | ApiError::Busy(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

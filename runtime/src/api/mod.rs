@@ -433,7 +433,7 @@ async fn call_handler(
     let held: Arc<dyn Send + Sync> = Arc::new((permit, slot));
     let lease = Lease { held: Arc::clone(&held), cpu: tenant.cpu_gate() };
     let response = handler.call(request, options, lease).await.map_err(|e| {
-        tracing::warn!(handler = %name, tenant = %tenant.name(), kind = e.kind(), "{e}");
+        tracing::warn!(handler = %name, tenant = %tenant.name(), kind = e.kind(), "{}", crate::telemetry::loggable(&e.to_string(), 2048));
         app.telemetry.record_trap(name, tenant.name(), e.kind(), e.to_string());
         ApiError::Guest(e)
     })?;

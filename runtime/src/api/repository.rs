@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 
 use super::admin::require_admin;
 use super::{ApiError, AppState, json_response, read_body};
-use crate::deploy::models::{Control, Loaded, ModelEntry, ModelOrigin, OwnerQuota};
+use crate::deploy::models::{Control, Loaded, ModelEntry, ModelOrigin};
 use crate::model::spec::owned_key;
 use crate::model::handle::{ModelHandle, TuningChange};
 use crate::model::spec::{Replicas, Tuning};
@@ -92,10 +92,23 @@ fn owner<'a>(app: &'a AppState, headers: &HeaderMap) -> Result<&'a Arc<crate::te
     app.tenant_of(&principal)
 }
 
-/// A tenant's view of a model: by the name it knows.
-fn describe_for(entry: &ModelEntry) -> ModelInfo {
+/// Tenant `tenant`'s view of a model: by the name it knows, with nothing of the server's or
+/// of other tenants' in it: no file paths, no other tenant's name, and for a model it does not
+/// own no source, digest or failure reason (those can name the operator's files and hosts).
+fn describe_for(entry: &ModelEntry, tenant: &str) -> ModelInfo {
     let mut info = describe(entry);
     info.name = entry.config.model_name().to_owned();
+    info.tenants = vec![tenant.to_owned()];
+    info.path = String::new();
+    if matches!(entry.origin, ModelOrigin::Tenant) {
+        info.reason = info.reason.replace(&entry.config.path.display().to_string(), "its file");
+    } else {
+        info.source = None;
+        info.sha256 = None;
+        if !info.reason.is_empty() {
+            info.reason = "unavailable".to_owned();
+        }
+    }
     info
 }
 
@@ -106,7 +119,7 @@ pub(super) async fn tenant_list(State(app): State<Arc<AppState>>, headers: Heade
     let shared = app.repository.list().into_iter().filter(|e| {
         !matches!(e.origin, ModelOrigin::Tenant) && e.users.iter().any(|u| u == tenant.name())
     });
-    let models = own.iter().chain(shared.collect::<Vec<_>>().iter()).map(describe_for).collect();
+    let models = own.iter().chain(shared.collect::<Vec<_>>().iter()).map(|e| describe_for(e, tenant.name())).collect();
     Ok(json_response(StatusCode::OK, &ModelList { models }))
 }
 
@@ -124,7 +137,7 @@ pub(super) async fn tenant_show(
             .filter(|e| !matches!(e.origin, ModelOrigin::Tenant) && e.users.iter().any(|u| u == tenant.name()))
     };
     let entry = own.or_else(shared).ok_or_else(|| ApiError::NotFound(format!("model '{name}' not found")))?;
-    Ok(json_response(StatusCode::OK, &describe_for(&entry)))
+    Ok(json_response(StatusCode::OK, &describe_for(&entry, tenant.name())))
 }
 
 /// `PUT /v1/models/{name}` with a tenant key: loads or replaces one of its own models.
@@ -135,17 +148,26 @@ pub(super) async fn tenant_put(
     body: Body,
 ) -> Result<Response, ApiError> {
     let tenant = owner(&app, &headers)?;
+    // A load is a request of the tenant's like any other: its rate and concurrency apply.
+    let _permit = app.admit(tenant, None)?;
     let bytes = read_body(body, &headers, MAX_SPEC_BYTES).await?;
     let spec = parse_spec(&bytes)?;
-    let quota = &tenant.config.quota;
-    let quota = OwnerQuota { max_models: quota.max_models, max_model_bytes: quota.max_model_bytes };
-    let loaded = app.repository.put_owned(tenant.name(), quota, &name, spec).await?;
+    let token = match headers.get(kiln_wire::headers::SOURCE_TOKEN) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest(format!("header {} is not visible ASCII", kiln_wire::headers::SOURCE_TOKEN)))?
+                .to_owned(),
+        ),
+    };
+    let loaded = app.repository.put_owned(tenant.name(), &name, spec, token).await?;
     let status = match loaded {
         Loaded::New => StatusCode::CREATED,
         Loaded::Replaced => StatusCode::OK,
     };
     let entry = entry(&app, &owned_key(tenant.name(), &name))?;
-    Ok(json_response(status, &describe_for(&entry)))
+    Ok(json_response(status, &describe_for(&entry, tenant.name())))
 }
 
 /// `DELETE /v1/models/{name}` with a tenant key: stops serving one of its own models and forgets it.

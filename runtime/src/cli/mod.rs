@@ -364,7 +364,7 @@ pub fn pull_model(config: &Config, source: &str, sha256: Option<&str>, allow_unp
         indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let fetched = cache.fetch(&remote, pin.as_deref(), false, &mut |progress| match progress {
+    let fetched = cache.fetch(&remote, pin.as_deref(), &crate::deploy::sources::Requester::Operator, &mut |progress| match progress {
         Progress::Started { at, total } => {
             if let Some(total) = total {
                 bar.set_length(total);

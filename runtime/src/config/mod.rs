@@ -60,6 +60,10 @@ pub struct ServerConfig {
     pub allow_unpinned: bool,
     /// Whether tenants' model sources may be loopback or private addresses.
     pub tenant_private_sources: bool,
+    /// How long a model may take to load and warm up before its load fails.
+    pub load_timeout: Duration,
+    /// How long a tenant's model download may take in all.
+    pub tenant_fetch_timeout: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -71,6 +75,13 @@ pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_REQUESTS_PER_SECOND: f64 = 1000.0;
 /// What a tenant's own models' files may weigh in all, unless its quota says otherwise.
 pub const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
+/// What a tenant's own models may use in all, unless its quota says otherwise: a few versions,
+/// each served version with one single-threaded instance.
+pub const DEFAULT_MAX_MODEL_VERSIONS: u32 = 4;
+pub const DEFAULT_MAX_MODEL_INSTANCES: u32 = 4;
+pub const DEFAULT_MAX_MODEL_THREADS: u32 = 4;
+pub const DEFAULT_LOAD_TIMEOUT_S: u64 = 60;
+pub const DEFAULT_TENANT_FETCH_TIMEOUT_S: u64 = 600;
 pub const DEFAULT_MAX_CONCURRENT: u32 = 64;
 pub const DEFAULT_MAX_COMPUTE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_COMPUTE_CALLS: u32 = 64;

@@ -31,8 +31,11 @@ use super::{
     DEFAULT_LATENCY_OBJECTIVE_MS, DEFAULT_MEMORY_HEADROOM_MIB, DEFAULT_SCALER_INTERVAL_MS,
     DEFAULT_UP_COOLDOWN_MS, DEFAULT_DOWN_COOLDOWN_MS, DEFAULT_MAX_GPU_UTILIZATION,
     DEFAULT_SCALER_HISTORY, DEFAULT_GPU_POLL_MS, DEFAULT_DRAIN_GRACE_MS,
-    DEFAULT_DRAIN_TIMEOUT_MS, DEFAULT_MAX_MODEL_BYTES,
+    DEFAULT_DRAIN_TIMEOUT_MS, DEFAULT_MAX_MODEL_BYTES, DEFAULT_MAX_MODEL_VERSIONS,
+    DEFAULT_MAX_MODEL_INSTANCES, DEFAULT_MAX_MODEL_THREADS, DEFAULT_LOAD_TIMEOUT_S,
+    DEFAULT_TENANT_FETCH_TIMEOUT_S,
 };
+use crate::tenancy::ModelDevices;
 use crate::model::device::Device;
 
 pub(super) struct Validator<'a> {
@@ -187,6 +190,16 @@ impl Validator<'_> {
             Some(dir) => self.path(dir),
             None => state_dir.join("cache"),
         };
+        let seconds = |field: &str, value: Option<u64>, default: u64| {
+            let s = value.unwrap_or(default);
+            if (1..=86_400).contains(&s) {
+                Ok(Duration::from_secs(s))
+            } else {
+                Err(self.invalid(&format!("server.{field}"), format!("{s} is out of range (1 ..= 86400)")))
+            }
+        };
+        let load_timeout = seconds("load_timeout_s", raw.load_timeout_s, DEFAULT_LOAD_TIMEOUT_S)?;
+        let tenant_fetch_timeout = seconds("tenant_fetch_timeout_s", raw.tenant_fetch_timeout_s, DEFAULT_TENANT_FETCH_TIMEOUT_S)?;
         if raw.cache_max_bytes == Some(0) {
             return Err(self.invalid("server.cache_max_bytes", "0 would keep nothing; leave it out for no limit"));
         }
@@ -195,6 +208,8 @@ impl Validator<'_> {
             cache_max_bytes: raw.cache_max_bytes,
             allow_unpinned: raw.allow_unpinned.unwrap_or(false),
             tenant_private_sources: raw.tenant_private_sources.unwrap_or(false),
+            load_timeout,
+            tenant_fetch_timeout,
             listen,
             max_body_bytes: max_body_bytes as usize,
             max_instances,
@@ -793,9 +808,23 @@ impl Validator<'_> {
         let max_models = range("max_models", raw.max_models.map_or(0, u64::from), 0, 10_000)?;
         let max_model_bytes =
             range("max_model_bytes", raw.max_model_bytes.unwrap_or(DEFAULT_MAX_MODEL_BYTES), 1, 1 << 44)?;
+        let versions = range("max_model_versions", raw.max_model_versions.map_or(u64::from(DEFAULT_MAX_MODEL_VERSIONS), u64::from), 1, 10_000)?;
+        let instances =
+            range("max_model_instances", raw.max_model_instances.map_or(u64::from(DEFAULT_MAX_MODEL_INSTANCES), u64::from), 1, 10_000)?;
+        let threads = range("max_model_threads", raw.max_model_threads.map_or(u64::from(DEFAULT_MAX_MODEL_THREADS), u64::from), 1, 100_000)?;
+        let model_devices = match &raw.model_devices {
+            None => ModelDevices::cpu_only(),
+            Some(list) => ModelDevices::parse(list).map_err(|e| self.invalid(field("model_devices"), e))?,
+        };
+        let min_objective = range("min_latency_objective_ms", raw.min_latency_objective_ms.unwrap_or(1), 1, 3_600_000)?;
         Ok(Quota {
             max_models: max_models as u32,
             max_model_bytes,
+            max_model_versions: versions as u32,
+            max_model_instances: instances as u32,
+            max_model_threads: threads as u32,
+            model_devices,
+            min_latency_objective_ms: min_objective,
             requests_per_second: rps,
             burst: burst as u32,
             max_concurrent: max_concurrent as u32,

@@ -14,21 +14,23 @@
 //! its record until it is deleted. The config file's models can be unloaded and loaded again
 //! (a reload from the same file), not replaced or deleted: the file owns them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kiln_wire::EventKind;
 
 use crate::deploy::check_name;
-use crate::deploy::sources::{ModelCache, Remote, verify_local};
+use crate::deploy::sources::{Held, ModelCache, Remote, Requester, TenantFetch, verify_local};
 use crate::deploy::store::{ModelDeployment, Store};
 use crate::fleet::placement::Placer;
 use crate::fleet::start_model;
 use crate::model::handle::{ModelHandle, ModelState, TuningChange};
-use crate::model::spec::{ModelConfig, OWNER_SEPARATOR, owned_key};
+use crate::model::spec::{DeviceChoice, ModelConfig, OWNER_SEPARATOR, owned_key};
 use crate::model::table::{ModelTable, Served};
-use crate::telemetry::{EventLog, unix_seconds};
+use crate::telemetry::{EventLog, MAX_LOGGED, loggable, unix_seconds};
+use crate::tenancy::Quota;
 use crate::tenancy::audit::{Audit, Event};
 
 /// Turns the fields sent for model `name` into the configs of its versions to serve (in version
@@ -63,6 +65,9 @@ pub enum ModelError {
     /// A tenant's own model would take it over its quota.
     #[error("{0}")]
     Quota(String),
+    /// The tenant already has a model load in progress.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Where a model's definition comes from.
@@ -126,11 +131,21 @@ pub struct ModelRepository {
     cache: Arc<ModelCache>,
     /// Whether tenants' model sources may be loopback or private addresses.
     tenant_private_sources: bool,
+    /// How long a load may take to become ready (file load and warm-up) before it fails.
+    load_timeout: Duration,
+    /// How long a tenant's download may take in all.
+    tenant_fetch_timeout: Duration,
     parse: Box<ParseModel>,
-    /// Every tenant's name, to check a model's `tenants`.
-    tenants: Vec<String>,
-    /// One change at a time, so the table, the records and the state directory agree.
-    changes: tokio::sync::Mutex<()>,
+    /// Every tenant, by name, with its quota: to check a model's `tenants`, and to bound a
+    /// tenant's own models (also when they are restored at start-up).
+    tenants: BTreeMap<String, Quota>,
+    /// One change at a time per lock: per model name for the operator's models, per tenant for
+    /// a tenant's own (so its quota is checked and used in one step). Changes under different
+    /// locks never wait for each other, so a load that hangs holds up its own name (or tenant)
+    /// alone, not the repository.
+    changes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Tenants with one of their own models loading: one load (and so one download) each.
+    loading_tenants: Mutex<HashSet<String>>,
     audit: Arc<Audit>,
     events: Arc<EventLog>,
 }
@@ -148,8 +163,10 @@ pub struct RepositoryParts {
     pub store: Store,
     pub cache: Arc<ModelCache>,
     pub tenant_private_sources: bool,
+    pub load_timeout: Duration,
+    pub tenant_fetch_timeout: Duration,
     pub parse: Box<ParseModel>,
-    pub tenants: Vec<String>,
+    pub tenants: BTreeMap<String, Quota>,
     pub audit: Arc<Audit>,
     pub events: Arc<EventLog>,
 }
@@ -160,7 +177,19 @@ impl ModelRepository {
     /// [`ModelRepository::start_fetches`] runs). A kept model that no longer validates, or whose
     /// name the config file now uses, is reported unavailable with the reason.
     pub fn restore(parts: RepositoryParts) -> std::io::Result<ModelRepository> {
-        let RepositoryParts { config_models, placer, store, cache, tenant_private_sources, parse, tenants, audit, events } = parts;
+        let RepositoryParts {
+            config_models,
+            placer,
+            store,
+            cache,
+            tenant_private_sources,
+            load_timeout,
+            tenant_fetch_timeout,
+            parse,
+            tenants,
+            audit,
+            events,
+        } = parts;
         let mut records = BTreeMap::new();
         let table = Arc::new(ModelTable::default());
         table.update(|served| {
@@ -181,9 +210,12 @@ impl ModelRepository {
             store,
             cache,
             tenant_private_sources,
+            load_timeout,
+            tenant_fetch_timeout,
             parse,
             tenants,
-            changes: tokio::sync::Mutex::new(()),
+            changes: Mutex::new(HashMap::new()),
+            loading_tenants: Mutex::new(HashSet::new()),
             audit,
             events,
         };
@@ -256,7 +288,7 @@ impl ModelRepository {
         }
         check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
         let (configs, users) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
-        if let Some(unknown) = users.iter().find(|u| !self.tenants.contains(u)) {
+        if let Some(unknown) = users.iter().find(|u| !self.tenants.contains_key(u.as_str())) {
             return Err(ModelError::Invalid(format!("tenants: tenant '{unknown}' is not declared in the config")));
         }
         Ok((configs, users))
@@ -264,9 +296,9 @@ impl ModelRepository {
 
     fn check_owned(&self, owner: &str, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), ModelError> {
         check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
-        if !self.tenants.iter().any(|t| t == owner) {
+        let Some(quota) = self.tenants.get(owner) else {
             return Err(ModelError::Invalid(format!("tenant '{owner}' is not declared in the config")));
-        }
+        };
         if spec.get("tenants").is_some() {
             return Err(ModelError::Invalid("tenants: a tenant's own model is its own; leave `tenants` out".to_owned()));
         }
@@ -285,6 +317,12 @@ impl ModelRepository {
             } else {
                 config.name = key.clone();
             }
+            // Left to the default, a tenant's model runs where its quota lets it: the CPU unless
+            // it may use GPUs.
+            if spec.get("device").is_none() && config.device == DeviceChoice::Auto && !quota.model_devices.allows(&DeviceChoice::Auto) {
+                config.device = DeviceChoice::Cpu;
+            }
+            within_model_quota(owner, quota, config)?;
         }
         Ok((configs, vec![owner.to_owned()]))
     }
@@ -337,42 +375,92 @@ impl ModelRepository {
         let record = Record { configs, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
         // Downloads run outside the one-change-at-a-time lock: a large file does not hold up
         // other models' changes, and loads of the same file at once share one download.
-        let record = self.fetch(name, record).await?;
-        let _one_at_a_time = self.changes.lock().await;
+        let (record, _held) = self.fetch(name, record, &Requester::Operator).await?;
+        let _one_at_a_time = self.change_lock(name).await;
         if config_owned() {
             return Err(ModelError::ConfigOwned(name.to_owned()));
         }
         self.load_record(name, record).await
     }
 
+    /// The change lock of model `name`: its tenant's for a tenant's own model, its own otherwise.
+    async fn change_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let key = owner_of(name).map_or_else(|| name.to_owned(), |owner| owned_key(owner, ""));
+        let lock = Arc::clone(self.changes.lock().unwrap_or_else(PoisonError::into_inner).entry(key).or_default());
+        lock.lock_owned().await
+    }
+
+    /// How tenant `owner`'s fetches are bounded: what its quota has left besides model `key`'s
+    /// own files, its own token, the deadline, and `cancelled`.
+    fn tenant_fetch(&self, owner: &str, key: &str, token: Option<String>, cancelled: Arc<AtomicBool>) -> Requester {
+        let max = self.tenants.get(owner).map_or(0, |q| q.max_model_bytes);
+        let kept: u64 = self.owned_by(owner, key).iter().map(|r| file_bytes(&r.configs)).sum();
+        Requester::Tenant(TenantFetch {
+            tenant: owner.to_owned(),
+            max_bytes: max.saturating_sub(kept),
+            public_only: !self.tenant_private_sources,
+            token,
+            deadline: self.tenant_fetch_timeout,
+            cancelled,
+        })
+    }
+
     /// Loads tenant `owner`'s own model `name` from `spec` (a `[[model]]` section's fields, with
     /// remote pinned sources and no `tenants`), replacing its own of that name once the new one
-    /// is ready, if its quota allows: `max_models` models, `max_model_bytes` of files in all.
-    pub async fn put_owned(self: &Arc<Self>, owner: &str, quota: OwnerQuota, name: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
-        let (this, key) = (Arc::clone(self), owned_key(owner, name));
-        let owner = owner.to_owned();
+    /// is ready, if its quota allows: `max_models` models, `max_model_bytes` of files in all, and
+    /// the instances, threads, versions, devices and latency objective its quota sets. One load
+    /// per tenant at a time; `token` (the tenant's own, for a hub source) is used for this
+    /// download alone. When the caller goes away (the client hung up), the download stops.
+    pub async fn put_owned(self: &Arc<Self>, owner: &str, name: &str, spec: serde_json::Value, token: Option<String>) -> Result<Loaded, ModelError> {
+        let key = owned_key(owner, name);
+        let busy = || ModelError::Busy(format!("tenant '{owner}' already has a model loading; wait for it to finish"));
+        let loading = OneLoad::take(self, owner).ok_or_else(busy)?;
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _cancel_when_gone = SetOnDrop(Arc::clone(&cancelled));
+        let (this, owner) = (Arc::clone(self), owner.to_owned());
         detached(async move {
-            let result = this.put_owned_fetched(&owner, quota, &key, spec).await;
+            let _loading = loading;
+            let result = this.put_owned_fetched(&owner, &key, spec, token, cancelled).await;
             this.report(&key, &result);
             result
         })
         .await
     }
 
-    async fn put_owned_fetched(&self, owner: &str, quota: OwnerQuota, key: &str, spec: serde_json::Value) -> Result<Loaded, ModelError> {
+    async fn put_owned_fetched(
+        &self,
+        owner: &str,
+        key: &str,
+        spec: serde_json::Value,
+        token: Option<String>,
+        cancelled: Arc<AtomicBool>,
+    ) -> Result<Loaded, ModelError> {
+        let quota = self.tenants.get(owner).cloned().ok_or_else(|| ModelError::Invalid(format!("tenant '{owner}' is not declared in the config")))?;
         if quota.max_models == 0 {
             return Err(ModelError::Quota(format!("tenant '{owner}' may not load models (its quota.max_models is 0)")));
         }
         let (configs, users) = self.check(key, &spec)?;
-        // Checked before the download, to refuse early, and again under the lock, where no other
-        // change of this tenant's can slip in between the check and the load.
-        self.within_models(owner, quota, key)?;
+        // Checked before the download, to refuse early, and again under the tenant's change
+        // lock, where no other change of this tenant's can slip in between the check and the load.
+        self.within_models(owner, &quota, key, &configs)?;
         let known = self.records().contains_key(key);
         let deployment = ModelDeployment { name: key.to_owned(), spec, loaded: true, deployed_at: unix_seconds() };
         let record = Record { configs, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
-        let record = self.fetch(key, record).await?;
-        let _one_at_a_time = self.changes.lock().await;
-        let allowed = self.within_models(owner, quota, key).and_then(|()| self.within_bytes(owner, quota, key, &record.configs));
+        let requester = self.tenant_fetch(owner, key, token, cancelled);
+        let (record, _held) = match self.fetch(key, record, &requester).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                // A tenant's new model whose file never arrived leaves nothing behind to count
+                // against its quota; the reason went back in its answer.
+                if !known && self.table.get(key).is_none() {
+                    self.records().remove(key);
+                }
+                return Err(e);
+            }
+        };
+        let _one_at_a_time = self.change_lock(key).await;
+        let allowed =
+            self.within_models(owner, &quota, key, &record.configs).and_then(|()| self.within_bytes(owner, &quota, key, &record.configs));
         if let Err(refused) = allowed {
             // A model new to the namespace was listed while its file downloaded: it goes.
             if !known && self.table.get(key).is_none() {
@@ -383,22 +471,35 @@ impl ModelRepository {
         self.load_record(key, record).await
     }
 
-    /// Whether tenant `owner` may have model `key` besides its others.
-    fn within_models(&self, owner: &str, quota: OwnerQuota, key: &str) -> Result<(), ModelError> {
-        let others = self.owned_by(owner, key).len();
-        if others as u64 >= u64::from(quota.max_models) {
+    /// Whether tenant `owner` may have model `key` (as `configs`) besides its others: their
+    /// count, and the versions, instances and threads of them all.
+    fn within_models(&self, owner: &str, quota: &Quota, key: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
+        let others = self.owned_by(owner, key);
+        if others.len() as u64 >= u64::from(quota.max_models) {
             return Err(ModelError::Quota(format!(
-                "tenant '{owner}' has {others} models, its quota.max_models; delete one first"
+                "tenant '{owner}' has {} models, its quota.max_models; delete one first",
+                others.len()
             )));
         }
-        Ok(())
+        let all = || others.iter().flat_map(|r| r.configs.iter()).chain(configs);
+        let total = |what: &str, used: u64, limit: u32| {
+            if used > u64::from(limit) {
+                Err(ModelError::Quota(format!(
+                    "tenant '{owner}': its models would have {used} {what} in all, over its quota.max_model_{what} ({limit})"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        total("versions", all().count() as u64, quota.max_model_versions)?;
+        total("instances", all().map(|c| u64::from(c.replicas.max)).sum(), quota.max_model_instances)?;
+        total("threads", all().map(|c| u64::from(c.replicas.max) * u64::from(c.threads)).sum(), quota.max_model_threads)
     }
 
     /// Whether the files of `configs` and of tenant `owner`'s other models fit its quota.
-    fn within_bytes(&self, owner: &str, quota: OwnerQuota, key: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
-        let bytes = |configs: &[ModelConfig]| configs.iter().map(|c| std::fs::metadata(&c.path).map_or(0, |m| m.len())).sum::<u64>();
-        let kept: u64 = self.owned_by(owner, key).iter().map(|r| bytes(&r.configs)).sum();
-        let wanted = bytes(configs);
+    fn within_bytes(&self, owner: &str, quota: &Quota, key: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
+        let kept: u64 = self.owned_by(owner, key).iter().map(|r| file_bytes(&r.configs)).sum();
+        let wanted = file_bytes(configs);
         if kept + wanted > quota.max_model_bytes {
             return Err(ModelError::Quota(format!(
                 "tenant '{owner}': this model's files ({wanted} bytes) and its others' ({kept} bytes) would be over its \
@@ -435,8 +536,14 @@ impl ModelRepository {
                 deployment.loaded = true;
             }
             record.reason = None;
-            let record = self.fetch(name, record).await?;
-            let _one_at_a_time = self.changes.lock().await;
+            // A tenant's model loaded again (at start-up, or by the operator) is fetched within
+            // the tenant's bounds, as when the tenant loaded it.
+            let requester = match owner_of(name) {
+                Some(owner) => self.tenant_fetch(owner, name, None, Arc::new(AtomicBool::new(false))),
+                None => Requester::Operator,
+            };
+            let (record, _held) = self.fetch(name, record, &requester).await?;
+            let _one_at_a_time = self.change_lock(name).await;
             self.load_record(name, record).await
         }
         .await;
@@ -457,7 +564,13 @@ impl ModelRepository {
         }
         let mut outcome = Ok(());
         for handle in &handles {
-            if let Err(reason) = ready(handle).await {
+            let within = tokio::time::timeout(self.load_timeout, ready(handle)).await.unwrap_or_else(|_| {
+                Err(format!(
+                    "not ready within {} s (its file's load and warm-up; the server's load_timeout_s); stopped",
+                    self.load_timeout.as_secs()
+                ))
+            });
+            if let Err(reason) = within {
                 let version = if record.configs.len() > 1 { format!("version {}: ", handle.config().version) } else { String::new() };
                 outcome = Err(failed(format!("{version}{reason}")));
                 break;
@@ -506,28 +619,36 @@ impl ModelRepository {
     /// remote one into the cache and points the config at the cached copy. While a download
     /// runs the model shows as loading (a model new to the repository is listed from now on,
     /// and keeps the reason if the download fails).
-    async fn fetch(&self, name: &str, record: Record) -> Result<Record, ModelError> {
-        let fetched = self.fetch_file(name, record).await;
+    /// The files come back held: the cache spares them until the caller drops the holds (once
+    /// the model serves, or failed).
+    async fn fetch(&self, name: &str, record: Record, requester: &Requester) -> Result<(Record, Vec<Held>), ModelError> {
+        let fetched = self.fetch_file(name, record, requester).await;
         if let Err(e) = &fetched {
             self.done_fetching(name, Some(e));
         }
         fetched
     }
 
-    async fn fetch_file(&self, name: &str, mut record: Record) -> Result<Record, ModelError> {
+    async fn fetch_file(&self, name: &str, mut record: Record, requester: &Requester) -> Result<(Record, Vec<Held>), ModelError> {
+        let mut held = Vec::new();
+        let mut requester = requester.clone();
         for i in 0..record.configs.len() {
-            let config = self.fetch_version(name, &record, &record.configs[i]).await?;
+            let config = self.fetch_version(name, &record, &record.configs[i], &requester).await?;
+            held.push(self.cache.hold(&config.path));
+            // A tenant's later versions fit in what its earlier ones left.
+            if let Requester::Tenant(bounds) = &mut requester {
+                bounds.max_bytes = bounds.max_bytes.saturating_sub(file_bytes(std::slice::from_ref(&config)));
+            }
             record.configs[i] = config;
         }
         record.fetching = false;
-        Ok(record)
+        Ok((record, held))
     }
 
-    async fn fetch_version(&self, name: &str, record: &Record, config: &ModelConfig) -> Result<ModelConfig, ModelError> {
+    async fn fetch_version(&self, name: &str, record: &Record, config: &ModelConfig, requester: &Requester) -> Result<ModelConfig, ModelError> {
         let mut config = config.clone();
         let failed = |reason: String| ModelError::LoadFailed { model: name.to_owned(), reason };
         let pin = config.sha256.clone();
-        let public_only = name.contains(OWNER_SEPARATOR) && !self.tenant_private_sources;
         let Some(source) = config.source.clone() else {
             if let Some(pin) = pin {
                 let path = config.path.clone();
@@ -541,22 +662,34 @@ impl ModelRepository {
         if pin.is_none() && !self.cache.allows_unpinned() {
             return Err(ModelError::Invalid(crate::deploy::sources::FetchError::Unpinned { origin: source }.to_string()));
         }
-        let fetched = match pin.as_deref().and_then(|d| self.cache.cached(d)) {
+        // The operator's loads take a cached file as it is; a tenant's go through the cache's
+        // checks for tenants every time.
+        let cached = match requester {
+            Requester::Operator => pin.as_deref().and_then(|d| self.cache.cached(d)),
+            Requester::Tenant(_) => None,
+        };
+        let fetched = match cached {
             Some(hit) => hit,
             None => {
                 self.mark_fetching(name, record, &source);
-                tracing::info!(model = %name, "fetching {source}");
+                tracing::info!(model = %name, "fetching {}", loggable(&source, MAX_LOGGED));
                 let cache = Arc::clone(&self.cache);
                 let remote = Remote { text: source.clone() };
-                let fetched = tokio::task::spawn_blocking(move || cache.fetch(&remote, pin.as_deref(), public_only, &mut |_| {}))
+                let requester = requester.clone();
+                let fetched = tokio::task::spawn_blocking(move || cache.fetch(&remote, pin.as_deref(), &requester, &mut |_| {}))
                     .await
                     .map_err(|e| ModelError::Store(format!("the download task failed: {e}")))
-                    .and_then(|r| r.map_err(|e| failed(e.to_string())));
+                    .and_then(|r| {
+                        r.map_err(|e| match e {
+                            crate::deploy::sources::FetchError::OverQuota { .. } => ModelError::Quota(e.to_string()),
+                            e => failed(e.to_string()),
+                        })
+                    });
                 let fetched = fetched?;
                 self.done_fetching(name, None);
-                tracing::info!(model = %name, "fetched {source}: {} bytes, sha256 {}", fetched.bytes, fetched.sha256);
+                tracing::info!(model = %name, "fetched {}: {} bytes, sha256 {}", loggable(&source, MAX_LOGGED), fetched.bytes, fetched.sha256);
                 if config.sha256.is_none() {
-                    tracing::warn!(model = %name, "{source} is not pinned; pin it with sha256 = \"{}\"", fetched.sha256);
+                    tracing::warn!(model = %name, "{} is not pinned; pin it with sha256 = \"{}\"", loggable(&source, MAX_LOGGED), fetched.sha256);
                 }
                 fetched
             }
@@ -575,7 +708,7 @@ impl ModelRepository {
                 records.insert(name.to_owned(), Record { fetching: true, deployment, ..record.clone() });
             }
         }
-        tracing::debug!(model = %name, "fetching {source}");
+        tracing::debug!(model = %name, "fetching {}", loggable(&source, MAX_LOGGED));
     }
 
     /// A fetch ended; one that failed is the reason a model not being served is not.
@@ -625,7 +758,7 @@ impl ModelRepository {
     }
 
     async fn unload_now(&self, name: &str) -> Result<(), ModelError> {
-        let _one_at_a_time = self.changes.lock().await;
+        let _one_at_a_time = self.change_lock(name).await;
         let mut record = self.records().get(name).cloned().ok_or_else(|| ModelError::NotFound(name.to_owned()))?;
         if let Some(deployment) = &mut record.deployment {
             deployment.loaded = false;
@@ -648,7 +781,7 @@ impl ModelRepository {
     }
 
     async fn delete_now(&self, name: &str) -> Result<(), ModelError> {
-        let _one_at_a_time = self.changes.lock().await;
+        let _one_at_a_time = self.change_lock(name).await;
         match self.records().get(name) {
             None => return Err(ModelError::NotFound(name.to_owned())),
             Some(r) if r.deployment.is_none() => return Err(ModelError::ConfigOwned(name.to_owned())),
@@ -665,32 +798,81 @@ impl ModelRepository {
         }
         self.records().remove(name);
         self.audit.record(Event::ModelDelete, owner_of(name), None, &format!("model '{name}' deleted"));
-        self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: "deleted".into(), detail: String::new() });
+        let deleted = EventKind::ModelChanged { model: name.to_owned(), change: "deleted".into(), detail: String::new() };
+        self.events.emit_for(owner_of(name), deleted);
         Ok(())
     }
 
     /// Audits and announces the outcome of a load.
     fn report(&self, name: &str, result: &Result<Loaded, ModelError>) {
+        // A failure's reason can carry what a tenant sent (a field's name, a source): bounded
+        // and escaped wherever it goes.
         let (event, change, detail) = match result {
             Ok(Loaded::New) => (Event::ModelLoad, "loaded", String::new()),
             Ok(Loaded::Replaced) => (Event::ModelLoad, "replaced", String::new()),
-            Err(e) => (Event::ModelLoadFailed, "load_failed", e.to_string()),
+            Err(e) => (Event::ModelLoadFailed, "load_failed", loggable(&e.to_string(), MAX_LOGGED)),
         };
         match result {
             Ok(_) => tracing::info!(model = %name, "model {change}"),
-            Err(e) => tracing::warn!(model = %name, "{e}"),
+            Err(_) => tracing::warn!(model = %name, "{detail}"),
         }
         let line = if detail.is_empty() { format!("model '{name}' {change}") } else { detail.clone() };
         self.audit.record(event, owner_of(name), None, &line);
-        self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: change.to_owned(), detail });
+        let change = EventKind::ModelChanged { model: name.to_owned(), change: change.to_owned(), detail };
+        self.events.emit_for(owner_of(name), change);
     }
 }
 
-/// What a tenant may load into its own namespace (its quota's part about models).
-#[derive(Debug, Clone, Copy)]
-pub struct OwnerQuota {
-    pub max_models: u32,
-    pub max_model_bytes: u64,
+/// Whether one version of a tenant's own model keeps to the parts of its quota that bound a
+/// model by itself: its devices and its latency objective.
+fn within_model_quota(owner: &str, quota: &Quota, config: &ModelConfig) -> Result<(), ModelError> {
+    if !quota.model_devices.allows(&config.device) {
+        return Err(ModelError::Quota(format!(
+            "tenant '{owner}': device '{}' is not in its quota.model_devices ({})",
+            config.device, quota.model_devices
+        )));
+    }
+    let objective = config.latency_objective.as_millis();
+    if objective < u128::from(quota.min_latency_objective_ms) {
+        return Err(ModelError::Quota(format!(
+            "tenant '{owner}': latency_objective_ms {objective} is under its quota.min_latency_objective_ms ({})",
+            quota.min_latency_objective_ms
+        )));
+    }
+    Ok(())
+}
+
+/// What the files of `configs` weigh on disk.
+fn file_bytes(configs: &[ModelConfig]) -> u64 {
+    configs.iter().map(|c| std::fs::metadata(&c.path).map_or(0, |m| m.len())).sum()
+}
+
+/// A tenant's one load at a time: taken for it while it is free, given back on drop.
+struct OneLoad {
+    repository: Arc<ModelRepository>,
+    tenant: String,
+}
+
+impl OneLoad {
+    fn take(repository: &Arc<ModelRepository>, tenant: &str) -> Option<OneLoad> {
+        let fresh = repository.loading_tenants.lock().unwrap_or_else(PoisonError::into_inner).insert(tenant.to_owned());
+        fresh.then(|| OneLoad { repository: Arc::clone(repository), tenant: tenant.to_owned() })
+    }
+}
+
+impl Drop for OneLoad {
+    fn drop(&mut self) {
+        self.repository.loading_tenants.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.tenant);
+    }
+}
+
+/// Sets its flag when dropped: with the future of a request, when the request ends.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// What an operator does to a model being served (`ModelRepository::control`).

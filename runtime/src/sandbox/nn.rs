@@ -204,7 +204,7 @@ impl NnView<'_> {
                 tenant = %self.ctx.tenant,
                 code = ?error.code,
                 "wasi:nn refused: {}",
-                error.message
+                crate::telemetry::loggable(&error.message, crate::telemetry::MAX_LOGGED)
             );
         } else {
             tracing::debug!(
@@ -212,7 +212,7 @@ impl NnView<'_> {
                 tenant = %self.ctx.tenant,
                 code = ?error.code,
                 "wasi:nn error: {}",
-                error.message
+                crate::telemetry::loggable(&error.message, crate::telemetry::MAX_LOGGED)
             );
         }
         Ok(Err(self.table.push(error)?))

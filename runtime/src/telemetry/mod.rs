@@ -41,12 +41,43 @@ pub fn unix_seconds() -> u64 {
     unix_ms() / 1000
 }
 
+/// Longest text from a client, a guest or a tenant's model kept in one log line, audit line or
+/// event detail, in bytes.
+pub const MAX_LOGGED: usize = 512;
+
+/// Text from outside (a client, a guest, a tenant's source or model) made fit for one log line:
+/// control characters escaped, so it cannot forge lines of its own, and cut at `max` bytes.
+pub fn loggable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 8);
+    for c in text.chars() {
+        if out.len() >= max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Events one tenant's actions may add per second: past it they are dropped (and counted), so a
+/// tenant that fails loads at its request rate cannot push everyone else's events out of the
+/// history.
+const TENANT_EVENTS_PER_SECOND: u32 = 5;
+
 /// Recent events and a feed of new ones.
 #[derive(Debug)]
 pub struct EventLog {
     recent: Mutex<(VecDeque<ServerEvent>, u64)>,
     capacity: usize,
     feed: broadcast::Sender<ServerEvent>,
+    /// Per tenant: the second being counted, and its events in it.
+    tenant_budget: Mutex<HashMap<String, (u64, u32)>>,
+    /// Tenants' events dropped over their budget.
+    pub dropped: AtomicU64,
 }
 
 impl EventLog {
@@ -55,7 +86,25 @@ impl EventLog {
             recent: Mutex::new((VecDeque::new(), 0)),
             capacity: capacity.max(1),
             feed: broadcast::channel(256).0,
+            tenant_budget: Mutex::new(HashMap::new()),
+            dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Emits an event caused by `tenant` (when one caused it), within its budget per second.
+    pub fn emit_for(&self, tenant: Option<&str>, kind: EventKind) {
+        if let Some(tenant) = tenant {
+            let now = unix_seconds();
+            let mut budget = self.tenant_budget.lock().unwrap_or_else(PoisonError::into_inner);
+            budget.retain(|_, (second, _)| *second == now);
+            let (_, used) = budget.entry(tenant.to_owned()).or_insert((now, 0));
+            if *used >= TENANT_EVENTS_PER_SECOND {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *used += 1;
+        }
+        self.emit(kind);
     }
 
     pub fn emit(&self, kind: EventKind) {

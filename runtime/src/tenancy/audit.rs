@@ -63,9 +63,13 @@ impl Event {
         }
     }
 
-    /// Events anyone (or any tenant) can cause at request rate.
+    /// Events anyone (or any tenant) can cause at request rate: a tenant's own model loads and
+    /// deletes among them, limited per tenant like its refusals.
     fn is_flood_prone(self) -> bool {
-        matches!(self, Event::AuthFailure | Event::QuotaRefused)
+        matches!(
+            self,
+            Event::AuthFailure | Event::QuotaRefused | Event::ModelLoad | Event::ModelLoadFailed | Event::ModelDelete
+        )
     }
 }
 
@@ -138,7 +142,9 @@ impl Audit {
             event,
             tenant: tenant.map(bounded),
             handler: handler.map(bounded),
-            reason: reason.to_owned(),
+            // A reason can quote what a client sent: never more than a line's worth, and never
+            // a line break of its own.
+            reason: crate::telemetry::loggable(reason, crate::telemetry::MAX_LOGGED),
             source,
             time: SystemTime::now(),
         };
@@ -153,10 +159,7 @@ impl Audit {
 
 /// A name cut to [`MAX_NAME`] bytes at a character boundary, marked when cut.
 fn bounded(name: &str) -> String {
-    if name.len() <= MAX_NAME {
-        return name.to_owned();
-    }
-    format!("{}...", &name[..name.floor_char_boundary(MAX_NAME)])
+    crate::telemetry::loggable(name, MAX_NAME)
 }
 
 /// The writer thread's state: the file, and this second's flood counts.

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::model::spec::DeviceChoice;
 use crate::sandbox::SandboxLimits;
 
 /// A tenant's live state.
@@ -213,6 +214,74 @@ pub struct Quota {
     /// Models it may load into its own namespace, and their files' bytes in all.
     pub max_models: u32,
     pub max_model_bytes: u64,
+    /// Its own models' versions served, instances (their `instances` maximum) and threads
+    /// (instances times `threads`), each counted across all of them.
+    pub max_model_versions: u32,
+    pub max_model_instances: u32,
+    pub max_model_threads: u32,
+    /// Where its own models may run (the CPU alone by default).
+    pub model_devices: ModelDevices,
+    /// The smallest `latency_objective_ms` its own models may ask for (a small objective makes
+    /// the scaler add instances sooner).
+    pub min_latency_objective_ms: u64,
+}
+
+/// Where a tenant's own models may run: the CPU, any GPU, or some GPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelDevices {
+    cpu: bool,
+    any_gpu: bool,
+    gpus: Vec<usize>,
+}
+
+impl ModelDevices {
+    pub fn cpu_only() -> ModelDevices {
+        ModelDevices { cpu: true, any_gpu: false, gpus: Vec::new() }
+    }
+
+    /// Reads `["cpu", "cuda", "cuda:N", ...]`.
+    pub fn parse(list: &[String]) -> Result<ModelDevices, String> {
+        let mut devices = ModelDevices { cpu: false, any_gpu: false, gpus: Vec::new() };
+        for item in list {
+            match item.as_str() {
+                "cpu" => devices.cpu = true,
+                "cuda" => devices.any_gpu = true,
+                other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                    Some(n) => devices.gpus.push(n),
+                    None => return Err(format!("'{other}' is not a device; use \"cpu\", \"cuda\" (any GPU) or \"cuda:N\"")),
+                },
+            }
+        }
+        if list.is_empty() {
+            return Err("an empty list allows no device; leave it out for the CPU alone".to_owned());
+        }
+        Ok(devices)
+    }
+
+    /// Whether a model asking for `choice` stays within these devices. `auto` may land on the
+    /// CPU or any GPU, so it needs both.
+    pub fn allows(&self, choice: &DeviceChoice) -> bool {
+        let gpu = |n: &usize| self.any_gpu || self.gpus.contains(n);
+        match choice {
+            DeviceChoice::Cpu => self.cpu,
+            DeviceChoice::Auto => self.cpu && self.any_gpu,
+            DeviceChoice::Gpus(list) => !list.is_empty() && list.iter().all(gpu),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<String> = Vec::new();
+        if self.cpu {
+            names.push("cpu".to_owned());
+        }
+        if self.any_gpu {
+            names.push("cuda".to_owned());
+        }
+        names.extend(self.gpus.iter().map(|n| format!("cuda:{n}")));
+        f.write_str(&names.join(", "))
+    }
 }
 
 #[cfg(test)]

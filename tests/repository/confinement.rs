@@ -1,0 +1,272 @@
+//! Tenants' own models, confined: two tenants at once on one server, sharing the model cache,
+//! the operator's models and the sandbox pool, one of them (mallory) trying what a hostile
+//! tenant would. Every refusal names the limit; the other tenant (acme) loads, serves and lists
+//! as if mallory were not there.
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kiln_tests::{Server, artifact, examples_config};
+use serde_json::{Value, json};
+
+use super::sources::{FileServer, offset_bytes, sha256};
+use super::{json_of, runtime};
+
+/// The `offset` model's fields for a tenant's own load, with more fields set from `extra`.
+fn own_spec(source: &str, sha256: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "source": source,
+        "sha256": sha256,
+        "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }],
+        "outputs": [{ "name": "y" }],
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        spec[k] = v.clone();
+    }
+    spec
+}
+
+/// A stand-in HTTP proxy that counts the requests it is sent and answers each 502.
+fn counting_proxy() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (url, seen)
+}
+
+fn error_of(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn a_tenant_cannot_take_another_s_files_exceed_its_model_quota_or_hold_up_another_s_loads() {
+    let (one, two, three) = (offset_bytes(1), offset_bytes(2), offset_bytes(3));
+    let (d1, d2, d3) = (sha256(&one), sha256(&two), sha256(&three));
+    let size = one.len();
+    let web = FileServer::start(HashMap::from([
+        ("offset-1.pt".to_owned(), one),
+        ("offset-2.pt".to_owned(), two),
+        ("offset-3.pt".to_owned(), three),
+    ]));
+    let (proxy, proxied) = counting_proxy();
+    let tenants = format!(
+        "[[tenant]]\nname = \"acme\"\nmodels = [\"digits\"]\n\
+         quota = {{ max_models = 3, max_model_bytes = {big} }}\n\
+         [[tenant]]\nname = \"eve\"\nmodels = [\"digits\"]\n\
+         quota = {{ max_models = 3, max_model_bytes = {small}, max_model_instances = 2, max_model_threads = 2, \
+         max_model_versions = 2, min_latency_objective_ms = 20 }}\n",
+        big = size * 10,
+        small = size * 3 / 2,
+    );
+    // The file server is on loopback: let tenants' sources be private here. Every fetch of the
+    // server's would go through the proxy the environment names, but tenants' never do.
+    let config = examples_config("tenant_private_sources = true", &[], &tenants);
+    let env = [("HTTP_PROXY", proxy.as_str()), ("http_proxy", proxy.as_str()), ("ALL_PROXY", proxy.as_str())];
+    let server = Server::start_with_env(&config, &["demo", "acme", "eve"], &env).unwrap_or_else(|e| panic!("{e:#}"));
+    let cache = server.dir.path.join("state/cache");
+    let put = |tenant: &str, name: &str, spec: Value| {
+        server.client(tenant).put(server.url(&format!("/v1/models/{name}"))).json(&spec).send()
+    };
+    let url = |path: &str| web.url(path);
+    runtime().block_on(async {
+        // acme loads its model straight from the source, past the environment's proxy.
+        let (status, body) = json_of(put("acme", "mine", own_spec(&url("/files/offset-1.pt"), &d1, json!({}))).await.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(proxied.load(Ordering::SeqCst), 0, "a tenant's download went through the proxy");
+
+        // eve names acme's digest behind a dead source, then behind a file of its own that is
+        // not it: it gets neither acme's cached file nor the real digest of what it sent.
+        let (status, body) = json_of(put("eve", "stolen", own_spec(&url("/files/gone.pt"), &d1, json!({}))).await.expect("put")).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(error_of(&body).contains("404"), "{body}");
+        let (status, body) = json_of(put("eve", "stolen", own_spec(&url("/files/offset-2.pt"), &d1, json!({}))).await.expect("put")).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(error_of(&body).contains("does not match the pinned sha256") && !error_of(&body).contains(&d2), "{body}");
+        let (status, _) = json_of(server.client("eve").get(server.url("/v2/models/stolen")).send().await.expect("meta")).await;
+        assert_eq!(status, 404, "nothing of acme's is served to eve");
+
+        // Past its bytes: the second version is refused on its announced length, nothing kept.
+        let fat = json!({
+            "versions": [
+                { "version": 1, "source": url("/files/offset-1.pt"), "sha256": d1 },
+                { "version": 2, "source": url("/files/offset-2.pt"), "sha256": d2 },
+            ],
+            "version_policy": "all",
+            "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }], "outputs": [{ "name": "y" }],
+        });
+        let (status, body) = json_of(put("eve", "fat", fat).await.expect("put")).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(error_of(&body).contains("the tenant's quota.max_model_bytes has left"), "{body}");
+        let partial: Vec<_> = std::fs::read_dir(cache.join("partial")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(partial.is_empty(), "a refused download leaves no partial file: {partial:?}");
+
+        // Devices, instances, threads, versions and the latency objective are under its quota.
+        for (extra, naming) in [
+            (json!({ "device": "cuda:0" }), "quota.model_devices"),
+            (json!({ "device": "auto" }), "quota.model_devices"),
+            (json!({ "instances": 3 }), "quota.max_model_instances"),
+            (json!({ "threads": 3 }), "quota.max_model_threads"),
+            (json!({ "latency_objective_ms": 5 }), "quota.min_latency_objective_ms"),
+        ] {
+            let (status, body) = json_of(put("eve", "knobs", own_spec(&url("/files/offset-3.pt"), &d3, extra.clone())).await.expect("put")).await;
+            assert_eq!(status, 403, "{extra}: {body}");
+            assert!(error_of(&body).contains(naming), "{extra}: {body}");
+        }
+        let three = json!({
+            "versions": (1..=3).map(|v| json!({ "version": v, "source": url("/files/offset-3.pt"), "sha256": d3 })).collect::<Vec<_>>(),
+            "version_policy": "all",
+            "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }], "outputs": [{ "name": "y" }],
+        });
+        let (status, body) = json_of(put("eve", "three", three).await.expect("put")).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(error_of(&body).contains("quota.max_model_versions (2)"), "{body}");
+        let (status, body) = json_of(put("eve", "one", own_spec(&url("/files/offset-3.pt"), &d3, json!({ "instances": 2 }))).await.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = json_of(put("eve", "two", own_spec(&url("/files/offset-3.pt"), &d3, json!({}))).await.expect("put")).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(error_of(&body).contains("quota.max_model_instances (2)"), "counted across its models: {body}");
+        let deleted = server.client("eve").delete(server.url("/v1/models/one")).send().await.expect("delete");
+        assert_eq!(deleted.status(), 200);
+
+        // One load at a time per tenant: a second while its first downloads is told to wait,
+        // while acme's load at the same time goes through.
+        let (slow, second, other) = tokio::join!(
+            put("eve", "slow", own_spec(&url("/slow/offset-2.pt"), &d2, json!({}))),
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                put("eve", "again", own_spec(&url("/files/offset-3.pt"), &d3, json!({}))).await
+            },
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                put("acme", "theirs", own_spec(&url("/files/offset-2.pt"), &d2, json!({}))).await
+            },
+        );
+        let (status, body) = json_of(second.expect("put")).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(error_of(&body).contains("already has a model loading"), "{body}");
+        let (status, body) = json_of(other.expect("put")).await;
+        assert_eq!(status, 201, "acme's load is not held up by eve's: {body}");
+        let (status, body) = json_of(slow.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+
+        // eve's listing shows its own model and the shared one it may use, with no server path
+        // and no other tenant's name in it.
+        let (_, listed) = json_of(server.client("eve").get(server.url("/v1/models")).send().await.expect("list")).await;
+        let text = listed.to_string();
+        for secret in ["acme", "demo", server.dir.path.to_str().expect("path"), artifact("build").to_str().expect("path")] {
+            assert!(!text.contains(secret), "eve's listing shows '{secret}': {listed}");
+        }
+        let names: Vec<&str> = listed["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
+        assert_eq!(names, ["slow", "digits"], "{listed}");
+
+        // The operator's own fetches still use the environment's proxy: the check above could fail.
+        let operator = json!({
+            "source": url("/files/offset-1.pt"), "sha256": d1,
+            "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }], "outputs": [{ "name": "y" }],
+        });
+        std::fs::remove_file(cache.join("sha256").join(&d1)).expect("uncache d1");
+        let response = server.admin_client().put(server.admin_url("/v1/models/operators")).json(&operator).send().await;
+        let (status, body) = json_of(response.expect("put")).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(proxied.load(Ordering::SeqCst) > 0, "the operator's fetch did not use the proxy: {body}");
+    });
+}
+
+#[test]
+fn a_tenant_s_failing_loads_cannot_flood_the_audit_log_or_the_events_or_write_lines_of_their_own() {
+    let tenants = "[[tenant]]\nname = \"eve\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n";
+    let server = Server::start(&examples_config("", &[], tenants), &["demo", "eve"]).unwrap_or_else(|e| panic!("{e:#}"));
+    // A field name of 100 kB that forges a line of its own: echoed in a parse error.
+    let forged = format!("x\n{{\"event\":\"forged\"}}\n{}", "y".repeat(100_000));
+    let started = std::time::Instant::now();
+    runtime().block_on(async {
+        for _ in 0..40 {
+            let spec = json!({ forged.clone(): 1, "source": "https://example.invalid/m.pt", "sha256": "0".repeat(64) });
+            let response = server.client("eve").put(server.url("/v1/models/m")).json(&spec).send().await.expect("put");
+            assert_eq!(response.status().as_u16(), 400);
+        }
+        // The history, as a follower reads it first (the stream stays open: read until quiet).
+        let mut response = server.admin_client().get(server.url("/v1/events")).send().await.expect("events");
+        let mut text = String::new();
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout(std::time::Duration::from_millis(1500), response.chunk()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let eve = text.matches("eve:m").count();
+        // Five a second at most: the seconds the failures took, and one for the edges.
+        let most = 5 * (started.elapsed().as_secs() as usize + 2);
+        assert!((1..=most.min(39)).contains(&eve), "eve's 40 failures are {eve} events: {}", &text[..text.len().min(2000)]);
+        assert!(text.len() < 40 * 1024, "events carry bounded details: {} bytes", text.len());
+    });
+    let audit = server.audit_log_with(|l| l.contains("model_load_failed"));
+    let failures: Vec<&str> = audit.lines().filter(|l| l.contains("model_load_failed")).collect();
+    assert!(!failures.is_empty() && failures.len() <= 40, "{}", failures.len());
+    for line in audit.lines() {
+        assert!(line.len() < 2048, "an audit line of {} bytes", line.len());
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON line ({e}): {line}"));
+        assert_ne!(value["event"], "forged");
+    }
+    assert!(!server.log_text().lines().any(|l| l.starts_with("{\"event\":\"forged\"}")), "a forged line in the server log");
+}
+
+#[test]
+fn a_load_that_never_gets_ready_fails_at_its_deadline_and_holds_up_no_other_load() {
+    let hang = std::fs::read(artifact("build/models/hang.pt")).expect("hang model");
+    let two = offset_bytes(2);
+    let (dh, d2) = (sha256(&hang), sha256(&two));
+    let web = FileServer::start(HashMap::from([("hang.pt".to_owned(), hang), ("offset-2.pt".to_owned(), two)]));
+    let tenants = "[[tenant]]\nname = \"acme\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n\
+                   [[tenant]]\nname = \"eve\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n";
+    let config = examples_config("tenant_private_sources = true\nload_timeout_s = 8", &[], tenants);
+    let server = Server::start(&config, &["demo", "acme", "eve"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let put = |tenant: &str, name: &str, spec: Value| {
+        server.client(tenant).put(server.url(&format!("/v1/models/{name}"))).json(&spec).send()
+    };
+    runtime().block_on(async {
+        let started = std::time::Instant::now();
+        let (hung, other, operators) = tokio::join!(
+            put("eve", "hang", own_spec(&web.url("/files/hang.pt"), &dh, json!({}))),
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+                let response = put("acme", "mine", own_spec(&web.url("/files/offset-2.pt"), &d2, json!({}))).await;
+                (response, started.elapsed())
+            },
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+                let spec = json!({
+                    "path": artifact("build/models/offset-1.pt").display().to_string(),
+                    "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }], "outputs": [{ "name": "y" }],
+                    "tenants": ["demo"],
+                });
+                let response = server.admin_client().put(server.admin_url("/v1/models/offset")).json(&spec).send().await;
+                (response, started.elapsed())
+            },
+        );
+        let (status, body) = json_of(hung.expect("put")).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(error_of(&body).contains("not ready within 8 s"), "{body}");
+        let elapsed = started.elapsed();
+        assert!(elapsed < std::time::Duration::from_secs(30), "failed at its deadline, not later: {elapsed:?}");
+        for (name, (response, done)) in [("acme's", other), ("the operator's", operators)] {
+            let (status, body) = json_of(response.expect("put")).await;
+            assert_eq!(status, 201, "{name}: {body}");
+            assert!(done < std::time::Duration::from_secs(6), "{name} load waited for eve's: {done:?}");
+        }
+        // eve may load again once its failed load is over.
+        let (status, body) = json_of(put("eve", "next", own_spec(&web.url("/files/offset-2.pt"), &d2, json!({}))).await.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+    });
+}
