@@ -10,7 +10,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # --release reuses the artifacts setup.sh just built instead of compiling everything again.
 status=0
-cargo test --release --no-fail-fast -p kiln -p kiln-wire -p kiln-codec -p kiln-top -p kiln-guest -p kiln-tests "$@" 2>&1 | tee "$log" || status=$?
+cargo test --release --no-fail-fast -p kiln -p kiln-torchscan -p kiln-wire -p kiln-codec -p kiln-top -p kiln-guest -p kiln-tests "$@" 2>&1 | tee "$log" || status=$?
 # Only for a full run: arguments to this script narrow the tests above.
 if [ $# -eq 0 ]; then
     "$KILN_ROOT/scripts/fuzz.sh" 5 || status=$?

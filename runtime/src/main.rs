@@ -205,6 +205,10 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Internal: read a TorchScript archive on stdin and answer in JSON what its code can run,
+    /// without running it. The server's load-time model check runs this as a confined child.
+    #[command(name = kiln::model::graph_check::SUBCOMMAND, hide = true)]
+    ScanTorchscript,
 }
 
 #[derive(Subcommand)]
@@ -589,6 +593,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Requests { cancel, admin } => kiln::cli::requests(&admin.target(), cancel.as_deref()),
         Command::Bench(args) => bench(args),
         Command::Check { component } => kiln::cli::author::check(&component),
+        Command::ScanTorchscript => Ok(kiln::model::graph_check::serve_scan()?),
         Command::New { name, template, dir, sdk, vocab } => {
             kiln::cli::author::new_handler(&name, template, &dir, sdk.as_deref(), vocab.as_deref())
         }

@@ -15,10 +15,24 @@ offset-1.pt, offset-2.pt, offset-3.pt: x [N, 4] float32 -> y [N, 4] float32 = x 
     versions of one model whose answers say which version gave them (the reload tests).
 hang.pt: x [N, 4] float32 -> y [N, 4] float32 after 2^40 tiny additions: a load whose warm-up
     never ends (the load deadline's test). Only pure tensor operators.
+
+Hostile models, which Kiln's load-time check of a model's code (runtime/src/model/graph_check)
+must refuse without running them; each is otherwise an ordinary x [N, 4] -> y [N, 4] model:
+from-file.pt: forward maps the server's /etc/passwd into a tensor (aten::from_file), two calls
+    down (a submodule's forward calls a function that does): the check must follow calls.
+odd-op.pt: forward prints (prim::Print): harmless, but it writes to the server's output, and an
+    operator outside the allow-list must be refused by name whatever it does.
+sort-from-file.pt: forward sorts a list of objects whose class's __lt__ maps /etc/passwd: no call
+    node leads there (list.sort() calls __lt__), so only checking every method of every class
+    the code uses finds it.
+setstate-from-file.pt: __setstate__, which torch.jit.load runs while unpickling, maps the file
+    `kiln-setstate-from-file.created` in the loading process's working directory, creating it
+    (shared=True): a naive load-then-check would create it before checking anything.
 """
 
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 import torch
 
@@ -87,6 +101,72 @@ class Hang(torch.nn.Module):
         return y
 
 
+def leak(path: str) -> torch.Tensor:
+    return torch.from_file(path, shared=False, size=4, dtype=torch.uint8)
+
+
+class Leaker(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + leak("/etc/passwd").to(x.dtype)
+
+
+class FromFile(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaker = Leaker()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.leaker(x)
+
+
+class OddOp(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("odd-op: forward ran")
+        return x * 2.0
+
+
+@torch.jit.script
+class Ranked(object):
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __lt__(self, other: "Ranked") -> bool:
+        leaked = torch.from_file("/etc/passwd", shared=False, size=1, dtype=torch.uint8)
+        return bool(leaked[0] > self.rank)
+
+
+class SortFromFile(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ranked: List[Ranked] = [Ranked(3), Ranked(1)]
+        ranked.sort()
+        return x + ranked[0].rank
+
+
+# Relative: created wherever the process that loads the model runs, so a test can watch a folder
+# of its own.
+SETSTATE_TARGET = "kiln-setstate-from-file.created"
+
+
+class SetstateFromFile(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.target = SETSTATE_TARGET
+        self.offset = torch.zeros(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+        return (self.target, self.offset, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        self.target = state[0]
+        self.offset = state[1] + torch.from_file(state[0], shared=True, size=4, dtype=torch.float32)
+        self.training = state[2]
+
+
 def main(build: Path) -> None:
     torch.manual_seed(11)
     models = build / "models"
@@ -100,6 +180,10 @@ def main(build: Path) -> None:
     for version in (1, 2, 3):
         torch.jit.script(Offset(version).eval()).save(str(models / f"offset-{version}.pt"))
     torch.jit.script(Hang().eval()).save(str(models / "hang.pt"))
+    torch.jit.script(FromFile().eval()).save(str(models / "from-file.pt"))
+    torch.jit.script(OddOp().eval()).save(str(models / "odd-op.pt"))
+    torch.jit.script(SortFromFile().eval()).save(str(models / "sort-from-file.pt"))
+    torch.jit.script(SetstateFromFile().eval()).save(str(models / "setstate-from-file.pt"))
     print(f"test models: wrote {models / 'tokenwise.pt'}")
 
 

@@ -2,11 +2,13 @@
 //! ([`spec`]), where a replica runs ([`device`]), merging requests into batches ([`batch`]), the
 //! [`backend`]s that run forward passes, the per-model [`scheduler`], the forward-time
 //! [`curve`] it learns, and the [`table`] of models being served. No HTTP and no wasm
-//! here: the sandbox and the API reach a model through a [`handle::ModelHandle`].
+//! here: the sandbox and the API reach a model through a [`handle::ModelHandle`]. Before a
+//! tenant's TorchScript is loaded at all, [`graph_check`] reads what its code can run.
 
 pub mod backend;
 pub mod curve;
 pub mod device;
+pub mod graph_check;
 pub mod handle;
 pub mod scheduler;
 pub mod spec;
