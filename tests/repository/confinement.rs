@@ -270,3 +270,63 @@ fn a_load_that_never_gets_ready_fails_at_its_deadline_and_holds_up_no_other_load
         assert_eq!(status, 201, "{body}");
     });
 }
+
+#[test]
+fn a_tenant_s_model_that_reaches_for_files_or_other_operators_is_refused_at_load_while_another_tenant_is_served() {
+    let read = |name: &str| std::fs::read(artifact("build/models").join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let files: HashMap<String, Vec<u8>> = ["from-file.pt", "odd-op.pt", "setstate-from-file.pt", "offset-2.pt"]
+        .into_iter()
+        .map(|name| (name.to_owned(), read(name)))
+        .collect();
+    let digests: HashMap<String, String> = files.iter().map(|(name, bytes)| (name.clone(), sha256(bytes))).collect();
+    let web = FileServer::start(files);
+    let tenants = "[[tenant]]\nname = \"acme\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n\
+                   [[tenant]]\nname = \"eve\"\nmodels = [\"digits\"]\nquota = { max_models = 4 }\n";
+    let config = examples_config("tenant_private_sources = true", &[], tenants);
+    let server = Server::start(&config, &["demo", "acme", "eve"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let cwd = std::env::current_dir().expect("cwd");
+    let planted = cwd.join("kiln-setstate-from-file.created");
+    let _ = std::fs::remove_file(&planted);
+    let put = |tenant: &str, name: &str, file: &str| {
+        let spec = own_spec(&web.url(&format!("/files/{file}")), &digests[file], json!({}));
+        server.client(tenant).put(server.url(&format!("/v1/models/{name}"))).json(&spec).send()
+    };
+    runtime().block_on(async {
+        let (status, body) = json_of(put("acme", "mine", "offset-2.pt").await.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // acme calls its own model the whole time: every answer is its own, and right.
+        let neighbour = {
+            let (client, url, done) = (server.client("acme"), server.url("/v2/models/mine/infer"), Arc::clone(&done));
+            tokio::spawn(async move {
+                let request = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0, 1.0, 2.0, 3.0] }] });
+                let mut answered = 0;
+                while !done.load(Ordering::SeqCst) {
+                    let (status, body) = json_of(client.post(&url).json(&request).send().await.expect("infer")).await;
+                    assert_eq!((status, body["outputs"][0]["data"][0].as_f64()), (200, Some(2.0)), "{body}");
+                    answered += 1;
+                    // Steady traffic, well within its rate.
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                answered
+            })
+        };
+        for (name, file, naming) in [
+            ("leak", "from-file.pt", "aten::from_file"),
+            ("odd", "odd-op.pt", "prim::Print"),
+            ("setstate", "setstate-from-file.pt", "aten::from_file"),
+        ] {
+            let (status, body) = json_of(put("eve", name, file).await.expect("put")).await;
+            assert_eq!(status, 422, "{file}: {body}");
+            let error = error_of(&body);
+            assert!(error.contains(naming) && error.contains("allow-list"), "{file}: {body}");
+            assert!(!error.contains(server.dir.path.to_str().expect("path")), "no server path: {body}");
+            let (status, _) = json_of(server.client("eve").get(server.url(&format!("/v2/models/{name}"))).send().await.expect("meta")).await;
+            assert_eq!(status, 404, "{file} is not served");
+        }
+        assert!(!planted.exists(), "the refused model's __setstate__ ran");
+        done.store(true, Ordering::SeqCst);
+        let answered = neighbour.await.expect("neighbour");
+        assert!(answered > 0);
+    });
+}

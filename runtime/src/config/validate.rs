@@ -195,7 +195,7 @@ impl Validator<'_> {
             if (1..=86_400).contains(&s) {
                 Ok(Duration::from_secs(s))
             } else {
-                Err(self.invalid(&format!("server.{field}"), format!("{s} is out of range (1 ..= 86400)")))
+                Err(self.invalid(format!("server.{field}"), format!("{s} is out of range (1 ..= 86400)")))
             }
         };
         let load_timeout = seconds("load_timeout_s", raw.load_timeout_s, DEFAULT_LOAD_TIMEOUT_S)?;

@@ -458,6 +458,12 @@ impl ModelRepository {
                 return Err(e);
             }
         };
+        if let Err(refused) = self.check_code(key, &record.configs).await {
+            if !known && self.table.get(key).is_none() {
+                self.records().remove(key);
+            }
+            return Err(refused);
+        }
         let _one_at_a_time = self.change_lock(key).await;
         let allowed =
             self.within_models(owner, &quota, key, &record.configs).and_then(|()| self.within_bytes(owner, &quota, key, &record.configs));
@@ -469,6 +475,27 @@ impl ModelRepository {
             return Err(refused);
         }
         self.load_record(key, record).await
+    }
+
+    /// Checks the code of a tenant's model files before anything loads them (a TorchScript file
+    /// is code: see [`crate::model::graph_check`]). Every time, also for a file the tenant
+    /// loaded before: the allow-list may have changed since.
+    async fn check_code(&self, name: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
+        for config in configs {
+            let path = config.path.clone();
+            let checked = tokio::task::spawn_blocking(move || crate::model::graph_check::check_graph(&path))
+                .await
+                .map_err(|e| ModelError::Store(format!("the model check's task failed: {e}")))?;
+            match checked {
+                Ok(()) => {}
+                Err(refusal) if refusal.is_the_models_fault() => {
+                    let version = if configs.len() > 1 { format!("version {}: ", config.version) } else { String::new() };
+                    return Err(ModelError::LoadFailed { model: name.to_owned(), reason: format!("{version}{refusal}") });
+                }
+                Err(refusal) => return Err(ModelError::Store(refusal.to_string())),
+            }
+        }
+        Ok(())
     }
 
     /// Whether tenant `owner` may have model `key` (as `configs`) besides its others: their
@@ -543,6 +570,12 @@ impl ModelRepository {
                 None => Requester::Operator,
             };
             let (record, _held) = self.fetch(name, record, &requester).await?;
+            if owner_of(name).is_some()
+                && let Err(refused) = self.check_code(name, &record.configs).await
+            {
+                self.done_fetching(name, Some(&refused));
+                return Err(refused);
+            }
             let _one_at_a_time = self.change_lock(name).await;
             self.load_record(name, record).await
         }
@@ -708,7 +741,7 @@ impl ModelRepository {
                 records.insert(name.to_owned(), Record { fetching: true, deployment, ..record.clone() });
             }
         }
-        tracing::debug!(model = %name, "fetching {}", loggable(&source, MAX_LOGGED));
+        tracing::debug!(model = %name, "fetching {}", loggable(source, MAX_LOGGED));
     }
 
     /// A fetch ended; one that failed is the reason a model not being served is not.
