@@ -330,3 +330,37 @@ fn a_tenant_s_model_that_reaches_for_files_or_other_operators_is_refused_at_load
         assert!(answered > 0);
     });
 }
+
+#[test]
+fn a_tenant_s_download_ends_with_its_request() {
+    let one = offset_bytes(1);
+    let d1 = sha256(&one);
+    let web = FileServer::start(HashMap::from([("offset-1.pt".to_owned(), one)]));
+    let tenants = "[[tenant]]\nname = \"eve\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n";
+    let config = examples_config("tenant_private_sources = true", &[], tenants);
+    let server = Server::start(&config, &["demo", "eve"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let partial = server.dir.path.join("state/cache/partial");
+    runtime().block_on(async {
+        // The client gives up after a second of a download that would take minutes.
+        let spec = own_spec(&web.url("/trickle/offset-1.pt"), &d1, json!({}));
+        let gave_up = server
+            .client("eve")
+            .put(server.url("/v1/models/slow"))
+            .timeout(std::time::Duration::from_secs(1))
+            .json(&spec)
+            .send()
+            .await;
+        assert!(gave_up.is_err_and(|e| e.is_timeout()), "the client timed out");
+        // Waits up to 5 s for the line; the whole download would take about 7.
+        let audit = server.audit_log_with(|l| l.contains("the request that started it ended"));
+        assert!(audit.contains("the request that started it ended"), "the download went on: {audit}");
+        let left: Vec<_> = std::fs::read_dir(&partial).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "its partial file is gone: {left:?}");
+        // And its one load at a time is free again.
+        let (status, body) = json_of(server.client("eve").get(server.url("/v1/models/slow")).send().await.expect("get")).await;
+        assert_eq!(status, 404, "{body}");
+        let spec = own_spec(&web.url("/files/offset-1.pt"), &d1, json!({}));
+        let (status, body) = json_of(server.client("eve").put(server.url("/v1/models/quick")).json(&spec).send().await.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+    });
+}

@@ -20,6 +20,7 @@ use super::{json_of, model_state, runtime, until_ready};
 /// - `/files/F`: the whole file, or from a `Range: bytes=N-` on;
 /// - `/cut/F`: the first request without a range gets half the file and a closed connection;
 /// - `/slow/F`: the file in 10 pieces, 80 ms apart;
+/// - `/trickle/F`: the file 16 bytes at a time, 100 ms apart (a download that takes minutes);
 /// - `/hf/ORG/REPO/resolve/REV/F`: as `/files/F` (Hugging Face's URL layout).
 pub(crate) struct FileServer {
     base: String,
@@ -99,6 +100,15 @@ fn serve(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Ve
         let _ = stream.write_all(&rest[..rest.len() / 2]);
         let _ = stream.flush();
         let _ = stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    if path.starts_with("/trickle/") {
+        for piece in rest.chunks(16) {
+            std::thread::sleep(Duration::from_millis(100));
+            if stream.write_all(piece).and_then(|()| stream.flush()).is_err() {
+                return;
+            }
+        }
         return;
     }
     if path.starts_with("/slow/") {
