@@ -364,3 +364,66 @@ fn a_tenant_s_download_ends_with_its_request() {
         assert_eq!(status, 201, "{body}");
     });
 }
+
+#[test]
+fn a_tenant_s_hub_download_never_carries_the_operator_s_token_nor_stalls_another_s_and_is_admitted_like_any_request() {
+    let (one, two) = (offset_bytes(1), offset_bytes(2));
+    let (d1, d2) = (sha256(&one), sha256(&two));
+    let web = FileServer::start(HashMap::from([("offset-1.pt".to_owned(), one), ("offset-2.pt".to_owned(), two)]));
+    let tenants = "[[tenant]]\nname = \"acme\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n\
+                   [[tenant]]\nname = \"eve\"\nmodels = [\"digits\"]\n\
+                   quota = { max_models = 3, requests_per_second = 0.02, burst = 3 }\n";
+    let config = examples_config("tenant_private_sources = true", &[], tenants);
+    let hub = web.url("/hf");
+    let env = [("HF_TOKEN", "the-operators-secret"), ("HF_ENDPOINT", hub.as_str())];
+    let server = Server::start_with_env(&config, &["demo", "acme", "eve"], &env).unwrap_or_else(|e| panic!("{e:#}"));
+    let put = |tenant: &str, name: &str, spec: Value| {
+        server.client(tenant).put(server.url(&format!("/v1/models/{name}"))).json(&spec).send()
+    };
+    runtime().block_on(async {
+        // eve downloads a file slowly; acme's load of the same digest from its own source does
+        // not wait for it (one lock per digest made it wait, and resume eve's partial file).
+        let eve_slow = put("eve", "slow", own_spec(&web.url("/trickle/offset-1.pt"), &d1, json!({})));
+        let acme_quick = async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let started = std::time::Instant::now();
+            let response = put("acme", "quick", own_spec(&web.url("/files/offset-1.pt"), &d1, json!({}))).await;
+            (response, started.elapsed())
+        };
+        let (slow, (quick, took)) = tokio::join!(eve_slow, acme_quick);
+        let (status, body) = json_of(quick.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+        assert!(took < std::time::Duration::from_secs(3), "acme waited {took:?} for eve's download");
+        let (status, body) = json_of(slow.expect("put")).await;
+        assert_eq!(status, 201, "eve's own download completes too: {body}");
+
+        // A hub source: eve's own token, or none; never the server's.
+        let hub_spec = own_spec("hf://kiln/offsets/offset-2.pt@v1", &d2, json!({}));
+        let with_token = server
+            .client("eve")
+            .put(server.url("/v1/models/hubbed"))
+            .header("kiln-source-token", "eves-own-token")
+            .json(&hub_spec)
+            .send()
+            .await;
+        let (status, body) = json_of(with_token.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+        // Its rate (one in 50 s, a burst of three) applies to loads too: the fourth is refused.
+        // (The third is a reload from its own cached file: no download.)
+        let (status, body) = json_of(put("eve", "hubbed", hub_spec.clone()).await.expect("put")).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = json_of(put("eve", "hubbed", hub_spec.clone()).await.expect("put")).await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["kind"], "quota", "{body}");
+        let seen = web.authorizations_to("/hf/");
+        assert_eq!(seen, ["Bearer eves-own-token"], "eve's token alone, and only once");
+        // The operator's hub loads carry the server's token: the check above could fail.
+        let mut operator = hub_spec;
+        operator["tenants"] = json!(["demo"]);
+        std::fs::remove_file(server.dir.path.join("state/cache/sha256").join(&d2)).expect("uncache");
+        let response = server.admin_client().put(server.admin_url("/v1/models/operators")).json(&operator).send().await;
+        let (status, body) = json_of(response.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(web.authorizations_to("/hf/").last().map(String::as_str), Some("Bearer the-operators-secret"));
+    });
+}

@@ -24,8 +24,8 @@ use super::{json_of, model_state, runtime, until_ready};
 /// - `/hf/ORG/REPO/resolve/REV/F`: as `/files/F` (Hugging Face's URL layout).
 pub(crate) struct FileServer {
     base: String,
-    /// Every request: its path and its Range header (empty without one).
-    requests: Arc<Mutex<Vec<(String, String)>>>,
+    /// Every request: its path, its Range header and its Authorization header (empty without).
+    requests: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl FileServer {
@@ -50,11 +50,25 @@ impl FileServer {
     /// The requests whose path starts with `prefix`, with their ranges.
     fn requests_to(&self, prefix: &str) -> Vec<(String, String)> {
         let requests = self.requests.lock().expect("requests");
-        requests.iter().filter(|(path, _)| path.starts_with(prefix)).cloned().collect()
+        requests.iter().filter(|r| r.path.starts_with(prefix)).map(|r| (r.path.clone(), r.range.clone())).collect()
+    }
+
+    /// The Authorization headers of the requests whose path starts with `prefix`.
+    pub(crate) fn authorizations_to(&self, prefix: &str) -> Vec<String> {
+        let requests = self.requests.lock().expect("requests");
+        requests.iter().filter(|r| r.path.starts_with(prefix)).map(|r| r.authorization.clone()).collect()
     }
 }
 
-fn serve(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Vec<(String, String)>>) {
+/// One request as the file server saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    range: String,
+    authorization: String,
+}
+
+fn serve(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Vec<Seen>>) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone the stream"));
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() {
@@ -62,18 +76,21 @@ fn serve(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Ve
     }
     let path = line.split_whitespace().nth(1).unwrap_or_default().to_owned();
     let mut range = String::new();
+    let mut authorization = String::new();
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("range")
-        {
-            range = value.trim().to_owned();
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("range") {
+                range = value.trim().to_owned();
+            } else if name.eq_ignore_ascii_case("authorization") {
+                authorization = value.trim().to_owned();
+            }
         }
     }
-    log.lock().expect("log").push((path.clone(), range.clone()));
+    log.lock().expect("log").push(Seen { path: path.clone(), range: range.clone(), authorization });
     let name = path.rsplit('/').next().unwrap_or_default();
     let Some(body) = files.get(name) else {
         let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
