@@ -266,10 +266,15 @@ const TENANT_PARTIAL: &str = "tenant-";
 
 impl ModelCache {
     pub fn new(dir: PathBuf, max_bytes: Option<u64>, allow_unpinned: bool) -> ModelCache {
-        // A tenant's download never outlives its request: what a stopped server left goes.
+        // A tenant's download never outlives its request: what a stopped server left goes. Its
+        // files are named `tenant-PID-…`; another live kiln sharing this cache keeps its own.
         if let Ok(entries) = fs::read_dir(dir.join("partial")) {
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(TENANT_PARTIAL) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix(TENANT_PARTIAL) else { continue };
+                let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+                let alive = pid.is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+                if !alive {
                     let _ = fs::remove_file(entry.path());
                 }
             }
@@ -1009,6 +1014,22 @@ mod tests {
 
     fn partial_files(dir: &Path) -> Vec<PathBuf> {
         fs::read_dir(dir.join("partial")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_stopped_server_s_tenant_partial_files_go_and_a_live_one_s_stay() {
+        let dir = scratch("leftovers");
+        fs::create_dir_all(dir.join("partial")).expect("mkdir");
+        // pid 1 is alive in any namespace; no process has pid 0.
+        let (live, dead, operators) = ("tenant-1-abc-0.part", "tenant-0-abc-0.part", "abc.part");
+        for name in [live, dead, operators] {
+            fs::write(dir.join("partial").join(name), b"partial").expect("write");
+        }
+        let _cache = ModelCache::new(dir.clone(), None, false);
+        let mut left: Vec<String> = partial_files(&dir).iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, [operators, live], "an operator's partial file is resumed later; a live server's is its own");
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
