@@ -209,6 +209,14 @@ fn a_tenant_s_failing_loads_cannot_flood_the_audit_log_or_the_events_or_write_li
         // Five a second at most: the seconds the failures took, and one for the edges.
         let most = 5 * (started.elapsed().as_secs() as usize + 2);
         assert!((1..=most.min(39)).contains(&eve), "eve's 40 failures are {eve} events: {}", &text[..text.len().min(2000)]);
+        // What was left out is counted where an operator looks.
+        let metrics = server.admin_client().get(server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let dropped: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("kiln_events_dropped_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no kiln_events_dropped_total in /metrics"));
+        assert_eq!(dropped as usize, 40 - eve, "every failure is an event or counted as dropped");
         assert!(text.len() < 40 * 1024, "events carry bounded details: {} bytes", text.len());
     });
     let audit = server.audit_log_with(|l| l.contains("model_load_failed"));

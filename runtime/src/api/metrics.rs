@@ -199,6 +199,8 @@ impl Collector for Exporter {
         let traps = t.traps();
         family(&mut e, "kiln_guest_traps", "Guest calls that failed, by kind", None, Counter,
             traps.iter().map(|(kind, n)| (vec![("kind", *kind)], C(*n))))?;
+        family(&mut e, "kiln_events_dropped", "Events a tenant's actions caused past its budget per second, left out of /v1/events", None, Counter,
+            [(vec![], C(t.events.dropped.load(Ordering::Relaxed)))])?;
         let refusals = t.refusals();
         family(&mut e, "kiln_quota_refusals", "Requests refused by a tenant's quota, by tenant and quota", None, Counter,
             refusals.iter().map(|((tenant, kind), n)| (vec![("tenant", tenant.as_str()), ("quota", *kind)], C(*n))))?;
