@@ -167,12 +167,11 @@ pub enum FetchError {
 }
 
 /// Who a fetch is for, which decides what it may do.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub enum Requester {
     /// The operator: the config file, the admin API, `kiln model pull`. Loads of one digest at
     /// once share one download, an interrupted one is resumed by the next, hub sources carry
     /// `HF_TOKEN`, and the environment's proxy is used.
-    #[default]
     Operator,
     Tenant(TenantFetch),
 }
