@@ -22,7 +22,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -32,14 +34,25 @@
 #define TORCHSCAN_SECCOMP 8
 
 #define LL_SYS_CREATE_RULESET 444
+#define LL_SYS_ADD_RULE 445
 #define LL_SYS_RESTRICT_SELF 446
 #define LL_CREATE_RULESET_VERSION 1u
+#define LL_RULE_PATH_BENEATH 1
+#define LL_ACCESS_FS_READ_FILE (1ull << 2)
+#define LL_ACCESS_FS_READ_DIR (1ull << 3)
+#define LL_ACCESS_FS_WRITE_FILE (1ull << 1)
+#define LL_ACCESS_FS_IOCTL_DEV (1ull << 15)
 
 struct ll_ruleset_attr {
     uint64_t handled_access_fs;
     uint64_t handled_access_net;
     uint64_t scoped;
 };
+
+struct ll_path_beneath_attr {
+    uint64_t allowed_access;
+    int32_t parent_fd;
+} __attribute__((packed));
 
 struct report {
     char* text;
@@ -97,7 +110,37 @@ static int limit(int resource, uint64_t soft, uint64_t hard) {
     return setrlimit(resource, &value);
 }
 
-static int landlock(struct report* r) {
+/* Lets the ruleset read `path` (and, for a folder, everything beneath it), and with `device` also
+ * write it and use its ioctls (a GPU's device files). A path that does not exist is skipped: the
+ * lists name what libtorch may use where it is present. */
+static int allow(int ruleset, const char* path, int device, long abi, struct report* r) {
+    int fd = open(path, O_PATH | O_CLOEXEC);
+    if (fd < 0) {
+        return errno == ENOENT ? 0 : -1;
+    }
+    struct stat st;
+    struct ll_path_beneath_attr rule = {.allowed_access = LL_ACCESS_FS_READ_FILE, .parent_fd = fd};
+    if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        rule.allowed_access |= LL_ACCESS_FS_READ_DIR;
+    }
+    if (device) {
+        rule.allowed_access |= LL_ACCESS_FS_WRITE_FILE;
+        if (abi >= 5) rule.allowed_access |= LL_ACCESS_FS_IOCTL_DEV;
+    }
+    long done = syscall(LL_SYS_ADD_RULE, ruleset, LL_RULE_PATH_BENEATH, &rule, 0);
+    int error = errno;
+    close(fd);
+    if (done != 0) {
+        char text[96];
+        snprintf(text, sizeof text, "landlock refused a rule for %.48s", path);
+        note(r, text, error);
+        return -1;
+    }
+    return 0;
+}
+
+static int landlock(const char* const* readable, size_t readable_count, const char* const* devices, size_t device_count,
+                    struct report* r) {
     long abi = syscall(LL_SYS_CREATE_RULESET, NULL, 0, LL_CREATE_RULESET_VERSION);
     if (abi < 1) {
         note(r, "landlock unavailable", errno);
@@ -115,6 +158,13 @@ static int landlock(struct report* r) {
     if (fd < 0) {
         note(r, "landlock ruleset refused", errno);
         return 0;
+    }
+    for (size_t i = 0; i < readable_count + device_count; i++) {
+        int device = i >= readable_count;
+        if (allow(fd, device ? devices[i - readable_count] : readable[i], device, abi, r) != 0) {
+            close(fd);
+            return 0;
+        }
     }
     long done = syscall(LL_SYS_RESTRICT_SELF, fd, 0);
     int error = errno;
@@ -231,8 +281,15 @@ static int seccomp_filter(struct report* r) {
 
 /* Returns the layers applied (TORCHSCAN_*), or -1 when the process cannot be confined: it has
  * more than one thread, or resource limits or no_new_privs could not be set. `report` (of
- * `report_size` bytes) says what was applied and what is missing, and why. */
-int torchscan_confine(uint64_t memory_bytes, uint64_t cpu_seconds, char* report, size_t report_size) {
+ * `report_size` bytes) says what was applied and what is missing, and why.
+ *
+ * `cpu_seconds` 0 leaves CPU time unlimited; `file_bytes` UINT64_MAX leaves file sizes alone (0
+ * keeps the process from growing any file, shared memory it was handed included). The
+ * `readable` paths (files, or folders with everything beneath them) stay readable, and the
+ * `devices` readable, writable and open to ioctls. */
+int torchscan_confine(uint64_t memory_bytes, uint64_t cpu_seconds, uint64_t file_bytes, const char* const* readable,
+                      size_t readable_count, const char* const* devices, size_t device_count, char* report,
+                      size_t report_size) {
     struct report r = {.text = report, .size = report_size, .used = 0};
     if (report_size > 0) {
         report[0] = '\0';
@@ -247,10 +304,11 @@ int torchscan_confine(uint64_t memory_bytes, uint64_t cpu_seconds, char* report,
     }
     int layers = 0;
     uint64_t address_space = mapped_bytes() + memory_bytes;
-    /* No RLIMIT_FSIZE: Landlock already keeps files from being opened for writing, and the limit
-     * would kill the process for writing its answer to a stdout that is a file. */
-    if (limit(RLIMIT_AS, address_space, address_space) != 0 || limit(RLIMIT_CPU, cpu_seconds, cpu_seconds + 1) != 0 ||
-        limit(RLIMIT_CORE, 0, 0) != 0) {
+    /* The checker sets no RLIMIT_FSIZE: Landlock already keeps files from being opened for writing,
+     * and the limit would kill it for writing its answer to a stdout that is a file. */
+    int cpu = cpu_seconds == 0 ? 0 : limit(RLIMIT_CPU, cpu_seconds, cpu_seconds + 1);
+    int files = file_bytes == UINT64_MAX ? 0 : limit(RLIMIT_FSIZE, file_bytes, file_bytes);
+    if (limit(RLIMIT_AS, address_space, address_space) != 0 || cpu != 0 || files != 0 || limit(RLIMIT_CORE, 0, 0) != 0) {
         note(&r, "setrlimit failed", errno);
         return -1;
     }
@@ -262,7 +320,7 @@ int torchscan_confine(uint64_t memory_bytes, uint64_t cpu_seconds, char* report,
         return -1;
     }
     layers |= TORCHSCAN_NO_NEW_PRIVS;
-    if (landlock(&r)) {
+    if (landlock(readable, readable_count, devices, device_count, &r)) {
         layers |= TORCHSCAN_LANDLOCK;
     }
     if (seccomp_filter(&r)) {

@@ -14,6 +14,8 @@
 //! This crate holds the only unsafe code of the model check: the two calls into the C and C++
 //! shims (`src/scan.cpp`, `src/confine.c`) and the buffers they hand back.
 
+pub mod shm;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, c_char, c_int};
 
@@ -24,7 +26,17 @@ use torch_sys as _;
 unsafe extern "C" {
     fn torchscan_scan(data: *const u8, size: usize) -> *mut c_char;
     fn torchscan_free(buffer: *mut c_char);
-    fn torchscan_confine(memory_bytes: u64, cpu_seconds: u64, report: *mut c_char, report_size: usize) -> c_int;
+    fn torchscan_confine(
+        memory_bytes: u64,
+        cpu_seconds: u64,
+        file_bytes: u64,
+        readable: *const *const c_char,
+        readable_count: usize,
+        devices: *const *const c_char,
+        device_count: usize,
+        report: *mut c_char,
+        report_size: usize,
+    ) -> c_int;
 }
 
 /// What an archive's code can run: each function checked (by qualified name, such as
@@ -105,13 +117,23 @@ fn parse(text: &str) -> Result<Scan, ScanError> {
 }
 
 /// Limits for [`confine`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Limits {
     /// Address space the process may map beyond what it has mapped already (libtorch's own
     /// libraries are mapped by then).
     pub memory_bytes: u64,
-    /// CPU time, after which the kernel kills the process.
-    pub cpu_seconds: u64,
+    /// CPU time, after which the kernel kills the process; `None` for no limit (a server's
+    /// worker runs for as long as its model is served).
+    pub cpu_seconds: Option<u64>,
+    /// The largest file the process may write or grow (`RLIMIT_FSIZE`); `None` for no limit. 0
+    /// keeps it from growing shared memory it was handed.
+    pub file_bytes: Option<u64>,
+    /// Files and folders (with everything beneath them) that stay readable, where they exist:
+    /// what libtorch reads about the machine (`/proc/cpuinfo`, `/sys/devices/system/cpu`).
+    pub readable: Vec<std::ffi::CString>,
+    /// Device files that stay readable, writable and open to ioctls, where they exist: a GPU's
+    /// (`/dev/nvidiactl`, `/dev/nvidia0`, ...).
+    pub devices: Vec<std::ffi::CString>,
 }
 
 /// What [`confine`] put in place.
@@ -141,19 +163,33 @@ pub struct ConfineError(pub String);
 const LANDLOCK: c_int = 4;
 const SECCOMP: c_int = 8;
 
-/// Confines this process for good: address space (beyond what is mapped now) and CPU time
-/// limits, no core dumps, no new privileges, killed with its parent, then
-/// Landlock and seccomp where the kernel has them (the answer says which).
+/// Confines this process for good: address space (beyond what is mapped now), CPU time and file
+/// size limits, no core dumps, no new privileges, killed with its parent (the thread that
+/// started it), then Landlock (nothing but `limits.readable` to read) and seccomp where the
+/// kernel has them (the answer says which).
 ///
 /// The process must be single-threaded: the kernel confines the calling thread and the threads
 /// it makes later, not threads already running. Read every input (stdin) before calling this,
 /// as no file can be opened after.
 pub fn confine(limits: Limits) -> Result<Confinement, ConfineError> {
     let mut report = vec![0u8; 1024];
+    let readable: Vec<*const c_char> = limits.readable.iter().map(|path| path.as_ptr()).collect();
+    let devices: Vec<*const c_char> = limits.devices.iter().map(|path| path.as_ptr()).collect();
     // SAFETY: `report` is a writable buffer of `report.len()` bytes that the C side leaves
-    // NUL-terminated; nothing else is shared.
+    // NUL-terminated; `readable` and `devices` hold their `len()` pointers to NUL-terminated
+    // strings that `limits` owns for the call, which the C side only reads.
     let layers = unsafe {
-        torchscan_confine(limits.memory_bytes, limits.cpu_seconds, report.as_mut_ptr().cast::<c_char>(), report.len())
+        torchscan_confine(
+            limits.memory_bytes,
+            limits.cpu_seconds.unwrap_or(0),
+            limits.file_bytes.unwrap_or(u64::MAX),
+            readable.as_ptr(),
+            readable.len(),
+            devices.as_ptr(),
+            devices.len(),
+            report.as_mut_ptr().cast::<c_char>(),
+            report.len(),
+        )
     };
     let end = report.iter().position(|&b| b == 0).unwrap_or(report.len());
     let report = String::from_utf8_lossy(&report[..end]).into_owned();

@@ -53,7 +53,8 @@ pub fn serve_scan() -> std::io::Result<()> {
 fn answer(archive: &[u8]) -> Answer {
     let limits = kiln_torchscan::Limits {
         memory_bytes: (archive.len() as u64).saturating_mul(MEMORY_PER_ARCHIVE_BYTE).saturating_add(MEMORY_BASE_BYTES),
-        cpu_seconds: CPU_SECONDS,
+        cpu_seconds: Some(CPU_SECONDS),
+        ..kiln_torchscan::Limits::default()
     };
     let confinement = match kiln_torchscan::confine(limits) {
         Ok(c) => Confined { complete: c.is_complete(), report: c.report },
