@@ -154,6 +154,8 @@ pub struct RawModel {
     pub precision: Option<String>,
     pub latency_objective_ms: Option<u64>,
     pub memory_headroom_mib: Option<u64>,
+    /// Runs each replica in a confined worker process, as tenants' own models always do.
+    pub worker: Option<bool>,
 }
 
 /// One version of a model: its number and its file.

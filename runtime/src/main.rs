@@ -204,11 +204,22 @@ enum Command {
         /// libtorch sees a GPU, else the CPU.
         #[arg(long)]
         device: Option<String>,
+        /// Run the model in a confined worker process, as a tenant's own model runs, instead of
+        /// in this process: the difference is what the worker costs per batch.
+        #[arg(long)]
+        worker: bool,
     },
     /// Internal: read a TorchScript archive on stdin and answer in JSON what its code can run,
     /// without running it. The server's load-time model check runs this as a confined child.
     #[command(name = kiln::model::graph_check::SUBCOMMAND, hide = true)]
     ScanTorchscript,
+    /// Internal: run one model in a confined worker process, talking to the server on stdin (a
+    /// Unix socket). The server starts these for tenants' own models.
+    #[command(name = kiln::model::backend::worker::SUBCOMMAND, hide = true)]
+    ModelWorker {
+        /// The model's name, so that `ps` shows whose worker it is.
+        model: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -594,6 +605,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(args),
         Command::Check { component } => kiln::cli::author::check(&component),
         Command::ScanTorchscript => Ok(kiln::model::graph_check::serve_scan()?),
+        Command::ModelWorker { model: _ } => Ok(kiln::model::backend::worker::serve_worker()?),
         Command::New { name, template, dir, sdk, vocab } => {
             kiln::cli::author::new_handler(&name, template, &dir, sdk.as_deref(), vocab.as_deref())
         }
@@ -606,6 +618,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seconds,
             json,
             device,
+            worker,
         } => {
             let config = Config::load(&config.unwrap_or_else(default_config))?;
             let model = config
@@ -620,11 +633,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 Some(d) => d.parse::<Device>().map_err(|e| anyhow::anyhow!("--device: {e}"))?,
             };
-            let rows = kiln::cli::bench::raw(model, device, &batch_sizes, dim, seconds)?;
+            let rows = kiln::cli::bench::raw(model, device, &batch_sizes, dim, seconds, worker)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("model {} on {device} (dynamic dims = {dim})", model.name);
+                let process = if worker { "a worker process" } else { "this process" };
+                println!("model {} on {device} in {process} (dynamic dims = {dim})", model.name);
                 println!("{:>6} {:>12} {:>14}", "batch", "forward ms", "rows/s");
                 for r in rows {
                     println!("{:>6} {:>12.3} {:>14.1}", r.batch_size, r.forward_ms, r.rows_per_second);

@@ -61,7 +61,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
                 versions
                     .iter()
                     .map(|model| {
-                        start_model(model, &placer, Arc::clone(&events)).map_err(|e| {
+                        start_model(model, &placer, Arc::clone(&events), config.server.load_timeout).map_err(|e| {
                             anyhow::anyhow!("{}: cannot start model '{}': {e}", config.source.display(), model.name)
                         })
                     })

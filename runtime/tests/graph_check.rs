@@ -3,27 +3,17 @@
 //! and the hostile ones of `tests/python/export_test_models.py`, which must be refused by name
 //! without running).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use common::{model, root};
 use kiln::model::graph_check::{GraphCheck, GraphRefusal, Offence, SUBCOMMAND};
 
 /// What the hostile `__setstate__` creates in the loading process's working directory.
 const SETSTATE_TARGET: &str = "kiln-setstate-from-file.created";
-
-fn root() -> PathBuf {
-    if let Some(root) = std::env::var_os("KILN_ROOT") {
-        return PathBuf::from(root);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
-fn model(name: &str) -> PathBuf {
-    let path = root().join("build/models").join(name);
-    assert!(path.is_file(), "{} is missing: run scripts/setup.sh first", path.display());
-    path
-}
 
 fn checker() -> GraphCheck {
     GraphCheck::with_scanner(env!("CARGO_BIN_EXE_kiln"))

@@ -435,3 +435,137 @@ fn a_tenant_s_hub_download_never_carries_the_operator_s_token_nor_stalls_another
         assert_eq!(web.authorizations_to("/hf/").last().map(String::as_str), Some("Bearer the-operators-secret"));
     });
 }
+
+/// The processes whose parent is `parent` and whose command line is `kiln model-worker MODEL`.
+fn workers_of(parent: u32, model: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let (Ok(stat), Ok(cmdline)) = (std::fs::read_to_string(entry.path().join("stat")), std::fs::read(entry.path().join("cmdline"))) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: the command may hold spaces, so read after its `)`.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if ppid == Some(parent) && args.get(1) == Some(&&b"model-worker"[..]) && args.get(2) == Some(&model.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Reads the event history until the stream is quiet.
+async fn events_text(server: &Server) -> String {
+    let mut response = server.admin_client().get(server.url("/v1/events")).send().await.expect("events");
+    let mut text = String::new();
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(std::time::Duration::from_millis(800), response.chunk()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+#[test]
+fn a_tenant_s_model_runs_in_a_worker_of_its_own_whose_crash_fails_only_that_tenant_s_requests_until_it_restarts() {
+    let two = offset_bytes(2);
+    let d2 = sha256(&two);
+    let web = FileServer::start(HashMap::from([("offset-2.pt".to_owned(), two)]));
+    let tenants = "[[tenant]]\nname = \"acme\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n\
+                   [[tenant]]\nname = \"eve\"\nmodels = [\"digits\"]\nquota = { max_models = 2 }\n";
+    let config = examples_config("tenant_private_sources = true", &[], tenants);
+    let server = Server::start(&config, &["demo", "acme", "eve"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let server_pid = server.pid().expect("pid");
+    runtime().block_on(async {
+        // Both tenants load the same file (one cache entry each fetched) under the same name.
+        for tenant in ["acme", "eve"] {
+            let spec = own_spec(&web.url("/files/offset-2.pt"), &d2, json!({}));
+            let response = server.client(tenant).put(server.url("/v1/models/mine")).json(&spec).send().await.expect("put");
+            let (status, body) = json_of(response).await;
+            assert_eq!(status, 201, "{tenant}: {body}");
+        }
+        let (acme_workers, eve_workers) = (workers_of(server_pid, "acme:mine"), workers_of(server_pid, "eve:mine"));
+        assert_eq!((acme_workers.len(), eve_workers.len()), (1, 1), "one worker each: {acme_workers:?} {eve_workers:?}");
+        // The operator's models run in the server, unless one asks for a worker.
+        assert!(workers_of(server_pid, "digits").is_empty());
+        let spec = json!({
+            "path": artifact("build/models/offset-1.pt").display().to_string(), "worker": true,
+            "inputs": [{ "name": "x", "dtype": "FP32", "shape": [-1, 4] }], "outputs": [{ "name": "y" }],
+        });
+        let (status, body) = json_of(server.admin_client().put(server.admin_url("/v1/models/offset")).json(&spec).send().await.expect("put")).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(workers_of(server_pid, "offset").len(), 1, "the operator's offset asked for a worker");
+        // The worker confined itself: it cannot read the server's files (its config, for one).
+        let status = std::fs::read_to_string(format!("/proc/{}/status", eve_workers[0])).expect("status");
+        assert!(status.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')), "a seccomp filter: {status}");
+        assert!(status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "{status}");
+
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let request = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0, 1.0, 2.0, 3.0] }] });
+        // acme calls its own model and the operator's digits the whole time: every answer right.
+        let acme = {
+            let (client, done, request) = (server.client("acme"), Arc::clone(&done), request.clone());
+            let (mine, digits) = (server.url("/v2/models/mine/infer"), server.url("/v2/models/digits/infer"));
+            let image = json!({ "inputs": [{ "name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": vec![0.0; 64] }] });
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while !done.load(Ordering::SeqCst) {
+                    let (status, body) = json_of(client.post(&mine).json(&request).send().await.expect("infer")).await;
+                    assert_eq!((status, body["outputs"][0]["data"][0].as_f64()), (200, Some(2.0)), "acme's own: {body}");
+                    let (status, body) = json_of(client.post(&digits).json(&image).send().await.expect("infer")).await;
+                    assert_eq!(status, 200, "the operator's digits: {body}");
+                    answered += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                answered
+            })
+        };
+        // eve calls its own: right before the crash, 503 "unavailable" after it, right again once
+        // the worker has restarted.
+        let eve = {
+            let (client, done, url) = (server.client("eve"), Arc::clone(&done), server.url("/v2/models/mine/infer"));
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !done.load(Ordering::SeqCst) {
+                    let (status, body) = json_of(client.post(&url).json(&request).send().await.expect("infer")).await;
+                    match status {
+                        200 => assert_eq!(body["outputs"][0]["data"][0].as_f64(), Some(2.0), "{body}"),
+                        503 => assert_eq!(body["kind"], "unavailable", "{body}"),
+                        other => panic!("eve's request got {other}: {body}"),
+                    }
+                    if statuses.last() != Some(&status) {
+                        statuses.push(status);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                statuses
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let killed = std::process::Command::new("kill").args(["-ABRT", &eve_workers[0].to_string()]).status().expect("kill");
+        assert!(killed.success());
+        // Back once a new worker has loaded: a second or two.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let restarted = loop {
+            let now = workers_of(server_pid, "eve:mine");
+            if !now.is_empty() && now != eve_workers {
+                break now;
+            }
+            assert!(std::time::Instant::now() < deadline, "eve's worker was not restarted");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        done.store(true, Ordering::SeqCst);
+        let statuses = eve.await.expect("eve");
+        assert!(acme.await.expect("acme") > 0);
+        assert_eq!(statuses.first(), Some(&200), "{statuses:?}");
+        assert!(statuses.contains(&503), "eve's requests failed while its worker was down: {statuses:?}");
+        assert_eq!(statuses.last(), Some(&200), "and were answered again after: {statuses:?}");
+        assert_eq!(workers_of(server_pid, "acme:mine"), acme_workers, "acme's worker never restarted");
+
+        let events = events_text(&server).await;
+        let exited = events.lines().find(|l| l.contains("worker_exited") && l.contains("eve:mine")).unwrap_or_else(|| panic!("{events}"));
+        assert!(exited.contains("SIGABRT") && exited.contains(&eve_workers[0].to_string()), "{exited}");
+        let again = events.lines().find(|l| l.contains("worker_restarted") && l.contains("eve:mine")).unwrap_or_else(|| panic!("{events}"));
+        assert!(again.contains(&restarted[0].to_string()), "{again}");
+        assert!(!events.contains("worker_exited\",\"detail\":{\"model\":\"acme:mine\""), "{events}");
+    });
+}

@@ -460,9 +460,11 @@ impl App {
         self.selected = self.selected.min(self.rows().saturating_sub(1));
     }
 
-    /// Scaling decisions among the events, newest first.
+    /// Scaling decisions and model workers' exits and restarts among the events, newest first.
     pub fn decisions(&self) -> impl Iterator<Item = &ServerEvent> {
-        self.events.iter().rev().filter(|e| matches!(e.kind, EventKind::Scaling(_)))
+        self.events.iter().rev().filter(|e| {
+            matches!(e.kind, EventKind::Scaling(_) | EventKind::WorkerExited { .. } | EventKind::WorkerRestarted { .. })
+        })
     }
 }
 

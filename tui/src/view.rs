@@ -335,32 +335,40 @@ fn draw_decisions(app: &App, frame: &mut Frame, area: Rect) {
     let focused = app.focus == Panel::Events;
     let items: Vec<ListItem> = app
         .decisions()
-        .filter_map(|e| match &e.kind {
-            EventKind::Scaling(d) => Some((e, d)),
-            _ => None,
-        })
-        .map(|(e, d)| {
-            let (arrow, color) = match d.action {
-                ScaleAction::Up => ("↑", Color::Green),
-                ScaleAction::Down => ("↓", Color::Blue),
-                ScaleAction::Hold => ("=", Color::Yellow),
+        .filter_map(|e| {
+            let (text, color, detail) = match &e.kind {
+                EventKind::Scaling(d) => {
+                    let (arrow, color) = match d.action {
+                        ScaleAction::Up => ("↑", Color::Green),
+                        ScaleAction::Down => ("↓", Color::Blue),
+                        ScaleAction::Hold => ("=", Color::Yellow),
+                    };
+                    let device = d.device.as_deref().map(|d| format!(" {d}")).unwrap_or_default();
+                    (format!("{} {arrow} {}→{}{device}", d.model, d.from, d.to), color, d.reason.clone())
+                }
+                EventKind::WorkerExited { model, pid, reason, restart_in_ms } => {
+                    (format!("{model} ✗ worker {pid}"), Color::Red, format!("{reason}; restart in {restart_in_ms} ms"))
+                }
+                EventKind::WorkerRestarted { model, pid, restarts } => {
+                    (format!("{model} ⟳ worker {pid}"), Color::Magenta, format!("restart {restarts}"))
+                }
+                _ => return None,
             };
-            let device = d.device.as_deref().map(|d| format!(" {d}")).unwrap_or_default();
-            ListItem::new(Line::from(vec![
+            Some(ListItem::new(Line::from(vec![
                 Span::styled(clock(e.at_unix_ms), Style::new().fg(Color::DarkGray)),
                 Span::raw(" "),
-                Span::styled(format!("{} {arrow} {}→{}{device}", d.model, d.from, d.to), Style::new().fg(color).bold()),
-                Span::raw(format!(" {}", d.reason)),
-            ]))
+                Span::styled(text, Style::new().fg(color).bold()),
+                Span::raw(format!(" {detail}")),
+            ])))
         })
         .collect();
     let list = if items.is_empty() {
-        List::new([ListItem::new(Span::styled("no scaling decisions yet", Style::new().fg(Color::DarkGray)))])
+        List::new([ListItem::new(Span::styled("no scaling decisions or worker restarts yet", Style::new().fg(Color::DarkGray)))])
     } else {
         List::new(items).highlight_style(Style::new().reversed())
     };
     let mut state = ratatui::widgets::ListState::default().with_selected(focused.then_some(app.selected));
-    frame.render_stateful_widget(list.block(panel("Scaling decisions", focused)), area, &mut state);
+    frame.render_stateful_widget(list.block(panel("Scaling & workers", focused)), area, &mut state);
 }
 
 const HELP: [(&str, &str); 16] = [

@@ -129,7 +129,12 @@ fn decision(at: u64, action: ScaleAction, from: u32, to: u32, reason: &str, devi
     Msg::Event(Box::new(ServerEvent { seq: at, at_unix_ms: at, kind: EventKind::Scaling(d) }))
 }
 
-/// Two snapshots a second apart and a few scaling decisions.
+fn event(at: u64, kind: EventKind) -> Msg {
+    Msg::Event(Box::new(ServerEvent { seq: at, at_unix_ms: at, kind }))
+}
+
+/// Two snapshots a second apart, a few scaling decisions, and a tenant's model worker that
+/// crashed and was restarted.
 fn app(gpus: bool) -> App {
     let mut app = App::new("http://127.0.0.1:8080".into(), Duration::from_secs(1));
     for t in 1..=3 {
@@ -138,6 +143,9 @@ fn app(gpus: bool) -> App {
     app.update(decision(1_795_000_000_000, ScaleAction::Up, 1, 2, "queue wait p95 80.0 ms over the 50 ms objective", Some("cuda:1")));
     app.update(decision(1_795_000_002_000, ScaleAction::Hold, 2, 2, "cooldown after the last scale-up", None));
     app.update(decision(1_795_000_040_000, ScaleAction::Down, 2, 1, "idle for 30 s", None));
+    let (model, reason) = ("eve:mine".to_owned(), "exited (killed by signal 6 (SIGABRT))".to_owned());
+    app.update(event(1_795_000_041_000, EventKind::WorkerExited { model: model.clone(), pid: 4242, reason, restart_in_ms: 100 }));
+    app.update(event(1_795_000_041_900, EventKind::WorkerRestarted { model, pid: 4299, restarts: 1 }));
     app
 }
 
@@ -163,6 +171,7 @@ fn cpu_only_shows_the_executors() {
     let app = app(false);
     let text = screen(&app, 120, 40);
     assert!(text.contains("CPU executors") && text.contains("minilm/1"), "{text}");
+    assert!(text.contains("eve:mine ✗ worker 4242") && text.contains("eve:mine ⟳ worker 4299"), "{text}");
     insta::assert_snapshot!("cpu_120x40", text);
 }
 

@@ -490,6 +490,12 @@ pub enum EventKind {
     /// `load_failed` (then `detail` says why) or `controlled` (paused, resumed, flushed, reset or
     /// tuned: `detail` says which).
     ModelChanged { model: String, change: String, detail: String },
+    /// A model's worker process ended unasked (it crashed, was killed, ran a pass past its
+    /// deadline or broke the protocol): `reason` says how. Its batch failed; the next one starts
+    /// a new worker, not before `restart_in_ms`.
+    WorkerExited { model: String, pid: u32, reason: String, restart_in_ms: u64 },
+    /// A model's worker process started again after one ended; `restarts` counts them.
+    WorkerRestarted { model: String, pid: u32, restarts: u32 },
     /// The server is shutting down: the last event of every stream.
     Draining { grace_ms: u64, timeout_ms: u64 },
 }
@@ -506,6 +512,8 @@ impl EventKind {
             EventKind::ModelFailed { .. } => "model_failed",
             EventKind::GuestTrap { .. } => "guest_trap",
             EventKind::ModelChanged { .. } => "model_changed",
+            EventKind::WorkerExited { .. } => "worker_exited",
+            EventKind::WorkerRestarted { .. } => "worker_restarted",
             EventKind::Draining { .. } => "draining",
         }
     }

@@ -101,6 +101,7 @@ impl ApiError {
                 InferError::NotReady { .. }
                 | InferError::Overloaded(_)
                 | InferError::Closed(_)
+                | InferError::Unavailable { .. }
                 | InferError::Flushed(_) => StatusCode::SERVICE_UNAVAILABLE,
                 InferError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 InferError::Runtime { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -138,6 +139,7 @@ impl ApiError {
             ApiError::Infer(InferError::Overloaded(_)) => "overloaded",
             ApiError::Infer(InferError::Flushed(_)) => "flushed",
             ApiError::Infer(InferError::Timeout { .. }) => "timeout",
+            ApiError::Infer(InferError::Unavailable { .. }) => "unavailable",
             ApiError::Infer(_) => "inference",
             ApiError::Guest(e) => e.kind(),
         }
@@ -158,7 +160,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody { error: self.to_string(), kind: self.kind().to_owned() };
         let mut response = (status, Json(body)).into_response();
         match &self {
-            ApiError::Infer(InferError::Overloaded(_) | InferError::Flushed(_))
+            ApiError::Infer(InferError::Overloaded(_) | InferError::Flushed(_) | InferError::Unavailable { .. })
             | ApiError::Guest(GuestError::PoolFull { .. })
             | ApiError::Busy(_) => {
                 response

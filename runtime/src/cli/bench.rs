@@ -537,9 +537,27 @@ pub fn raw(
     batch_sizes: &[u32],
     dim: u32,
     seconds: f64,
+    worker: bool,
 ) -> anyhow::Result<Vec<RawRow>> {
+    if worker {
+        let events = std::sync::Arc::new(crate::telemetry::EventLog::new(16));
+        let workers = crate::model::backend::worker::Worker::this_executable(events, std::time::Duration::from_secs(600))?;
+        return raw_on(&workers, config, device, batch_sizes, dim, seconds);
+    }
+    raw_on(&crate::model::backend::torch::Torch::default(), config, device, batch_sizes, dim, seconds)
+}
+
+fn raw_on<B: crate::model::backend::Backend>(
+    backend: &B,
+    config: &crate::model::spec::ModelConfig,
+    device: crate::model::device::Device,
+    batch_sizes: &[u32],
+    dim: u32,
+    seconds: f64,
+) -> anyhow::Result<Vec<RawRow>> {
+    use crate::model::backend::LoadedModel as _;
     use crate::model::tensor::{DType, HostTensor};
-    let (model, _) = crate::model::scheduler::load_and_warm_up(&crate::model::backend::torch::Torch::default(), config, device)?;
+    let (model, _) = crate::model::scheduler::load_and_warm_up(backend, config, device)?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {
         let inputs: Vec<HostTensor> = config

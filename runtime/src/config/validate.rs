@@ -519,6 +519,7 @@ impl Validator<'_> {
         };
         let sha256 = raw.sha256.map(|d| parse_digest(&d).map_err(|e| self.invalid(at("sha256"), e))).transpose()?;
         Ok(ModelConfig {
+            worker: raw.worker.unwrap_or(false),
             precision,
             path,
             source,

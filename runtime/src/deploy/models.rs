@@ -267,7 +267,7 @@ impl ModelRepository {
 
     /// Starts every version of `configs`; stops those started if one cannot start.
     fn start(&self, configs: &[ModelConfig]) -> Result<Vec<ModelHandle>, crate::fleet::StartError> {
-        configs.iter().map(|c| start_model(c, &self.placer, Arc::clone(&self.events))).collect()
+        configs.iter().map(|c| start_model(c, &self.placer, Arc::clone(&self.events), self.load_timeout)).collect()
     }
 
     /// The models being served now: what every request looks models up in.

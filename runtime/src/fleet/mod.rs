@@ -9,6 +9,7 @@ pub mod scaler;
 use std::sync::Arc;
 
 use crate::model::backend::torch::Torch;
+use crate::model::backend::worker::Worker;
 use crate::model::handle::ModelHandle;
 use crate::model::spec::{ModelConfig, Precision};
 use crate::telemetry::EventLog;
@@ -22,15 +23,29 @@ pub enum StartError {
     Placement(#[from] PlacementError),
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("cannot run model workers: {0}")]
+    Worker(String),
 }
 
-/// Places `config`'s first `replicas.min` replicas and starts the model on libtorch. A model
-/// that fits nowhere is refused here.
-pub fn start_model(config: &ModelConfig, placer: &Placer, log: Arc<EventLog>) -> Result<ModelHandle, StartError> {
+/// Places `config`'s first `replicas.min` replicas and starts the model on libtorch: in the
+/// server's process, or, for a tenant's own model and one that asks for it, each replica in a
+/// confined worker process (which may take `load_timeout` to start). A model that fits nowhere
+/// is refused here.
+pub fn start_model(
+    config: &ModelConfig,
+    placer: &Placer,
+    log: Arc<EventLog>,
+    load_timeout: std::time::Duration,
+) -> Result<ModelHandle, StartError> {
     let weights = estimated_weights(config);
     let placements = (0..config.replicas.min)
         .map(|_| placer.place(config, weights, Purpose::Start))
         .collect::<Result<Vec<_>, _>>()?;
+    if config.in_worker() {
+        let workers = Worker::this_executable(Arc::clone(&log), load_timeout)
+            .map_err(|e| StartError::Worker(format!("cannot find this executable: {e}")))?;
+        return Ok(ModelHandle::spawn(config.clone(), placements, Arc::new(workers), log)?);
+    }
     Ok(ModelHandle::spawn(config.clone(), placements, Arc::new(Torch::default()), log)?)
 }
 

@@ -173,6 +173,7 @@ pub(crate) mod tests {
 
     pub(crate) fn model(device: DeviceChoice, headroom_mib: u64) -> ModelConfig {
         ModelConfig {
+            worker: false,
             name: "m".into(),
             path: "m.pt".into(),
             source: None,

@@ -42,6 +42,9 @@ pub enum InferError {
     /// The scheduler is gone (the server is shutting down).
     #[error("model '{0}' is shut down")]
     Closed(String),
+    /// The model cannot run for now: its worker process ended and is being restarted.
+    #[error("model '{model}' is unavailable: {message}")]
+    Unavailable { model: String, message: String },
     /// An operator flushed the model's queue while the request waited in it.
     #[error("model '{0}': the queue was flushed by an operator; retry later")]
     Flushed(String),

@@ -633,6 +633,12 @@ fn run_isolating<M: LoadedModel>(model: &M, config: &ModelConfig, counters: &Mod
                 let _ = p.reply.send(Ok(outputs));
             }
         }
+        // No caller's fault, so no caller to find: every one gets it.
+        Err(BackendError::Unavailable(message)) => {
+            for p in batch {
+                let _ = p.reply.send(Err(InferError::Unavailable { model: config.name.clone(), message: message.clone() }));
+            }
+        }
         Err(message) if batch.len() == 1 => {
             let error = InferError::Runtime { model: config.name.clone(), message: message.to_string() };
             if let Some(p) = batch.pop() {
@@ -826,6 +832,7 @@ mod tests {
     fn tokenwise(batching: BatchPolicy, instances: u32) -> ModelConfig {
         let ragged = Some(Ragged { dim: 1, pad: 0.0 });
         ModelConfig {
+            worker: false,
             name: "tokenwise".into(),
             path: model_path("tokenwise.pt"),
             source: None,
@@ -853,6 +860,7 @@ mod tests {
 
     fn digits(batching: BatchPolicy) -> ModelConfig {
         ModelConfig {
+            worker: false,
             name: "digits".into(),
             path: model_path("digits.pt"),
             source: None,
@@ -1374,7 +1382,7 @@ mod tests {
         config.device = DeviceChoice::Auto;
         config.memory_headroom_bytes = 256 << 20;
         let placer = Placer::new(Arc::clone(&gpus), 95);
-        let handle = crate::fleet::start_model(&config, &placer, Arc::new(EventLog::new(16))).expect("spawn");
+        let handle = crate::fleet::start_model(&config, &placer, Arc::new(EventLog::new(16)), std::time::Duration::from_secs(60)).expect("spawn");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !matches!(handle.state(), ModelState::Ready(_)) {
             assert!(Instant::now() < deadline, "not ready: {:?}", handle.state());
@@ -1633,6 +1641,7 @@ mod on_a_fake_backend {
 
     fn config(max_batch_size: u32, replicas: Replicas) -> ModelConfig {
         ModelConfig {
+            worker: false,
             name: "fake".into(),
             path: PathBuf::from("fake.pt"),
             source: None,

@@ -42,6 +42,17 @@ pub struct ModelConfig {
     /// The floating-point type the model runs in. Floating inputs are cast to it and floating
     /// outputs back to FP32, so guests see the same dtypes whatever the precision.
     pub precision: Precision,
+    /// Runs each replica's module in a confined worker process instead of in the server
+    /// ([`crate::model::backend::worker`]): what a tenant's own model always does, and an
+    /// operator's does when its config says `worker = true`.
+    pub worker: bool,
+}
+
+impl ModelConfig {
+    /// Whether the model runs in worker processes: asked for, or a tenant's own.
+    pub fn in_worker(&self) -> bool {
+        self.worker || self.key().contains(OWNER_SEPARATOR)
+    }
 }
 
 /// Whether `name` is a valid name for a model, handler or tenant: 1-64 of `a-z A-Z 0-9 - _ .`,

@@ -260,7 +260,11 @@ fn tensor_type(dtype: DType) -> tensor::TensorType {
 fn error_code(e: &InferError) -> ErrorCode {
     match e {
         InferError::Overloaded(_) | InferError::Timeout { .. } => ErrorCode::Timeout,
-        InferError::NotReady { .. } | InferError::Runtime { .. } | InferError::Closed(_) | InferError::Flushed(_) => {
+        InferError::NotReady { .. }
+        | InferError::Runtime { .. }
+        | InferError::Closed(_)
+        | InferError::Flushed(_)
+        | InferError::Unavailable { .. } => {
             ErrorCode::RuntimeError
         }
     }

@@ -5,6 +5,7 @@
 //! block; the scheduler makes them on a replica's own thread, never on an async worker.
 
 pub mod torch;
+pub mod worker;
 
 use crate::model::device::Device;
 use crate::model::spec::ModelConfig;
@@ -30,6 +31,11 @@ pub enum BackendError {
     /// The backend panicked; the batch fails, the replica lives on.
     #[error("the backend panicked while running forward")]
     Panicked,
+    /// The model cannot run now, through no fault of the batch's inputs: its worker process
+    /// died or hung and is being restarted. Every caller of the batch gets this as it is,
+    /// without the batch being split to find a culprit.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Loads models. One value serves every replica of every model it is given.

@@ -48,7 +48,7 @@ impl Torch {
 /// call, a replica of another model setting its own `threads` meanwhile (as replicas loading
 /// together do) would decide this thread's. Asking for the count makes the lazy sizing happen
 /// now; setting it then holds for this thread alone.
-fn use_threads(threads: u32) {
+pub fn use_threads(threads: u32) {
     tch::get_num_threads();
     tch::set_num_threads(threads as i32);
 }
@@ -79,19 +79,50 @@ impl Backend for Torch {
 
 impl Torch {
     fn load_new(&self, config: &ModelConfig, device: Device) -> Result<TorchModel, BackendError> {
-        let model = TorchModel::load(config, device, Cast::Parameters)?;
-        if config.precision == Precision::Fp32 {
-            return Ok(model);
+        load_checked(&Wanted::of(config), Module::File(&config.path), device, &warmup_inputs(&config.inputs))
+    }
+}
+
+/// Where a module's TorchScript comes from: a file the server reads, or the bytes a model
+/// worker was handed (it can open no file).
+#[derive(Debug, Clone, Copy)]
+pub enum Module<'a> {
+    File(&'a std::path::Path),
+    Bytes(&'a [u8]),
+}
+
+/// What a load needs of a model's configuration.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    /// What error messages call the module (its file, or the model's name).
+    pub label: String,
+    pub precision: Precision,
+    /// Outputs configured: a pass returns this many tensors.
+    pub outputs: usize,
+}
+
+impl Wanted {
+    pub fn of(config: &ModelConfig) -> Wanted {
+        Wanted { label: config.path.display().to_string(), precision: config.precision, outputs: config.outputs.len() }
+    }
+}
+
+/// Loads `module` as `wanted` onto `device`. In reduced precision, floating parameters are cast
+/// first; when a first pass on `probe` then fails, the model needs its floating buffers cast too
+/// (batch norm's running statistics), and it is loaded again with everything cast.
+pub fn load_checked(wanted: &Wanted, module: Module<'_>, device: Device, probe: &[HostTensor]) -> Result<TorchModel, BackendError> {
+    let model = TorchModel::load_module(wanted, module, device, Cast::Parameters)?;
+    if wanted.precision == Precision::Fp32 {
+        return Ok(model);
+    }
+    match model.forward(probe) {
+        Err(BackendError::Forward(first)) => {
+            TorchModel::load_module(wanted, module, device, Cast::Everything).and_then(|model| match model.forward(probe) {
+                Ok(_) => Ok(model),
+                Err(_) => Err(BackendError::Forward(first)),
+            })
         }
-        match model.forward(&warmup_inputs(&config.inputs)) {
-            Err(BackendError::Forward(first)) => {
-                TorchModel::load(config, device, Cast::Everything).and_then(|model| match model.forward(&warmup_inputs(&config.inputs)) {
-                    Ok(_) => Ok(model),
-                    Err(_) => Err(BackendError::Forward(first)),
-                })
-            }
-            _ => Ok(model),
-        }
+        _ => Ok(model),
     }
 }
 
@@ -153,7 +184,8 @@ fn reduced_kind(precision: Precision) -> Option<Kind> {
     }
 }
 
-fn kind(dtype: DType) -> Kind {
+/// libtorch's kind for a Kiln dtype.
+pub fn kind(dtype: DType) -> Kind {
     match dtype {
         DType::F16 => Kind::Half,
         DType::F32 => Kind::Float,
@@ -165,7 +197,8 @@ fn kind(dtype: DType) -> Kind {
     }
 }
 
-fn dtype(kind: Kind) -> Option<DType> {
+/// The Kiln dtype of a libtorch kind, for the kinds Kiln carries.
+pub fn dtype(kind: Kind) -> Option<DType> {
     Some(match kind {
         Kind::Half => DType::F16,
         Kind::Float => DType::F32,
@@ -182,20 +215,29 @@ impl TorchModel {
     /// Loads the module named by `config` onto `device`; in reduced precision, `cast` says what
     /// is converted.
     pub fn load(config: &ModelConfig, device: Device, cast: Cast) -> Result<TorchModel, BackendError> {
+        TorchModel::load_module(&Wanted::of(config), Module::File(&config.path), device, cast)
+    }
+
+    /// [`TorchModel::load`] from `module`.
+    pub fn load_module(wanted: &Wanted, module: Module<'_>, device: Device, cast: Cast) -> Result<TorchModel, BackendError> {
         // The profiling executor specializes a graph to the shapes of its first runs and falls
         // back to a slow path for any other shape; served shapes vary (batch sizes, sequence
         // lengths), which made MiniLM ~60% slower than the same forward at a fixed shape.
         tch::jit::set_profiling_mode(false);
         let device = tch_device(device)?;
-        let mut module = CModule::load_on_device(&config.path, device).map_err(|e| {
+        let loaded = match module {
+            Module::File(path) => CModule::load_on_device(path, device),
+            Module::Bytes(mut bytes) => CModule::load_data_on_device(&mut bytes, device),
+        };
+        let mut module = loaded.map_err(|e| {
             BackendError::Load(format!(
                 "cannot load TorchScript file {}: {}",
-                config.path.display(),
+                wanted.label,
                 torch_reason(&e.to_string())
             ))
         })?;
         module.set_eval();
-        let reduced = reduced_kind(config.precision);
+        let reduced = reduced_kind(wanted.precision);
         if let Some(kind) = reduced {
             let params = module
                 .named_parameters()
@@ -206,8 +248,8 @@ impl TorchModel {
                     "precision {} needs floating-point parameters to cast, and {} has none: a frozen \
                      TorchScript module (torch.jit.freeze) keeps its weights as constants. Export it \
                      without freezing, or in the precision wanted and serve it as fp32",
-                    config.precision,
-                    config.path.display()
+                    wanted.precision,
+                    wanted.label
                 )));
             }
             match cast {
@@ -226,7 +268,7 @@ impl TorchModel {
         Ok(TorchModel {
             module: Arc::new(module),
             device,
-            output_names: config.outputs.len(),
+            output_names: wanted.outputs,
             reduced,
         })
     }
@@ -264,42 +306,50 @@ impl TorchModel {
     /// tensors than configured is an error, extra ones are ignored.
     pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
         tch::no_grad(|| {
-            let args = inputs
-                .iter()
-                .map(|t| self.to_torch(t).map(IValue::Tensor))
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = self
-                .module
-                .forward_is(&args)
-                .map_err(|e| BackendError::Forward(format!("forward failed: {}", torch_reason(&e.to_string()))))?;
-            let mut tensors = Vec::with_capacity(self.output_names);
-            flatten_outputs(out, &mut tensors)?;
-            if tensors.len() < self.output_names {
-                return Err(BackendError::Output(format!(
-                    "the model returned {} tensors but {} outputs are configured",
-                    tensors.len(),
-                    self.output_names
-                )));
-            }
-            tensors.truncate(self.output_names);
-            tensors
-                .iter()
-                .map(|t| match self.reduced {
-                    // Back to the FP32 a guest expects of a model served in reduced precision.
-                    Some(_) if t.is_floating_point() => t
-                        .f_to_kind(Kind::Float)
-                        .map_err(|e| BackendError::Output(format!("cannot cast output to FP32: {e}")))
-                        .and_then(|t| from_torch(&t)),
-                    _ => from_torch(t),
-                })
-                .collect()
+            let args = inputs.iter().map(|t| self.to_torch(t)).collect::<Result<Vec<_>, _>>()?;
+            self.forward_tensors(args)?.iter().map(from_torch).collect()
         })
+    }
+
+    /// [`TorchModel::forward`] on CPU tensors: `args` are moved to the model's device and cast to
+    /// its precision; the outputs come back in FP32 when the model runs in reduced precision,
+    /// still on the model's device. Call it under no-grad.
+    pub fn forward_tensors(&self, args: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError> {
+        let args = args.into_iter().map(|t| self.prepare(t).map(IValue::Tensor)).collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .module
+            .forward_is(&args)
+            .map_err(|e| BackendError::Forward(format!("forward failed: {}", torch_reason(&e.to_string()))))?;
+        let mut tensors = Vec::with_capacity(self.output_names);
+        flatten_outputs(out, &mut tensors)?;
+        if tensors.len() < self.output_names {
+            return Err(BackendError::Output(format!(
+                "the model returned {} tensors but {} outputs are configured",
+                tensors.len(),
+                self.output_names
+            )));
+        }
+        tensors.truncate(self.output_names);
+        tensors
+            .into_iter()
+            .map(|t| match self.reduced {
+                // Back to the FP32 a guest expects of a model served in reduced precision.
+                Some(_) if t.is_floating_point() => {
+                    t.f_to_kind(Kind::Float).map_err(|e| BackendError::Output(format!("cannot cast output to FP32: {e}")))
+                }
+                _ => Ok(t),
+            })
+            .collect()
     }
 
     fn to_torch(&self, t: &HostTensor) -> Result<Tensor, BackendError> {
         let shape: Vec<i64> = t.shape.iter().map(|&d| i64::from(d)).collect();
-        let cpu = Tensor::f_from_data_size(&t.data, &shape, kind(t.dtype))
-            .map_err(|e| BackendError::Forward(format!("cannot build input tensor: {e}")))?;
+        Tensor::f_from_data_size(&t.data, &shape, kind(t.dtype))
+            .map_err(|e| BackendError::Forward(format!("cannot build input tensor: {e}")))
+    }
+
+    /// A CPU input on the model's device, floating ones in its precision.
+    fn prepare(&self, cpu: Tensor) -> Result<Tensor, BackendError> {
         let on_device = if self.device == TchDevice::Cpu {
             cpu
         } else {
@@ -307,7 +357,7 @@ impl TorchModel {
                 .map_err(|e| BackendError::Forward(format!("cannot move input to {:?}: {e}", self.device)))?
         };
         match self.reduced {
-            Some(kind) if t.dtype.is_float() => on_device
+            Some(kind) if on_device.is_floating_point() => on_device
                 .f_to_kind(kind)
                 .map_err(|e| BackendError::Forward(format!("cannot cast input to {kind:?}: {e}"))),
             _ => Ok(on_device),
