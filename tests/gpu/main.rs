@@ -124,3 +124,76 @@ async fn the_examples_answer_on_cuda_in_fp32_and_bf16() {
         assert!(distance < max_distance, "{precision}: embeddings cosine distance {distance}");
     }
 }
+
+/// The events so far, as a follower reads them first (until the stream is quiet).
+async fn events_text(server: &Server) -> String {
+    let mut response = server.admin_client().get(server.url("/v1/events")).send().await.expect("events");
+    let mut text = String::new();
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(std::time::Duration::from_millis(800), response.chunk()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+/// MiniLM in a confined worker on the GPU (as a tenant's own model runs) answers as in the
+/// server; token ids past its vocabulary (no `max` declared) make CUDA assert on the device,
+/// which poisons the worker's CUDA context: its batch fails, the worker restarts and answers
+/// again, and digits, in the server's process on the same GPU, answers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_on_cuda_survives_a_device_side_assert_and_takes_nothing_else_down() {
+    let device = std::env::var("KILN_GPU_CHECK_DEVICE").unwrap_or_else(|_| "cuda:0".to_owned());
+    if device != "cpu" && gpu().is_none() {
+        return;
+    }
+    let mut config = String::new();
+    for line in examples_config("", &[], "").lines() {
+        config.push_str(line);
+        config.push('\n');
+        if line.starts_with("path = ") && line.ends_with(".pt\"") {
+            config.push_str(&format!("device = \"{device}\"\n"));
+            if line.contains("minilm") {
+                config.push_str("worker = true\n");
+            }
+        }
+    }
+    let server = Server::start(&config, &["demo"]).expect("server");
+    let client = server.client("demo");
+    let ids = |id: i64| json!({ "inputs": [
+        { "name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [101, id, 102] },
+        { "name": "attention_mask", "datatype": "INT64", "shape": [1, 3], "data": [1, 1, 1] },
+    ] });
+    let minilm = server.url("/v2/models/minilm/infer");
+    let first = client.post(&minilm).json(&ids(2023)).send().await.expect("infer");
+    assert_eq!(first.status(), 200, "{}", first.text().await.unwrap_or_default());
+    let digits = tokio::spawn({
+        let (client, url) = (server.client("demo"), server.url("/v2/models/digits/infer"));
+        async move {
+            let image = json!({ "inputs": [{ "name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": vec![0.0; 64] }] });
+            for _ in 0..200 {
+                let response = client.post(&url).json(&image).send().await.expect("digits");
+                assert_eq!(response.status(), 200, "digits failed beside the worker's assert");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    });
+    let bad = client.post(&minilm).json(&ids(5_000_000)).send().await.expect("infer");
+    let status = bad.status().as_u16();
+    let body: Value = bad.json().await.expect("json");
+    // On a GPU the assert ends the worker (503); on the CPU the index is an ordinary error (500).
+    assert!(status == 503 && body["kind"] == "unavailable" || status == 500 && device == "cpu", "{status}: {body}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let response = client.post(&minilm).json(&ids(2023)).send().await.expect("infer");
+        if response.status() == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "minilm's worker never came back: {}", response.status());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    digits.await.expect("digits");
+    if status == 503 {
+        let events = events_text(&server).await;
+        assert!(events.contains("worker_exited") && events.contains("worker_restarted"), "{events}");
+        println!("gpu-check worker: a device-side assert restarted minilm's worker; digits answered throughout");
+    }
+}
