@@ -176,7 +176,7 @@ impl WorkerModel {
     fn failed(&self, state: &mut State, process: Process, how: String) -> BackendError {
         let lived = process.started.elapsed();
         let pid = process.pid;
-        let exit = process.stop();
+        let exit = process.stop(false);
         if lived >= HEALTHY_AFTER {
             state.failures = 0;
         }
@@ -220,14 +220,16 @@ impl LoadedModel for WorkerModel {
                 }
                 Err(e) => {
                     state.failures += 1;
-                    state.retry_at = Instant::now() + backoff(state.failures);
+                    let wait = backoff(state.failures);
+                    state.retry_at = Instant::now() + wait;
                     state.last_exit = format!("could not start again: {e}");
+                    tracing::warn!(model = %self.spec.config.name, retry_in_ms = wait.as_millis() as u64, "model worker {}", state.last_exit);
                     return Err(self.unavailable(&state));
                 }
             },
         };
         let deadline = process.deadline(&self.spec);
-        match process.pass(inputs, deadline) {
+        match process.pass(inputs, self.spec.config.outputs.len(), deadline) {
             Ok(Ok(outputs)) => {
                 state.process = Some(process);
                 Ok(outputs)
@@ -313,7 +315,7 @@ impl Process {
         match process.load(spec, &archive, &probe) {
             Ok(Ok(loaded)) => Ok((process, loaded)),
             Ok(Err(e)) => {
-                process.stop();
+                process.stop(true);
                 Err(e)
             }
             Err(e) => {
@@ -322,7 +324,7 @@ impl Process {
                 } else {
                     format!("ended while loading: {e}")
                 };
-                let how = match process.stop() {
+                let how = match process.stop(false) {
                     Some(status) => format!("{how} ({status})"),
                     None => how,
                 };
@@ -382,7 +384,7 @@ impl Process {
 
     /// Runs one pass. The outer error means the worker is done for (it died, hung or broke the
     /// protocol), in words; the inner one is the model's own.
-    fn pass(&mut self, inputs: &[HostTensor], deadline: Instant) -> Result<Result<Vec<HostTensor>, BackendError>, String> {
+    fn pass(&mut self, inputs: &[HostTensor], outputs: usize, deadline: Instant) -> Result<Result<Vec<HostTensor>, BackendError>, String> {
         self.passes += 1;
         let broken = |e: io::Error| match e.kind() {
             io::ErrorKind::TimedOut => "ran a pass past its deadline and was stopped".to_owned(),
@@ -393,14 +395,17 @@ impl Process {
         self.channel.set_deadline(Some(deadline));
         self.channel.send(&Request::Forward { inputs: slots }, &[], None).map_err(broken)?;
         match self.channel.receive::<Reply>().map_err(broken)? {
-            Reply::Outputs { outputs, inline } => self.read_outputs(&outputs, inline).map(Ok).map_err(broken),
+            Reply::Outputs { outputs: slots, inline } => self.read_outputs(&slots, inline, outputs).map(Ok).map_err(broken),
             Reply::Failed { kind, reason, fatal: false } => Ok(Err(backend_error(kind, reason))),
             Reply::Failed { reason, fatal: true, .. } => Err(format!("failed for good: {}", loggable(&reason, MAX_LOGGED))),
             Reply::Loaded { .. } => Err("broke the protocol: a load's answer to a pass".to_owned()),
         }
     }
 
-    fn read_outputs(&mut self, slots: &[Slot], inline: bool) -> io::Result<Vec<HostTensor>> {
+    fn read_outputs(&mut self, slots: &[Slot], inline: bool, expected: usize) -> io::Result<Vec<HostTensor>> {
+        if slots.len() != expected {
+            return Err(protocol::invalid(format!("{} outputs where the model has {expected}", slots.len())));
+        }
         let extents = slots.iter().map(Slot::extent).collect::<io::Result<Vec<_>>>()?;
         let outputs = if inline {
             let end = slots
@@ -438,14 +443,16 @@ impl Process {
         Ok(outputs)
     }
 
-    /// Stops the worker (if it has not stopped) and says how it ended.
-    fn stop(mut self) -> Option<String> {
+    /// Stops the worker (if it has not stopped) and says how it ended: at once, or, `graceful`,
+    /// after a moment to exit on its own (a worker that answered a failed load exits).
+    fn stop(mut self, graceful: bool) -> Option<String> {
         let status = match self.child.try_wait() {
             Ok(Some(status)) => status,
             _ => {
-                // Closing the socket ends a healthy worker; one that hangs is killed.
+                // Closing the socket ends a healthy worker; one that does not end is killed.
                 self.channel.hang_up();
-                let deadline = Instant::now() + Duration::from_millis(200);
+                let wait = if graceful { Duration::from_millis(200) } else { Duration::ZERO };
+                let deadline = Instant::now() + wait;
                 loop {
                     match self.child.try_wait() {
                         Ok(Some(status)) => break status,
