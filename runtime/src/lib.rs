@@ -45,9 +45,54 @@ mod layering {
         LAYERS.iter().position(|l| l.contains(&module))
     }
 
+    /// `text` without its `#[cfg(test)]` items (test modules, test-only imports and functions),
+    /// which may reach anywhere. Strings, characters and comments are read as such, so a brace
+    /// inside one does not end an item.
+    fn non_test_code(text: &str) -> String {
+        const MARK: &str = "#[cfg(test)]";
+        let bytes = text.as_bytes();
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        while let Some(found) = text[at..].find(MARK) {
+            let start = at + found;
+            out.push_str(&text[at..start]);
+            // The item runs to its first `;` outside braces, or to the brace closing its first `{`.
+            let mut depth = 0usize;
+            let mut i = start + MARK.len();
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'/' if bytes.get(i + 1) == Some(&b'/') => i = text[i..].find('\n').map_or(bytes.len(), |n| i + n),
+                    b'/' if bytes.get(i + 1) == Some(&b'*') => i = text[i..].find("*/").map_or(bytes.len(), |n| i + n + 1),
+                    b'"' => {
+                        i += 1;
+                        while i < bytes.len() && bytes[i] != b'"' {
+                            i += if bytes[i] == b'\\' { 2 } else { 1 };
+                        }
+                    }
+                    // A character literal (`'{'`, `'\''`), not a lifetime (`'a`).
+                    b'\'' if bytes.get(i + 2) == Some(&b'\'') => i += 2,
+                    b'\'' if bytes.get(i + 1) == Some(&b'\\') => i = text.get(i + 3..).and_then(|t| t.find('\'')).map_or(bytes.len(), |n| i + 3 + n),
+                    b'{' => depth += 1,
+                    b'}' => {
+                        depth = depth.saturating_sub(1);
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    b';' if depth == 0 => break,
+                    _ => {}
+                }
+                i += 1;
+            }
+            at = (i + 1).min(bytes.len());
+        }
+        out.push_str(&text[at..]);
+        out
+    }
+
     /// Top-level modules a file's non-test code names through `crate::`.
     fn uses(text: &str) -> Vec<String> {
-        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        let code = non_test_code(text);
         let mut found = Vec::new();
         for (at, _) in code.match_indices("crate::") {
             let rest = &code[at + "crate::".len()..];
@@ -112,5 +157,12 @@ mod layering {
     fn the_check_sees_grouped_and_nested_paths() {
         assert_eq!(uses("use crate::{model::x, fleet};\nlet a = crate::api::f();"), ["model", "fleet", "api"]);
         assert!(uses("#[cfg(test)]\nuse crate::api;").is_empty(), "test code may reach anywhere");
+    }
+
+    #[test]
+    fn the_check_reads_past_test_items_to_the_end_of_the_file() {
+        let text = "use crate::model;\n#[cfg(test)]\nfn f() { let c = '{'; let q = '\\''; let s = \"}}\"; crate::api::x(); }\n\
+                    #[cfg(test)]\nmod tests {\n    // }\n    use crate::cli;\n}\nuse crate::fleet;\n";
+        assert_eq!(uses(text), ["model", "fleet"]);
     }
 }
