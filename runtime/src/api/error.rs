@@ -8,7 +8,7 @@ use kiln_wire::ErrorBody;
 
 use crate::deploy::models::ModelError;
 use crate::deploy::registry::DeployError;
-use crate::model::handle::InferError;
+use crate::model::error::InferError;
 use crate::sandbox::{ComponentError, GuestError};
 use crate::telemetry::{MAX_LOGGED, loggable};
 use crate::tenancy::QuotaRefusal;

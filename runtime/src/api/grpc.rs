@@ -30,7 +30,8 @@ use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status};
 
 use super::{ApiError, AppState, priority_header, timeout_header};
-use crate::model::handle::{InferOptions, ModelHandle, ModelState};
+use crate::model::handle::{InferOptions, ModelHandle};
+use crate::model::shared::ModelState;
 use crate::model::tensor::{DType, HostTensor};
 use crate::telemetry::ANONYMOUS;
 use crate::tenancy::Tenant;

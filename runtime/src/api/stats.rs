@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiError, AppState, json_response};
-use crate::model::handle::ModelState;
+use crate::model::shared::ModelState;
 
 /// Every live handler's cache: the counters over its name (they survive redeploys), the size
 /// of the one serving now.

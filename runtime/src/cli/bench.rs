@@ -557,7 +557,7 @@ fn raw_on<B: crate::model::backend::Backend>(
 ) -> anyhow::Result<Vec<RawRow>> {
     use crate::model::backend::LoadedModel as _;
     use crate::model::tensor::{DType, HostTensor};
-    let (model, _) = crate::model::scheduler::load_and_warm_up(backend, config, device)?;
+    let (model, _) = crate::model::replica::load_and_warm_up(backend, config, device)?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {
         let inputs: Vec<HostTensor> = config

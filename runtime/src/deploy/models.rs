@@ -26,7 +26,8 @@ use crate::deploy::sources::{Held, ModelCache, Remote, Requester, TenantFetch, v
 use crate::deploy::store::{ModelDeployment, Store};
 use crate::fleet::placement::Placer;
 use crate::fleet::start_model;
-use crate::model::handle::{ModelHandle, ModelState, TuningChange};
+use crate::model::handle::{ModelHandle, TuningChange};
+use crate::model::shared::ModelState;
 use crate::model::spec::{DeviceChoice, ModelConfig, OWNER_SEPARATOR, owned_key};
 use crate::model::table::{ModelTable, Served};
 use crate::telemetry::{EventLog, MAX_LOGGED, loggable, unix_seconds};

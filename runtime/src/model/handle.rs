@@ -15,48 +15,14 @@ use tokio::sync::oneshot;
 use crate::model::backend::Backend;
 use crate::model::batch;
 use crate::model::curve::ForwardCurve;
-use crate::model::device::{Device, Placement};
-use crate::model::scheduler::{Command, LoadTimes, Pending, Scheduler};
-use crate::model::signature::OutputMeta;
+use crate::model::device::Placement;
+use crate::model::command::{Command, Pending};
+use crate::model::error::InferError;
+use crate::model::scheduler::Scheduler;
+use crate::model::shared::{LoadTimes, ModelCounters, ModelState, Shared};
 use crate::model::spec::{MAX_BATCH_SIZE, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Replicas, Tuning};
 use crate::model::tensor::{HostTensor, TensorError};
 use crate::telemetry::EventLog;
-use crate::telemetry::histogram::{AtomicHistogram, BatchSizes};
-
-/// Why an inference did not produce outputs.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum InferError {
-    /// The model is still loading or failed to load.
-    #[error("model '{model}' is not ready: {reason}")]
-    NotReady { model: String, reason: String },
-    /// The queue is full.
-    #[error("model '{0}' is overloaded; retry later")]
-    Overloaded(String),
-    /// The request's timeout passed before its result was ready.
-    #[error("model '{model}' did not answer within {} ms", after.as_millis())]
-    Timeout { model: String, after: Duration },
-    /// The backend refused the inputs or failed while running.
-    #[error("model '{model}': {message}")]
-    Runtime { model: String, message: String },
-    /// The scheduler is gone (the server is shutting down).
-    #[error("model '{0}' is shut down")]
-    Closed(String),
-    /// The model cannot run for now: its worker process ended and is being restarted.
-    #[error("model '{model}' is unavailable: {message}")]
-    Unavailable { model: String, message: String },
-    /// An operator flushed the model's queue while the request waited in it.
-    #[error("model '{0}': the queue was flushed by an operator; retry later")]
-    Flushed(String),
-}
-
-/// Where a model is in its life.
-#[derive(Debug, Clone)]
-pub enum ModelState {
-    Loading,
-    Ready(Arc<[OutputMeta]>),
-    Failed(String),
-}
 
 /// Per-request scheduling options.
 #[derive(Debug, Clone, Copy, Default)]
@@ -74,49 +40,6 @@ pub struct TuningChange {
     pub max_queue_delay: Option<Duration>,
     pub timeout: Option<Duration>,
     pub replicas: Option<Replicas>,
-}
-
-/// Counters an operator (and the batching tests) read.
-#[derive(Debug, Default)]
-pub struct ModelCounters {
-    /// Requests answered by a forward pass, successfully or not.
-    pub inferences: AtomicU64,
-    /// Forward passes run.
-    pub executions: AtomicU64,
-    /// Requests whose caller had gone before they ran; skipped, not executed.
-    pub dropped: AtomicU64,
-    /// Requests refused because the queue was full.
-    pub overloaded: AtomicU64,
-    /// Requests whose timeout passed.
-    pub timeouts: AtomicU64,
-    /// Merged forward passes that failed and were split to find the request at fault.
-    pub isolated: AtomicU64,
-    /// Requests waiting in the queue now.
-    pub queued: AtomicUsize,
-    /// Forward passes by rows.
-    pub batch_sizes: BatchSizes,
-    /// Time from enqueue to the start of the request's forward pass.
-    pub queue_wait: AtomicHistogram,
-    /// Forward passes over every replica there has been (replicas' own come and go with them).
-    pub forward: AtomicHistogram,
-}
-
-impl ModelCounters {
-    /// Back to zero (`queued` is live state, not a statistic: it stays).
-    fn reset(&self) {
-        for counter in [&self.inferences, &self.executions, &self.dropped, &self.overloaded, &self.timeouts, &self.isolated] {
-            counter.store(0, Ordering::Relaxed);
-        }
-        self.batch_sizes.reset();
-        self.queue_wait.reset();
-        self.forward.reset();
-    }
-
-    pub(super) fn count_batch(&self, requests: usize, rows: u32) {
-        self.inferences.fetch_add(requests as u64, Ordering::Relaxed);
-        self.executions.fetch_add(1, Ordering::Relaxed);
-        self.batch_sizes.record(rows);
-    }
 }
 
 /// One replica's histograms, as the metrics export them.
@@ -140,119 +63,6 @@ pub struct ModelLoad {
     pub queued: usize,
     /// One replica's weights as measured at load; 0 until one has loaded.
     pub weights: u64,
-}
-
-/// One replica as operators see it; the scheduler and the replica's thread update it.
-#[derive(Debug)]
-pub(super) struct ReplicaSlot {
-    pub(super) id: u32,
-    pub(super) device: Device,
-    state: Mutex<ReplicaState>,
-    pub(super) busy: AtomicBool,
-    pub(super) forward: AtomicHistogram,
-    pub(super) batch_sizes: BatchSizes,
-}
-
-impl ReplicaSlot {
-    pub(super) fn new(id: u32, device: Device) -> Arc<ReplicaSlot> {
-        Arc::new(ReplicaSlot {
-            id,
-            device,
-            state: Mutex::new(ReplicaState::Loading),
-            busy: AtomicBool::new(false),
-            forward: AtomicHistogram::new(),
-            batch_sizes: BatchSizes::default(),
-        })
-    }
-
-    pub(super) fn state(&self) -> ReplicaState {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(super) fn set_state(&self, state: ReplicaState) {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
-    }
-
-    fn info(&self) -> ReplicaInfo {
-        ReplicaInfo {
-            id: self.id,
-            device: self.device.to_string(),
-            state: self.state(),
-            busy: self.busy.load(Ordering::Relaxed),
-            batches: self.batch_sizes.passes(),
-            rows: self.batch_sizes.rows(),
-            busy_seconds: self.forward.sum_us() as f64 / 1e6,
-        }
-    }
-}
-
-/// What the scheduler publishes and callers read. Every field is written by the scheduler (or
-/// its replicas) only, except the queue count callers take a place in before they send.
-pub(super) struct Shared {
-    pub(super) config: ModelConfig,
-    pub(super) state: Mutex<ModelState>,
-    pub(super) counters: ModelCounters,
-    /// Every replica alive, in id order.
-    pub(super) replicas: Mutex<Vec<Arc<ReplicaSlot>>>,
-    /// The scheduler's replica target, as last published.
-    pub(super) target: AtomicU32,
-    /// One replica's weights as measured at load; 0 until one has loaded.
-    pub(super) weights: AtomicU64,
-    /// Whether requests of different lengths may share a batch: false once a load found that
-    /// padding changes the model's outputs.
-    pub(super) ragged_batching: AtomicBool,
-    pub(super) events: Arc<EventLog>,
-    /// Forward time by batch rows, learned while serving.
-    pub(super) curve: Mutex<ForwardCurve>,
-    /// Guests running now that may call this model and have not yet: the rows on their way.
-    pub(super) expected: AtomicUsize,
-    /// Whether the scheduler is holding a partial batch for them.
-    pub(super) holding: AtomicBool,
-    /// What an operator may change while serving; the config's values until then.
-    pub(super) tuning: Mutex<Tuning>,
-    /// While set, requests queue (up to the queue limit) and no batch runs.
-    pub(super) paused: AtomicBool,
-    /// How long its first replica took to load, and to warm up.
-    pub(super) load_time: Mutex<Option<LoadTimes>>,
-    /// The module's parameters (elements), as the first replica to load counted them.
-    pub(super) parameters: AtomicU64,
-}
-
-impl Shared {
-    #[cfg(test)]
-    pub(super) fn for_tests(config: ModelConfig) -> Arc<Shared> {
-        let max_rows = config.batching.max_batch_size;
-        let tuning = Tuning::of(&config);
-        Arc::new(Shared {
-            config,
-            state: Mutex::new(ModelState::Loading),
-            counters: ModelCounters::default(),
-            replicas: Mutex::new(Vec::new()),
-            target: AtomicU32::new(1),
-            weights: AtomicU64::new(0),
-            ragged_batching: AtomicBool::new(true),
-            events: Arc::new(EventLog::new(16)),
-            curve: Mutex::new(ForwardCurve::new(max_rows)),
-            expected: AtomicUsize::new(0),
-            holding: AtomicBool::new(false),
-            tuning: Mutex::new(tuning),
-            paused: AtomicBool::new(false),
-            load_time: Mutex::new(None),
-            parameters: AtomicU64::new(0),
-        })
-    }
-
-    pub(super) fn tuning(&self) -> Tuning {
-        *self.tuning.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(super) fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ReplicaSlot>>> {
-        self.replicas.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(super) fn curve(&self) -> std::sync::MutexGuard<'_, ForwardCurve> {
-        self.curve.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 /// A running guest that may call a model and has not yet: while it is held, the model's

@@ -1,16 +1,22 @@
 //! Models: what a model takes and gives ([`signature`], [`tensor`]), how it is configured
 //! ([`spec`]), where a replica runs ([`device`]), merging requests into batches ([`batch`]), the
-//! [`backend`]s that run forward passes, the per-model [`scheduler`], the forward-time
-//! [`curve`] it learns, and the [`table`] of models being served. No HTTP and no wasm
+//! [`backend`]s that run forward passes, the per-model [`scheduler`] (an actor: what it is told
+//! is [`command`]), its [`replica`] threads, the [`shared`] state both sides publish and read,
+//! the forward-time [`curve`] it learns, and the [`table`] of models being served. Callers get
+//! outputs or an [`error::InferError`]. No HTTP and no wasm
 //! here: the sandbox and the API reach a model through a [`handle::ModelHandle`]. Before a
 //! tenant's TorchScript is loaded at all, [`graph_check`] reads what its code can run.
 
 pub mod backend;
+mod command;
 pub mod curve;
 pub mod device;
+pub mod error;
 pub mod graph_check;
 pub mod handle;
+pub mod replica;
 pub mod scheduler;
+pub mod shared;
 pub mod spec;
 pub mod table;
 

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::model::handle::{Expectation, InferError, InferOptions, ModelHandle};
+use crate::model::error::InferError;
+use crate::model::handle::{Expectation, InferOptions, ModelHandle};
 use crate::model::tensor::{DType, HostTensor};
 
 mod generated {
