@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{DType, HostTensor, ShapeSpec, TensorError, byte_len};
 
 /// One named `forward` argument, in declaration order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,4 +114,130 @@ pub fn output_meta(specs: &[OutputSpec], outputs: &[HostTensor]) -> Vec<OutputMe
                 .collect(),
         })
         .collect()
+}
+
+/// A tensor against an input's declaration: here, beside the declaration, so that the tensor
+/// type knows nothing of signatures.
+impl HostTensor {
+    /// Checks dtype, rank and fixed dimensions against the model's declaration.
+    pub fn check(&self, spec: &InputSpec) -> Result<(), TensorError> {
+        let name = &spec.name;
+        if self.dtype != spec.dtype {
+            return Err(TensorError(format!(
+                "input '{name}': expected dtype {}, got {}",
+                spec.dtype, self.dtype
+            )));
+        }
+        if self.shape.len() != spec.shape.len() {
+            return Err(TensorError(format!(
+                "input '{name}': expected rank {} (shape {}), got shape {:?}",
+                spec.shape.len(),
+                ShapeSpec(&spec.shape),
+                self.shape
+            )));
+        }
+        for (axis, (&got, want)) in self.shape.iter().zip(&spec.shape).enumerate() {
+            match want {
+                Some(w) if *w != got => {
+                    return Err(TensorError(format!(
+                        "input '{name}': dimension {axis} must be {w} (shape {}), got shape {:?}",
+                        ShapeSpec(&spec.shape),
+                        self.shape
+                    )));
+                }
+                _ if got == 0 => {
+                    return Err(TensorError(format!(
+                        "input '{name}': dimension {axis} is 0; empty tensors are not accepted"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        for (axis, (&got, limit)) in self.shape.iter().zip(&spec.max_dims).enumerate() {
+            if let Some(limit) = limit.filter(|&limit| got > limit) {
+                return Err(TensorError(format!(
+                    "input '{name}': dimension {axis} is {got}, over the model's limit of {limit} (max_dims)"
+                )));
+            }
+        }
+        match byte_len(self.dtype, &self.shape) {
+            Some(n) if n == self.data.len() => match spec.range {
+                Some(range) => self.check_values(name, range),
+                None => Ok(()),
+            },
+            Some(n) => Err(TensorError(format!(
+                "input '{name}': {} tensor of shape {:?} needs {n} bytes, got {}",
+                self.dtype,
+                self.shape,
+                self.data.len()
+            ))),
+            None => Err(TensorError(format!(
+                "input '{name}': shape {:?} is too large",
+                self.shape
+            ))),
+        }
+    }
+
+    /// The first element outside `range` (NaN is outside every range), named with its index.
+    fn check_values(&self, name: &str, range: ValueRange) -> Result<(), TensorError> {
+        let inside = |v: f64| range.min.is_none_or(|lo| v >= lo) && range.max.is_none_or(|hi| v <= hi) && !v.is_nan();
+        match self.values().enumerate().find(|(_, v)| !inside(*v)) {
+            None => Ok(()),
+            Some((i, v)) => Err(TensorError(format!(
+                "input '{name}': element {i} is {v}, outside the model's range {range} (min/max)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dtype: DType, shape: &[i64]) -> InputSpec {
+        let shape = shape.iter().map(|&d| (d >= 0).then_some(d as u32)).collect();
+        InputSpec::new("x", dtype, shape, None)
+    }
+
+    #[test]
+    fn check_names_the_input_and_what_differs() {
+        let t = HostTensor::new("x", DType::F32, vec![2, 3], vec![0; 24]).expect("tensor");
+        assert!(t.check(&spec(DType::F32, &[-1, 3])).is_ok());
+        let e = t.check(&spec(DType::I64, &[-1, 3])).expect_err("dtype");
+        assert_eq!(e.0, "input 'x': expected dtype INT64, got FP32");
+        let e = t.check(&spec(DType::F32, &[-1, 3, 1])).expect_err("rank");
+        assert_eq!(e.0, "input 'x': expected rank 3 (shape [-1, 3, 1]), got shape [2, 3]");
+        let e = t.check(&spec(DType::F32, &[-1, 4])).expect_err("dim");
+        assert_eq!(e.0, "input 'x': dimension 1 must be 4 (shape [-1, 4]), got shape [2, 3]");
+        let empty = HostTensor::new("x", DType::F32, vec![0, 3], vec![]).expect("tensor");
+        assert!(empty.check(&spec(DType::F32, &[-1, 3])).is_err());
+        let short = HostTensor { dtype: DType::F32, shape: vec![2, 3], data: vec![0; 23] };
+        let e = short.check(&spec(DType::F32, &[-1, 3])).expect_err("bytes");
+        assert_eq!(e.0, "input 'x': FP32 tensor of shape [2, 3] needs 24 bytes, got 23");
+    }
+
+    fn i64s(shape: Vec<u32>, values: &[i64]) -> HostTensor {
+        HostTensor { dtype: DType::I64, shape, data: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+
+    #[test]
+    fn values_outside_the_declared_range_and_dimensions_over_their_limit_are_refused() {
+        let mut ids = spec(DType::I64, &[-1, -1]);
+        ids.range = Some(ValueRange { min: Some(0.0), max: Some(30521.0) });
+        ids.max_dims = vec![None, Some(512)];
+        assert!(i64s(vec![1, 3], &[101, 30521, 102]).check(&ids).is_ok());
+        let e = i64s(vec![1, 3], &[101, 30522, 102]).check(&ids).expect_err("over max");
+        assert_eq!(e.0, "input 'x': element 1 is 30522, outside the model's range 0 ..= 30521 (min/max)");
+        let e = i64s(vec![2, 1], &[5, -1]).check(&ids).expect_err("under min");
+        assert_eq!(e.0, "input 'x': element 1 is -1, outside the model's range 0 ..= 30521 (min/max)");
+        assert!(i64s(vec![1, 512], &[0; 512]).check(&ids).is_ok());
+        let e = i64s(vec![1, 600], &[0; 600]).check(&ids).expect_err("too long");
+        assert_eq!(e.0, "input 'x': dimension 1 is 600, over the model's limit of 512 (max_dims)");
+        let mut x = spec(DType::F32, &[-1, 2]);
+        x.range = Some(ValueRange { min: None, max: Some(1.0) });
+        let floats = |v: [f32; 2]| HostTensor { dtype: DType::F32, shape: vec![1, 2], data: v.iter().flat_map(|f| f.to_le_bytes()).collect() };
+        assert!(floats([-5.0, 1.0]).check(&x).is_ok());
+        assert!(floats([0.0, f32::NAN]).check(&x).is_err(), "NaN is outside every range");
+        assert!(floats([0.0, 1.5]).check(&x).is_err());
+    }
 }
