@@ -22,13 +22,13 @@ use kiln_wire::{HandlerInfo, HandlerLimits, HandlerList, HandlerOrigin};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::auth::{AdminKey, require_admin};
 use super::{ApiError, AppState, json_response, read_body};
 use crate::deploy::HandlerSettings;
 use crate::deploy::registry::DeployRequest;
 use crate::sandbox::{Handler, Origin};
 use crate::telemetry::logging::{self, LogError};
 use crate::tenancy::audit::Event;
-use crate::tenancy::keys::Principal;
 
 /// The admin routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -55,16 +55,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(axum::middleware::from_fn(super::tag_request))
         .with_state(state)
-}
-
-pub(super) fn require_admin(app: &AppState, headers: &HeaderMap, handler: Option<&str>) -> Result<(), ApiError> {
-    match app.authenticate(headers, handler)? {
-        Principal::Admin => Ok(()),
-        Principal::Tenant(t) => {
-            app.audit.auth_failure(super::peer(), Some(&t), handler, "tenant key used on the admin API");
-            Err(ApiError::Forbidden("the admin API needs an admin key".to_owned()))
-        }
-    }
 }
 
 /// The settings a deployment may carry in its query string.
@@ -158,15 +148,13 @@ struct LogFilter {
 /// Longest log filter `PUT /v1/log` takes.
 const MAX_LOG_FILTER: usize = 4096;
 
-async fn show_log(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
+async fn show_log(_admin: AdminKey) -> Result<Response, ApiError> {
     let filter = logging::filter().ok_or_else(|| ApiError::Internal(LogError::NotInstalled.to_string()))?;
     Ok(json_response(StatusCode::OK, &LogFilter { filter }))
 }
 
 /// Replaces the log filter (`{"filter": "info,kiln=debug"}`) at once, for every thread; audited.
-async fn set_log(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
+async fn set_log(State(app): State<Arc<AppState>>, _admin: AdminKey, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, &headers, MAX_LOG_FILTER).await?;
     let wanted: LogFilter = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("send {{\"filter\": \"...\"}}, like {{\"filter\": \"info,kiln=debug\"}}: {e}")))?;
@@ -180,8 +168,7 @@ async fn set_log(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bod
     Ok(json_response(StatusCode::OK, &LogFilter { filter }))
 }
 
-async fn list(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
+async fn list(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
     let handlers = app.registry.list().iter().map(|h| describe(h)).collect();
     Ok(json_response(StatusCode::OK, &HandlerList { handlers }))
 }

@@ -129,7 +129,7 @@ impl Authenticated {
         match access {
             Access::Anyone => Ok((None, KEYLESS_MAX_BYTES.min(app.max_body_bytes))),
             Access::Admin => {
-                super::admin::require_admin(app, headers, None)?;
+                super::auth::require_admin(app, headers, None)?;
                 Ok((Some(Caller::Admin), app.max_body_bytes))
             }
             Access::Tenant => {

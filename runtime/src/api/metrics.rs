@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_wire::{BATCH_BOUNDS, Histogram, LATENCY_BOUNDS_US, ScaleAction};
 use prometheus_client::collector::Collector;
@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::auth::AdminKey;
 use super::{ApiError, AppState};
 use crate::model::table::ModelTable;
 use crate::fleet::gpu::Gpus;
@@ -44,8 +45,7 @@ pub fn registry(
     registry
 }
 
-pub(super) async fn export(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    super::admin::require_admin(&app, &headers, None)?;
+pub(super) async fn export(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &app.metrics)
         .map_err(|e| ApiError::Internal(format!("cannot encode metrics: {e}")))?;

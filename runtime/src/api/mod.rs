@@ -6,6 +6,7 @@
 //! exist.
 
 pub mod admin;
+mod auth;
 mod error;
 pub mod grpc;
 pub mod metrics;

@@ -32,7 +32,7 @@ use axum::response::Response;
 use kiln_wire::{Bounds, ModelInfo, ModelList, TensorInfo};
 use serde_json::{Value, json};
 
-use super::admin::require_admin;
+use super::auth::AdminKey;
 use super::{ApiError, AppState, json_response, read_body};
 use crate::deploy::models::{Control, Loaded, ModelEntry, ModelOrigin};
 use crate::model::spec::owned_key;
@@ -42,29 +42,27 @@ use crate::model::spec::{Replicas, Tuning};
 /// Largest model definition accepted (the fields, not the weights).
 const MAX_SPEC_BYTES: usize = 1 << 20;
 
-pub(super) async fn list(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
+pub(super) async fn list(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
     let models = app.repository.list().iter().map(describe).collect();
     Ok(json_response(StatusCode::OK, &ModelList { models }))
 }
 
 pub(super) async fn show(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     let entry = entry(&app, &name)?;
     Ok(json_response(StatusCode::OK, &describe(&entry)))
 }
 
 pub(super) async fn put(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     let bytes = read_body(body, &headers, MAX_SPEC_BYTES).await?;
     let spec = parse_spec(&bytes)?;
     let loaded = app.repository.put(&name, spec).await?;
@@ -78,10 +76,9 @@ pub(super) async fn put(
 
 pub(super) async fn delete(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     app.repository.delete(&name).await?;
     Ok(json_response(StatusCode::OK, &json!({ "deleted": name })))
 }
@@ -189,10 +186,9 @@ pub(super) async fn tenant_delete(
 /// was done (`flushed N queued requests`).
 pub(super) async fn control(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path((name, action)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     let control = match action.as_str() {
         "pause" => Control::Pause,
         "resume" => Control::Resume,
@@ -228,11 +224,11 @@ enum Instances {
 /// `PATCH /v1/models/{name}`: change the served model's knobs while it serves.
 pub(super) async fn tune(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     let bytes = read_body(body, &headers, MAX_SPEC_BYTES).await?;
     let request: TuneRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(format!(
@@ -260,18 +256,16 @@ async fn controlled(app: &AppState, name: &str, control: Control) -> Result<Resp
 }
 
 /// `GET /v1/requests`: every request in flight, oldest first.
-pub(super) async fn in_flight(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
+pub(super) async fn in_flight(_admin: AdminKey) -> Result<Response, ApiError> {
     Ok(json_response(StatusCode::OK, &json!({ "requests": super::requests_in_flight() })))
 }
 
 /// `DELETE /v1/requests/{id}`: cancel a request in flight by its `kiln-request-id`.
 pub(super) async fn cancel(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     if !super::cancel_request(&id) {
         return Err(ApiError::NotFound(format!("no request {id} in flight (it may have been answered already)")));
     }
@@ -296,8 +290,7 @@ fn parse_spec(bytes: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// `POST /v2/repository/index`: every model with its state, as Triton lists them.
-pub(super) async fn index(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
+pub(super) async fn index(State(app): State<Arc<AppState>>, _admin: AdminKey, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let request = read_json(body, &headers).await?;
     let only_ready = request.get("ready").and_then(Value::as_bool).unwrap_or(false);
     let models: Vec<Value> = index_rows(&app, only_ready)
@@ -327,11 +320,11 @@ pub(super) fn index_rows(app: &AppState, only_ready: bool) -> Vec<(String, Strin
 /// `POST /v2/repository/models/{name}/load`.
 pub(super) async fn load(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     let request = read_json(body, &headers).await?;
     let config = match request.pointer("/parameters/config") {
         None => None,
@@ -359,11 +352,11 @@ pub(super) async fn load_model(app: &AppState, name: &str, config: Option<&str>)
 /// `POST /v2/repository/models/{name}/unload`.
 pub(super) async fn unload(
     State(app): State<Arc<AppState>>,
+    _admin: AdminKey,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers, None)?;
     read_json(body, &headers).await?;
     app.repository.unload(&name).await?;
     Ok(json_response(StatusCode::OK, &json!({})))

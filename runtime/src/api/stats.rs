@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -19,6 +19,7 @@ use kiln_wire::{Bounds, CurvePoint, ModelStats, ScalerReport, ServerEvent, Stats
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::auth::AdminKey;
 use super::{ApiError, AppState, json_response};
 use crate::model::shared::ModelState;
 
@@ -48,8 +49,7 @@ fn cache_stats(app: &AppState) -> Vec<kiln_wire::CacheStats> {
 }
 
 /// Every model, handler, tenant and GPU: admin only, since it names every tenant's models.
-pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    super::admin::require_admin(&app, &headers, None)?;
+pub(super) async fn snapshot(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
     // One row per version served (a versioned model's are named NAME@VERSION).
     let models = app
         .models
@@ -111,16 +111,14 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, headers: HeaderMa
 }
 
 /// The scaler's recent decisions, oldest first.
-pub(super) async fn scaler(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    super::admin::require_admin(&app, &headers, None)?;
+pub(super) async fn scaler(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
     let report = ScalerReport { decisions: app.decisions.recent() };
     Ok(json_response(StatusCode::OK, &json!(report)))
 }
 
 /// Server-sent events: the recent history, then every new event as it happens. A follower
 /// too slow to keep up is told how many it missed and goes on.
-pub(super) async fn events(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    super::admin::require_admin(&app, &headers, None)?;
+pub(super) async fn events(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
     let (history, feed) = app.telemetry.events.follow();
     let replay = futures::stream::iter(history.into_iter().map(|e| Ok(sse(&e))));
     // The stream ends after the server's last event, so clients see the drain and go.
