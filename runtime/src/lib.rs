@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod model;
 pub mod sandbox;
 pub mod server;
+pub mod sync;
 pub mod telemetry;
 pub mod tenancy;
 
@@ -31,6 +32,7 @@ mod layering {
 
     /// Lowest first. A module may use modules of earlier layers only.
     const LAYERS: &[&[&str]] = &[
+        &["sync"],
         &["telemetry", "files"],
         &["model"],
         &["fleet", "sandbox"],

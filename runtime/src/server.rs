@@ -28,6 +28,7 @@ use crate::sandbox::Sandbox;
 use crate::deploy::registry::{Handlers, Registry};
 use crate::deploy::store::Store;
 use crate::tenancy::Tenant;
+use crate::sync::RwLockExt;
 
 /// Events kept for followers of `/v1/events` that connect later.
 const EVENT_HISTORY: usize = 500;
@@ -192,7 +193,7 @@ fn watch_keys(state: Arc<AppState>, config: Config) {
             seen = now;
             let keys = load_keys(&state_dir, &config);
             tracing::info!("key files changed; keys reloaded");
-            *api::write(&state.keys) = Arc::new(keys);
+            *state.keys.writing() = Arc::new(keys);
         }
     });
 }

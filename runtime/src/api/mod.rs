@@ -41,6 +41,7 @@ use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
 use crate::tenancy::audit::{Audit, Event};
 use crate::tenancy::keys::{KeyRing, Principal};
 use crate::tenancy::{Permit, QuotaRefusal, Tenant};
+use crate::sync::{MutexExt, RwLockExt};
 
 /// What every route can see. Built once at start-up; handlers and keys change at run time.
 pub struct AppState {
@@ -73,7 +74,7 @@ pub struct AppState {
 impl AppState {
     /// The caller's principal, or 401. Failures are audited with `handler` when known.
     fn authenticate(&self, headers: &http::HeaderMap, handler: Option<&str>) -> Result<Principal, ApiError> {
-        let keys = Arc::clone(&*read(&self.keys));
+        let keys = Arc::clone(&*self.keys.reading());
         let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         match keys.verify(authorization) {
             Ok(principal) => Ok(principal.clone()),
@@ -139,17 +140,6 @@ impl AppState {
     pub fn handler(&self, name: &str) -> Option<Arc<Handler>> {
         self.registry.get(name)
     }
-}
-
-/// A read lock. Every change behind these locks is a single insert, remove or assignment, so a
-/// panic elsewhere cannot leave them half-changed: a poisoned lock is used as it is.
-pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A write lock; see [`read`].
-pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 tokio::task_local! {
@@ -240,7 +230,7 @@ fn in_flight() -> &'static InFlight {
 
 impl InFlight {
     fn shard(&self, n: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Flying>> {
-        self.shards[(n % 16) as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shards[(n % 16) as usize].locked()
     }
 
     fn register(&self, n: u64, request: &Request) -> tokio::sync::oneshot::Receiver<()> {
@@ -281,7 +271,7 @@ pub(crate) fn requests_in_flight() -> Vec<kiln_wire::RequestInFlight> {
     let now = std::time::Instant::now();
     let mut all: Vec<(u64, kiln_wire::RequestInFlight)> = Vec::new();
     for shard in &in_flight().shards {
-        let shard = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shard = shard.locked();
         all.extend(shard.iter().map(|(n, f)| {
             let seen = kiln_wire::RequestInFlight {
                 id: format!("{prefix:08x}{n:016x}"),

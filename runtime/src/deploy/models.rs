@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_wire::EventKind;
@@ -33,6 +33,7 @@ use crate::model::table::{ModelTable, Served};
 use crate::telemetry::{EventLog, MAX_LOGGED, loggable, unix_seconds};
 use crate::tenancy::Quota;
 use crate::tenancy::audit::{Audit, Event};
+use crate::sync::MutexExt;
 
 /// Turns the fields sent for model `name` into the configs of its versions to serve (in version
 /// order) and the tenants that may use it, or says which field is wrong. The config layer's
@@ -277,7 +278,7 @@ impl ModelRepository {
     }
 
     fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+        self.records.locked()
     }
 
     /// Validates `spec` for model `name`: the fields, and that every tenant named exists. For a
@@ -387,7 +388,7 @@ impl ModelRepository {
     /// The change lock of model `name`: its tenant's for a tenant's own model, its own otherwise.
     async fn change_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let key = owner_of(name).map_or_else(|| name.to_owned(), |owner| owned_key(owner, ""));
-        let lock = Arc::clone(self.changes.lock().unwrap_or_else(PoisonError::into_inner).entry(key).or_default());
+        let lock = Arc::clone(self.changes.locked().entry(key).or_default());
         lock.lock_owned().await
     }
 
@@ -889,14 +890,14 @@ struct OneLoad {
 
 impl OneLoad {
     fn take(repository: &Arc<ModelRepository>, tenant: &str) -> Option<OneLoad> {
-        let fresh = repository.loading_tenants.lock().unwrap_or_else(PoisonError::into_inner).insert(tenant.to_owned());
+        let fresh = repository.loading_tenants.locked().insert(tenant.to_owned());
         fresh.then(|| OneLoad { repository: Arc::clone(repository), tenant: tenant.to_owned() })
     }
 }
 
 impl Drop for OneLoad {
     fn drop(&mut self) {
-        self.repository.loading_tenants.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.tenant);
+        self.repository.loading_tenants.locked().remove(&self.tenant);
     }
 }
 

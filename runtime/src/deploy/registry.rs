@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 use kiln_wire::EventKind;
 
@@ -18,6 +18,7 @@ use crate::telemetry::{EventLog, unix_seconds};
 use crate::tenancy::TenantConfig;
 use crate::tenancy::audit::{Audit, Event};
 use crate::tenancy::keys;
+use crate::sync::RwLockExt;
 
 /// Why a deploy or a removal was refused.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +154,7 @@ impl Registry {
                 Err(e) => tracing::error!(handler = %name, "deployed handler not loaded: {e}"),
             }
         }
-        *registry.live.write().unwrap_or_else(PoisonError::into_inner) = live;
+        *registry.live.writing() = live;
         Ok(registry)
     }
 
@@ -199,12 +200,12 @@ impl Registry {
 
     /// The handler serving `name` now.
     pub fn get(&self, name: &str) -> Option<Arc<Handler>> {
-        self.live.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+        self.live.reading().get(name).cloned()
     }
 
     /// Every handler, by name.
     pub fn list(&self) -> Vec<Arc<Handler>> {
-        let mut all: Vec<Arc<Handler>> = self.live.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        let mut all: Vec<Arc<Handler>> = self.live.reading().values().cloned().collect();
         all.sort_by(|a, b| a.name().cmp(b.name()));
         all
     }
@@ -273,8 +274,7 @@ impl Registry {
             .map_err(|e| DeployError::Store(format!("cannot record the deployment: {e}")))?;
         let replaced = self
             .live
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+            .writing()
             .insert(name.to_owned(), Arc::clone(&handler))
             .is_some();
         self.audit.record(
@@ -309,7 +309,7 @@ impl Registry {
             .await
             .map_err(|e| DeployError::Store(format!("state task failed: {e}")))?
             .map_err(|e| DeployError::Store(format!("cannot remove the deployment: {e}")))?;
-        self.live.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+        self.live.writing().remove(name);
         self.audit.record(Event::Delete, Some(existing.tenant()), Some(name), "deleted");
         self.events.emit(EventKind::Undeployed {
             handler: name.to_owned(),

@@ -28,12 +28,13 @@ use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::files::{sha256_hex, sync_dir};
+use crate::sync::MutexExt;
 
 /// Where `hf://` sources resolve, unless `HF_ENDPOINT` says otherwise (as Hugging Face's own
 /// tools read it).
@@ -347,16 +348,16 @@ impl ModelCache {
         }
         let key = pin.map_or_else(|| sha256_hex(url.as_bytes()), str::to_owned);
         let gate = Arc::clone(
-            self.fetching.lock().unwrap_or_else(PoisonError::into_inner).entry(key.clone()).or_default(),
+            self.fetching.locked().entry(key.clone()).or_default(),
         );
         let result = {
-            let _one_download = gate.lock().unwrap_or_else(PoisonError::into_inner);
+            let _one_download = gate.locked();
             match pin.and_then(|d| self.cached(d)) {
                 Some(hit) => Ok(hit),
                 None => self.download(remote, &url, &key, pin, requester, progress),
             }
         };
-        let mut fetching = self.fetching.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut fetching = self.fetching.locked();
         if Arc::strong_count(&gate) == 2 {
             fetching.remove(&key);
         }
@@ -433,7 +434,7 @@ impl ModelCache {
         }
         let path = self.file(&actual);
         {
-            let _one_writer = self.meta_lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _one_writer = self.meta_lock.locked();
             let mut meta = read_meta(&self.meta_file(&actual)).unwrap_or_default();
             if !meta.sources.contains(&remote.text) {
                 meta.sources.push(remote.text.clone());
@@ -455,7 +456,7 @@ impl ModelCache {
     /// Spares `path` from eviction until the returned guard goes: a load holds it from its
     /// fetch until the model serves (or fails).
     pub fn hold(self: &Arc<Self>, path: &Path) -> Held {
-        *self.pending.lock().unwrap_or_else(PoisonError::into_inner).entry(path.to_owned()).or_default() += 1;
+        *self.pending.locked().entry(path.to_owned()).or_default() += 1;
         Held { cache: Arc::clone(self), path: path.to_owned() }
     }
 
@@ -508,7 +509,7 @@ impl ModelCache {
                 break;
             }
             let path = self.file(&file.sha256);
-            if in_use.contains(&path) || self.pending.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&path) {
+            if in_use.contains(&path) || self.pending.locked().contains_key(&path) {
                 continue;
             }
             self.remove(&file.sha256)?;
@@ -527,7 +528,7 @@ pub struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut pending = self.cache.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pending = self.cache.pending.locked();
         if let Some(count) = pending.get_mut(&self.path) {
             *count -= 1;
             if *count == 0 {

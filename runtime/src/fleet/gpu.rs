@@ -5,13 +5,14 @@
 //! every model runs on the CPU.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_wire::GpuInfo;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use crate::sync::{MutexExt, RwLockExt};
 
 /// A source of GPU samples.
 pub trait Inventory: Send + Sync {
@@ -39,7 +40,7 @@ struct Books {
 
 impl Ledger {
     fn with<T>(&self, gpu: u32, f: impl FnOnce(&mut Books) -> T) -> T {
-        let mut books = self.books.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut books = self.books.locked();
         f(books.entry(gpu).or_default())
     }
 
@@ -156,12 +157,12 @@ impl Gpus {
     /// Samples now and keeps the sample as the latest.
     pub fn refresh(&self) -> Arc<Vec<GpuInfo>> {
         let sample = Arc::new(self.inventory.sample());
-        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&sample);
+        *self.latest.writing() = Arc::clone(&sample);
         sample
     }
 
     pub fn latest(&self) -> Arc<Vec<GpuInfo>> {
-        Arc::clone(&self.latest.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.latest.reading())
     }
 
     pub fn simulated(&self) -> bool {

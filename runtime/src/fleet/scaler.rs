@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use crate::fleet::placement::{Placer, Purpose};
 use crate::model::handle::{ModelHandle, WeakModelHandle};
 use crate::model::table::ModelTable;
 use kiln_wire::Histogram;
+use crate::sync::MutexExt;
 
 /// Utilization the remaining replicas may reach after a scale-down.
 const DOWN_UTILIZATION: f64 = 0.6;
@@ -63,7 +64,7 @@ impl DecisionLog {
         );
         self.counts[action_index(decision.action)].fetch_add(1, Ordering::Relaxed);
         self.events.emit(EventKind::Scaling(decision.clone()));
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut recent = self.recent.locked();
         if recent.len() == self.capacity {
             recent.pop_front();
         }
@@ -72,7 +73,7 @@ impl DecisionLog {
 
     /// Oldest first.
     pub fn recent(&self) -> Vec<ScalingDecision> {
-        self.recent.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
+        self.recent.locked().iter().cloned().collect()
     }
 
     /// Decisions recorded since start with this action.

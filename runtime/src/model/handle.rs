@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use crate::model::shared::{LoadTimes, ModelCounters, ModelState, Shared};
 use crate::model::spec::{MAX_BATCH_SIZE, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Replicas, Tuning};
 use crate::model::tensor::{HostTensor, TensorError};
 use crate::telemetry::EventLog;
+use crate::sync::MutexExt;
 
 /// Per-request scheduling options.
 #[derive(Debug, Clone, Copy, Default)]
@@ -252,8 +253,7 @@ impl ModelHandle {
     pub fn state(&self) -> ModelState {
         self.shared
             .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .locked()
             .clone()
     }
 
@@ -320,7 +320,7 @@ impl ModelHandle {
     /// bounds are only recorded here: the fleet starts or drains replicas to fit them. An error
     /// names the knob and its range; nothing changed then.
     pub fn tune(&self, change: TuningChange) -> Result<Tuning, String> {
-        let mut tuning = self.shared.tuning.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut tuning = self.shared.tuning.locked();
         let mut next = *tuning;
         if let Some(n) = change.max_batch_size {
             if !(1..=MAX_BATCH_SIZE).contains(&n) {
@@ -397,7 +397,7 @@ impl ModelHandle {
 
     /// How long the model's first replica took to load, and to warm up, once it has.
     pub fn load_time(&self) -> Option<LoadTimes> {
-        *self.shared.load_time.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.shared.load_time.locked()
     }
 
     /// The module's parameters (elements); 0 until a replica has loaded, and for a frozen module

@@ -18,6 +18,7 @@ use crate::model::shared::{LoadTimes, ModelCounters, ReplicaSlot, Shared};
 use crate::model::signature::{OutputMeta, output_meta, warmup_inputs};
 use crate::model::spec::{ModelConfig, Precision};
 use crate::model::tensor::HostTensor;
+use crate::sync::MutexExt;
 
 impl ReplicaSlot {
     /// Runs one batch on `model`, keeping this replica's and the model's counters.
@@ -112,7 +113,7 @@ pub(super) fn load_replica<B: Backend>(
             if weights > 0 {
                 shared.weights.store(weights, Ordering::Relaxed);
             }
-            shared.load_time.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(*times);
+            shared.load_time.locked().get_or_insert(*times);
             shared.parameters.store(model.parameters(), Ordering::Relaxed);
             tracing::info!(
                 model = %config.name,

@@ -33,6 +33,7 @@ use crate::model::replica::{load_replica, run_replica};
 use crate::model::shared::{ModelState, ReplicaSlot, Shared};
 use crate::model::signature::OutputMeta;
 use crate::model::spec::{MAX_PRIORITY, Tuning};
+use crate::sync::MutexExt;
 
 /// A replica as the scheduler sees it.
 struct Replica {
@@ -269,8 +270,7 @@ impl<B: Backend> Scheduler<B> {
         let mut state = self
             .shared
             .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .locked();
         let initial = replica < self.initial;
         match result {
             Err(reason) => {

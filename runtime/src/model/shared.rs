@@ -3,7 +3,7 @@
 //! only, except where a field says otherwise; read by [`crate::model::handle`] and the exporters.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use kiln_wire::{ReplicaInfo, ReplicaState};
 
@@ -13,6 +13,7 @@ use crate::model::signature::OutputMeta;
 use crate::model::spec::{ModelConfig, Tuning};
 use crate::telemetry::EventLog;
 use crate::telemetry::histogram::{AtomicHistogram, BatchSizes};
+use crate::sync::MutexExt;
 
 /// Where a model is in its life.
 #[derive(Debug, Clone)]
@@ -89,11 +90,11 @@ impl ReplicaSlot {
     }
 
     pub(super) fn state(&self) -> ReplicaState {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.state.locked()
     }
 
     pub(super) fn set_state(&self, state: ReplicaState) {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+        *self.state.locked() = state;
     }
 
     pub(super) fn info(&self) -> ReplicaInfo {
@@ -166,15 +167,15 @@ impl Shared {
     }
 
     pub(super) fn tuning(&self) -> Tuning {
-        *self.tuning.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.tuning.locked()
     }
 
     pub(super) fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ReplicaSlot>>> {
-        self.replicas.lock().unwrap_or_else(PoisonError::into_inner)
+        self.replicas.locked()
     }
 
     pub(super) fn curve(&self) -> std::sync::MutexGuard<'_, ForwardCurve> {
-        self.curve.lock().unwrap_or_else(PoisonError::into_inner)
+        self.curve.locked()
     }
 }
 

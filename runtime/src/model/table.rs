@@ -10,10 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 use crate::model::handle::ModelHandle;
 use crate::model::spec::{OWNER_SEPARATOR, owned_key, split_version};
+use crate::sync::RwLockExt;
 
 /// One model being served: each of its versions served, and who may use them.
 #[derive(Debug, Clone)]
@@ -76,7 +77,7 @@ impl ModelTable {
 
     /// The table as it is now; later changes do not touch it.
     pub fn snapshot(&self) -> Arc<Models> {
-        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.current.reading())
     }
 
     /// Changes with every [`ModelTable::update`].
@@ -90,21 +91,21 @@ impl ModelTable {
     pub fn usable(&self, tenant: &str, name: &str) -> Option<ModelHandle> {
         let (base, version) = split_version(name)?;
         let any_owned = self.any_owned.load(Ordering::Acquire);
-        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.reading();
         resolve(&current, any_owned, tenant, base).and_then(|s| s.version(version)).cloned()
     }
 
     /// The model `name` (`NAME` or `NAME@VERSION`), whoever may use it.
     pub fn get(&self, name: &str) -> Option<ModelHandle> {
         let (base, version) = split_version(name)?;
-        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.reading();
         current.get(base).and_then(|s| s.version(version)).cloned()
     }
 
     /// The versions of `name` served, for `tenant` (none if it may not use it).
     pub fn versions(&self, tenant: &str, name: &str) -> Vec<u64> {
         let any_owned = self.any_owned.load(Ordering::Acquire);
-        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.reading();
         resolve(&current, any_owned, tenant, name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default()
     }
 
@@ -149,7 +150,7 @@ impl ModelTable {
     /// what `change` returned; entries it removed are dropped here (their models stop once
     /// their last caller is done).
     pub fn update<R>(&self, change: impl FnOnce(&mut Models) -> R) -> R {
-        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.current.writing();
         let mut next = Models::clone(&current);
         let out = change(&mut next);
         self.any_owned.store(next.keys().any(|k| k.contains(OWNER_SEPARATOR)), Ordering::Release);

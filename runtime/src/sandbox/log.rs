@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use crate::sync::MutexExt;
 
 /// Lines a guest writes to stdout/stderr are cut at this length in the log.
 const MAX_LOG_LINE: usize = 4096;
@@ -38,7 +39,7 @@ impl LogBudget {
     /// Takes one line of `bytes` from the budget: whether to write it. The first line refused
     /// writes the "truncated" notice instead.
     pub(super) fn take(&self, bytes: usize) -> bool {
-        let mut left = super::lock(&self.left);
+        let mut left = self.left.locked();
         let (lines, room, noticed) = &mut *left;
         if *lines > 0 && *room >= bytes {
             *lines -= 1;

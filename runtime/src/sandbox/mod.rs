@@ -41,6 +41,7 @@ pub use limits::SandboxLimits;
 use limits::{CappedBody, GuestLimits};
 use log::{GuestLog, LogBudget};
 use nn::{NnCtx, NnLimits, NnState, NnView};
+use crate::sync::{MutexExt, RwLockExt};
 
 /// How often the engine's epoch advances: the granularity of deadlines and of yielding. A busy
 /// guest gives its worker thread back every tick, so this bounds how long it can delay others.
@@ -481,13 +482,13 @@ impl ModelView {
         // Read before the table: a change landing in between makes the next call rebuild again.
         let generation = self.table.generation();
         {
-            let cached = self.cached.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let cached = self.cached.reading();
             if cached.0 == generation {
                 return Arc::clone(&cached.1);
             }
         }
         let view = Arc::new(self.table.view(&self.tenant, self.names.as_deref()));
-        *self.cached.write().unwrap_or_else(std::sync::PoisonError::into_inner) = (generation, Arc::clone(&view));
+        *self.cached.writing() = (generation, Arc::clone(&view));
         view
     }
 }
@@ -736,7 +737,7 @@ impl Handler {
                 // behind its tenant's other long-running guests (FIFO), so a tenant's busy loops
                 // together get one turn: a hundred of them take no more CPU than one. While
                 // other guests run it also pauses, keeping about a third of a core.
-                drop(lock(&turn).take());
+                drop(turn.locked().take());
                 let (gate, turn) = (Arc::clone(&cpu), Arc::clone(&turn));
                 let crowded = activity.running() > 1;
                 Ok(UpdateDeadline::YieldCustom(
@@ -751,7 +752,7 @@ impl Handler {
                         }
                         // Closed only if the tenant is gone; then there is no one to share with.
                         if let Ok(permit) = gate.acquire_owned().await {
-                            *lock(&turn) = Some(permit);
+                            *turn.locked() = Some(permit);
                         }
                     }),
                 ))
@@ -762,11 +763,6 @@ impl Handler {
         });
         store
     }
-}
-
-/// A mutex guard; nothing behind these locks can be left half-changed by a panic.
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Counts a guest in [`Activity::running`] while it lives.

@@ -13,13 +13,14 @@ pub mod process;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use kiln_wire::{EventKind, RouteStats, ServerEvent};
 use tokio::sync::broadcast;
 
 use crate::telemetry::histogram::AtomicHistogram;
+use crate::sync::{MutexExt, RwLockExt};
 
 /// Longest guest-trap message kept in an event, in bytes.
 const MAX_MESSAGE: usize = 500;
@@ -95,7 +96,7 @@ impl EventLog {
     pub fn emit_for(&self, tenant: Option<&str>, kind: EventKind) {
         if let Some(tenant) = tenant {
             let now = unix_seconds();
-            let mut budget = self.tenant_budget.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut budget = self.tenant_budget.locked();
             budget.retain(|_, (second, _)| *second == now);
             let (_, used) = budget.entry(tenant.to_owned()).or_insert((now, 0));
             if *used >= TENANT_EVENTS_PER_SECOND {
@@ -108,7 +109,7 @@ impl EventLog {
     }
 
     pub fn emit(&self, kind: EventKind) {
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut recent = self.recent.locked();
         recent.1 += 1;
         let event = ServerEvent { seq: recent.1, at_unix_ms: unix_ms(), kind };
         // Sent under the lock, so a follower that subscribes under it misses nothing.
@@ -121,7 +122,7 @@ impl EventLog {
 
     /// The history, oldest first, and a feed of everything after it.
     pub fn follow(&self) -> (Vec<ServerEvent>, broadcast::Receiver<ServerEvent>) {
-        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let recent = self.recent.locked();
         (recent.0.iter().cloned().collect(), self.feed.subscribe())
     }
 }
@@ -171,10 +172,10 @@ pub struct Telemetry {
 }
 
 fn route(map: &RwLock<BTreeMap<String, Arc<Route>>>, name: &str) -> Arc<Route> {
-    if let Some(r) = map.read().unwrap_or_else(PoisonError::into_inner).get(name) {
+    if let Some(r) = map.reading().get(name) {
         return Arc::clone(r);
     }
-    let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+    let mut map = map.writing();
     Arc::clone(map.entry(name.to_owned()).or_default())
 }
 
@@ -195,7 +196,7 @@ impl Telemetry {
     /// [`ANONYMOUS`]).
     pub fn record_request(&self, handler: &str, tenant: &str, status: u16, elapsed: Duration) {
         {
-            let mut counts = self.by_status.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut counts = self.by_status.locked();
             *counts.entry((handler.to_owned(), tenant.to_owned(), status)).or_default() += 1;
         }
         route(&self.handlers, handler).record(status, elapsed);
@@ -210,7 +211,7 @@ impl Telemetry {
             message.truncate(message.floor_char_boundary(MAX_MESSAGE));
             message.push('…');
         }
-        *self.traps.lock().unwrap_or_else(PoisonError::into_inner).entry(kind).or_default() += 1;
+        *self.traps.locked().entry(kind).or_default() += 1;
         self.events.emit(EventKind::GuestTrap {
             handler: handler.to_owned(),
             tenant: tenant.to_owned(),
@@ -222,15 +223,14 @@ impl Telemetry {
     pub fn record_refusal(&self, tenant: &str, kind: &'static str) {
         *self
             .refusals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .locked()
             .entry((tenant.to_owned(), kind))
             .or_default() += 1;
     }
 
     /// Counts `n` response-cache outcomes of `handler`.
     pub fn record_cache(&self, handler: &str, outcome: &'static str, n: u64) {
-        let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut caches = self.caches.locked();
         match caches.get_mut(&(handler.to_owned(), outcome)) {
             Some(count) => *count += n,
             None => {
@@ -241,15 +241,14 @@ impl Telemetry {
 
     /// Response-cache outcomes by (handler, outcome).
     pub fn caches(&self) -> Vec<((String, &'static str), u64)> {
-        self.caches.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (k.clone(), *v)).collect()
+        self.caches.locked().iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// Requests by (handler, tenant, status).
     pub fn requests(&self) -> Vec<((String, String, u16), u64)> {
         let mut all: Vec<_> = self
             .by_status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .locked()
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
@@ -258,23 +257,22 @@ impl Telemetry {
     }
 
     pub fn handlers(&self) -> Vec<RouteStats> {
-        let map = self.handlers.read().unwrap_or_else(PoisonError::into_inner);
+        let map = self.handlers.reading();
         map.iter().map(|(name, r)| r.stats(name)).collect()
     }
 
     pub fn tenants(&self) -> Vec<RouteStats> {
-        let map = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let map = self.tenants.reading();
         map.iter().map(|(name, r)| r.stats(name)).collect()
     }
 
     pub fn traps(&self) -> Vec<(&'static str, u64)> {
-        self.traps.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (*k, *v)).collect()
+        self.traps.locked().iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     pub fn refusals(&self) -> Vec<((String, &'static str), u64)> {
         self.refusals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .locked()
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect()

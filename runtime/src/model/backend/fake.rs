@@ -5,13 +5,14 @@
 //! `load_delay`, and the next `fail_loads` loads fail.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Backend, BackendError, LoadedModel};
 use crate::model::device::Device;
 use crate::model::spec::ModelConfig;
 use crate::model::tensor::{DType, HostTensor};
+use crate::sync::MutexExt;
 
 #[derive(Debug, Default)]
 pub(crate) struct Script {
@@ -24,7 +25,7 @@ pub(crate) struct Script {
 
 impl Script {
     pub(crate) fn passes(&self) -> Vec<Vec<f32>> {
-        self.passes.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.passes.locked().clone()
     }
 }
 
@@ -52,7 +53,7 @@ impl LoadedModel for FakeModel {
             return Err(BackendError::Forward(format!("expected one input, got {}", inputs.len())));
         };
         let values = f32_values(input);
-        self.0.passes.lock().unwrap_or_else(PoisonError::into_inner).push(values.clone());
+        self.0.passes.locked().push(values.clone());
         std::thread::sleep(self.0.forward_delay);
         if values.iter().any(|v| *v < 0.0) {
             return Err(BackendError::Forward("negative input".into()));

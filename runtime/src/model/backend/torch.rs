@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
 
@@ -14,6 +14,7 @@ use crate::model::device::Device;
 use crate::model::spec::{ModelConfig, Precision};
 use crate::model::signature::warmup_inputs;
 use crate::model::tensor::{DType, HostTensor};
+use crate::sync::MutexExt;
 
 /// The libtorch backend: TorchScript files, on the CPU or a CUDA device.
 ///
@@ -34,7 +35,7 @@ impl Torch {
     /// The entry for `config`'s module on the CPU, made if there is none; entries whose module
     /// is gone and that nobody is loading are dropped on the way.
     fn cpu_entry(&self, config: &ModelConfig) -> CpuEntry {
-        let mut cache = self.on_cpu.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.on_cpu.locked();
         cache.retain(|_, entry| {
             // A locked entry is loading: keep it.
             Arc::strong_count(entry) > 1 || entry.try_lock().map_or(true, |module| module.strong_count() > 0)
@@ -67,7 +68,7 @@ impl Backend for Torch {
             return self.load_new(config, device);
         }
         let entry = self.cpu_entry(config);
-        let mut cached = entry.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cached = entry.locked();
         if let Some(module) = cached.upgrade() {
             return Ok(TorchModel::sharing(module, config));
         }

@@ -28,7 +28,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_torchscan::shm::Region;
@@ -43,6 +43,7 @@ use crate::model::signature::warmup_inputs;
 use crate::model::spec::{ModelConfig, OWNER_SEPARATOR};
 use crate::model::tensor::HostTensor;
 use crate::telemetry::{EventLog, MAX_LOGGED, loggable};
+use crate::sync::MutexExt;
 
 /// The hidden subcommand of `kiln` that runs one model worker.
 pub const SUBCOMMAND: &str = "model-worker";
@@ -159,7 +160,7 @@ fn backoff(failures: u32) -> Duration {
 impl WorkerModel {
     /// The running worker's process id (`None` between a failure and the restart).
     pub fn pid(&self) -> Option<u32> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).process.as_ref().map(|p| p.pid)
+        self.state.locked().process.as_ref().map(|p| p.pid)
     }
 
     fn unavailable(&self, state: &State) -> BackendError {
@@ -204,7 +205,7 @@ impl WorkerModel {
 
 impl LoadedModel for WorkerModel {
     fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.locked();
         let mut process = match state.process.take() {
             Some(process) => process,
             None if Instant::now() < state.retry_at => return Err(self.unavailable(&state)),
