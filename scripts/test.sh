@@ -7,7 +7,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$KILN_ROOT/scripts/setup.sh"
 cd "$KILN_ROOT"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# Tests that cannot run here (no GPU, no Docker daemon) say so in this file (kiln_tests::skip).
+export KILN_SKIP_LOG=$(mktemp)
+trap 'rm -f "$log" "$KILN_SKIP_LOG"' EXIT
 # --release reuses the artifacts setup.sh just built instead of compiling everything again.
 status=0
 cargo test --release --no-fail-fast -p kiln -p kiln-torchscan -p kiln-wire -p kiln-codec -p kiln-top -p kiln-guest -p kiln-tests "$@" 2>&1 | tee "$log" || status=$?
@@ -15,7 +17,10 @@ cargo test --release --no-fail-fast -p kiln -p kiln-torchscan -p kiln-wire -p ki
 if [ $# -eq 0 ]; then
     "$KILN_ROOT/scripts/fuzz.sh" 5 || status=$?
 fi
-# One total over every test binary, as the last line.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "kiln: %d passed, %d failed\n", p, f }' "$log"
+# What was skipped, then one total over every test binary as the last line (a skipped test
+# counts as skipped, not passed).
+sed 's/^/skipped: /' "$KILN_SKIP_LOG"
+skipped=$(wc -l < "$KILN_SKIP_LOG")
+awk -v s="$skipped" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "kiln: %d passed, %d failed, %d skipped\n", p - s, f, s }' "$log"
 exit "$status"

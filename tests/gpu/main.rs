@@ -6,11 +6,12 @@
 //! do on the CPU: held-out digits at ≥ 95 % accuracy, embeddings close to `transformers`.
 
 use futures::StreamExt as _;
-use kiln_tests::{Server, artifact, examples_config, kiln};
+use kiln_tests::{Server, artifact, examples_config, kiln, skip};
 use serde_json::{Value, json};
 
-/// What `kiln devices --json` reports, or `None` (with a note) where there is no GPU to test.
-fn gpu() -> Option<Value> {
+/// What `kiln devices --json` reports, or `None` (with the skip recorded for `test`) where there
+/// is no GPU to test.
+fn gpu(test: &str) -> Option<Value> {
     let text = kiln(&["devices", "--json"]).expect("kiln devices");
     let report: Value = serde_json::from_str(&text).expect("devices JSON");
     if report["cuda_available"] == true {
@@ -20,13 +21,13 @@ fn gpu() -> Option<Value> {
         std::env::var_os("KILN_EXPECT_GPU").is_none_or(|v| v.is_empty() || v == "0"),
         "KILN_EXPECT_GPU is set but kiln sees no CUDA device: {report}"
     );
-    eprintln!("skipped: no GPU here (kiln devices: {report}); set KILN_EXPECT_GPU=1 to require one");
+    skip(test, "no GPU here (kiln devices sees no CUDA device); set KILN_EXPECT_GPU=1 to require one");
     None
 }
 
 #[test]
 fn kiln_finds_cuda_through_libtorch_and_nvml_lists_the_gpu() {
-    let Some(report) = gpu() else { return };
+    let Some(report) = gpu("gpu::kiln_finds_cuda_through_libtorch_and_nvml_lists_the_gpu") else { return };
     assert!(report["cuda_devices"].as_i64().unwrap_or(0) >= 1, "{report}");
     let gpus = report["gpus"].as_array().expect("gpus");
     assert!(!gpus.is_empty(), "NVML lists no GPU although CUDA works: {report}");
@@ -110,7 +111,7 @@ async fn the_examples_answer_on_cuda_in_fp32_and_bf16() {
     // `scripts/gpu-check.sh` on a machine without a GPU (KILN_GPU_CHECK_DEVICE=cpu) runs this
     // on the CPU, to try the script itself.
     let device = std::env::var("KILN_GPU_CHECK_DEVICE").unwrap_or_else(|_| "cuda:0".to_owned());
-    if device != "cpu" && gpu().is_none() {
+    if device != "cpu" && gpu("gpu::the_examples_answer_on_cuda_in_fp32_and_bf16").is_none() {
         return;
     }
     for (precision, max_distance) in [("fp32", 1e-4), ("bf16", 2e-2)] {
@@ -142,7 +143,7 @@ async fn events_text(server: &Server) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_on_cuda_survives_a_device_side_assert_and_takes_nothing_else_down() {
     let device = std::env::var("KILN_GPU_CHECK_DEVICE").unwrap_or_else(|_| "cuda:0".to_owned());
-    if device != "cpu" && gpu().is_none() {
+    if device != "cpu" && gpu("gpu::a_worker_on_cuda_survives_a_device_side_assert_and_takes_nothing_else_down").is_none() {
         return;
     }
     let mut config = String::new();
