@@ -397,8 +397,11 @@ fn a_served_model_pauses_resumes_flushes_retunes_and_its_requests_cancel_by_id()
         let (_, body) = json_of(patch(json!({ "instances": 1 })).await.expect("patch")).await;
         assert_eq!(body["instances"], json!({ "min": 1, "max": 1 }));
         info_until(&server, "back to one replica", |b| b["replicas"].as_array().is_some_and(|r| r.len() == 1)).await;
+        // The same ranges, in the same words, as the config file's (runtime/tests/config-errors).
         for (bad, naming) in [
-            (json!({ "max_batch_size": 0 }), "max_batch_size"),
+            (json!({ "max_batch_size": 0 }), "max_batch_size: 0 is out of range (1 ..= 4096)"),
+            (json!({ "max_queue_delay_us": 1_000_001 }), "max_queue_delay_us: 1000001 is out of range (0 ..= 1000000)"),
+            (json!({ "timeout_ms": 0 }), "timeout_ms: 0 is out of range (1 ..= 3600000)"),
             (json!({ "instances": { "min": 3, "max": 2 } }), "instances"),
             (json!({ "batch": 3 }), "unknown field"),
         ] {

@@ -9,7 +9,7 @@ use crate::deploy::sources::{parse_digest, parse_source};
 use crate::fleet::gpu::{GpuConfig, SimulatedGpuConfig, SimulatedStep};
 use crate::fleet::scaler::ScalerConfig;
 use crate::model::signature::{InputSpec, OutputSpec, Ragged, ValueRange};
-use crate::model::spec::{
+use crate::model::spec::{range, 
     BatchPolicy, DeviceChoice, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Precision, Replicas, versioned_name,
 };
 use crate::model::tensor::DType;
@@ -485,13 +485,8 @@ impl Validator<'_> {
         if !(1..=256).contains(&threads) {
             return Err(self.invalid(at("threads"), format!("{threads} is out of range (1 ..= 256)")));
         }
-        let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
-        if !(1..=3_600_000).contains(&timeout_ms) {
-            return Err(self.invalid(
-                at("timeout_ms"),
-                format!("{timeout_ms} is out of range (1 ..= 3600000)"),
-            ));
-        }
+        let timeout = range::timeout_ms(raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS))
+            .map_err(|e| self.invalid(at("timeout_ms"), e.detail()))?;
         let precision = match raw.precision.as_deref() {
             None | Some("fp32") => Precision::Fp32,
             Some("fp16") => Precision::Fp16,
@@ -533,7 +528,7 @@ impl Validator<'_> {
             batching,
             replicas,
             threads,
-            timeout: Duration::from_millis(timeout_ms),
+            timeout,
             latency_objective: Duration::from_millis(objective_ms),
             memory_headroom_bytes: headroom_mib << 20,
         })
@@ -678,14 +673,10 @@ impl Validator<'_> {
 
     fn batching(&self, at: &str, raw: RawBatching) -> Result<BatchPolicy, ConfigError> {
         let field = |f: &str| format!("{at}.{f}");
-        let max_batch_size = raw.max_batch_size.unwrap_or(DEFAULT_MAX_BATCH_SIZE).max(1);
-        if max_batch_size > 4096 {
-            return Err(self.invalid(field("max_batch_size"), format!("{max_batch_size} is over 4096")));
-        }
-        let delay = raw.max_queue_delay_us.unwrap_or(DEFAULT_MAX_QUEUE_DELAY_US);
-        if delay > 10_000_000 {
-            return Err(self.invalid(field("max_queue_delay_us"), format!("{delay} is over 10 s")));
-        }
+        let max_batch_size = range::max_batch_size(raw.max_batch_size.unwrap_or(DEFAULT_MAX_BATCH_SIZE))
+            .map_err(|e| self.invalid(field("max_batch_size"), e.detail()))?;
+        let delay = range::max_queue_delay_us(raw.max_queue_delay_us.unwrap_or(DEFAULT_MAX_QUEUE_DELAY_US))
+            .map_err(|e| self.invalid(field("max_queue_delay_us"), e.detail()))?;
         let mut preferred = raw.preferred_batch_sizes.unwrap_or_default();
         preferred.sort_unstable();
         preferred.dedup();
@@ -706,7 +697,7 @@ impl Validator<'_> {
         Ok(BatchPolicy {
             max_rows,
             max_batch_size,
-            max_queue_delay: Duration::from_micros(delay),
+            max_queue_delay: delay,
             preferred_batch_sizes: preferred,
             max_queue_size,
         })

@@ -945,7 +945,7 @@ impl ModelRepository {
                 "statistics reset".to_owned()
             }
             Control::Tune(change) => {
-                let tuning = handle.tune(change).map_err(ModelError::Invalid)?;
+                let tuning = handle.tune(change).map_err(|e| ModelError::Invalid(e.to_string()))?;
                 let placer = self.placer.clone();
                 let fitted = handle.clone();
                 let target = tokio::task::spawn_blocking(move || crate::fleet::fit_replicas(&fitted, &placer))

@@ -20,7 +20,7 @@ use crate::model::command::{Command, Pending};
 use crate::model::error::InferError;
 use crate::model::scheduler::Scheduler;
 use crate::model::shared::{LoadTimes, ModelCounters, ModelState, Shared};
-use crate::model::spec::{MAX_BATCH_SIZE, MAX_PRIORITY, MAX_REPLICAS, ModelConfig, Replicas, Tuning};
+use crate::model::spec::{MAX_PRIORITY, ModelConfig, OutOfRange, Replicas, Tuning, range};
 use crate::model::tensor::{HostTensor, TensorError};
 use crate::telemetry::EventLog;
 use crate::sync::MutexExt;
@@ -32,6 +32,18 @@ pub struct InferOptions {
     pub priority: u8,
     /// Shorter than the model's timeout, or `None` for the model's.
     pub timeout: Option<Duration>,
+}
+
+/// Why [`ModelHandle::tune`] refused a change (none of it is applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TuneError {
+    #[error(transparent)]
+    OutOfRange(#[from] OutOfRange),
+    #[error(
+        "instances: model '{0}' was loaded with instances.max = 1, so its one replica runs on its scheduler's \
+         thread; load it again with a larger instances.max to scale it"
+    )]
+    SingleReplica(String),
 }
 
 /// Knobs to change with [`ModelHandle::tune`]; `None` leaves one as it is.
@@ -319,39 +331,24 @@ impl ModelHandle {
     /// Changes the knobs while serving; the scheduler uses them from its next batch. Replica
     /// bounds are only recorded here: the fleet starts or drains replicas to fit them. An error
     /// names the knob and its range; nothing changed then.
-    pub fn tune(&self, change: TuningChange) -> Result<Tuning, String> {
+    pub fn tune(&self, change: TuningChange) -> Result<Tuning, TuneError> {
         let mut tuning = self.shared.tuning.locked();
         let mut next = *tuning;
         if let Some(n) = change.max_batch_size {
-            if !(1..=MAX_BATCH_SIZE).contains(&n) {
-                return Err(format!("max_batch_size: {n} is out of range (1 ..= {MAX_BATCH_SIZE})"));
-            }
-            next.max_batch_size = n;
+            next.max_batch_size = range::max_batch_size(n)?;
         }
         if let Some(delay) = change.max_queue_delay {
-            if delay > Duration::from_secs(1) {
-                return Err(format!("max_queue_delay_us: {} is out of range (0 ..= 1000000)", delay.as_micros()));
-            }
-            next.max_queue_delay = delay;
+            next.max_queue_delay = range::max_queue_delay_us(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX))?;
         }
         if let Some(timeout) = change.timeout {
-            if timeout.is_zero() || timeout > Duration::from_secs(3600) {
-                return Err(format!("timeout_ms: {} is out of range (1 ..= 3600000)", timeout.as_millis()));
-            }
-            next.timeout = timeout;
+            next.timeout = range::timeout_ms(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))?;
         }
         if let Some(Replicas { min, max }) = change.replicas {
-            if min == 0 || min > max || max > MAX_REPLICAS {
-                return Err(format!("instances: {{ min = {min}, max = {max} }} is out of range (1 <= min <= max <= {MAX_REPLICAS})"));
-            }
+            let replicas = range::replicas(min, max)?;
             if self.shared.config.replicas.max == 1 && max > 1 {
-                return Err(format!(
-                    "instances: model '{}' was loaded with instances.max = 1, so its one replica runs on its scheduler's \
-                     thread; load it again with a larger instances.max to scale it",
-                    self.name()
-                ));
+                return Err(TuneError::SingleReplica(self.name().to_owned()));
             }
-            next.replicas = Replicas { min, max };
+            next.replicas = replicas;
         }
         *tuning = next;
         drop(tuning);

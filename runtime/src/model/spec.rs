@@ -162,8 +162,101 @@ impl Tuning {
     }
 }
 
-/// Largest `max_batch_size` a model may be tuned to while serving.
+/// Largest `max_batch_size` a model may have.
 pub const MAX_BATCH_SIZE: u32 = 4096;
+/// Longest `max_queue_delay` a model may have: a batch window past a second is a mistake.
+pub const MAX_QUEUE_DELAY: Duration = Duration::from_secs(1);
+/// Longest `timeout` a model may have.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A model setting outside its range: `field` as the config and the API name it, the value
+/// given and the range, in the words every entry point uses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {value} is out of range ({range})")]
+pub struct OutOfRange {
+    pub field: &'static str,
+    pub value: String,
+    pub range: String,
+}
+
+impl OutOfRange {
+    /// The message without the field's name, for callers that name it their own way.
+    pub fn detail(&self) -> String {
+        format!("{} is out of range ({})", self.value, self.range)
+    }
+}
+
+/// The ranges of the settings a model may change while serving, checked here for the config
+/// file, the repository API and a live `PATCH` alike.
+pub mod range {
+    use std::time::Duration;
+
+    use super::{MAX_BATCH_SIZE, MAX_QUEUE_DELAY, MAX_REPLICAS, MAX_TIMEOUT, OutOfRange, Replicas};
+
+    fn out(field: &'static str, value: impl ToString, range: String) -> OutOfRange {
+        OutOfRange { field, value: value.to_string(), range }
+    }
+
+    /// `batching.max_batch_size`: 1 ..= [`MAX_BATCH_SIZE`].
+    pub fn max_batch_size(n: u32) -> Result<u32, OutOfRange> {
+        match n {
+            1..=MAX_BATCH_SIZE => Ok(n),
+            _ => Err(out("max_batch_size", n, format!("1 ..= {MAX_BATCH_SIZE}"))),
+        }
+    }
+
+    /// `batching.max_queue_delay_us`: 0 ..= [`MAX_QUEUE_DELAY`].
+    pub fn max_queue_delay_us(us: u64) -> Result<Duration, OutOfRange> {
+        let most = MAX_QUEUE_DELAY.as_micros() as u64;
+        if us > most {
+            return Err(out("max_queue_delay_us", us, format!("0 ..= {most}")));
+        }
+        Ok(Duration::from_micros(us))
+    }
+
+    /// `timeout_ms`: 1 ..= [`MAX_TIMEOUT`].
+    pub fn timeout_ms(ms: u64) -> Result<Duration, OutOfRange> {
+        let most = MAX_TIMEOUT.as_millis() as u64;
+        if ms == 0 || ms > most {
+            return Err(out("timeout_ms", ms, format!("1 ..= {most}")));
+        }
+        Ok(Duration::from_millis(ms))
+    }
+
+    /// `instances`: 1 <= min <= max <= [`MAX_REPLICAS`].
+    pub fn replicas(min: u32, max: u32) -> Result<Replicas, OutOfRange> {
+        if min == 0 || min > max || max > MAX_REPLICAS {
+            let value = if min == max { min.to_string() } else { format!("{{ min = {min}, max = {max} }}") };
+            return Err(out("instances", value, format!("1 <= min <= max <= {MAX_REPLICAS}")));
+        }
+        Ok(Replicas { min, max })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn each_range_takes_its_ends_and_refuses_past_them_naming_the_field() {
+            assert_eq!(max_batch_size(1), Ok(1));
+            assert_eq!(max_batch_size(4096), Ok(4096));
+            assert_eq!(max_batch_size(0).map_err(|e| e.to_string()), Err("max_batch_size: 0 is out of range (1 ..= 4096)".into()));
+            assert!(max_batch_size(4097).is_err());
+            assert_eq!(max_queue_delay_us(0), Ok(Duration::ZERO));
+            assert_eq!(max_queue_delay_us(1_000_000), Ok(Duration::from_secs(1)));
+            assert_eq!(
+                max_queue_delay_us(1_000_001).map_err(|e| e.to_string()),
+                Err("max_queue_delay_us: 1000001 is out of range (0 ..= 1000000)".into())
+            );
+            assert!(timeout_ms(0).is_err());
+            assert_eq!(timeout_ms(3_600_000), Ok(Duration::from_secs(3600)));
+            assert!(timeout_ms(3_600_001).is_err());
+            assert_eq!(replicas(1, 64), Ok(Replicas { min: 1, max: 64 }));
+            assert_eq!(replicas(0, 0).map_err(|e| e.detail()), Err("0 is out of range (1 <= min <= max <= 64)".into()));
+            assert!(replicas(3, 2).is_err() && replicas(1, 65).is_err());
+        }
+    }
+}
 
 /// A model's `device`: where its replicas may be placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
