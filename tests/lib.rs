@@ -449,6 +449,33 @@ pub fn skip(test: &str, reason: &str) {
     }
 }
 
+/// Runs the Python client `tests/python/SCRIPT` (an official client library checking Kiln) with
+/// `args` and `env`, and returns its stdout once it has exited successfully and printed
+/// `"{marker}: all checks passed"`. Otherwise it panics with the client's stdout and stderr, and
+/// `context()` (a server log, for one).
+pub fn python_checks(
+    script: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    marker: &str,
+    context: impl FnOnce() -> String,
+) -> String {
+    let mut command = Command::new(python());
+    command.arg(root().join("tests/python").join(script));
+    for arg in args {
+        command.arg(arg);
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let passed = format!("{marker}: all checks passed");
+    if !output.status.success() || !stdout.contains(&passed) {
+        panic!("{script} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}\n{}", output.status, context());
+    }
+    stdout
+}
+
 /// The project's Python (the venv with torch and tritonclient).
 pub fn python() -> PathBuf {
     root().join(".venv/bin/python")

@@ -2,28 +2,24 @@
 //! `tritonclient[grpc]`, and by raw messages (grpcio's generic calls) where what matters is
 //! whether the server decoded them.
 
-use std::process::Command;
-
 use super::server;
-use kiln_tests::{Server, artifact, python, root};
+use kiln_tests::{Server, artifact, python_checks};
 
 #[test]
 fn the_official_grpc_tritonclient_infers_and_manages_models() {
     let server = server();
-    let output = Command::new(python())
-        .arg(root().join("tests/python/grpc_client.py"))
-        .arg(&server.grpc)
-        .arg(artifact("build/models/digits.pt"))
-        .arg(artifact("build/models/minilm.pt"))
-        .arg(artifact("build/models"))
-        .env("KILN_KEY", server.key("demo"))
-        .env("KILN_ADMIN_KEY", server.admin_key())
-        .output()
-        .expect("run the Python gRPC client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "grpc_client.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("grpc: all checks passed"), "{stdout}");
+    python_checks(
+        "grpc_client.py",
+        &[
+            server.grpc.clone(),
+            artifact("build/models/digits.pt").display().to_string(),
+            artifact("build/models/minilm.pt").display().to_string(),
+            artifact("build/models").display().to_string(),
+        ],
+        &[("KILN_KEY", server.key("demo")), ("KILN_ADMIN_KEY", server.admin_key())],
+        "grpc",
+        || server.log_text(),
+    );
 }
 
 /// A tenant whose `max_body_bytes` is far below the server's.
@@ -61,24 +57,13 @@ quota = {{ max_body_bytes = {TIGHT_LIMIT} }}
         digits = artifact("build/models/digits.pt").display(),
     );
     let server = Server::start(&config, &["demo", "tight"]).unwrap_or_else(|e| panic!("{e:#}"));
-    let output = Command::new(python())
-        .arg(root().join("tests/python/grpc_auth_first.py"))
-        .arg(&server.grpc)
-        .arg(TIGHT_LIMIT.to_string())
-        .arg(SERVER_LIMIT.to_string())
-        .env("KILN_KEY", server.key("demo"))
-        .env("KILN_TIGHT_KEY", server.key("tight"))
-        .env("KILN_ADMIN_KEY", server.admin_key())
-        .output()
-        .expect("run the Python gRPC client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "grpc_auth_first.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        server.log_text()
+    python_checks(
+        "grpc_auth_first.py",
+        &[server.grpc.clone(), TIGHT_LIMIT.to_string(), SERVER_LIMIT.to_string()],
+        &[("KILN_KEY", server.key("demo")), ("KILN_TIGHT_KEY", server.key("tight")), ("KILN_ADMIN_KEY", server.admin_key())],
+        "grpc auth first",
+        || format!("server log:\n{}", server.log_text()),
     );
-    assert!(stdout.contains("grpc auth first: all checks passed"), "{stdout}");
     // Refused before the handlers ran, the calls were still audited with their peer's address.
     let audit = server.audit_log_with(|line| line.contains("tenant key used on the admin API"));
     let failures: Vec<&str> = audit.lines().filter(|l| l.contains("\"auth_failure\"")).collect();

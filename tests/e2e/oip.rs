@@ -1,23 +1,20 @@
 //! The Open Inference Protocol, checked by the official Python client `tritonclient[http]`.
 
-use std::process::Command;
-
 use super::server;
-use kiln_tests::{artifact, python, root};
+use kiln_tests::{artifact, python_checks};
 
 #[test]
 fn the_official_tritonclient_reaches_every_oip_endpoint() {
     let server = server();
-    let output = Command::new(python())
-        .arg(root().join("tests/python/oip_client.py"))
-        .arg(server.base.trim_start_matches("http://"))
-        .arg(artifact("build/models/digits.pt"))
-        .arg(artifact("build/models/minilm.pt"))
-        .env("KILN_KEY", server.key("demo"))
-        .output()
-        .expect("run the Python OIP client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "oip_client.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("oip: all checks passed"), "{stdout}");
+    python_checks(
+        "oip_client.py",
+        &[
+            server.base.replace("http://", ""),
+            artifact("build/models/digits.pt").display().to_string(),
+            artifact("build/models/minilm.pt").display().to_string(),
+        ],
+        &[("KILN_KEY", server.key("demo"))],
+        "oip",
+        || server.log_text(),
+    );
 }

@@ -3,12 +3,11 @@
 //! the tenants that may use them only; kept across restarts; reloaded under load without a
 //! failed request. Own servers, since every test changes the models.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_tests::{Server, artifact, examples_config, python, root};
+use kiln_tests::{Server, artifact, examples_config, python_checks};
 
 mod confinement;
 mod sources;
@@ -82,19 +81,13 @@ async fn until_ready(server: &Server, name: &str) {
 #[test]
 fn the_official_tritonclient_loads_lists_and_unloads_models() {
     let server = start();
-    let output = Command::new(python())
-        .arg(root().join("tests/python/repository_client.py"))
-        .arg(server.admin.trim_start_matches("http://"))
-        .arg(server.base.trim_start_matches("http://"))
-        .arg(artifact("build/models").display().to_string())
-        .env("KILN_ADMIN_KEY", server.admin_key())
-        .env("KILN_KEY", server.key("demo"))
-        .output()
-        .expect("run the Python repository client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "repository_client.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("repository: all checks passed"), "{stdout}");
+    python_checks(
+        "repository_client.py",
+        &[server.admin.replace("http://", ""), server.base.replace("http://", ""), artifact("build/models").display().to_string()],
+        &[("KILN_ADMIN_KEY", server.admin_key()), ("KILN_KEY", server.key("demo"))],
+        "repository",
+        || server.log_text(),
+    );
     let audit = server.audit_log_with(|l| l.contains("model_unload"));
     for event in ["model_load", "model_load_failed", "model_unload"] {
         assert!(audit.lines().any(|l| l.contains(event)), "no {event} in the audit log:\n{audit}");
