@@ -37,9 +37,8 @@ for round in 1 2 3; do
     [ $((round % 2)) = 0 ] && order=($(printf '%s\n' "${order[@]}" | tac))
     for i in "${order[@]}"; do
         label=${labels[$i]}
-        "${binaries[$i]}" serve -c "$out/ab-$label.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 > "$out/ab-$label.log" 2>&1 &
-        server=$!
-        for _ in $(seq 300); do curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && break; sleep 0.2; done
+        start_server "${binaries[$i]}" "$out/ab-$label.log" 18080 -c "$out/ab-$label.toml" \
+            --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 || exit 1
         row="| $round | $label"
         for run in "${runs[@]}"; do
             set -- $run
@@ -55,6 +54,6 @@ cost = f\"; {c['cpu_us_per_request']:.0f}, {c['wakeups_per_request']:.1f}, {c.ge
 print(f\"{r['ok'] / r['seconds']:.0f} ({r['latency_ms']['p99']:.1f}{cost})\" + (f' {e} errors' if e else ''))")"
         done
         echo "$row |"
-        kill "$server"; wait "$server" 2>/dev/null || true
+        stop_server
     done
 done

@@ -21,9 +21,8 @@ pngs=(build/holdout/digits/*.png); png=${pngs[0]}
 echo "| cache | c | req/s | p99 ms | hit ratio |"
 echo "|---|---:|---:|---:|---:|"
 for mode in off on; do
-    $kiln serve -c "$out/cache-$mode.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 --grpc-listen off > "$out/cache-$mode.log" 2>&1 &
-    server=$!
-    for _ in $(seq 300); do curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && break; sleep 0.2; done
+    start_server "$kiln" "$out/cache-$mode.log" 18080 -c "$out/cache-$mode.toml" --listen 127.0.0.1:18080 \
+        --admin-listen 127.0.0.1:18081 --grpc-listen off || exit 1
     for c in 1 16 64; do
         before=$(curl -sf -H "Authorization: Bearer $KILN_ADMIN_KEY" http://127.0.0.1:18080/v1/stats)
         $kiln bench --server http://127.0.0.1:18080 --handler digits --body "$png" --vary build/holdout/digits \
@@ -43,5 +42,5 @@ errors = sum(r["errors"].values())
 print(f"| {mode} | {c} | {r['ok'] / r['seconds']:.0f} | {r['latency_ms']['p99']:.1f} | {ratio} |" + (f" {errors} errors" if errors else ""))
 PY
     done
-    kill "$server"; wait "$server" 2>/dev/null || true
+    stop_server
 done

@@ -26,11 +26,9 @@ json.dump({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, le
                       {"name": "attention_mask", "datatype": "INT64", "shape": [1, len(ids)], "data": [1] * len(ids)}]},
           open(f"{out}/minilm.json", "w"))
 PY
-$kiln serve -c "$out/kiln.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 \
-    --grpc-listen 127.0.0.1:18001 > "$out/serve.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 300); do curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && break; sleep 0.2; done
+trap stop_server EXIT
+start_server "$kiln" "$out/serve.log" 18080 -c "$out/kiln.toml" --listen 127.0.0.1:18080 \
+    --admin-listen 127.0.0.1:18081 --grpc-listen 127.0.0.1:18001
 echo "| model | c | HTTP req/s | gRPC req/s | HTTP p50 / p99 ms | gRPC p50 / p99 ms |"
 echo "|---|---:|---:|---:|---:|---:|"
 for model in digits minilm; do

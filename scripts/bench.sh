@@ -47,15 +47,8 @@ $kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --seconds 3 -
 $kiln bench-raw -c "$out/batching-on.toml" --model resnet18 --batch-sizes 1,2,4,8,16 --seconds 2 --json > "$out/raw-resnet18.json"
 
 serve() { # CONFIG
-    $kiln serve -c "$out/$1.toml" --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:18081 --grpc-listen off \
-        > "$out/$1.log" 2>&1 &
-    server=$!
-    for _ in $(seq 300); do
-        curl -sf http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && return
-        sleep 0.2
-    done
-    echo "server did not become ready; see $out/$1.log" >&2
-    exit 1
+    start_server "$kiln" "$out/$1.log" 18080 -c "$out/$1.toml" --listen 127.0.0.1:18080 \
+        --admin-listen 127.0.0.1:18081 --grpc-listen off || exit 1
 }
 load() { # NAME ARGS...
     local name=$1; shift
@@ -79,7 +72,7 @@ for mode in on off; do
             done
         done
     fi
-    kill "$server"; wait "$server" 2>/dev/null || true
+    stop_server
 done
 
 .venv/bin/python scripts/bench_report.py "$out" docs/BENCHMARKS.md "$run_s"

@@ -14,3 +14,34 @@ examples_config() { # DIR [SED_ARGS...]
     shift
     sed -e "s|\.\./build/state|$dir/state|" -e "s|\.\./|$KILN_ROOT/|g" "$@" "$KILN_ROOT/examples/kiln.toml"
 }
+
+# Starts `BINARY serve ARGS...` in the background, its output in LOG, and waits until
+# http://127.0.0.1:PORT/v2/health/ready answers; sets $server to its process id. Fails (having
+# stopped it) when it exits first or is not ready within 60 s, so that nothing is measured against
+# a server that never started.
+start_server() { # BINARY LOG PORT ARGS...
+    local binary=$1 log=$2 port=$3
+    shift 3
+    "$binary" serve "$@" > "$log" 2>&1 &
+    server=$!
+    for _ in $(seq 300); do
+        curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null 2>&1 && return 0
+        if ! kill -0 "$server" 2> /dev/null; then
+            echo "kiln serve exited before it was ready; see $log" >&2
+            server=
+            return 1
+        fi
+        sleep 0.2
+    done
+    echo "kiln serve was not ready on port $port within 60 s; see $log" >&2
+    stop_server
+    return 1
+}
+
+# Stops the server start_server started, if it still runs, and waits for it.
+stop_server() {
+    [ -n "${server:-}" ] || return 0
+    kill "$server" 2> /dev/null || true
+    wait "$server" 2> /dev/null || true
+    server=
+}

@@ -21,13 +21,9 @@ KILN_KEY=$($kiln tenant add-key demo -c "$out/kiln.toml" 2>/dev/null)
 KILN_ADMIN_KEY=$($kiln admin add-key -c "$out/kiln.toml" 2>/dev/null)
 export KILN_KEY KILN_ADMIN_KEY
 
-$kiln serve -c "$out/kiln.toml" --listen 127.0.0.1:18180 --admin-listen 127.0.0.1:18181 --grpc-listen off > "$out/serve.log" 2>&1 &
-server=$!
-trap 'kill $server 2> /dev/null || true' EXIT
-for _ in $(seq 300); do
-    curl -sf http://127.0.0.1:18180/v2/health/ready > /dev/null 2>&1 && break
-    sleep 0.2
-done
+trap stop_server EXIT
+start_server "$kiln" "$out/serve.log" 18180 -c "$out/kiln.toml" --listen 127.0.0.1:18180 \
+    --admin-listen 127.0.0.1:18181 --grpc-listen off
 rss() { awk '/^VmRSS/ { print int($2 / 1024) }' "/proc/$server/status"; }
 
 bench() { # NAME ARGS...

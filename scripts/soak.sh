@@ -32,14 +32,10 @@ KILN_KEY=$($kiln tenant add-key demo -c "$out/kiln.toml" 2>/dev/null)
 mallory=$($kiln tenant add-key mallory -c "$out/kiln.toml" 2>/dev/null)
 export KILN_KEY
 
-$kiln serve -c "$out/kiln.toml" --listen 127.0.0.1:18280 --admin-listen 127.0.0.1:18281 --grpc-listen off > "$out/serve.log" 2>&1 &
-server=$!
 pids=()
-trap 'kill $server "${pids[@]}" 2> /dev/null || true' EXIT
-for _ in $(seq 300); do
-    curl -sf http://127.0.0.1:18280/v2/health/ready > /dev/null 2>&1 && break
-    sleep 0.2
-done
+trap 'kill "${pids[@]}" 2> /dev/null || true; stop_server' EXIT
+start_server "$kiln" "$out/serve.log" 18280 -c "$out/kiln.toml" --listen 127.0.0.1:18280 \
+    --admin-listen 127.0.0.1:18281 --grpc-listen off
 
 # The attacker, throughout: each misdeed in turn, a few at once.
 hostile() {
