@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,12 +22,11 @@ use crate::deploy::sources::ModelCache;
 use crate::fleet::placement::Placer;
 use crate::fleet::scaler::{self, DecisionLog};
 use crate::telemetry::{EventLog, Telemetry};
-use crate::tenancy::keys::{self, KeyRing, Principal};
+use crate::tenancy::keys::{KeyRing, LiveKeys, Principal};
 use crate::sandbox::Sandbox;
 use crate::deploy::registry::{Handlers, Registry};
 use crate::deploy::store::Store;
 use crate::tenancy::Tenant;
-use crate::sync::RwLockExt;
 
 /// Events kept for followers of `/v1/events` that connect later.
 const EVENT_HISTORY: usize = 500;
@@ -84,8 +82,8 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let state_dir = &config.server.state_dir;
     let store = Store::open(state_dir)
         .with_context(|| format!("cannot open the state directory {}", state_dir.display()))?;
-    let keys = load_keys(state_dir, config);
-    report_keys(&keys, config);
+    let keys = Arc::new(LiveKeys::load(state_dir, config.tenants.iter().map(|t| t.name.clone()).collect()));
+    report_keys(&keys.current(), config);
 
     let max_memory = config
         .tenants
@@ -132,7 +130,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         repository,
         models,
         tenants,
-        keys: RwLock::new(Arc::new(keys)),
+        keys,
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
         audit,
@@ -144,10 +142,6 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         draining: std::sync::atomic::AtomicBool::new(false),
         max_component_bytes: config.server.max_component_bytes,
     })
-}
-
-fn load_keys(state_dir: &Path, config: &Config) -> KeyRing {
-    KeyRing::load(state_dir, config.tenants.iter().map(|t| t.name.as_str()))
 }
 
 fn report_keys(keys: &KeyRing, config: &Config) {
@@ -170,34 +164,6 @@ fn report_keys(keys: &KeyRing, config: &Config) {
     }
 }
 
-/// The SHA-256 of every key file: changes whenever a key is added or removed, even within one
-/// timestamp tick and at the same size (a removal and an addition in one second).
-fn key_files_fingerprint(state_dir: &Path, config: &Config) -> Vec<Option<String>> {
-    std::iter::once(Principal::Admin)
-        .chain(config.tenants.iter().map(|t| Principal::Tenant(t.name.clone())))
-        .map(|p| std::fs::read(keys::keys_file(state_dir, &p)).ok().map(|bytes| crate::files::sha256_hex(&bytes)))
-        .collect()
-}
-
-/// Reloads the key ring whenever a key file changes.
-fn watch_keys(state: Arc<AppState>, config: Config) {
-    tokio::spawn(async move {
-        let state_dir = config.server.state_dir.clone();
-        let mut seen = key_files_fingerprint(&state_dir, &config);
-        loop {
-            tokio::time::sleep(KEY_POLL).await;
-            let now = key_files_fingerprint(&state_dir, &config);
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            let keys = load_keys(&state_dir, &config);
-            tracing::info!("key files changed; keys reloaded");
-            *state.keys.writing() = Arc::new(keys);
-        }
-    });
-}
-
 /// Serves `config`'s API on `listen`, its gRPC API on `[server].grpc_listen` (unless off) and its
 /// admin API on `admin_listen` until `shutdown`.
 pub async fn serve(
@@ -218,7 +184,7 @@ pub async fn serve(
     if !admin_local.ip().is_loopback() {
         tracing::warn!("the admin API listens on {admin_local}, which is not a loopback address");
     }
-    watch_keys(Arc::clone(&state), config.clone());
+    state.keys.watch(KEY_POLL);
     let handler_count = state.registry.list().len();
     let grpc_text = grpc_local.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(

@@ -15,7 +15,7 @@ mod repository;
 mod stats;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -39,9 +39,9 @@ use crate::sandbox::cache::{self, Outcome};
 use crate::sandbox::{CallOptions, Handler, Lease};
 use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
 use crate::tenancy::audit::{Audit, Event};
-use crate::tenancy::keys::{KeyRing, Principal};
+use crate::tenancy::keys::{LiveKeys, Principal};
 use crate::tenancy::{Permit, QuotaRefusal, Tenant};
-use crate::sync::{MutexExt, RwLockExt};
+use crate::sync::MutexExt;
 
 /// What every route can see. Built once at start-up; handlers and keys change at run time.
 pub struct AppState {
@@ -53,7 +53,7 @@ pub struct AppState {
     pub models: Arc<ModelTable>,
     pub tenants: HashMap<String, Arc<Tenant>>,
     /// Reloaded from the state directory when key files change.
-    pub keys: RwLock<Arc<KeyRing>>,
+    pub keys: Arc<LiveKeys>,
     pub max_body_bytes: usize,
     /// The highest `kiln-priority` a direct OIP call may ask for.
     pub oip_max_priority: u8,
@@ -74,7 +74,7 @@ pub struct AppState {
 impl AppState {
     /// The caller's principal, or 401. Failures are audited with `handler` when known.
     fn authenticate(&self, headers: &http::HeaderMap, handler: Option<&str>) -> Result<Principal, ApiError> {
-        let keys = Arc::clone(&*self.keys.reading());
+        let keys = self.keys.current();
         let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         match keys.verify(authorization) {
             Ok(principal) => Ok(principal.clone()),

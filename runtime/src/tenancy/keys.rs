@@ -21,6 +21,7 @@ use ring::hmac;
 use kiln_codec::keys::{PREFIX, Record, TokenError, parse_bearer};
 
 use crate::files::write_atomic;
+use crate::sync::RwLockExt;
 
 /// Who a key belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -176,6 +177,57 @@ impl KeyRing {
     /// How many keys each principal has.
     pub fn count(&self, principal: &Principal) -> usize {
         self.by_id.values().filter(|(p, _)| p == principal).count()
+    }
+}
+
+/// The key ring being served: what a request's key is checked against, read again from the state
+/// directory whenever a key file changes (`kiln tenant add-key` and `remove-key` write them while
+/// the server runs). It owns its lock, as `ModelTable` owns the table's.
+#[derive(Debug)]
+pub struct LiveKeys {
+    state_dir: PathBuf,
+    tenants: Vec<String>,
+    current: std::sync::RwLock<std::sync::Arc<KeyRing>>,
+}
+
+impl LiveKeys {
+    /// Reads the admin keys and `tenants`' keys from `state_dir`.
+    pub fn load(state_dir: &Path, tenants: Vec<String>) -> LiveKeys {
+        let ring = KeyRing::load(state_dir, tenants.iter().map(String::as_str));
+        LiveKeys { state_dir: state_dir.to_owned(), tenants, current: std::sync::RwLock::new(std::sync::Arc::new(ring)) }
+    }
+
+    /// The ring as it is now; a reload does not change it.
+    pub fn current(&self) -> std::sync::Arc<KeyRing> {
+        std::sync::Arc::clone(&self.current.reading())
+    }
+
+    /// The SHA-256 of every key file: changes whenever a key is added or removed, even within one
+    /// timestamp tick and at the same size (a removal and an addition in one second).
+    fn fingerprint(&self) -> Vec<Option<String>> {
+        std::iter::once(Principal::Admin)
+            .chain(self.tenants.iter().map(|t| Principal::Tenant(t.clone())))
+            .map(|p| std::fs::read(keys_file(&self.state_dir, &p)).ok().map(|bytes| crate::files::sha256_hex(&bytes)))
+            .collect()
+    }
+
+    /// Reads the keys again every `every` while the runtime runs, whenever a file changed.
+    pub fn watch(self: &std::sync::Arc<Self>, every: std::time::Duration) {
+        let keys = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            let mut seen = keys.fingerprint();
+            loop {
+                tokio::time::sleep(every).await;
+                let now = keys.fingerprint();
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                let ring = KeyRing::load(&keys.state_dir, keys.tenants.iter().map(String::as_str));
+                tracing::info!("key files changed; keys reloaded");
+                *keys.current.writing() = std::sync::Arc::new(ring);
+            }
+        });
     }
 }
 
