@@ -131,6 +131,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         models,
         tenants,
         keys,
+        requests: api::requests::Requests::default(),
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
         audit,

@@ -53,7 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
         })
-        .layer(axum::middleware::from_fn(super::tag_request))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), super::requests::tag_request))
         .with_state(state)
 }
 

@@ -173,7 +173,7 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
                 }
                 // The body is dropped unread: the stream is reset once the answer is sent.
                 let mut response: http::Response<tonic::body::Body> = status(error).into_http();
-                tag_response(response.headers_mut());
+                tag_response(&self.app, response.headers_mut());
                 return Box::pin(std::future::ready(Ok(response)));
             }
         };
@@ -306,6 +306,7 @@ fn counted_status<T>(result: &Result<T, ApiError>) -> u16 {
 /// its [`Caller`] and its message, as a request from its peer (for the audit log's flood limit),
 /// with a fresh `kiln-request-id` on its answer.
 async fn tagged<M, T, F>(
+    app: &AppState,
     request: Request<M>,
     call: impl FnOnce(http::HeaderMap, Option<Caller>, M) -> F,
 ) -> Result<Response<T>, Status>
@@ -321,13 +322,13 @@ where
         None => call.await,
     };
     let mut response = Response::new(result.map_err(status)?);
-    tag_response(response.metadata_mut().as_mut());
+    tag_response(app, response.metadata_mut().as_mut());
     Ok(response)
 }
 
 /// Gives an answer a fresh `kiln-request-id`.
-fn tag_response(headers: &mut http::HeaderMap) {
-    let (_, id) = super::next_request_id();
+fn tag_response(app: &AppState, headers: &mut http::HeaderMap) {
+    let id = app.requests.fresh_id();
     if let Ok(value) = http::HeaderValue::from_str(&id) {
         headers.insert(kiln_wire::headers::REQUEST_ID, value);
     }
@@ -380,7 +381,7 @@ impl GrpcInferenceService for Grpc {
     }
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        tagged(request, |_, caller, request| async move {
+        tagged(&self.app, request, |_, caller, request| async move {
             let tenant = tenant_of(caller)?;
             let name = versioned(&request.name, &request.version)?;
             let model = self.app.tenant_model(&tenant, &name)?;
@@ -393,7 +394,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        tagged(request, |_, caller, request| async move {
+        tagged(&self.app, request, |_, caller, request| async move {
             let tenant = tenant_of(caller)?;
             let name = versioned(&request.name, &request.version)?;
             let model = self.app.tenant_model(&tenant, &name)?;
@@ -405,7 +406,7 @@ impl GrpcInferenceService for Grpc {
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
         let app = &self.app;
-        tagged(request, |headers, caller, request| async move {
+        tagged(&self.app, request, |headers, caller, request| async move {
             let (tenant, result) = match tenant_of(caller) {
                 Ok(tenant) => {
                     let result = infer(app, &headers, &tenant, request).await;
@@ -424,7 +425,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        tagged(request, |_, caller, request| async move {
+        tagged(&self.app, request, |_, caller, request| async move {
             admin_only(caller)?;
             let models = super::repository::index_rows(&self.app, request.ready)
                 .into_iter()
@@ -444,7 +445,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        tagged(request, |_, caller, request| async move {
+        tagged(&self.app, request, |_, caller, request| async move {
             admin_only(caller)?;
             use model_repository_parameter::ParameterChoice;
             let config = match request.parameters.get("config").and_then(|p| p.parameter_choice.as_ref()) {
@@ -466,7 +467,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        tagged(request, |_, caller, request| async move {
+        tagged(&self.app, request, |_, caller, request| async move {
             admin_only(caller)?;
             self.app.repository.unload(&request.model_name).await?;
             Ok(RepositoryModelUnloadResponse {})

@@ -7,6 +7,9 @@
 
 pub mod admin;
 mod auth;
+pub mod requests;
+
+pub(crate) use requests::{PEER, peer};
 mod error;
 pub mod grpc;
 pub mod metrics;
@@ -41,7 +44,6 @@ use crate::telemetry::{ANONYMOUS, Telemetry, UNKNOWN};
 use crate::tenancy::audit::{Audit, Event};
 use crate::tenancy::keys::{LiveKeys, Principal};
 use crate::tenancy::{Permit, QuotaRefusal, Tenant};
-use crate::sync::MutexExt;
 
 /// What every route can see. Built once at start-up; handlers and keys change at run time.
 pub struct AppState {
@@ -54,6 +56,8 @@ pub struct AppState {
     pub tenants: HashMap<String, Arc<Tenant>>,
     /// Reloaded from the state directory when key files change.
     pub keys: Arc<LiveKeys>,
+    /// Every request being handled now, by its id: to list and to cancel.
+    pub requests: requests::Requests,
     pub max_body_bytes: usize,
     /// The highest `kiln-priority` a direct OIP call may ask for.
     pub oip_max_priority: u8,
@@ -142,155 +146,6 @@ impl AppState {
     }
 }
 
-tokio::task_local! {
-    /// The client's address while its request is handled (see [`tag_request`]).
-    static PEER: std::net::IpAddr;
-}
-
-/// Middleware on every route: makes the client's address known to everything that handles its
-/// request, for the audit log's flood limit, without threading it through every route; tags
-/// the answer with a fresh `kiln-request-id`, whatever answered it (a guest cannot set its own);
-/// and lets an operator cancel the request by that id until its answer's head is sent
-/// ([`cancel_request`]).
-pub(crate) async fn tag_request(request: Request, next: axum::middleware::Next) -> Response {
-    let peer = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip());
-    let (n, id) = next_request_id();
-    let cancelled = in_flight().register(n, &request);
-    // Forgotten however this ends: answered, cancelled, or dropped because the client went away.
-    let _registered = Registered(n);
-    let handled = async {
-        match peer {
-            Some(ip) => PEER.scope(ip, next.run(request)).await,
-            None => next.run(request).await,
-        }
-    };
-    // Dropping the handler's future withdraws everything it started: its guest task is
-    // aborted, and its queued inference is skipped by the model's scheduler.
-    let mut response = tokio::select! {
-        response = handled => response,
-        Ok(()) = cancelled => ApiError::Cancelled(id.clone()).into_response(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
-    }
-    response
-}
-
-/// The start-up prefix of this server's request ids.
-fn request_id_prefix() -> u32 {
-    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *PREFIX.get_or_init(|| {
-        let mut bytes = [0u8; 4];
-        // Without randomness the ids are still unique within this run.
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-        u32::from_le_bytes(bytes)
-    })
-}
-
-/// A request id no other request of this server has had, nor (but by a 1 in 2^32 chance) one of
-/// an earlier run: a random prefix drawn at start-up and a counter, 24 hex digits; and the
-/// counter. No system call per request.
-fn next_request_id() -> (u64, String) {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    (n, format!("{:08x}{n:016x}", request_id_prefix()))
-}
-
-/// The requests being handled now, by their id's counter, each with the way to cancel it.
-/// Sharded, so that concurrent requests rarely meet on one lock.
-struct InFlight {
-    shards: [std::sync::Mutex<HashMap<u64, Flying>>; 16],
-}
-
-/// One request in flight. Cloning a parsed request's method and URI shares their bytes (the
-/// first share of hyper's buffer allocates once); the channel is one allocation more.
-struct Flying {
-    cancel: tokio::sync::oneshot::Sender<()>,
-    method: http::Method,
-    uri: http::Uri,
-    since: std::time::Instant,
-}
-
-/// A request's place in [`InFlight`], given up when dropped.
-struct Registered(u64);
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        in_flight().forget(self.0);
-    }
-}
-
-fn in_flight() -> &'static InFlight {
-    static IN_FLIGHT: std::sync::OnceLock<InFlight> = std::sync::OnceLock::new();
-    IN_FLIGHT.get_or_init(|| InFlight { shards: std::array::from_fn(|_| std::sync::Mutex::new(HashMap::new())) })
-}
-
-impl InFlight {
-    fn shard(&self, n: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Flying>> {
-        self.shards[(n % 16) as usize].locked()
-    }
-
-    fn register(&self, n: u64, request: &Request) -> tokio::sync::oneshot::Receiver<()> {
-        let (cancel, cancelled) = tokio::sync::oneshot::channel();
-        let flying = Flying {
-            cancel,
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            since: std::time::Instant::now(),
-        };
-        self.shard(n).insert(n, flying);
-        cancelled
-    }
-
-    fn forget(&self, n: u64) {
-        self.shard(n).remove(&n);
-    }
-}
-
-/// Cancels the request `id` if it is still being handled (its answer's head not yet sent):
-/// its caller gets 503 `cancelled`, its guest stops and its queued inference is withdrawn.
-/// `false` when no such request is in flight.
-pub(crate) fn cancel_request(id: &str) -> bool {
-    let parsed = (id.len() == 24 && id.is_ascii())
-        .then(|| (u32::from_str_radix(&id[..8], 16).ok(), u64::from_str_radix(&id[8..], 16).ok()));
-    let Some((Some(prefix), Some(n))) = parsed else { return false };
-    if prefix != request_id_prefix() {
-        return false;
-    }
-    let flying = in_flight().shard(n).remove(&n);
-    flying.is_some_and(|f| f.cancel.send(()).is_ok())
-}
-
-/// Every request in flight on both listeners, oldest first: its id, method, path (no query) and
-/// age (`GET /v1/requests`).
-pub(crate) fn requests_in_flight() -> Vec<kiln_wire::RequestInFlight> {
-    let prefix = request_id_prefix();
-    let now = std::time::Instant::now();
-    let mut all: Vec<(u64, kiln_wire::RequestInFlight)> = Vec::new();
-    for shard in &in_flight().shards {
-        let shard = shard.locked();
-        all.extend(shard.iter().map(|(n, f)| {
-            let seen = kiln_wire::RequestInFlight {
-                id: format!("{prefix:08x}{n:016x}"),
-                method: f.method.to_string(),
-                path: f.uri.path().to_owned(),
-                age_ms: now.duration_since(f.since).as_secs_f64() * 1e3,
-            };
-            (*n, seen)
-        }));
-    }
-    all.sort_by_key(|(n, _)| *n);
-    all.into_iter().map(|(_, r)| r).collect()
-}
-
-/// The address of the client whose request is being handled, where known.
-pub(crate) fn peer() -> Option<std::net::IpAddr> {
-    PEER.try_with(|ip| *ip).ok()
-}
-
 /// All routes, with `{"error": ...}` 404s for everything else.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -318,7 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
         })
-        .layer(axum::middleware::from_fn(tag_request))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), requests::tag_request))
         .with_state(state)
 }
 

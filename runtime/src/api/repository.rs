@@ -256,8 +256,8 @@ async fn controlled(app: &AppState, name: &str, control: Control) -> Result<Resp
 }
 
 /// `GET /v1/requests`: every request in flight, oldest first.
-pub(super) async fn in_flight(_admin: AdminKey) -> Result<Response, ApiError> {
-    Ok(json_response(StatusCode::OK, &json!({ "requests": super::requests_in_flight() })))
+pub(super) async fn in_flight(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
+    Ok(json_response(StatusCode::OK, &json!({ "requests": app.requests.in_flight() })))
 }
 
 /// `DELETE /v1/requests/{id}`: cancel a request in flight by its `kiln-request-id`.
@@ -266,7 +266,7 @@ pub(super) async fn cancel(
     _admin: AdminKey,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !super::cancel_request(&id) {
+    if !app.requests.cancel(&id) {
         return Err(ApiError::NotFound(format!("no request {id} in flight (it may have been answered already)")));
     }
     app.audit.record(crate::tenancy::audit::Event::RequestCancel, None, None, &format!("request {id} cancelled"));

@@ -1,0 +1,165 @@
+//! Requests in flight: each gets a fresh `kiln-request-id` (a guest cannot set its own), is listed
+//! until its answer's head is sent (`GET /v1/requests`) and can be cancelled by that id (`DELETE
+//! /v1/requests/{id}`); and the client's address is known to everything that handles it. The
+//! table belongs to the server's [`AppState`], one per server.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse as _, Response};
+
+use super::{ApiError, AppState};
+use crate::sync::MutexExt;
+
+tokio::task_local! {
+    /// The client's address while its request is handled (see [`tag_request`]).
+    pub(crate) static PEER: std::net::IpAddr;
+}
+
+/// The address of the client whose request is being handled, where known.
+pub(crate) fn peer() -> Option<std::net::IpAddr> {
+    PEER.try_with(|ip| *ip).ok()
+}
+
+/// Middleware on every route: makes the client's address known to everything that handles its
+/// request, for the audit log's flood limit, without threading it through every route; tags
+/// the answer with a fresh `kiln-request-id`, whatever answered it; and lets an operator cancel
+/// the request by that id until its answer's head is sent ([`Requests::cancel`]).
+pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Request, next: axum::middleware::Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    let requests = &app.requests;
+    let (n, id) = requests.next_id();
+    let cancelled = requests.register(n, &request);
+    // Forgotten however this ends: answered, cancelled, or dropped because the client went away.
+    let _registered = Registered(requests, n);
+    let handled = async {
+        match peer {
+            Some(ip) => PEER.scope(ip, next.run(request)).await,
+            None => next.run(request).await,
+        }
+    };
+    // Dropping the handler's future withdraws everything it started: its guest task is
+    // aborted, and its queued inference is skipped by the model's scheduler.
+    let mut response = tokio::select! {
+        response = handled => response,
+        Ok(()) = cancelled => ApiError::Cancelled(id.clone()).into_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
+    }
+    response
+}
+
+/// The requests being handled now, by their id's counter, each with the way to cancel it.
+/// Sharded, so that concurrent requests rarely meet on one lock.
+#[derive(Debug)]
+pub struct Requests {
+    /// This server's prefix of request ids, drawn at start-up.
+    prefix: u32,
+    next: AtomicU64,
+    shards: [std::sync::Mutex<HashMap<u64, Flying>>; 16],
+}
+
+/// One request in flight. Cloning a parsed request's method and URI shares their bytes (the
+/// first share of hyper's buffer allocates once); the channel is one allocation more.
+#[derive(Debug)]
+struct Flying {
+    cancel: tokio::sync::oneshot::Sender<()>,
+    method: http::Method,
+    uri: http::Uri,
+    since: std::time::Instant,
+}
+
+/// A request's place in [`Requests`], given up when dropped.
+struct Registered<'a>(&'a Requests, u64);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.shard(self.1).remove(&self.1);
+    }
+}
+
+impl Default for Requests {
+    fn default() -> Requests {
+        let mut bytes = [0u8; 4];
+        // Without randomness the ids are still unique within this run.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        Requests {
+            prefix: u32::from_le_bytes(bytes),
+            next: AtomicU64::new(0),
+            shards: std::array::from_fn(|_| std::sync::Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl Requests {
+    /// A request id no other request of this server has had, nor (but by a 1 in 2^32 chance)
+    /// one of an earlier run: the random prefix and a counter, 24 hex digits; and the counter.
+    /// No system call per request.
+    fn next_id(&self) -> (u64, String) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        (n, format!("{:08x}{n:016x}", self.prefix))
+    }
+
+    /// A fresh request id for an answer that is not listed in flight (a gRPC call's).
+    pub(crate) fn fresh_id(&self) -> String {
+        self.next_id().1
+    }
+
+    fn shard(&self, n: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Flying>> {
+        self.shards[(n % 16) as usize].locked()
+    }
+
+    fn register(&self, n: u64, request: &Request) -> tokio::sync::oneshot::Receiver<()> {
+        let (cancel, cancelled) = tokio::sync::oneshot::channel();
+        let flying = Flying {
+            cancel,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            since: std::time::Instant::now(),
+        };
+        self.shard(n).insert(n, flying);
+        cancelled
+    }
+
+    /// Cancels the request `id` if it is still being handled (its answer's head not yet sent):
+    /// its caller gets 503 `cancelled`, its guest stops and its queued inference is withdrawn.
+    /// `false` when no such request is in flight.
+    pub fn cancel(&self, id: &str) -> bool {
+        let parsed = (id.len() == 24 && id.is_ascii())
+            .then(|| (u32::from_str_radix(&id[..8], 16).ok(), u64::from_str_radix(&id[8..], 16).ok()));
+        let Some((Some(prefix), Some(n))) = parsed else { return false };
+        if prefix != self.prefix {
+            return false;
+        }
+        let flying = self.shard(n).remove(&n);
+        flying.is_some_and(|f| f.cancel.send(()).is_ok())
+    }
+
+    /// Every request in flight on both listeners, oldest first: its id, method, path (no query)
+    /// and age.
+    pub fn in_flight(&self) -> Vec<kiln_wire::RequestInFlight> {
+        let now = std::time::Instant::now();
+        let mut all: Vec<(u64, kiln_wire::RequestInFlight)> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.locked();
+            all.extend(shard.iter().map(|(n, f)| {
+                let seen = kiln_wire::RequestInFlight {
+                    id: format!("{:08x}{n:016x}", self.prefix),
+                    method: f.method.to_string(),
+                    path: f.uri.path().to_owned(),
+                    age_ms: now.duration_since(f.since).as_secs_f64() * 1e3,
+                };
+                (*n, seen)
+            }));
+        }
+        all.sort_by_key(|(n, _)| *n);
+        all.into_iter().map(|(_, r)| r).collect()
+    }
+}
