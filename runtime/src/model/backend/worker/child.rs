@@ -33,7 +33,7 @@ const CUDA_DEVICES: &[&str] = &["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidi
 /// Must run before the process starts any thread (confining needs a single-threaded process).
 pub fn serve_worker() -> io::Result<()> {
     let socket = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
-    let mut worker = Worker { channel: Channel::new(socket), inputs: None, outputs: None, model: None };
+    let mut worker = Worker { channel: Channel::taking_fds(socket), inputs: None, outputs: None, model: None };
     loop {
         let request = match worker.channel.receive::<Request>() {
             Ok(request) => request,

@@ -56,8 +56,9 @@ const MEMORY_PER_FILE_BYTE: u64 = 4;
 
 /// Shared memory a worker starts with, each way; it grows to the largest batch seen.
 const INITIAL_REGION_BYTES: usize = 1 << 20;
-/// The most output bytes read from a worker's reply when they did not fit the outputs region.
-const MAX_INLINE_OUTPUT_BYTES: usize = 1 << 30;
+/// The most output bytes a pass may return (a worker's claim is checked against it before anything
+/// is allocated), and the largest a region grows to.
+const MAX_OUTPUT_BYTES: usize = 256 << 20;
 
 /// Back-off before restarting a worker that failed: doubled for each failure in a row, up to
 /// the most; a worker that ran this long without failing starts the count afresh.
@@ -104,6 +105,14 @@ impl Backend for Worker {
         });
         let (process, loaded) = Process::start(&spec)?;
         if !loaded.complete {
+            if let Some(tenant) = spec.owner() {
+                process.stop(false);
+                return Err(BackendError::Load(format!(
+                    "tenant '{tenant}''s model cannot run here: this kernel cannot confine its worker fully ({}); \
+                     tenants' models need Landlock and seccomp",
+                    loaded.confinement
+                )));
+            }
             tracing::warn!(model = %config.name, "model worker only partly confined: {}", loaded.confinement);
         }
         tracing::info!(model = %config.name, pid = process.pid, confinement = %loaded.confinement, "model worker started");
@@ -210,7 +219,9 @@ impl LoadedModel for WorkerModel {
             Some(process) => process,
             None if Instant::now() < state.retry_at => return Err(self.unavailable(&state)),
             None => match Process::start(&self.spec) {
-                Ok((process, _)) => {
+                Ok((mut process, _)) => {
+                    // Its model warmed up with the first worker: real batches get real deadlines.
+                    process.passes = self.spec.config.warmup_runs.max(1) + 2;
                     state.restarts += 1;
                     tracing::info!(model = %self.spec.config.name, pid = process.pid, restarts = state.restarts, "model worker restarted");
                     self.spec.events.emit_for(
@@ -285,6 +296,10 @@ impl Process {
         let config = &spec.config;
         let load = |message: String| BackendError::Load(format!("model worker for '{}': {message}", config.model_name()));
         let archive = std::fs::read(&config.path).map_err(|e| load(format!("cannot read the model file: {e}")))?;
+        // A restart reads the file again: it must still be the file that was checked at load.
+        if config.sha256.as_ref().is_some_and(|pinned| crate::files::sha256_hex(&archive) != *pinned) {
+            return Err(load("the model file changed since it was loaded".to_owned()));
+        }
         let probe = warmup_inputs(&config.inputs);
         let inputs = region(INITIAL_REGION_BYTES.max(layout_bytes(&probe))).map_err(|e| load(format!("no shared memory: {e}")))?;
         let outputs = region(INITIAL_REGION_BYTES).map_err(|e| load(format!("no shared memory: {e}")))?;
@@ -339,7 +354,12 @@ impl Process {
         self.channel.send(&Request::Region { which: Which::Inputs, len: self.inputs.len() }, &[], Some(self.inputs.fd()))?;
         self.channel.send(&Request::Region { which: Which::Outputs, len: self.outputs.len() }, &[], Some(self.outputs.fd()))?;
         let probe = self.write_inputs(probe)?;
-        let memory_bytes = (archive.len() as u64).saturating_mul(MEMORY_PER_FILE_BYTE).saturating_add(MEMORY_BASE_BYTES);
+        // CUDA reserves far more address space than it uses, so a GPU worker's host memory is not
+        // bounded this way (its GPU memory is, by placement).
+        let memory_bytes = match spec.device {
+            Device::Cpu => (archive.len() as u64).saturating_mul(MEMORY_PER_FILE_BYTE).saturating_add(MEMORY_BASE_BYTES),
+            Device::Cuda(_) => u64::MAX,
+        };
         let request = Request::Load(protocol::Load {
             model: config.name.clone(),
             device: spec.device.to_string(),
@@ -353,6 +373,13 @@ impl Process {
         self.channel.send(&request, archive, None)?;
         Ok(match self.channel.receive::<Reply>()? {
             Reply::Loaded { weight_bytes, parameters, complete, confinement } => {
+                // What the worker says its weights take places replicas beside other tenants':
+                // never less than the file holds (halved in reduced precision), whatever it says.
+                let floor = match config.precision {
+                    crate::model::spec::Precision::Fp32 => archive.len() as u64,
+                    _ => archive.len() as u64 / 2,
+                };
+                let weight_bytes = weight_bytes.max(floor);
                 Ok(Loaded { weight_bytes, parameters, complete, confinement: loggable(&confinement, MAX_LOGGED) })
             }
             Reply::Failed { kind, reason, .. } => Err(backend_error(kind, reason)),
@@ -403,44 +430,47 @@ impl Process {
         }
     }
 
+    /// The outputs a reply names. The worker is not trusted: its slots must lie one after another
+    /// exactly as [`layout`] places them (no overlap, no gap to make the server allocate), and
+    /// all of them within [`MAX_OUTPUT_BYTES`], before a byte is allocated for them.
     fn read_outputs(&mut self, slots: &[Slot], inline: bool, expected: usize) -> io::Result<Vec<HostTensor>> {
         if slots.len() != expected {
             return Err(protocol::invalid(format!("{} outputs where the model has {expected}", slots.len())));
         }
         let extents = slots.iter().map(Slot::extent).collect::<io::Result<Vec<_>>>()?;
-        let outputs = if inline {
-            let end = slots
-                .iter()
-                .zip(&extents)
-                .map(|(slot, (_, bytes))| slot.offset.checked_add(*bytes))
-                .try_fold(0usize, |end, e| e.map(|e| end.max(e)))
-                .filter(|&end| end <= MAX_INLINE_OUTPUT_BYTES)
-                .ok_or_else(|| protocol::invalid("outputs larger than a reply may carry".into()))?;
-            let mut payload = vec![0u8; end];
-            self.channel.read_exact(&mut payload)?;
+        let (placed, end) = layout(slots.iter().zip(&extents).map(|(slot, (dtype, _))| (*dtype, slot.shape.as_slice())));
+        if placed.iter().zip(slots).any(|(want, got)| want.offset != got.offset) {
+            return Err(protocol::invalid("outputs not laid out one after another".into()));
+        }
+        if end > MAX_OUTPUT_BYTES || (!inline && end > self.outputs.len()) {
+            return Err(protocol::invalid(format!("{end} bytes of outputs, more than a pass may return")));
+        }
+        let mut outputs = Vec::with_capacity(slots.len());
+        let mut read = 0;
+        for (slot, (dtype, bytes)) in slots.iter().zip(extents) {
+            let mut data = vec![0u8; bytes];
+            if inline {
+                // Skip the alignment gap before this output, then read it.
+                let mut gap = vec![0u8; slot.offset - read];
+                self.channel.read_exact(&mut gap)?;
+                self.channel.read_exact(&mut data)?;
+                read = slot.offset + bytes;
+            } else {
+                self.outputs.read(slot.offset, &mut data)?;
+            }
+            outputs.push(HostTensor { dtype, shape: slot.shape.clone(), data });
+        }
+        if inline {
+            // The worker sends up to the end it laid out; nothing after.
+            let mut rest = vec![0u8; end - read];
+            self.channel.read_exact(&mut rest)?;
             if end > self.outputs.len() {
                 // Room for outputs this large next time.
-                let larger = region(end.max(self.outputs.len().saturating_mul(2)))?;
+                let larger = region(end.max(self.outputs.len().saturating_mul(2)).min(MAX_OUTPUT_BYTES))?;
                 self.channel.send(&Request::Region { which: Which::Outputs, len: larger.len() }, &[], Some(larger.fd()))?;
                 self.outputs = larger;
             }
-            slots
-                .iter()
-                .zip(extents)
-                .map(|(slot, (dtype, bytes))| HostTensor { dtype, shape: slot.shape.clone(), data: payload[slot.offset..slot.offset + bytes].to_vec() })
-                .collect()
-        } else {
-            let mut outputs = Vec::with_capacity(slots.len());
-            for (slot, (dtype, bytes)) in slots.iter().zip(extents) {
-                let mut data = vec![0u8; bytes.min(self.outputs.len())];
-                if data.len() < bytes {
-                    return Err(protocol::invalid(format!("an output of {bytes} bytes in a region of {}", self.outputs.len())));
-                }
-                self.outputs.read(slot.offset, &mut data)?;
-                outputs.push(HostTensor { dtype, shape: slot.shape.clone(), data });
-            }
-            outputs
-        };
+        }
         Ok(outputs)
     }
 

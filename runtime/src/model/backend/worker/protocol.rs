@@ -20,6 +20,8 @@ use crate::model::tensor::{DType, HostTensor};
 
 /// The longest message frame either side reads (its JSON, not the bytes that may follow it).
 pub(super) const MAX_FRAME_BYTES: usize = 1 << 20;
+/// Descriptors received and not yet taken: a region message carries one.
+const MAX_PENDING_FDS: usize = 8;
 
 /// From the server to the worker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -144,6 +146,9 @@ pub(super) fn invalid(message: String) -> io::Error {
 #[derive(Debug)]
 pub(super) struct Channel {
     socket: UnixStream,
+    /// Whether descriptors may come with frames (the worker's side: regions). The server's side
+    /// takes none: the kernel closes any a worker sends, and the frame is a protocol break.
+    takes_fds: bool,
     buffered: VecDeque<u8>,
     fds: VecDeque<OwnedFd>,
     /// When the current read must be done by, if it must.
@@ -151,8 +156,14 @@ pub(super) struct Channel {
 }
 
 impl Channel {
+    /// The server's end: descriptors sent to it are refused.
     pub(super) fn new(socket: UnixStream) -> Channel {
-        Channel { socket, buffered: VecDeque::new(), fds: VecDeque::new(), deadline: None }
+        Channel { socket, takes_fds: false, buffered: VecDeque::new(), fds: VecDeque::new(), deadline: None }
+    }
+
+    /// The worker's end: it is handed its regions' descriptors.
+    pub(super) fn taking_fds(socket: UnixStream) -> Channel {
+        Channel { takes_fds: true, ..Channel::new(socket) }
     }
 
     /// Reads from now on fail with `TimedOut` once `deadline` passes (`None`: wait for ever).
@@ -162,6 +173,22 @@ impl Channel {
 
     /// Sends `message`, then `payload`, with `fd` attached to the frame's first byte.
     pub(super) fn send(&mut self, message: &impl Serialize, payload: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        // A peer that stops reading cannot hold the sender past the deadline.
+        let left = match self.deadline {
+            Some(deadline) => match deadline.saturating_duration_since(Instant::now()) {
+                left if left.is_zero() => return Err(io::Error::new(io::ErrorKind::TimedOut, "no time left to send")),
+                left => Some(left),
+            },
+            None => None,
+        };
+        self.socket.set_write_timeout(left)?;
+        self.write_frame(message, payload, fd).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => io::Error::new(io::ErrorKind::TimedOut, "the other side stopped reading"),
+            _ => e,
+        })
+    }
+
+    fn write_frame(&mut self, message: &impl Serialize, payload: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let json = serde_json::to_vec(message).map_err(|e| invalid(format!("cannot encode a message: {e}")))?;
         let header = u32::try_from(json.len()).map_err(|_| invalid("a message too long to send".to_owned()))?.to_le_bytes();
         let mut sent = 0;
@@ -172,7 +199,12 @@ impl Channel {
             if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
                 return Err(io::Error::other("no room for a descriptor in the message"));
             }
-            sent = rustix::net::sendmsg(&self.socket, &[IoSlice::new(&header), IoSlice::new(&json)], &mut control, SendFlags::NOSIGNAL)?;
+            sent = loop {
+                match rustix::net::sendmsg(&self.socket, &[IoSlice::new(&header), IoSlice::new(&json)], &mut control, SendFlags::NOSIGNAL) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    other => break other?,
+                }
+            };
         }
         let mut frame = header.to_vec();
         frame.extend_from_slice(&json);
@@ -228,7 +260,8 @@ impl Channel {
         }
         let mut chunk = [0u8; 64 << 10];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let room = if self.takes_fds { space.len() } else { 0 };
+        let mut control = RecvAncillaryBuffer::new(&mut space[..room]);
         let received = loop {
             match rustix::net::recvmsg(&self.socket, &mut [IoSliceMut::new(&mut chunk)], &mut control, RecvFlags::CMSG_CLOEXEC) {
                 Ok(received) => break received,
@@ -237,9 +270,15 @@ impl Channel {
                 Err(e) => return Err(e.into()),
             }
         };
+        if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            return Err(invalid("descriptors sent where none are taken".to_owned()));
+        }
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = message {
                 self.fds.extend(fds);
+                if self.fds.len() > MAX_PENDING_FDS {
+                    return Err(invalid(format!("more than {MAX_PENDING_FDS} descriptors waiting")));
+                }
             }
         }
         if received.bytes == 0 {
@@ -262,7 +301,7 @@ mod tests {
     #[test]
     fn frames_payloads_and_descriptors_arrive_in_order() {
         let (a, b) = UnixStream::pair().expect("pair");
-        let (mut a, mut b) = (Channel::new(a), Channel::new(b));
+        let (mut a, mut b) = (Channel::new(a), Channel::taking_fds(b));
         let region = kiln_torchscan::shm::Region::create("kiln-test", 128).expect("region");
         a.send(&Request::Region { which: Which::Inputs, len: 128 }, &[], Some(region.fd())).expect("send");
         a.send(&Request::Forward { inputs: vec![] }, b"tail", None).expect("send");
@@ -277,6 +316,15 @@ mod tests {
         let mut back = [0u8; 1];
         region.read(0, &mut back).expect("read");
         assert_eq!(&back, b"x");
+    }
+
+    #[test]
+    fn the_server_s_end_refuses_descriptors() {
+        let (worker, server) = UnixStream::pair().expect("pair");
+        let (mut worker, mut server) = (Channel::taking_fds(worker), Channel::new(server));
+        let region = kiln_torchscan::shm::Region::create("kiln-test", 16).expect("region");
+        worker.send(&Reply::Outputs { outputs: vec![], inline: false }, &[], Some(region.fd())).expect("send");
+        assert_eq!(server.receive::<Reply>().expect_err("refused").kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
