@@ -346,6 +346,17 @@ impl Server {
     }
 
     /// Everything the server logged so far.
+    /// The event history as a follower of `/v1/events` reads it first: the stream stays open, so
+    /// it is read until no event has come for `quiet`.
+    pub async fn events_text(&self, quiet: Duration) -> String {
+        let mut response = self.admin_client().get(self.url("/v1/events")).send().await.expect("events");
+        let mut text = String::new();
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout(quiet, response.chunk()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -126,15 +126,6 @@ async fn the_examples_answer_on_cuda_in_fp32_and_bf16() {
     }
 }
 
-/// The events so far, as a follower reads them first (until the stream is quiet).
-async fn events_text(server: &Server) -> String {
-    let mut response = server.admin_client().get(server.url("/v1/events")).send().await.expect("events");
-    let mut text = String::new();
-    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(std::time::Duration::from_millis(800), response.chunk()).await {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    text
-}
 
 /// MiniLM in a confined worker on the GPU (as a tenant's own model runs) answers as in the
 /// server; token ids past its vocabulary (no `max` declared) make CUDA assert on the device,
@@ -193,7 +184,7 @@ async fn a_worker_on_cuda_survives_a_device_side_assert_and_takes_nothing_else_d
     }
     digits.await.expect("digits");
     if status == 503 {
-        let events = events_text(&server).await;
+        let events = server.events_text(std::time::Duration::from_millis(800)).await;
         assert!(events.contains("worker_exited") && events.contains("worker_restarted"), "{events}");
         println!("gpu-check worker: a device-side assert restarted minilm's worker; digits answered throughout");
     }

@@ -200,11 +200,7 @@ fn a_tenant_s_failing_loads_cannot_flood_the_audit_log_or_the_events_or_write_li
             assert_eq!(response.status().as_u16(), 400);
         }
         // The history, as a follower reads it first (the stream stays open: read until quiet).
-        let mut response = server.admin_client().get(server.url("/v1/events")).send().await.expect("events");
-        let mut text = String::new();
-        while let Ok(Ok(Some(chunk))) = tokio::time::timeout(std::time::Duration::from_millis(1500), response.chunk()).await {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        let text = server.events_text(std::time::Duration::from_millis(1500)).await;
         let eve = text.matches("eve:m").count();
         // Five a second at most: the seconds the failures took, and one for the edges.
         let most = 5 * (started.elapsed().as_secs() as usize + 2);
@@ -454,15 +450,6 @@ fn workers_of(parent: u32, model: &str) -> Vec<u32> {
     found
 }
 
-/// Reads the event history until the stream is quiet.
-async fn events_text(server: &Server) -> String {
-    let mut response = server.admin_client().get(server.url("/v1/events")).send().await.expect("events");
-    let mut text = String::new();
-    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(std::time::Duration::from_millis(800), response.chunk()).await {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    text
-}
 
 #[test]
 fn a_tenant_s_model_runs_in_a_worker_of_its_own_whose_crash_fails_only_that_tenant_s_requests_until_it_restarts() {
@@ -561,7 +548,7 @@ fn a_tenant_s_model_runs_in_a_worker_of_its_own_whose_crash_fails_only_that_tena
         assert_eq!(statuses.last(), Some(&200), "and were answered again after: {statuses:?}");
         assert_eq!(workers_of(server_pid, "acme:mine"), acme_workers, "acme's worker never restarted");
 
-        let events = events_text(&server).await;
+        let events = server.events_text(std::time::Duration::from_millis(800)).await;
         let exited = events.lines().find(|l| l.contains("worker_exited") && l.contains("eve:mine")).unwrap_or_else(|| panic!("{events}"));
         assert!(exited.contains("SIGABRT") && exited.contains(&eve_workers[0].to_string()), "{exited}");
         let again = events.lines().find(|l| l.contains("worker_restarted") && l.contains("eve:mine")).unwrap_or_else(|| panic!("{events}"));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::model::backend::torch::Torch;
 use crate::model::backend::worker::Worker;
 use crate::model::handle::ModelHandle;
-use crate::model::spec::{ModelConfig, Precision};
+use crate::model::spec::ModelConfig;
 use crate::telemetry::EventLog;
 use placement::{PlacementError, Placer, Purpose};
 
@@ -85,9 +85,5 @@ pub fn fit_replicas(handle: &ModelHandle, placer: &Placer) -> Result<u32, String
 
 /// One replica's weights before any has loaded: the file's size, halved in reduced precision.
 pub fn estimated_weights(config: &ModelConfig) -> u64 {
-    let file = std::fs::metadata(&config.path).map_or(0, |m| m.len());
-    match config.precision {
-        Precision::Fp32 => file,
-        Precision::Fp16 | Precision::Bf16 => file / 2,
-    }
+    config.weights_of_file(std::fs::metadata(&config.path).map_or(0, |m| m.len()))
 }

@@ -3,9 +3,9 @@
 //! commands (add a replica, drain one) and read what the scheduler publishes. Nothing here
 //! changes the model's replicas or its queue: the scheduler alone does.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,6 @@ use tokio::sync::oneshot;
 
 use crate::model::backend::Backend;
 use crate::model::batch;
-use crate::model::curve::ForwardCurve;
 use crate::model::device::Placement;
 use crate::model::command::{Command, Pending};
 use crate::model::error::InferError;
@@ -185,25 +184,7 @@ impl ModelHandle {
     ) -> std::io::Result<ModelHandle> {
         let (commands, inbox) = mpsc::channel();
         let initial = placements.len() as u32;
-        let max_rows = config.batching.max_batch_size;
-        let tuning = Tuning::of(&config);
-        let shared = Arc::new(Shared {
-            config,
-            state: Mutex::new(ModelState::Loading),
-            counters: ModelCounters::default(),
-            replicas: Mutex::new(Vec::new()),
-            target: AtomicU32::new(initial),
-            weights: AtomicU64::new(0),
-            ragged_batching: AtomicBool::new(true),
-            events: log,
-            curve: Mutex::new(ForwardCurve::new(max_rows)),
-            expected: AtomicUsize::new(0),
-            holding: AtomicBool::new(false),
-            tuning: Mutex::new(tuning),
-            paused: AtomicBool::new(false),
-            load_time: Mutex::new(None),
-            parameters: AtomicU64::new(0),
-        });
+        let shared = Shared::new(config, initial, log);
         let mut scheduler = Scheduler::new(Arc::clone(&shared), backend, commands.clone(), initial);
         // A model that never has more than one replica runs it on the scheduler's own thread:
         // one thread hand-off fewer per request, which is most of a small model's latency.

@@ -143,8 +143,8 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    #[cfg(test)]
-    pub(super) fn for_tests(config: ModelConfig) -> Arc<Shared> {
+    /// A model's state before its scheduler starts: loading, with a replica target of `initial`.
+    pub(super) fn new(config: ModelConfig, initial: u32, events: Arc<EventLog>) -> Arc<Shared> {
         let max_rows = config.batching.max_batch_size;
         let tuning = Tuning::of(&config);
         Arc::new(Shared {
@@ -152,10 +152,10 @@ impl Shared {
             state: Mutex::new(ModelState::Loading),
             counters: ModelCounters::default(),
             replicas: Mutex::new(Vec::new()),
-            target: AtomicU32::new(1),
+            target: AtomicU32::new(initial),
             weights: AtomicU64::new(0),
             ragged_batching: AtomicBool::new(true),
-            events: Arc::new(EventLog::new(16)),
+            events,
             curve: Mutex::new(ForwardCurve::new(max_rows)),
             expected: AtomicUsize::new(0),
             holding: AtomicBool::new(false),
@@ -164,6 +164,11 @@ impl Shared {
             load_time: Mutex::new(None),
             parameters: AtomicU64::new(0),
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn for_tests(config: ModelConfig) -> Arc<Shared> {
+        Shared::new(config, 1, Arc::new(EventLog::new(16)))
     }
 
     pub(super) fn tuning(&self) -> Tuning {

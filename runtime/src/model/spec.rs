@@ -49,6 +49,15 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// One replica's weights estimated from its file's size, before any has loaded: the file,
+    /// halved in reduced precision.
+    pub fn weights_of_file(&self, file_bytes: u64) -> u64 {
+        match self.precision {
+            Precision::Fp32 => file_bytes,
+            Precision::Fp16 | Precision::Bf16 => file_bytes / 2,
+        }
+    }
+
     /// Whether the model runs in worker processes: asked for, or a tenant's own.
     pub fn in_worker(&self) -> bool {
         self.worker || self.key().contains(OWNER_SEPARATOR)

@@ -375,11 +375,7 @@ impl Process {
             Reply::Loaded { weight_bytes, parameters, complete, confinement } => {
                 // What the worker says its weights take places replicas beside other tenants':
                 // never less than the file holds (halved in reduced precision), whatever it says.
-                let floor = match config.precision {
-                    crate::model::spec::Precision::Fp32 => archive.len() as u64,
-                    _ => archive.len() as u64 / 2,
-                };
-                let weight_bytes = weight_bytes.max(floor);
+                let weight_bytes = weight_bytes.max(config.weights_of_file(archive.len() as u64));
                 Ok(Loaded { weight_bytes, parameters, complete, confinement: loggable(&confinement, MAX_LOGGED) })
             }
             Reply::Failed { kind, reason, .. } => Err(backend_error(kind, reason)),
