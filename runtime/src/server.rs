@@ -219,7 +219,7 @@ pub async fn serve(
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let main = axum::serve(listener, api::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>())
+    let main = axum::serve(listener, api::routes::serving(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(until_stopped(stopped.clone()));
     let grpc_stopped = stopped.clone();
     let grpc_state = Arc::clone(&state);
@@ -232,7 +232,7 @@ pub async fn serve(
             .await
             .context("gRPC server failed")
     };
-    let admin = axum::serve(admin_listener, api::admin::router(state).into_make_service_with_connect_info::<SocketAddr>())
+    let admin = axum::serve(admin_listener, api::routes::admin(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(until_stopped(stopped));
     // In-flight requests (and the batches they wait on) finish, bounded by the drain timeout
     // counted from the signal.

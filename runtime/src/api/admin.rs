@@ -11,56 +11,28 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{get, post};
 use kiln_wire::{HandlerInfo, HandlerLimits, HandlerList, HandlerOrigin};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{AdminKey, require_admin};
-use super::{ApiError, AppState, json_response, read_body};
+use super::http::{json_response, read_body};
+use super::{ApiError, AppState};
 use crate::deploy::HandlerSettings;
 use crate::deploy::registry::DeployRequest;
 use crate::sandbox::{Handler, Origin};
 use crate::telemetry::logging::{self, LogError};
 use crate::tenancy::audit::Event;
 
-/// The admin routes.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/handlers", get(list))
-        .route("/v1/handlers/{name}", get(show).put(deploy).delete(remove))
-        .route("/v1/log", get(show_log).put(set_log))
-        .route("/v1/models", get(super::repository::list))
-        .route(
-            "/v1/models/{name}",
-            get(super::repository::show)
-                .put(super::repository::put)
-                .patch(super::repository::tune)
-                .delete(super::repository::delete),
-        )
-        .route("/v1/models/{name}/{action}", post(super::repository::control))
-        .route("/v1/requests", get(super::repository::in_flight))
-        .route("/v1/requests/{id}", axum::routing::delete(super::repository::cancel))
-        .route("/v2/repository/index", post(super::repository::index))
-        .route("/v2/repository/models/{name}/load", post(super::repository::load))
-        .route("/v2/repository/models/{name}/unload", post(super::repository::unload))
-        .fallback(|request: Request| async move {
-            ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
-        })
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), super::requests::tag_request))
-        .with_state(state)
-}
-
 /// The settings a deployment may carry in its query string.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeployParams {
+pub(super) struct DeployParams {
     tenant: String,
     /// Comma-separated.
     models: Option<String>,
@@ -74,7 +46,7 @@ struct DeployParams {
     cache_max_bytes: Option<u64>,
 }
 
-async fn deploy(
+pub(super) async fn deploy(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
     query: Result<Query<DeployParams>, QueryRejection>,
@@ -128,7 +100,7 @@ async fn deploy_checked(
     Ok(json_response(status, &describe(&handler)))
 }
 
-async fn remove(
+pub(super) async fn remove(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -148,13 +120,13 @@ struct LogFilter {
 /// Longest log filter `PUT /v1/log` takes.
 const MAX_LOG_FILTER: usize = 4096;
 
-async fn show_log(_admin: AdminKey) -> Result<Response, ApiError> {
+pub(super) async fn show_log(_admin: AdminKey) -> Result<Response, ApiError> {
     let filter = logging::filter().ok_or_else(|| ApiError::Internal(LogError::NotInstalled.to_string()))?;
     Ok(json_response(StatusCode::OK, &LogFilter { filter }))
 }
 
 /// Replaces the log filter (`{"filter": "info,kiln=debug"}`) at once, for every thread; audited.
-async fn set_log(State(app): State<Arc<AppState>>, _admin: AdminKey, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub(super) async fn set_log(State(app): State<Arc<AppState>>, _admin: AdminKey, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, &headers, MAX_LOG_FILTER).await?;
     let wanted: LogFilter = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("send {{\"filter\": \"...\"}}, like {{\"filter\": \"info,kiln=debug\"}}: {e}")))?;
@@ -168,12 +140,12 @@ async fn set_log(State(app): State<Arc<AppState>>, _admin: AdminKey, headers: He
     Ok(json_response(StatusCode::OK, &LogFilter { filter }))
 }
 
-async fn list(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
+pub(super) async fn list(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
     let handlers = app.registry.list().iter().map(|h| describe(h)).collect();
     Ok(json_response(StatusCode::OK, &HandlerList { handlers }))
 }
 
-async fn show(
+pub(super) async fn show(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,

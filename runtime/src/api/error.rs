@@ -80,7 +80,7 @@ impl From<ModelError> for ApiError {
 
 impl From<TensorError> for ApiError {
     fn from(e: TensorError) -> Self {
-        ApiError::BadRequest(e.0)
+        ApiError::BadRequest(e.to_string())
     }
 }
 

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tonic::codegen::{BoxFuture, Service};
@@ -29,11 +29,11 @@ use tonic::metadata::MetadataValue;
 use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status};
 
-use super::{ApiError, AppState, priority_header, timeout_header};
-use crate::model::handle::{InferOptions, ModelHandle};
-use crate::model::shared::ModelState;
+use super::inference::{self, Metadata};
+use super::requests::{Counted, PEER};
+use super::{ApiError, AppState};
+use crate::model::handle::ModelHandle;
 use crate::model::tensor::{DType, HostTensor};
-use crate::telemetry::ANONYMOUS;
 use crate::tenancy::Tenant;
 
 /// The code generated from `proto/inference.proto`.
@@ -153,23 +153,22 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let started = Instant::now();
+        let mut counted = Counted::start(HANDLER);
         let access = access(request.uri().path());
-        let counted = request.uri().path().ends_with("/ModelInfer");
+        let counts = request.uri().path().ends_with("/ModelInfer");
         let peer = request
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(tonic::transport::server::TcpConnectInfo::remote_addr);
         let admitted = match peer {
-            Some(addr) => super::PEER.sync_scope(addr.ip(), || self.check_key(access, request.headers())),
+            Some(addr) => PEER.sync_scope(addr.ip(), || self.check_key(access, request.headers())),
             None => self.check_key(access, request.headers()),
         };
         let (caller, limit) = match admitted {
             Ok(admitted) => admitted,
             Err(error) => {
-                if counted {
-                    let code = error.status().as_u16();
-                    self.app.telemetry.record_request(HANDLER, ANONYMOUS, code, started.elapsed());
+                if counts {
+                    counted.finish(&self.app.telemetry, error.status().as_u16());
                 }
                 // The body is dropped unread: the stream is reset once the answer is sent.
                 let mut response: http::Response<tonic::body::Body> = status(error).into_http();
@@ -178,8 +177,11 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
             }
         };
         let over = Arc::new(AtomicBool::new(false));
-        let tenant = match &caller {
-            Some(Caller::Tenant(tenant)) if counted => Some(Arc::clone(tenant)),
+        let counted = match &caller {
+            Some(Caller::Tenant(tenant)) if counts => {
+                counted.tenant = Some(Arc::clone(tenant));
+                Some(counted)
+            }
             _ => None,
         };
         let (mut parts, body) = request.into_parts();
@@ -193,11 +195,10 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
             let response = answer.await;
             // Refused while its message was read, the call never reached its handler, which
             // counts the others.
-            if let Some(tenant) = tenant
+            if let Some(counted) = counted
                 && over.load(Ordering::Relaxed)
             {
-                let code = ApiError::PayloadTooLarge { limit }.status().as_u16();
-                app.telemetry.record_request(HANDLER, tenant.name(), code, started.elapsed());
+                counted.finish(&app.telemetry, ApiError::PayloadTooLarge { limit }.status().as_u16());
             }
             response
         })
@@ -318,7 +319,7 @@ where
     let caller = extensions.remove::<Caller>();
     let call = call(metadata.into_headers(), caller, message);
     let result = match peer {
-        Some(addr) => super::PEER.scope(addr.ip(), call).await,
+        Some(addr) => PEER.scope(addr.ip(), call).await,
         None => call.await,
     };
     let mut response = Response::new(result.map_err(status)?);
@@ -351,14 +352,6 @@ fn admin_only(caller: Option<Caller>) -> Result<(), ApiError> {
     }
 }
 
-/// `model` or, for a version, `model@version`.
-fn versioned(name: &str, version: &str) -> Result<String, ApiError> {
-    match version {
-        "" => Ok(name.to_owned()),
-        v => super::oip::version_name(name, v),
-    }
-}
-
 #[tonic::async_trait]
 impl GrpcInferenceService for Grpc {
     async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
@@ -366,7 +359,7 @@ impl GrpcInferenceService for Grpc {
     }
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: super::oip::server_ready(&self.app) }))
+        Ok(Response::new(ServerReadyResponse { ready: inference::server_ready(&self.app) }))
     }
 
     async fn server_metadata(
@@ -383,9 +376,9 @@ impl GrpcInferenceService for Grpc {
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         tagged(&self.app, request, |_, caller, request| async move {
             let tenant = tenant_of(caller)?;
-            let name = versioned(&request.name, &request.version)?;
+            let name = inference::versioned(&request.name, &request.version)?;
             let model = self.app.tenant_model(&tenant, &name)?;
-            Ok(ModelReadyResponse { ready: matches!(model.state(), ModelState::Ready(_)) })
+            Ok(ModelReadyResponse { ready: inference::model_ready(&model) })
         })
         .await
     }
@@ -396,26 +389,25 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         tagged(&self.app, request, |_, caller, request| async move {
             let tenant = tenant_of(caller)?;
-            let name = versioned(&request.name, &request.version)?;
+            let name = inference::versioned(&request.name, &request.version)?;
             let model = self.app.tenant_model(&tenant, &name)?;
-            Ok(metadata(&self.app, &model, tenant.name()))
+            Ok(metadata(inference::metadata(&self.app, &model, &tenant)))
         })
         .await
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let started = Instant::now();
+        let mut counted = Counted::start(HANDLER);
         let app = &self.app;
         tagged(&self.app, request, |headers, caller, request| async move {
-            let (tenant, result) = match tenant_of(caller) {
+            let result = match tenant_of(caller) {
                 Ok(tenant) => {
-                    let result = infer(app, &headers, &tenant, request).await;
-                    (Some(tenant), result)
+                    counted.tenant = Some(Arc::clone(&tenant));
+                    infer(app, &headers, &tenant, request).await
                 }
-                Err(e) => (None, Err(e)),
+                Err(e) => Err(e),
             };
-            let label = tenant.as_deref().map_or(ANONYMOUS, Tenant::name);
-            app.telemetry.record_request(HANDLER, label, counted_status(&result), started.elapsed());
+            counted.finish(&app.telemetry, counted_status(&result));
             result
         })
         .await
@@ -476,37 +468,20 @@ impl GrpcInferenceService for Grpc {
     }
 }
 
-fn metadata(app: &AppState, model: &ModelHandle, tenant: &str) -> ModelMetadataResponse {
-    let name = model.config().model_name();
-    let inputs = model
-        .config()
-        .inputs
-        .iter()
-        .map(|i| TensorMetadata {
-            name: i.name.clone(),
-            datatype: i.dtype.wire_name().to_owned(),
-            shape: super::oip::dims(&i.shape),
-        })
-        .collect();
-    let outputs = match model.state() {
-        ModelState::Ready(meta) => meta
-            .iter()
-            .map(|o| TensorMetadata { name: o.name.clone(), datatype: o.dtype.wire_name().to_owned(), shape: super::oip::dims(&o.shape) })
-            .collect(),
-        // Output types are learned at warm-up; until then only the names are known.
-        ModelState::Loading | ModelState::Failed(_) => model
-            .config()
-            .outputs
-            .iter()
-            .map(|o| TensorMetadata { name: o.name.clone(), ..TensorMetadata::default() })
-            .collect(),
+/// A model's metadata as the proto has it: an output whose type is not known yet has an empty
+/// datatype and shape.
+fn metadata(meta: Metadata) -> ModelMetadataResponse {
+    let describe = |t: inference::TensorMetadata| TensorMetadata {
+        name: t.name,
+        datatype: t.datatype.unwrap_or_default().to_owned(),
+        shape: t.shape.unwrap_or_default(),
     };
     ModelMetadataResponse {
-        name: name.to_owned(),
-        versions: app.models.versions(tenant, name).iter().map(u64::to_string).collect(),
-        platform: "pytorch_libtorch".to_owned(),
-        inputs,
-        outputs,
+        name: meta.name,
+        versions: meta.versions,
+        platform: inference::PLATFORM.to_owned(),
+        inputs: meta.inputs.into_iter().map(describe).collect(),
+        outputs: meta.outputs.into_iter().map(describe).collect(),
     }
 }
 
@@ -518,16 +493,11 @@ async fn infer(
     tenant: &Arc<Tenant>,
     mut request: ModelInferRequest,
 ) -> Result<ModelInferResponse, ApiError> {
-    let name = versioned(&request.model_name, &request.model_version)?;
+    let name = inference::versioned(&request.model_name, &request.model_version)?;
     let model = app.tenant_model(tenant, &name)?;
-    let _permit = app.admit(tenant, None)?;
-    let named = decode_inputs(&mut request)?;
-    let arranged = model.arrange_inputs(named)?;
-    let options = InferOptions {
-        priority: priority_header(headers)?.map_or(0, |p| p.min(app.oip_max_priority)),
-        timeout: timeout_header(headers)?.or_else(|| grpc_timeout(headers)),
-    };
-    let outputs = model.infer(arranged, options).await?;
+    let options = inference::options(app, headers, grpc_timeout(headers))?;
+    let inputs = async { decode_inputs(&mut request) };
+    let outputs = inference::infer(app, tenant, &model, options, inputs).await?;
     encode_outputs(&model, request, outputs, tenant.config.quota.limits.max_response_bytes)
 }
 
@@ -581,7 +551,7 @@ fn decode_inputs(request: &mut ModelInferRequest) -> Result<Vec<(String, HostTen
             (None, Some(contents)) => typed_bytes(name, dtype, contents)?,
             (None, None) => return Err(bad(format!("input '{name}' has neither contents nor raw_input_contents"))),
         };
-        let tensor = HostTensor::new(name, dtype, shape, data).map_err(|e| bad(e.0))?;
+        let tensor = HostTensor::new(name, dtype, shape, data)?;
         named.push((input.name, tensor));
     }
     Ok(named)
@@ -642,28 +612,10 @@ fn encode_outputs(
     limit: u64,
 ) -> Result<ModelInferResponse, ApiError> {
     let names = &model.config().outputs;
-    let selection: Vec<usize> = match request.outputs.is_empty() {
-        true => (0..names.len()).collect(),
-        false => request
-            .outputs
-            .iter()
-            .map(|r| {
-                names.iter().position(|o| o.name == r.name).ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "requested output '{}' is not an output of model '{}'",
-                        r.name,
-                        model.name()
-                    ))
-                })
-            })
-            .collect::<Result<_, _>>()?,
-    };
+    let selection = inference::select_outputs(model, request.outputs.iter().map(|r| r.name.as_str()))?;
     let size: u64 = selection.iter().map(|&at| outputs[at].data.len() as u64).sum();
     if size > limit {
-        return Err(ApiError::BadRequest(format!(
-            "the answer would be {size} bytes, over the limit of {limit} bytes (max_response_bytes): \
-             send fewer rows per request"
-        )));
+        return Err(inference::too_large(size, limit));
     }
     let mut outputs = outputs;
     let mut described = Vec::with_capacity(selection.len());

@@ -8,31 +8,22 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use kiln_codec::oip;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, AppState, json_response, priority_header, read_body, timeout_header};
-use crate::model::handle::InferOptions;
-use crate::model::signature::OutputMeta;
+use super::http::{json_response, read_body};
+use super::inference::{self, Metadata, TensorMetadata};
+use super::requests::Counted;
+use super::{ApiError, AppState};
 use crate::model::handle::ModelHandle;
-use crate::model::shared::ModelState;
-use crate::model::spec::split_version;
 use crate::model::tensor::{self, HostTensor};
-use kiln_codec::oip::{self, RequestOutput};
-
 
 pub(super) async fn live() -> Response {
     json_response(StatusCode::OK, &json!({ "live": true }))
 }
 
-/// Not draining, and every model of the config file ready (but those an operator unloaded):
-/// models loaded through the admin API report their own readiness.
-pub(super) fn server_ready(app: &AppState) -> bool {
-    let draining = app.draining.load(std::sync::atomic::Ordering::Relaxed);
-    !draining && app.repository.config_models_ready()
-}
-
 pub(super) async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    let ready = server_ready(&app);
+    let ready = inference::server_ready(&app);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -58,15 +49,9 @@ pub(super) async fn model_ready(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (model, _) = app.authorized_model(&headers, &model)?;
-    let name = model.config().model_name();
-    let (status, ready) = match model.state() {
-        ModelState::Ready(_) => (StatusCode::OK, true),
-        ModelState::Loading | ModelState::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, false),
-    };
-    Ok(json_response(
-        status,
-        &json!({ "name": name, "ready": ready }),
-    ))
+    let ready = inference::model_ready(&model);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok(json_response(status, &json!({ "name": model.config().model_name(), "ready": ready })))
 }
 
 pub(super) async fn model_metadata(
@@ -75,71 +60,40 @@ pub(super) async fn model_metadata(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (model, tenant) = app.authorized_model(&headers, &model)?;
-    let name = model.config().model_name();
-    let versions: Vec<String> = app.models.versions(tenant.name(), name).iter().map(u64::to_string).collect();
-    let inputs: Vec<Value> = model
-        .config()
-        .inputs
-        .iter()
-        .map(|i| {
-            json!({
-                "name": i.name,
-                "datatype": i.dtype.wire_name(),
-                "shape": dims(&i.shape),
-            })
-        })
-        .collect();
-    let outputs: Vec<Value> = match model.state() {
-        ModelState::Ready(meta) => meta.iter().map(output_metadata).collect(),
-        // Output types are learned at warm-up; until then only the names are known.
-        ModelState::Loading | ModelState::Failed(_) => model
-            .config()
-            .outputs
-            .iter()
-            .map(|o| json!({ "name": o.name }))
-            .collect(),
-    };
+    let Metadata { name, versions, inputs, outputs } = inference::metadata(&app, &model, tenant);
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "name": name,
             "versions": versions,
-            "platform": "pytorch_libtorch",
-            "inputs": inputs,
-            "outputs": outputs,
+            "platform": inference::PLATFORM,
+            "inputs": inputs.into_iter().map(tensor_metadata).collect::<Vec<_>>(),
+            "outputs": outputs.into_iter().map(tensor_metadata).collect::<Vec<_>>(),
         }),
     ))
 }
 
-fn output_metadata(meta: &OutputMeta) -> Value {
-    json!({
-        "name": meta.name,
-        "datatype": meta.dtype.wire_name(),
-        "shape": dims(&meta.shape),
-    })
-}
-
-pub(super) fn dims(shape: &[Option<u32>]) -> Vec<i64> {
-    shape.iter().map(|d| d.map_or(-1, i64::from)).collect()
-}
-
-/// `/v2/models/{m}/versions/{v}/...`: the same routes for one version, looked up as `m@v` (a
-/// model defined without versions has one, `1`); a version not served is "not found", as a
-/// model that is not.
-pub(super) fn version_name(model: &str, version: &str) -> Result<String, ApiError> {
-    let name = format!("{model}@{version}");
-    match split_version(&name) {
-        Some((base, Some(_))) if base == model => Ok(name),
-        _ => Err(ApiError::NotFound(format!("model '{model}' has no version '{version}'"))),
+/// An input or output as JSON: only its name while its type is not known yet.
+fn tensor_metadata(meta: TensorMetadata) -> Value {
+    let mut value = json!({ "name": meta.name });
+    if let Some(datatype) = meta.datatype {
+        value["datatype"] = json!(datatype);
     }
+    if let Some(shape) = meta.shape {
+        value["shape"] = json!(shape);
+    }
+    value
 }
+
+// `/v2/models/{m}/versions/{v}/...`: the same routes for one version, looked up as `m@v`; a
+// version not served is "not found", as a model that is not. (A route's segment is never empty.)
 
 pub(super) async fn version_ready(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let name = version_name(&model, &version)?;
+    let name = inference::versioned(&model, &version)?;
     model_ready(State(app), Path(name), headers).await
 }
 
@@ -148,7 +102,7 @@ pub(super) async fn version_metadata(
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let name = version_name(&model, &version)?;
+    let name = inference::versioned(&model, &version)?;
     model_metadata(State(app), Path(name), headers).await
 }
 
@@ -158,7 +112,7 @@ pub(super) async fn version_infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let name = version_name(&model, &version)?;
+    let name = inference::versioned(&model, &version)?;
     Ok(infer(State(app), Path(name), headers, body).await)
 }
 
@@ -169,13 +123,11 @@ pub(super) async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = std::time::Instant::now();
-    let mut tenant_label = None;
-    let response = infer_model(&app, &model, headers, body, &mut tenant_label)
+    let mut counted = Counted::start("oip");
+    let response = infer_model(&app, &model, headers, body, &mut counted)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    let tenant = tenant_label.as_deref().unwrap_or(crate::telemetry::ANONYMOUS);
-    app.telemetry.record_request("oip", tenant, response.status().as_u16(), started.elapsed());
+    counted.finish(&app.telemetry, response.status().as_u16());
     response
 }
 
@@ -184,22 +136,23 @@ async fn infer_model(
     model: &str,
     headers: HeaderMap,
     body: Body,
-    tenant_label: &mut Option<String>,
+    counted: &mut Counted,
 ) -> Result<Response, ApiError> {
     let (model, tenant) = app.authorized_model(&headers, model)?;
-    *tenant_label = Some(tenant.name().to_owned());
+    counted.tenant = Some(Arc::clone(tenant));
+    let options = inference::options(app, &headers, None)?;
     let limit = app.max_body_bytes.min(tenant.config.quota.max_body_bytes);
-    let _permit = app.admit(tenant, None)?;
-    let body = read_body(body, &headers, limit).await?;
-    let header_length = headers.get(oip::HEADER_LENGTH).map(|v| v.to_str().unwrap_or(""));
-    let (request, named) = oip::decode(header_length, body).map_err(|e| ApiError::BadRequest(e.0))?;
-    let arranged = model.arrange_inputs(named)?;
-    let options = InferOptions {
-        priority: priority_header(&headers)?.map_or(0, |p| p.min(app.oip_max_priority)),
-        timeout: timeout_header(&headers)?,
+    let mut request = None;
+    let inputs = async {
+        let body = read_body(body, &headers, limit).await?;
+        let header_length = headers.get(oip::HEADER_LENGTH).map(|v| v.to_str().unwrap_or(""));
+        let (decoded, named) = oip::decode(header_length, body).map_err(|e| ApiError::BadRequest(e.0))?;
+        request = Some(decoded);
+        Ok(named)
     };
-    let outputs = model.infer(arranged, options).await?;
-    encode_response(&model, request.id, request.outputs, &request.parameters, outputs, tenant.config.quota.limits.max_response_bytes)
+    let outputs = inference::infer(app, tenant, &model, options, inputs).await?;
+    let request = request.ok_or_else(|| ApiError::Internal("an OIP call ran without its request".to_owned()))?;
+    encode_response(&model, request, outputs, tenant.config.quota.limits.max_response_bytes)
 }
 
 fn wants_binary(parameters: &Map<String, Value>, key: &str) -> bool {
@@ -217,35 +170,22 @@ const MIN_JSON_BYTES_PER_ELEMENT: u64 = 2;
 /// it is sure to be over, cut off (an aborted body) if streamed JSON passes it.
 fn encode_response(
     model: &ModelHandle,
-    id: Option<String>,
-    requested: Option<Vec<RequestOutput>>,
-    parameters: &Map<String, Value>,
+    request: oip::InferRequest,
     outputs: Vec<HostTensor>,
     limit: u64,
 ) -> Result<Response, ApiError> {
-    let all_binary = wants_binary(parameters, "binary_data_output");
+    let all_binary = wants_binary(&request.parameters, "binary_data_output");
     let names = &model.config().outputs;
     // Which outputs to return, and whether each goes as binary.
-    let selection: Vec<(usize, bool)> = match requested {
-        None => (0..names.len()).map(|i| (i, all_binary)).collect(),
-        Some(requested) => requested
-            .iter()
-            .map(|r| {
-                let at = names.iter().position(|o| o.name == r.name).ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "requested output '{}' is not an output of model '{}'",
-                        r.name,
-                        model.name()
-                    ))
-                })?;
-                let binary = r
-                    .parameters
-                    .get("binary_data")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(all_binary);
-                Ok((at, binary))
-            })
-            .collect::<Result<_, ApiError>>()?,
+    let requested = request.outputs.unwrap_or_default();
+    let chosen = inference::select_outputs(model, requested.iter().map(|r| r.name.as_str()))?;
+    let selection: Vec<(usize, bool)> = match requested.is_empty() {
+        true => chosen.into_iter().map(|at| (at, all_binary)).collect(),
+        false => chosen
+            .into_iter()
+            .zip(&requested)
+            .map(|(at, r)| (at, r.parameters.get("binary_data").and_then(Value::as_bool).unwrap_or(all_binary)))
+            .collect(),
     };
     let at_least: u64 = selection
         .iter()
@@ -255,17 +195,14 @@ fn encode_response(
         })
         .sum();
     if at_least > limit {
-        return Err(ApiError::BadRequest(format!(
-            "the answer would be at least {at_least} bytes, over the limit of {limit} bytes (max_response_bytes): \
-             send fewer rows per request"
-        )));
+        return Err(inference::too_large(format_args!("at least {at_least}"), limit));
     }
     let mut document = json!({
         "model_name": model.config().model_name(),
         "model_version": model.config().version.to_string(),
         "outputs": [],
     });
-    if let Some(id) = id {
+    if let Some(id) = request.id {
         document["id"] = Value::String(id);
     }
     let describe = |at: usize, tensor: &HostTensor| {
@@ -290,11 +227,7 @@ fn encode_response(
         let mut body = document.to_string().into_bytes();
         let header_len = body.len();
         if (header_len + tail.len()) as u64 > limit {
-            return Err(ApiError::BadRequest(format!(
-                "the answer would be {} bytes, over the limit of {limit} bytes (max_response_bytes): \
-                 send fewer rows per request",
-                header_len + tail.len()
-            )));
+            return Err(inference::too_large(header_len + tail.len(), limit));
         }
         body.extend_from_slice(&tail);
         let mut response = Response::new(Body::from(body));

@@ -33,7 +33,8 @@ use kiln_wire::{Bounds, ModelInfo, ModelList, TensorInfo};
 use serde_json::{Value, json};
 
 use super::auth::AdminKey;
-use super::{ApiError, AppState, json_response, read_body};
+use super::http::{json_response, read_body};
+use super::{ApiError, AppState};
 use crate::deploy::models::{Control, Loaded, ModelEntry, ModelOrigin};
 use crate::model::spec::owned_key;
 use crate::model::handle::{ModelHandle, TuningChange};

@@ -1,7 +1,8 @@
 //! Requests in flight: each gets a fresh `kiln-request-id` (a guest cannot set its own), is listed
 //! until its answer's head is sent (`GET /v1/requests`) and can be cancelled by that id (`DELETE
 //! /v1/requests/{id}`); and the client's address is known to everything that handles it. The
-//! table belongs to the server's [`AppState`], one per server.
+//! table belongs to the server's [`AppState`], one per server. Once answered, a handler or model
+//! call is counted, timed, under its handler and tenant ([`Counted`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use axum::response::{IntoResponse as _, Response};
 
 use super::{ApiError, AppState};
 use crate::sync::MutexExt;
+use crate::telemetry::{ANONYMOUS, Telemetry};
+use crate::tenancy::Tenant;
 
 tokio::task_local! {
     /// The client's address while its request is handled (see [`tag_request`]).
@@ -161,5 +164,29 @@ impl Requests {
         }
         all.sort_by_key(|(n, _)| *n);
         all.into_iter().map(|(_, r)| r).collect()
+    }
+}
+
+/// A handler or model call on its way, timed from its start and counted once answered, under
+/// the handler and the tenant it turned out to be for (both learnt as the call goes on: a call
+/// refused before its key is checked is counted as the front end's, for no tenant).
+pub(super) struct Counted {
+    started: std::time::Instant,
+    /// The label until a handler is known: the front end (`oip`, `grpc`) or "unknown".
+    front: &'static str,
+    pub(super) handler: Option<Arc<str>>,
+    pub(super) tenant: Option<Arc<Tenant>>,
+}
+
+impl Counted {
+    pub(super) fn start(front: &'static str) -> Counted {
+        Counted { started: std::time::Instant::now(), front, handler: None, tenant: None }
+    }
+
+    /// Counts the call as answered with `status` now.
+    pub(super) fn finish(self, telemetry: &Telemetry, status: u16) {
+        let handler = self.handler.as_deref().unwrap_or(self.front);
+        let tenant = self.tenant.as_deref().map_or(ANONYMOUS, Tenant::name);
+        telemetry.record_request(handler, tenant, status, self.started.elapsed());
     }
 }

@@ -20,7 +20,8 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::auth::AdminKey;
-use super::{ApiError, AppState, json_response};
+use super::http::json_response;
+use super::{ApiError, AppState};
 use crate::model::shared::ModelState;
 
 /// Every live handler's cache: the counters over its name (they survive redeploys), the size

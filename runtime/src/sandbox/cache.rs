@@ -8,12 +8,16 @@
 //! `max_bytes`. Past `max_entries` or `max_bytes`, the least recently used entries go.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
 use crate::sync::MutexExt;
+use crate::telemetry::Telemetry;
 
 /// `cache = { ttl_ms, max_entries, max_bytes }` of a handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +193,155 @@ impl ResponseCache {
     pub fn size(&self) -> (usize, usize) {
         let entries = self.entries();
         (entries.map.len(), entries.bytes)
+    }
+}
+
+/// Says on a handler's answer whether its response cache gave it (`hit`) or it was kept for the
+/// next one (`miss`).
+pub const CACHE_HEADER: &str = "kiln-cache";
+
+/// What a handler's cache says of a request before its guest runs.
+pub enum Lookup {
+    /// The handler has no cache, or the method is never cached: run the guest, keep nothing.
+    Uncached,
+    /// A kept answer, as it was first sent, with its age.
+    Hit(http::Response<Bytes>),
+    /// Not kept yet: run the guest, and [`capture`] its answer under this key.
+    Miss([u8; 32]),
+}
+
+/// Looks a request up in the cache of `handler` (`None` for a handler without one), counting
+/// the hit or the miss.
+pub fn lookup(
+    cache: Option<&ResponseCache>,
+    handler: &str,
+    telemetry: &Telemetry,
+    method: &Method,
+    path_and_query: &str,
+    body: &[u8],
+) -> Lookup {
+    let Some(cache) = cache.filter(|_| cacheable_request(method)) else {
+        return Lookup::Uncached;
+    };
+    let key = key(method, path_and_query, body);
+    match cache.get(&key, Instant::now()) {
+        Some(kept) => {
+            telemetry.record_cache(handler, Outcome::Hit.as_str(), 1);
+            let mut response = http::Response::new(kept.body);
+            *response.headers_mut() = kept.headers;
+            response.headers_mut().insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+            if let Ok(age) = HeaderValue::from_str(&kept.stored.elapsed().as_secs().to_string()) {
+                response.headers_mut().insert(http::header::AGE, age);
+            }
+            Lookup::Hit(response)
+        }
+        None => {
+            telemetry.record_cache(handler, Outcome::Miss.as_str(), 1);
+            Lookup::Miss(key)
+        }
+    }
+}
+
+/// The guest's answer on its way to the client. When the request missed the cache (`key`) and
+/// the guest allows its answer to be kept, it is tagged `kiln-cache: miss` and its body copied
+/// as it streams, to be stored once it has ended whole within the cache's byte limit.
+pub fn capture<B>(
+    cache: Option<&Arc<ResponseCache>>,
+    handler: &Arc<str>,
+    telemetry: &Arc<Telemetry>,
+    key: Option<[u8; 32]>,
+    response: http::Response<B>,
+) -> http::Response<Capture<B>> {
+    let lifetime = key.zip(cache).and_then(|(key, cache)| {
+        lifetime(response.status(), response.headers(), cache.policy().ttl).map(|lifetime| (key, lifetime))
+    });
+    let (mut head, body) = response.into_parts();
+    let store = lifetime.zip(cache).map(|((key, lifetime), cache)| {
+        head.headers.insert(CACHE_HEADER, HeaderValue::from_static("miss"));
+        Store {
+            kept: Vec::new(),
+            headers: head.headers.clone(),
+            key,
+            lifetime,
+            cache: Arc::clone(cache),
+            handler: Arc::clone(handler),
+            telemetry: Arc::clone(telemetry),
+        }
+    });
+    http::Response::from_parts(head, Capture { body, store })
+}
+
+/// A body passed through as it is, copied on the way when it is to be kept (see [`capture`]).
+pub struct Capture<B> {
+    body: B,
+    /// `None` when nothing is to be kept, or once the body outgrew the cache or failed.
+    store: Option<Store>,
+}
+
+/// What is needed to keep an answer once its body has ended.
+struct Store {
+    kept: Vec<u8>,
+    headers: HeaderMap,
+    key: [u8; 32],
+    lifetime: Duration,
+    cache: Arc<ResponseCache>,
+    /// The handler's name, for the counters.
+    handler: Arc<str>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Store {
+    /// Puts the whole answer into the handler's cache, counting the store and any evictions.
+    fn finish(self) {
+        let kept = Cached { headers: self.headers, body: Bytes::from(self.kept), stored: Instant::now() };
+        if let Some(evicted) = self.cache.put(self.key, kept, self.lifetime) {
+            let name = &*self.handler;
+            self.telemetry.record_cache(name, Outcome::Store.as_str(), 1);
+            if evicted > 0 {
+                self.telemetry.record_cache(name, Outcome::Eviction.as_str(), evicted as u64);
+            }
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Capture<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let this = &mut *self;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(store), Some(data)) = (&mut this.store, frame.data_ref()) {
+                    if store.kept.len() + data.len() <= store.cache.policy().max_bytes {
+                        store.kept.extend_from_slice(data);
+                    } else {
+                        this.store = None;
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.store = None,
+            Poll::Ready(None) => {
+                if let Some(store) = this.store.take() {
+                    store.finish();
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Until the copy is stored, ask to be polled to the end: the store happens on `None`.
+        self.store.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

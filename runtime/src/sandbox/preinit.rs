@@ -16,7 +16,7 @@ use wasmtime::component::{Component, Instance, WasmList};
 use wasmtime::{Config, Engine, Store};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
-use super::RequestState;
+use super::store::RequestState;
 
 /// The export a handler opts in with: Wizer's default name, so `wasmtime-wizer`'s own command
 /// line pre-initialises the same components.
@@ -24,7 +24,7 @@ pub const INIT_EXPORT: &str = "wizer-initialize";
 
 /// Whether the component asks to be pre-initialised.
 pub fn wants_pre_initialisation(bytes: &[u8]) -> Result<bool, String> {
-    let (_, exports) = super::component_interface(bytes)?;
+    let (_, exports) = super::component::component_interface(bytes)?;
     Ok(exports.iter().any(|name| name == INIT_EXPORT))
 }
 
@@ -51,7 +51,7 @@ async fn snapshot(bytes: &[u8], timeout: std::time::Duration) -> wasmtime::Resul
     config.wasm_component_model(true).epoch_interruption(true);
     let engine = Engine::new(&config)?;
     let component = Component::new(&engine, &instrumented)?;
-    let linker = super::host_linker(&engine)?;
+    let linker = super::store::host_linker(&engine)?;
     let mut store = Store::new(&engine, RequestState::at_build_time());
     // Nothing ticks until the function is called below.
     store.set_epoch_deadline(1);
