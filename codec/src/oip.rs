@@ -17,7 +17,7 @@ pub struct DecodeError(pub String);
 
 impl From<tensor::TensorError> for DecodeError {
     fn from(e: tensor::TensorError) -> DecodeError {
-        DecodeError(e.0)
+        DecodeError(e.to_string())
     }
 }
 

@@ -26,10 +26,82 @@ impl fmt::Debug for HostTensor {
     }
 }
 
-/// Why a tensor does not fit where it was sent. The message always names the tensor.
+/// Why a request's tensors do not fit the model they were sent to. Each names the input it is
+/// about ([`TensorError::input`]) and says what is wrong, for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct TensorError(pub String);
+pub enum TensorError {
+    #[error("input '{input}': expected dtype {expected}, got {got}")]
+    DType { input: String, expected: DType, got: DType },
+    #[error("input '{input}': expected rank {} (shape {declared}), got shape {got:?}", .declared.rank())]
+    Rank { input: String, declared: Declared, got: Vec<u32> },
+    #[error("input '{input}': dimension {axis} must be {want} (shape {declared}), got shape {got:?}")]
+    Dimension { input: String, axis: usize, want: u32, declared: Declared, got: Vec<u32> },
+    #[error("input '{input}': dimension {axis} is 0; empty tensors are not accepted")]
+    Empty { input: String, axis: usize },
+    #[error("input '{input}': dimension {axis} is {got}, over the model's limit of {limit} (max_dims)")]
+    OverMaxDims { input: String, axis: usize, got: u32, limit: u32 },
+    #[error("input '{input}': {dtype} tensor of shape {shape:?} needs {needs} bytes, got {got}")]
+    Bytes { input: String, dtype: DType, shape: Vec<u32>, needs: usize, got: usize },
+    #[error("input '{input}': shape {shape:?} is too large")]
+    TooLarge { input: String, shape: Vec<u32> },
+    /// An element the model's declared `min`/`max` does not allow (`range` as declared).
+    #[error("input '{input}': element {index} is {value}, outside the model's range {range} (min/max)")]
+    OutOfRange { input: String, index: usize, value: String, range: String },
+    /// A JSON element that is not a number of the input's type.
+    #[error("input '{input}': element {index} ({value}) is not a valid {dtype} value")]
+    NotOfType { input: String, index: usize, value: String, dtype: DType },
+    #[error("input '{input}' is not an input of model '{model}' (expected {expected:?})")]
+    Unknown { input: String, model: String, expected: Vec<String> },
+    #[error("input '{input}' is missing")]
+    Missing { input: String },
+    #[error("input '{input}' was given more than once")]
+    Repeated { input: String },
+    #[error("input '{input}': {rows} rows, over model '{model}''s limit of {limit} rows per request (max_rows)")]
+    TooManyRows { input: String, rows: u32, model: String, limit: u32 },
+    #[error("input '{input}': batch dimension is {rows} but input '{first}' has {first_rows}")]
+    RowsDiffer { input: String, rows: u32, first: String, first_rows: u32 },
+    #[error("input '{input}': ragged length {len} differs from input '{first}' ({first_len})")]
+    RaggedDiffers { input: String, len: u32, first: String, first_len: u32 },
+}
+
+impl TensorError {
+    /// The input the error is about.
+    pub fn input(&self) -> &str {
+        match self {
+            TensorError::DType { input, .. }
+            | TensorError::Rank { input, .. }
+            | TensorError::Dimension { input, .. }
+            | TensorError::Empty { input, .. }
+            | TensorError::OverMaxDims { input, .. }
+            | TensorError::Bytes { input, .. }
+            | TensorError::TooLarge { input, .. }
+            | TensorError::OutOfRange { input, .. }
+            | TensorError::NotOfType { input, .. }
+            | TensorError::Unknown { input, .. }
+            | TensorError::Missing { input }
+            | TensorError::Repeated { input }
+            | TensorError::TooManyRows { input, .. }
+            | TensorError::RowsDiffer { input, .. }
+            | TensorError::RaggedDiffers { input, .. } => input,
+        }
+    }
+}
+
+/// A declared shape as an error shows it: `[-1, 3]`, with `-1` for a dimension that varies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared(pub Vec<Option<u32>>);
+
+impl Declared {
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl fmt::Display for Declared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        ShapeSpec(&self.0).fmt(f)
+    }
+}
 
 pub use kiln_wire::dtype::{byte_len, element_count};
 
@@ -41,14 +113,11 @@ impl HostTensor {
         shape: Vec<u32>,
         data: Vec<u8>,
     ) -> Result<HostTensor, TensorError> {
-        let expected = byte_len(dtype, &shape).ok_or_else(|| {
-            TensorError(format!("input '{name}': shape {shape:?} is too large"))
-        })?;
-        if data.len() != expected {
-            return Err(TensorError(format!(
-                "input '{name}': {dtype} tensor of shape {shape:?} needs {expected} bytes, got {}",
-                data.len()
-            )));
+        let Some(needs) = byte_len(dtype, &shape) else {
+            return Err(TensorError::TooLarge { input: name.to_owned(), shape });
+        };
+        if data.len() != needs {
+            return Err(TensorError::Bytes { input: name.to_owned(), dtype, shape, needs, got: data.len() });
         }
         Ok(HostTensor { dtype, shape, data })
     }
@@ -105,11 +174,7 @@ pub mod json {
     pub fn encode(name: &str, dtype: DType, values: &[&Value]) -> Result<Vec<u8>, TensorError> {
         let mut out = Vec::with_capacity(values.len() * dtype.size());
         for (i, v) in values.iter().enumerate() {
-            let bad = || {
-                TensorError(format!(
-                    "input '{name}': element {i} ({v}) is not a valid {dtype} value"
-                ))
-            };
+            let bad = || TensorError::NotOfType { input: name.to_owned(), index: i, value: v.to_string(), dtype };
             match dtype {
                 DType::F32 => out.extend((v.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
                 DType::F64 => out.extend(v.as_f64().ok_or_else(bad)?.to_le_bytes()),
@@ -193,7 +258,7 @@ mod tests {
             assert!(HostTensor::new("x", dtype, vec![2, 3], vec![0; 6 * size]).is_ok());
             let err = HostTensor::new("x", dtype, vec![2, 3], vec![0; 6 * size - 1])
                 .expect_err("one byte short must be refused");
-            assert!(err.0.contains("input 'x'"), "{err}");
+            assert!(matches!(&err, TensorError::Bytes { input, needs, got, .. } if input == "x" && *needs == 6 * size && *got + 1 == *needs), "{err}");
         }
     }
 
@@ -211,7 +276,8 @@ mod tests {
     fn overflowing_shape_is_an_error_not_a_panic() {
         let err = HostTensor::new("x", DType::F64, vec![u32::MAX, u32::MAX, u32::MAX], vec![])
             .expect_err("overflow");
-        assert!(err.0.contains("too large"), "{err}");
+        assert!(matches!(&err, TensorError::TooLarge { input, .. } if input == "x"), "{err}");
+        assert_eq!(err.to_string(), "input 'x': shape [4294967295, 4294967295, 4294967295] is too large");
     }
 
     #[test]
@@ -248,7 +314,8 @@ mod tests {
     #[test]
     fn json_refuses_out_of_range_integers() {
         let err = json::encode("ids", DType::U8, &[&json!(256)]).expect_err("256 is not a u8");
-        assert!(err.0.contains("input 'ids'") && err.0.contains("element 0"), "{err}");
+        assert!(matches!(&err, TensorError::NotOfType { index: 0, dtype: DType::U8, .. }), "{err}");
+        assert_eq!(err.to_string(), "input 'ids': element 0 (256) is not a valid UINT8 value");
         assert!(json::encode("ids", DType::I32, &[&json!(1.5)]).is_err());
         assert!(json::encode("ids", DType::F32, &[&json!("1")]).is_err());
     }

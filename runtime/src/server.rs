@@ -110,7 +110,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
             tenant_private_sources: config.server.tenant_private_sources,
             load_timeout: config.server.load_timeout,
             tenant_fetch_timeout: config.server.tenant_fetch_timeout,
-            parse: Box::new(move |name, spec| crate::config::model_spec(&base, name, spec)),
+            base,
             tenants: config.tenants.iter().map(|t| (t.name.clone(), t.quota.clone())).collect(),
             audit: Arc::clone(&audit),
             events: Arc::clone(&events),

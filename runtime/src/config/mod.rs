@@ -90,13 +90,6 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_INSTANCES: u32 = 256;
 pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 128;
 pub const DEFAULT_DEADLINE_MS: u64 = 10_000;
-pub const DEFAULT_WARMUP_RUNS: u32 = 2;
-pub const DEFAULT_MAX_BATCH_SIZE: u32 = 32;
-pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 0;
-pub const DEFAULT_MAX_QUEUE_SIZE: u32 = 1024;
-pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
-pub const DEFAULT_LATENCY_OBJECTIVE_MS: u64 = 50;
-pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 512;
 pub const DEFAULT_SCALER_INTERVAL_MS: u64 = 2_000;
 pub const DEFAULT_UP_COOLDOWN_MS: u64 = 10_000;
 pub const DEFAULT_DOWN_COOLDOWN_MS: u64 = 30_000;
@@ -153,34 +146,6 @@ impl Config {
     }
 }
 
-
-/// Validates the fields of a model sent to the admin API for model `name`: the same fields as a
-/// `[[model]]` section, as JSON, where `name` may be left out and `tenants` lists the tenants
-/// that may use the model. Relative paths resolve against `base` (the config file's folder).
-pub fn model_spec(base: &Path, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), String> {
-    use serde_json::Value;
-    let Value::Object(fields) = spec else {
-        return Err("send the model's fields as an object, like a [[model]] section".to_owned());
-    };
-    let mut fields = fields.clone();
-    match fields.remove("name") {
-        None => {}
-        Some(Value::String(n)) if n == name => {}
-        Some(other) => return Err(format!("name: {other} is not the name in the path ('{name}')")),
-    }
-    let users = match fields.remove("tenants") {
-        None => Vec::new(),
-        Some(v) => serde_json::from_value::<Vec<String>>(v).map_err(|e| format!("tenants: a list of tenant names: {e}"))?,
-    };
-    fields.insert("name".to_owned(), Value::String(name.to_owned()));
-    let raw: kiln_codec::config::RawModel = serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
-    let file = Path::new("<model>");
-    let configs = Validator { file, base }.model_versions(0, raw).map_err(|e| match e {
-        ConfigError::Invalid { field, message, .. } => format!("{field}: {message}"),
-        other => other.to_string(),
-    })?;
-    Ok((configs, users))
-}
 
 impl Config {
     /// The folder relative paths of the config file (and of models loaded later) resolve against.

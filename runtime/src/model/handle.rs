@@ -19,6 +19,7 @@ use crate::model::command::{Command, Pending};
 use crate::model::error::InferError;
 use crate::model::scheduler::Scheduler;
 use crate::model::shared::{LoadTimes, ModelCounters, ModelState, Shared};
+use crate::model::signature;
 use crate::model::spec::{MAX_PRIORITY, ModelConfig, OutOfRange, Replicas, Tuning, range};
 use crate::model::tensor::{HostTensor, TensorError};
 use crate::telemetry::EventLog;
@@ -385,67 +386,10 @@ impl ModelHandle {
     }
 
     /// Checks `named` inputs against the declared inputs (by name, in declaration order) and
-    /// returns them as `forward`'s positional arguments.
-    pub fn arrange_inputs(
-        &self,
-        mut named: Vec<(String, HostTensor)>,
-    ) -> Result<Vec<HostTensor>, TensorError> {
-        let specs = &self.shared.config.inputs;
-        if let Some((name, _)) = named
-            .iter()
-            .find(|(name, _)| !specs.iter().any(|s| &s.name == name))
-        {
-            let expected: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            return Err(TensorError(format!(
-                "input '{name}' is not an input of model '{}' (expected {expected:?})",
-                self.name()
-            )));
-        }
-        let mut ordered = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let at = named.iter().position(|(name, _)| name == &spec.name);
-            let Some(at) = at else {
-                return Err(TensorError(format!("input '{}' is missing", spec.name)));
-            };
-            let (_, tensor) = named.swap_remove(at);
-            tensor.check(spec)?;
-            ordered.push(tensor);
-        }
-        if !named.is_empty() {
-            return Err(TensorError(format!(
-                "input '{}' was given more than once",
-                named[0].0
-            )));
-        }
-        let rows = ordered[0].rows();
-        let max_rows = self.shared.config.batching.max_rows;
-        if rows > max_rows {
-            return Err(TensorError(format!(
-                "input '{}': {rows} rows, over model '{}''s limit of {max_rows} rows per request (max_rows)",
-                specs[0].name,
-                self.name()
-            )));
-        }
-        if let Some((spec, t)) = specs.iter().zip(&ordered).find(|(_, t)| t.rows() != rows) {
-            return Err(TensorError(format!(
-                "input '{}': batch dimension is {} but input '{}' has {rows}",
-                spec.name,
-                t.rows(),
-                specs[0].name
-            )));
-        }
-        let lens: Vec<(&str, u32)> = specs
-            .iter()
-            .zip(&ordered)
-            .filter_map(|(s, t)| s.ragged.map(|r| (s.name.as_str(), t.shape[r.dim])))
-            .collect();
-        if let Some((name, len)) = lens.iter().find(|(_, len)| *len != lens[0].1) {
-            return Err(TensorError(format!(
-                "input '{name}': ragged length {len} differs from input '{}' ({})",
-                lens[0].0, lens[0].1
-            )));
-        }
-        Ok(ordered)
+    /// returns them as `forward`'s positional arguments ([`signature::arrange_inputs`]).
+    pub fn arrange_inputs(&self, named: Vec<(String, HostTensor)>) -> Result<Vec<HostTensor>, TensorError> {
+        let config = &self.shared.config;
+        signature::arrange_inputs(self.name(), &config.inputs, config.batching.max_rows, named)
     }
 
     /// Queues inputs from [`ModelHandle::arrange_inputs`] and waits for this caller's outputs.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use crate::model::signature::{InputSpec, OutputSpec};
 
+pub mod parse;
+
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     /// The name it is served and reported under: the model's name, or `NAME@VERSION` for each

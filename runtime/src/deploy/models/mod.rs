@@ -15,6 +15,7 @@
 //! (a reload from the same file), not replaced or deleted: the file owns them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +29,7 @@ use crate::fleet::placement::Placer;
 use crate::fleet::start_model;
 use crate::model::handle::{ModelHandle, TuningChange};
 use crate::model::shared::ModelState;
+use crate::model::spec::parse::ModelFields;
 use crate::model::spec::{DeviceChoice, ModelConfig, OWNER_SEPARATOR, owned_key};
 use crate::model::table::{ModelTable, Served};
 use crate::telemetry::{EventLog, MAX_LOGGED, loggable, unix_seconds};
@@ -35,10 +37,11 @@ use crate::tenancy::Quota;
 use crate::tenancy::audit::{Audit, Event};
 use crate::sync::MutexExt;
 
-/// Turns the fields sent for model `name` into the configs of its versions to serve (in version
-/// order) and the tenants that may use it, or says which field is wrong. The config layer's
-/// validation, handed down (it sits above this).
-pub type ParseModel = dyn Fn(&str, &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), String> + Send + Sync;
+mod control;
+mod fetch;
+mod owned;
+
+pub use control::Control;
 
 /// Why a model the config file defines is not served: an operator unloaded it.
 const UNLOADED: &str = "unloaded";
@@ -137,7 +140,8 @@ pub struct ModelRepository {
     load_timeout: Duration,
     /// How long a tenant's download may take in all.
     tenant_fetch_timeout: Duration,
-    parse: Box<ParseModel>,
+    /// The folder relative model paths resolve against (the config file's).
+    base: PathBuf,
     /// Every tenant, by name, with its quota: to check a model's `tenants`, and to bound a
     /// tenant's own models (also when they are restored at start-up).
     tenants: BTreeMap<String, Quota>,
@@ -167,7 +171,8 @@ pub struct RepositoryParts {
     pub tenant_private_sources: bool,
     pub load_timeout: Duration,
     pub tenant_fetch_timeout: Duration,
-    pub parse: Box<ParseModel>,
+    /// The folder relative model paths resolve against (the config file's).
+    pub base: PathBuf,
     pub tenants: BTreeMap<String, Quota>,
     pub audit: Arc<Audit>,
     pub events: Arc<EventLog>,
@@ -187,7 +192,7 @@ impl ModelRepository {
             tenant_private_sources,
             load_timeout,
             tenant_fetch_timeout,
-            parse,
+            base,
             tenants,
             audit,
             events,
@@ -214,7 +219,7 @@ impl ModelRepository {
             tenant_private_sources,
             load_timeout,
             tenant_fetch_timeout,
-            parse,
+            base,
             tenants,
             changes: Mutex::new(HashMap::new()),
             loading_tenants: Mutex::new(HashSet::new()),
@@ -256,17 +261,6 @@ impl ModelRepository {
         Ok(repository)
     }
 
-    /// Fetches and loads, in the background, every model restored with a remote source.
-    pub fn start_fetches(self: &Arc<Self>) {
-        let waiting: Vec<String> = self.records().iter().filter(|(_, r)| r.fetching).map(|(n, _)| n.clone()).collect();
-        for name in waiting {
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                let _ = this.load_now(&name).await;
-            });
-        }
-    }
-
     /// Starts every version of `configs`; stops those started if one cannot start.
     fn start(&self, configs: &[ModelConfig]) -> Result<Vec<ModelHandle>, crate::fleet::StartError> {
         configs.iter().map(|c| start_model(c, &self.placer, Arc::clone(&self.events), self.load_timeout)).collect()
@@ -284,49 +278,20 @@ impl ModelRepository {
     /// Validates `spec` for model `name`: the fields, and that every tenant named exists. For a
     /// tenant's own model (`TENANT:NAME`), also that its files are remote and pinned (a tenant
     /// cannot name a file of the server's) and that it names no other tenant.
+    fn fields(&self) -> ModelFields<'_> {
+        ModelFields { base: &self.base }
+    }
+
     fn check(&self, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), ModelError> {
         if let Some((owner, short)) = name.split_once(OWNER_SEPARATOR) {
             return self.check_owned(owner, short, spec);
         }
         check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
-        let (configs, users) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
+        let (configs, users) = self.fields().from_json(name, spec).map_err(|e| ModelError::Invalid(e.to_string()))?;
         if let Some(unknown) = users.iter().find(|u| !self.tenants.contains_key(u.as_str())) {
             return Err(ModelError::Invalid(format!("tenants: tenant '{unknown}' is not declared in the config")));
         }
         Ok((configs, users))
-    }
-
-    fn check_owned(&self, owner: &str, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), ModelError> {
-        check_name(name).map_err(|m| ModelError::Invalid(format!("model name {m}")))?;
-        let Some(quota) = self.tenants.get(owner) else {
-            return Err(ModelError::Invalid(format!("tenant '{owner}' is not declared in the config")));
-        };
-        if spec.get("tenants").is_some() {
-            return Err(ModelError::Invalid("tenants: a tenant's own model is its own; leave `tenants` out".to_owned()));
-        }
-        let (mut configs, _) = (self.parse)(name, spec).map_err(ModelError::Invalid)?;
-        let key = owned_key(owner, name);
-        for config in &mut configs {
-            if config.source.is_none() || config.sha256.is_none() {
-                return Err(ModelError::Invalid(
-                    "source: a tenant's model comes from https://HOST/FILE or hf://ORG/REPO/FILE@REVISION, with its sha256 \
-                     (not a file of the server's)"
-                        .to_owned(),
-                ));
-            }
-            if let Some((_, version)) = config.name.split_once('@') {
-                config.name = format!("{key}@{version}");
-            } else {
-                config.name = key.clone();
-            }
-            // Left to the default, a tenant's model runs where its quota lets it: the CPU unless
-            // it may use GPUs.
-            if spec.get("device").is_none() && config.device == DeviceChoice::Auto && !quota.model_devices.allows(&DeviceChoice::Auto) {
-                config.device = DeviceChoice::Cpu;
-            }
-            within_model_quota(owner, quota, config)?;
-        }
-        Ok((configs, vec![owner.to_owned()]))
     }
 
     /// Every model of the repository, in name order.
@@ -390,165 +355,6 @@ impl ModelRepository {
         let key = owner_of(name).map_or_else(|| name.to_owned(), |owner| owned_key(owner, ""));
         let lock = Arc::clone(self.changes.locked().entry(key).or_default());
         lock.lock_owned().await
-    }
-
-    /// How tenant `owner`'s fetches are bounded: what its quota has left besides model `key`'s
-    /// own files, its own token, the deadline, and `cancelled`.
-    fn tenant_fetch(&self, owner: &str, key: &str, token: Option<String>, cancelled: Arc<AtomicBool>) -> Requester {
-        let max = self.tenants.get(owner).map_or(0, |q| q.max_model_bytes);
-        let kept: u64 = self.owned_by(owner, key).iter().map(|r| file_bytes(&r.configs)).sum();
-        Requester::Tenant(TenantFetch {
-            tenant: owner.to_owned(),
-            max_bytes: max.saturating_sub(kept),
-            public_only: !self.tenant_private_sources,
-            token,
-            deadline: self.tenant_fetch_timeout,
-            cancelled,
-        })
-    }
-
-    /// Loads tenant `owner`'s own model `name` from `spec` (a `[[model]]` section's fields, with
-    /// remote pinned sources and no `tenants`), replacing its own of that name once the new one
-    /// is ready, if its quota allows: `max_models` models, `max_model_bytes` of files in all, and
-    /// the instances, threads, versions, devices and latency objective its quota sets. One load
-    /// per tenant at a time; `token` (the tenant's own, for a hub source) is used for this
-    /// download alone. When the caller goes away (the client hung up), the download stops.
-    pub async fn put_owned(self: &Arc<Self>, owner: &str, name: &str, spec: serde_json::Value, token: Option<String>) -> Result<Loaded, ModelError> {
-        let key = owned_key(owner, name);
-        let busy = || ModelError::Busy(format!("tenant '{owner}' already has a model loading; wait for it to finish"));
-        let loading = OneLoad::take(self, owner).ok_or_else(busy)?;
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let _cancel_when_gone = SetOnDrop(Arc::clone(&cancelled));
-        let (this, owner) = (Arc::clone(self), owner.to_owned());
-        detached(async move {
-            let _loading = loading;
-            let result = this.put_owned_fetched(&owner, &key, spec, token, cancelled).await;
-            this.report(&key, &result);
-            result
-        })
-        .await
-    }
-
-    async fn put_owned_fetched(
-        &self,
-        owner: &str,
-        key: &str,
-        spec: serde_json::Value,
-        token: Option<String>,
-        cancelled: Arc<AtomicBool>,
-    ) -> Result<Loaded, ModelError> {
-        let quota = self.tenants.get(owner).cloned().ok_or_else(|| ModelError::Invalid(format!("tenant '{owner}' is not declared in the config")))?;
-        if quota.max_models == 0 {
-            return Err(ModelError::Quota(format!("tenant '{owner}' may not load models (its quota.max_models is 0)")));
-        }
-        let (configs, users) = self.check(key, &spec)?;
-        // Checked before the download, to refuse early, and again under the tenant's change
-        // lock, where no other change of this tenant's can slip in between the check and the load.
-        self.within_models(owner, &quota, key, &configs)?;
-        let known = self.records().contains_key(key);
-        let deployment = ModelDeployment { name: key.to_owned(), spec, loaded: true, deployed_at: unix_seconds() };
-        let record = Record { configs, users: users.into(), deployment: Some(deployment), reason: None, fetching: false };
-        let requester = self.tenant_fetch(owner, key, token, cancelled);
-        let (record, _held) = match self.fetch(key, record, &requester).await {
-            Ok(fetched) => fetched,
-            Err(e) => {
-                // A tenant's new model whose file never arrived leaves nothing behind to count
-                // against its quota; the reason went back in its answer.
-                if !known && self.table.get(key).is_none() {
-                    self.records().remove(key);
-                }
-                return Err(e);
-            }
-        };
-        if let Err(refused) = self.check_code(key, &record.configs).await {
-            if !known && self.table.get(key).is_none() {
-                self.records().remove(key);
-            }
-            return Err(refused);
-        }
-        let _one_at_a_time = self.change_lock(key).await;
-        let allowed =
-            self.within_models(owner, &quota, key, &record.configs).and_then(|()| self.within_bytes(owner, &quota, key, &record.configs));
-        if let Err(refused) = allowed {
-            // A model new to the namespace was listed while its file downloaded: it goes.
-            if !known && self.table.get(key).is_none() {
-                self.records().remove(key);
-            }
-            return Err(refused);
-        }
-        self.load_record(key, record).await
-    }
-
-    /// Checks the code of a tenant's model files before anything loads them (a TorchScript file
-    /// is code: see [`crate::model::graph_check`]). Every time, also for a file the tenant
-    /// loaded before: the allow-list may have changed since.
-    async fn check_code(&self, name: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
-        for config in configs {
-            let path = config.path.clone();
-            let checked = tokio::task::spawn_blocking(move || crate::model::graph_check::check_graph(&path))
-                .await
-                .map_err(|e| ModelError::Store(format!("the model check's task failed: {e}")))?;
-            match checked {
-                Ok(()) => {}
-                Err(refusal) if refusal.is_the_models_fault() => {
-                    let version = if configs.len() > 1 { format!("version {}: ", config.version) } else { String::new() };
-                    return Err(ModelError::LoadFailed { model: name.to_owned(), reason: format!("{version}{refusal}") });
-                }
-                Err(refusal) => return Err(ModelError::Store(refusal.to_string())),
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether tenant `owner` may have model `key` (as `configs`) besides its others: their
-    /// count, and the versions, instances and threads of them all.
-    fn within_models(&self, owner: &str, quota: &Quota, key: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
-        let others = self.owned_by(owner, key);
-        if others.len() as u64 >= u64::from(quota.max_models) {
-            return Err(ModelError::Quota(format!(
-                "tenant '{owner}' has {} models, its quota.max_models; delete one first",
-                others.len()
-            )));
-        }
-        let all = || others.iter().flat_map(|r| r.configs.iter()).chain(configs);
-        let total = |what: &str, used: u64, limit: u32| {
-            if used > u64::from(limit) {
-                Err(ModelError::Quota(format!(
-                    "tenant '{owner}': its models would have {used} {what} in all, over its quota.max_model_{what} ({limit})"
-                )))
-            } else {
-                Ok(())
-            }
-        };
-        total("versions", all().count() as u64, quota.max_model_versions)?;
-        total("instances", all().map(|c| u64::from(c.replicas.max)).sum(), quota.max_model_instances)?;
-        total("threads", all().map(|c| u64::from(c.replicas.max) * u64::from(c.threads)).sum(), quota.max_model_threads)
-    }
-
-    /// Whether the files of `configs` and of tenant `owner`'s other models fit its quota.
-    fn within_bytes(&self, owner: &str, quota: &Quota, key: &str, configs: &[ModelConfig]) -> Result<(), ModelError> {
-        let kept: u64 = self.owned_by(owner, key).iter().map(|r| file_bytes(&r.configs)).sum();
-        let wanted = file_bytes(configs);
-        if kept + wanted > quota.max_model_bytes {
-            return Err(ModelError::Quota(format!(
-                "tenant '{owner}': this model's files ({wanted} bytes) and its others' ({kept} bytes) would be over its \
-                 quota.max_model_bytes ({})",
-                quota.max_model_bytes
-            )));
-        }
-        Ok(())
-    }
-
-    /// Tenant `owner`'s own models but `except`.
-    fn owned_by(&self, owner: &str, except: &str) -> Vec<Record> {
-        let prefix = owned_key(owner, "");
-        self.records().iter().filter(|(key, _)| key.starts_with(&prefix) && key.as_str() != except).map(|(_, r)| r.clone()).collect()
-    }
-
-    /// Tenant `owner`'s own models, named as it knows them.
-    pub fn list_owned(&self, owner: &str) -> Vec<ModelEntry> {
-        let prefix = owned_key(owner, "");
-        self.list().into_iter().filter(|e| e.name.starts_with(&prefix)).collect()
     }
 
     /// Loads the model `name` the repository already knows, again from its own definition: a
@@ -650,131 +456,6 @@ impl ModelRepository {
         Ok(if replacing { Loaded::Replaced } else { Loaded::New })
     }
 
-    /// Makes `record`'s file ready to load: checks a local file against its pin, or fetches a
-    /// remote one into the cache and points the config at the cached copy. While a download
-    /// runs the model shows as loading (a model new to the repository is listed from now on,
-    /// and keeps the reason if the download fails).
-    /// The files come back held: the cache spares them until the caller drops the holds (once
-    /// the model serves, or failed).
-    async fn fetch(&self, name: &str, record: Record, requester: &Requester) -> Result<(Record, Vec<Held>), ModelError> {
-        let fetched = self.fetch_file(name, record, requester).await;
-        if let Err(e) = &fetched {
-            self.done_fetching(name, Some(e));
-        }
-        fetched
-    }
-
-    async fn fetch_file(&self, name: &str, mut record: Record, requester: &Requester) -> Result<(Record, Vec<Held>), ModelError> {
-        let mut held = Vec::new();
-        let mut requester = requester.clone();
-        for i in 0..record.configs.len() {
-            let config = self.fetch_version(name, &record, &record.configs[i], &requester).await?;
-            held.push(self.cache.hold(&config.path));
-            // A tenant's later versions fit in what its earlier ones left.
-            if let Requester::Tenant(bounds) = &mut requester {
-                bounds.max_bytes = bounds.max_bytes.saturating_sub(file_bytes(std::slice::from_ref(&config)));
-            }
-            record.configs[i] = config;
-        }
-        record.fetching = false;
-        Ok((record, held))
-    }
-
-    async fn fetch_version(&self, name: &str, record: &Record, config: &ModelConfig, requester: &Requester) -> Result<ModelConfig, ModelError> {
-        let mut config = config.clone();
-        let failed = |reason: String| ModelError::LoadFailed { model: name.to_owned(), reason };
-        let pin = config.sha256.clone();
-        let Some(source) = config.source.clone() else {
-            if let Some(pin) = pin {
-                let path = config.path.clone();
-                tokio::task::spawn_blocking(move || verify_local(&path, &pin))
-                    .await
-                    .map_err(|e| ModelError::Store(format!("the check task failed: {e}")))?
-                    .map_err(failed)?;
-            }
-            return Ok(config);
-        };
-        if pin.is_none() && !self.cache.allows_unpinned() {
-            return Err(ModelError::Invalid(crate::deploy::sources::FetchError::Unpinned { origin: source }.to_string()));
-        }
-        // The operator's loads take a cached file as it is; a tenant's go through the cache's
-        // checks for tenants every time.
-        let cached = match requester {
-            Requester::Operator => pin.as_deref().and_then(|d| self.cache.cached(d)),
-            Requester::Tenant(_) => None,
-        };
-        let fetched = match cached {
-            Some(hit) => hit,
-            None => {
-                self.mark_fetching(name, record, &source);
-                tracing::info!(model = %name, "fetching {}", loggable(&source, MAX_LOGGED));
-                let cache = Arc::clone(&self.cache);
-                let remote = Remote { text: source.clone() };
-                let requester = requester.clone();
-                let fetched = tokio::task::spawn_blocking(move || cache.fetch(&remote, pin.as_deref(), &requester, &mut |_| {}))
-                    .await
-                    .map_err(|e| ModelError::Store(format!("the download task failed: {e}")))
-                    .and_then(|r| {
-                        r.map_err(|e| match e {
-                            crate::deploy::sources::FetchError::OverQuota { .. } => ModelError::Quota(e.to_string()),
-                            e => failed(e.to_string()),
-                        })
-                    });
-                let fetched = fetched?;
-                self.done_fetching(name, None);
-                tracing::info!(model = %name, "fetched {}: {} bytes, sha256 {}", loggable(&source, MAX_LOGGED), fetched.bytes, fetched.sha256);
-                if config.sha256.is_none() {
-                    tracing::warn!(model = %name, "{} is not pinned; pin it with sha256 = \"{}\"", loggable(&source, MAX_LOGGED), fetched.sha256);
-                }
-                fetched
-            }
-        };
-        config.path = fetched.path;
-        Ok(config)
-    }
-
-    /// Shows `name` as fetching; a model new to the repository is listed from now on.
-    fn mark_fetching(&self, name: &str, record: &Record, source: &str) {
-        let mut records = self.records();
-        match records.get_mut(name) {
-            Some(known) => known.fetching = true,
-            None => {
-                let deployment = record.deployment.clone().map(|d| ModelDeployment { loaded: false, ..d });
-                records.insert(name.to_owned(), Record { fetching: true, deployment, ..record.clone() });
-            }
-        }
-        tracing::debug!(model = %name, "fetching {}", loggable(source, MAX_LOGGED));
-    }
-
-    /// A fetch ended; one that failed is the reason a model not being served is not.
-    fn done_fetching(&self, name: &str, error: Option<&ModelError>) {
-        let serving = self.table.get(name).is_some();
-        if let Some(known) = self.records().get_mut(name) {
-            known.fetching = false;
-            if let Some(e) = error
-                && !serving
-            {
-                known.reason = Some(e.to_string());
-            }
-        }
-    }
-
-    /// Over the cache's size limit, removes the least recently used files no served model uses.
-    async fn evict(&self) {
-        let in_use: std::collections::HashSet<std::path::PathBuf> =
-            self.table.handles().iter().map(|h| h.config().path.clone()).collect();
-        let cache = Arc::clone(&self.cache);
-        match tokio::task::spawn_blocking(move || cache.evict(&in_use)).await {
-            Ok(Ok(removed)) => {
-                for file in removed {
-                    tracing::info!("model cache: removed {} ({} bytes, least recently used)", file.sha256, file.bytes);
-                }
-            }
-            Ok(Err(e)) => tracing::warn!("model cache: cannot evict: {e}"),
-            Err(e) => tracing::warn!("model cache: the eviction task failed: {e}"),
-        }
-    }
-
     /// Records an API model in the state directory; the config file's need no record.
     async fn save(&self, record: &Record) -> Result<(), ModelError> {
         let Some(deployment) = record.deployment.clone() else { return Ok(()) };
@@ -858,117 +539,6 @@ impl ModelRepository {
     }
 }
 
-/// Whether one version of a tenant's own model keeps to the parts of its quota that bound a
-/// model by itself: its devices and its latency objective.
-fn within_model_quota(owner: &str, quota: &Quota, config: &ModelConfig) -> Result<(), ModelError> {
-    if !quota.model_devices.allows(&config.device) {
-        return Err(ModelError::Quota(format!(
-            "tenant '{owner}': device '{}' is not in its quota.model_devices ({})",
-            config.device, quota.model_devices
-        )));
-    }
-    let objective = config.latency_objective.as_millis();
-    if objective < u128::from(quota.min_latency_objective_ms) {
-        return Err(ModelError::Quota(format!(
-            "tenant '{owner}': latency_objective_ms {objective} is under its quota.min_latency_objective_ms ({})",
-            quota.min_latency_objective_ms
-        )));
-    }
-    Ok(())
-}
-
-/// What the files of `configs` weigh on disk.
-fn file_bytes(configs: &[ModelConfig]) -> u64 {
-    configs.iter().map(|c| std::fs::metadata(&c.path).map_or(0, |m| m.len())).sum()
-}
-
-/// A tenant's one load at a time: taken for it while it is free, given back on drop.
-struct OneLoad {
-    repository: Arc<ModelRepository>,
-    tenant: String,
-}
-
-impl OneLoad {
-    fn take(repository: &Arc<ModelRepository>, tenant: &str) -> Option<OneLoad> {
-        let fresh = repository.loading_tenants.locked().insert(tenant.to_owned());
-        fresh.then(|| OneLoad { repository: Arc::clone(repository), tenant: tenant.to_owned() })
-    }
-}
-
-impl Drop for OneLoad {
-    fn drop(&mut self) {
-        self.repository.loading_tenants.locked().remove(&self.tenant);
-    }
-}
-
-/// Sets its flag when dropped: with the future of a request, when the request ends.
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// What an operator does to a model being served (`ModelRepository::control`).
-#[derive(Debug, Clone, Copy)]
-pub enum Control {
-    Pause,
-    Resume,
-    /// Answer every queued request 503 `flushed`.
-    Flush,
-    ResetStats,
-    Tune(TuningChange),
-}
-
-impl ModelRepository {
-    /// Applies `control` to the model served as `name`, audited; returns what it did, in words.
-    /// Tuning's replica bounds start or drain replicas to fit before it returns. Lasts until the
-    /// model is reloaded.
-    pub async fn control(&self, name: &str, control: Control) -> Result<String, ModelError> {
-        let handle = self.table.get(name).ok_or_else(|| match self.records().contains_key(name) {
-            true => ModelError::Invalid(format!("model '{name}' is not being served (load it first)")),
-            false => ModelError::NotFound(name.to_owned()),
-        })?;
-        let done = match control {
-            Control::Pause => {
-                handle.pause();
-                "paused".to_owned()
-            }
-            Control::Resume => {
-                handle.resume();
-                "resumed".to_owned()
-            }
-            Control::Flush => format!("flushed {} queued requests", handle.flush()),
-            Control::ResetStats => {
-                handle.reset_stats();
-                "statistics reset".to_owned()
-            }
-            Control::Tune(change) => {
-                let tuning = handle.tune(change).map_err(|e| ModelError::Invalid(e.to_string()))?;
-                let placer = self.placer.clone();
-                let fitted = handle.clone();
-                let target = tokio::task::spawn_blocking(move || crate::fleet::fit_replicas(&fitted, &placer))
-                    .await
-                    .map_err(|e| ModelError::Store(format!("the replica task failed: {e}")))?
-                    .map_err(ModelError::Invalid)?;
-                format!(
-                    "tuned: max_batch_size {}, max_queue_delay_us {}, timeout_ms {}, instances {}..={} ({target} now)",
-                    tuning.max_batch_size,
-                    tuning.max_queue_delay.as_micros(),
-                    tuning.timeout.as_millis(),
-                    tuning.replicas.min,
-                    tuning.replicas.max
-                )
-            }
-        };
-        tracing::info!(model = %name, "{done}");
-        self.audit.record(Event::ModelControl, None, None, &format!("model '{name}' {done}"));
-        self.events.emit(EventKind::ModelChanged { model: name.to_owned(), change: "controlled".into(), detail: done.clone() });
-        Ok(done)
-    }
-}
-
 /// Runs a change to its end on its own task: a caller that goes away (a client that hangs up
 /// during a long load) cannot leave the table, the records and the state directory disagreeing.
 async fn detached<T: Send + 'static>(
@@ -1024,4 +594,9 @@ fn entry(name: &str, record: &Record, served: Option<&Served>) -> ModelEntry {
         handle: handle.cloned(),
         versions: served.map(|s| s.versions.keys().copied().collect()).unwrap_or_default(),
     }
+}
+
+/// What the files of `configs` weigh on disk.
+fn file_bytes(configs: &[ModelConfig]) -> u64 {
+    configs.iter().map(|c| std::fs::metadata(&c.path).map_or(0, |m| m.len())).sum()
 }
