@@ -19,6 +19,8 @@ pub mod scheduler;
 pub mod shared;
 pub mod spec;
 pub mod table;
+#[cfg(test)]
+pub(crate) mod test_models;
 
 // Decoders of untrusted input live in kiln-codec (no libtorch, so they can be fuzzed).
 pub use kiln_codec::{batch, signature, tensor};

@@ -427,3 +427,6 @@ fn torch_reason(s: &str) -> &str {
         .or_else(|| s.lines().next())
         .map_or(s, str::trim)
 }
+
+#[cfg(test)]
+mod tests;
