@@ -168,6 +168,129 @@ mod layering {
         assert!(wrong.is_empty(), "layering broken:\n{}", wrong.join("\n"));
     }
 
+    /// The lower-case names (modules, or functions of the face) in folder `top` that a file's
+    /// non-test code names: through
+    /// `crate::top::x`, and, for a file directly in the folder, through `super::x`. The folder's
+    /// `mod.rs` (its face: it declares the others, and holds what they share) is not a sibling.
+    fn sibling_uses(top: &str, direct: bool, text: &str) -> Vec<String> {
+        // Comment lines only point at a sibling (a doc link), they do not use it.
+        let code: String = non_test_code(text)
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .flat_map(|line| [line, "\n"])
+            .collect();
+        let mut found = Vec::new();
+        let mut prefixes = vec![format!("crate::{top}::")];
+        if direct {
+            prefixes.push("super::".to_owned());
+        }
+        for prefix in &prefixes {
+            for (at, _) in code.match_indices(prefix.as_str()) {
+                // `crate::model::...` must not also count as `super::` of something longer.
+                if prefix == "super::" && code[..at].ends_with("::") {
+                    continue;
+                }
+                let rest = &code[at + prefix.len()..];
+                let names: Vec<&str> = match rest.strip_prefix('{') {
+                    Some(list) => list.split('}').next().unwrap_or("").split(',').map(str::trim).collect(),
+                    None => vec![rest],
+                };
+                for name in names {
+                    let end = name.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(name.len());
+                    // A module is lower case (`super::AppState` names what the face holds); the
+                    // caller keeps the names that are siblings' (not a function of the face's).
+                    if end > 0 && name[..end].starts_with(|c: char| c.is_ascii_lowercase()) {
+                        found.push(name[..end].to_owned());
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// A circle in `edges` (module → modules it names), if there is one, as the path around it.
+    fn circle(edges: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>) -> Option<Vec<String>> {
+        fn visit(
+            node: &str,
+            edges: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut std::collections::BTreeSet<String>,
+        ) -> Option<Vec<String>> {
+            if let Some(at) = path.iter().position(|n| n == node) {
+                let mut around = path[at..].to_vec();
+                around.push(node.to_owned());
+                return Some(around);
+            }
+            if done.contains(node) {
+                return None;
+            }
+            path.push(node.to_owned());
+            for next in edges.get(node).into_iter().flatten() {
+                if let Some(found) = visit(next, edges, path, done) {
+                    return Some(found);
+                }
+            }
+            path.pop();
+            done.insert(node.to_owned());
+            None
+        }
+        let mut done = std::collections::BTreeSet::new();
+        edges.keys().find_map(|node| visit(node, edges, &mut Vec::new(), &mut done))
+    }
+
+    /// Inside each folder too, the files form layers: no two siblings (a file, or a subfolder
+    /// taken whole) name each other, directly or around a longer circle.
+    #[test]
+    fn no_folder_has_a_circle_of_imports_among_its_files() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut all = Vec::new();
+        files(&src, &mut all);
+        let mut folders: std::collections::BTreeMap<String, std::collections::BTreeMap<String, std::collections::BTreeSet<String>>> =
+            Default::default();
+        for file in &all {
+            let relative = file.strip_prefix(&src).expect("under src");
+            let parts: Vec<String> = relative.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            // Files directly in src/ are the layers themselves; the first check covers them.
+            let [top, child, rest @ ..] = parts.as_slice() else { continue };
+            let sibling = child.trim_end_matches(".rs").to_owned();
+            if sibling == "mod" || is_test_module(file) {
+                continue;
+            }
+            let text = std::fs::read_to_string(file).expect("read a source file");
+            let names = sibling_uses(top, rest.is_empty(), &text);
+            let edges = folders.entry(top.clone()).or_default().entry(sibling.clone()).or_default();
+            edges.extend(names.into_iter().filter(|n| *n != sibling));
+        }
+        // Only siblings are nodes: a name that is none (a function of the face's) draws no edge.
+        for edges in folders.values_mut() {
+            let siblings: std::collections::BTreeSet<String> = edges.keys().cloned().collect();
+            for names in edges.values_mut() {
+                names.retain(|n| siblings.contains(n));
+            }
+        }
+        let circles: Vec<String> = folders
+            .iter()
+            .filter_map(|(top, edges)| circle(edges).map(|around| format!("{top}/: {}", around.join(" -> "))))
+            .collect();
+        assert!(circles.is_empty(), "files that import each other:\n{}", circles.join("\n"));
+    }
+
+    #[test]
+    fn the_folder_check_finds_circles_and_reads_sibling_paths() {
+        assert_eq!(sibling_uses("api", true, "use super::{AppState, auth::AdminKey};\nuse crate::api::http::json;"), ["http", "auth"]);
+        assert!(sibling_uses("api", false, "use super::x::Y;").is_empty(), "super:: of a nested file is inside its subfolder");
+        assert!(sibling_uses("api", true, "//! See [`super::grpc`].\n").is_empty(), "a doc link is not a use");
+        let edges = |pairs: &[(&str, &str)]| {
+            let mut map = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+            for (a, b) in pairs {
+                map.entry((*a).to_owned()).or_default().insert((*b).to_owned());
+            }
+            map
+        };
+        assert_eq!(circle(&edges(&[("a", "b"), ("b", "c")])), None);
+        assert_eq!(circle(&edges(&[("a", "b"), ("b", "c"), ("c", "a")])), Some(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
+    }
+
     #[test]
     fn the_check_sees_grouped_and_nested_paths() {
         assert_eq!(uses("use crate::{model::x, fleet};\nlet a = crate::api::f();"), ["model", "fleet", "api"]);
