@@ -275,6 +275,28 @@ mod layering {
         assert!(circles.is_empty(), "files that import each other:\n{}", circles.join("\n"));
     }
 
+    /// Past this many lines of non-test code a file holds more than one owner's work: split it
+    /// by owner, as `api/` and `sandbox/` are.
+    const MAX_FILE_LINES: usize = 800;
+
+    #[test]
+    fn no_file_has_more_than_800_lines_of_non_test_code() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut all = Vec::new();
+        files(&src, &mut all);
+        let mut long: Vec<String> = all
+            .iter()
+            .filter(|file| !is_test_module(file))
+            .filter_map(|file| {
+                let text = std::fs::read_to_string(file).expect("read a source file");
+                let lines = non_test_code(&text).lines().filter(|l| !l.trim().is_empty()).count();
+                (lines > MAX_FILE_LINES).then(|| format!("{} has {lines} lines of non-test code", file.strip_prefix(&src).unwrap_or(file).display()))
+            })
+            .collect();
+        long.sort();
+        assert!(long.is_empty(), "over {MAX_FILE_LINES} lines:\n{}", long.join("\n"));
+    }
+
     #[test]
     fn the_folder_check_finds_circles_and_reads_sibling_paths() {
         assert_eq!(sibling_uses("api", true, "use super::{AppState, auth::AdminKey};\nuse crate::api::http::json;"), ["http", "auth"]);
