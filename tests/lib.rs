@@ -407,7 +407,7 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
 
 /// A loopback port that is free now, picked below the kernel's ephemeral range so that the
 /// outgoing connections of tests running beside this one cannot be given it.
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     use std::hash::{BuildHasher, Hasher};
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()

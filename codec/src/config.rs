@@ -56,7 +56,8 @@ pub struct RawStep {
     pub utilization: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `[server]`. Serialize too, so that the runtime can list its fields (`kiln config show`).
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<String>,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln::config::Config;
+use kiln::config::{Config, layers};
 use kiln::model::device::Device;
 use kiln::model::spec::DeviceChoice;
 
@@ -45,6 +45,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The deployment config as it takes effect (`kiln config show`).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Exit 0 when the server at --url is ready to serve (/v2/health/ready), 1 otherwise: a
+    /// container's health check, where there is no curl.
+    Health {
+        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show what libtorch and the GPU inventory see: CUDA, cuDNN and every GPU (NVML, or the
     /// config's simulated GPUs).
     Devices {
@@ -55,7 +69,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve the models and handlers of a config file (default: the bundled examples).
+    /// Serve the models and handlers of a config file: --config, else $KILN_CONFIG, else
+    /// ./kiln.toml, else the bundled examples of a source checkout. KILN_SERVER__FIELD
+    /// variables set [server] fields (KILN_SERVER__LISTEN=0.0.0.0:8080).
     #[command(after_help = EXAMPLES)]
     Serve {
         /// The deployment config (TOML with [server], [[model]] and [[handler]]).
@@ -219,6 +235,17 @@ enum Command {
     ModelWorker {
         /// The model's name, so that `ps` shows whose worker it is.
         model: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective config: every [server] value with where it came from (a
+    /// KILN_SERVER__FIELD variable, the file, or the default), and the file's models, tenants
+    /// and handlers.
+    Show {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -477,13 +504,9 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{s}': {e}"))
 }
 
-/// The bundled examples' config, next to the sources this binary was built from.
-fn default_config() -> PathBuf {
-    let local = PathBuf::from("examples/kiln.toml");
-    if local.is_file() {
-        return local;
-    }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/kiln.toml"))
+/// The config file the command names, else the one [`layers::locate`] finds.
+fn config_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(layers::locate(flag.as_deref())?.0)
 }
 
 fn main() -> ExitCode {
@@ -513,7 +536,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     std::process::exit(0);
                 });
             }
-            let path = config.unwrap_or_else(default_config);
+            let (path, found) = layers::locate(config.as_deref())?;
+            tracing::info!(config = %path.display(), found = ?found, "config");
             let mut config = Config::load(&path)?;
             config.server.allow_unpinned |= allow_unpinned;
             if let Some(text) = grpc_listen {
@@ -552,6 +576,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Config { command: ConfigCommand::Show { config } } => {
+            let (path, found) = layers::locate(config.as_deref())?;
+            let overrides = layers::server_overrides(kiln::config::server_env())?;
+            print!("{}", layers::show(&path, found, &overrides)?);
+            Ok(())
+        }
+        Command::Health { url, timeout } => kiln::cli::health(&url, timeout),
         Command::Devices { config, json } => {
             let gpus = match config {
                 Some(file) => Config::load(&file)?.gpus,
@@ -620,7 +651,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             worker,
         } => {
-            let config = Config::load(&config.unwrap_or_else(default_config))?;
+            let config = Config::load(&config_path(config)?)?;
             let model = config
                 .model(&model)
                 .ok_or_else(|| anyhow::anyhow!("model '{model}' is not in {}", config.source.display()))?;
@@ -650,7 +681,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn load(config: Option<PathBuf>) -> anyhow::Result<Config> {
-    Ok(Config::load(&config.unwrap_or_else(default_config))?)
+    Ok(Config::load(&config_path(config)?)?)
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {

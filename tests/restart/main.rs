@@ -2,6 +2,8 @@
 //! restart serves exactly what was deployed and a crash in the middle of a deploy leaves the old
 //! version or the new one, never a broken one; and a fuel quota, which meters every guest.
 
+mod operator;
+
 use std::time::{Duration, Instant};
 
 use kiln_tests::{Server, artifact};

@@ -449,6 +449,29 @@ fn call(
     Ok(value)
 }
 
+/// `kiln health`: whether the server at `url` answers its readiness probe with 200 within
+/// `timeout`; an error saying what it answered, or why it could not be reached, otherwise.
+pub fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let probe = format!("{}/v2/health/ready", url.trim_end_matches('/'));
+    let request = http::Request::get(&probe).body(Full::new(Bytes::new()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let probe_it = async {
+        let client: Client<_, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let response = client.request(request).await.with_context(|| format!("cannot reach {probe}"))?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    let answer = runtime.block_on(async { tokio::time::timeout(timeout, probe_it).await });
+    let (status, body) = answer.map_err(|_| anyhow::anyhow!("{probe}: no answer within {timeout:?}"))??;
+    if status != http::StatusCode::OK {
+        bail!("{probe}: not ready ({status}): {}", String::from_utf8_lossy(&body).chars().take(200).collect::<String>());
+    }
+    println!("ready");
+    Ok(())
+}
+
 /// `kiln devices`: CUDA as libtorch sees it (this is what proves libtorch_cuda is linked), and
 /// the GPU inventory.
 pub fn devices(config: &crate::fleet::gpu::GpuConfig, json: bool) -> anyhow::Result<()> {

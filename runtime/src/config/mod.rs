@@ -3,6 +3,7 @@
 //! The file is parsed raw (`deny_unknown_fields`) and then validated into the typed [`Config`]
 //! the rest of Kiln uses. Every error names the file, the field and what is wrong with it.
 
+pub mod layers;
 mod validate;
 
 use std::net::SocketAddr;
@@ -110,6 +111,8 @@ pub enum ConfigError {
     },
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
+    #[error("no config file: looked for {looked}; pass --config FILE")]
+    NotFound { looked: String },
     #[error("{file}: {field}: {message}")]
     Invalid {
         file: PathBuf,
@@ -122,11 +125,20 @@ pub enum ConfigError {
 
 impl Config {
     /// Reads and validates a config file. Relative paths inside it are relative to its folder.
+    /// Reads and validates a config file, with this process's `KILN_SERVER__FIELD` variables
+    /// over its `[server]` table ([`layers`]). Relative paths inside it are relative to its
+    /// folder.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(file, &layers::server_overrides(server_env())?)
+    }
+
+    /// [`Config::load`] with these overrides instead of the environment's.
+    pub fn load_with(file: &Path, overrides: &[layers::Override]) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             file: file.to_path_buf(),
             source,
         })?;
+        let text = layers::apply(&text, file, overrides)?;
         let base = file.parent().unwrap_or(Path::new("."));
         Config::parse(&text, file, base)
     }
@@ -156,6 +168,17 @@ impl Config {
     pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
         self.tenants.iter().find(|t| t.name == name)
     }
+}
+
+/// This process's `KILN_SERVER__*` variables (the others are not read; a value that is not
+/// UTF-8 is read lossily and then refused by its field's type, or taken as a path).
+pub fn server_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            k.starts_with(layers::SERVER_ENV_PREFIX).then(|| (k, v.to_string_lossy().into_owned()))
+        })
+        .collect()
 }
 
 /// An address to listen on, or `None` for `off` (the listener turned off); `None` inside the

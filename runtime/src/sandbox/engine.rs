@@ -41,6 +41,16 @@ pub enum SlotResetPolicy {
     Memset,
 }
 
+impl SlotResetPolicy {
+    /// As `[server] slot_reset` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotResetPolicy::Auto => "auto",
+            SlotResetPolicy::Memset => "memset",
+        }
+    }
+}
+
 /// How a slot's memory is put back to its initial image between requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotReset {
