@@ -68,6 +68,8 @@ pub struct RawServer {
     pub admin_listen: Option<String>,
     /// The gRPC API's address, or `off`.
     pub grpc_listen: Option<String>,
+    /// A listener serving only `/metrics`, without a key (for Prometheus), or `off`.
+    pub metrics_listen: Option<String>,
     pub max_component_bytes: Option<u64>,
     pub drain_grace_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,

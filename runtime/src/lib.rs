@@ -168,44 +168,117 @@ mod layering {
         assert!(wrong.is_empty(), "layering broken:\n{}", wrong.join("\n"));
     }
 
-    /// The lower-case names (modules, or functions of the face) in folder `top` that a file's
-    /// non-test code names: through
-    /// `crate::top::x`, and, for a file directly in the folder, through `super::x`. The folder's
-    /// `mod.rs` (its face: it declares the others, and holds what they share) is not a sibling.
-    fn sibling_uses(top: &str, direct: bool, text: &str) -> Vec<String> {
-        // Comment lines only point at a sibling (a doc link), they do not use it.
-        let code: String = non_test_code(text)
-            .lines()
-            .filter(|line| !line.trim_start().starts_with("//"))
-            .flat_map(|line| [line, "\n"])
-            .collect();
-        let mut found = Vec::new();
-        let mut prefixes = vec![format!("crate::{top}::")];
-        if direct {
-            prefixes.push("super::".to_owned());
-        }
-        for prefix in &prefixes {
-            for (at, _) in code.match_indices(prefix.as_str()) {
-                // `crate::model::...` must not also count as `super::` of something longer.
-                if prefix == "super::" && code[..at].ends_with("::") {
-                    continue;
+    /// `code` without its comments (`//` to the end of the line, `/* ... */`); strings and
+    /// character literals are read as such, so a `//` inside one is kept.
+    fn without_comments(code: &str) -> String {
+        let bytes = code.as_bytes();
+        let mut out = String::with_capacity(code.len());
+        let mut i = 0;
+        let mut kept = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'"' => {
+                    i += 1;
+                    while i < bytes.len() && bytes[i] != b'"' {
+                        i += if bytes[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 1;
                 }
-                let rest = &code[at + prefix.len()..];
-                let names: Vec<&str> = match rest.strip_prefix('{') {
-                    Some(list) => list.split('}').next().unwrap_or("").split(',').map(str::trim).collect(),
-                    None => vec![rest],
-                };
-                for name in names {
-                    let end = name.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(name.len());
-                    // A module is lower case (`super::AppState` names what the face holds); the
-                    // caller keeps the names that are siblings' (not a function of the face's).
-                    if end > 0 && name[..end].starts_with(|c: char| c.is_ascii_lowercase()) {
-                        found.push(name[..end].to_owned());
+                b'\'' if bytes.get(i + 2) == Some(&b'\'') => i += 3,
+                b'/' if matches!(bytes.get(i + 1), Some(b'/') | Some(b'*')) => {
+                    out.push_str(&code[kept..i]);
+                    let end = if bytes[i + 1] == b'/' { code[i..].find('\n').map_or(bytes.len(), |n| i + n) } else { code[i..].find("*/").map_or(bytes.len(), |n| i + n + 2) };
+                    i = end;
+                    kept = end;
+                }
+                _ => i += 1,
+            }
+        }
+        out.push_str(&code[kept.min(code.len())..]);
+        out
+    }
+
+    /// Every path `code` names from `crate::`, `super::` or `self::`, as its segments, with a
+    /// `use` tree expanded: `super::{a::{X, Y}, b}` is `super::a::X`, `super::a::Y`, `super::b`.
+    fn paths(code: &str) -> Vec<Vec<String>> {
+        fn ident(c: char) -> bool {
+            c.is_ascii_alphanumeric() || c == '_'
+        }
+        fn skip(chars: &[char], mut i: usize) -> usize {
+            while chars.get(i).is_some_and(|c| c.is_whitespace()) {
+                i += 1;
+            }
+            i
+        }
+        /// The paths of the tree starting at `i`, and where it ends.
+        fn tree(chars: &[char], i: usize) -> (Vec<Vec<String>>, usize) {
+            let mut i = skip(chars, i);
+            if chars.get(i) == Some(&'{') {
+                i += 1;
+                let mut out = Vec::new();
+                loop {
+                    i = skip(chars, i);
+                    match chars.get(i) {
+                        None => break,
+                        Some('}') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(',') => i += 1,
+                        Some(_) => {
+                            let (sub, end) = tree(chars, i);
+                            out.extend(sub);
+                            i = end.max(i + 1);
+                        }
                     }
                 }
+                return (out, i);
+            }
+            let start = i;
+            while chars.get(i).is_some_and(|c| ident(*c)) {
+                i += 1;
+            }
+            if start == i {
+                return (vec![Vec::new()], i);
+            }
+            let segment: String = chars[start..i].iter().collect();
+            if chars.get(i) == Some(&':') && chars.get(i + 1) == Some(&':') {
+                let (rest, end) = tree(chars, i + 2);
+                return (rest.into_iter().map(|r| [vec![segment.clone()], r].concat()).collect(), end);
+            }
+            (vec![vec![segment]], i)
+        }
+        let chars: Vec<char> = code.chars().collect();
+        let mut found = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let at_start = i == 0 || !(ident(chars[i - 1]) || chars[i - 1] == ':');
+            let rest: String = chars[i..chars.len().min(i + 7)].iter().collect();
+            if at_start && (rest.starts_with("crate::") || rest.starts_with("super::") || rest.starts_with("self::")) {
+                let (trees, end) = tree(&chars, i);
+                found.extend(trees);
+                i = end.max(i + 1);
+            } else {
+                i += 1;
             }
         }
         found
+    }
+
+    /// The module a path names from module `own`, down to its last lower-case segment (a module,
+    /// or a function of one): `None` when it leaves the crate.
+    fn resolve(own: &[String], path: &[String]) -> Option<Vec<String>> {
+        let (base, rest): (Vec<String>, &[String]) = match path.first().map(String::as_str) {
+            Some("crate") => (Vec::new(), &path[1..]),
+            Some("self") => (own.to_vec(), &path[1..]),
+            Some("super") => {
+                let ups = path.iter().take_while(|s| *s == "super").count();
+                (own.get(..own.len().checked_sub(ups)?)?.to_vec(), &path[ups..])
+            }
+            _ => return None,
+        };
+        let modules = rest.iter().take_while(|s| s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_'));
+        Some(base.into_iter().chain(modules.cloned()).collect())
     }
 
     /// A circle in `edges` (module → modules it names), if there is one, as the path around it.
@@ -238,39 +311,56 @@ mod layering {
         edges.keys().find_map(|node| visit(node, edges, &mut Vec::new(), &mut done))
     }
 
-    /// Inside each folder too, the files form layers: no two siblings (a file, or a subfolder
-    /// taken whole) name each other, directly or around a longer circle.
+    /// Inside each folder too, at every depth, the files form layers: no two siblings (a file,
+    /// or a subfolder taken whole) name each other, directly or around a longer circle. A
+    /// folder's `mod.rs` is its face (it declares the others and holds what they share), not a
+    /// sibling; what passes through it (a re-export, `use super::*`, an `impl` in another file)
+    /// is not seen.
     #[test]
     fn no_folder_has_a_circle_of_imports_among_its_files() {
+        use std::collections::{BTreeMap, BTreeSet};
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut all = Vec::new();
         files(&src, &mut all);
-        let mut folders: std::collections::BTreeMap<String, std::collections::BTreeMap<String, std::collections::BTreeSet<String>>> =
-            Default::default();
+        // Each file's module path: `api/grpc.rs` is [api, grpc], `deploy/models/mod.rs` [deploy, models].
+        let module = |file: &Path| -> Vec<String> {
+            let relative = file.strip_prefix(&src).expect("under src").with_extension("");
+            let mut parts: Vec<String> = relative.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            if parts.last().is_some_and(|p| p == "mod") {
+                parts.pop();
+            }
+            parts
+        };
+        let mut children: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
         for file in &all {
-            let relative = file.strip_prefix(&src).expect("under src");
-            let parts: Vec<String> = relative.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
-            // Files directly in src/ are the layers themselves; the first check covers them.
-            let [top, child, rest @ ..] = parts.as_slice() else { continue };
-            let sibling = child.trim_end_matches(".rs").to_owned();
-            if sibling == "mod" || is_test_module(file) {
+            let m = module(file);
+            for depth in 1..m.len() {
+                children.entry(m[..depth].to_vec()).or_default().insert(m[depth].clone());
+            }
+        }
+        let mut folders: BTreeMap<Vec<String>, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+        for file in &all {
+            let own = module(file);
+            // lib.rs and main.rs are the crates' roots; the first check covers the top level.
+            if own.len() < 2 || own.first().is_some_and(|m| m == "lib" || m == "main") || is_test_module(file) {
                 continue;
             }
             let text = std::fs::read_to_string(file).expect("read a source file");
-            let names = sibling_uses(top, rest.is_empty(), &text);
-            let edges = folders.entry(top.clone()).or_default().entry(sibling.clone()).or_default();
-            edges.extend(names.into_iter().filter(|n| *n != sibling));
-        }
-        // Only siblings are nodes: a name that is none (a function of the face's) draws no edge.
-        for edges in folders.values_mut() {
-            let siblings: std::collections::BTreeSet<String> = edges.keys().cloned().collect();
-            for names in edges.values_mut() {
-                names.retain(|n| siblings.contains(n));
+            for path in paths(&without_comments(&non_test_code(&text))) {
+                let Some(target) = resolve(&own, &path) else { continue };
+                let shared = own.iter().zip(&target).take_while(|(a, b)| a == b).count();
+                // Within the same folder (not the top level), between two of its children.
+                let (Some(from), Some(to)) = (own.get(shared), target.get(shared)) else { continue };
+                let folder = own[..shared].to_vec();
+                if shared == 0 || !children.get(&folder).is_some_and(|c| c.contains(to)) {
+                    continue;
+                }
+                folders.entry(folder).or_default().entry(from.clone()).or_default().insert(to.clone());
             }
         }
         let circles: Vec<String> = folders
             .iter()
-            .filter_map(|(top, edges)| circle(edges).map(|around| format!("{top}/: {}", around.join(" -> "))))
+            .filter_map(|(folder, edges)| circle(edges).map(|around| format!("{}/: {}", folder.join("/"), around.join(" -> "))))
             .collect();
         assert!(circles.is_empty(), "files that import each other:\n{}", circles.join("\n"));
     }
@@ -281,9 +371,12 @@ mod layering {
 
     #[test]
     fn no_file_has_more_than_800_lines_of_non_test_code() {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut all = Vec::new();
-        files(&src, &mut all);
+        for crate_src in ["runtime/src", "runtime/torchscan/src", "codec/src", "wire/src", "tui/src", "guest-sdk/src"] {
+            files(&root.join(crate_src), &mut all);
+        }
+        let src = root;
         let mut long: Vec<String> = all
             .iter()
             .filter(|file| !is_test_module(file))
@@ -298,10 +391,19 @@ mod layering {
     }
 
     #[test]
-    fn the_folder_check_finds_circles_and_reads_sibling_paths() {
-        assert_eq!(sibling_uses("api", true, "use super::{AppState, auth::AdminKey};\nuse crate::api::http::json;"), ["http", "auth"]);
-        assert!(sibling_uses("api", false, "use super::x::Y;").is_empty(), "super:: of a nested file is inside its subfolder");
-        assert!(sibling_uses("api", true, "//! See [`super::grpc`].\n").is_empty(), "a doc link is not a use");
+    fn the_folder_check_reads_use_trees_resolves_paths_and_finds_circles() {
+        let p = |text: &str| paths(text).into_iter().map(|p| p.join("::")).collect::<Vec<_>>();
+        assert_eq!(p("use super::{a::{X, Y}, b::Z};"), ["super::a::X", "super::a::Y", "super::b::Z"]);
+        assert_eq!(p("let x = crate::api::http::json(1); f(self::m::g())"), ["crate::api::http::json", "self::m::g"]);
+        assert!(p("use std::super_thing;").is_empty());
+        let code = without_comments("let a = 1; // crate::x\nlet s = \"//kept\"; /* super::y */ z");
+        assert_eq!(code, "let a = 1; \nlet s = \"//kept\";  z");
+        let own: Vec<String> = ["model", "backend", "worker"].map(String::from).to_vec();
+        let path = |t: &str| t.split("::").map(String::from).collect::<Vec<_>>();
+        assert_eq!(resolve(&own, &path("super::torch::Torch")), Some(path("model::backend::torch")));
+        assert_eq!(resolve(&own, &path("super::super::spec::parse")), Some(path("model::spec::parse")));
+        assert_eq!(resolve(&own, &path("crate::api::AppState")), Some(path("api")));
+        assert_eq!(resolve(&own, &path("super::super::super::super::x")), None);
         let edges = |pairs: &[(&str, &str)]| {
             let mut map = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
             for (a, b) in pairs {

@@ -50,11 +50,12 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Exit 0 when the server at --url is ready to serve (/v2/health/ready), 1 otherwise: a
-    /// container's health check, where there is no curl.
+    /// Exit 0 when the server is ready to serve (/v2/health/ready), 1 otherwise: a container's
+    /// health check, where there is no curl. Without --url, the server of the config `kiln
+    /// serve` would read here (its listen address, KILN_SERVER__LISTEN included).
     Health {
-        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
+        #[arg(long, env = "KILN_URL")]
+        url: Option<String>,
         /// Give up after this long.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: std::time::Duration,
@@ -504,6 +505,17 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{s}': {e}"))
 }
 
+/// Where this machine reaches the server of the config found here: its `listen` address, on
+/// loopback when it listens on every address; Kiln's default when there is no config.
+fn local_url() -> String {
+    let listen = layers::locate(None).ok().and_then(|(file, _)| Config::load(&file).ok()).map(|c| c.server.listen);
+    let mut addr = listen.unwrap_or_else(|| ([127, 0, 0, 1], 8080).into());
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
 /// The config file the command names, else the one [`layers::locate`] finds.
 fn config_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(layers::locate(flag.as_deref())?.0)
@@ -582,7 +594,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", layers::show(&path, found, &overrides)?);
             Ok(())
         }
-        Command::Health { url, timeout } => kiln::cli::health(&url, timeout),
+        Command::Health { url, timeout } => kiln::cli::health(&url.unwrap_or_else(local_url), timeout),
         Command::Devices { config, json } => {
             let gpus = match config {
                 Some(file) => Config::load(&file)?.gpus,

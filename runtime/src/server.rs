@@ -181,6 +181,13 @@ pub async fn serve(
         None => None,
     };
     let grpc_local = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let metrics_listener = match config.server.metrics_listen {
+        Some(addr) => Some(bind(addr).await.with_context(|| "metrics_listen")?),
+        None => None,
+    };
+    if let Some(listener) = &metrics_listener {
+        tracing::info!("metrics without a key on http://{}/metrics", listener.local_addr()?);
+    }
     let (local, admin_local) = (listener.local_addr()?, admin_listener.local_addr()?);
     if !admin_local.ip().is_loopback() {
         tracing::warn!("the admin API listens on {admin_local}, which is not a loopback address");
@@ -232,12 +239,20 @@ pub async fn serve(
             .await
             .context("gRPC server failed")
     };
+    let metrics_stopped = stopped.clone();
+    let metrics_state = Arc::clone(&state);
+    let metrics = async move {
+        let Some(listener) = metrics_listener else { return Ok(()) };
+        axum::serve(listener, api::routes::metrics(metrics_state).into_make_service())
+            .with_graceful_shutdown(until_stopped(metrics_stopped))
+            .await
+    };
     let admin = axum::serve(admin_listener, api::routes::admin(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(until_stopped(stopped));
     // In-flight requests (and the batches they wait on) finish, bounded by the drain timeout
     // counted from the signal.
     let served = async {
-        let http = async { tokio::try_join!(main, admin).context("HTTP server failed") };
+        let http = async { tokio::try_join!(main, admin, metrics).context("HTTP server failed") };
         tokio::try_join!(http, grpc)
     };
     let out_of_time = async {

@@ -1,6 +1,7 @@
 //! Starting Kiln as an image or an orchestrator does: no `--config` and no flags, the config
 //! found through `KILN_CONFIG`, `[server]` fields set by `KILN_SERVER__FIELD` variables,
-//! `kiln config show` telling which set what, and `kiln health` as the container's probe.
+//! `kiln config show` telling which set what, `kiln health` as the container's probe, and a
+//! Prometheus without a key scraping the metrics listener.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,12 +16,13 @@ fn a_server_found_through_its_environment_serves_reports_its_settings_and_answer
     // The working directory has no kiln.toml, so only KILN_CONFIG can name the file.
     let cwd = dir.path.join("elsewhere");
     std::fs::create_dir_all(&cwd).expect("cwd");
-    let (port, admin) = (free_port().expect("port"), free_port().expect("port"));
+    let (port, admin, metrics) = (free_port().expect("port"), free_port().expect("port"), free_port().expect("port"));
     let env = [
         ("KILN_CONFIG", config.display().to_string()),
         ("KILN_SERVER__LISTEN", format!("127.0.0.1:{port}")),
         ("KILN_SERVER__ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
         ("KILN_SERVER__GRPC_LISTEN", "off".to_owned()),
+        ("KILN_SERVER__METRICS_LISTEN", format!("127.0.0.1:{metrics}")),
         ("KILN_SERVER__STATE_DIR", dir.path.join("state").display().to_string()),
     ];
     let kiln = |args: &[&str]| {
@@ -49,7 +51,8 @@ fn a_server_found_through_its_environment_serves_reports_its_settings_and_answer
     let url = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     let healthy = loop {
-        let probe = kiln(&["health", "--url", &url, "--timeout", "2s"]);
+        // No --url: the address comes from the config and KILN_SERVER__LISTEN, as in a container.
+        let probe = kiln(&["health", "--timeout", "2s"]);
         if probe.status.success() {
             break probe;
         }
@@ -60,6 +63,24 @@ fn a_server_found_through_its_environment_serves_reports_its_settings_and_answer
     };
     assert_eq!(String::from_utf8_lossy(&healthy.stdout).trim(), "ready");
     assert!(dir.path.join("state").is_dir(), "KILN_SERVER__STATE_DIR was not used");
+
+    // Prometheus without a key: the metrics listener answers /metrics and nothing else; the
+    // serving listener still wants the admin key for it.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let get = |url: String| {
+        runtime.block_on(async {
+            let response = reqwest::get(&url).await.expect("GET");
+            (response.status().as_u16(), response.text().await.expect("body"))
+        })
+    };
+    let (status, text) = get(format!("http://127.0.0.1:{metrics}/metrics"));
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("kiln_sandbox_running") || text.contains("# TYPE kiln_"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text: {text}");
+    let (status, text) = get(format!("http://127.0.0.1:{metrics}/v1/stats"));
+    assert_eq!(status, 404, "the metrics listener serves /metrics only: {text}");
+    let (status, _) = get(format!("{url}/metrics"));
+    assert_eq!(status, 401, "the serving listener's /metrics still needs the admin key");
 
     server.kill().expect("kill");
     server.wait().expect("wait");

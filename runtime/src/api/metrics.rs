@@ -46,6 +46,17 @@ pub fn registry(
 }
 
 pub(super) async fn export(State(app): State<Arc<AppState>>, _admin: AdminKey) -> Result<Response, ApiError> {
+    render(&app)
+}
+
+/// `/metrics` on the metrics listener (`[server] metrics_listen`), which serves nothing else:
+/// no key, for a Prometheus that holds none. Whoever can reach that address reads every
+/// tenant's, handler's and model's name and counts (SECURITY.md).
+pub(super) async fn export_keyless(State(app): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    render(&app)
+}
+
+fn render(app: &AppState) -> Result<Response, ApiError> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &app.metrics)
         .map_err(|e| ApiError::Internal(format!("cannot encode metrics: {e}")))?;

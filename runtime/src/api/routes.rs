@@ -1,6 +1,6 @@
-//! The two route tables: the serving listener's (handlers, the Open Inference Protocol, the
-//! tenant's own models, stats and metrics) and the admin listener's. Anything else is answered
-//! with an `{"error": ...}` 404.
+//! The route tables: the serving listener's (handlers, the Open Inference Protocol, the
+//! tenant's own models, stats and metrics), the admin listener's, and the optional metrics
+//! listener's (`/metrics` alone, keyless). Anything else is answered with an `{"error": ...}` 404.
 
 use std::sync::Arc;
 
@@ -65,5 +65,15 @@ pub fn admin(state: Arc<AppState>) -> Router {
             ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
         })
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), requests::tag_request))
+        .with_state(state)
+}
+
+/// `[server] metrics_listen`: `GET /metrics` without a key, and nothing else.
+pub fn metrics(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::export_keyless))
+        .fallback(|request: Request| async move {
+            ApiError::NotFound(format!("the metrics listener serves GET /metrics only, not {} {}", request.method(), request.uri().path()))
+        })
         .with_state(state)
 }

@@ -26,6 +26,7 @@ pub const SERVER_FIELDS: &[&str] = &[
     "listen",
     "admin_listen",
     "grpc_listen",
+    "metrics_listen",
     "state_dir",
     "cache_dir",
     "cache_max_bytes",
@@ -121,44 +122,61 @@ pub fn server_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Res
         if !SERVER_FIELDS.contains(&field.as_str()) {
             return Err(invalid(format!("[server] has no field '{field}'; it has {}", SERVER_FIELDS.join(", "))));
         }
-        let value = value_of(&text);
-        // The field's type, checked alone, so the message names the variable that is wrong.
-        let mut alone = toml::Table::new();
-        alone.insert(field.clone(), value.clone());
-        toml::Value::Table(alone)
-            .try_into::<RawServer>()
-            .map_err(|e| invalid(format!("'{text}': {}", e.message())))?;
+        let value = value_for(&field, &text).map_err(|e| invalid(format!("'{text}': {e}")))?;
         overrides.push(Override { var, field, value });
     }
     overrides.sort_by(|a, b| a.var.cmp(&b.var));
     Ok(overrides)
 }
 
-/// A variable's text as a value: TOML where it reads as a number, a boolean or a quoted string
-/// (`8080`, `true`, `"x"`), else the text itself as a string (`0.0.0.0:8080`, `off`, `/data`).
-fn value_of(text: &str) -> toml::Value {
-    let parsed = format!("v = {text}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
+/// A variable's text as the value of `field`: the text itself where the field takes a string
+/// (an address, `off`, a path, even `2024`), else the text read as a TOML number or boolean.
+fn value_for(field: &str, text: &str) -> Result<toml::Value, String> {
+    let accepts = |value: &toml::Value| {
+        let mut alone = toml::Table::new();
+        alone.insert(field.to_owned(), value.clone());
+        toml::Value::Table(alone).try_into::<RawServer>().map(drop).map_err(|e| e.message().to_owned())
+    };
+    let as_text = toml::Value::String(text.to_owned());
+    if accepts(&as_text).is_ok() {
+        return Ok(as_text);
+    }
+    // One bare TOML value: no comment, no second line, nothing after it.
+    let parsed = (!text.contains(['#', '\n', '\r']))
+        .then(|| format!("v = {text}").parse::<toml::Table>().ok())
+        .flatten()
+        .and_then(|mut t| t.remove("v"));
     match parsed {
-        Some(value @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) | toml::Value::String(_))) => value,
-        _ => toml::Value::String(text.to_owned()),
+        Some(value) => accepts(&value).map(|()| value),
+        None => accepts(&as_text).map(|()| as_text),
     }
 }
 
-/// The config file's text with `overrides` set in its `[server]` table.
-pub(super) fn apply(text: &str, file: &Path, overrides: &[Override]) -> Result<String, ConfigError> {
+/// `server` with `overrides` set over it.
+pub(super) fn apply(server: RawServer, overrides: &[Override]) -> Result<RawServer, ConfigError> {
     if overrides.is_empty() {
-        return Ok(text.to_owned());
+        return Ok(server);
     }
-    let parse = |message: String| ConfigError::Parse { file: file.to_path_buf(), message };
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse(e.message().to_owned()))?;
-    let server = table.entry("server").or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(server) = server else {
-        return Err(parse("`server` must be a table ([server])".to_owned()));
+    let internal = |message: String| ConfigError::Invalid { file: PathBuf::from("<environment>"), field: SERVER_ENV_PREFIX.to_owned(), message };
+    let mut table = match toml::Value::try_from(&server).map_err(|e| internal(e.to_string()))? {
+        toml::Value::Table(table) => table,
+        _ => toml::Table::new(),
     };
     for o in overrides {
-        server.insert(o.field.clone(), o.value.clone());
+        table.insert(o.field.clone(), o.value.clone());
     }
-    toml::to_string(&table).map_err(|e| parse(e.to_string()))
+    toml::Value::Table(table).try_into::<RawServer>().map_err(|e| internal(e.message().to_owned()))
+}
+
+/// A validation error about a `[server]` field a variable set, told as the variable's.
+pub(super) fn blame(error: ConfigError, overrides: &[Override]) -> ConfigError {
+    match error {
+        ConfigError::Invalid { field, message, file } => match overrides.iter().find(|o| field == format!("server.{}", o.field)) {
+            Some(o) => ConfigError::Invalid { file: PathBuf::from("<environment>"), field: o.var.clone(), message },
+            None => ConfigError::Invalid { file, field, message },
+        },
+        other => other,
+    }
 }
 
 impl ServerConfig {
@@ -173,6 +191,7 @@ impl ServerConfig {
             ("listen", Some(text(&self.listen))),
             ("admin_listen", Some(text(&self.admin_listen))),
             ("grpc_listen", Some(self.grpc_listen.map_or_else(|| Text("off".to_owned()), |a| text(&a)))),
+            ("metrics_listen", Some(self.metrics_listen.map_or_else(|| Text("off".to_owned()), |a| text(&a)))),
             ("state_dir", Some(text(&self.state_dir.display()))),
             ("cache_dir", Some(text(&self.cache_dir.display()))),
             ("cache_max_bytes", self.cache_max_bytes.map(int)),
@@ -281,6 +300,11 @@ mod tests {
         assert!(e.starts_with("<environment>: KILN_SERVER__LISTN: [server] has no field 'listn'"), "{e}");
         let e = server_overrides(vars(&[("KILN_SERVER__MAX_INSTANCES", "many")])).expect_err("type").to_string();
         assert!(e.starts_with("<environment>: KILN_SERVER__MAX_INSTANCES: 'many': invalid type"), "{e}");
+        // The field's type decides how the text reads: a path that looks like a number stays a
+        // path, and a number with a comment after it is refused, not cut short.
+        let dir = server_overrides(vars(&[("KILN_SERVER__STATE_DIR", "2024")])).expect("a path");
+        assert_eq!(dir[0].value, toml::Value::String("2024".into()));
+        assert!(server_overrides(vars(&[("KILN_SERVER__MAX_INSTANCES", "12 # note")])).is_err());
     }
 
     #[test]
@@ -324,6 +348,14 @@ mod tests {
         assert!(line("listen").ends_with("# file"), "{shown}");
         assert!(line("max_instances").contains("= 16") && line("max_instances").ends_with("# KILN_SERVER__MAX_INSTANCES"), "{shown}");
         assert!(line("state_dir").contains("\"/data\""), "{shown}");
+        // A value of the right type that validation refuses is the variable's fault, not the file's.
+        let port_less = server_overrides(vars(&[("KILN_SERVER__LISTEN", "0.0.0.0")])).expect("a string");
+        let e = Config::load_with(&file, &port_less).expect_err("no port").to_string();
+        assert!(e.starts_with("<environment>: KILN_SERVER__LISTEN: "), "{e}");
+        // And the file's own errors keep their lines under overrides.
+        std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:7000\"\n\n[[model]]\nnom = 1\n").expect("write");
+        let e = Config::load_with(&file, &overrides).expect_err("bad model").to_string();
+        assert!(e.contains("line 5"), "{e}");
         assert!(line("max_body_bytes").ends_with("# default"), "{shown}");
         assert!(shown.contains("# cache_max_bytes") && shown.contains("default: unset"), "{shown}");
         // What `kiln config show` prints is a config Kiln reads back to the same values.

@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// The gRPC API's address (Open Inference Protocol); `None` when turned off.
     pub grpc_listen: Option<SocketAddr>,
+    /// A listener of its own serving only `/metrics`, without a key, for a Prometheus that
+    /// holds no admin key; `None` (the default) when turned off.
+    pub metrics_listen: Option<SocketAddr>,
     /// Largest component the admin API accepts.
     pub max_component_bytes: usize,
     /// After SIGTERM: how long new connections are still accepted while readiness says 503 (so
@@ -124,7 +127,6 @@ pub enum ConfigError {
 // ---- raw form, exactly as written in the file -------------------------------------------------
 
 impl Config {
-    /// Reads and validates a config file. Relative paths inside it are relative to its folder.
     /// Reads and validates a config file, with this process's `KILN_SERVER__FIELD` variables
     /// over its `[server]` table ([`layers`]). Relative paths inside it are relative to its
     /// folder.
@@ -138,18 +140,25 @@ impl Config {
             file: file.to_path_buf(),
             source,
         })?;
-        let text = layers::apply(&text, file, overrides)?;
         let base = file.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, file, base)
+        Config::parse_with(&text, file, base, overrides)
     }
 
     /// Validates config text; `file` is only used in messages, `base` resolves relative paths.
     pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = kiln_codec::config::parse(text).map_err(|message| ConfigError::Parse {
+        Config::parse_with(text, file, base, &[])
+    }
+
+    /// [`Config::parse`] with `overrides` set over the text's `[server]` table once the text
+    /// has parsed (so its own errors keep their lines). A value the variable gave that
+    /// validation refuses is blamed on the variable, not the file.
+    fn parse_with(text: &str, file: &Path, base: &Path, overrides: &[layers::Override]) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = kiln_codec::config::parse(text).map_err(|message| ConfigError::Parse {
             file: file.to_path_buf(),
             message,
         })?;
-        Validator { file, base }.config(raw)
+        raw.server = layers::apply(raw.server, overrides)?;
+        Validator { file, base }.config(raw).map_err(|e| layers::blame(e, overrides))
     }
 
     /// Model `name` (`NAME@VERSION`, or `NAME` for its latest version served).

@@ -139,6 +139,13 @@ impl Validator<'_> {
                 format!("'{grpc_listen}' is not an address like 127.0.0.1:8001, nor 'off'"),
             )
         })?;
+        let metrics_listen = raw.metrics_listen.as_deref().unwrap_or("off");
+        let metrics_listen = super::parse_optional_listen(metrics_listen).ok_or_else(|| {
+            self.invalid(
+                "server.metrics_listen",
+                format!("'{metrics_listen}' is not an address like 0.0.0.0:9090, nor 'off'"),
+            )
+        })?;
         let state_dir = self.path(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
         let max_component_bytes = raw
             .max_component_bytes
@@ -204,6 +211,7 @@ impl Validator<'_> {
             state_dir,
             admin_listen,
             grpc_listen,
+            metrics_listen,
             max_component_bytes: max_component_bytes as usize,
             drain_grace: Duration::from_millis(drain_grace_ms),
             drain_timeout: Duration::from_millis(drain_timeout_ms),

@@ -275,13 +275,14 @@ impl ModelRepository {
         self.records.locked()
     }
 
-    /// Validates `spec` for model `name`: the fields, and that every tenant named exists. For a
-    /// tenant's own model (`TENANT:NAME`), also that its files are remote and pinned (a tenant
-    /// cannot name a file of the server's) and that it names no other tenant.
+    /// The reader of a model's fields, with relative paths against the config file's folder.
     fn fields(&self) -> ModelFields<'_> {
         ModelFields { base: &self.base }
     }
 
+    /// Validates `spec` for model `name`: the fields, and that every tenant named exists. For a
+    /// tenant's own model (`TENANT:NAME`), also that its files are remote and pinned (a tenant
+    /// cannot name a file of the server's) and that it names no other tenant.
     fn check(&self, name: &str, spec: &serde_json::Value) -> Result<(Vec<ModelConfig>, Vec<String>), ModelError> {
         if let Some((owner, short)) = name.split_once(OWNER_SEPARATOR) {
             return self.check_owned(owner, short, spec);
