@@ -222,7 +222,7 @@ pub fn show(file: &Path, found: Found, overrides: &[Override]) -> Result<String,
         .and_then(|mut t| t.remove("server"))
         .and_then(|s| s.as_table().cloned())
         .unwrap_or_default();
-    let config = Config::load_with(file, overrides)?;
+    let config = Config::parse_with(&text, file, file.parent().unwrap_or(Path::new(".")), overrides)?;
     let mut out = String::new();
     let _ = writeln!(out, "# {} (found through {})", file.display(), found.describe());
     let _ = writeln!(out, "[server]");

@@ -40,12 +40,7 @@ impl Validator<'_> {
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base.join(p)
-        }
+        ModelFields { base: self.base }.path(p)
     }
 
     pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {

@@ -65,9 +65,10 @@ impl ModelFields<'_> {
         Ok((self.versions(0, raw)?, users))
     }
 
-    fn path(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
+    /// A path as written in the config: relative to `base`, or absolute (`join` keeps an
+    /// absolute path as it is). The one rule for every path the config file names.
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.base.join(p)
     }
 
     /// A `[[model]]` section as the configs of the versions it serves, in version order: one,
