@@ -4,9 +4,11 @@
 //! The proto is parsed by `protox` (in Rust), so building needs no `protoc`.
 //!
 //! torch-sys links with `--as-needed`, which drops `libtorch_cuda` because nothing references it
-//! by symbol; without it libtorch reports no CUDA device even on a GPU host. We link it again
-//! with `--no-as-needed` and add an rpath to the libtorch folder so `kiln` starts without
-//! LD_LIBRARY_PATH.
+//! by symbol; without it libtorch reports no CUDA device even on a GPU host. Rather than link it
+//! (which would make every kiln need CUDA's gigabytes), kiln loads it at run time when it is
+//! there (`model::backend::torch::cuda`). The run path names the folder beside the binary first
+//! (`$ORIGIN/../lib/kiln`, where an image puts libtorch), then the build's libtorch, so `kiln`
+//! starts without LD_LIBRARY_PATH.
 
 use std::path::Path;
 
@@ -33,15 +35,13 @@ fn compile_protos() {
 
 fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        return;
-    };
-    let lib = Path::new(&lib);
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-L{}", lib.display());
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    // A packaged kiln (the image, scripts/image.sh) keeps libtorch in ../lib/kiln beside it;
+    // that folder comes first, so a package never reaches back into the build's venv.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../lib/kiln");
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_default();
+    // For the test that libtorch's CUDA half loads where the build has one.
+    println!("cargo:rustc-env=KILN_LIBTORCH_LIB={lib}");
+    if !lib.is_empty() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", Path::new(&lib).display());
     }
 }

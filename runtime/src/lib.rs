@@ -7,7 +7,8 @@
 //! quotas, audit), [`deploy`] (the state directory), [`telemetry`] and the operator [`cli`].
 //! `docs/ARCHITECTURE.md` draws it.
 
-// No unsafe code but the counting allocator's forwarding (`telemetry::alloc`), which says why.
+// No unsafe code but the counting allocator's forwarding (`telemetry::alloc`) and the dlopen of
+// libtorch's CUDA half (`model::backend::torch::cuda`), which say why.
 #![deny(unsafe_code)]
 
 pub mod api;

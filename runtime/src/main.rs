@@ -523,6 +523,8 @@ fn config_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 fn main() -> ExitCode {
     kiln::telemetry::logging::init();
+    // Before anything in libtorch asks about CUDA: libtorch keeps its first answer.
+    let _ = kiln::model::backend::torch::cuda::load();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -671,7 +673,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => match &model.device {
                     DeviceChoice::Cpu => Device::Cpu,
                     DeviceChoice::Gpus(list) => Device::Cuda(list[0]),
-                    DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(0),
+                    DeviceChoice::Auto if kiln::model::backend::torch::cuda::is_available() => Device::Cuda(0),
                     DeviceChoice::Auto => Device::Cpu,
                 },
                 Some(d) => d.parse::<Device>().map_err(|e| anyhow::anyhow!("--device: {e}"))?,

@@ -1,7 +1,7 @@
 //! Tests that need an NVIDIA GPU. Where `kiln` sees none they skip, saying so; with
 //! `KILN_EXPECT_GPU=1` (as `scripts/gpu-check.sh` sets) a missing GPU is a failure.
 //!
-//! They check that the `kiln` binary finds CUDA through libtorch (libtorch_cuda linked), that
+//! They check that the `kiln` binary finds CUDA through libtorch (libtorch_cuda loaded at start), that
 //! NVML lists the GPU, and that the bundled examples answer on `cuda:0` in FP32 and BF16 as they
 //! do on the CPU: held-out digits at ≥ 95 % accuracy, embeddings close to `transformers`.
 
@@ -29,6 +29,7 @@ fn gpu(test: &str) -> Option<Value> {
 fn kiln_finds_cuda_through_libtorch_and_nvml_lists_the_gpu() {
     let Some(report) = gpu("gpu::kiln_finds_cuda_through_libtorch_and_nvml_lists_the_gpu") else { return };
     assert!(report["cuda_devices"].as_i64().unwrap_or(0) >= 1, "{report}");
+    assert!(report["cuda_library_error"].is_null(), "{report}");
     let gpus = report["gpus"].as_array().expect("gpus");
     assert!(!gpus.is_empty(), "NVML lists no GPU although CUDA works: {report}");
     let first = &gpus[0];

@@ -475,21 +475,30 @@ pub fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
 /// `kiln devices`: CUDA as libtorch sees it (this is what proves libtorch_cuda is linked), and
 /// the GPU inventory.
 pub fn devices(config: &crate::fleet::gpu::GpuConfig, json: bool) -> anyhow::Result<()> {
-    let cuda_devices = tch::Cuda::device_count().max(0);
-    let cuda_available = tch::Cuda::is_available();
-    let cudnn = tch::Cuda::cudnn_is_available();
+    use crate::model::backend::torch::cuda;
+    let cuda_devices = cuda::device_count();
+    let cuda_available = cuda::is_available();
+    let cudnn = cuda::cudnn_is_available();
+    let cuda_library = cuda::load().as_ref().err();
     let gpus = crate::fleet::gpu::Gpus::detect(config).latest();
     if json {
         let report = serde_json::json!({
             "cuda_available": cuda_available,
             "cuda_devices": cuda_devices,
             "cudnn": cudnn,
+            // Why libtorch's CUDA library did not load (a CPU-only install or image); null when it did.
+            "cuda_library_error": cuda_library,
             "gpus": *gpus,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("libtorch CUDA: {}", if cuda_available { format!("yes, {cuda_devices} devices, cuDNN {}", if cudnn { "yes" } else { "no" }) } else { "no".to_owned() });
+    let cuda_line = match (cuda_available, cuda_library) {
+        (true, _) => format!("yes, {cuda_devices} devices, cuDNN {}", if cudnn { "yes" } else { "no" }),
+        (false, Some(why)) => format!("no (a CPU-only libtorch: {why})"),
+        (false, None) => "no (the CUDA library is loaded, but it sees no device)".to_owned(),
+    };
+    println!("libtorch CUDA: {cuda_line}");
     if gpus.is_empty() {
         println!("GPUs: none (models run on the CPU)");
     }

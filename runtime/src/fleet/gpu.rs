@@ -211,7 +211,7 @@ impl NvmlInventory {
     fn open() -> Result<NvmlInventory, String> {
         let nvml = Nvml::init().map_err(|e| e.to_string())?;
         let seen = nvml.device_count().map_err(|e| e.to_string())?;
-        let usable = (tch::Cuda::device_count().max(0) as u32).min(seen);
+        let usable = (crate::model::backend::torch::cuda::device_count() as u32).min(seen);
         if usable < seen {
             tracing::warn!(
                 nvml = seen,
@@ -381,7 +381,7 @@ mod tests {
         let gpus = Gpus::detect(&GpuConfig { poll_interval: Duration::from_secs(1), simulated: Vec::new() });
         assert!(!gpus.simulated());
         assert!(gpus.latest().iter().all(|g| !g.simulated));
-        if std::env::var_os("KILN_EXPECT_GPU").is_none() && tch::Cuda::device_count() == 0 {
+        if std::env::var_os("KILN_EXPECT_GPU").is_none() && crate::model::backend::torch::cuda::device_count() == 0 {
             assert!(gpus.latest().is_empty());
         }
     }

@@ -164,7 +164,7 @@ fn tch_device(device: Device) -> Result<TchDevice, BackendError> {
     match device {
         Device::Cpu => Ok(TchDevice::Cpu),
         Device::Cuda(n) => {
-            let available = tch::Cuda::device_count().max(0) as usize;
+            let available = cuda::device_count();
             if n < available {
                 Ok(TchDevice::Cuda(n))
             } else {
@@ -428,5 +428,6 @@ fn torch_reason(s: &str) -> &str {
         .map_or(s, str::trim)
 }
 
+pub mod cuda;
 #[cfg(test)]
 mod tests;
