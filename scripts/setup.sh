@@ -16,11 +16,16 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 
-# kiln-top's end-to-end test runs it in a real terminal.
-if ! command -v tmux > /dev/null; then
-    step "installing tmux"
-    if [ "$(id -u)" = 0 ]; then apt-get install -y -qq tmux > /dev/null || { apt-get update -qq && apt-get install -y -qq tmux > /dev/null; }
-    else sudo apt-get install -y -qq tmux > /dev/null; fi
+# Debian packages the tests use: tmux (kiln-top's test runs it in a real terminal), and
+# docker-registry with htpasswd (apache2-utils) for the OCI registry tests.
+missing=()
+command -v tmux > /dev/null || missing+=(tmux)
+command -v docker-registry > /dev/null || missing+=(docker-registry)
+command -v htpasswd > /dev/null || missing+=(apache2-utils)
+if [ ${#missing[@]} -gt 0 ]; then
+    step "installing ${missing[*]}"
+    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get install -y -qq "${missing[@]}" > /dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" > /dev/null; }
 fi
 
 stamp=.venv/.kiln-requirements

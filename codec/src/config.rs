@@ -82,6 +82,10 @@ pub struct RawServer {
     pub allow_unpinned: Option<bool>,
     /// Let tenants' model sources be loopback or private addresses (an internal model store).
     pub tenant_private_sources: Option<bool>,
+    /// Credentials for OCI registries (`oci://` handlers): a Docker `config.json`.
+    pub registry_auth: Option<String>,
+    /// CA certificates (PEM) trusted for OCI registries besides the system's roots.
+    pub registry_ca: Option<String>,
     /// How long a model may take to load and warm up before its load fails (seconds).
     pub load_timeout_s: Option<u64>,
     /// How long a tenant's model download may take in all (seconds).

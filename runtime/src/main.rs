@@ -125,6 +125,11 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Push a component to an OCI registry as a WebAssembly artifact (wkg and Spin read it),
+    /// its signature attached; prints the oci://…@sha256 reference to pin in a config.
+    Push(kiln::cli::oci::PushArgs),
+    /// Pull a component from an OCI registry, verified against its digests; prints its pin.
+    Pull(kiln::cli::oci::PullArgs),
     /// Make a new handler crate: standalone, built with `kiln build` (or cargo alone), with a
     /// README, tests of its own logic and a sample config that serves it.
     New {
@@ -609,6 +614,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keygen { out } => kiln::cli::keygen(&out),
         Command::Sign { what, key, out } => kiln::cli::sign(&what, &key, out),
+        Command::Push(args) => kiln::cli::oci::push(&args),
+        Command::Pull(args) => kiln::cli::oci::pull(&args),
         Command::Deploy { request, admin } => kiln::cli::deploy(&admin.target(), &request),
         Command::Undeploy { name, admin } => kiln::cli::undeploy(&admin.target(), &name),
         Command::Handlers { admin } => kiln::cli::list_handlers(&admin.target()),

@@ -167,12 +167,39 @@ fn report_keys(keys: &KeyRing, config: &Config) {
 
 /// Serves `config`'s API on `listen`, its gRPC API on `[server].grpc_listen` (unless off) and its
 /// admin API on `admin_listen` until `shutdown`.
+/// `config` with every `oci://` handler's component fetched (or found in the cache) and
+/// checked, and its `component` pointing at the file: before anything compiles or listens, so
+/// a replica is not ready until its handlers are here.
+async fn fetch_oci_handlers(config: &Config) -> anyhow::Result<Config> {
+    use crate::deploy::oci::{Access, HandlerCache, fetch_for_config};
+    let access = Access::load(config.server.registry_auth.as_deref(), config.server.registry_ca.as_deref())?;
+    let cache = HandlerCache::new(config.server.cache_dir.join("oci"));
+    let mut fetched = config.clone();
+    for oci in &config.oci_handlers {
+        let tenant = config.tenants.iter().find(|t| t.name == oci.tenant).context("a handler's tenant is declared")?;
+        let path = fetch_for_config(&cache, &access, &oci.name, tenant, &oci.reference, &oci.settings, config.server.allow_unpinned)
+            .await
+            .with_context(|| config.source.display().to_string())?;
+        if let Some(handler) = fetched.handlers.iter_mut().find(|h| h.name == oci.name) {
+            handler.component = path;
+        }
+    }
+    Ok(fetched)
+}
+
 pub async fn serve(
     config: &Config,
     listen: SocketAddr,
     admin_listen: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let fetched;
+    let config = if config.oci_handlers.is_empty() {
+        config
+    } else {
+        fetched = fetch_oci_handlers(config).await?;
+        &fetched
+    };
     let state = Arc::new(build(config)?);
     let listener = bind(listen).await?;
     let admin_listener = bind(admin_listen).await?;

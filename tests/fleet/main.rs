@@ -4,3 +4,4 @@
 
 mod docker;
 mod image;
+mod registry;

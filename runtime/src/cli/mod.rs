@@ -2,6 +2,7 @@
 
 pub mod author;
 pub mod bench;
+pub mod oci;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

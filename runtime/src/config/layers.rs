@@ -41,6 +41,8 @@ pub const SERVER_FIELDS: &[&str] = &[
     "tenant_fetch_timeout_s",
     "allow_unpinned",
     "tenant_private_sources",
+    "registry_auth",
+    "registry_ca",
 ];
 
 /// How the config file was found.
@@ -206,6 +208,8 @@ impl ServerConfig {
             ("tenant_fetch_timeout_s", Some(int(self.tenant_fetch_timeout.as_secs()))),
             ("allow_unpinned", Some(Boolean(self.allow_unpinned))),
             ("tenant_private_sources", Some(Boolean(self.tenant_private_sources))),
+            ("registry_auth", self.registry_auth.as_ref().map(|p| text(&p.display()))),
+            ("registry_ca", self.registry_ca.as_ref().map(|p| text(&p.display()))),
         ];
         values
     }

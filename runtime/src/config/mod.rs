@@ -27,8 +27,21 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub tenants: Vec<TenantConfig>,
     pub handlers: Vec<HandlerConfig>,
+    /// The handlers whose `component` is an `oci://` reference: `kiln serve` fetches them (or
+    /// finds them cached) and points their `component` at the file before anything compiles.
+    pub oci_handlers: Vec<OciHandler>,
     pub scaler: ScalerConfig,
     pub gpus: GpuConfig,
+}
+
+/// A handler whose component is in an OCI registry.
+#[derive(Debug, Clone)]
+pub struct OciHandler {
+    pub name: String,
+    pub tenant: String,
+    pub reference: kiln_codec::oci::OciRef,
+    /// What a signature must cover, for a tenant with a signing key.
+    pub settings: crate::deploy::HandlerSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +77,11 @@ pub struct ServerConfig {
     pub allow_unpinned: bool,
     /// Whether tenants' model sources may be loopback or private addresses.
     pub tenant_private_sources: bool,
+    /// Credentials for OCI registries: a Docker `config.json` (else `$DOCKER_CONFIG` or
+    /// `~/.docker/config.json` where there is one).
+    pub registry_auth: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for OCI registries besides the system's roots.
+    pub registry_ca: Option<PathBuf>,
     /// How long a model may take to load and warm up before its load fails.
     pub load_timeout: Duration,
     /// How long a tenant's model download may take in all.

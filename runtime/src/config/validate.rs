@@ -14,9 +14,10 @@ use super::{
     DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_GPU_UTILIZATION, DEFAULT_MAX_INSTANCES, DEFAULT_MAX_MODEL_BYTES,
     DEFAULT_MAX_MODEL_INSTANCES, DEFAULT_MAX_MODEL_THREADS, DEFAULT_MAX_MODEL_VERSIONS, DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MEMORY_LIMIT_MIB, DEFAULT_REQUESTS_PER_SECOND, DEFAULT_SCALER_HISTORY, DEFAULT_SCALER_INTERVAL_MS,
-    DEFAULT_STATE_DIR, DEFAULT_TENANT_FETCH_TIMEOUT_S, DEFAULT_UP_COOLDOWN_MS, ServerConfig,
+    DEFAULT_STATE_DIR, DEFAULT_TENANT_FETCH_TIMEOUT_S, DEFAULT_UP_COOLDOWN_MS, OciHandler, ServerConfig,
 };
 use crate::deploy::{HandlerSettings, check_name};
+use kiln_codec::oci::OciRef;
 use crate::fleet::gpu::{GpuConfig, SimulatedGpuConfig, SimulatedStep};
 use crate::fleet::scaler::ScalerConfig;
 use crate::model::spec::parse::ModelFields;
@@ -62,12 +63,15 @@ impl Validator<'_> {
             .map(|(i, t)| self.tenant(i, t, &models, server.max_instances))
             .collect::<Result<Vec<_>, _>>()?;
         self.unique("tenant", tenants.iter().map(|t| t.name.as_str()))?;
-        let handlers = raw
+        let (handlers, oci_handlers): (Vec<_>, Vec<_>) = raw
             .handler
             .into_iter()
             .enumerate()
             .map(|(i, h)| self.handler(i, h, &tenants))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        let oci_handlers = oci_handlers.into_iter().flatten().collect();
         self.unique("handler", handlers.iter().map(|h| h.name.as_str()))?;
         let scaler = self.scaler(raw.scaler)?;
         let gpus = self.gpus(raw.gpus)?;
@@ -77,6 +81,7 @@ impl Validator<'_> {
             models,
             tenants,
             handlers,
+            oci_handlers,
             scaler,
             gpus,
         })
@@ -197,6 +202,8 @@ impl Validator<'_> {
             cache_max_bytes: raw.cache_max_bytes,
             allow_unpinned: raw.allow_unpinned.unwrap_or(false),
             tenant_private_sources: raw.tenant_private_sources.unwrap_or(false),
+            registry_auth: raw.registry_auth.as_deref().map(|p| self.path(p)),
+            registry_ca: raw.registry_ca.as_deref().map(|p| self.path(p)),
             load_timeout,
             tenant_fetch_timeout,
             listen,
@@ -433,7 +440,7 @@ impl Validator<'_> {
         i: usize,
         raw: RawHandler,
         tenants: &[TenantConfig],
-    ) -> Result<HandlerConfig, ConfigError> {
+    ) -> Result<(HandlerConfig, Option<OciHandler>), ConfigError> {
         self.name(&format!("handler[{i}].name"), &raw.name)?;
         let at = |f: &str| format!("handler '{}'.{f}", raw.name);
         let Some(tenant_name) = &raw.tenant else {
@@ -456,8 +463,17 @@ impl Validator<'_> {
             max_priority: raw.max_priority,
             cache: raw.cache,
         };
-        settings
-            .resolve(&raw.name, tenant, |m| tenant.models.iter().any(|t| t == m), self.path(&raw.component))
-            .map_err(|(f, message)| self.invalid(at(f), message))
+        // `oci://…` names a registry's artifact, fetched at start; anything else is a file.
+        let (component, oci) = if raw.component.starts_with("oci://") {
+            let reference = OciRef::parse(&raw.component).map_err(|e| self.invalid(at("component"), e.to_string()))?;
+            let oci = OciHandler { name: raw.name.clone(), tenant: tenant.name.clone(), reference, settings: settings.clone() };
+            (PathBuf::from(&raw.component), Some(oci))
+        } else {
+            (self.path(&raw.component), None)
+        };
+        let handler = settings
+            .resolve(&raw.name, tenant, |m| tenant.models.iter().any(|t| t == m), component)
+            .map_err(|(f, message)| self.invalid(at(f), message))?;
+        Ok((handler, oci))
     }
 }

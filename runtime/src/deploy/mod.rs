@@ -3,6 +3,7 @@
 //! ([`registry`]), and the model repository ([`models`]).
 
 pub mod models;
+pub mod oci;
 pub mod registry;
 pub mod sources;
 pub mod store;
