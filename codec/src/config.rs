@@ -86,6 +86,13 @@ pub struct RawServer {
     pub registry_auth: Option<String>,
     /// CA certificates (PEM) trusted for OCI registries besides the system's roots.
     pub registry_ca: Option<String>,
+    /// One of several identical replicas: everything comes from the config, changes through
+    /// the APIs that would make replicas differ are refused.
+    pub cluster: Option<bool>,
+    /// This replica's name, the prefix of its request ids in cluster mode (default: the host name).
+    pub replica: Option<String>,
+    /// Where API key hashes are read from (default: the state directory): a mounted Secret.
+    pub keys_dir: Option<String>,
     /// How long a model may take to load and warm up before its load fails (seconds).
     pub load_timeout_s: Option<u64>,
     /// How long a tenant's model download may take in all (seconds).

@@ -82,7 +82,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     let state_dir = &config.server.state_dir;
     let store = Store::open(state_dir)
         .with_context(|| format!("cannot open the state directory {}", state_dir.display()))?;
-    let keys = Arc::new(LiveKeys::load(state_dir, config.tenants.iter().map(|t| t.name.clone()).collect()));
+    let keys = Arc::new(LiveKeys::load(&config.server.keys_dir, config.tenants.iter().map(|t| t.name.clone()).collect()));
     report_keys(&keys.current(), config);
 
     let max_memory = config
@@ -114,6 +114,7 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
             tenants: config.tenants.iter().map(|t| (t.name.clone(), t.quota.clone())).collect(),
             audit: Arc::clone(&audit),
             events: Arc::clone(&events),
+            restore_kept: config.server.cluster.is_none(),
         })
         .with_context(|| format!("cannot read the models kept in {}", state_dir.display()))?,
     );
@@ -122,7 +123,12 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
     scaler::spawn(Arc::clone(&models), placer.clone(), &config.scaler, Arc::clone(&decisions))
         .context("cannot start the scaler")?;
     let activity = Arc::clone(sandbox.activity());
-    let restore = Handlers { source: &config.source, handlers: &config.handlers, tenants: &config.tenants };
+    let restore = Handlers {
+        source: &config.source,
+        handlers: &config.handlers,
+        tenants: &config.tenants,
+        restore_deployed: config.server.cluster.is_none(),
+    };
     let registry = Registry::restore(&restore, sandbox, store, Arc::clone(&models), Arc::clone(&audit), Arc::clone(&events))?;
     let metrics = api::metrics::registry(&models, &gpus, &decisions, &telemetry, &activity);
     Ok(AppState {
@@ -131,7 +137,8 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         models,
         tenants,
         keys,
-        requests: api::requests::Requests::default(),
+        requests: api::requests::Requests::new(config.server.cluster.clone()),
+        cluster: config.server.cluster.clone(),
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,
         audit,

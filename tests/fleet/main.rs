@@ -5,3 +5,4 @@
 mod docker;
 mod image;
 mod registry;
+mod cluster;

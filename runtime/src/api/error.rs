@@ -28,6 +28,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
+    /// Meant for another replica of the cluster (a cancel of its request).
+    #[error("{0}")]
+    Misdirected(String),
     #[error(transparent)]
     Quota(#[from] QuotaRefusal),
     #[error(transparent)]
@@ -92,6 +95,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Quota(_) | ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -129,6 +133,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Misdirected(_) => "other_replica",
             ApiError::Quota(_) => "quota",
             ApiError::Busy(_) => "busy",
             ApiError::Component(_) => "bad_component",

@@ -439,6 +439,7 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         tagged(&self.app, request, |_, caller, request| async move {
             admin_only(caller)?;
+            self.app.refuse_change_in_cluster(&format!("RepositoryModelLoad {}", request.model_name))?;
             use model_repository_parameter::ParameterChoice;
             let config = match request.parameters.get("config").and_then(|p| p.parameter_choice.as_ref()) {
                 None => None,
@@ -461,6 +462,7 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         tagged(&self.app, request, |_, caller, request| async move {
             admin_only(caller)?;
+            self.app.refuse_change_in_cluster(&format!("RepositoryModelUnload {}", request.model_name))?;
             self.app.repository.unload(&request.model_name).await?;
             Ok(RepositoryModelUnloadResponse {})
         })

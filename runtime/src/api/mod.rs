@@ -62,9 +62,24 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// Set once SIGTERM (or Ctrl-C) starts the drain: readiness answers 503 from then on.
     pub draining: std::sync::atomic::AtomicBool,
+    /// In cluster mode, this replica's name: changes that would set it apart are refused.
+    pub cluster: Option<String>,
 }
 
 impl AppState {
+    /// In cluster mode, the refusal (409) of `what`, a change that would set this replica apart
+    /// from the others, saying how to make it on all of them.
+    pub(crate) fn refuse_change_in_cluster(&self, what: &str) -> Result<(), ApiError> {
+        match &self.cluster {
+            None => Ok(()),
+            Some(replica) => Err(ApiError::Conflict(format!(
+                "{what}: this is replica '{replica}' of a cluster, whose handlers, models and tenants come from its \
+                 config alone so that every replica is the same; change the config (a handler's component as \
+                 oci://…@sha256:…, a model's pinned source, a tenant's models) and roll the replicas"
+            ))),
+        }
+    }
+
     /// The live handler `name`, if there is one.
     pub fn handler(&self, name: &str) -> Option<Arc<Handler>> {
         self.registry.get(name)

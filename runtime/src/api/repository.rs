@@ -267,8 +267,17 @@ pub(super) async fn cancel(
     _admin: AdminKey,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !app.requests.cancel(&id) {
-        return Err(ApiError::NotFound(format!("no request {id} in flight (it may have been answered already)")));
+    match app.requests.cancel(&id) {
+        super::requests::Cancel::Cancelled => {}
+        super::requests::Cancel::NotInFlight => {
+            return Err(ApiError::NotFound(format!("no request {id} in flight (it may have been answered already)")));
+        }
+        super::requests::Cancel::OtherReplica(replica) => {
+            let here = app.requests.replica().map_or_else(|| "a server outside any cluster".to_owned(), |r| format!("replica '{r}'"));
+            return Err(ApiError::Misdirected(format!(
+                "request {id} belongs to replica '{replica}', and this is {here}: send the cancel to that replica's admin API"
+            )));
+        }
     }
     app.audit.record(crate::tenancy::audit::Event::RequestCancel, None, None, &format!("request {id} cancelled"));
     Ok(json_response(StatusCode::OK, &json!({ "cancelled": id })))

@@ -63,6 +63,8 @@ pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Reque
 /// Sharded, so that concurrent requests rarely meet on one lock.
 #[derive(Debug)]
 pub struct Requests {
+    /// In cluster mode, this replica's name: request ids start with it and a `-`.
+    replica: Option<String>,
     /// This server's prefix of request ids, drawn at start-up.
     prefix: u32,
     next: AtomicU64,
@@ -88,26 +90,49 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// What became of a cancel.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cancel {
+    Cancelled,
+    /// Not in flight here: answered already, or never this server's.
+    NotInFlight,
+    /// The id is another replica's (cluster mode): the cancel must go to that one.
+    OtherReplica(String),
+}
+
 impl Default for Requests {
     fn default() -> Requests {
+        Requests::new(None)
+    }
+}
+
+impl Requests {
+    /// The table of a server on its own (`replica` `None`) or of replica `replica`.
+    pub fn new(replica: Option<String>) -> Requests {
         let mut bytes = [0u8; 4];
         // Without randomness the ids are still unique within this run.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
         Requests {
+            replica,
             prefix: u32::from_le_bytes(bytes),
             next: AtomicU64::new(0),
             shards: std::array::from_fn(|_| std::sync::Mutex::new(HashMap::new())),
         }
     }
-}
 
-impl Requests {
     /// A request id no other request of this server has had, nor (but by a 1 in 2^32 chance)
-    /// one of an earlier run: the random prefix and a counter, 24 hex digits; and the counter.
-    /// No system call per request.
+    /// one of an earlier run: the random prefix and a counter, 24 hex digits, after the
+    /// replica's name and a `-` in cluster mode; and the counter. No system call per request.
     fn next_id(&self) -> (u64, String) {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        (n, format!("{:08x}{n:016x}", self.prefix))
+        (n, self.id(n))
+    }
+
+    fn id(&self, n: u64) -> String {
+        match &self.replica {
+            Some(replica) => format!("{replica}-{:08x}{n:016x}", self.prefix),
+            None => format!("{:08x}{n:016x}", self.prefix),
+        }
     }
 
     /// A fresh request id for an answer that is not listed in flight (a gRPC call's).
@@ -133,16 +158,29 @@ impl Requests {
 
     /// Cancels the request `id` if it is still being handled (its answer's head not yet sent):
     /// its caller gets 503 `cancelled`, its guest stops and its queued inference is withdrawn.
-    /// `false` when no such request is in flight.
-    pub fn cancel(&self, id: &str) -> bool {
-        let parsed = (id.len() == 24 && id.is_ascii())
-            .then(|| (u32::from_str_radix(&id[..8], 16).ok(), u64::from_str_radix(&id[8..], 16).ok()));
-        let Some((Some(prefix), Some(n))) = parsed else { return false };
+    pub fn cancel(&self, id: &str) -> Cancel {
+        let (replica, own) = match id.rsplit_once('-') {
+            Some((replica, own)) => (Some(replica), own),
+            None => (None, id),
+        };
+        if let Some(replica) = replica
+            && self.replica.as_deref() != Some(replica)
+        {
+            return Cancel::OtherReplica(replica.to_owned());
+        }
+        let parsed = (own.len() == 24 && own.is_ascii())
+            .then(|| (u32::from_str_radix(&own[..8], 16).ok(), u64::from_str_radix(&own[8..], 16).ok()));
+        let Some((Some(prefix), Some(n))) = parsed else { return Cancel::NotInFlight };
         if prefix != self.prefix {
-            return false;
+            return Cancel::NotInFlight;
         }
         let flying = self.shard(n).remove(&n);
-        flying.is_some_and(|f| f.cancel.send(()).is_ok())
+        if flying.is_some_and(|f| f.cancel.send(()).is_ok()) { Cancel::Cancelled } else { Cancel::NotInFlight }
+    }
+
+    /// This replica's name in cluster mode.
+    pub fn replica(&self) -> Option<&str> {
+        self.replica.as_deref()
     }
 
     /// Every request in flight on both listeners, oldest first: its id, method, path (no query)
@@ -154,7 +192,7 @@ impl Requests {
             let shard = shard.locked();
             all.extend(shard.iter().map(|(n, f)| {
                 let seen = kiln_wire::RequestInFlight {
-                    id: format!("{:08x}{n:016x}", self.prefix),
+                    id: self.id(*n),
                     method: f.method.to_string(),
                     path: f.uri.path().to_owned(),
                     age_ms: now.duration_since(f.since).as_secs_f64() * 1e3,

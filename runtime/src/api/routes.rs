@@ -37,6 +37,7 @@ pub fn serving(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no route for {} {}", request.method(), request.uri().path()))
         })
+        .layer(axum::middleware::from_fn_with_state(Guard { app: Arc::clone(&state), admin: false }, cluster_guard))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), requests::tag_request))
         .with_state(state)
 }
@@ -64,6 +65,7 @@ pub fn admin(state: Arc<AppState>) -> Router {
         .fallback(|request: Request| async move {
             ApiError::NotFound(format!("no admin route for {} {}", request.method(), request.uri().path()))
         })
+        .layer(axum::middleware::from_fn_with_state(Guard { app: Arc::clone(&state), admin: true }, cluster_guard))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), requests::tag_request))
         .with_state(state)
 }
@@ -76,4 +78,67 @@ pub fn metrics(state: Arc<AppState>) -> Router {
             ApiError::NotFound(format!("the metrics listener serves GET /metrics only, not {} {}", request.method(), request.uri().path()))
         })
         .with_state(state)
+}
+
+/// Whether `method path` on a listener (the admin one or the serving one) changes what a
+/// server serves: a deploy or undeploy, a model's load, tuning, control or removal, a tenant's
+/// own model. Reads, calls to handlers, cancels and the log filter (this process's alone, gone
+/// at restart) are not.
+fn changes_what_is_served(admin: bool, method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    if *method == Method::GET || *method == Method::HEAD {
+        return false;
+    }
+    if admin {
+        path.starts_with("/v1/handlers/") || path.starts_with("/v1/models/") || path.starts_with("/v2/repository/models/")
+    } else {
+        path.starts_with("/v1/models/")
+    }
+}
+
+/// What [`cluster_guard`] needs: the server, and which listener it guards.
+#[derive(Clone)]
+struct Guard {
+    app: Arc<AppState>,
+    admin: bool,
+}
+
+/// In cluster mode, refuses every change that would set this replica apart from the others
+/// (409, saying how to change them all).
+async fn cluster_guard(axum::extract::State(guard): axum::extract::State<Guard>, request: Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if guard.app.cluster.is_none() || !changes_what_is_served(guard.admin, request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    let what = format!("{} {}", request.method(), request.uri().path());
+    match guard.app.refuse_change_in_cluster(&what) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Method;
+
+    #[test]
+    fn in_cluster_mode_only_changes_to_what_is_served_are_guarded() {
+        let changes = |admin, method: Method, path| super::changes_what_is_served(admin, &method, path);
+        assert!(changes(true, Method::PUT, "/v1/handlers/digits"));
+        assert!(changes(true, Method::DELETE, "/v1/handlers/digits"));
+        assert!(changes(true, Method::PUT, "/v1/models/m"));
+        assert!(changes(true, Method::PATCH, "/v1/models/m"));
+        assert!(changes(true, Method::POST, "/v1/models/m/unload"));
+        assert!(changes(true, Method::POST, "/v2/repository/models/m/load"));
+        assert!(changes(false, Method::PUT, "/v1/models/mine"));
+        assert!(changes(false, Method::DELETE, "/v1/models/mine"));
+        // Reads, calls, cancels, the repository index and the log filter pass.
+        assert!(!changes(true, Method::GET, "/v1/handlers"));
+        assert!(!changes(false, Method::POST, "/v1/handlers/digits/"));
+        assert!(!changes(false, Method::PUT, "/v1/handlers/digits/anything"));
+        assert!(!changes(true, Method::DELETE, "/v1/requests/r-00"));
+        assert!(!changes(true, Method::POST, "/v2/repository/index"));
+        assert!(!changes(true, Method::PUT, "/v1/log"));
+        assert!(!changes(false, Method::GET, "/v1/models/mine"));
+    }
 }

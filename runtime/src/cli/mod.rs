@@ -24,8 +24,8 @@ use crate::files::write_atomic;
 /// `kiln tenant add-key` / `kiln admin add-key`: prints the new key once; only its hash is kept.
 pub fn add_key(config: &Config, principal: &Principal) -> anyhow::Result<()> {
     check_principal(config, principal)?;
-    let key = keys::add(&config.server.state_dir, principal)?;
-    let file = keys::keys_file(&config.server.state_dir, principal);
+    let key = keys::add(&config.server.keys_dir, principal)?;
+    let file = keys::keys_file(&config.server.keys_dir, principal);
     println!("{key}");
     eprintln!(
         "A new API key for {principal}: shown once, above. Only its hash is stored, in {}.\n\
@@ -38,7 +38,7 @@ pub fn add_key(config: &Config, principal: &Principal) -> anyhow::Result<()> {
 /// `kiln tenant keys` / `kiln admin keys`: ids and creation times, never secrets.
 pub fn list_keys(config: &Config, principal: &Principal) -> anyhow::Result<()> {
     check_principal(config, principal)?;
-    let records = keys::list(&config.server.state_dir, principal);
+    let records = keys::list(&config.server.keys_dir, principal);
     if records.is_empty() {
         eprintln!("{principal} has no keys");
     }
@@ -51,7 +51,7 @@ pub fn list_keys(config: &Config, principal: &Principal) -> anyhow::Result<()> {
 /// `kiln tenant remove-key` / `kiln admin remove-key`.
 pub fn remove_key(config: &Config, principal: &Principal, id: &str) -> anyhow::Result<()> {
     check_principal(config, principal)?;
-    if !keys::remove(&config.server.state_dir, principal, id)? {
+    if !keys::remove(&config.server.keys_dir, principal, id)? {
         bail!("{principal} has no key with id {id} (see `kiln tenant keys`)");
     }
     eprintln!("removed key {id} of {principal}; a running server stops accepting it within a second");

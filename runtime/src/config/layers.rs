@@ -43,6 +43,9 @@ pub const SERVER_FIELDS: &[&str] = &[
     "tenant_private_sources",
     "registry_auth",
     "registry_ca",
+    "cluster",
+    "replica",
+    "keys_dir",
 ];
 
 /// How the config file was found.
@@ -210,6 +213,9 @@ impl ServerConfig {
             ("tenant_private_sources", Some(Boolean(self.tenant_private_sources))),
             ("registry_auth", self.registry_auth.as_ref().map(|p| text(&p.display()))),
             ("registry_ca", self.registry_ca.as_ref().map(|p| text(&p.display()))),
+            ("cluster", Some(Boolean(self.cluster.is_some()))),
+            ("replica", self.cluster.as_ref().map(|r| text(r))),
+            ("keys_dir", Some(text(&self.keys_dir.display()))),
         ];
         values
     }
@@ -318,7 +324,7 @@ mod tests {
             let mut table = toml::Table::new();
             let value = match *field {
                 f if f.ends_with("_bytes") || f.ends_with("_ms") || f.ends_with("_s") || f == "max_instances" || f == "oip_max_priority" => toml::Value::Integer(1),
-                "allow_unpinned" | "tenant_private_sources" => toml::Value::Boolean(true),
+                "allow_unpinned" | "tenant_private_sources" | "cluster" => toml::Value::Boolean(true),
                 _ => toml::Value::String("x".into()),
             };
             table.insert((*field).to_owned(), value);

@@ -82,6 +82,11 @@ pub struct ServerConfig {
     pub registry_auth: Option<PathBuf>,
     /// CA certificates (PEM) trusted for OCI registries besides the system's roots.
     pub registry_ca: Option<PathBuf>,
+    /// In cluster mode, this replica's name; `None` for a server on its own.
+    pub cluster: Option<String>,
+    /// Where the API key hashes are (`admin.keys`, `tenant-keys/TENANT.keys`), re-read when
+    /// they change: the state directory, or a mounted Secret.
+    pub keys_dir: PathBuf,
     /// How long a model may take to load and warm up before its load fails.
     pub load_timeout: Duration,
     /// How long a tenant's model download may take in all.

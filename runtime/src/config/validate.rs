@@ -194,6 +194,29 @@ impl Validator<'_> {
         };
         let load_timeout = seconds("load_timeout_s", raw.load_timeout_s, DEFAULT_LOAD_TIMEOUT_S)?;
         let tenant_fetch_timeout = seconds("tenant_fetch_timeout_s", raw.tenant_fetch_timeout_s, DEFAULT_TENANT_FETCH_TIMEOUT_S)?;
+        let cluster = match raw.cluster {
+            Some(true) => {
+                if raw.allow_unpinned == Some(true) {
+                    return Err(self.invalid(
+                        "server.allow_unpinned",
+                        "cluster mode needs every source pinned: a tag or an unpinned file could differ from one replica to the next",
+                    ));
+                }
+                let replica = match raw.replica.as_deref() {
+                    Some(name) => name.to_owned(),
+                    None => default_replica_name(),
+                };
+                if !(1..=63).contains(&replica.len())
+                    || !replica.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    || replica.starts_with('-')
+                {
+                    return Err(self.invalid("server.replica", format!("'{replica}' is not a replica name (1-63 of a-z 0-9 -)")));
+                }
+                Some(replica)
+            }
+            Some(false) | None => None,
+        };
+        let keys_dir = raw.keys_dir.as_deref().map_or_else(|| state_dir.clone(), |dir| self.path(dir));
         if raw.cache_max_bytes == Some(0) {
             return Err(self.invalid("server.cache_max_bytes", "0 would keep nothing; leave it out for no limit"));
         }
@@ -204,6 +227,8 @@ impl Validator<'_> {
             tenant_private_sources: raw.tenant_private_sources.unwrap_or(false),
             registry_auth: raw.registry_auth.as_deref().map(|p| self.path(p)),
             registry_ca: raw.registry_ca.as_deref().map(|p| self.path(p)),
+            cluster,
+            keys_dir,
             load_timeout,
             tenant_fetch_timeout,
             listen,
@@ -476,4 +501,22 @@ impl Validator<'_> {
             .map_err(|(f, message)| self.invalid(at(f), message))?;
         Ok((handler, oci))
     }
+}
+
+/// This host's name as a replica name: `$HOSTNAME` (a container's id on Docker, the pod's name on
+/// Kubernetes), else the kernel's, lowercased with anything else turned into `-`.
+fn default_replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default();
+    let name: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(63)
+        .collect();
+    let name = name.trim_matches('-').to_owned();
+    if name.is_empty() { "replica".to_owned() } else { name }
 }

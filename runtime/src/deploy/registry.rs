@@ -61,6 +61,9 @@ pub struct Handlers<'a> {
     pub source: &'a std::path::Path,
     pub handlers: &'a [HandlerConfig],
     pub tenants: &'a [TenantConfig],
+    /// Serve the handlers deployed earlier and kept in the state directory; not in cluster
+    /// mode, where a replica serves its config's alone.
+    pub restore_deployed: bool,
 }
 
 /// The handlers being served, by name. A change swaps an entry; calls in flight keep theirs.
@@ -89,9 +92,13 @@ impl Registry {
         audit: Arc<Audit>,
         events: Arc<EventLog>,
     ) -> anyhow::Result<Registry> {
-        let deployed = store
+        let mut deployed = store
             .load_all()
             .map_err(|e| anyhow::anyhow!("cannot read deployed handlers in {}: {e}", store.dir().display()))?;
+        if !config.restore_deployed && !deployed.is_empty() {
+            tracing::warn!("{} handlers deployed earlier are not served: in cluster mode a replica serves its config's alone", deployed.len());
+            deployed.clear();
+        }
         let mut config_sources = Vec::with_capacity(config.handlers.len());
         for handler in config.handlers {
             let bytes = std::fs::read(&handler.component).map_err(|e| {

@@ -176,6 +176,9 @@ pub struct RepositoryParts {
     pub tenants: BTreeMap<String, Quota>,
     pub audit: Arc<Audit>,
     pub events: Arc<EventLog>,
+    /// Serve the models the state directory kept (loaded through the APIs earlier); not in
+    /// cluster mode, where a replica serves its config's alone.
+    pub restore_kept: bool,
 }
 
 impl ModelRepository {
@@ -196,6 +199,7 @@ impl ModelRepository {
             tenants,
             audit,
             events,
+            restore_kept,
         } = parts;
         let mut records = BTreeMap::new();
         let table = Arc::new(ModelTable::default());
@@ -226,7 +230,11 @@ impl ModelRepository {
             audit,
             events,
         };
-        for deployment in repository.store.load_models()? {
+        let kept = repository.store.load_models()?;
+        if !restore_kept && !kept.is_empty() {
+            tracing::warn!("{} models kept in the state directory are not served: in cluster mode a replica serves its config's alone", kept.len());
+        }
+        for deployment in kept.into_iter().filter(|_| restore_kept) {
             let name = deployment.name.clone();
             if records.contains_key(&name) {
                 tracing::error!(model = %name, "kept model not loaded: the config file now defines a model of this name");
