@@ -2,6 +2,8 @@
 # Builds Kiln's container image from this checkout, pulling nothing from a container registry:
 #
 #   scripts/image.sh [--cuda] [--tag NAME]     (default tag kiln:cpu, or kiln:cuda with --cuda)
+#   scripts/image.sh --lb                      kiln-lb: nginx on the same base, the load balancer
+#                                              of deploy/docker (for replicas without a routing mesh)
 #
 #   1. a minimal Debian base (bookworm, ca-certificates, user kiln with uid 10001) made with
 #      mmdebstrap from Debian's archive and `docker import`ed; kept, by a hash of how it is made,
@@ -19,17 +21,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KILN_ROOT"
 
 cuda=0
+lb=0
 tag=
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) cuda=1 ;;
+        --lb) lb=1 ;;
         --tag) tag=${2:?--tag needs a name}; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/image.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 [ -n "$tag" ] || { [ $cuda = 1 ] && tag=kiln:cuda || tag=kiln:cpu; }
+[ $lb = 0 ] || [ "$tag" != kiln:cpu ] || tag=kiln-lb:latest
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { echo "scripts/image.sh: $*" >&2; exit 1; }
@@ -37,19 +42,14 @@ die() { echo "scripts/image.sh: $*" >&2; exit 1; }
 command -v docker > /dev/null || die "docker is not installed"
 docker info > /dev/null 2>&1 || die "the Docker daemon is not running (docker info fails)"
 
-# The tests (tests/fleet) have set up already and build the image from what they test.
-[ -n "${KILN_IMAGE_SKIP_SETUP:-}" ] || "$KILN_ROOT/scripts/setup.sh"
-for f in target/release/kiln build/models/digits.pt build/models/minilm.pt \
-         target/wasm32-wasip2/guest/digits.wasm target/wasm32-wasip2/guest/embeddings.wasm; do
-    [ -e "$f" ] || die "$f is missing: run scripts/setup.sh"
-done
-
 # 1. The base. Everything that decides its content is in $recipe, and its hash names the image.
 suite=bookworm
 mirrors=("deb http://deb.debian.org/debian $suite main"
          "deb http://deb.debian.org/debian $suite-updates main"
          "deb http://deb.debian.org/debian-security $suite-security main")
-mmdebstrap_args=(--variant=minbase --include=ca-certificates --quiet
+include=ca-certificates
+[ $lb = 0 ] || include=ca-certificates,nginx-light
+mmdebstrap_args=(--variant=minbase --include="$include" --quiet
     # No manuals, translations or docs in an image; the copyright files stay.
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*'
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
@@ -65,13 +65,36 @@ if ! docker image inspect "$base" > /dev/null 2>&1; then
         sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
         $sudo apt-get install -y -qq mmdebstrap > /dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq mmdebstrap > /dev/null; }
     fi
-    step "making the Debian $suite base ($base) with mmdebstrap"
+    step "making the Debian $suite base ($base, with $include) with mmdebstrap"
     mkdir -p build/image
     rm -f build/image/base.tar
     mmdebstrap "${mmdebstrap_args[@]}" "$suite" build/image/base.tar "${mirrors[@]}"
     docker import --message "Debian $suite minbase for Kiln (scripts/image.sh)" build/image/base.tar "$base" > /dev/null
     rm -f build/image/base.tar
 fi
+
+# The load balancer: nginx as user kiln, its config mounted (deploy/docker/nginx.conf).
+if [ $lb = 1 ]; then
+    step "building $tag"
+    mkdir -p build/image/lb
+    cat > build/image/lb/Dockerfile <<'DOCKERFILE'
+ARG BASE
+FROM ${BASE}
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["nginx", "-e", "stderr", "-g", "daemon off;", "-c", "/etc/kiln-lb/nginx.conf"]
+DOCKERFILE
+    DOCKER_BUILDKIT=0 docker build --quiet --build-arg "BASE=$base" --tag "$tag" build/image/lb > /dev/null
+    echo "$tag $(( $(docker image inspect --format '{{.Size}}' "$tag") / 1000000 )) MB"
+    exit 0
+fi
+
+# The tests (tests/fleet) have set up already and build the image from what they test.
+[ -n "${KILN_IMAGE_SKIP_SETUP:-}" ] || "$KILN_ROOT/scripts/setup.sh"
+for f in target/release/kiln build/models/digits.pt build/models/minilm.pt \
+         target/wasm32-wasip2/guest/digits.wasm target/wasm32-wasip2/guest/embeddings.wasm; do
+    [ -e "$f" ] || die "$f is missing: run scripts/setup.sh"
+done
 
 # 2. The build context.
 step "assembling the image's files (build/image/context)"

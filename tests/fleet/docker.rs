@@ -165,3 +165,10 @@ impl Drop for Container {
         let _ = docker(&["rm", "--force", "--volumes", &self.name]);
     }
 }
+
+/// Held by the tests that run several replicas at once (the Swarm service, the Compose file),
+/// so that they take the machine's cores one after the other, not against each other.
+pub(crate) async fn one_fleet_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    FLEET.lock().await
+}

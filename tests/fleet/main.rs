@@ -6,3 +6,4 @@ mod docker;
 mod image;
 mod registry;
 mod cluster;
+mod swarm;
