@@ -33,11 +33,11 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ -n "$tag" ] || { [ $cuda = 1 ] && tag=kiln:cuda || tag=kiln:cpu; }
-[ $lb = 0 ] || [ "$tag" != kiln:cpu ] || tag=kiln-lb:latest
-
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { echo "scripts/image.sh: $*" >&2; exit 1; }
+
+[ -n "$tag" ] || { [ $lb = 1 ] && tag=kiln-lb:latest; } || { [ $cuda = 1 ] && tag=kiln:cuda; } || tag=kiln:cpu
+[ $lb = 0 ] || [ $cuda = 0 ] || die "--lb and --cuda are two images: build them one at a time"
 
 command -v docker > /dev/null || die "docker is not installed"
 docker info > /dev/null 2>&1 || die "the Docker daemon is not running (docker info fails)"
@@ -115,23 +115,32 @@ if [ $cuda = 1 ]; then
     [ -e "$torch_lib/libtorch_cuda.so" ] || die "this torch ($torch_lib) has no CUDA libraries"
     own_libraries "$torch_lib/libtorch_cuda.so" >> build/image/libraries
     echo "libtorch_cuda.so $torch_lib/libtorch_cuda.so" >> build/image/libraries
-    # CUDA's libraries open others by name at run time (cuDNN's engines, NVRTC's builtins).
-    for f in "$(dirname "$torch_lib")"/../nvidia/*/lib/*.so*; do
+    # libtorch and CUDA open libraries by name at run time (libtorch's NVRTC and linalg halves,
+    # cuDNN's engines, NVRTC's builtins): every one of the wheel's, but Python's own.
+    for f in "$torch_lib"/*.so* "$(dirname "$torch_lib")"/../nvidia/*/lib/*.so*; do
+        case $(basename "$f") in libtorch_python.so|libshm*.so) continue ;; esac
         echo "$(basename "$f") $f"
     done >> build/image/libraries
 fi
 grep -q '^libtorch_cpu\.so ' build/image/libraries || die "ldd target/release/kiln names no libtorch_cpu.so"
 sort -u build/image/libraries | while read -r name path; do put "$(readlink -f "$path")" "$context/lib/$name"; done
 if [ $cuda = 0 ] && [ -e "$context/lib/libtorch_cuda.so" ]; then
-    die "kiln needs libtorch_cuda.so at start-up; a CPU image cannot hold it (see runtime/build.rs)"
+    die "ldd found libtorch_cuda.so among kiln's libraries: kiln must load it at run time, not link it (runtime/build.rs)"
 fi
 put deploy/docker/kiln.toml "$context/examples/kiln.toml"
 put build/models/digits.pt "$context/examples/models/digits.pt"
 put build/models/minilm.pt "$context/examples/models/minilm.pt"
 put target/wasm32-wasip2/guest/digits.wasm "$context/examples/handlers/digits.wasm"
 put target/wasm32-wasip2/guest/embeddings.wasm "$context/examples/handlers/embeddings.wasm"
-# Without its DWARF (200 MB of the 250): panics still name functions, not lines.
+# Without its DWARF (200 MB of the 250): panics still name functions, not lines. Its run path
+# is cut to the folder beside it: the build's venv is no place for a packaged kiln to look.
 objcopy --strip-debug target/release/kiln "$context/kiln"
+if ! command -v patchelf > /dev/null; then
+    step "installing patchelf"
+    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get install -y -qq patchelf > /dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq patchelf > /dev/null; }
+fi
+patchelf --set-rpath '$ORIGIN/../lib/kiln' "$context/kiln"
 cp deploy/docker/Dockerfile "$context/Dockerfile"
 
 # 3. The image. The classic builder: it needs no BuildKit and pulls nothing for a local base.

@@ -84,7 +84,7 @@ pub struct RawServer {
     pub tenant_private_sources: Option<bool>,
     /// Credentials for OCI registries (`oci://` handlers): a Docker `config.json`.
     pub registry_auth: Option<String>,
-    /// CA certificates (PEM) trusted for OCI registries besides the system's roots.
+    /// CA certificates (PEM) trusted for OCI registries besides the public roots built into kiln (Mozilla's, from webpki-roots).
     pub registry_ca: Option<String>,
     /// One of several identical replicas: everything comes from the config, changes through
     /// the APIs that would make replicas differ are refused.

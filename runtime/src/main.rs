@@ -529,7 +529,7 @@ fn config_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 fn main() -> ExitCode {
     kiln::telemetry::logging::init();
     // Before anything in libtorch asks about CUDA: libtorch keeps its first answer.
-    let _ = kiln::model::backend::torch::cuda::load();
+    kiln::model::backend::torch::cuda::load_at_start();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -558,7 +558,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (path, found) = layers::locate(config.as_deref())?;
             tracing::info!(config = %path.display(), found = ?found, "config");
             let mut config = Config::load(&path)?;
-            config.server.allow_unpinned |= allow_unpinned;
+            config.server.allow_unpinned_by_flag(allow_unpinned).map_err(anyhow::Error::msg)?;
             if let Some(text) = grpc_listen {
                 config.server.grpc_listen = kiln::config::parse_optional_listen(&text)
                     .ok_or_else(|| anyhow::anyhow!("--grpc-listen: '{text}' is not an address like 127.0.0.1:8001, nor 'off'"))?;

@@ -172,8 +172,6 @@ fn report_keys(keys: &KeyRing, config: &Config) {
     }
 }
 
-/// Serves `config`'s API on `listen`, its gRPC API on `[server].grpc_listen` (unless off) and its
-/// admin API on `admin_listen` until `shutdown`.
 /// `config` with every `oci://` handler's component fetched (or found in the cache) and
 /// checked, and its `component` pointing at the file: before anything compiles or listens, so
 /// a replica is not ready until its handlers are here.
@@ -194,6 +192,8 @@ async fn fetch_oci_handlers(config: &Config) -> anyhow::Result<Config> {
     Ok(fetched)
 }
 
+/// Serves `config`'s API on `listen`, its gRPC API on `[server].grpc_listen` (unless off) and its
+/// admin API on `admin_listen` until `shutdown`.
 pub async fn serve(
     config: &Config,
     listen: SocketAddr,

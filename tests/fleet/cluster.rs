@@ -87,3 +87,12 @@ async fn replicas_from_one_config_serve_alike_and_refuse_what_would_set_one_apar
         }
     }
 }
+
+#[test]
+fn a_replica_refuses_allow_unpinned_from_the_command_line_too() {
+    let dir = TempDir::new("kiln-cluster-unpinned").expect("dir");
+    let config = dir.path.join("kiln.toml");
+    std::fs::write(&config, "[server]\ncluster = true\nreplica = \"kiln-a\"\n").expect("config");
+    let e = kiln(&["serve", "--config", &config.display().to_string(), "--allow-unpinned"]).expect_err("refused");
+    assert!(e.to_string().contains("--allow-unpinned: replica 'kiln-a' is in cluster mode"), "{e}");
+}

@@ -46,6 +46,14 @@ async fn the_image_serves_the_examples_as_a_non_root_user_from_a_read_only_root(
     let (_, status, _) = server.exec(&["cat", "/proc/1/status"]).expect("status");
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default().to_owned();
     assert!(uid.split_whitespace().skip(1).all(|id| id == "10001"), "kiln runs as {uid}");
+    // The image's kiln looks for libraries beside itself only, never in the build's venv.
+    let copy = kiln_tests::TempDir::new("kiln-image-bin").expect("dir");
+    docker(&["cp", &format!("{}:/usr/local/bin/kiln", server.name), &copy.path.display().to_string()]).expect("docker cp");
+    let dynamic = std::process::Command::new("readelf").arg("-d").arg(copy.path.join("kiln")).output().expect("readelf");
+    let dynamic = String::from_utf8_lossy(&dynamic.stdout);
+    let runpath = dynamic.lines().find(|l| l.contains("RUNPATH") || l.contains("RPATH")).unwrap_or_default();
+    assert!(runpath.ends_with("[$ORIGIN/../lib/kiln]"), "{runpath}");
+    assert!(!dynamic.contains("libtorch_cuda"), "kiln links libtorch_cuda: {dynamic}");
     let env = server.inspect("{{json .Config.Env}}").expect("env");
     assert!(!env.contains("LD_LIBRARY_PATH"), "libtorch is found through kiln's run path: {env}");
     // The root is read-only for kiln's user.

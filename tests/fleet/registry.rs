@@ -271,7 +271,9 @@ fn registry_failures_are_named_and_leave_nothing_behind() {
         .args(["pull", &pinned, "-o", &file_arg, "--registry-auth", &registry.file("auth.json")])
         .output()
         .expect("kiln");
-    assert!(!out_wrong_ca.status.success() && !file.exists());
+    let err = String::from_utf8_lossy(&out_wrong_ca.stderr);
+    assert!(!out_wrong_ca.status.success() && !file.exists(), "{err}");
+    assert!(err.contains("certificate"), "not refused for its certificate: {err}");
 
     // A registry that goes away mid-pull: a proxy passes the TLS stream through and cuts every
     // connection once 256 KiB have come back, in the middle of a 4 MiB layer.

@@ -217,6 +217,7 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     let (ok, failed, failures) = load.take();
     assert!(ok > 0, "no answers under steady load");
     eprintln!("steady: {ok} answered, {failed} failed {failures:?}");
+    assert_eq!(failed, 0, "{failures:?}");
 
     // A start-first rolling update (a new config value) loses no request.
     let rolled = Instant::now();

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// Header names Kiln reads from clients, and writes.
 pub mod headers {
-    /// On every answer: an id for this request, unique to it (24 hex digits), for logs and
-    /// support.
+    /// On every answer: an id for this request, unique to it (24 hex digits, after the
+    /// replica's name and a `-` in cluster mode), for logs and support.
     pub const REQUEST_ID: &str = "kiln-request-id";
     /// A request's scheduling priority, `0 ..= 9`; capped at what the handler (or, for OIP,
     /// the server) allows.

@@ -163,10 +163,17 @@ impl Requests {
             Some((replica, own)) => (Some(replica), own),
             None => (None, id),
         };
-        if let Some(replica) = replica
+        let well_formed = own.len() == 24 && own.bytes().all(|b| b.is_ascii_hexdigit());
+        // Only a replica of a cluster names others, and only for an id that is one.
+        if self.replica.is_some()
+            && well_formed
+            && let Some(replica) = replica
             && self.replica.as_deref() != Some(replica)
         {
             return Cancel::OtherReplica(replica.to_owned());
+        }
+        if replica.is_some() != self.replica.is_some() {
+            return Cancel::NotInFlight;
         }
         let parsed = (own.len() == 24 && own.is_ascii())
             .then(|| (u32::from_str_radix(&own[..8], 16).ok(), u64::from_str_radix(&own[8..], 16).ok()));

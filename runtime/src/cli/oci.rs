@@ -14,7 +14,7 @@ pub struct RegistryFlags {
     /// ~/.docker/config.json, where there is one).
     #[arg(long, env = "KILN_REGISTRY_AUTH")]
     pub registry_auth: Option<PathBuf>,
-    /// CA certificates (PEM) to trust for the registry besides the system's roots.
+    /// CA certificates (PEM) to trust for the registry besides the public roots built into kiln (Mozilla's, from webpki-roots).
     #[arg(long, env = "KILN_REGISTRY_CA")]
     pub registry_ca: Option<PathBuf>,
 }

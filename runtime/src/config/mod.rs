@@ -80,7 +80,7 @@ pub struct ServerConfig {
     /// Credentials for OCI registries: a Docker `config.json` (else `$DOCKER_CONFIG` or
     /// `~/.docker/config.json` where there is one).
     pub registry_auth: Option<PathBuf>,
-    /// CA certificates (PEM) trusted for OCI registries besides the system's roots.
+    /// CA certificates (PEM) trusted for OCI registries besides the public roots built into kiln (Mozilla's, from webpki-roots).
     pub registry_ca: Option<PathBuf>,
     /// In cluster mode, this replica's name; `None` for a server on its own.
     pub cluster: Option<String>,
@@ -148,6 +148,20 @@ pub enum ConfigError {
 }
 
 // ---- raw form, exactly as written in the file -------------------------------------------------
+
+impl ServerConfig {
+    /// `kiln serve --allow-unpinned`: refused in cluster mode, which serves pinned sources only.
+    pub fn allow_unpinned_by_flag(&mut self, flag: bool) -> Result<(), String> {
+        if flag && let Some(replica) = &self.cluster {
+            return Err(format!(
+                "--allow-unpinned: replica '{replica}' is in cluster mode, which serves pinned sources only (a tag or \
+                 an unpinned file could differ from one replica to the next)"
+            ));
+        }
+        self.allow_unpinned |= flag;
+        Ok(())
+    }
+}
 
 impl Config {
     /// Reads and validates a config file, with this process's `KILN_SERVER__FIELD` variables

@@ -30,12 +30,19 @@ use crate::files::sha256_hex;
 pub const MAX_COMPONENT_BYTES: u64 = 256 << 20;
 
 /// How Kiln reaches registries: credentials by registry and extra trusted CAs.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Access {
     /// `user:password` by registry host (`host` or `host:port`).
     credentials: HashMap<String, (String, String)>,
-    /// PEM certificates trusted besides the system's roots.
+    /// PEM certificates trusted besides the public roots built into kiln (Mozilla's, from webpki-roots).
     ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Access {
+    /// Names the registries it has credentials for, never the credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access").field("registries", &self.credentials.keys().collect::<Vec<_>>()).field("extra_ca", &self.ca_pem.is_some()).finish()
+    }
 }
 
 impl Access {
@@ -68,8 +75,8 @@ impl Access {
         Ok(Access { credentials, ca_pem })
     }
 
-    fn client(&self) -> Client {
-        Client::new(ClientConfig {
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::try_from(ClientConfig {
             protocol: ClientProtocol::Https,
             extra_root_certificates: self
                 .ca_pem
@@ -80,6 +87,7 @@ impl Access {
             read_timeout: Some(Duration::from_secs(30)),
             ..ClientConfig::default()
         })
+        .map_err(|e| anyhow::anyhow!("cannot set up the registry client (registry_ca?): {e}"))
     }
 
     fn auth(&self, registry: &str) -> RegistryAuth {
@@ -118,7 +126,10 @@ fn docker_credentials(text: &str) -> anyhow::Result<HashMap<String, (String, Str
             _ => continue,
         };
         let host = registry.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
-        credentials.insert(host.split('/').next().unwrap_or(host).to_owned(), pair);
+        let host = host.split('/').next().unwrap_or(host);
+        // `docker login` writes Docker Hub as index.docker.io; references name docker.io.
+        let host = if host == "index.docker.io" || host == "registry-1.docker.io" { "docker.io" } else { host };
+        credentials.insert(host.to_owned(), pair);
     }
     Ok(credentials)
 }
@@ -219,7 +230,7 @@ pub async fn push(access: &Access, component: Vec<u8>, to: &OciRef, signature: O
         "annotations": annotations,
     }))?;
     let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
-    let client = access.client();
+    let client = access.client()?;
     let image = reference(to);
     client.store_auth_if_needed(image.resolve_registry(), &access.auth(&to.registry)).await;
     client.push_blob(&image, &component, &layer_digest).await.map_err(|e| registry_error(to, "cannot push to", e))?;
@@ -240,10 +251,20 @@ pub struct Pulled {
     pub component: Vec<u8>,
 }
 
+/// How long a pull may take in all, however slowly the registry answers.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Pulls the handler `from` names: its manifest (checked against the pinned digest), then its
-/// one component layer (checked against the manifest).
+/// one component layer (checked against the manifest, and never more bytes than it gives),
+/// within [`PULL_TIMEOUT`].
 pub async fn pull(access: &Access, from: &OciRef) -> anyhow::Result<Pulled> {
-    let client = access.client();
+    tokio::time::timeout(PULL_TIMEOUT, pull_within(access, from))
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot pull {from}: {} gave no complete answer within {PULL_TIMEOUT:?}", from.registry))?
+}
+
+async fn pull_within(access: &Access, from: &OciRef) -> anyhow::Result<Pulled> {
+    let client = access.client()?;
     let image = reference(from);
     let (raw, _) = client
         .pull_manifest_raw(&image, &access.auth(&from.registry), &[MANIFEST_MEDIA_TYPE])
@@ -259,7 +280,7 @@ pub async fn pull(access: &Access, from: &OciRef) -> anyhow::Result<Pulled> {
     if manifest.component.size > MAX_COMPONENT_BYTES {
         anyhow::bail!("cannot pull {from}: its component is {} bytes, more than {MAX_COMPONENT_BYTES}", manifest.component.size);
     }
-    let mut component = Vec::with_capacity(manifest.component.size as usize);
+    let mut component = Bounded { bytes: Vec::with_capacity(manifest.component.size as usize), limit: manifest.component.size as usize };
     let layer = oci_client::manifest::OciDescriptor {
         media_type: manifest.component.media_type.clone(),
         digest: manifest.component.digest.clone(),
@@ -267,11 +288,38 @@ pub async fn pull(access: &Access, from: &OciRef) -> anyhow::Result<Pulled> {
         ..Default::default()
     };
     client.pull_blob(&image, &layer, &mut component).await.map_err(|e| registry_error(from, "cannot pull", e))?;
+    let component = component.bytes;
     let got = format!("sha256:{}", sha256_hex(&component));
     if got != manifest.component.digest {
         anyhow::bail!("cannot pull {from}: its component has digest {got}, not the manifest's {}", manifest.component.digest);
     }
     Ok(Pulled { digest, raw_manifest: raw, manifest, component })
+}
+
+/// A layer's bytes as they arrive, refused past the size its manifest gives: a registry cannot
+/// make Kiln hold more than it asked for.
+struct Bounded {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl tokio::io::AsyncWrite for Bounded {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        if self.bytes.len() + buf.len() > self.limit {
+            let limit = self.limit;
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!("the layer is longer than the {limit} bytes its manifest gives"))));
+        }
+        self.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// The cache of pulled handlers: `DIR/sha256-HEX.manifest` (the manifest's bytes) and
@@ -338,7 +386,7 @@ pub async fn fetch_for_config(
     {
         anyhow::bail!(
             "handler '{name}': {reference} names tag '{tag}', which its registry can move: pin the manifest digest \
-             (`kiln pull {reference}` prints it) or start with --allow-unpinned"
+             (`kiln pull {reference}` prints it), or, outside cluster mode, start with --allow-unpinned"
         );
     }
     let (digest, manifest, path) = cache.fetch(access, reference).await.with_context(|| format!("handler '{name}'"))?;

@@ -43,6 +43,16 @@ pub fn load() -> &'static Result<(), String> {
     })
 }
 
+/// [`load`] as `kiln` starts, before anything in libtorch asks about CUDA; a library that is
+/// there but does not load (a missing CUDA dependency) is worth a warning, not silence.
+pub fn load_at_start() {
+    if let Err(why) = load()
+        && !why.contains("No such file")
+    {
+        tracing::warn!("libtorch's CUDA library is there but did not load, so models run on the CPU: {why}");
+    }
+}
+
 /// CUDA devices libtorch can use; 0 without the CUDA library, a driver or a device.
 pub fn device_count() -> usize {
     let _ = load();
