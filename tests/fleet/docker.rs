@@ -73,6 +73,19 @@ pub(crate) fn image() -> &'static str {
     IMAGE
 }
 
+/// The load balancer's image (`scripts/image.sh --lb`), built once for every test in this binary.
+pub(crate) fn balancer_image() -> &'static str {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let output = Command::new("bash").arg(kiln_tests::root().join("scripts/image.sh")).arg("--lb").output().map_err(|e| e.to_string())?;
+        if output.status.success() { Ok(()) } else { Err(format!("scripts/image.sh --lb: {}", String::from_utf8_lossy(&output.stderr))) }
+    });
+    if let Err(e) = built {
+        panic!("{e}");
+    }
+    "kiln-lb:latest"
+}
+
 /// A name no other test run on this daemon uses.
 pub(crate) fn unique(what: &str) -> String {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

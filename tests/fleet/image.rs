@@ -7,8 +7,13 @@ use std::time::Duration;
 use super::docker::{Container, Volume, daemon_or_skip, docker, docker_status, image};
 use kiln_tests::artifact;
 
+/// One held-out digit's PNG, for the tests that need a request to send.
+pub(crate) fn a_digit() -> Vec<u8> {
+    holdout(1).swap_remove(0).0
+}
+
 /// The held-out digits as (PNG, label), the first `n` by name.
-fn holdout(n: usize) -> Vec<(Vec<u8>, u64)> {
+pub(crate) fn holdout(n: usize) -> Vec<(Vec<u8>, u64)> {
     let mut paths: Vec<_> = std::fs::read_dir(artifact("build/holdout/digits"))
         .expect("holdout dir")
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -135,16 +135,7 @@ impl Drop for Registry {
 }
 
 fn base64(text: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes = text.as_bytes();
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
-        }
-    }
-    out
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text)
 }
 
 fn digits_wasm() -> PathBuf {
@@ -211,12 +202,7 @@ fn serve_refuses(config: &str) -> String {
 }
 
 async fn classify(server: &Server) -> u16 {
-    let png = std::fs::read_dir(artifact("build/holdout/digits"))
-        .expect("holdout")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "png"))
-        .expect("a held-out digit");
-    let response = server.client("demo").post(server.url("/v1/handlers/digits/")).body(std::fs::read(png).expect("png")).send().await.expect("post");
+    let response = server.client("demo").post(server.url("/v1/handlers/digits/")).body(super::image::a_digit()).send().await.expect("post");
     response.status().as_u16()
 }
 

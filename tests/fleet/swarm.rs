@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::docker::{Container, daemon_or_skip, docker, docker_status, image, one_fleet_at_a_time, unique};
+use super::docker::{Container, balancer_image, daemon_or_skip, docker, docker_status, image, one_fleet_at_a_time, unique};
 use kiln_tests::{TempDir, artifact, kiln};
 
 const CONCURRENCY: u64 = 4;
@@ -147,8 +147,7 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     }
     let _fleet = one_fleet_at_a_time().await;
     let image = image();
-    let lb = Command::new("bash").arg(kiln_tests::root().join("scripts/image.sh")).arg("--lb").output().expect("image.sh --lb");
-    assert!(lb.status.success(), "scripts/image.sh --lb: {}", String::from_utf8_lossy(&lb.stderr));
+    let balancer_image = balancer_image();
     let mut cleanup = Cleanup::default();
     let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).expect("swarm state");
     if state.trim() != "active" {
@@ -198,14 +197,11 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     // The balancer, on the service's network, published on loopback only.
     let nginx_conf = format!("{}:/etc/kiln-lb/nginx.conf:ro", dir.path.join("nginx.conf").display());
     let balancer = Container::run(&[
-        "--network", &network, "--read-only", "--tmpfs", "/tmp:uid=10001", "-v", &nginx_conf, "-p", "127.0.0.1::8080", "kiln-lb:latest",
+        "--network", &network, "--read-only", "--tmpfs", "/tmp:uid=10001", "-v", &nginx_conf, "-p", "127.0.0.1::8080", balancer_image,
     ])
     .expect("balancer");
     let lb_url = format!("http://{}/v1/handlers/digits/", balancer.published(8080).expect("port"));
-    let png = std::fs::read(
-        std::fs::read_dir(artifact("build/holdout/digits")).expect("holdout").filter_map(|e| e.ok().map(|e| e.path())).find(|p| p.extension().is_some_and(|x| x == "png")).expect("png"),
-    )
-    .expect("png");
+    let png = super::image::a_digit();
 
     // Every replica answers.
     let load = Load::start(lb_url, key.trim().to_owned(), png);
@@ -289,8 +285,7 @@ async fn the_compose_file_runs_three_replicas_behind_the_balancer() {
     }
     let _fleet = one_fleet_at_a_time().await;
     let image = image();
-    let lb = Command::new("bash").arg(kiln_tests::root().join("scripts/image.sh")).arg("--lb").output().expect("image.sh --lb");
-    assert!(lb.status.success(), "scripts/image.sh --lb: {}", String::from_utf8_lossy(&lb.stderr));
+    balancer_image(); // compose.yaml names it
     assert_eq!(image, "kiln:cpu", "compose.yaml runs kiln:cpu");
     // The compose folder as a user has it: the file, the config, nginx's, and the key hashes.
     let dir = TempDir::new("kiln-compose").expect("dir");
@@ -322,10 +317,7 @@ async fn the_compose_file_runs_three_replicas_behind_the_balancer() {
     }
     let _down = Down(compose);
     assert!(up.status.success(), "docker-compose up: {}", String::from_utf8_lossy(&up.stderr));
-    let png = std::fs::read(
-        std::fs::read_dir(artifact("build/holdout/digits")).expect("holdout").filter_map(|e| e.ok().map(|e| e.path())).find(|p| p.extension().is_some_and(|x| x == "png")).expect("png"),
-    )
-    .expect("png");
+    let png = super::image::a_digit();
     let load = Load::start(format!("http://127.0.0.1:{port}/v1/handlers/digits/"), key.trim().to_owned(), png);
     let replicas = wait_replicas(&load, 3, Duration::from_secs(180)).await;
     load.take();

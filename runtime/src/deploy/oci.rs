@@ -207,9 +207,10 @@ pub fn world_of(component: &[u8]) -> anyhow::Result<(Vec<String>, Vec<String>)> 
 /// `signature` attached; returns the manifest's digest, which pins it.
 pub async fn push(access: &Access, component: Vec<u8>, to: &OciRef, signature: Option<&str>) -> anyhow::Result<String> {
     let (imports, exports) = world_of(&component)?;
+    let created = rfc3339_now();
     let layer_digest = format!("sha256:{}", sha256_hex(&component));
     let config = serde_json::to_vec(&serde_json::json!({
-        "created": rfc3339_now(),
+        "created": created,
         "author": null,
         "architecture": "wasm",
         "os": "wasip2",
@@ -218,7 +219,7 @@ pub async fn push(access: &Access, component: Vec<u8>, to: &OciRef, signature: O
     }))?;
     let config_digest = format!("sha256:{}", sha256_hex(&config));
     let mut annotations = serde_json::Map::new();
-    annotations.insert("org.opencontainers.image.created".into(), rfc3339_now().into());
+    annotations.insert("org.opencontainers.image.created".into(), created.into());
     if let Some(signature) = signature {
         annotations.insert(SIGNATURE_ANNOTATION.into(), signature.trim().into());
     }
