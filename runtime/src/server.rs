@@ -130,14 +130,15 @@ pub fn build(config: &Config) -> anyhow::Result<AppState> {
         restore_deployed: config.server.cluster.is_none(),
     };
     let registry = Registry::restore(&restore, sandbox, store, Arc::clone(&models), Arc::clone(&audit), Arc::clone(&events))?;
-    let metrics = api::metrics::registry(&models, &gpus, &decisions, &telemetry, &activity);
+    let requests = Arc::new(api::requests::Requests::new(config.server.cluster.clone()));
+    let metrics = api::metrics::registry(&models, &gpus, &decisions, &telemetry, &activity, &requests);
     Ok(AppState {
         registry,
         repository,
         models,
         tenants,
         keys,
-        requests: api::requests::Requests::new(config.server.cluster.clone()),
+        requests,
         cluster: config.server.cluster.clone(),
         max_body_bytes: config.server.max_body_bytes,
         oip_max_priority: config.server.oip_max_priority,

@@ -65,6 +65,8 @@ async fn metrics_have_the_documented_names_types_and_labels() {
         ("kiln_gpu_temperature_celsius", "gauge"),
         ("kiln_gpu_power_watts", "gauge"),
         ("kiln_sandbox_instantiation_seconds", "histogram"),
+        ("kiln_guests_running", "gauge"),
+        ("kiln_requests_in_flight", "gauge"),
         ("kiln_guest_traps", "counter"),
         ("kiln_quota_refusals", "counter"),
         ("kiln_scaling_decisions", "counter"),
@@ -73,6 +75,8 @@ async fn metrics_have_the_documented_names_types_and_labels() {
         assert_eq!(families[name]["type"], kind, "{name}: {}", families[name]);
     }
     let samples = |name: &str| families[name]["samples"].as_array().cloned().unwrap_or_default();
+    // The scrape itself is a request in flight while it is answered.
+    assert!(samples("kiln_requests_in_flight").iter().any(|s| s[2].as_f64() >= Some(1.0)), "{}", families["kiln_requests_in_flight"]);
     let served = samples("kiln_requests").into_iter().any(|s| {
         s[0] == "kiln_requests_total" && s[1]["handler"] == "digits" && s[1]["tenant"] == "demo" && s[1]["status"] == "200" && s[2].as_f64() >= Some(1.0)
     });

@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::auth::AdminKey;
+use super::requests::Requests;
 use super::{ApiError, AppState};
 use crate::model::table::ModelTable;
 use crate::fleet::gpu::Gpus;
@@ -33,6 +34,7 @@ pub fn registry(
     decisions: &Arc<DecisionLog>,
     telemetry: &Arc<Telemetry>,
     sandbox: &Arc<Activity>,
+    requests: &Arc<Requests>,
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Exporter {
@@ -41,6 +43,7 @@ pub fn registry(
         decisions: Arc::clone(decisions),
         telemetry: Arc::clone(telemetry),
         sandbox: Arc::clone(sandbox),
+        requests: Arc::clone(requests),
     }));
     registry
 }
@@ -75,6 +78,7 @@ struct Exporter {
     decisions: Arc<DecisionLog>,
     telemetry: Arc<Telemetry>,
     sandbox: Arc<Activity>,
+    requests: Arc<Requests>,
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
@@ -207,6 +211,8 @@ impl Collector for Exporter {
             [(vec![], Latency(self.sandbox.instantiation.snapshot()))])?;
         family(&mut e, "kiln_guests_running", "Guests executing now, over every handler", None, Gauge,
             [(vec![], G(self.sandbox.running() as f64))])?;
+        family(&mut e, "kiln_requests_in_flight", "HTTP requests received on the serving and admin listeners and not yet answered (gRPC calls not counted)", None, Gauge,
+            [(vec![], G(self.requests.count() as f64))])?;
         let traps = t.traps();
         family(&mut e, "kiln_guest_traps", "Guest calls that failed, by kind", None, Counter,
             traps.iter().map(|(kind, n)| (vec![("kind", *kind)], C(*n))))?;

@@ -46,7 +46,7 @@ pub struct AppState {
     /// Reloaded from the state directory when key files change.
     pub keys: Arc<LiveKeys>,
     /// Every request being handled now, by its id: to list and to cancel.
-    pub requests: requests::Requests,
+    pub requests: Arc<requests::Requests>,
     pub max_body_bytes: usize,
     /// The highest `kiln-priority` a direct OIP call may ask for.
     pub oip_max_priority: u8,

@@ -135,6 +135,11 @@ impl Requests {
         }
     }
 
+    /// How many requests are in flight now (as [`Requests::in_flight`] lists them).
+    pub fn count(&self) -> usize {
+        self.shards.iter().map(|s| s.locked().len()).sum()
+    }
+
     /// A fresh request id for an answer that is not listed in flight (a gRPC call's).
     pub(crate) fn fresh_id(&self) -> String {
         self.next_id().1
