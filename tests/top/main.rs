@@ -1,7 +1,8 @@
 //! `kiln-top` in a real terminal (tmux): a server under `kiln bench` load with a model the
 //! scaler grows, the dashboard started against it, and the screen read back: the model's queue,
 //! a non-zero request rate and a scaling decision; then the model keys (`p` pauses and resumes,
-//! `f` `y` flushes, `+`/`-` scale), checked through the admin API; then Space, `?` and `q`.
+//! `f` `y` flushes, `+`/`-` scale), checked through the admin API; then Space, `?` and `q`. And
+//! two replicas of a fleet watched at once: a row each, one killed and shown as gone.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,10 +15,10 @@ struct Tmux {
 }
 
 impl Tmux {
-    fn new() -> Tmux {
+    fn new(test: &str) -> Tmux {
         let found = Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success());
         assert!(found, "tmux is needed for this test (scripts/setup.sh installs it)");
-        Tmux { socket: format!("kiln-top-test-{}", std::process::id()) }
+        Tmux { socket: format!("kiln-top-test-{}-{test}", std::process::id()) }
     }
 
     fn run(&self, args: &[&str]) -> std::process::Output {
@@ -58,6 +59,24 @@ impl Drop for Tmux {
 
 struct Load(Child);
 
+impl Load {
+    /// `kiln bench` for 60 s on `server`'s embeddings handler with `callers` callers, one sentence
+    /// each (the body written into the server's folder).
+    fn embeddings(server: &Server, callers: u32) -> Load {
+        let body = server.dir.path.join("sentence.json");
+        std::fs::write(&body, r#"{"sentences": ["A man is eating a piece of bread."]}"#).expect("body");
+        let bench = Command::new(kiln_bin())
+            .args(["bench", "--server", &server.base, "--handler", "embeddings", "-c", &callers.to_string(), "--duration", "60s", "--body"])
+            .arg(&body)
+            .env("KILN_KEY", server.key("demo"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kiln bench");
+        Load(bench)
+    }
+}
+
 impl Drop for Load {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -72,9 +91,17 @@ fn rate(screen: &str) -> f64 {
     words.iter().position(|w| *w == "req/s").and_then(|i| words.get(i.wrapping_sub(1))).and_then(|n| n.parse().ok()).unwrap_or(0.0)
 }
 
+/// The tests here load their servers with `kiln bench` and read the screen within deadlines:
+/// one at a time, so that they do not share the cores.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
-    let tmux = Tmux::new();
+    let _one = one_at_a_time();
+    let tmux = Tmux::new("keys");
     // The examples, with MiniLM free to grow to two replicas on a simulated GPU.
     let extra = "\n[scaler]\ninterval_ms = 300\nup_cooldown_ms = 600\ndown_cooldown_ms = 60000\n\n[[gpus.simulated]]\nname = \"Sim GPU\"\nmemory_mib = 16384\n";
     let mut config = String::new();
@@ -90,18 +117,7 @@ fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
         }
     }
     let server = Server::start(&config, &["demo"]).expect("server");
-    let body = server.dir.path.join("sentence.json");
-    std::fs::write(&body, r#"{"sentences": ["A man is eating a piece of bread."]}"#).expect("body");
-    let _load = Load(
-        Command::new(kiln_bin())
-            .args(["bench", "--server", &server.base, "--handler", "embeddings", "-c", "16", "--duration", "60s", "--body"])
-            .arg(&body)
-            .env("KILN_KEY", server.key("demo"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("kiln bench"),
-    );
+    let _load = Load::embeddings(&server, 16);
 
     let top = root().join("target/release/kiln-top");
     assert!(top.exists(), "{} is missing: run scripts/setup.sh", top.display());
@@ -162,4 +178,42 @@ fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
         assert!(started.elapsed() < Duration::from_secs(10), "kiln-top did not quit on q:\n{}", tmux.screen());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn kiln_top_watches_the_replicas_of_a_fleet_at_once() {
+    let _one = one_at_a_time();
+    let tmux = Tmux::new("fleet");
+    // Two replicas in cluster mode sharing one keys folder (as a mounted Secret): one admin key
+    // reads both.
+    let keys = kiln_tests::TempDir::new("kiln-top-keys").expect("keys");
+    let replica = |name: &str| {
+        let server = format!("cluster = true\nkeys_dir = \"{}\"", keys.path.display());
+        Server::start_with_env(&examples_config(&server, &[], ""), &["demo"], &[("KILN_SERVER__REPLICA", name)]).expect("replica")
+    };
+    let (a, b) = (replica("kiln-a"), replica("kiln-b"));
+    let _loads = (Load::embeddings(&a, 4), Load::embeddings(&b, 4));
+
+    let top = root().join("target/release/kiln-top");
+    let command = format!("{} {} {} --refresh-ms 500", top.display(), a.base, b.base);
+    let env = format!("KILN_ADMIN_KEY={}", a.admin_key());
+    let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "120", "-y", "40", "-e", &env, &command]);
+    assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
+    // A row each, both serving; the header counts both.
+    let row_rate = |screen: &str, name: &str| -> f64 {
+        let line = screen.lines().find(|l| l.contains(name) && l.contains(" up ")).unwrap_or_default();
+        let words: Vec<&str> = line.split(|c: char| c.is_whitespace() || c == '│').filter(|w| !w.is_empty()).collect();
+        words.iter().position(|w| *w == "up").and_then(|i| words.get(i + 1)).and_then(|n| n.parse().ok()).unwrap_or(0.0)
+    };
+    let screen = tmux.until("both replicas serving", |s| {
+        s.contains("Replicas: 2 of 2 answering") && row_rate(s, "kiln-a") > 0.0 && row_rate(s, "kiln-b") > 0.0
+    });
+    assert!(screen.lines().next().is_some_and(|h| h.contains("2 replicas")), "{screen}");
+    assert!(rate(&screen) > 0.0, "{screen}");
+
+    // One replica goes away: its row says so, the other goes on.
+    b.kill().expect("kill");
+    tmux.until("kiln-b gone", |s| s.contains("Replicas: 1 of 2 answering") && s.lines().any(|l| l.contains("kiln-b") && l.contains("cannot connect")));
+    tmux.until("kiln-a still serving", |s| row_rate(s, "kiln-a") > 0.0);
+    tmux.keys("q");
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 use kiln_wire::{EventKind, Histogram, ServerEvent, Stats};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
+use crate::fleet::ReplicaSample;
+
 /// Samples kept for sparklines and the latency chart (60 s at the default refresh).
 pub const HISTORY: usize = 60;
 /// Events kept for the log.
@@ -16,13 +18,16 @@ const EVENTS: usize = 200;
 #[derive(Debug)]
 pub enum Msg {
     Key(KeyEvent),
-    /// A snapshot and when it was taken (since start; differences give rates).
+    /// A snapshot and when it was taken (since start; differences give rates). Watching several
+    /// replicas, it is their sum, and [`Msg::Replicas`] came just before it.
     Stats { stats: Box<Stats>, at: Duration },
+    /// Each watched replica's own snapshot (or why there is none), taken at `at`.
+    Replicas { samples: Vec<ReplicaSample>, at: Duration },
     Disconnected { error: String, retry_in: Duration },
-    /// The event stream (re)connected: the server replays its recent history next, which
-    /// replaces what is shown.
-    EventsReset,
-    Event(Box<ServerEvent>),
+    /// The event stream of replica `source` (0 for the one server) (re)connected: it replays
+    /// its recent history next, which replaces what is shown of it.
+    EventsReset { source: usize },
+    Event { source: usize, event: Box<ServerEvent> },
     /// What an action on a model came to: the server's words, or why it failed.
     ActionDone(String),
     ActionFailed(String),
@@ -96,6 +101,24 @@ pub struct ModelRow {
     pub best_batch: Option<(u32, f64)>,
 }
 
+/// One watched replica: its name, whether it answers, and its recent rates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaRow {
+    pub name: String,
+    /// Why it did not answer the last poll.
+    pub error: Option<String>,
+    /// It said it is shutting down (its last event).
+    pub draining: bool,
+    pub rate: f64,
+    pub errors: u64,
+    /// Requests waiting in its model queues now.
+    pub queued: u64,
+    /// Its process's CPU use over the interval, in cores.
+    pub cpu: f64,
+    pub rss_bytes: u64,
+    pub uptime_seconds: f64,
+}
+
 /// One handler or tenant row, with its recent rates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteRow {
@@ -114,9 +137,16 @@ pub struct App {
     pub url: String,
     pub stats: Option<Stats>,
     previous: Option<(Stats, Duration)>,
+    /// The watched replicas, one row each, when there are several (empty for one server).
+    pub replicas: Vec<ReplicaRow>,
+    /// Each replica's previous snapshot, for its rates.
+    replica_previous: Vec<Option<(Stats, Duration)>>,
+    /// Sources whose event stream ended with the server shutting down.
+    draining: std::collections::BTreeSet<usize>,
     pub connection: Connection,
     pub paused: bool,
-    /// The server said it is shutting down (its last event); cleared on reconnect.
+    /// The server (every watched replica) said it is shutting down (its last event); cleared on
+    /// reconnect.
     pub server_draining: bool,
     pub help: bool,
     pub focus: Panel,
@@ -127,8 +157,8 @@ pub struct App {
     pub editing_filter: bool,
     pub refresh: Duration,
     pub quit: bool,
-    /// Newest last.
-    pub events: VecDeque<ServerEvent>,
+    /// Newest last, with the replica each came from (0 for the one server).
+    pub events: VecDeque<(usize, ServerEvent)>,
     pub req_rate: f64,
     pub error_rate: f64,
     /// Visible rows (filtered and sorted) and all of them.
@@ -157,6 +187,9 @@ impl App {
             url,
             stats: None,
             previous: None,
+            replicas: Vec::new(),
+            replica_previous: Vec::new(),
+            draining: std::collections::BTreeSet::new(),
             connection: Connection::Connecting,
             paused: false,
             server_draining: false,
@@ -195,22 +228,36 @@ impl App {
                     self.snapshot(*stats, at);
                 }
             }
+            Msg::Replicas { samples, at } => {
+                self.connection = Connection::Connected;
+                if !self.paused {
+                    self.replica_rows(samples, at);
+                }
+            }
             Msg::Disconnected { error, retry_in } => self.connection = Connection::Disconnected { error, retry_in },
-            Msg::EventsReset => {
-                self.events.clear();
+            Msg::EventsReset { source } => {
+                self.events.retain(|(from, _)| *from != source);
+                self.draining.remove(&source);
                 self.server_draining = false;
+                if let Some(row) = self.replicas.get_mut(source) {
+                    row.draining = false;
+                }
             }
             Msg::ActionDone(text) => self.notice = Some((text, true)),
             Msg::ActionFailed(text) => self.notice = Some((text, false)),
-            Msg::Event(event) => {
+            Msg::Event { source, event } => {
                 if matches!(event.kind, EventKind::Draining { .. }) {
-                    self.server_draining = true;
+                    self.draining.insert(source);
+                    if let Some(row) = self.replicas.get_mut(source) {
+                        row.draining = true;
+                    }
+                    self.server_draining = self.draining.len() >= self.replicas.len().max(1);
                 }
                 if !self.paused {
                     if self.events.len() == EVENTS {
                         self.events.pop_front();
                     }
-                    self.events.push_back(*event);
+                    self.events.push_back((source, *event));
                 }
             }
         }
@@ -323,6 +370,58 @@ impl App {
             Panel::Events => self.decisions().count(),
             Panel::Gpus => self.stats.as_ref().map_or(0, |s| s.gpus.len()),
         }
+    }
+
+    /// One row per replica, with rates from its own previous snapshot. When the replicas that
+    /// answer change, the fleet's sum jumps: the next snapshot starts its rates afresh.
+    fn replica_rows(&mut self, samples: Vec<ReplicaSample>, at: Duration) {
+        self.replica_previous.resize(samples.len(), None);
+        let answered = |rows: &[ReplicaRow]| rows.iter().map(|r| r.error.is_none()).collect::<Vec<_>>();
+        let before = answered(&self.replicas);
+        let mut rows = Vec::with_capacity(samples.len());
+        for (i, sample) in samples.iter().enumerate() {
+            let draining = self.draining.contains(&i);
+            // A replica that stops answering keeps the name it last gave.
+            let name = match (&sample.outcome, self.replicas.get(i)) {
+                (Err(_), Some(known)) => known.name.clone(),
+                _ => sample.name(),
+            };
+            let row = match &sample.outcome {
+                Ok(stats) => {
+                    let previous = self.replica_previous[i].take().filter(|(_, t)| at > *t);
+                    let since = previous.as_ref().map_or(0.0, |(_, t)| (at - *t).as_secs_f64());
+                    let requests = |s: &Stats| s.handlers.iter().map(|h| h.requests).sum::<u64>();
+                    let (rate, cpu) = match &previous {
+                        Some((old, _)) if since > 0.0 => (
+                            requests(stats).saturating_sub(requests(old)) as f64 / since,
+                            ((stats.process.cpu_seconds - old.process.cpu_seconds) / since).max(0.0),
+                        ),
+                        _ => (0.0, 0.0),
+                    };
+                    self.replica_previous[i] = Some((stats.clone(), at));
+                    ReplicaRow {
+                        name,
+                        error: None,
+                        draining,
+                        rate,
+                        errors: stats.handlers.iter().map(|h| h.errors).sum(),
+                        queued: stats.models.iter().map(|m| m.queued).sum(),
+                        cpu,
+                        rss_bytes: stats.process.rss_bytes,
+                        uptime_seconds: stats.uptime_seconds,
+                    }
+                }
+                Err(error) => {
+                    self.replica_previous[i] = None;
+                    ReplicaRow { name, error: Some(error.clone()), draining, rate: 0.0, errors: 0, queued: 0, cpu: 0.0, rss_bytes: 0, uptime_seconds: 0.0 }
+                }
+            };
+            rows.push(row);
+        }
+        if answered(&rows) != before {
+            self.previous = None;
+        }
+        self.replicas = rows;
     }
 
     fn snapshot(&mut self, stats: Stats, at: Duration) {
@@ -460,9 +559,10 @@ impl App {
         self.selected = self.selected.min(self.rows().saturating_sub(1));
     }
 
-    /// Scaling decisions and model workers' exits and restarts among the events, newest first.
-    pub fn decisions(&self) -> impl Iterator<Item = &ServerEvent> {
-        self.events.iter().rev().filter(|e| {
+    /// Scaling decisions and model workers' exits and restarts among the events, newest first,
+    /// each with the replica it came from (0 for the one server).
+    pub fn decisions(&self) -> impl Iterator<Item = &(usize, ServerEvent)> {
+        self.events.iter().rev().filter(|(_, e)| {
             matches!(e.kind, EventKind::Scaling(_) | EventKind::WorkerExited { .. } | EventKind::WorkerRestarted { .. })
         })
     }

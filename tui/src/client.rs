@@ -1,6 +1,7 @@
-//! The fetchers: one thread polls `/v1/stats`, one follows `/v1/events`; both reconnect with
-//! backoff and report what happened as [`Msg`]s. And the controller, which carries out the
-//! model actions the keys ask for through the admin API. The only I/O in `kiln-top`.
+//! The fetchers: one thread polls `/v1/stats` (of every watched replica at once), one per
+//! replica follows `/v1/events`; they reconnect with backoff and report what happened as
+//! [`Msg`]s. And the controller, which carries out the model actions the keys ask for through
+//! the admin API. The only I/O in `kiln-top`.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use kiln_wire::{ServerEvent, Stats};
 
 use crate::app::{Action, ActionKind, Msg};
+use crate::fleet::{ReplicaSample, merge};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -19,18 +21,44 @@ fn client(timeout: Option<Duration>) -> reqwest::Result<reqwest::blocking::Clien
     reqwest::blocking::Client::builder().timeout(timeout).build()
 }
 
-/// Polls the snapshot every `refresh` milliseconds; failures back off from 0.5 s to 10 s.
-pub fn spawn_stats(url: String, key: String, refresh: Arc<AtomicU64>, started: Instant, tx: Sender<Msg>) -> anyhow::Result<()> {
+fn fetch_stats(http: &reqwest::blocking::Client, url: &str, key: &str) -> reqwest::Result<Stats> {
+    http.get(format!("{url}/v1/stats")).bearer_auth(key).send().and_then(reqwest::blocking::Response::error_for_status).and_then(|r| r.json::<Stats>())
+}
+
+/// Polls the snapshot every `refresh` milliseconds; failures back off from 0.5 s to 10 s. With
+/// several `urls`, every replica is asked at once each round: [`Msg::Replicas`] says what each
+/// answered, and the [`Msg::Stats`] after it is their sum; only when none answers is it a
+/// disconnection.
+pub fn spawn_stats(urls: Vec<String>, key: String, refresh: Arc<AtomicU64>, started: Instant, tx: Sender<Msg>) -> anyhow::Result<()> {
     let http = client(Some(Duration::from_secs(5)))?;
     thread::Builder::new().name("stats".into()).spawn(move || {
         let mut backoff = Duration::from_millis(500);
         loop {
-            let fetched = http
-                .get(format!("{url}/v1/stats"))
-                .bearer_auth(&key)
-                .send()
-                .and_then(reqwest::blocking::Response::error_for_status)
-                .and_then(|r| r.json::<Stats>());
+            let fetched = if let [url] = urls.as_slice() {
+                fetch_stats(&http, url, &key).map_err(|e| describe(&e))
+            } else {
+                let samples: Vec<ReplicaSample> = thread::scope(|scope| {
+                    let asked: Vec<_> = urls.iter().map(|url| (url, scope.spawn(|| fetch_stats(&http, url, &key)))).collect();
+                    asked
+                        .into_iter()
+                        .map(|(url, answer)| {
+                            let outcome = match answer.join() {
+                                Ok(answer) => answer.map_err(|e| describe(&e)),
+                                Err(_) => Err("the poll failed".to_owned()),
+                            };
+                            ReplicaSample { url: url.clone(), outcome }
+                        })
+                        .collect()
+                });
+                let fleet = merge(&samples).ok_or_else(|| {
+                    let errors: Vec<String> = samples.iter().filter_map(|s| s.outcome.as_ref().err().map(|e| format!("{}: {e}", s.url))).collect();
+                    format!("no replica answered ({})", errors.join("; "))
+                });
+                if tx.send(Msg::Replicas { samples, at: started.elapsed() }).is_err() {
+                    return;
+                }
+                fleet
+            };
             let wait = match fetched {
                 Ok(stats) => {
                     backoff = Duration::from_millis(500);
@@ -39,8 +67,8 @@ pub fn spawn_stats(url: String, key: String, refresh: Arc<AtomicU64>, started: I
                     }
                     Duration::from_millis(refresh.load(Ordering::Relaxed))
                 }
-                Err(e) => {
-                    if tx.send(Msg::Disconnected { error: describe(&e), retry_in: backoff }).is_err() {
+                Err(error) => {
+                    if tx.send(Msg::Disconnected { error, retry_in: backoff }).is_err() {
                         return;
                     }
                     let wait = backoff;
@@ -54,25 +82,25 @@ pub fn spawn_stats(url: String, key: String, refresh: Arc<AtomicU64>, started: I
     Ok(())
 }
 
-/// Follows the event stream, reconnecting with backoff. The server replays its recent history on
-/// every connect, so each connect starts the shown events afresh (a restarted server counts from
-/// 1 again; a sequence number alone cannot tell the two apart).
-pub fn spawn_events(url: String, key: String, tx: Sender<Msg>) -> anyhow::Result<()> {
+/// Follows the event stream of replica `source` at `url`, reconnecting with backoff. The server
+/// replays its recent history on every connect, so each connect starts its shown events afresh
+/// (a restarted server counts from 1 again; a sequence number alone cannot tell the two apart).
+pub fn spawn_events(source: usize, url: String, key: String, tx: Sender<Msg>) -> anyhow::Result<()> {
     let http = client(None)?;
-    thread::Builder::new().name("events".into()).spawn(move || {
+    thread::Builder::new().name(format!("events-{source}")).spawn(move || {
         let mut backoff = Duration::from_millis(500);
         loop {
             let response = http.get(format!("{url}/v1/events")).bearer_auth(&key).send().and_then(reqwest::blocking::Response::error_for_status);
             if let Ok(response) = response {
                 backoff = Duration::from_millis(500);
-                if tx.send(Msg::EventsReset).is_err() {
+                if tx.send(Msg::EventsReset { source }).is_err() {
                     return;
                 }
                 for line in BufReader::new(response).lines() {
                     let Ok(line) = line else { break };
                     let Some(data) = line.strip_prefix("data:") else { continue };
                     let Ok(event) = serde_json::from_str::<ServerEvent>(data.trim()) else { continue };
-                    if tx.send(Msg::Event(Box::new(event))).is_err() {
+                    if tx.send(Msg::Event { source, event: Box::new(event) }).is_err() {
                         return;
                     }
                 }

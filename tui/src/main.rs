@@ -1,4 +1,5 @@
-//! `kiln-top [URL]`: a live dashboard for a Kiln server. It polls `/v1/stats` and follows
+//! `kiln-top [URL...]`: a live dashboard for a Kiln server, or for several replicas at once
+//! (one row each, their queues and counters summed). It polls `/v1/stats` and follows
 //! `/v1/events` with the admin key (`--key` or `KILN_ADMIN_KEY`), and pauses, flushes and scales
 //! the selected model through the admin API (`--admin-url`).
 //!
@@ -20,16 +21,18 @@ use ratatui::crossterm::event::{self, Event};
 #[derive(Parser)]
 #[command(version, about = "A live terminal dashboard for a Kiln server")]
 struct Args {
-    /// The server's API address.
-    #[arg(default_value = "http://127.0.0.1:8080")]
-    url: String,
+    /// The server's address (its admin API's serves the same); several replicas' addresses to
+    /// watch a fleet: one row each, queues, rates and latencies summed over them.
+    #[arg(default_value = "http://127.0.0.1:8080", num_args = 1..)]
+    url: Vec<String>,
     /// An admin key (`kiln admin add-key`).
     #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
     key: Option<String>,
     /// Milliseconds between snapshots (`>`/`<` change it while running).
     #[arg(long, default_value_t = 1000)]
     refresh_ms: u64,
-    /// The admin API's address, for the model actions (pause, flush, replicas).
+    /// The admin API's address, for the model actions (pause, flush, replicas); one server's,
+    /// also when watching several.
     #[arg(long, env = "KILN_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
     admin_url: String,
 }
@@ -39,12 +42,18 @@ fn main() -> anyhow::Result<()> {
     let Some(key) = args.key.filter(|k| !k.trim().is_empty()) else {
         anyhow::bail!("an admin key is needed: --key KEY or KILN_ADMIN_KEY (make one with `kiln admin add-key`)");
     };
-    let url = args.url.trim_end_matches('/').to_owned();
+    let urls: Vec<String> = args.url.iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
     let refresh = Arc::new(AtomicU64::new(args.refresh_ms.clamp(100, 60_000)));
     let (tx, rx) = mpsc::channel();
     let started = Instant::now();
-    client::spawn_stats(url.clone(), key.clone(), Arc::clone(&refresh), started, tx.clone())?;
-    client::spawn_events(url.clone(), key.clone(), tx.clone())?;
+    client::spawn_stats(urls.clone(), key.clone(), Arc::clone(&refresh), started, tx.clone())?;
+    for (source, url) in urls.iter().enumerate() {
+        client::spawn_events(source, url.clone(), key.clone(), tx.clone())?;
+    }
+    let url = match urls.as_slice() {
+        [one] => one.clone(),
+        many => format!("{} replicas", many.len()),
+    };
     let (actions, queued) = mpsc::channel();
     client::spawn_control(args.admin_url.trim_end_matches('/').to_owned(), key, queued, tx)?;
 

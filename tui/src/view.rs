@@ -26,12 +26,18 @@ pub fn draw(app: &App, frame: &mut Frame) {
         frame.render_widget(Paragraph::new(text).alignment(Alignment::Center).wrap(Wrap { trim: true }).block(panel("kiln", false)), body);
     } else {
         let tall = body.height >= 30;
-        let [top, models, bottom] = Layout::vertical([
+        // Watching several replicas: a row each, up to 8, above the models.
+        let fleet = if app.replicas.is_empty() { 0 } else { app.replicas.len().min(8) as u16 + 3 };
+        let [top, replicas, models, bottom] = Layout::vertical([
             Constraint::Length(if tall { 10 } else { 7 }),
+            Constraint::Length(fleet),
             Constraint::Min(5),
             Constraint::Length(if tall { 14 } else { 7 }),
         ])
         .areas(body);
+        if fleet > 0 {
+            draw_replicas(app, frame, replicas);
+        }
         let [devices, latency] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(top);
         let [routes, decisions] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(bottom);
         draw_devices(app, frame, devices);
@@ -326,6 +332,47 @@ fn draw_routes(app: &App, frame: &mut Frame, area: Rect) {
     frame.render_stateful_widget(table, area, &mut state);
 }
 
+fn draw_replicas(app: &App, frame: &mut Frame, area: Rect) {
+    let header = Row::new(["Replica", "state", "r/s", "Err", "Queue", "CPU", "RSS", "up"].map(|h| Cell::from(h).style(Style::new().bold())));
+    let rows: Vec<Row> = app
+        .replicas
+        .iter()
+        .map(|r| {
+            let (state, color) = match (&r.error, r.draining) {
+                (Some(error), _) => (error.clone(), Color::Red),
+                (None, true) => ("draining".to_owned(), Color::Magenta),
+                (None, false) => ("up".to_owned(), Color::Green),
+            };
+            let up = r.error.is_none();
+            let number = |text: String| if up { text } else { "-".to_owned() };
+            Row::new(vec![
+                Cell::from(r.name.clone()),
+                Cell::from(state).style(Style::new().fg(color)),
+                Cell::from(number(rate(r.rate))),
+                Cell::from(number(r.errors.to_string())).style(Style::new().fg(if r.errors > 0 { Color::Red } else { Color::Reset })),
+                Cell::from(number(r.queued.to_string())),
+                Cell::from(number(format!("{:.1}", r.cpu))),
+                Cell::from(number(format!("{} MiB", r.rss_bytes >> 20))),
+                Cell::from(number(uptime(r.uptime_seconds))),
+            ])
+        })
+        .collect();
+    let queued: u64 = app.replicas.iter().map(|r| r.queued).sum();
+    let answering = app.replicas.iter().filter(|r| r.error.is_none()).count();
+    let title = format!("Replicas: {answering} of {} answering, {queued} queued", app.replicas.len());
+    let widths = [
+        Constraint::Min(14),
+        Constraint::Length(16),
+        Constraint::Length(6),
+        Constraint::Length(5),
+        Constraint::Length(6),
+        Constraint::Length(5),
+        Constraint::Length(9),
+        Constraint::Length(7),
+    ];
+    frame.render_widget(Table::new(rows, widths).header(header).block(panel(&title, false)), area);
+}
+
 fn clock(at_unix_ms: u64) -> String {
     let s = at_unix_ms / 1000 % 86_400;
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
@@ -335,7 +382,7 @@ fn draw_decisions(app: &App, frame: &mut Frame, area: Rect) {
     let focused = app.focus == Panel::Events;
     let items: Vec<ListItem> = app
         .decisions()
-        .filter_map(|e| {
+        .filter_map(|(source, e)| {
             let (text, color, detail) = match &e.kind {
                 EventKind::Scaling(d) => {
                     let (arrow, color) = match d.action {
@@ -354,8 +401,11 @@ fn draw_decisions(app: &App, frame: &mut Frame, area: Rect) {
                 }
                 _ => return None,
             };
+            // Watching several replicas, each line says whose it is.
+            let whose = app.replicas.get(*source).filter(|_| app.replicas.len() > 1).map(|r| format!(" {}", r.name)).unwrap_or_default();
             Some(ListItem::new(Line::from(vec![
                 Span::styled(clock(e.at_unix_ms), Style::new().fg(Color::DarkGray)),
+                Span::styled(whose, Style::new().fg(Color::Cyan)),
                 Span::raw(" "),
                 Span::styled(text, Style::new().fg(color).bold()),
                 Span::raw(format!(" {detail}")),
@@ -387,7 +437,7 @@ const HELP: [(&str, &str); 16] = [
     ("+ / -", "one replica more / fewer (fixed count)"),
     ("", "Model keys go to the admin API (--admin-url)"),
     ("", ""),
-    ("", "Data: /v1/stats each refresh; /v1/events live"),
+    ("", "Data: /v1/stats each refresh; /v1/events live (of each replica)"),
 ];
 
 fn draw_help(frame: &mut Frame, area: Rect) {

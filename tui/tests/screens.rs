@@ -112,6 +112,7 @@ fn stats(t: u64, gpus: bool) -> Stats {
         tenants: vec![route("demo", 1600, 8, 1, 3)],
         process: Default::default(),
         caches: Vec::new(),
+        replica: None,
     }
 }
 
@@ -126,11 +127,11 @@ fn decision(at: u64, action: ScaleAction, from: u32, to: u32, reason: &str, devi
         device: device.map(Into::into),
         inputs: ScalingInputs { queue_depth: 12, requests: 800, queue_wait_p95_ms: 80.0, latency_objective_ms: 50.0, utilization: 0.9, gpus: Vec::new() },
     };
-    Msg::Event(Box::new(ServerEvent { seq: at, at_unix_ms: at, kind: EventKind::Scaling(d) }))
+    Msg::Event { source: 0, event: Box::new(ServerEvent { seq: at, at_unix_ms: at, kind: EventKind::Scaling(d) }) }
 }
 
 fn event(at: u64, kind: EventKind) -> Msg {
-    Msg::Event(Box::new(ServerEvent { seq: at, at_unix_ms: at, kind }))
+    Msg::Event { source: 0, event: Box::new(ServerEvent { seq: at, at_unix_ms: at, kind }) }
 }
 
 /// Two snapshots a second apart, a few scaling decisions, and a tenant's model worker that
@@ -306,4 +307,92 @@ fn model_keys_pause_flush_after_confirming_and_scale_the_selected_model() {
     app.update(key(KeyCode::Char('p')));
     app.update(key(KeyCode::Char('f')));
     assert!(app.actions.is_empty() && app.confirm.is_none());
+}
+
+/// Two replicas of a fleet, the second one's snapshot `scale` times the first's load, named as
+/// cluster mode names them; a third address that does not answer.
+fn fleet_samples(t: u64, scale: u64) -> Vec<kiln_top::fleet::ReplicaSample> {
+    use kiln_top::fleet::ReplicaSample;
+    let named = |name: &str, mut stats: Stats| {
+        stats.replica = Some(name.into());
+        stats
+    };
+    vec![
+        ReplicaSample { url: "http://10.0.0.1:8080".into(), outcome: Ok(named("kiln-a", stats(t, false))) },
+        ReplicaSample { url: "http://10.0.0.2:8080".into(), outcome: Ok(named("kiln-b", stats(t * scale, false))) },
+        ReplicaSample { url: "http://10.0.0.3:8080".into(), outcome: Err("cannot connect".into()) },
+    ]
+}
+
+#[test]
+fn a_fleet_is_the_sum_of_its_replicas_with_a_row_each() {
+    use kiln_top::fleet::merge;
+    let samples = fleet_samples(2, 3);
+    let fleet = merge(&samples).expect("two answered");
+    let (a, b) = (stats(2, false), stats(6, false));
+    // Queues, counters and histograms add up by name; replicas keep apart.
+    for (m, (ma, mb)) in fleet.models.iter().zip(a.models.iter().zip(&b.models)) {
+        assert_eq!(m.name, ma.name);
+        assert_eq!(m.queued, ma.queued + mb.queued);
+        assert_eq!(m.inferences, ma.inferences + mb.inferences);
+        assert_eq!(m.queue_wait.count(), ma.queue_wait.count() + mb.queue_wait.count());
+        assert_eq!(m.replicas.len(), ma.replicas.len() + mb.replicas.len());
+        let mut ids: Vec<u32> = m.replicas.iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), m.replicas.len(), "replica ids stay apart: {ids:?}");
+    }
+    assert_eq!(fleet.handlers[0].requests, a.handlers[0].requests + b.handlers[0].requests);
+    assert_eq!(fleet.tenants[0].latency.count(), a.tenants[0].latency.count() + b.tenants[0].latency.count());
+    assert!(merge(&samples[2..]).is_none(), "no answer, no snapshot");
+
+    // The dashboard: a row per replica with its own rate, the summed rate in the header.
+    let mut app = App::new("3 replicas".into(), Duration::from_secs(1));
+    for t in 1..=3 {
+        let samples = fleet_samples(t, 3);
+        let fleet = merge(&samples).expect("fleet");
+        app.update(Msg::Replicas { samples, at: Duration::from_secs(t) });
+        app.update(Msg::Stats { stats: Box::new(fleet), at: Duration::from_secs(t) });
+    }
+    assert_eq!(app.replicas.len(), 3);
+    // kiln-a: 1,600 req/s over its handlers; kiln-b three times that; the fleet both.
+    assert!((app.replicas[0].rate - 1600.0).abs() < 1.0, "{:?}", app.replicas[0]);
+    assert!((app.replicas[1].rate - 4800.0).abs() < 1.0, "{:?}", app.replicas[1]);
+    assert!((app.req_rate - 6400.0).abs() < 1.0, "{}", app.req_rate);
+    assert_eq!(app.replicas[2].error.as_deref(), Some("cannot connect"));
+    let text = screen(&app, 120, 40);
+    assert!(text.contains("Replicas: 2 of 3 answering"), "{text}");
+    for row in ["kiln-a", "kiln-b", "10.0.0.3:8080"] {
+        assert!(text.contains(row), "{row}:\n{text}");
+    }
+    assert!(text.contains("cannot connect") && text.contains("6400 req/s"), "{text}");
+
+    // A replica that stops answering changes the sum: the next snapshot's rates start afresh
+    // rather than count its requests as gone.
+    let mut samples = fleet_samples(4, 3);
+    samples[1].outcome = Err("timed out".into());
+    let fleet = merge(&samples).expect("fleet");
+    app.update(Msg::Replicas { samples, at: Duration::from_secs(4) });
+    app.update(Msg::Stats { stats: Box::new(fleet), at: Duration::from_secs(4) });
+    assert_eq!(app.req_rate, 0.0);
+    let samples = fleet_samples(5, 3).into_iter().enumerate().map(|(i, mut s)| {
+        if i == 1 {
+            s.outcome = Err("timed out".into());
+        }
+        s
+    });
+    let samples: Vec<_> = samples.collect();
+    let fleet = merge(&samples).expect("fleet");
+    app.update(Msg::Replicas { samples, at: Duration::from_secs(5) });
+    app.update(Msg::Stats { stats: Box::new(fleet), at: Duration::from_secs(5) });
+    assert!((app.req_rate - 1600.0).abs() < 1.0, "{}", app.req_rate);
+
+    // One replica shutting down is that replica's state, not the fleet's.
+    app.update(Msg::Event { source: 1, event: Box::new(ServerEvent { seq: 1, at_unix_ms: 1_795_000_000_000, kind: EventKind::Draining { grace_ms: 5000, timeout_ms: 30000 } }) });
+    assert!(app.replicas[1].draining && !app.server_draining);
+    // A scaling decision says which replica made it.
+    let Msg::Event { event, .. } = decision(1_795_000_001_000, ScaleAction::Up, 1, 2, "queue wait", None) else { panic!("decision() makes an event") };
+    app.update(Msg::Event { source: 0, event });
+    let text = screen(&app, 120, 40);
+    assert!(text.contains("kiln-a minilm ↑ 1→2"), "{text}");
 }

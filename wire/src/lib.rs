@@ -346,6 +346,9 @@ pub struct Stats {
     /// Handlers' response caches (those that have one).
     #[serde(default)]
     pub caches: Vec<CacheStats>,
+    /// In cluster mode, this replica's name (what its request ids start with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// The server process's own cost, cumulative over its live threads (a thread that has exited

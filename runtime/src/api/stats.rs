@@ -107,6 +107,7 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, _admin: AdminKey)
         tenants: app.telemetry.tenants(),
         process: crate::telemetry::process::sample(),
         caches: cache_stats(&app),
+        replica: app.cluster.clone(),
     };
     Ok(json_response(StatusCode::OK, &json!(stats)))
 }

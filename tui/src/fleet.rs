@@ -1,0 +1,171 @@
+//! Several replicas as one: the snapshot of a fleet is the sum of its replicas' snapshots
+//! (queues, counters and histograms added up by model, handler and tenant name), so the rest of
+//! the dashboard shows a fleet as it shows one server. Pure functions of the snapshots.
+
+use kiln_wire::{Bounds, CacheStats, Histogram, ModelStats, RouteStats, Stats};
+
+/// One replica's latest answer to `/v1/stats`, or why there is none.
+#[derive(Debug, Clone)]
+pub struct ReplicaSample {
+    /// The address kiln-top polls it at.
+    pub url: String,
+    pub outcome: Result<Stats, String>,
+}
+
+impl ReplicaSample {
+    /// What to call it: its replica name in cluster mode, else its address.
+    pub fn name(&self) -> String {
+        match &self.outcome {
+            Ok(Stats { replica: Some(name), .. }) => name.clone(),
+            _ => self.url.trim_start_matches("http://").trim_start_matches("https://").to_owned(),
+        }
+    }
+}
+
+/// The fleet's snapshot: every answering replica's, added up. GPUs are listed per replica
+/// (numbered in order, named with their replica); model replicas keep their ids, offset so that
+/// each replica's stay apart. `None` when no replica answered.
+pub fn merge(samples: &[ReplicaSample]) -> Option<Stats> {
+    let answered: Vec<(String, &Stats)> = samples.iter().filter_map(|s| s.outcome.as_ref().ok().map(|stats| (s.name(), stats))).collect();
+    let (_, first) = answered.first()?;
+    if answered.len() == 1 {
+        return Some((*first).clone());
+    }
+    let mut fleet = Stats {
+        server: first.server.clone(),
+        uptime_seconds: answered.iter().map(|(_, s)| s.uptime_seconds).fold(f64::INFINITY, f64::min),
+        gpus: Vec::new(),
+        models: Vec::new(),
+        handlers: Vec::new(),
+        tenants: Vec::new(),
+        process: Default::default(),
+        caches: Vec::new(),
+        replica: None,
+    };
+    let mut replica_offset = 0;
+    for (name, stats) in &answered {
+        for gpu in &stats.gpus {
+            let mut gpu = gpu.clone();
+            gpu.name = format!("{name} cuda:{} {}", gpu.index, gpu.name);
+            gpu.index = fleet.gpus.len() as u32;
+            fleet.gpus.push(gpu);
+        }
+        let mut widest = 0;
+        for model in &stats.models {
+            widest = widest.max(model.replicas.iter().map(|r| r.id + 1).max().unwrap_or(0));
+            add_model(&mut fleet.models, model, replica_offset);
+        }
+        replica_offset += widest;
+        for route in &stats.handlers {
+            add_route(&mut fleet.handlers, route);
+        }
+        for route in &stats.tenants {
+            add_route(&mut fleet.tenants, route);
+        }
+        for cache in &stats.caches {
+            add_cache(&mut fleet.caches, cache);
+        }
+        let p = &mut fleet.process;
+        p.cpu_seconds += stats.process.cpu_seconds;
+        p.voluntary_switches += stats.process.voluntary_switches;
+        p.involuntary_switches += stats.process.involuntary_switches;
+        p.threads += stats.process.threads;
+        p.rss_bytes += stats.process.rss_bytes;
+        p.allocations += stats.process.allocations;
+    }
+    for model in &mut fleet.models {
+        model.average_batch_size = if model.executions == 0 { 0.0 } else { model.inferences as f64 / model.executions as f64 };
+    }
+    Some(fleet)
+}
+
+/// `into` plus `add`, bucket by bucket.
+fn add_histogram(into: &mut Histogram, add: &Histogram) {
+    if into.counts.len() < add.counts.len() {
+        into.counts.resize(add.counts.len(), 0);
+    }
+    for (a, b) in into.counts.iter_mut().zip(&add.counts) {
+        *a += b;
+    }
+    into.sum_us += add.sum_us;
+}
+
+fn add_counts(into: &mut Vec<u64>, add: &[u64]) {
+    if into.len() < add.len() {
+        into.resize(add.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(add) {
+        *a += b;
+    }
+}
+
+fn add_model(models: &mut Vec<ModelStats>, model: &ModelStats, replica_offset: u32) {
+    let mut renumbered = model.clone();
+    for replica in &mut renumbered.replicas {
+        replica.id += replica_offset;
+    }
+    let Some(m) = models.iter_mut().find(|m| m.name == model.name) else {
+        models.push(renumbered);
+        return;
+    };
+    // A model is as ready as its least ready replica: `loading` or `failed` somewhere shows.
+    if m.state == "ready" {
+        m.state.clone_from(&model.state);
+    }
+    m.paused |= model.paused;
+    m.ragged_batching &= model.ragged_batching;
+    m.instances = Bounds { min: m.instances.min + model.instances.min, max: m.instances.max + model.instances.max };
+    m.replica_target += model.replica_target;
+    m.replicas.extend(renumbered.replicas);
+    m.queued += model.queued;
+    m.inferences += model.inferences;
+    m.executions += model.executions;
+    m.rows += model.rows;
+    m.dropped += model.dropped;
+    m.overloaded += model.overloaded;
+    m.timeouts += model.timeouts;
+    m.isolated_batches += model.isolated_batches;
+    add_counts(&mut m.batch_sizes, &model.batch_sizes);
+    add_histogram(&mut m.queue_wait, &model.queue_wait);
+    add_histogram(&mut m.forward, &model.forward);
+    // The forward curve: per batch size, the mean over every replica's samples.
+    for point in &model.forward_curve {
+        match m.forward_curve.iter_mut().find(|p| p.rows == point.rows) {
+            Some(p) => {
+                let samples = p.samples + point.samples;
+                if samples > 0 {
+                    p.forward_ms = (p.forward_ms * p.samples as f64 + point.forward_ms * point.samples as f64) / samples as f64;
+                }
+                p.samples = samples;
+            }
+            None => m.forward_curve.push(*point),
+        }
+    }
+    m.forward_curve.sort_by_key(|p| p.rows);
+}
+
+fn add_route(routes: &mut Vec<RouteStats>, route: &RouteStats) {
+    match routes.iter_mut().find(|r| r.name == route.name) {
+        Some(r) => {
+            r.requests += route.requests;
+            r.errors += route.errors;
+            r.throttled += route.throttled;
+            add_histogram(&mut r.latency, &route.latency);
+        }
+        None => routes.push(route.clone()),
+    }
+}
+
+fn add_cache(caches: &mut Vec<CacheStats>, cache: &CacheStats) {
+    match caches.iter_mut().find(|c| c.handler == cache.handler) {
+        Some(c) => {
+            c.hits += cache.hits;
+            c.misses += cache.misses;
+            c.stores += cache.stores;
+            c.evictions += cache.evictions;
+            c.entries += cache.entries;
+            c.bytes += cache.bytes;
+        }
+        None => caches.push(cache.clone()),
+    }
+}
