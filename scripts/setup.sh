@@ -16,16 +16,19 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 
-# Debian packages the tests use: tmux (kiln-top's test runs it in a real terminal), and
-# docker-registry with htpasswd (apache2-utils) for the OCI registry tests.
+# Debian packages the tests use: tmux (kiln-top's test runs it in a real terminal),
+# docker-registry with htpasswd (apache2-utils) for the OCI registry tests, and Prometheus for
+# the autoscaling test.
 missing=()
 command -v tmux > /dev/null || missing+=(tmux)
 command -v docker-registry > /dev/null || missing+=(docker-registry)
 command -v htpasswd > /dev/null || missing+=(apache2-utils)
+command -v prometheus > /dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
-    $sudo apt-get install -y -qq "${missing[@]}" > /dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" > /dev/null; }
+    install=(apt-get install -y -qq --no-install-recommends "${missing[@]}")
+    $sudo "${install[@]}" > /dev/null || { $sudo apt-get update -qq && $sudo "${install[@]}" > /dev/null; }
 fi
 
 stamp=.venv/.kiln-requirements

@@ -18,7 +18,7 @@ const CONCURRENCY: u64 = 4;
 /// Docker objects made by the test, removed in reverse order on drop (and the swarm left, if the
 /// test made it).
 #[derive(Default)]
-struct Cleanup {
+pub(super) struct Cleanup {
     commands: Vec<Vec<String>>,
 }
 
@@ -45,9 +45,9 @@ impl Drop for Cleanup {
     }
 }
 
-/// Steady load on the load balancer: `CONCURRENCY` callers, a new connection per request (as
+/// Steady load on the load balancer: a number of callers, a new connection per request (as
 /// `hey -disable-keepalive`: the balancer, not the client, picks the replica), counting answers.
-struct Load {
+pub(super) struct Load {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     failures: Arc<std::sync::Mutex<Vec<String>>>,
@@ -57,7 +57,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(url: String, key: String, png: Vec<u8>) -> Load {
+    pub(super) fn start(url: String, key: String, body: Vec<u8>, callers: u64) -> Load {
         let load = Load {
             ok: Arc::default(),
             failed: Arc::default(),
@@ -67,9 +67,9 @@ impl Load {
             tasks: Vec::new(),
         };
         let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30)).build().expect("client");
-        let tasks = (0..CONCURRENCY)
+        let tasks = (0..callers)
             .map(|_| {
-                let (client, url, key, png) = (client.clone(), url.clone(), key.clone(), png.clone());
+                let (client, url, key, body) = (client.clone(), url.clone(), key.clone(), body.clone());
                 let (ok, failed, failures, prefixes, stop) = (
                     Arc::clone(&load.ok),
                     Arc::clone(&load.failed),
@@ -79,7 +79,7 @@ impl Load {
                 );
                 tokio::spawn(async move {
                     while !stop.load(Ordering::SeqCst) {
-                        match client.post(&url).bearer_auth(&key).body(png.clone()).send().await {
+                        match client.post(&url).bearer_auth(&key).body(body.clone()).send().await {
                             Ok(r) if r.status() == 200 => {
                                 let id = r.headers().get("kiln-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
                                 let prefix = id.rsplit_once('-').map_or("", |(p, _)| p).to_owned();
@@ -103,17 +103,17 @@ impl Load {
     }
 
     /// Answers and failures (with what they were) since the last call.
-    fn take(&self) -> (u64, u64, Vec<String>) {
+    pub(super) fn take(&self) -> (u64, u64, Vec<String>) {
         let failures = std::mem::take(&mut *self.failures.lock().expect("lock"));
         (self.ok.swap(0, Ordering::SeqCst), self.failed.swap(0, Ordering::SeqCst), failures)
     }
 
     /// The replicas that answered since the last call.
-    fn take_replicas(&self) -> Vec<String> {
+    pub(super) fn take_replicas(&self) -> Vec<String> {
         std::mem::take(&mut *self.prefixes.lock().expect("lock")).into_keys().collect()
     }
 
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         for task in self.tasks {
             let _ = task.await;
@@ -122,7 +122,7 @@ impl Load {
 }
 
 /// Waits until `count` replicas answer through the balancer (by their request ids' prefixes).
-async fn wait_replicas(load: &Load, count: usize, limit: Duration) -> Vec<String> {
+pub(super) async fn wait_replicas(load: &Load, count: usize, limit: Duration) -> Vec<String> {
     let start = Instant::now();
     let mut seen = std::collections::BTreeSet::new();
     loop {
@@ -135,9 +135,93 @@ async fn wait_replicas(load: &Load, count: usize, limit: Duration) -> Vec<String
     }
 }
 
-fn service_tasks_running(service: &str) -> usize {
+pub(super) fn service_tasks_running(service: &str) -> usize {
     let out = docker(&["service", "ps", service, "--filter", "desired-state=running", "--format", "{{.CurrentState}}"]).unwrap_or_default();
     out.lines().filter(|l| l.starts_with("Running")).count()
+}
+
+/// `deploy/docker/cluster.toml`, the replicas' config.
+pub(super) fn cluster_config() -> String {
+    std::fs::read_to_string(kiln_tests::root().join("deploy/docker/cluster.toml")).expect("cluster.toml")
+}
+
+/// A Swarm service of the image in cluster mode, from `config` (a Swarm config; paths as the
+/// image has them) and key hashes kiln made (a Swarm secret), on its own overlay network, behind
+/// the nginx balancer published on loopback. Its Docker objects go with `cleanup`.
+pub(super) struct Fleet {
+    pub(super) service: String,
+    pub(super) network: String,
+    /// The balancer, `http://127.0.0.1:PORT`.
+    pub(super) lb: String,
+    /// The digits handler, through the balancer.
+    pub(super) lb_url: String,
+    /// Tenant demo's key.
+    pub(super) key: String,
+    pub(super) dir: TempDir,
+    /// When `service create` ran.
+    pub(super) started: Instant,
+    _balancer: Container,
+}
+
+impl Fleet {
+    /// Creates the service with `replicas` replicas (state volumes for up to 3 slots) and its
+    /// balancer; returns without waiting for the replicas.
+    pub(super) fn start(cleanup: &mut Cleanup, replicas: u32, config: &str) -> Fleet {
+        let (image, balancer_image) = (image(), balancer_image());
+        let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).expect("swarm state");
+        if state.trim() != "active" {
+            docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).expect("swarm init");
+            cleanup.later(&["swarm", "leave", "--force"]);
+        }
+
+        // The tenant's key hashes, made by kiln itself, as a Swarm secret; the config as a Swarm config.
+        let dir = TempDir::new("kiln-swarm").expect("dir");
+        let service = unique("svc");
+        let local = config
+            .replace("/usr/share/kiln/examples/models/", &format!("{}/", artifact("build/models").display()))
+            .replace("/usr/share/kiln/examples/handlers/", &format!("{}/", artifact("target/wasm32-wasip2/guest").display()))
+            .replace("/run/secrets/kiln-keys", &dir.path.join("keys").display().to_string())
+            .replace("/var/lib/kiln", &dir.path.join("state").display().to_string());
+        std::fs::write(dir.path.join("local.toml"), local).expect("local config");
+        std::fs::write(dir.path.join("kiln.toml"), config).expect("config");
+        let key = kiln(&["tenant", "add-key", "demo", "--config", &dir.path.join("local.toml").display().to_string()]).expect("key");
+        let (secret, kiln_config, network) = (format!("{service}-keys"), format!("{service}-config"), format!("{service}-net"));
+        docker(&["secret", "create", &secret, &dir.path.join("keys/tenant-keys/demo.keys").display().to_string()]).expect("secret");
+        cleanup.later(&["secret", "rm", &secret]);
+        docker(&["config", "create", &kiln_config, &dir.path.join("kiln.toml").display().to_string()]).expect("config");
+        cleanup.later(&["config", "rm", &kiln_config]);
+        let nginx = std::fs::read_to_string(kiln_tests::root().join("deploy/docker/nginx.conf")).expect("nginx.conf").replace("tasks.kiln;", &format!("tasks.{service};"));
+        std::fs::write(dir.path.join("nginx.conf"), nginx).expect("nginx.conf");
+        docker(&["network", "create", "--driver", "overlay", "--attachable", &network]).expect("network");
+        cleanup.later(&["network", "rm", &network]);
+
+        let volume = format!("type=volume,source={service}-state-{{{{.Task.Slot}}}},destination=/var/lib/kiln");
+        for slot in 1..=3 {
+            cleanup.later(&["volume", "rm", "--force", &format!("{service}-state-{slot}")]);
+        }
+        let started = Instant::now();
+        docker(&[
+            "service", "create", "--detach", "--name", &service, "--replicas", &replicas.to_string(), "--endpoint-mode", "dnsrr", "--network", &network,
+            "--read-only", "--mount", &volume,
+            "--config", &format!("source={kiln_config},target=/etc/kiln/kiln.toml,mode=0444"),
+            "--secret", &format!("source={secret},target=/run/secrets/kiln-keys/tenant-keys/demo.keys,uid=10001,mode=0400"),
+            "--env", "KILN_CONFIG=/etc/kiln/kiln.toml",
+            "--update-order", "start-first", "--update-parallelism", "1", "--update-failure-action", "rollback",
+            "--update-monitor", "10s", "--rollback-order", "start-first", "--stop-grace-period", "35s",
+            image,
+        ])
+        .expect("service create");
+        cleanup.later(&["service", "rm", &service]);
+        // The balancer, on the service's network, published on loopback only.
+        let nginx_conf = format!("{}:/etc/kiln-lb/nginx.conf:ro", dir.path.join("nginx.conf").display());
+        let balancer = Container::run(&[
+            "--network", &network, "--read-only", "--tmpfs", "/tmp:uid=10001", "-v", &nginx_conf, "-p", "127.0.0.1::8080", balancer_image,
+        ])
+        .expect("balancer");
+        let lb = format!("http://{}", balancer.published(8080).expect("port"));
+        let lb_url = format!("{lb}/v1/handlers/digits/");
+        Fleet { service, network, lb, lb_url, key: key.trim().to_owned(), dir, started, _balancer: balancer }
+    }
 }
 
 #[tokio::test]
@@ -147,64 +231,13 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     }
     let _fleet = one_fleet_at_a_time().await;
     let image = image();
-    let balancer_image = balancer_image();
     let mut cleanup = Cleanup::default();
-    let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).expect("swarm state");
-    if state.trim() != "active" {
-        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).expect("swarm init");
-        cleanup.later(&["swarm", "leave", "--force"]);
-    }
-
-    // The tenant's key hashes, made by kiln itself, as a Swarm secret; the config as a Swarm config.
-    let dir = TempDir::new("kiln-swarm").expect("dir");
-    let service = unique("svc");
-    let config = std::fs::read_to_string(kiln_tests::root().join("deploy/docker/cluster.toml")).expect("cluster.toml");
-    let local = config
-        .replace("/usr/share/kiln/examples/models/", &format!("{}/", artifact("build/models").display()))
-        .replace("/usr/share/kiln/examples/handlers/", &format!("{}/", artifact("target/wasm32-wasip2/guest").display()))
-        .replace("/run/secrets/kiln-keys", &dir.path.join("keys").display().to_string())
-        .replace("/var/lib/kiln", &dir.path.join("state").display().to_string());
-    std::fs::write(dir.path.join("local.toml"), local).expect("local config");
-    std::fs::write(dir.path.join("kiln.toml"), &config).expect("config");
-    let key = kiln(&["tenant", "add-key", "demo", "--config", &dir.path.join("local.toml").display().to_string()]).expect("key");
-    let (secret, kiln_config, network) = (format!("{service}-keys"), format!("{service}-config"), format!("{service}-net"));
-    docker(&["secret", "create", &secret, &dir.path.join("keys/tenant-keys/demo.keys").display().to_string()]).expect("secret");
-    cleanup.later(&["secret", "rm", &secret]);
-    docker(&["config", "create", &kiln_config, &dir.path.join("kiln.toml").display().to_string()]).expect("config");
-    cleanup.later(&["config", "rm", &kiln_config]);
-    let nginx = std::fs::read_to_string(kiln_tests::root().join("deploy/docker/nginx.conf")).expect("nginx.conf").replace("tasks.kiln;", &format!("tasks.{service};"));
-    std::fs::write(dir.path.join("nginx.conf"), nginx).expect("nginx.conf");
-    docker(&["network", "create", "--driver", "overlay", "--attachable", &network]).expect("network");
-    cleanup.later(&["network", "rm", &network]);
-
-    let volume = format!("type=volume,source={service}-state-{{{{.Task.Slot}}}},destination=/var/lib/kiln");
-    for slot in 1..=3 {
-        cleanup.later(&["volume", "rm", "--force", &format!("{service}-state-{slot}")]);
-    }
-    let started = Instant::now();
-    docker(&[
-        "service", "create", "--detach", "--name", &service, "--replicas", "3", "--endpoint-mode", "dnsrr", "--network", &network,
-        "--read-only", "--mount", &volume,
-        "--config", &format!("source={kiln_config},target=/etc/kiln/kiln.toml,mode=0444"),
-        "--secret", &format!("source={secret},target=/run/secrets/kiln-keys/tenant-keys/demo.keys,uid=10001,mode=0400"),
-        "--env", "KILN_CONFIG=/etc/kiln/kiln.toml",
-        "--update-order", "start-first", "--update-parallelism", "1", "--update-failure-action", "rollback",
-        "--update-monitor", "10s", "--rollback-order", "start-first", "--stop-grace-period", "35s",
-        image,
-    ])
-    .expect("service create");
-    cleanup.later(&["service", "rm", &service]);
-    // The balancer, on the service's network, published on loopback only.
-    let nginx_conf = format!("{}:/etc/kiln-lb/nginx.conf:ro", dir.path.join("nginx.conf").display());
-    let balancer = Container::run(&[
-        "--network", &network, "--read-only", "--tmpfs", "/tmp:uid=10001", "-v", &nginx_conf, "-p", "127.0.0.1::8080", balancer_image,
-    ])
-    .expect("balancer");
-    let lb_url = format!("http://{}/v1/handlers/digits/", balancer.published(8080).expect("port"));
+    let fleet = Fleet::start(&mut cleanup, 3, &cluster_config());
+    let (service, started) = (fleet.service.clone(), fleet.started);
     let png = super::image::a_digit();
 
     // Every replica answers.
-    let load = Load::start(lb_url, key.trim().to_owned(), png);
+    let load = Load::start(fleet.lb_url.clone(), fleet.key.clone(), png, CONCURRENCY);
     let first = wait_replicas(&load, 3, Duration::from_secs(240)).await;
     eprintln!("3 replicas answering {:.0} s after service create: {first:?}", started.elapsed().as_secs_f64());
     // Before every replica listened, the balancer had nowhere to send some: count from here.
@@ -247,7 +280,7 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
 
     // An image that cannot start is rolled back, and no request fails meanwhile.
     let broken = format!("kiln:{service}-broken");
-    let dockerfile = dir.path.join("broken");
+    let dockerfile = fleet.dir.path.join("broken");
     std::fs::create_dir_all(&dockerfile).expect("dir");
     // A release whose replicas cannot start: its entry point names a config that is not there.
     std::fs::write(
@@ -318,7 +351,7 @@ async fn the_compose_file_runs_three_replicas_behind_the_balancer() {
     let _down = Down(compose);
     assert!(up.status.success(), "docker-compose up: {}", String::from_utf8_lossy(&up.stderr));
     let png = super::image::a_digit();
-    let load = Load::start(format!("http://127.0.0.1:{port}/v1/handlers/digits/"), key.trim().to_owned(), png);
+    let load = Load::start(format!("http://127.0.0.1:{port}/v1/handlers/digits/"), key.trim().to_owned(), png, CONCURRENCY);
     let replicas = wait_replicas(&load, 3, Duration::from_secs(180)).await;
     load.take();
     tokio::time::sleep(Duration::from_secs(2)).await;
