@@ -60,13 +60,13 @@ impl Drop for Tmux {
 struct Load(Child);
 
 impl Load {
-    /// `kiln bench` for 60 s on `server`'s embeddings handler with `callers` callers, one sentence
-    /// each (the body written into the server's folder).
+    /// `kiln bench` for 180 s (longer than the waits for the screen) on `server`'s embeddings
+    /// handler with `callers` callers, one sentence each (the body written into its folder).
     fn embeddings(server: &Server, callers: u32) -> Load {
         let body = server.dir.path.join("sentence.json");
         std::fs::write(&body, r#"{"sentences": ["A man is eating a piece of bread."]}"#).expect("body");
         let bench = Command::new(kiln_bin())
-            .args(["bench", "--server", &server.base, "--handler", "embeddings", "-c", &callers.to_string(), "--duration", "60s", "--body"])
+            .args(["bench", "--server", &server.base, "--handler", "embeddings", "-c", &callers.to_string(), "--duration", "180s", "--body"])
             .arg(&body)
             .env("KILN_KEY", server.key("demo"))
             .stdout(Stdio::null())

@@ -143,6 +143,8 @@ pub struct App {
     replica_previous: Vec<Option<(Stats, Duration)>>,
     /// Sources whose event stream ended with the server shutting down.
     draining: std::collections::BTreeSet<usize>,
+    /// How many servers are watched (each a source of events).
+    pub sources: usize,
     pub connection: Connection,
     pub paused: bool,
     /// The server (every watched replica) said it is shutting down (its last event); cleared on
@@ -190,6 +192,7 @@ impl App {
             replicas: Vec::new(),
             replica_previous: Vec::new(),
             draining: std::collections::BTreeSet::new(),
+            sources: 1,
             connection: Connection::Connecting,
             paused: false,
             server_draining: false,
@@ -238,7 +241,7 @@ impl App {
             Msg::EventsReset { source } => {
                 self.events.retain(|(from, _)| *from != source);
                 self.draining.remove(&source);
-                self.server_draining = false;
+                self.server_draining = self.draining.len() >= self.sources;
                 if let Some(row) = self.replicas.get_mut(source) {
                     row.draining = false;
                 }
@@ -251,7 +254,7 @@ impl App {
                     if let Some(row) = self.replicas.get_mut(source) {
                         row.draining = true;
                     }
-                    self.server_draining = self.draining.len() >= self.replicas.len().max(1);
+                    self.server_draining = self.draining.len() >= self.sources;
                 }
                 if !self.paused {
                     if self.events.len() == EVENTS {
@@ -373,11 +376,13 @@ impl App {
     }
 
     /// One row per replica, with rates from its own previous snapshot. When the replicas that
-    /// answer change, the fleet's sum jumps: the next snapshot starts its rates afresh.
+    /// answer change, or one restarted (its counters began again), the fleet's sum jumps: the
+    /// next snapshot starts its rates afresh.
     fn replica_rows(&mut self, samples: Vec<ReplicaSample>, at: Duration) {
         self.replica_previous.resize(samples.len(), None);
         let answered = |rows: &[ReplicaRow]| rows.iter().map(|r| r.error.is_none()).collect::<Vec<_>>();
         let before = answered(&self.replicas);
+        let mut restarted = false;
         let mut rows = Vec::with_capacity(samples.len());
         for (i, sample) in samples.iter().enumerate() {
             let draining = self.draining.contains(&i);
@@ -389,6 +394,7 @@ impl App {
             let row = match &sample.outcome {
                 Ok(stats) => {
                     let previous = self.replica_previous[i].take().filter(|(_, t)| at > *t);
+                    restarted |= previous.as_ref().is_some_and(|(old, _)| old.uptime_seconds > stats.uptime_seconds);
                     let since = previous.as_ref().map_or(0.0, |(_, t)| (at - *t).as_secs_f64());
                     let requests = |s: &Stats| s.handlers.iter().map(|h| h.requests).sum::<u64>();
                     let (rate, cpu) = match &previous {
@@ -418,7 +424,7 @@ impl App {
             };
             rows.push(row);
         }
-        if answered(&rows) != before {
+        if restarted || answered(&rows) != before {
             self.previous = None;
         }
         self.replicas = rows;

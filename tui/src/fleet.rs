@@ -22,18 +22,26 @@ impl ReplicaSample {
     }
 }
 
-/// The fleet's snapshot: every answering replica's, added up. GPUs are listed per replica
-/// (numbered in order, named with their replica); model replicas keep their ids, offset so that
-/// each replica's stay apart. `None` when no replica answered.
+/// How far apart the model replica ids and GPU indices of consecutive watched replicas are put
+/// in the fleet's snapshot: the `k`-th address's are offset by `k` times this, so each keeps its
+/// place (and its history on screen) while others come, go or scale.
+pub const ID_STRIDE: u32 = 1000;
+
+/// The fleet's snapshot: every answering replica's, added up. GPUs are listed per replica (named
+/// with their replica); model replicas keep their ids, offset by [`ID_STRIDE`] per address.
+/// `None` when no replica answered.
 pub fn merge(samples: &[ReplicaSample]) -> Option<Stats> {
-    let answered: Vec<(String, &Stats)> = samples.iter().filter_map(|s| s.outcome.as_ref().ok().map(|stats| (s.name(), stats))).collect();
-    let (_, first) = answered.first()?;
+    let answered: Vec<(u32, String, &Stats)> = (0u32..)
+        .zip(samples)
+        .filter_map(|(k, s)| s.outcome.as_ref().ok().map(|stats| (k, s.name(), stats)))
+        .collect();
+    let (_, _, first) = answered.first()?;
     if answered.len() == 1 {
         return Some((*first).clone());
     }
     let mut fleet = Stats {
         server: first.server.clone(),
-        uptime_seconds: answered.iter().map(|(_, s)| s.uptime_seconds).fold(f64::INFINITY, f64::min),
+        uptime_seconds: answered.iter().map(|(_, _, s)| s.uptime_seconds).fold(f64::INFINITY, f64::min),
         gpus: Vec::new(),
         models: Vec::new(),
         handlers: Vec::new(),
@@ -42,20 +50,17 @@ pub fn merge(samples: &[ReplicaSample]) -> Option<Stats> {
         caches: Vec::new(),
         replica: None,
     };
-    let mut replica_offset = 0;
-    for (name, stats) in &answered {
+    for (k, name, stats) in &answered {
+        let offset = k.saturating_mul(ID_STRIDE);
         for gpu in &stats.gpus {
             let mut gpu = gpu.clone();
             gpu.name = format!("{name} cuda:{} {}", gpu.index, gpu.name);
-            gpu.index = fleet.gpus.len() as u32;
+            gpu.index = gpu.index.saturating_add(offset);
             fleet.gpus.push(gpu);
         }
-        let mut widest = 0;
         for model in &stats.models {
-            widest = widest.max(model.replicas.iter().map(|r| r.id + 1).max().unwrap_or(0));
-            add_model(&mut fleet.models, model, replica_offset);
+            add_model(&mut fleet.models, model, offset);
         }
-        replica_offset += widest;
         for route in &stats.handlers {
             add_route(&mut fleet.handlers, route);
         }
@@ -102,7 +107,7 @@ fn add_counts(into: &mut Vec<u64>, add: &[u64]) {
 fn add_model(models: &mut Vec<ModelStats>, model: &ModelStats, replica_offset: u32) {
     let mut renumbered = model.clone();
     for replica in &mut renumbered.replicas {
-        replica.id += replica_offset;
+        replica.id = replica.id.saturating_add(replica_offset);
     }
     let Some(m) = models.iter_mut().find(|m| m.name == model.name) else {
         models.push(renumbered);

@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     client::spawn_control(args.admin_url.trim_end_matches('/').to_owned(), key, queued, tx)?;
 
     let mut app = App::new(url, Duration::from_millis(refresh.load(Ordering::Relaxed)));
+    app.sources = urls.len();
     // ratatui::init installs a panic hook that restores the terminal before the message prints.
     let mut terminal = ratatui::init();
     let result = (|| -> anyhow::Result<()> {

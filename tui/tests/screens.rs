@@ -337,10 +337,10 @@ fn a_fleet_is_the_sum_of_its_replicas_with_a_row_each() {
         assert_eq!(m.inferences, ma.inferences + mb.inferences);
         assert_eq!(m.queue_wait.count(), ma.queue_wait.count() + mb.queue_wait.count());
         assert_eq!(m.replicas.len(), ma.replicas.len() + mb.replicas.len());
-        let mut ids: Vec<u32> = m.replicas.iter().map(|r| r.id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        assert_eq!(ids.len(), m.replicas.len(), "replica ids stay apart: {ids:?}");
+        // Each address's replicas keep their ids, offset by its place in the list.
+        let ids: Vec<u32> = m.replicas.iter().map(|r| r.id).collect();
+        let want: Vec<u32> = ma.replicas.iter().map(|r| r.id).chain(mb.replicas.iter().map(|r| r.id + kiln_top::fleet::ID_STRIDE)).collect();
+        assert_eq!(ids, want);
     }
     assert_eq!(fleet.handlers[0].requests, a.handlers[0].requests + b.handlers[0].requests);
     assert_eq!(fleet.tenants[0].latency.count(), a.tenants[0].latency.count() + b.tenants[0].latency.count());
@@ -348,6 +348,7 @@ fn a_fleet_is_the_sum_of_its_replicas_with_a_row_each() {
 
     // The dashboard: a row per replica with its own rate, the summed rate in the header.
     let mut app = App::new("3 replicas".into(), Duration::from_secs(1));
+    app.sources = 3;
     for t in 1..=3 {
         let samples = fleet_samples(t, 3);
         let fleet = merge(&samples).expect("fleet");
@@ -386,6 +387,31 @@ fn a_fleet_is_the_sum_of_its_replicas_with_a_row_each() {
     app.update(Msg::Replicas { samples, at: Duration::from_secs(5) });
     app.update(Msg::Stats { stats: Box::new(fleet), at: Duration::from_secs(5) });
     assert!((app.req_rate - 1600.0).abs() < 1.0, "{}", app.req_rate);
+
+    // A replica that restarted between two polls (its counters began again): rates start afresh
+    // rather than read its lost counts as no traffic.
+    let restarted = |t: u64| {
+        let mut samples = fleet_samples(t, 3);
+        samples[1].outcome = Err("timed out".into());
+        if let Ok(stats) = &mut samples[0].outcome {
+            stats.uptime_seconds = (t - 5) as f64;
+            for h in stats.handlers.iter_mut().chain(stats.tenants.iter_mut()) {
+                h.requests = h.requests / t * (t - 5);
+            }
+        }
+        samples
+    };
+    for t in [6, 7] {
+        let points = app.latency.len();
+        let samples = restarted(t);
+        let fleet = merge(&samples).expect("fleet");
+        app.update(Msg::Replicas { samples, at: Duration::from_secs(t) });
+        app.update(Msg::Stats { stats: Box::new(fleet), at: Duration::from_secs(t) });
+        // No latency point from counters that went down; the next interval is measured again.
+        let (rate, new_points) = if t == 6 { (0.0, 0) } else { (1600.0, 1) };
+        assert!((app.req_rate - rate).abs() < 1.0, "at {t}: {}", app.req_rate);
+        assert_eq!(app.latency.len(), points + new_points, "at {t}");
+    }
 
     // One replica shutting down is that replica's state, not the fleet's.
     app.update(Msg::Event { source: 1, event: Box::new(ServerEvent { seq: 1, at_unix_ms: 1_795_000_000_000, kind: EventKind::Draining { grace_ms: 5000, timeout_ms: 30000 } }) });
