@@ -16,19 +16,27 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 
-# Debian packages the tests use: tmux (kiln-top's test runs it in a real terminal),
-# docker-registry with htpasswd (apache2-utils) for the OCI registry tests, and Prometheus for
-# the autoscaling test.
+# Debian packages the tests use: tmux (kiln-top's test runs it in a real terminal), and
+# docker-registry with htpasswd (apache2-utils) for the OCI registry tests.
 missing=()
 command -v tmux > /dev/null || missing+=(tmux)
 command -v docker-registry > /dev/null || missing+=(docker-registry)
 command -v htpasswd > /dev/null || missing+=(apache2-utils)
-command -v prometheus > /dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
-    install=(apt-get install -y -qq --no-install-recommends "${missing[@]}")
-    $sudo "${install[@]}" > /dev/null || { $sudo apt-get update -qq && $sudo "${install[@]}" > /dev/null; }
+    $sudo apt-get install -y -qq "${missing[@]}" > /dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" > /dev/null; }
+fi
+
+# Prometheus for the autoscaling test: Debian's package unpacked into build/tools, not
+# installed, so that no Prometheus service starts on the host.
+prometheus=build/tools/prometheus/usr/bin/prometheus
+if [ ! -x "$prometheus" ]; then
+    step "unpacking Debian's prometheus package into build/tools"
+    mkdir -p build/tools
+    rm -rf build/tools/prometheus build/tools/prometheus_*.deb
+    (cd build/tools && { apt-get download -qq prometheus 2> /dev/null || { sudo=; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get update -qq && apt-get download -qq prometheus; }; } \
+        && dpkg-deb -x prometheus_*.deb prometheus && rm prometheus_*.deb)
 fi
 
 stamp=.venv/.kiln-requirements

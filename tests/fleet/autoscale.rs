@@ -15,29 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::docker::{Container, daemon_or_skip, docker, image, one_fleet_at_a_time};
-use super::swarm::{Cleanup, Fleet, Load, cluster_config, service_tasks_running, wait_replicas};
-
-/// MiniLM and the embeddings handler as `deploy/docker/kiln.toml` serves them, one model
-/// replica each.
-const EMBEDDINGS: &str = r#"
-[[model]]
-name = "minilm"
-path = "/usr/share/kiln/examples/models/minilm.pt"
-device = "cpu"
-inputs = [
-    { name = "input_ids", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0, min = 0, max = 30521, max_dims = [-1, 512] },
-    { name = "attention_mask", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0, min = 0, max = 1, max_dims = [-1, 512] },
-]
-outputs = [{ name = "last_hidden_state", ragged_dim = 1 }]
-batching = { max_batch_size = 64 }
-threads = 1
-
-[[handler]]
-name = "embeddings"
-tenant = "demo"
-component = "/usr/share/kiln/examples/handlers/embeddings.wasm"
-models = ["minilm"]
-"#;
+use super::swarm::{Cleanup, Fleet, Load, cluster_config, service_tasks_running, wait_replicas, with_embeddings};
 
 const MIN_REPLICAS: u32 = 1;
 const MAX_REPLICAS: u32 = 3;
@@ -221,25 +199,15 @@ async fn the_keda_queries_scale_a_swarm_service_up_under_load_and_back_down() {
     if !daemon_or_skip("fleet::autoscale::the_keda_queries_scale_a_swarm_service_up_under_load_and_back_down") {
         return;
     }
-    let prometheus_bin = match which("prometheus") {
-        Some(path) => path,
-        None => {
-            kiln_tests::skip(
-                "fleet::autoscale::the_keda_queries_scale_a_swarm_service_up_under_load_and_back_down",
-                "needs Prometheus (Debian's prometheus package; scripts/setup.sh installs it)",
-            );
-            return;
-        }
-    };
+    // Debian's package, unpacked by scripts/setup.sh.
+    let prometheus_bin = kiln_tests::artifact("build/tools/prometheus/usr/bin/prometheus");
     let _fleet = one_fleet_at_a_time().await;
     let triggers = triggers();
     assert!(triggers.iter().any(|t| t.target == Target::AverageValue) && triggers.iter().any(|t| t.target == Target::Value), "{triggers:?}");
     let mut cleanup = Cleanup::default();
     // The replicas' config with MiniLM and the embeddings handler beside digits: a load the
     // model bounds, as a fleet that needs more replicas has.
-    let config = cluster_config().replacen("models = [\"digits\"]\nquota", "models = [\"digits\", \"minilm\"]\nquota", 1) + EMBEDDINGS;
-    assert!(config.contains("\"minilm\"]\nquota"), "the tenant's models line moved: {config}");
-    let fleet = Fleet::start(&mut cleanup, MIN_REPLICAS, &config);
+    let fleet = Fleet::start(&mut cleanup, MIN_REPLICAS, &with_embeddings(&cluster_config()));
 
     // Prometheus on the service's network, finding the replicas as nginx does (tasks.SERVICE),
     // under the job name the queries select. It runs from Debian's binary (it needs only libc)
@@ -305,9 +273,4 @@ async fn the_keda_queries_scale_a_swarm_service_up_under_load_and_back_down() {
     assert!(ok > 0);
     assert_eq!(failed, 0, "{failures:?}");
     light.stop().await;
-}
-
-/// The path of `program` on PATH.
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|p| p.is_file()))
 }

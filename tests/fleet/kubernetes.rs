@@ -78,7 +78,7 @@ async fn the_kustomize_overlays_are_valid_and_agree_with_the_config_they_serve()
         Ok(out) if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Kustomize") => {}
         other => {
             let why = other.map_or_else(|e| e.to_string(), |o| String::from_utf8_lossy(&o.stderr).into_owned());
-            kiln_tests::skip(test, &format!("needs kubectl with kustomize (1.14 or later) on PATH: {}", why.trim()));
+            kiln_tests::skip(test, &format!("needs kubectl 1.24 or later (with its kustomize) on PATH: {}", why.trim()));
             return;
         }
     }
@@ -109,16 +109,18 @@ async fn the_kustomize_overlays_are_valid_and_agree_with_the_config_they_serve()
         one(&cpu, kind);
         one(&gpu, kind);
     }
-    // The other autoscaler, built as an overlay would use it, is valid too.
-    let hpa_overlay = k8s.join("overlays/hpa");
-    std::fs::create_dir_all(&hpa_overlay).expect("dir");
+    // The other components, in an overlay as an operator would write it, are valid too: the
+    // plain HPA in place of KEDA, and the network policy.
+    let own_overlay = k8s.join("overlays/own");
+    std::fs::create_dir_all(&own_overlay).expect("dir");
     std::fs::write(
-        hpa_overlay.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../base]\ncomponents: [../../components/hpa]\n",
+        own_overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../base]\ncomponents: [../../components/hpa, ../../components/network-policy]\n",
     )
     .expect("overlay");
-    let hpa = validated(&kustomize(&hpa_overlay).expect("hpa overlay"), &schemas);
-    assert_eq!(one(&hpa, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"], "kiln");
+    let own = validated(&kustomize(&own_overlay).expect("own overlay"), &schemas);
+    assert_eq!(one(&own, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"], "kiln");
+    let policy = one(&own, "NetworkPolicy");
 
     let deployment = one(&cpu, "Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -186,6 +188,17 @@ async fn the_kustomize_overlays_are_valid_and_agree_with_the_config_they_serve()
     assert_eq!(gpu_container["image"], "kiln:cuda");
     assert_eq!(gpu_container["resources"]["limits"]["nvidia.com/gpu"], "1");
     assert_eq!(container["image"], "kiln:cpu");
+
+    // The policy names the container's ports, and selects its pods; the admin port is not open.
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress");
+    let allowed: Vec<String> =
+        rules.iter().flat_map(|rule| rule["ports"].as_array().cloned().unwrap_or_default()).map(|p| p["port"].as_str().unwrap_or_default().to_owned()).collect();
+    assert_eq!(allowed, ["http", "metrics"]);
+    for port in &allowed {
+        container_port(container, port);
+    }
+    assert_eq!(policy["spec"]["podSelector"], deployment["spec"]["selector"]);
+    assert!(deployment["spec"].get("replicas").is_none(), "the autoscaler owns the replica count");
 
     // The ports the objects name are the config's.
     assert_eq!(container_port(container, "http"), port_of(&config, "listen"));

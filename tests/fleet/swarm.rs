@@ -26,6 +26,11 @@ impl Cleanup {
     fn later(&mut self, args: &[&str]) {
         self.commands.push(args.iter().map(|s| (*s).to_owned()).collect());
     }
+
+    /// After everything else (an object made after the service that uses it).
+    fn last(&mut self, args: &[&str]) {
+        self.commands.insert(0, args.iter().map(|s| (*s).to_owned()).collect());
+    }
 }
 
 impl Drop for Cleanup {
@@ -140,6 +145,35 @@ pub(super) fn service_tasks_running(service: &str) -> usize {
     out.lines().filter(|l| l.starts_with("Running")).count()
 }
 
+/// MiniLM and the embeddings handler as `deploy/docker/kiln.toml` serves them, one model
+/// replica each.
+const EMBEDDINGS: &str = r#"
+[[model]]
+name = "minilm"
+path = "/usr/share/kiln/examples/models/minilm.pt"
+device = "cpu"
+inputs = [
+    { name = "input_ids", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0, min = 0, max = 30521, max_dims = [-1, 512] },
+    { name = "attention_mask", dtype = "INT64", shape = [-1, -1], ragged_dim = 1, pad = 0, min = 0, max = 1, max_dims = [-1, 512] },
+]
+outputs = [{ name = "last_hidden_state", ragged_dim = 1 }]
+batching = { max_batch_size = 64 }
+threads = 1
+
+[[handler]]
+name = "embeddings"
+tenant = "demo"
+component = "/usr/share/kiln/examples/handlers/embeddings.wasm"
+models = ["minilm"]
+"#;
+
+/// `config` with MiniLM and the embeddings handler beside digits, for tenant demo.
+pub(super) fn with_embeddings(config: &str) -> String {
+    let with = config.replacen("models = [\"digits\"]\nquota", "models = [\"digits\", \"minilm\"]\nquota", 1) + EMBEDDINGS;
+    assert!(with.contains("\"minilm\"]\nquota"), "the tenant's models line moved: {config}");
+    with
+}
+
 /// `deploy/docker/cluster.toml`, the replicas' config.
 pub(super) fn cluster_config() -> String {
     std::fs::read_to_string(kiln_tests::root().join("deploy/docker/cluster.toml")).expect("cluster.toml")
@@ -248,9 +282,18 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     eprintln!("steady: {ok} answered, {failed} failed {failures:?}");
     assert_eq!(failed, 0, "{failures:?}");
 
-    // A start-first rolling update (a new config value) loses no request.
+    // A new release of the handlers (a new config: the embeddings handler and its model beside
+    // digits), rolled start-first one replica at a time as docs/DEPLOY.md says, loses no request.
+    let release = format!("{service}-config-2");
+    std::fs::write(fleet.dir.path.join("release.toml"), with_embeddings(&cluster_config())).expect("release");
+    docker(&["config", "create", &release, &fleet.dir.path.join("release.toml").display().to_string()]).expect("config");
+    cleanup.last(&["config", "rm", &release]);
     let rolled = Instant::now();
-    docker(&["service", "update", "--detach=false", "--env-add", "KILN_SERVER__MAX_BODY_BYTES=8000000", &service]).expect("rolling update");
+    docker(&[
+        "service", "update", "--detach=false", "--config-rm", &format!("{service}-config"),
+        "--config-add", &format!("source={release},target=/etc/kiln/kiln.toml,mode=0444"), &service,
+    ])
+    .expect("rolling update");
     // The old replicas may still finish what they had; then only the new ones answer.
     tokio::time::sleep(Duration::from_secs(2)).await;
     load.take_replicas();
@@ -259,6 +302,13 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     eprintln!("rolling update in {:.0} s: {ok} answered, {failed} failed {failures:?}; replicas now {after:?}", rolled.elapsed().as_secs_f64());
     assert_eq!(failed, 0, "{failures:?}");
     assert!(after.iter().all(|r| !first.contains(r)), "every replica is new: {first:?} -> {after:?}");
+    // Every replica serves the new handler.
+    let embeddings = Load::start(format!("{}/v1/handlers/embeddings/", fleet.lb), fleet.key.clone(), br#"{"sentences": ["A new release."]}"#.to_vec(), 1);
+    let serving = wait_replicas(&embeddings, 3, Duration::from_secs(60)).await;
+    let (_, failed, failures) = embeddings.take();
+    embeddings.stop().await;
+    assert_eq!(failed, 0, "the new handler failed: {failures:?}");
+    assert!(serving.iter().all(|r| after.contains(r)), "{serving:?} are not the new replicas {after:?}");
 
     // Killing a replica's container fails at most the requests in flight on it; the service heals.
     let victim = docker(&["ps", "-q", "--filter", &format!("label=com.docker.swarm.service.name={service}")]).expect("ps");

@@ -211,7 +211,7 @@ impl Collector for Exporter {
             [(vec![], Latency(self.sandbox.instantiation.snapshot()))])?;
         family(&mut e, "kiln_guests_running", "Guests executing now, over every handler", None, Gauge,
             [(vec![], G(self.sandbox.running() as f64))])?;
-        family(&mut e, "kiln_requests_in_flight", "HTTP requests received on the serving and admin listeners and not yet answered (gRPC calls not counted)", None, Gauge,
+        family(&mut e, "kiln_requests_in_flight", "HTTP requests received on the serving and admin listeners whose response has not begun (gRPC calls not counted)", None, Gauge,
             [(vec![], G(self.requests.count() as f64))])?;
         let traps = t.traps();
         family(&mut e, "kiln_guest_traps", "Guest calls that failed, by kind", None, Counter,
