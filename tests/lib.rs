@@ -137,6 +137,8 @@ pub struct Server {
     keys: std::collections::HashMap<String, String>,
     /// Environment the server runs with, beyond the test's own.
     env: Vec<(String, String)>,
+    /// Its config sets `tls_cert`: the serving and admin URLs are https.
+    tls: bool,
     pub dir: TempDir,
 }
 
@@ -178,6 +180,7 @@ impl Server {
             log: dir.path.join("server.log"),
             keys,
             env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            tls: config.contains("\ntls_cert ="),
             dir,
         };
         // A port found free can be taken before kiln binds it (another test's server or one of
@@ -198,9 +201,10 @@ impl Server {
 
     fn set_ports(&mut self, port: u16, admin_port: u16, grpc_port: u16) {
         self.grpc = format!("127.0.0.1:{grpc_port}");
-        self.base = format!("http://127.0.0.1:{port}");
+        let scheme = if self.tls { "https" } else { "http" };
+        self.base = format!("{scheme}://127.0.0.1:{port}");
         self.addr = format!("127.0.0.1:{port}");
-        self.admin = format!("http://127.0.0.1:{admin_port}");
+        self.admin = format!("{scheme}://127.0.0.1:{admin_port}");
         self.admin_addr = format!("127.0.0.1:{admin_port}");
     }
 
@@ -317,7 +321,14 @@ impl Server {
             if let Some(status) = exited {
                 bail!("kiln exited with {status} before it was ready:\n{}", self.log_text());
             }
-            if http_status(&self.addr, "/v2/health/ready") == Some(200) {
+            // Over TLS the probe here cannot speak to it: listening is enough, and the test
+            // asks for readiness with a client that trusts its certificate.
+            let ready = if self.tls {
+                self.log_text().contains("listening on https://")
+            } else {
+                http_status(&self.addr, "/v2/health/ready") == Some(200)
+            };
+            if ready {
                 return Ok(());
             }
             if started.elapsed() > limit {

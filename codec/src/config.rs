@@ -97,6 +97,11 @@ pub struct RawServer {
     pub load_timeout_s: Option<u64>,
     /// How long a tenant's model download may take in all (seconds).
     pub tenant_fetch_timeout_s: Option<u64>,
+    /// The serving and admin listeners' certificate chain (PEM): with `tls_key`, they speak
+    /// TLS only. Read again when the file changes.
+    pub tls_cert: Option<String>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,10 +19,12 @@ pub mod files;
 pub mod fleet;
 pub mod model;
 pub mod sandbox;
+pub mod serve;
 pub mod server;
 pub mod sync;
 pub mod telemetry;
 pub mod tenancy;
+pub mod tls;
 
 #[cfg(test)]
 mod layering {
@@ -35,6 +37,7 @@ mod layering {
     const LAYERS: &[&[&str]] = &[
         &["sync"],
         &["telemetry", "files"],
+        &["tls"],
         &["model"],
         &["fleet", "sandbox"],
         &["tenancy"],
@@ -42,6 +45,7 @@ mod layering {
         &["config"],
         &["api"],
         &["cli", "server"],
+        &["serve"],
     ];
 
     fn layer(module: &str) -> Option<usize> {

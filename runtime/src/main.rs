@@ -74,28 +74,7 @@ enum Command {
     /// ./kiln.toml, else the bundled examples of a source checkout. KILN_SERVER__FIELD
     /// variables set [server] fields (KILN_SERVER__LISTEN=0.0.0.0:8080).
     #[command(after_help = EXAMPLES)]
-    Serve {
-        /// The deployment config (TOML with [server], [[model]] and [[handler]]).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Address to listen on; overrides [server].listen.
-        #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
-        /// Address of the admin API; overrides [server].admin_listen.
-        #[arg(long)]
-        admin_listen: Option<std::net::SocketAddr>,
-        /// Address of the gRPC API, or `off`; overrides [server].grpc_listen.
-        #[arg(long, value_name = "ADDR|off")]
-        grpc_listen: Option<String>,
-        /// Load remote model sources that have no sha256 pin (each one's digest is logged, to
-        /// pin it); overrides [server].allow_unpinned.
-        #[arg(long)]
-        allow_unpinned: bool,
-        /// Exit when standard input closes (lets a supervising process, such as the test
-        /// harness, take the server down with it).
-        #[arg(long, hide = true)]
-        stop_on_stdin_close: bool,
-    },
+    Serve(kiln::serve::ServeArgs),
     /// Manage a tenant's API keys (stored as salted hashes in the state directory).
     Tenant {
         #[command(subcommand)]
@@ -541,36 +520,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            admin_listen,
-            grpc_listen,
-            allow_unpinned,
-            stop_on_stdin_close,
-        } => {
-            if stop_on_stdin_close {
-                std::thread::spawn(|| {
-                    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
-                    std::process::exit(0);
-                });
-            }
-            let (path, found) = layers::locate(config.as_deref())?;
-            tracing::info!(config = %path.display(), found = ?found, "config");
-            let mut config = Config::load(&path)?;
-            config.server.allow_unpinned_by_flag(allow_unpinned).map_err(anyhow::Error::msg)?;
-            if let Some(text) = grpc_listen {
-                config.server.grpc_listen = kiln::config::parse_optional_listen(&text)
-                    .ok_or_else(|| anyhow::anyhow!("--grpc-listen: '{text}' is not an address like 127.0.0.1:8001, nor 'off'"))?;
-            }
-            let listen = listen.unwrap_or(config.server.listen);
-            let admin_listen = admin_listen.unwrap_or(config.server.admin_listen);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("kiln-io")
-                .build()?;
-            runtime.block_on(kiln::server::serve(&config, listen, admin_listen, shutdown_signal()))
-        }
+        Command::Serve(args) => kiln::serve::run(args),
         Command::Tenant { command } => {
             use kiln::tenancy::keys::Principal;
             match command {
@@ -771,49 +721,4 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         print!("{report}");
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutting down; a second signal exits at once");
-    tokio::spawn(async {
-        second_signal().await;
-        tracing::warn!("second signal: exiting without finishing the requests in flight");
-        std::process::exit(1);
-    });
-}
-
-/// The next SIGTERM or Ctrl-C.
-async fn second_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -14,6 +14,7 @@ mod openai;
 mod portable;
 mod sandbox;
 mod tenancy;
+mod tls;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -46,6 +46,8 @@ pub const SERVER_FIELDS: &[&str] = &[
     "cluster",
     "replica",
     "keys_dir",
+    "tls_cert",
+    "tls_key",
 ];
 
 /// How the config file was found.
@@ -216,6 +218,8 @@ impl ServerConfig {
             ("cluster", Some(Boolean(self.cluster.is_some()))),
             ("replica", self.cluster.as_ref().map(|r| text(r))),
             ("keys_dir", Some(text(&self.keys_dir.display()))),
+            ("tls_cert", self.tls.as_ref().map(|t| text(&t.cert.display()))),
+            ("tls_key", self.tls.as_ref().map(|t| text(&t.key.display()))),
         ];
         values
     }

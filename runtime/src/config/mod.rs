@@ -87,6 +87,9 @@ pub struct ServerConfig {
     /// Where the API key hashes are (`admin.keys`, `tenant-keys/TENANT.keys`), re-read when
     /// they change: the state directory, or a mounted Secret.
     pub keys_dir: PathBuf,
+    /// The serving and admin listeners' certificate and key (`tls_cert`, `tls_key`): TLS only
+    /// when set.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// How long a model may take to load and warm up before its load fails.
     pub load_timeout: Duration,
     /// How long a tenant's model download may take in all.

@@ -217,6 +217,9 @@ impl Validator<'_> {
             Some(false) | None => None,
         };
         let keys_dir = raw.keys_dir.as_deref().map_or_else(|| state_dir.clone(), |dir| self.path(dir));
+        let (tls_cert, tls_key) = (raw.tls_cert.as_deref().map(|p| self.path(p)), raw.tls_key.as_deref().map(|p| self.path(p)));
+        let tls = crate::tls::files(tls_cert.as_deref(), tls_key.as_deref())
+            .map_err(|message| self.invalid(if tls_cert.is_some() { "server.tls_key" } else { "server.tls_cert" }, message))?;
         if raw.cache_max_bytes == Some(0) {
             return Err(self.invalid("server.cache_max_bytes", "0 would keep nothing; leave it out for no limit"));
         }
@@ -229,6 +232,7 @@ impl Validator<'_> {
             registry_ca: raw.registry_ca.as_deref().map(|p| self.path(p)),
             cluster,
             keys_dir,
+            tls,
             load_timeout,
             tenant_fetch_timeout,
             listen,

@@ -1,0 +1,109 @@
+//! `kiln serve`: the config found and adjusted by the command line, the server run until a
+//! signal, and the signals (the first drains, a second exits at once).
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The deployment config (TOML with [server], [[model]] and [[handler]]).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on; overrides [server].listen.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Address of the admin API; overrides [server].admin_listen.
+    #[arg(long)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// Address of the gRPC API, or `off`; overrides [server].grpc_listen.
+    #[arg(long, value_name = "ADDR|off")]
+    pub grpc_listen: Option<String>,
+    /// Serve TLS on the serving and admin listeners with this certificate chain (PEM, read
+    /// again when it changes); with --tls-key, overrides [server].tls_cert and tls_key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Load remote model sources that have no sha256 pin (each one's digest is logged, to
+    /// pin it); overrides [server].allow_unpinned.
+    #[arg(long)]
+    pub allow_unpinned: bool,
+    /// Exit when standard input closes (lets a supervising process, such as the test
+    /// harness, take the server down with it).
+    #[arg(long, hide = true)]
+    pub stop_on_stdin_close: bool,
+}
+
+/// Runs the server of `args` until SIGTERM or Ctrl-C, then drains.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs { config, listen, admin_listen, grpc_listen, tls_cert, tls_key, allow_unpinned, stop_on_stdin_close } = args;
+    if stop_on_stdin_close {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
+    let (path, found) = crate::config::layers::locate(config.as_deref())?;
+    tracing::info!(config = %path.display(), found = ?found, "config");
+    let mut config = crate::config::Config::load(&path)?;
+    config.server.allow_unpinned_by_flag(allow_unpinned).map_err(anyhow::Error::msg)?;
+    if let Some(text) = grpc_listen {
+        config.server.grpc_listen = crate::config::parse_optional_listen(&text)
+            .ok_or_else(|| anyhow::anyhow!("--grpc-listen: '{text}' is not an address like 127.0.0.1:8001, nor 'off'"))?;
+    }
+    if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+        config.server.tls = Some(crate::tls::TlsFiles { cert, key });
+    }
+    let listen = listen.unwrap_or(config.server.listen);
+    let admin_listen = admin_listen.unwrap_or(config.server.admin_listen);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kiln-io")
+        .build()?;
+    runtime.block_on(crate::server::serve(&config, listen, admin_listen, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down; a second signal exits at once");
+    tokio::spawn(async {
+        second_signal().await;
+        tracing::warn!("second signal: exiting without finishing the requests in flight");
+        std::process::exit(1);
+    });
+}
+
+/// The next SIGTERM or Ctrl-C.
+async fn second_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
