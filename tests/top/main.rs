@@ -156,8 +156,12 @@ fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
     tmux.until("minilm tuned up", |s| s.contains("minilm: tuned"));
     let up = model("minilm")["instances"].clone();
     assert!(up["min"] == up["max"] && up["max"].as_u64().is_some_and(|n| n > before && n >= 2), "{up} from {before}");
+    // '-' asks for one fewer than the row shows: wait until the row shows the new count, or it
+    // would take one off the count from before '+'.
+    let grown = up["max"].as_u64().unwrap_or(0);
+    tmux.until("minilm's row with the grown count", |s| s.lines().any(|l| l.contains("minilm") && l.contains(&format!("{grown}/{grown} "))));
     tmux.keys("-");
-    let want = up["max"].as_u64().unwrap_or(0) - 1;
+    let want = grown - 1;
     let started = Instant::now();
     while model("minilm")["instances"]["max"].as_u64() != Some(want) {
         assert!(started.elapsed() < Duration::from_secs(30), "minilm not tuned down to {want}: {}", model("minilm"));
