@@ -457,6 +457,29 @@ impl Drop for TempDir {
     }
 }
 
+/// One held-out digit's PNG, for the tests that need a request to send.
+pub fn a_digit() -> Vec<u8> {
+    holdout(1).swap_remove(0).0
+}
+
+/// The held-out digits as (PNG, label), the first `n` by name.
+pub fn holdout(n: usize) -> Vec<(Vec<u8>, u64)> {
+    let mut paths: Vec<_> = std::fs::read_dir(artifact("build/holdout/digits"))
+        .expect("holdout dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .take(n)
+        .map(|p| {
+            let label = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.rsplit('_').next()).and_then(|l| l.parse().ok());
+            (std::fs::read(&p).expect("png"), label.expect("label in the name"))
+        })
+        .collect()
+}
+
 /// Says that `test` did not run here, and why: on stderr, and as a line of the file named by
 /// `KILN_SKIP_LOG` (which `scripts/test.sh` sets, to count skips in its last line). A test that
 /// skips returns right after; Rust's harness counts it as passed, so this is what tells them apart.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_tests::{Server, TempDir, artifact, examples_config, kiln};
+use kiln_tests::{Server, TempDir, a_digit, examples_config, kiln};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 /// A certificate authority of the test's own.
@@ -58,12 +58,6 @@ fn replace(path: &std::path::Path, pem: &str) {
     let temp = path.with_extension("new");
     std::fs::write(&temp, pem).expect("write");
     std::fs::rename(&temp, path).expect("rename");
-}
-
-fn a_digit() -> Vec<u8> {
-    let dir = artifact("build/holdout/digits");
-    let png = std::fs::read_dir(&dir).expect("holdout").filter_map(Result::ok).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "png"));
-    std::fs::read(png.expect("a held-out digit")).expect("png")
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ async fn digits(server: &Server, png: &[u8]) -> (String, Value) {
 async fn replicas_from_one_config_serve_alike_and_refuse_what_would_set_one_apart() {
     let keys = TempDir::new("kiln-cluster-keys").expect("keys");
     let (a, b) = (replica(&keys, "kiln-a"), replica(&keys, "kiln-b"));
-    let png = super::image::a_digit();
+    let png = kiln_tests::a_digit();
 
     // The same answer from both; each request id starts with its replica's name.
     let ((id_a, answer_a), (id_b, answer_b)) = (digits(&a, &png).await, digits(&b, &png).await);

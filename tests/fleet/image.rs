@@ -5,30 +5,7 @@
 use std::time::Duration;
 
 use super::docker::{Container, Volume, daemon_or_skip, docker, docker_status, image};
-use kiln_tests::artifact;
-
-/// One held-out digit's PNG, for the tests that need a request to send.
-pub(crate) fn a_digit() -> Vec<u8> {
-    holdout(1).swap_remove(0).0
-}
-
-/// The held-out digits as (PNG, label), the first `n` by name.
-pub(crate) fn holdout(n: usize) -> Vec<(Vec<u8>, u64)> {
-    let mut paths: Vec<_> = std::fs::read_dir(artifact("build/holdout/digits"))
-        .expect("holdout dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "png"))
-        .collect();
-    paths.sort();
-    paths
-        .into_iter()
-        .take(n)
-        .map(|p| {
-            let label = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.rsplit('_').next()).and_then(|l| l.parse().ok());
-            (std::fs::read(&p).expect("png"), label.expect("label in the name"))
-        })
-        .collect()
-}
+use kiln_tests::{artifact, holdout};
 
 #[tokio::test]
 async fn the_image_serves_the_examples_as_a_non_root_user_from_a_read_only_root() {

@@ -230,7 +230,7 @@ async fn the_kustomize_overlays_are_valid_and_agree_with_the_config_they_serve()
         let response = client.get(server.url(path)).send().await.expect("probe");
         assert_eq!(response.status(), 200, "{probe} {path}");
     }
-    let png = super::image::a_digit();
+    let png = kiln_tests::a_digit();
     let answered = server.client("demo").post(server.url("/v1/handlers/digits/")).body(png).send().await.expect("digits");
     assert_eq!(answered.status(), 200);
     let metrics = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.expect("metrics").text().await.expect("text");

@@ -202,7 +202,7 @@ fn serve_refuses(config: &str) -> String {
 }
 
 async fn classify(server: &Server) -> u16 {
-    let response = server.client("demo").post(server.url("/v1/handlers/digits/")).body(super::image::a_digit()).send().await.expect("post");
+    let response = server.client("demo").post(server.url("/v1/handlers/digits/")).body(kiln_tests::a_digit()).send().await.expect("post");
     response.status().as_u16()
 }
 

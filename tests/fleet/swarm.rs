@@ -268,7 +268,7 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     let mut cleanup = Cleanup::default();
     let fleet = Fleet::start(&mut cleanup, 3, &cluster_config());
     let (service, started) = (fleet.service.clone(), fleet.started);
-    let png = super::image::a_digit();
+    let png = kiln_tests::a_digit();
 
     // Every replica answers.
     let load = Load::start(fleet.lb_url.clone(), fleet.key.clone(), png, CONCURRENCY);
@@ -400,7 +400,7 @@ async fn the_compose_file_runs_three_replicas_behind_the_balancer() {
     }
     let _down = Down(compose);
     assert!(up.status.success(), "docker-compose up: {}", String::from_utf8_lossy(&up.stderr));
-    let png = super::image::a_digit();
+    let png = kiln_tests::a_digit();
     let load = Load::start(format!("http://127.0.0.1:{port}/v1/handlers/digits/"), key.trim().to_owned(), png, CONCURRENCY);
     let replicas = wait_replicas(&load, 3, Duration::from_secs(180)).await;
     load.take();

@@ -452,9 +452,7 @@ impl App {
             merged = Some(match merged {
                 None => recent,
                 Some(mut m) => {
-                    for (a, b) in m.counts.iter_mut().zip(&recent.counts) {
-                        *a += b;
-                    }
+                    m.add(&recent);
                     m
                 }
             });

@@ -2,7 +2,7 @@
 //! (queues, counters and histograms added up by model, handler and tenant name), so the rest of
 //! the dashboard shows a fleet as it shows one server. Pure functions of the snapshots.
 
-use kiln_wire::{Bounds, CacheStats, Histogram, ModelStats, RouteStats, Stats};
+use kiln_wire::{Bounds, CacheStats, ModelStats, RouteStats, Stats};
 
 /// One replica's latest answer to `/v1/stats`, or why there is none.
 #[derive(Debug, Clone)]
@@ -84,17 +84,6 @@ pub fn merge(samples: &[ReplicaSample]) -> Option<Stats> {
     Some(fleet)
 }
 
-/// `into` plus `add`, bucket by bucket.
-fn add_histogram(into: &mut Histogram, add: &Histogram) {
-    if into.counts.len() < add.counts.len() {
-        into.counts.resize(add.counts.len(), 0);
-    }
-    for (a, b) in into.counts.iter_mut().zip(&add.counts) {
-        *a += b;
-    }
-    into.sum_us += add.sum_us;
-}
-
 fn add_counts(into: &mut Vec<u64>, add: &[u64]) {
     if into.len() < add.len() {
         into.resize(add.len(), 0);
@@ -131,8 +120,8 @@ fn add_model(models: &mut Vec<ModelStats>, model: &ModelStats, replica_offset: u
     m.timeouts += model.timeouts;
     m.isolated_batches += model.isolated_batches;
     add_counts(&mut m.batch_sizes, &model.batch_sizes);
-    add_histogram(&mut m.queue_wait, &model.queue_wait);
-    add_histogram(&mut m.forward, &model.forward);
+    m.queue_wait.add(&model.queue_wait);
+    m.forward.add(&model.forward);
     // The forward curve: per batch size, the mean over every replica's samples.
     for point in &model.forward_curve {
         match m.forward_curve.iter_mut().find(|p| p.rows == point.rows) {
@@ -155,7 +144,7 @@ fn add_route(routes: &mut Vec<RouteStats>, route: &RouteStats) {
             r.requests += route.requests;
             r.errors += route.errors;
             r.throttled += route.throttled;
-            add_histogram(&mut r.latency, &route.latency);
+            r.latency.add(&route.latency);
         }
         None => routes.push(route.clone()),
     }

@@ -287,6 +287,17 @@ impl Histogram {
         self.counts.iter().sum()
     }
 
+    /// Adds `other`'s counts to these, bucket by bucket (two replicas', or two routes', into one).
+    pub fn add(&mut self, other: &Histogram) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+    }
+
     /// What was added since `earlier` (a snapshot of the same histogram).
     pub fn since(&self, earlier: &Histogram) -> Histogram {
         Histogram {
