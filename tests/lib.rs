@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+pub mod certs;
+
 /// The repository root: `$KILN_ROOT` (for a prebuilt test binary run elsewhere, as
 /// `scripts/gpu-check.sh` does), or where this crate was built.
 pub fn root() -> PathBuf {

@@ -97,11 +97,27 @@ pub struct RawServer {
     pub load_timeout_s: Option<u64>,
     /// How long a tenant's model download may take in all (seconds).
     pub tenant_fetch_timeout_s: Option<u64>,
-    /// The serving and admin listeners' certificate chain (PEM): with `tls_key`, they speak
-    /// TLS only. Read again when the file changes.
+    /// Every listener's certificate chain (PEM): with `tls_key`, they speak TLS only. Read
+    /// again when the file changes.
     pub tls_cert: Option<String>,
     /// The private key of `tls_cert` (PEM).
     pub tls_key: Option<String>,
+    /// The admin listener's own certificate and key, instead of `tls_cert`/`tls_key`.
+    pub admin_tls_cert: Option<String>,
+    pub admin_tls_key: Option<String>,
+    /// `false`: the admin listener speaks plain HTTP even with `tls_cert` set.
+    pub admin_tls: Option<bool>,
+    /// CA certificates (PEM): the admin listener then takes only clients presenting a
+    /// certificate that chains to one of them (besides an admin key). Read again when it changes.
+    pub admin_client_ca: Option<String>,
+    /// The gRPC listener's own certificate and key, or `grpc_tls = false` for plain gRPC.
+    pub grpc_tls_cert: Option<String>,
+    pub grpc_tls_key: Option<String>,
+    pub grpc_tls: Option<bool>,
+    /// The metrics listener's own certificate and key, or `metrics_tls = false` for plain HTTP.
+    pub metrics_tls_cert: Option<String>,
+    pub metrics_tls_key: Option<String>,
+    pub metrics_tls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,10 +1,12 @@
 //! Files Kiln keeps (the state directory's manifests, blobs and key files): written whole or not
-//! at all, and named by content where that matters.
+//! at all, and named by content where that matters; and files Kiln reads again when they change
+//! (keys, certificates).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Every temporary file's name starts with this; a valid name cannot (see `check_name`).
 pub const TEMP_PREFIX: &str = ".kiln-tmp-";
@@ -56,4 +58,45 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The SHA-256 of each of `paths` (`None` for one that cannot be read): changes with any write,
+/// even within one timestamp tick.
+pub fn fingerprint(paths: &[PathBuf]) -> Vec<Option<String>> {
+    paths.iter().map(|path| fs::read(path).ok().map(|bytes| sha256_hex(&bytes))).collect()
+}
+
+/// Checks `paths` every `every` while the runtime runs and calls `reload` when any changed. An
+/// error from `reload` (a certificate renewed before its key) is logged once, naming `what`,
+/// and the reload is tried again at each check until it succeeds: what was loaded before stays
+/// in use meanwhile.
+pub fn watch(
+    paths: Vec<PathBuf>,
+    every: Duration,
+    what: &'static str,
+    mut reload: impl FnMut() -> Result<(), String> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut seen = fingerprint(&paths);
+        let mut complained = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = fingerprint(&paths);
+            if now == seen {
+                continue;
+            }
+            match reload() {
+                Ok(()) => {
+                    seen = now;
+                    complained = None;
+                }
+                Err(message) => {
+                    if complained.as_ref() != Some(&message) {
+                        tracing::warn!("{what} changed but cannot be used yet (the one loaded before stays in use): {message}");
+                        complained = Some(message);
+                    }
+                }
+            }
+        }
+    });
 }

@@ -59,6 +59,11 @@ enum Command {
         /// Give up after this long.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: std::time::Duration,
+        /// Trust the CA certificates of this PEM file for an https:// URL. Without --url and
+        /// with TLS in the config, the certificate is not checked without --cacert: it names
+        /// the server's public name, not the listen address probed here.
+        #[arg(long, env = "KILN_CACERT", value_name = "FILE")]
+        cacert: Option<PathBuf>,
     },
     /// Show what libtorch and the GPU inventory see: CUDA, cuDNN and every GPU (NVML, or the
     /// config's simulated GPUs).
@@ -285,14 +290,33 @@ struct AdminArgs {
     /// An admin key (from `kiln admin add-key`).
     #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
     admin_key: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl AdminArgs {
-    fn target(self) -> kiln::cli::AdminTarget {
-        kiln::cli::AdminTarget {
-            url: self.admin_url,
-            key: self.admin_key,
-        }
+    fn target(self) -> anyhow::Result<kiln::cli::AdminTarget> {
+        Ok(kiln::cli::AdminTarget { url: self.admin_url, key: self.admin_key, tls: self.tls.client()? })
+    }
+}
+
+/// How a command speaks to an https:// server.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Trust the CA certificates of this PEM file, instead of the system's, for https:// URLs.
+    #[arg(long, env = "KILN_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Present this certificate (PEM) to an admin listener that asks for one (admin_client_ca).
+    #[arg(long, env = "KILN_CLIENT_CERT", value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, env = "KILN_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn client(self) -> anyhow::Result<kiln::tls::ClientTls> {
+        kiln::tls::ClientTls::from_flags(self.cacert, self.client_cert, self.client_key)
     }
 }
 
@@ -342,6 +366,8 @@ enum ModelAction {
         admin_url: String,
         #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
         admin_key: Option<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Download a remote model file into the model cache ahead of its load, with a progress bar.
     /// SOURCE is https://HOST/FILE or hf://ORG/REPO/FILE@REVISION.
@@ -424,10 +450,13 @@ struct BenchArgs {
     /// Request body, read from a file.
     #[arg(long)]
     body: Option<PathBuf>,
-    /// With --model: send gRPC ModelInfer to this address (HOST:PORT) instead; --body is then
-    /// an OIP JSON request, sent as raw contents.
+    /// With --model: send gRPC ModelInfer to this address (HOST:PORT, or https://HOST:PORT
+    /// for TLS) instead; --body is then an OIP JSON request, sent as raw contents.
     #[arg(long, requires_all = ["model", "body"], value_name = "HOST:PORT")]
     grpc: Option<String>,
+    /// Trust the CA certificates of this PEM file, instead of the system's, for https:// URLs.
+    #[arg(long, env = "KILN_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
     /// Other bodies: every file in this folder, sent in turn by the requests that do not repeat
     /// --body (see --repeat-percent).
     #[arg(long, requires = "body")]
@@ -490,14 +519,16 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// Where this machine reaches the server of the config found here: its `listen` address, on
-/// loopback when it listens on every address; Kiln's default when there is no config.
+/// loopback when it listens on every address, over https when it has TLS; Kiln's default when
+/// there is no config.
 fn local_url() -> String {
-    let listen = layers::locate(None).ok().and_then(|(file, _)| Config::load(&file).ok()).map(|c| c.server.listen);
-    let mut addr = listen.unwrap_or_else(|| ([127, 0, 0, 1], 8080).into());
+    let server = layers::locate(None).ok().and_then(|(file, _)| Config::load(&file).ok()).map(|c| c.server);
+    let mut addr = server.as_ref().map_or_else(|| ([127, 0, 0, 1], 8080).into(), |s| s.listen);
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    format!("http://{addr}")
+    let tls = server.is_some_and(|s| s.tls.serving().is_some());
+    format!("{}://{addr}", if tls { "https" } else { "http" })
 }
 
 /// The config file the command names, else the one [`layers::locate`] finds.
@@ -551,7 +582,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", layers::show(&path, found, &overrides)?);
             Ok(())
         }
-        Command::Health { url, timeout } => kiln::cli::health(&url.unwrap_or_else(local_url), timeout),
+        Command::Health { url, timeout, cacert } => {
+            let trust = |fallback| cacert.clone().map_or(fallback, kiln::tls::Trust::CaFile);
+            let (url, trust) = match url {
+                Some(url) => (url, trust(kiln::tls::Trust::System)),
+                None => (local_url(), trust(kiln::tls::Trust::Anything)),
+            };
+            kiln::cli::health(&url, &kiln::tls::ClientTls { trust, identity: None }, timeout)
+        }
         Command::Devices { config, json } => {
             let gpus = match config {
                 Some(file) => Config::load(&file)?.gpus,
@@ -566,26 +604,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sign { what, key, out } => kiln::cli::sign(&what, &key, out),
         Command::Push(args) => kiln::cli::oci::push(&args),
         Command::Pull(args) => kiln::cli::oci::pull(&args),
-        Command::Deploy { request, admin } => kiln::cli::deploy(&admin.target(), &request),
-        Command::Undeploy { name, admin } => kiln::cli::undeploy(&admin.target(), &name),
-        Command::Handlers { admin } => kiln::cli::list_handlers(&admin.target()),
+        Command::Deploy { request, admin } => kiln::cli::deploy(&admin.target()?, &request),
+        Command::Undeploy { name, admin } => kiln::cli::undeploy(&admin.target()?, &name),
+        Command::Handlers { admin } => kiln::cli::list_handlers(&admin.target()?),
         Command::Model { action } => match action {
-            ModelAction::Load { name, spec, admin } => kiln::cli::load_model(&admin.target(), &name, spec.as_deref()),
-            ModelAction::Unload { name, admin } => kiln::cli::unload_model(&admin.target(), &name),
-            ModelAction::Delete { name, admin } => kiln::cli::delete_model(&admin.target(), &name),
+            ModelAction::Load { name, spec, admin } => kiln::cli::load_model(&admin.target()?, &name, spec.as_deref()),
+            ModelAction::Unload { name, admin } => kiln::cli::unload_model(&admin.target()?, &name),
+            ModelAction::Delete { name, admin } => kiln::cli::delete_model(&admin.target()?, &name),
             ModelAction::Ls { cache: true, config, .. } => kiln::cli::list_cache(&load(config)?),
-            ModelAction::Ls { cache: false, admin_url, admin_key, .. } => {
+            ModelAction::Ls { cache: false, admin_url, admin_key, tls, .. } => {
                 let key = admin_key.ok_or_else(|| anyhow::anyhow!("give an admin key: --admin-key or KILN_ADMIN_KEY"))?;
-                kiln::cli::list_models(&kiln::cli::AdminTarget { url: admin_url, key })
+                kiln::cli::list_models(&kiln::cli::AdminTarget { url: admin_url, key, tls: tls.client()? })
             }
             ModelAction::Pull { source, sha256, allow_unpinned, config } => {
                 kiln::cli::pull_model(&load(config)?, &source, sha256.as_deref(), allow_unpinned)
             }
             ModelAction::Rm { sha256, config } => kiln::cli::remove_cached(&load(config)?, &sha256),
-            ModelAction::Pause { name, admin } => kiln::cli::control_model(&admin.target(), &name, "pause"),
-            ModelAction::Resume { name, admin } => kiln::cli::control_model(&admin.target(), &name, "resume"),
-            ModelAction::Flush { name, admin } => kiln::cli::control_model(&admin.target(), &name, "flush"),
-            ModelAction::ResetStats { name, admin } => kiln::cli::control_model(&admin.target(), &name, "reset-stats"),
+            ModelAction::Pause { name, admin } => kiln::cli::control_model(&admin.target()?, &name, "pause"),
+            ModelAction::Resume { name, admin } => kiln::cli::control_model(&admin.target()?, &name, "resume"),
+            ModelAction::Flush { name, admin } => kiln::cli::control_model(&admin.target()?, &name, "flush"),
+            ModelAction::ResetStats { name, admin } => kiln::cli::control_model(&admin.target()?, &name, "reset-stats"),
             ModelAction::Set { name, max_batch_size, max_queue_delay_us, timeout_ms, instances, admin } => {
                 let mut knobs = serde_json::Map::new();
                 if let Some(n) = max_batch_size {
@@ -600,10 +638,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(text) = instances {
                     knobs.insert("instances".into(), parse_instances(&text)?);
                 }
-                kiln::cli::tune_model(&admin.target(), &name, &serde_json::Value::Object(knobs))
+                kiln::cli::tune_model(&admin.target()?, &name, &serde_json::Value::Object(knobs))
             }
         },
-        Command::Requests { cancel, admin } => kiln::cli::requests(&admin.target(), cancel.as_deref()),
+        Command::Requests { cancel, admin } => kiln::cli::requests(&admin.target()?, cancel.as_deref()),
         Command::Bench(args) => bench(args),
         Command::Check { component } => kiln::cli::author::check(&component),
         Command::ScanTorchscript => Ok(kiln::model::graph_check::serve_scan()?),
@@ -712,6 +750,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             }),
             _ => None,
         },
+        tls: kiln::tls::ClientTls::from_flags(args.cacert.clone(), None, None)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(kiln::cli::bench::run(spec))?;

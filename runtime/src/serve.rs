@@ -17,8 +17,9 @@ pub struct ServeArgs {
     /// Address of the gRPC API, or `off`; overrides [server].grpc_listen.
     #[arg(long, value_name = "ADDR|off")]
     pub grpc_listen: Option<String>,
-    /// Serve TLS on the serving and admin listeners with this certificate chain (PEM, read
-    /// again when it changes); with --tls-key, overrides [server].tls_cert and tls_key.
+    /// Serve TLS on every listener with this certificate chain (PEM, read again when it
+    /// changes), unless a listener's own [server] fields say otherwise; with --tls-key,
+    /// overrides [server].tls_cert and tls_key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
@@ -52,7 +53,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--grpc-listen: '{text}' is not an address like 127.0.0.1:8001, nor 'off'"))?;
     }
     if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
-        config.server.tls = Some(crate::tls::TlsFiles { cert, key });
+        config.server.tls.default = Some(crate::tls::TlsFiles { cert, key });
     }
     let listen = listen.unwrap_or(config.server.listen);
     let admin_listen = admin_listen.unwrap_or(config.server.admin_listen);

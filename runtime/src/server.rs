@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::{Listener as _, ListenerExt as _};
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
@@ -27,11 +27,13 @@ use crate::sandbox::Sandbox;
 use crate::deploy::registry::{Handlers, Registry};
 use crate::deploy::store::Store;
 use crate::tenancy::Tenant;
+use crate::tls::{LiveTls, ServerTls, TlsListener};
 
 /// Events kept for followers of `/v1/events` that connect later.
 const EVENT_HISTORY: usize = 500;
 
-/// How often the key files are checked for changes (`kiln tenant add-key` on a running server).
+/// How often the key and certificate files are checked for changes (`kiln tenant add-key` on a
+/// running server, a renewed certificate).
 const KEY_POLL: Duration = Duration::from_secs(1);
 
 /// Builds everything `config` describes. Models keep loading in the background; the server is
@@ -208,17 +210,15 @@ pub async fn serve(
         fetched = fetch_oci_handlers(config).await?;
         &fetched
     };
+    // Certificates are read before anything else starts, so that a wrong file stops the
+    // server at once; each listener's are read again when they change.
+    let tls = &config.server.tls;
+    let serving_tls = live_tls(tls.serving(), true)?;
+    let admin_tls = live_tls(tls.admin(), true)?;
+    let grpc_tls = live_tls(tls.grpc(), false)?;
+    let metrics_tls = live_tls(tls.metrics(), true)?;
     let state = Arc::new(build(config)?);
-    // With [server] tls_cert/tls_key, the serving and admin listeners speak TLS only.
-    let tls = match &config.server.tls {
-        Some(files) => {
-            let live = Arc::new(crate::tls::LiveCert::load(files)?);
-            live.watch(KEY_POLL);
-            Some(live.server_config())
-        }
-        None => None,
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    let scheme = |tls: &Option<Arc<LiveTls>>| if tls.is_some() { "https" } else { "http" };
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let admin_listener = TcpListener::bind(admin_listen).await.with_context(|| format!("cannot listen on {admin_listen} (admin_listen)"))?;
     let grpc_listener = match config.server.grpc_listen {
@@ -227,11 +227,11 @@ pub async fn serve(
     };
     let grpc_local = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let metrics_listener = match config.server.metrics_listen {
-        Some(addr) => Some(bind(addr).await.with_context(|| "metrics_listen")?),
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?),
         None => None,
     };
     if let Some(listener) = &metrics_listener {
-        tracing::info!("metrics without a key on http://{}/metrics", listener.local_addr()?);
+        tracing::info!("metrics without a key on {}://{}/metrics", scheme(&metrics_tls), listener.local_addr()?);
     }
     let (local, admin_local) = (listener.local_addr()?, admin_listener.local_addr()?);
     if !admin_local.ip().is_loopback() {
@@ -239,9 +239,12 @@ pub async fn serve(
     }
     state.keys.watch(KEY_POLL);
     let handler_count = state.registry.list().len();
-    let grpc_text = grpc_local.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let grpc_text = grpc_local.map_or_else(|| "off".to_owned(), |a| format!("{a}{}", if grpc_tls.is_some() { " (TLS)" } else { "" }));
     tracing::info!(
-        "listening on {scheme}://{local} ({} models, {} tenants, {handler_count} handlers); gRPC on {grpc_text}; admin API on {scheme}://{admin_local}",
+        "listening on {}://{local} ({} models, {} tenants, {handler_count} handlers); gRPC on {grpc_text}; admin API on {}://{admin_local}{}",
+        scheme(&serving_tls),
+        scheme(&admin_tls),
+        if tls.admin_client_ca.is_some() { " (client certificates required)" } else { "" },
         state.models.snapshot().len(),
         state.tenants.len(),
     );
@@ -271,27 +274,32 @@ pub async fn serve(
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let main = serve_http(listener, tls.clone(), api::routes::serving(Arc::clone(&state)), until_stopped(stopped.clone()))?;
+    let main = serve_http(listener, serving_tls, api::routes::serving(Arc::clone(&state)), until_stopped(stopped.clone()))?;
     let grpc_stopped = stopped.clone();
     let grpc_state = Arc::clone(&state);
     let grpc = async move {
         let Some(listener) = grpc_listener else { return Ok(()) };
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        tonic::transport::Server::builder()
-            .add_service(api::grpc::service(grpc_state))
-            .serve_with_incoming_shutdown(incoming, until_stopped(grpc_stopped))
-            .await
-            .context("gRPC server failed")
+        let mut server = tonic::transport::Server::builder();
+        let server = server.add_service(api::grpc::service(grpc_state));
+        match grpc_tls {
+            Some(live) => {
+                let incoming = TlsListener::new(listener, live)?.into_stream();
+                server.serve_with_incoming_shutdown(incoming, until_stopped(grpc_stopped)).await
+            }
+            None => {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                server.serve_with_incoming_shutdown(incoming, until_stopped(grpc_stopped)).await
+            }
+        }
+        .context("gRPC server failed")
     };
     let metrics_stopped = stopped.clone();
     let metrics_state = Arc::clone(&state);
-    let metrics = async move {
-        let Some(listener) = metrics_listener else { return Ok(()) };
-        axum::serve(listener, api::routes::metrics(metrics_state).into_make_service())
-            .with_graceful_shutdown(until_stopped(metrics_stopped))
-            .await
+    let metrics: Serving = match metrics_listener {
+        Some(listener) => serve_http(listener, metrics_tls, api::routes::metrics(metrics_state), until_stopped(metrics_stopped))?,
+        None => Box::pin(std::future::ready(Ok(()))),
     };
-    let admin = serve_http(admin_listener, tls, api::routes::admin(state), until_stopped(stopped))?;
+    let admin = serve_http(admin_listener, admin_tls, api::routes::admin(state), until_stopped(stopped))?;
     // In-flight requests (and the batches they wait on) finish, bounded by the drain timeout
     // counted from the signal.
     let served = async {
@@ -316,20 +324,28 @@ pub async fn serve(
 
 type Serving = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
 
-/// `router` on `listener` until `stop`, over TLS with `tls`' certificate when given; callers'
-/// addresses reach the handlers as connect info either way.
+/// `tls` read and watched, when a listener has it.
+fn live_tls(tls: Option<ServerTls>, http1: bool) -> anyhow::Result<Option<Arc<LiveTls>>> {
+    let Some(tls) = tls else { return Ok(None) };
+    let live = LiveTls::load(&tls, http1)?;
+    live.watch(KEY_POLL);
+    Ok(Some(live))
+}
+
+/// `router` on `listener` until `stop`, over TLS when `tls` is given; callers' addresses reach
+/// the handlers as connect info either way.
 fn serve_http(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<LiveTls>>,
     router: axum::Router,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Serving> {
     use std::future::IntoFuture as _;
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     Ok(match tls {
-        Some(config) => {
+        Some(live) => {
             // A tap that does nothing: axum gives connect info for tapped listeners of any kind.
-            let listener = crate::tls::TlsListener::new(listener, config)?.tap_io(|_| {});
+            let listener = TlsListener::new(listener, live)?.tap_io(|_| {});
             Box::pin(axum::serve(listener, service).with_graceful_shutdown(stop).into_future())
         }
         None => {
@@ -343,20 +359,4 @@ fn serve_http(
             Box::pin(axum::serve(listener, service).with_graceful_shutdown(stop).into_future())
         }
     })
-}
-
-async fn bind(
-    addr: SocketAddr,
-) -> anyhow::Result<axum::serve::TapIo<TcpListener, impl FnMut(&mut tokio::net::TcpStream) + Send + 'static>>
-{
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    // Without TCP_NODELAY a response written in several segments waits on the client's
-    // delayed ACK: 40 ms added to every embeddings answer.
-    Ok(listener.tap_io(|stream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    }))
 }

@@ -2,7 +2,9 @@
 //! scaler grows, the dashboard started against it, and the screen read back: the model's queue,
 //! a non-zero request rate and a scaling decision; then the model keys (`p` pauses and resumes,
 //! `f` `y` flushes, `+`/`-` scale), checked through the admin API; then Space, `?` and `q`. And
-//! two replicas of a fleet watched at once: a row each, one killed and shown as gone.
+//! two replicas of a fleet watched at once: a row each, one killed and shown as gone. And a
+//! server over TLS: refused for another CA, watched with `--cacert`, its admin listener's model
+//! keys working only with a client certificate.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -220,4 +222,44 @@ fn kiln_top_watches_the_replicas_of_a_fleet_at_once() {
     tmux.until("kiln-b gone", |s| s.contains("Replicas: 1 of 2 answering") && s.lines().any(|l| l.contains("kiln-b") && l.contains("cannot connect")));
     tmux.until("kiln-a still serving", |s| row_rate(s, "kiln-a") > 0.0);
     tmux.keys("q");
+}
+
+#[test]
+fn kiln_top_speaks_tls_and_presents_its_client_certificate() {
+    use kiln_tests::certs::Ca;
+    let _one = one_at_a_time();
+    let tmux = Tmux::new("tls");
+    let (ca, stranger, clients) = (Ca::new("kiln test CA"), Ca::new("another CA"), Ca::new("kiln admin clients"));
+    let dir = kiln_tests::TempDir::new("kiln-top-tls").expect("dir");
+    let (cert, key) = ca.leaf().write(&dir.path, "server");
+    let (ca_file, stranger_file, clients_file) =
+        (ca.write(&dir.path.join("ca.pem")), stranger.write(&dir.path.join("stranger.pem")), clients.write(&dir.path.join("clients.pem")));
+    let (operator_cert, operator_key) = clients.client("operator").write(&dir.path, "operator");
+    let tls = format!("tls_cert = \"{}\"\ntls_key = \"{}\"\nadmin_client_ca = \"{}\"", cert.display(), key.display(), clients_file.display());
+    let server = Server::start(&examples_config(&tls, &[], ""), &["demo"]).expect("server");
+    let top = root().join("target/release/kiln-top");
+    let env = format!("KILN_ADMIN_KEY={}", server.admin_key());
+    let start = |flags: &str| {
+        let _ = tmux.run(&["kill-session", "-t", "top"]);
+        let command = format!("{} {} --refresh-ms 300 --admin-url {} {flags}", top.display(), server.base, server.admin);
+        let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-e", &env, &command]);
+        assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
+    };
+
+    // Trusting another CA, it says why it cannot connect.
+    start(&format!("--cacert {}", stranger_file.display()));
+    tmux.until("the untrusted certificate", |s| s.contains("cannot connect: ") && (s.contains("UnknownIssuer") || s.contains("certificate")));
+    // Trusting the server's CA it shows the server; without a client certificate the admin
+    // listener refuses its model keys.
+    start(&format!("--cacert {}", ca_file.display()));
+    tmux.until("the server over TLS", |s| s.contains("Model queues") && s.contains("digits"));
+    tmux.keys("p");
+    tmux.until("the admin listener's refusal", |s| s.contains("digits: ") && s.contains("(admin API at"));
+    // With one, they work.
+    start(&format!("--cacert {} --client-cert {} --client-key {}", ca_file.display(), operator_cert.display(), operator_key.display()));
+    tmux.until("the server over TLS", |s| s.contains("Model queues") && s.contains("digits"));
+    tmux.keys("p");
+    tmux.until("digits paused", |s| s.contains("digits (paused)"));
+    tmux.keys("p");
+    tmux.until("digits resumed", |s| s.contains("digits: resumed") && !s.contains("digits (paused)"));
 }

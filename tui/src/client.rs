@@ -4,12 +4,14 @@
 //! the admin API. The only I/O in `kiln-top`.
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use kiln_wire::{ServerEvent, Stats};
 
 use crate::app::{Action, ActionKind, Msg};
@@ -17,8 +19,38 @@ use crate::fleet::{ReplicaSample, merge};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-fn client(timeout: Option<Duration>) -> reqwest::Result<reqwest::blocking::Client> {
-    reqwest::blocking::Client::builder().timeout(timeout).build()
+/// How kiln-top speaks to https:// servers: the system's roots or the CAs of `cacert`, and a
+/// client certificate for an admin listener that asks for one.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub cacert: Option<PathBuf>,
+    /// A certificate and its key (PEM files).
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl Tls {
+    /// A client with this TLS, whose requests give up after `timeout` (never with `None`).
+    pub fn client(&self, timeout: Option<Duration>) -> anyhow::Result<reqwest::blocking::Client> {
+        let mut builder = reqwest::blocking::Client::builder().use_rustls_tls().timeout(timeout);
+        if let Some(file) = &self.cacert {
+            let pem = std::fs::read(file).with_context(|| format!("cannot read --cacert {}", file.display()))?;
+            let cas = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("--cacert {} is not a PEM certificate file", file.display()))?;
+            if cas.is_empty() {
+                anyhow::bail!("--cacert {} holds no certificate", file.display());
+            }
+            builder = builder.tls_built_in_root_certs(false);
+            for ca in cas {
+                builder = builder.add_root_certificate(ca);
+            }
+        }
+        if let Some((cert, key)) = &self.identity {
+            let mut pem = std::fs::read(cert).with_context(|| format!("cannot read --client-cert {}", cert.display()))?;
+            pem.extend(std::fs::read(key).with_context(|| format!("cannot read --client-key {}", key.display()))?);
+            let identity = reqwest::Identity::from_pem(&pem).with_context(|| format!("--client-cert {} and --client-key {}", cert.display(), key.display()))?;
+            builder = builder.identity(identity);
+        }
+        Ok(builder.build()?)
+    }
 }
 
 fn fetch_stats(http: &reqwest::blocking::Client, url: &str, key: &str) -> reqwest::Result<Stats> {
@@ -29,8 +61,8 @@ fn fetch_stats(http: &reqwest::blocking::Client, url: &str, key: &str) -> reqwes
 /// several `urls`, every replica is asked at once each round: [`Msg::Replicas`] says what each
 /// answered, and the [`Msg::Stats`] after it is their sum; only when none answers is it a
 /// disconnection.
-pub fn spawn_stats(urls: Vec<String>, key: String, refresh: Arc<AtomicU64>, started: Instant, tx: Sender<Msg>) -> anyhow::Result<()> {
-    let http = client(Some(Duration::from_secs(5)))?;
+pub fn spawn_stats(tls: &Tls, urls: Vec<String>, key: String, refresh: Arc<AtomicU64>, started: Instant, tx: Sender<Msg>) -> anyhow::Result<()> {
+    let http = tls.client(Some(Duration::from_secs(5)))?;
     thread::Builder::new().name("stats".into()).spawn(move || {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -85,8 +117,8 @@ pub fn spawn_stats(urls: Vec<String>, key: String, refresh: Arc<AtomicU64>, star
 /// Follows the event stream of replica `source` at `url`, reconnecting with backoff. The server
 /// replays its recent history on every connect, so each connect starts its shown events afresh
 /// (a restarted server counts from 1 again; a sequence number alone cannot tell the two apart).
-pub fn spawn_events(source: usize, url: String, key: String, tx: Sender<Msg>) -> anyhow::Result<()> {
-    let http = client(None)?;
+pub fn spawn_events(tls: &Tls, source: usize, url: String, key: String, tx: Sender<Msg>) -> anyhow::Result<()> {
+    let http = tls.client(None)?;
     thread::Builder::new().name(format!("events-{source}")).spawn(move || {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -114,8 +146,8 @@ pub fn spawn_events(source: usize, url: String, key: String, tx: Sender<Msg>) ->
 
 /// Carries out each action sent on `actions` against the admin API at `admin_url`, one at a
 /// time, and reports the server's words (or why it failed).
-pub fn spawn_control(admin_url: String, key: String, actions: std::sync::mpsc::Receiver<Action>, tx: Sender<Msg>) -> anyhow::Result<()> {
-    let http = client(Some(Duration::from_secs(60)))?;
+pub fn spawn_control(tls: &Tls, admin_url: String, key: String, actions: std::sync::mpsc::Receiver<Action>, tx: Sender<Msg>) -> anyhow::Result<()> {
+    let http = tls.client(Some(Duration::from_secs(60)))?;
     thread::Builder::new().name("control".into()).spawn(move || {
         for Action { model, kind } in actions {
             let models = format!("{admin_url}/v1/models/{model}");
@@ -154,13 +186,21 @@ fn describe(e: &reqwest::Error) -> String {
             s => format!("HTTP {s}"),
         };
     }
+    // The innermost cause says what was wrong: refused, or a certificate not trusted, expired,
+    // or one the server asked for and did not get.
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    let cause = cause.to_string();
+    let tls = ["certificate", "Certificate", "handshake", "alert"].iter().any(|word| cause.contains(word));
     if e.is_connect() {
-        "cannot connect".to_owned()
+        if tls { format!("cannot connect: {cause}") } else { "cannot connect".to_owned() }
     } else if e.is_timeout() {
         "timed out".to_owned()
     } else if e.is_decode() {
         "unexpected answer (not a Kiln server of this version?)".to_owned()
     } else {
-        e.to_string()
+        format!("failed: {cause}")
     }
 }

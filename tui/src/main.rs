@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -35,6 +36,15 @@ struct Args {
     /// also when watching several.
     #[arg(long, env = "KILN_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
     admin_url: String,
+    /// Trust the CA certificates of this PEM file, instead of the system's, for https:// URLs.
+    #[arg(long, env = "KILN_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Present this certificate (PEM) to an admin listener that asks for one.
+    #[arg(long, env = "KILN_CLIENT_CERT", value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, env = "KILN_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,16 +56,17 @@ fn main() -> anyhow::Result<()> {
     let refresh = Arc::new(AtomicU64::new(args.refresh_ms.clamp(100, 60_000)));
     let (tx, rx) = mpsc::channel();
     let started = Instant::now();
-    client::spawn_stats(urls.clone(), key.clone(), Arc::clone(&refresh), started, tx.clone())?;
+    let tls = client::Tls { cacert: args.cacert, identity: args.client_cert.zip(args.client_key) };
+    client::spawn_stats(&tls, urls.clone(), key.clone(), Arc::clone(&refresh), started, tx.clone())?;
     for (source, url) in urls.iter().enumerate() {
-        client::spawn_events(source, url.clone(), key.clone(), tx.clone())?;
+        client::spawn_events(&tls, source, url.clone(), key.clone(), tx.clone())?;
     }
     let url = match urls.as_slice() {
         [one] => one.clone(),
         many => format!("{} replicas", many.len()),
     };
     let (actions, queued) = mpsc::channel();
-    client::spawn_control(args.admin_url.trim_end_matches('/').to_owned(), key, queued, tx)?;
+    client::spawn_control(&tls, args.admin_url.trim_end_matches('/').to_owned(), key, queued, tx)?;
 
     let mut app = App::new(url, Duration::from_millis(refresh.load(Ordering::Relaxed)));
     app.sources = urls.len();

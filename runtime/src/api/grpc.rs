@@ -156,6 +156,7 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
         let mut counted = Counted::start(HANDLER);
         let access = access(request.uri().path());
         let counts = request.uri().path().ends_with("/ModelInfer");
+        // Over TLS too (see `tls::TlsConnection`).
         let peer = request
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()

@@ -16,7 +16,6 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use kiln_wire::Stats;
@@ -54,12 +53,14 @@ pub struct LoadSpec {
     pub progress: bool,
     /// Send `ModelInfer` over gRPC to this address instead of HTTP requests to `url`.
     pub grpc: Option<GrpcLoad>,
+    /// How to speak to an https:// server.
+    pub tls: crate::tls::ClientTls,
 }
 
 /// A gRPC load: one OIP request, sent again and again.
 #[derive(Debug, Clone)]
 pub struct GrpcLoad {
-    /// `HOST:PORT`.
+    /// `HOST:PORT` (plain), or `http://HOST:PORT` or `https://HOST:PORT`.
     pub addr: String,
     pub request: ModelInferRequest,
 }
@@ -104,8 +105,9 @@ pub struct Report {
     pub ok: u64,
     /// Open loop: requests that were due while `max_in_flight` were outstanding, not sent.
     pub not_sent: u64,
-    /// Non-2xx answers by status; `connect` for connections refused or failed, `transport` for
-    /// connections that failed after the request went out.
+    /// Non-2xx answers by status; `connect: WHY` for connections refused or failed (a TLS
+    /// handshake included), `transport: WHY` for connections that failed after the request
+    /// went out.
     pub errors: BTreeMap<String, u64>,
     pub seconds: f64,
     pub throughput_rps: f64,
@@ -146,7 +148,7 @@ pub struct Batching {
     pub average_batch_size: f64,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<super::connect::Connector, Full<Bytes>>;
 
 struct Shared {
     spec: LoadSpec,
@@ -167,11 +169,11 @@ struct GrpcClient {
 }
 
 impl GrpcClient {
-    async fn connect(load: &GrpcLoad, headers: &[(String, String)]) -> anyhow::Result<GrpcClient> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", load.addr))
+    async fn connect(load: &GrpcLoad, headers: &[(String, String)], tls: &crate::tls::ClientTls) -> anyhow::Result<GrpcClient> {
+        let uri = if load.addr.contains("://") { load.addr.clone() } else { format!("http://{}", load.addr) };
+        let channel = tonic::transport::Endpoint::from_shared(uri.clone())
             .with_context(|| format!("--grpc {}", load.addr))?
-            .tcp_nodelay(true)
-            .connect()
+            .connect_with_connector(super::connect::grpc(tls, super::connect::is_https(&uri))?)
             .await
             .with_context(|| format!("cannot connect to {}", load.addr))?;
         let mut headers_map = http::HeaderMap::new();
@@ -281,8 +283,13 @@ impl Shared {
                 }
             }
             Err(e) => {
+                // The innermost cause says why (refused, a certificate not trusted or expired).
                 let kind = if e.is_connect() { "connect" } else { "transport" };
-                *tally.errors.entry(kind.into()).or_default() += 1;
+                let mut cause: &dyn std::error::Error = &e;
+                while let Some(inner) = cause.source() {
+                    cause = inner;
+                }
+                *tally.errors.entry(format!("{kind}: {cause}")).or_default() += 1;
             }
         }
         self.progress.inc(1);
@@ -294,13 +301,11 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<Report> {
     if spec.duration.is_none() && spec.requests.is_none() {
         bail!("give --duration or --requests");
     }
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(spec.concurrency.max(64))
-        .build(connector);
+        .build(super::connect::http(&spec.tls, super::connect::is_https(&spec.url) || super::connect::is_https(&spec.server))?);
     let grpc = match &spec.grpc {
-        Some(load) => Some(GrpcClient::connect(load, &spec.headers).await?),
+        Some(load) => Some(GrpcClient::connect(load, &spec.headers, &spec.tls).await?),
         None => None,
     };
     let before = stats(&client, &spec).await;

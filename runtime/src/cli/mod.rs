@@ -2,6 +2,7 @@
 
 pub mod author;
 pub mod bench;
+pub mod connect;
 pub mod oci;
 
 use std::io::Write as _;
@@ -147,6 +148,7 @@ pub fn sign(what: &SignedDeployment, key: &Path, out: Option<PathBuf>) -> anyhow
 pub struct AdminTarget {
     pub url: String,
     pub key: String,
+    pub tls: crate::tls::ClientTls,
 }
 
 /// A deployment as the CLI sends it (`kiln deploy`'s arguments).
@@ -429,8 +431,7 @@ fn call(
     let request = builder.body(Full::new(Bytes::from(body)))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (status, body) = runtime.block_on(async {
-        let client: Client<_, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connect::http(&target.tls, connect::is_https(&url))?);
         let response = client
             .request(request)
             .await
@@ -452,13 +453,12 @@ fn call(
 
 /// `kiln health`: whether the server at `url` answers its readiness probe with 200 within
 /// `timeout`; an error saying what it answered, or why it could not be reached, otherwise.
-pub fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+pub fn health(url: &str, tls: &crate::tls::ClientTls, timeout: std::time::Duration) -> anyhow::Result<()> {
     let probe = format!("{}/v2/health/ready", url.trim_end_matches('/'));
     let request = http::Request::get(&probe).body(Full::new(Bytes::new()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let probe_it = async {
-        let client: Client<_, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connect::http(tls, connect::is_https(&probe))?);
         let response = client.request(request).await.with_context(|| format!("cannot reach {probe}"))?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();

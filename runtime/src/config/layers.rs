@@ -48,6 +48,16 @@ pub const SERVER_FIELDS: &[&str] = &[
     "keys_dir",
     "tls_cert",
     "tls_key",
+    "admin_tls",
+    "admin_tls_cert",
+    "admin_tls_key",
+    "admin_client_ca",
+    "grpc_tls",
+    "grpc_tls_cert",
+    "grpc_tls_key",
+    "metrics_tls",
+    "metrics_tls_cert",
+    "metrics_tls_key",
 ];
 
 /// How the config file was found.
@@ -193,6 +203,10 @@ impl ServerConfig {
         use toml::Value::{Boolean, Integer, String as Text};
         let int = |n: u64| Integer(i64::try_from(n).unwrap_or(i64::MAX));
         let text = |s: &dyn std::fmt::Display| Text(s.to_string());
+        let own = |listener: &super::ListenerTls| match listener {
+            super::ListenerTls::Own(files) => Some(files.clone()),
+            _ => None,
+        };
         let ms = |d: std::time::Duration| int(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let values: Vec<(&'static str, Option<toml::Value>)> = vec![
             ("listen", Some(text(&self.listen))),
@@ -218,8 +232,18 @@ impl ServerConfig {
             ("cluster", Some(Boolean(self.cluster.is_some()))),
             ("replica", self.cluster.as_ref().map(|r| text(r))),
             ("keys_dir", Some(text(&self.keys_dir.display()))),
-            ("tls_cert", self.tls.as_ref().map(|t| text(&t.cert.display()))),
-            ("tls_key", self.tls.as_ref().map(|t| text(&t.key.display()))),
+            ("tls_cert", self.tls.default.as_ref().map(|t| text(&t.cert.display()))),
+            ("tls_key", self.tls.default.as_ref().map(|t| text(&t.key.display()))),
+            ("admin_tls", Some(Boolean(self.tls.admin().is_some()))),
+            ("admin_tls_cert", own(&self.tls.admin).map(|t| text(&t.cert.display()))),
+            ("admin_tls_key", own(&self.tls.admin).map(|t| text(&t.key.display()))),
+            ("admin_client_ca", self.tls.admin_client_ca.as_ref().map(|p| text(&p.display()))),
+            ("grpc_tls", Some(Boolean(self.tls.grpc().is_some()))),
+            ("grpc_tls_cert", own(&self.tls.grpc).map(|t| text(&t.cert.display()))),
+            ("grpc_tls_key", own(&self.tls.grpc).map(|t| text(&t.key.display()))),
+            ("metrics_tls", Some(Boolean(self.tls.metrics().is_some()))),
+            ("metrics_tls_cert", own(&self.tls.metrics).map(|t| text(&t.cert.display()))),
+            ("metrics_tls_key", own(&self.tls.metrics).map(|t| text(&t.key.display()))),
         ];
         values
     }
@@ -328,6 +352,7 @@ mod tests {
             let mut table = toml::Table::new();
             let value = match *field {
                 f if f.ends_with("_bytes") || f.ends_with("_ms") || f.ends_with("_s") || f == "max_instances" || f == "oip_max_priority" => toml::Value::Integer(1),
+                f if f.ends_with("_tls") => toml::Value::Boolean(true),
                 "allow_unpinned" | "tenant_private_sources" | "cluster" => toml::Value::Boolean(true),
                 _ => toml::Value::String("x".into()),
             };

@@ -15,6 +15,7 @@ use crate::fleet::scaler::ScalerConfig;
 use crate::model::spec::ModelConfig;
 use crate::sandbox::{HandlerConfig, SlotResetPolicy};
 use crate::tenancy::TenantConfig;
+use crate::tls::{ServerTls, TlsFiles};
 use kiln_codec::config::RawConfig;
 use validate::Validator;
 
@@ -87,13 +88,65 @@ pub struct ServerConfig {
     /// Where the API key hashes are (`admin.keys`, `tenant-keys/TENANT.keys`), re-read when
     /// they change: the state directory, or a mounted Secret.
     pub keys_dir: PathBuf,
-    /// The serving and admin listeners' certificate and key (`tls_cert`, `tls_key`): TLS only
-    /// when set.
-    pub tls: Option<crate::tls::TlsFiles>,
+    /// Which listeners speak TLS, with which certificates.
+    pub tls: ListenersTls,
     /// How long a model may take to load and warm up before its load fails.
     pub load_timeout: Duration,
     /// How long a tenant's model download may take in all.
     pub tenant_fetch_timeout: Duration,
+}
+
+/// TLS on the listeners: `tls_cert`/`tls_key` for every one, unless a listener's own fields
+/// (`admin_tls_cert`, `grpc_tls = false`, ...) say otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenersTls {
+    pub default: Option<TlsFiles>,
+    pub admin: ListenerTls,
+    pub grpc: ListenerTls,
+    pub metrics: ListenerTls,
+    /// The CAs the admin listener's clients must present a certificate from.
+    pub admin_client_ca: Option<PathBuf>,
+}
+
+/// One listener's own TLS fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ListenerTls {
+    /// The default pair, if any.
+    #[default]
+    Inherit,
+    /// Plain text (`X_tls = false`).
+    Plain,
+    /// Its own certificate and key.
+    Own(TlsFiles),
+}
+
+impl ListenerTls {
+    fn resolve(&self, default: Option<&TlsFiles>) -> Option<TlsFiles> {
+        match self {
+            ListenerTls::Inherit => default.cloned(),
+            ListenerTls::Plain => None,
+            ListenerTls::Own(files) => Some(files.clone()),
+        }
+    }
+}
+
+impl ListenersTls {
+    /// The serving listener's TLS; `None` for plain HTTP.
+    pub fn serving(&self) -> Option<ServerTls> {
+        self.default.clone().map(|files| ServerTls { files, client_ca: None })
+    }
+
+    pub fn admin(&self) -> Option<ServerTls> {
+        self.admin.resolve(self.default.as_ref()).map(|files| ServerTls { files, client_ca: self.admin_client_ca.clone() })
+    }
+
+    pub fn grpc(&self) -> Option<ServerTls> {
+        self.grpc.resolve(self.default.as_ref()).map(|files| ServerTls { files, client_ca: None })
+    }
+
+    pub fn metrics(&self) -> Option<ServerTls> {
+        self.metrics.resolve(self.default.as_ref()).map(|files| ServerTls { files, client_ca: None })
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

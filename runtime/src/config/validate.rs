@@ -14,7 +14,7 @@ use super::{
     DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_GPU_UTILIZATION, DEFAULT_MAX_INSTANCES, DEFAULT_MAX_MODEL_BYTES,
     DEFAULT_MAX_MODEL_INSTANCES, DEFAULT_MAX_MODEL_THREADS, DEFAULT_MAX_MODEL_VERSIONS, DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MEMORY_LIMIT_MIB, DEFAULT_REQUESTS_PER_SECOND, DEFAULT_SCALER_HISTORY, DEFAULT_SCALER_INTERVAL_MS,
-    DEFAULT_STATE_DIR, DEFAULT_TENANT_FETCH_TIMEOUT_S, DEFAULT_UP_COOLDOWN_MS, OciHandler, ServerConfig,
+    DEFAULT_STATE_DIR, DEFAULT_TENANT_FETCH_TIMEOUT_S, DEFAULT_UP_COOLDOWN_MS, ListenerTls, ListenersTls, OciHandler, ServerConfig,
 };
 use crate::deploy::{HandlerSettings, check_name};
 use kiln_codec::oci::OciRef;
@@ -217,9 +217,7 @@ impl Validator<'_> {
             Some(false) | None => None,
         };
         let keys_dir = raw.keys_dir.as_deref().map_or_else(|| state_dir.clone(), |dir| self.path(dir));
-        let (tls_cert, tls_key) = (raw.tls_cert.as_deref().map(|p| self.path(p)), raw.tls_key.as_deref().map(|p| self.path(p)));
-        let tls = crate::tls::files(tls_cert.as_deref(), tls_key.as_deref())
-            .map_err(|message| self.invalid(if tls_cert.is_some() { "server.tls_key" } else { "server.tls_cert" }, message))?;
+        let tls = self.listeners_tls(&raw)?;
         if raw.cache_max_bytes == Some(0) {
             return Err(self.invalid("server.cache_max_bytes", "0 would keep nothing; leave it out for no limit"));
         }
@@ -248,6 +246,46 @@ impl Validator<'_> {
             drain_timeout: Duration::from_millis(drain_timeout_ms),
             slot_reset,
         })
+    }
+
+    /// `tls_cert`/`tls_key` and each listener's own TLS fields.
+    fn listeners_tls(&self, raw: &RawServer) -> Result<ListenersTls, ConfigError> {
+        let pair = |prefix: &str, cert: &Option<String>, key: &Option<String>| {
+            let (cert, key) = (cert.as_deref().map(|p| self.path(p)), key.as_deref().map(|p| self.path(p)));
+            let missing = if cert.is_some() { "tls_key" } else { "tls_cert" };
+            crate::tls::files(prefix, cert.as_deref(), key.as_deref()).map_err(|message| self.invalid(format!("server.{prefix}{missing}"), message))
+        };
+        let default = pair("", &raw.tls_cert, &raw.tls_key)?;
+        let listener = |name: &str, cert: &Option<String>, key: &Option<String>, on: Option<bool>| -> Result<ListenerTls, ConfigError> {
+            let own = pair(&format!("{name}_"), cert, key)?;
+            match (on, own) {
+                (Some(false), Some(_)) => Err(self.invalid(
+                    format!("server.{name}_tls"),
+                    format!("is false, but {name}_tls_cert and {name}_tls_key are set: leave them out for plain text, or {name}_tls out for TLS"),
+                )),
+                (Some(false), None) => Ok(ListenerTls::Plain),
+                (_, Some(files)) => Ok(ListenerTls::Own(files)),
+                (Some(true), None) if default.is_none() => Err(self.invalid(
+                    format!("server.{name}_tls"),
+                    format!("is true, but there is no certificate: set tls_cert and tls_key, or {name}_tls_cert and {name}_tls_key"),
+                )),
+                (_, None) => Ok(ListenerTls::Inherit),
+            }
+        };
+        let tls = ListenersTls {
+            admin: listener("admin", &raw.admin_tls_cert, &raw.admin_tls_key, raw.admin_tls)?,
+            grpc: listener("grpc", &raw.grpc_tls_cert, &raw.grpc_tls_key, raw.grpc_tls)?,
+            metrics: listener("metrics", &raw.metrics_tls_cert, &raw.metrics_tls_key, raw.metrics_tls)?,
+            admin_client_ca: raw.admin_client_ca.as_deref().map(|p| self.path(p)),
+            default,
+        };
+        if tls.admin_client_ca.is_some() && tls.admin().is_none() {
+            return Err(self.invalid(
+                "server.admin_client_ca",
+                "client certificates need TLS on the admin listener: set tls_cert and tls_key, or admin_tls_cert and admin_tls_key",
+            ));
+        }
+        Ok(tls)
     }
 
     fn priority(&self, field: &str, p: u8) -> Result<(), ConfigError> {

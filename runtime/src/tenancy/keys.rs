@@ -202,31 +202,19 @@ impl LiveKeys {
         std::sync::Arc::clone(&self.current.reading())
     }
 
-    /// The SHA-256 of every key file: changes whenever a key is added or removed, even within one
-    /// timestamp tick and at the same size (a removal and an addition in one second).
-    fn fingerprint(&self) -> Vec<Option<String>> {
-        std::iter::once(Principal::Admin)
-            .chain(self.tenants.iter().map(|t| Principal::Tenant(t.clone())))
-            .map(|p| std::fs::read(keys_file(&self.state_dir, &p)).ok().map(|bytes| crate::files::sha256_hex(&bytes)))
-            .collect()
-    }
-
-    /// Reads the keys again every `every` while the runtime runs, whenever a file changed.
+    /// Reads the keys again every `every` while the runtime runs, whenever a key file changed (by
+    /// content: a removal and an addition within one second, at the same size, count).
     pub fn watch(self: &std::sync::Arc<Self>, every: std::time::Duration) {
         let keys = std::sync::Arc::clone(self);
-        tokio::spawn(async move {
-            let mut seen = keys.fingerprint();
-            loop {
-                tokio::time::sleep(every).await;
-                let now = keys.fingerprint();
-                if now == seen {
-                    continue;
-                }
-                seen = now;
-                let ring = KeyRing::load(&keys.state_dir, keys.tenants.iter().map(String::as_str));
-                tracing::info!("key files changed; keys reloaded");
-                *keys.current.writing() = std::sync::Arc::new(ring);
-            }
+        let files = std::iter::once(Principal::Admin)
+            .chain(self.tenants.iter().map(|t| Principal::Tenant(t.clone())))
+            .map(|p| keys_file(&self.state_dir, &p))
+            .collect();
+        crate::files::watch(files, every, "the key files", move || {
+            let ring = KeyRing::load(&keys.state_dir, keys.tenants.iter().map(String::as_str));
+            tracing::info!("key files changed; keys reloaded");
+            *keys.current.writing() = std::sync::Arc::new(ring);
+            Ok(())
         });
     }
 }
