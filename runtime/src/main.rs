@@ -41,6 +41,9 @@ Examples:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text, or as one JSON object each (access lines, guests' lines, all).
+    #[arg(long, global = true, env = "KILN_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: kiln::telemetry::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -537,10 +540,11 @@ fn config_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    kiln::telemetry::logging::init();
+    let cli = Cli::parse();
+    kiln::telemetry::logging::init(cli.log_format);
     // Before anything in libtorch asks about CUDA: libtorch keeps its first answer.
     kiln::model::backend::torch::cuda::load_at_start();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln: {e:#}");

@@ -240,13 +240,11 @@ pub async fn serve(
     state.keys.watch(KEY_POLL);
     let handler_count = state.registry.list().len();
     let grpc_text = grpc_local.map_or_else(|| "off".to_owned(), |a| format!("{a}{}", if grpc_tls.is_some() { " (TLS)" } else { "" }));
+    let (models, tenants) = (state.models.snapshot().len(), state.tenants.len());
+    let (scheme_main, scheme_admin) = (scheme(&serving_tls), scheme(&admin_tls));
+    let client_certs = if tls.admin_client_ca.is_some() { " (client certificates required)" } else { "" };
     tracing::info!(
-        "listening on {}://{local} ({} models, {} tenants, {handler_count} handlers); gRPC on {grpc_text}; admin API on {}://{admin_local}{}",
-        scheme(&serving_tls),
-        scheme(&admin_tls),
-        if tls.admin_client_ca.is_some() { " (client certificates required)" } else { "" },
-        state.models.snapshot().len(),
-        state.tenants.len(),
+        "listening on {scheme_main}://{local} ({models} models, {tenants} tenants, {handler_count} handlers); gRPC on {grpc_text}; admin API on {scheme_admin}://{admin_local}{client_certs}"
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (grace, timeout) = (config.server.drain_grace, config.server.drain_timeout);

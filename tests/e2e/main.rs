@@ -8,6 +8,7 @@ mod digits;
 mod embeddings;
 mod errors;
 mod grpc;
+mod logs;
 mod observability;
 mod oip;
 mod openai;

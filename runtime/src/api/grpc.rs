@@ -30,7 +30,8 @@ use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status};
 
 use super::inference::{self, Metadata};
-use super::requests::{Counted, PEER};
+use super::requests::{Counted, Metered, PEER, TRACEPARENT};
+use crate::telemetry::access::{Record, TraceContext};
 use super::{ApiError, AppState};
 use crate::model::handle::ModelHandle;
 use crate::model::tensor::{DType, HostTensor};
@@ -153,6 +154,8 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let trace = TraceContext::from_header(request.headers().get(TRACEPARENT).map(http::HeaderValue::as_bytes));
+        let record = Record::new("grpc", request.method().as_str(), request.uri().path(), self.app.requests.fresh_id(), trace);
         let mut counted = Counted::start(HANDLER);
         let access = access(request.uri().path());
         let counts = request.uri().path().ends_with("/ModelInfer");
@@ -168,13 +171,16 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
         let (caller, limit) = match admitted {
             Ok(admitted) => admitted,
             Err(error) => {
-                if counts {
-                    counted.finish(&self.app.telemetry, error.status().as_u16());
-                }
-                // The body is dropped unread: the stream is reset once the answer is sent.
-                let mut response: http::Response<tonic::body::Body> = status(error).into_http();
-                tag_response(&self.app, response.headers_mut());
-                return Box::pin(std::future::ready(Ok(response)));
+                let response = Arc::clone(&record).sync_scope(|| {
+                    if counts {
+                        counted.finish(&self.app.telemetry, error.status().as_u16());
+                    }
+                    // The body is dropped unread: the stream is reset once the answer is sent.
+                    let mut response: http::Response<tonic::body::Body> = status(error).into_http();
+                    tag_response(&self.app, response.headers_mut());
+                    response
+                });
+                return Box::pin(std::future::ready(Ok(metered(response, record))));
             }
         };
         let over = Arc::new(AtomicBool::new(false));
@@ -189,10 +195,10 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
         if let Some(caller) = caller {
             parts.extensions.insert(caller);
         }
-        let body = Bounded { inner: body, limit, read: 0, prefix: [0; FRAME_PREFIX], over: Arc::clone(&over) };
+        let body = Bounded { inner: Metered::incoming(body, &record), limit, read: 0, prefix: [0; FRAME_PREFIX], over: Arc::clone(&over) };
         let answer = self.inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body)));
         let app = Arc::clone(&self.app);
-        Box::pin(async move {
+        Box::pin(Arc::clone(&record).scope(async move {
             let response = answer.await;
             // Refused while its message was read, the call never reached its handler, which
             // counts the others.
@@ -201,16 +207,27 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
             {
                 counted.finish(&app.telemetry, ApiError::PayloadTooLarge { limit }.status().as_u16());
             }
-            response
-        })
+            response.map(|response| metered(response, record))
+        }))
     }
+}
+
+/// `response` with its access line written once its body is sent (see [`Metered`]).
+fn metered(response: http::Response<tonic::body::Body>, record: Arc<Record>) -> http::Response<tonic::body::Body> {
+    let status = response.status().as_u16();
+    let trailers_only = super::requests::grpc_status(response.headers());
+    response.map(|body| {
+        let mut metered = Metered::outgoing(body, record, status);
+        metered.set_grpc_status(trailers_only);
+        tonic::body::Body::new(metered)
+    })
 }
 
 /// A request body cut off past `limit` bytes of message: refused as soon as the message's
 /// length prefix says it is longer, and in any case once more than one prefix and `limit` bytes
 /// have come (a unary call carries one message). So at most that much is ever buffered.
 struct Bounded {
-    inner: tonic::body::Body,
+    inner: Metered<tonic::body::Body>,
     limit: usize,
     /// Bytes received so far.
     read: usize,
@@ -330,7 +347,7 @@ where
 
 /// Gives an answer a fresh `kiln-request-id`.
 fn tag_response(app: &AppState, headers: &mut http::HeaderMap) {
-    let id = app.requests.fresh_id();
+    let id = Record::current().map_or_else(|| app.requests.fresh_id(), |record| record.request_id.clone());
     if let Ok(value) = http::HeaderValue::from_str(&id) {
         headers.insert(kiln_wire::headers::REQUEST_ID, value);
     }
@@ -734,7 +751,8 @@ mod tests {
             chunks.iter().map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c)))).collect();
         let inner = tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)));
         let over = Arc::new(AtomicBool::new(false));
-        let mut body = Bounded { inner, limit, read: 0, prefix: [0; FRAME_PREFIX], over: Arc::clone(&over) };
+        let record = Record::new("grpc", "POST", "/test", String::new(), TraceContext::fresh());
+        let mut body = Bounded { inner: Metered::incoming(inner, &record), limit, read: 0, prefix: [0; FRAME_PREFIX], over: Arc::clone(&over) };
         let mut passed = 0;
         let result = loop {
             match body.frame().await {

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse as _, Response};
 
 use super::{ApiError, AppState};
 use crate::sync::MutexExt;
+use crate::telemetry::access::{Record, TraceContext};
 use crate::telemetry::{ANONYMOUS, Telemetry};
 use crate::tenancy::Tenant;
 
@@ -41,12 +42,15 @@ pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Reque
     let cancelled = requests.register(n, &request);
     // Forgotten however this ends: answered, cancelled, or dropped because the client went away.
     let _registered = Registered(requests, n);
-    let handled = async {
+    let trace = TraceContext::from_header(request.headers().get(TRACEPARENT).map(HeaderValue::as_bytes));
+    let record = Record::new("http", request.method().as_str(), request.uri().path(), id.clone(), trace);
+    let request = request.map(|body| axum::body::Body::new(Metered::incoming(body, &record)));
+    let handled = Arc::clone(&record).scope(async {
         match peer {
             Some(ip) => PEER.scope(ip, next.run(request)).await,
             None => next.run(request).await,
         }
-    };
+    });
     // Dropping the handler's future withdraws everything it started: its guest task is
     // aborted, and its queued inference is skipped by the model's scheduler.
     let mut response = tokio::select! {
@@ -56,7 +60,88 @@ pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Reque
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
     }
-    response
+    let status = response.status().as_u16();
+    response.map(|body| axum::body::Body::new(Metered::outgoing(body, record, status)))
+}
+
+/// The W3C Trace Context header.
+pub(crate) const TRACEPARENT: &str = "traceparent";
+
+/// A body counted into a request's [`Record`]: a request's as it is read, or an answer's as it
+/// is sent, whose access line is written when it ends or is dropped unsent (the client went
+/// away). An answer's gRPC status is read from its trailers.
+pub(crate) struct Metered<B> {
+    inner: B,
+    record: Arc<Record>,
+    /// For an answer: its HTTP status, gRPC status and bytes sent so far.
+    answer: Option<(u16, Option<i32>, u64)>,
+}
+
+impl<B> Metered<B> {
+    pub(crate) fn incoming(inner: B, record: &Arc<Record>) -> Metered<B> {
+        Metered { inner, record: Arc::clone(record), answer: None }
+    }
+
+    pub(crate) fn outgoing(inner: B, record: Arc<Record>, status: u16) -> Metered<B> {
+        Metered { inner, record, answer: Some((status, None, 0)) }
+    }
+
+    /// The gRPC status known before the body (a trailers-only answer's).
+    pub(crate) fn set_grpc_status(&mut self, status: Option<i32>) {
+        if let Some((_, grpc, _)) = &mut self.answer {
+            *grpc = status.or(*grpc);
+        }
+    }
+}
+
+impl<B> http_body::Body for Metered<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            let data = frame.data_ref().map_or(0, |d| d.len() as u64);
+            match &mut this.answer {
+                Some((_, grpc, sent)) => {
+                    *sent += data;
+                    if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
+                        *grpc = Some(status);
+                    }
+                }
+                None => this.record.add_bytes_in(data),
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Metered<B> {
+    fn drop(&mut self) {
+        if let Some((status, grpc, sent)) = self.answer {
+            self.record.write(status, grpc, sent);
+        }
+    }
+}
+
+/// The `grpc-status` of trailers (or of a trailers-only answer's headers).
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// The requests being handled now, by their id's counter, each with the way to cancel it.
@@ -237,6 +322,9 @@ impl Counted {
     pub(super) fn finish(self, telemetry: &Telemetry, status: u16) {
         let handler = self.handler.as_deref().unwrap_or(self.front);
         let tenant = self.tenant.as_deref().map_or(ANONYMOUS, Tenant::name);
+        if let Some(record) = Record::current() {
+            record.note_call(handler, tenant);
+        }
         telemetry.record_request(handler, tenant, status, self.started.elapsed());
     }
 }

@@ -12,7 +12,16 @@ use crate::model::error::InferError;
 use crate::model::signature::OutputMeta;
 use crate::model::tensor::HostTensor;
 
-pub(super) type Reply = oneshot::Sender<Result<Vec<HostTensor>, InferError>>;
+pub(super) type Reply = oneshot::Sender<Result<(Vec<HostTensor>, Batched), InferError>>;
+
+/// The forward pass that answered a caller.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Batched {
+    /// Requests in the pass (after any split that isolated a failing one).
+    pub(super) requests: u32,
+    /// When it started.
+    pub(super) started: std::time::Instant,
+}
 
 /// One caller's work, waiting in the queue.
 pub(super) struct Pending {

@@ -23,6 +23,7 @@ use crate::model::signature;
 use crate::model::spec::{MAX_PRIORITY, ModelConfig, OutOfRange, Replicas, Tuning, range};
 use crate::model::tensor::{HostTensor, TensorError};
 use crate::telemetry::EventLog;
+use crate::telemetry::access::Record;
 use crate::sync::MutexExt;
 
 /// Per-request scheduling options.
@@ -434,13 +435,14 @@ impl ModelHandle {
             // Padding would change this model's answers: only equal lengths share a batch.
             key.push(vec![len]);
         }
+        let enqueued = Instant::now();
         let pending = Pending {
             rows: inputs.first().map_or(1, HostTensor::rows),
             ragged_len,
             key,
             inputs,
             priority: options.priority.min(MAX_PRIORITY),
-            enqueued: Instant::now(),
+            enqueued,
             reply,
         };
         if self.submitter.commands.send(Command::Submit(pending)).is_err() {
@@ -448,7 +450,13 @@ impl ModelHandle {
             return Err(InferError::Closed(name()));
         }
         match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => result.map(|(outputs, batched)| {
+                if let Some(record) = Record::current() {
+                    record.note_model(self.name());
+                    record.note_batch(batched.started.saturating_duration_since(enqueued), batched.requests);
+                }
+                outputs
+            }),
             Ok(Err(_)) => Err(InferError::Closed(name())),
             Err(_) => {
                 counters.timeouts.fetch_add(1, Ordering::Relaxed);

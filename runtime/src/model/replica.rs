@@ -11,7 +11,7 @@ use kiln_wire::{EventKind, ReplicaState};
 
 use crate::model::backend::{Backend, BackendError, LoadedModel};
 use crate::model::batch;
-use crate::model::command::{Command, Pending};
+use crate::model::command::{Batched, Command, Pending};
 use crate::model::device::{Device, Placement};
 use crate::model::error::InferError;
 use crate::model::shared::{LoadTimes, ModelCounters, ReplicaSlot, Shared};
@@ -155,10 +155,11 @@ pub(super) fn run_batch<M: LoadedModel>(model: &M, config: &ModelConfig, counter
 /// The caller at fault gets the model's error and everyone else their own result, for
 /// O(bad × log n) extra passes instead of n.
 pub(super) fn run_isolating<M: LoadedModel>(model: &M, config: &ModelConfig, counters: &ModelCounters, mut batch: Vec<Pending>) {
+    let batched = Batched { requests: u32::try_from(batch.len()).unwrap_or(u32::MAX), started: std::time::Instant::now() };
     match forward_batch(model, config, &batch) {
         Ok(per_request) => {
             for (p, outputs) in batch.into_iter().zip(per_request) {
-                let _ = p.reply.send(Ok(outputs));
+                let _ = p.reply.send(Ok((outputs, batched)));
             }
         }
         // No caller's fault, so no caller to find: every one gets it.

@@ -28,6 +28,7 @@ use super::store::{DenyOutgoing, RequestState};
 use crate::model::handle::{InferOptions, ModelHandle};
 use crate::model::table::ModelTable;
 use crate::sync::{MutexExt, RwLockExt};
+use crate::telemetry::access::Record;
 use crate::telemetry::histogram::AtomicHistogram;
 
 /// After about this many milliseconds of its own execution (epoch ticks), a guest that is still
@@ -259,7 +260,9 @@ impl Handler {
         let name = Arc::clone(&self.name);
         let limits = self.limits.clone();
         let budget = self.limits.deadline;
-        let mut guest = AbortOnDrop(Some(tokio::spawn(async move {
+        // The guest's compute calls note their batches in its request's access line.
+        let record = Record::current();
+        let mut guest = AbortOnDrop(Some(tokio::spawn(Record::within(record, async move {
             // The tenant's slots stay taken until the guest is gone, not just its answer: a
             // guest that answers and then computes on still holds a sandbox and a core.
             let _held = held;
@@ -281,7 +284,7 @@ impl Handler {
                     deadline: budget,
                 }),
             }
-        })));
+        }))));
 
         let outcome = match receiver.await {
             Ok(Ok(response)) => self.cap_response(response),
@@ -355,7 +358,8 @@ impl Handler {
     }
 
     fn new_store(&self, deadline: Instant, options: InferOptions, cpu: Arc<Semaphore>) -> Store<RequestState> {
-        let budget = Arc::new(LogBudget::new(&self.name, &self.tenant));
+        let request_id: Arc<str> = Record::current().map_or_else(|| Arc::from(""), |r| Arc::from(r.request_id.as_str()));
+        let budget = Arc::new(LogBudget::new(&self.name, &self.tenant, request_id));
         let mut wasi = WasiCtx::builder();
         wasi.stdout(GuestLog::new(&budget, "stdout"))
             .stderr(GuestLog::new(&budget, "stderr"))

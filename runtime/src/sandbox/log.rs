@@ -23,15 +23,18 @@ const LOG_BUDGET_BYTES: usize = 64 << 10;
 pub(super) struct LogBudget {
     pub(super) handler: Arc<str>,
     pub(super) tenant: Arc<str>,
+    /// The request's `kiln-request-id` (empty at build time).
+    pub(super) request_id: Arc<str>,
     /// Lines and bytes still allowed; the line that finds them spent says so, once.
     left: std::sync::Mutex<(u32, usize, bool)>,
 }
 
 impl LogBudget {
-    pub(super) fn new(handler: &Arc<str>, tenant: &Arc<str>) -> LogBudget {
+    pub(super) fn new(handler: &Arc<str>, tenant: &Arc<str>, request_id: Arc<str>) -> LogBudget {
         LogBudget {
             handler: Arc::clone(handler),
             tenant: Arc::clone(tenant),
+            request_id,
             left: std::sync::Mutex::new((LOG_BUDGET_LINES, LOG_BUDGET_BYTES, false)),
         }
     }
@@ -52,6 +55,7 @@ impl LogBudget {
                 target: "kiln::guest",
                 handler = %self.handler,
                 tenant = %self.tenant,
+                request_id = %self.request_id,
                 "log output truncated: this request used its {LOG_BUDGET_LINES} lines / {LOG_BUDGET_BYTES} bytes"
             );
         }
@@ -99,9 +103,19 @@ struct GuestLogWriter {
 impl GuestLogWriter {
     fn emit(&mut self) {
         if self.log.budget.take(self.line.len() + 1) {
+            // Whatever the guest wrote (escape sequences, NULs, carriage returns, bytes that
+            // are not UTF-8) stays inside this one line.
             let text = String::from_utf8_lossy(&self.line);
-            let text = text.trim_end_matches(['\r', '\n']);
-            tracing::info!(target: "kiln::guest", handler = %self.log.budget.handler, stream = self.log.stream, "{text}");
+            let text = crate::telemetry::logging::printable(text.trim_end_matches(['\r', '\n']), 2 * MAX_LOG_LINE);
+            let budget = &self.log.budget;
+            tracing::info!(
+                target: "kiln::guest",
+                handler = %budget.handler,
+                tenant = %budget.tenant,
+                request_id = %budget.request_id,
+                stream = self.log.stream,
+                "{text}"
+            );
         }
         self.line.clear();
     }

@@ -44,7 +44,7 @@ impl RequestState {
     pub(super) fn at_build_time() -> RequestState {
         let name: Arc<str> = Arc::from("pre-initialisation");
         let tenant: Arc<str> = Arc::from("build");
-        let budget = Arc::new(LogBudget::new(&name, &tenant));
+        let budget = Arc::new(LogBudget::new(&name, &tenant, Arc::from("")));
         let limits = NnLimits { max_compute_bytes: 64 << 20, max_compute_calls: 0 };
         RequestState {
             table: ResourceTable::new(),
@@ -108,11 +108,13 @@ impl WasiHttpHooks for DenyOutgoing {
                 >,
             > + Send,
     > {
-        let uri = first_line(&request.uri().to_string()).chars().take(200).collect::<String>();
+        let uri = request.uri().to_string();
+        let uri = crate::telemetry::logging::printable(first_line(&uri), 200);
         if self.log.take(uri.len()) {
             tracing::info!(
                 handler = %self.log.handler,
                 tenant = %self.log.tenant,
+                request_id = %self.log.request_id,
                 uri = %uri,
                 "outgoing HTTP request denied"
             );

@@ -1,7 +1,7 @@
 //! The process's logger: its filter comes from `KILN_LOG` (an `EnvFilter`, `info` by default)
 //! at start-up and can be changed while serving, through the admin API (`PUT /v1/log`), without
 //! a restart. The logger is the process's one global subscriber, so the handle that changes its
-//! filter is global too.
+//! filter is global too. Its lines are text, or one JSON object each (`--log-format json`).
 
 use std::sync::OnceLock;
 
@@ -22,17 +22,68 @@ pub enum LogError {
     Reload(String),
 }
 
-/// Installs the logger: human-readable lines on stderr (coloured on a terminal), filtered by
-/// `KILN_LOG`.
-pub fn init() {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `target`, `message` and the line's fields.
+    Json,
+}
+
+/// Installs the logger: lines on stderr in `format`, filtered by `KILN_LOG`.
+pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let lines = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if tracing_subscriber::registry().with(filter).with(lines).try_init().is_ok() {
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+    if installed.is_ok() {
         let _ = FILTER.set(handle);
     }
+}
+
+/// `text` for a log line: control characters (a guest's escape sequences, carriage returns,
+/// NULs) written as `\u{..}` escapes, so nothing can start a line of its own or recolour the
+/// terminal, and cut to at most `max` bytes (at a character boundary, marked with `…`).
+pub fn printable(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max && !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len().min(max) + 8);
+    for c in text.chars() {
+        let before = out.len();
+        if c.is_control() {
+            use std::fmt::Write as _;
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+        if out.len() > max {
+            out.truncate(before);
+            out.push('…');
+            break;
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The filter in force, as text; `None` when [`init`] did not install the logger.
@@ -52,6 +103,15 @@ pub fn set_filter(text: &str) -> Result<String, LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_text_escapes_controls_and_is_cut_at_a_character() {
+        assert!(matches!(printable("plain words", 64), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(printable("a\nb\r\u{1b}[31mc\0", 64), "a\\u{a}b\\u{d}\\u{1b}[31mc\\u{0}");
+        let cut = printable("ééééé", 5);
+        assert_eq!(cut, "éé…");
+        assert!(printable(&"x".repeat(100), 10).len() <= 10 + '…'.len_utf8());
+    }
 
     #[test]
     fn a_filter_that_does_not_parse_is_refused_by_name_and_nothing_is_set_without_the_logger() {

@@ -6,6 +6,7 @@
 //! for a handler that does not exist is counted under `(unknown)`, so a client cannot grow the
 //! metrics without bound.
 
+pub mod access;
 pub mod alloc;
 pub mod histogram;
 pub mod logging;

@@ -155,6 +155,16 @@ impl Handler for Misbehave {
                 eprintln!("hello from the guest's stderr");
                 Ok(Response::text(200, "printed"))
             }
+            // Binary junk on both streams: escape sequences, a carriage return, NULs, bytes that
+            // are not UTF-8, a forged log line after a newline, and a line far over the limit.
+            "/print-junk" => {
+                use std::io::Write as _;
+                let junk: &[u8] = b"junk \x1b[31mred\x1b[0m \r\0 \xff\xfe \"quoted\" \\ end\n{\"level\":\"ERROR\",\"forged\":true}\n";
+                let _ = std::io::stdout().write_all(junk);
+                let _ = std::io::stderr().write_all(&[b'x'; 10_000]);
+                let _ = std::io::stderr().write_all(b"\n\x07\x08tail without a newline");
+                Ok(Response::text(200, "junk printed"))
+            }
             "/env" => Ok(Response::json(200, &std::env::vars().collect::<Vec<_>>())?),
             // Tries to pass its own id off as the server's.
             "/request-id" => Ok(Response::text(200, "mine").with_header("kiln-request-id", "chosen-by-the-guest")),
