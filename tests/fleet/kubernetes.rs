@@ -110,17 +110,25 @@ async fn the_kustomize_overlays_are_valid_and_agree_with_the_config_they_serve()
         one(&gpu, kind);
     }
     // The other components, in an overlay as an operator would write it, are valid too: the
-    // plain HPA in place of KEDA, and the network policy.
+    // plain HPA in place of KEDA, the network policy, and TLS.
     let own_overlay = k8s.join("overlays/own");
     std::fs::create_dir_all(&own_overlay).expect("dir");
     std::fs::write(
         own_overlay.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../base]\ncomponents: [../../components/hpa, ../../components/network-policy]\n",
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../base]\ncomponents: [../../components/hpa, ../../components/network-policy, ../../components/tls]\n",
     )
     .expect("overlay");
     let own = validated(&kustomize(&own_overlay).expect("own overlay"), &schemas);
     assert_eq!(one(&own, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"], "kiln");
     let policy = one(&own, "NetworkPolicy");
+    // With TLS: kiln is given the Secret's files, and the probes speak HTTPS.
+    let tls_container = &one(&own, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    let env_of = |name: &str| tls_container["env"].as_array().and_then(|e| e.iter().find(|v| v["name"] == name)).map(|v| v["value"].clone());
+    assert_eq!(env_of("KILN_SERVER__TLS_CERT"), Some(serde_json::json!("/run/secrets/kiln-tls/tls.crt")));
+    assert_eq!(env_of("KILN_SERVER__TLS_KEY"), Some(serde_json::json!("/run/secrets/kiln-tls/tls.key")));
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(tls_container[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
 
     let deployment = one(&cpu, "Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
