@@ -118,6 +118,12 @@ pub struct RawServer {
     pub metrics_tls_cert: Option<String>,
     pub metrics_tls_key: Option<String>,
     pub metrics_tls: Option<bool>,
+    /// An OTLP/gRPC receiver (`http://HOST:4317`) to send traces to; else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; none when neither is set.
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces started here that are exported (0.0 ..= 1.0, default 1.0); a
+    /// client's `traceparent` decides for its own.
+    pub otlp_sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -217,6 +217,7 @@ pub async fn serve(
     let admin_tls = live_tls(tls.admin(), true)?;
     let grpc_tls = live_tls(tls.grpc(), false)?;
     let metrics_tls = live_tls(tls.metrics(), true)?;
+    start_traces(config)?;
     let state = Arc::new(build(config)?);
     let scheme = |tls: &Option<Arc<LiveTls>>| if tls.is_some() { "https" } else { "http" };
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
@@ -321,6 +322,18 @@ pub async fn serve(
 }
 
 type Serving = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+
+/// Exports traces to `[server] otlp_endpoint`, else `OTEL_EXPORTER_OTLP_ENDPOINT`, when set.
+fn start_traces(config: &Config) -> anyhow::Result<()> {
+    let from_env = || std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.trim().is_empty());
+    let endpoint = match (&config.server.otlp_endpoint, from_env()) {
+        (Some(endpoint), _) => endpoint.clone(),
+        (None, Some(endpoint)) => crate::config::validate::check_otlp_endpoint(&endpoint).map_err(|m| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT: {m}"))?,
+        (None, None) => return Ok(()),
+    };
+    let instance = config.server.cluster.clone().unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "kiln".to_owned()));
+    crate::telemetry::spans::start(&crate::telemetry::spans::OtlpConfig { endpoint, sample_ratio: config.server.otlp_sample_ratio, instance })
+}
 
 /// `tls` read and watched, when a listener has it.
 fn live_tls(tls: Option<ServerTls>, http1: bool) -> anyhow::Result<Option<Arc<LiveTls>>> {

@@ -16,6 +16,7 @@ mod portable;
 mod sandbox;
 mod tenancy;
 mod tls;
+mod traces;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

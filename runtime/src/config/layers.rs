@@ -58,6 +58,8 @@ pub const SERVER_FIELDS: &[&str] = &[
     "metrics_tls",
     "metrics_tls_cert",
     "metrics_tls_key",
+    "otlp_endpoint",
+    "otlp_sample_ratio",
 ];
 
 /// How the config file was found.
@@ -244,6 +246,8 @@ impl ServerConfig {
             ("metrics_tls", Some(Boolean(self.tls.metrics().is_some()))),
             ("metrics_tls_cert", own(&self.tls.metrics).map(|t| text(&t.cert.display()))),
             ("metrics_tls_key", own(&self.tls.metrics).map(|t| text(&t.key.display()))),
+            ("otlp_endpoint", self.otlp_endpoint.as_ref().map(|e| text(e))),
+            ("otlp_sample_ratio", Some(toml::Value::Float(self.otlp_sample_ratio))),
         ];
         values
     }
@@ -353,6 +357,7 @@ mod tests {
             let value = match *field {
                 f if f.ends_with("_bytes") || f.ends_with("_ms") || f.ends_with("_s") || f == "max_instances" || f == "oip_max_priority" => toml::Value::Integer(1),
                 f if f.ends_with("_tls") => toml::Value::Boolean(true),
+                f if f.ends_with("_ratio") => toml::Value::Float(0.5),
                 "allow_unpinned" | "tenant_private_sources" | "cluster" => toml::Value::Boolean(true),
                 _ => toml::Value::String("x".into()),
             };

@@ -4,7 +4,7 @@
 //! the rest of Kiln uses. Every error names the file, the field and what is wrong with it.
 
 pub mod layers;
-mod validate;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -90,6 +90,9 @@ pub struct ServerConfig {
     pub keys_dir: PathBuf,
     /// Which listeners speak TLS, with which certificates.
     pub tls: ListenersTls,
+    /// Where traces go (`otlp_endpoint`); `None` when the config does not say.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_sample_ratio: f64,
     /// How long a model may take to load and warm up before its load fails.
     pub load_timeout: Duration,
     /// How long a tenant's model download may take in all.

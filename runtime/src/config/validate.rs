@@ -218,6 +218,14 @@ impl Validator<'_> {
         };
         let keys_dir = raw.keys_dir.as_deref().map_or_else(|| state_dir.clone(), |dir| self.path(dir));
         let tls = self.listeners_tls(&raw)?;
+        let otlp_endpoint = match raw.otlp_endpoint.as_deref() {
+            Some(url) => Some(check_otlp_endpoint(url).map_err(|message| self.invalid("server.otlp_endpoint", message))?),
+            None => None,
+        };
+        let otlp_sample_ratio = raw.otlp_sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&otlp_sample_ratio) {
+            return Err(self.invalid("server.otlp_sample_ratio", format!("{otlp_sample_ratio} is out of range (0.0 ..= 1.0)")));
+        }
         if raw.cache_max_bytes == Some(0) {
             return Err(self.invalid("server.cache_max_bytes", "0 would keep nothing; leave it out for no limit"));
         }
@@ -231,6 +239,8 @@ impl Validator<'_> {
             cluster,
             keys_dir,
             tls,
+            otlp_endpoint,
+            otlp_sample_ratio,
             load_timeout,
             tenant_fetch_timeout,
             listen,
@@ -561,4 +571,14 @@ fn default_replica_name() -> String {
         .collect();
     let name = name.trim_matches('-').to_owned();
     if name.is_empty() { "replica".to_owned() } else { name }
+}
+
+/// An OTLP/gRPC endpoint as Kiln sends to it: `http://HOST:PORT`.
+pub fn check_otlp_endpoint(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    match url.split_once("://") {
+        Some(("http", rest)) if !rest.is_empty() && !rest.contains('/') => Ok(url.to_owned()),
+        Some(("https", _)) => Err(format!("'{url}': traces are sent over plain gRPC only for now; run the collector beside Kiln (a sidecar or the node's agent) and give its http:// address")),
+        _ => Err(format!("'{url}' is not an OTLP/gRPC endpoint like http://127.0.0.1:4317")),
+    }
 }

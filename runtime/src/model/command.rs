@@ -32,6 +32,8 @@ pub(super) struct Pending {
     pub(super) priority: u8,
     pub(super) enqueued: Instant,
     pub(super) reply: Reply,
+    /// Its caller's `compute` span, when traced: the forward pass links to it.
+    pub(super) trace: Option<crate::telemetry::spans::SpanContext>,
 }
 
 /// What the scheduler is told: by handles (submit, add, remove, shut down) and by its own

@@ -24,6 +24,7 @@ use crate::model::spec::{MAX_PRIORITY, ModelConfig, OutOfRange, Replicas, Tuning
 use crate::model::tensor::{HostTensor, TensorError};
 use crate::telemetry::EventLog;
 use crate::telemetry::access::Record;
+use crate::telemetry::spans::{self, SpanContext, Value};
 use crate::sync::MutexExt;
 
 /// Per-request scheduling options.
@@ -436,6 +437,9 @@ impl ModelHandle {
             key.push(vec![len]);
         }
         let enqueued = Instant::now();
+        // Traced, this call is a span (`compute`) the batch's forward pass is linked to.
+        let record = Record::current();
+        let traced = record.as_ref().and_then(|r| r.span()).map(|own| SpanContext { trace_id: own.trace_id, span_id: spans::new_span_id() });
         let pending = Pending {
             rows: inputs.first().map_or(1, HostTensor::rows),
             ragged_len,
@@ -444,19 +448,14 @@ impl ModelHandle {
             priority: options.priority.min(MAX_PRIORITY),
             enqueued,
             reply,
+            trace: traced,
         };
         if self.submitter.commands.send(Command::Submit(pending)).is_err() {
             counters.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(InferError::Closed(name()));
         }
-        match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(result)) => result.map(|(outputs, batched)| {
-                if let Some(record) = Record::current() {
-                    record.note_model(self.name());
-                    record.note_batch(batched.started.saturating_duration_since(enqueued), batched.requests);
-                }
-                outputs
-            }),
+        let answered = match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(InferError::Closed(name())),
             Err(_) => {
                 counters.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -465,6 +464,25 @@ impl ModelHandle {
                     after: timeout,
                 })
             }
+        };
+        if let Some(record) = &record {
+            record.note_model(self.name());
+            let batch = answered.as_ref().ok().map(|(_, batched)| *batched);
+            if let Some(batched) = batch {
+                record.note_batch(batched.started.saturating_duration_since(enqueued), batched.requests);
+            }
+            if let Some(compute) = traced {
+                let done = Instant::now();
+                let mut what = vec![("kiln.model", Value::Text(self.name().to_owned()))];
+                if let Some(batched) = batch {
+                    what.push(("kiln.batch.requests", Value::Int(i64::from(batched.requests))));
+                    let model = vec![("kiln.model", Value::Text(self.name().to_owned()))];
+                    record.child(spans::new_span_id(), "queue wait", Some(compute.span_id), (enqueued, batched.started.max(enqueued)), model, None);
+                }
+                let error = answered.as_ref().err().map(ToString::to_string);
+                record.child(compute.span_id, "compute", record.compute_parent(), (enqueued, done), what, error);
+            }
         }
+        answered.map(|(outputs, _)| outputs)
     }
 }

@@ -156,7 +156,9 @@ pub(super) fn run_batch<M: LoadedModel>(model: &M, config: &ModelConfig, counter
 /// O(bad × log n) extra passes instead of n.
 pub(super) fn run_isolating<M: LoadedModel>(model: &M, config: &ModelConfig, counters: &ModelCounters, mut batch: Vec<Pending>) {
     let batched = Batched { requests: u32::try_from(batch.len()).unwrap_or(u32::MAX), started: std::time::Instant::now() };
-    match forward_batch(model, config, &batch) {
+    let forward = forward_batch(model, config, &batch);
+    trace_forward(config, &batch, batched.started, forward.as_ref().err());
+    match forward {
         Ok(per_request) => {
             for (p, outputs) in batch.into_iter().zip(per_request) {
                 let _ = p.reply.send(Ok((outputs, batched)));
@@ -192,6 +194,30 @@ pub(super) fn run_isolating<M: LoadedModel>(model: &M, config: &ModelConfig, cou
             }
         }
     }
+}
+
+/// The forward pass as one span, when any caller in `batch` is traced: a child of the first
+/// traced caller's `compute` span, linked to every traced caller's.
+fn trace_forward(config: &ModelConfig, batch: &[Pending], started: Instant, error: Option<&BackendError>) {
+    use crate::telemetry::spans::{self, Finished, SpanContext, Value};
+    let links: Vec<SpanContext> = batch.iter().filter_map(|p| p.trace).collect();
+    let Some(first) = links.first().copied() else { return };
+    let rows: u32 = batch.iter().map(|p| p.rows).sum();
+    spans::record(Finished {
+        context: SpanContext { trace_id: first.trace_id, span_id: spans::new_span_id() },
+        parent: Some(first.span_id),
+        name: "forward".to_owned(),
+        server: false,
+        start: started,
+        end: Instant::now(),
+        attributes: vec![
+            ("kiln.model", Value::Text(config.name.clone())),
+            ("kiln.batch.requests", Value::Int(batch.len() as i64)),
+            ("kiln.batch.rows", Value::Int(i64::from(rows))),
+        ],
+        links,
+        error: error.map(ToString::to_string),
+    });
 }
 
 /// One forward pass over `batch` merged, split back per request.

@@ -29,6 +29,7 @@ use crate::model::handle::{InferOptions, ModelHandle};
 use crate::model::table::ModelTable;
 use crate::sync::{MutexExt, RwLockExt};
 use crate::telemetry::access::Record;
+use crate::telemetry::spans::{self, Value};
 use crate::telemetry::histogram::AtomicHistogram;
 
 /// After about this many milliseconds of its own execution (epoch ticks), a guest that is still
@@ -271,10 +272,23 @@ impl Handler {
                 let instantiating = Instant::now();
                 let proxy = pre.instantiate_async(&mut store).await?;
                 activity.instantiation.record(instantiating.elapsed());
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, incoming, outparam)
-                    .await
+                // Traced, the sandbox's two steps are spans of their own, and its model calls
+                // children of the second.
+                let traced = Record::current().filter(|r| r.span().is_some());
+                let running = Instant::now();
+                let run_span = traced.as_ref().map(|record| {
+                    let what = vec![("kiln.handler", Value::Text(name.to_string()))];
+                    record.child(spans::new_span_id(), "sandbox.instantiate", None, (instantiating, running), what, None);
+                    let id = spans::new_span_id();
+                    record.set_compute_parent(id);
+                    id
+                });
+                let ran = proxy.wasi_http_incoming_handler().call_handle(&mut store, incoming, outparam).await;
+                if let (Some(record), Some(id)) = (&traced, run_span) {
+                    let error = ran.as_ref().err().map(|e| first_line(&e.to_string()).chars().take(200).collect());
+                    record.child(id, "sandbox.run", None, (running, Instant::now()), vec![("kiln.handler", Value::Text(name.to_string()))], error);
+                }
+                ran
             };
             match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(Ok(())) => Ok(()),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::spans::{self, Finished, SpanContext, SpanId, Value};
 use crate::sync::MutexExt as _;
 
 tokio::task_local! {
@@ -123,6 +124,10 @@ pub struct Record {
     computes: AtomicU32,
     names: std::sync::Mutex<Names>,
     written: AtomicBool,
+    /// Its span, when traces are exported and this one is sampled.
+    span: Option<SpanContext>,
+    /// The span its model calls are children of (the sandbox's run), else 0 for its own.
+    compute_parent: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -134,7 +139,11 @@ struct Names {
 
 impl Record {
     pub fn new(protocol: &'static str, method: &str, route: &str, request_id: String, trace: TraceContext) -> Arc<Record> {
+        let sampled = spans::enabled() && spans::sampled(&trace.trace_id, trace.parent.map(|_| trace.sampled));
+        let span = sampled.then(|| SpanContext { trace_id: trace.trace_id, span_id: spans::new_span_id() });
         Arc::new(Record {
+            span,
+            compute_parent: AtomicU64::new(0),
             request_id,
             trace,
             protocol,
@@ -199,6 +208,47 @@ impl Record {
         self.batch_size.fetch_max(requests, Ordering::Relaxed);
     }
 
+    /// This request's span, when it is traced.
+    pub fn span(&self) -> Option<SpanContext> {
+        self.span
+    }
+
+    /// Makes `parent` the span its model calls are children of.
+    pub fn set_compute_parent(&self, parent: SpanId) {
+        self.compute_parent.store(u64::from_be_bytes(parent), Ordering::Relaxed);
+    }
+
+    /// The span its model calls are children of.
+    pub fn compute_parent(&self) -> Option<SpanId> {
+        let parent = self.compute_parent.load(Ordering::Relaxed);
+        if parent != 0 { Some(parent.to_be_bytes()) } else { self.span.map(|s| s.span_id) }
+    }
+
+    /// Records a span of this request's trace (when it is traced): `id`, child of `parent` (of
+    /// the request's own span when `None`).
+    pub fn child(
+        &self,
+        id: SpanId,
+        name: &str,
+        parent: Option<SpanId>,
+        (start, end): (Instant, Instant),
+        attributes: Vec<(&'static str, Value)>,
+        error: Option<String>,
+    ) {
+        let Some(own) = self.span else { return };
+        spans::record(Finished {
+            context: SpanContext { trace_id: own.trace_id, span_id: id },
+            parent: Some(parent.unwrap_or(own.span_id)),
+            name: name.to_owned(),
+            server: false,
+            start,
+            end,
+            attributes,
+            links: Vec::new(),
+            error,
+        });
+    }
+
     /// Writes the access line, once: the answer's `status` (and gRPC status), `bytes_out` sent.
     pub fn write(&self, status: u16, grpc_status: Option<i32>, bytes_out: u64) {
         if self.written.swap(true, Ordering::Relaxed) {
@@ -226,6 +276,36 @@ impl Record {
             computes = self.computes.load(Ordering::Relaxed),
             "access"
         );
+        if let Some(span) = self.span {
+            let target = names.handler.as_deref().or(names.model.as_deref()).unwrap_or(&self.route);
+            let mut attributes = vec![
+                ("http.request.method", Value::Text(self.method.clone())),
+                ("url.path", Value::Text(self.route.clone())),
+                ("http.response.status_code", Value::Int(i64::from(status))),
+                ("kiln.request_id", Value::Text(self.request_id.clone())),
+                ("kiln.protocol", Value::Text(self.protocol.to_owned())),
+            ];
+            for (key, value) in [("kiln.tenant", &names.tenant), ("kiln.handler", &names.handler), ("kiln.model", &names.model)] {
+                if let Some(value) = value {
+                    attributes.push((key, Value::Text(value.clone())));
+                }
+            }
+            if let Some(grpc) = grpc_status {
+                attributes.push(("rpc.grpc.status_code", Value::Int(i64::from(grpc))));
+            }
+            let failed = status >= 500 || grpc_status.is_some_and(|g| g != 0);
+            spans::record(Finished {
+                context: span,
+                parent: self.trace.parent,
+                name: format!("{} {target}", self.method),
+                server: true,
+                start: self.started,
+                end: Instant::now(),
+                attributes,
+                links: Vec::new(),
+                error: failed.then(|| format!("status {status}")),
+            });
+        }
     }
 }
 

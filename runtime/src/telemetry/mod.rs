@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod histogram;
 pub mod logging;
 pub mod process;
+pub mod spans;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

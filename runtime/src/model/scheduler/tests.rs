@@ -68,6 +68,7 @@ fn planned_rows(policy: BatchPolicy, queued: &[(u32, u8, u32)]) -> Vec<u32> {
             priority,
             enqueued: Instant::now(),
             reply,
+            trace: None,
         });
     }
     let plan = scheduler.plan(scheduler.shared.tuning().max_batch_size).expect("a plan");
@@ -196,6 +197,7 @@ fn queued(config: &ModelConfig, inputs: Vec<HostTensor>) -> (Pending, Answer) {
         priority: 0,
         enqueued: Instant::now(),
         reply,
+        trace: None,
     };
     (pending, answer)
 }
