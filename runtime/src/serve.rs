@@ -46,14 +46,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let (path, found) = crate::config::layers::locate(config.as_deref())?;
     tracing::info!(config = %path.display(), found = ?found, "config");
-    let mut config = crate::config::Config::load(&path)?;
+    // --tls-cert/--tls-key count as [server] tls_cert/tls_key, after the environment's, so
+    // everything that needs a certificate (admin_client_ca, admin_tls = true) is checked with it.
+    let mut overrides = crate::config::layers::server_overrides(crate::config::server_env())?;
+    if let (Some(cert), Some(key)) = (&tls_cert, &tls_key) {
+        for (flag, field, file) in [("--tls-cert", "tls_cert", cert), ("--tls-key", "tls_key", key)] {
+            // A relative path is the working directory's, as for any command-line path.
+            let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            overrides.push(crate::config::layers::Override {
+                var: flag.to_owned(),
+                field: field.to_owned(),
+                value: toml::Value::String(file.display().to_string()),
+            });
+        }
+    }
+    let mut config = crate::config::Config::load_with(&path, &overrides)?;
     config.server.allow_unpinned_by_flag(allow_unpinned).map_err(anyhow::Error::msg)?;
     if let Some(text) = grpc_listen {
         config.server.grpc_listen = crate::config::parse_optional_listen(&text)
             .ok_or_else(|| anyhow::anyhow!("--grpc-listen: '{text}' is not an address like 127.0.0.1:8001, nor 'off'"))?;
-    }
-    if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
-        config.server.tls.default = Some(crate::tls::TlsFiles { cert, key });
     }
     let listen = listen.unwrap_or(config.server.listen);
     let admin_listen = admin_listen.unwrap_or(config.server.admin_listen);

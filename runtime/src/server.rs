@@ -215,8 +215,9 @@ pub async fn serve(
     let tls = &config.server.tls;
     let serving_tls = live_tls(tls.serving(), true)?;
     let admin_tls = live_tls(tls.admin(), true)?;
-    let grpc_tls = live_tls(tls.grpc(), false)?;
-    let metrics_tls = live_tls(tls.metrics(), true)?;
+    // A listener that is off reads no certificate.
+    let grpc_tls = live_tls(tls.grpc().filter(|_| config.server.grpc_listen.is_some()), false)?;
+    let metrics_tls = live_tls(tls.metrics().filter(|_| config.server.metrics_listen.is_some()), true)?;
     start_traces(config)?;
     let state = Arc::new(build(config)?);
     let scheme = |tls: &Option<Arc<LiveTls>>| if tls.is_some() { "https" } else { "http" };

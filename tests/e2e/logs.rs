@@ -3,7 +3,8 @@
 //! request has exactly one access line with what it was (route, handler, model, tenant, status,
 //! bytes, latency, queue wait, batch size) under its request id and the trace id of the
 //! client's `traceparent`, on HTTP and gRPC alike, and a guest's lines carry its request's id
-//! and tenant with its junk escaped inside them.
+//! and tenant with its junk escaped inside them. A client that gives up before its answer
+//! starts gets a line too, as status 499.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -82,6 +83,10 @@ async fn every_log_line_is_json_and_every_request_has_one_access_line() {
         .expect("kiln bench");
     let report: Value = serde_json::from_slice(&bench.stdout).unwrap_or_else(|_| panic!("bench: {}", String::from_utf8_lossy(&bench.stderr)));
     assert_eq!(report["ok"], 12, "{report}");
+    // A client that gives up before its answer starts still gets a line, as status 499.
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().expect("client");
+    let gave_up = impatient.post(server.url("/v1/handlers/junk/sleep?3000")).bearer_auth(server.key("mallory")).send().await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()), "the sleeping guest answered within 300 ms");
     // Lines are written as each answer's body ends: give the last ones a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -136,6 +141,9 @@ async fn every_log_line_is_json_and_every_request_has_one_access_line() {
             _ => assert_eq!((line["status"].as_u64(), line["tenant"].as_str()), (Some(404), Some("demo")), "{line}"),
         }
     }
+    let abandoned: Vec<&&Value> = access.iter().filter(|l| l["route"] == "/v1/handlers/junk/sleep").collect();
+    assert_eq!(abandoned.len(), 1, "{abandoned:?}");
+    assert_eq!((abandoned[0]["status"].as_u64(), abandoned[0]["bytes_out"].as_u64()), (Some(499), Some(0)), "{}", abandoned[0]);
     let grpc: Vec<&&Value> = access.iter().filter(|l| l["protocol"] == "grpc" && l["route"] == "/inference.GRPCInferenceService/ModelInfer").collect();
     assert_eq!(grpc.len(), 12, "{grpc:?}");
     for line in grpc {

@@ -126,6 +126,8 @@ async fn the_kustomize_overlays_are_valid_and_agree_with_the_config_they_serve()
     let env_of = |name: &str| tls_container["env"].as_array().and_then(|e| e.iter().find(|v| v["name"] == name)).map(|v| v["value"].clone());
     assert_eq!(env_of("KILN_SERVER__TLS_CERT"), Some(serde_json::json!("/run/secrets/kiln-tls/tls.crt")));
     assert_eq!(env_of("KILN_SERVER__TLS_KEY"), Some(serde_json::json!("/run/secrets/kiln-tls/tls.key")));
+    // The scrape and the autoscalers' queries stay on plain HTTP to the metrics port.
+    assert_eq!(env_of("KILN_SERVER__METRICS_TLS"), Some(serde_json::json!("false")));
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
         assert_eq!(tls_container[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
     }

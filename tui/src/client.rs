@@ -45,6 +45,8 @@ impl Tls {
         }
         if let Some((cert, key)) = &self.identity {
             let mut pem = std::fs::read(cert).with_context(|| format!("cannot read --client-cert {}", cert.display()))?;
+            // The key's PEM block must start on a line of its own.
+            pem.push(b'\n');
             pem.extend(std::fs::read(key).with_context(|| format!("cannot read --client-key {}", key.display()))?);
             let identity = reqwest::Identity::from_pem(&pem).with_context(|| format!("--client-cert {} and --client-key {}", cert.display(), key.display()))?;
             builder = builder.identity(identity);

@@ -30,7 +30,7 @@ use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status};
 
 use super::inference::{self, Metadata};
-use super::requests::{Counted, Metered, PEER, TRACEPARENT};
+use super::requests::{Counted, Metered, PEER, TRACEPARENT, Unanswered};
 use crate::telemetry::access::{Record, TraceContext};
 use super::{ApiError, AppState};
 use crate::model::handle::ModelHandle;
@@ -198,8 +198,11 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
         let body = Bounded { inner: Metered::incoming(body, &record), limit, read: 0, prefix: [0; FRAME_PREFIX], over: Arc::clone(&over) };
         let answer = self.inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body)));
         let app = Arc::clone(&self.app);
+        // Cancelled (its client's grpc-timeout, a reset stream): CANCELLED in its line.
+        let mut unanswered = Unanswered(Some(Arc::clone(&record)), Some(Code::Cancelled as i32));
         Box::pin(Arc::clone(&record).scope(async move {
             let response = answer.await;
+            unanswered.answered();
             // Refused while its message was read, the call never reached its handler, which
             // counts the others.
             if let Some(counted) = counted

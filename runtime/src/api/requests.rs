@@ -45,6 +45,8 @@ pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Reque
     let trace = TraceContext::from_header(request.headers().get(TRACEPARENT).map(HeaderValue::as_bytes));
     let record = Record::new("http", request.method().as_str(), request.uri().path(), id.clone(), trace);
     let request = request.map(|body| axum::body::Body::new(Metered::incoming(body, &record)));
+    // A client that goes away before its answer starts still gets its line.
+    let mut unanswered = Unanswered(Some(Arc::clone(&record)), None);
     let handled = Arc::clone(&record).scope(async {
         match peer {
             Some(ip) => PEER.scope(ip, next.run(request)).await,
@@ -61,7 +63,28 @@ pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Reque
         response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
     }
     let status = response.status().as_u16();
+    unanswered.answered();
     response.map(|body| axum::body::Body::new(Metered::outgoing(body, record, status)))
+}
+
+/// A request's record until its answer is under way: dropped before then (the client went
+/// away, the server ran out of drain time), it writes the access line as status 499 (and the
+/// gRPC status it is given).
+pub(crate) struct Unanswered(pub(crate) Option<Arc<Record>>, pub(crate) Option<i32>);
+
+impl Unanswered {
+    /// The answer is under way: its body writes the line.
+    pub(crate) fn answered(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take() {
+            record.write(499, self.1, 0);
+        }
+    }
 }
 
 /// The W3C Trace Context header.

@@ -403,6 +403,11 @@ impl ModelHandle {
         options: InferOptions,
     ) -> Result<Vec<HostTensor>, InferError> {
         let name = || self.name().to_owned();
+        // The access line names the model whatever becomes of the call.
+        let record = Record::current();
+        if let Some(record) = &record {
+            record.note_model(self.name());
+        }
         match self.state() {
             ModelState::Ready(_) => {}
             ModelState::Loading => {
@@ -438,7 +443,6 @@ impl ModelHandle {
         }
         let enqueued = Instant::now();
         // Traced, this call is a span (`compute`) the batch's forward pass is linked to.
-        let record = Record::current();
         let traced = record.as_ref().and_then(|r| r.span()).map(|own| SpanContext { trace_id: own.trace_id, span_id: spans::new_span_id() });
         let pending = Pending {
             rows: inputs.first().map_or(1, HostTensor::rows),
@@ -466,7 +470,6 @@ impl ModelHandle {
             }
         };
         if let Some(record) = &record {
-            record.note_model(self.name());
             let batch = answered.as_ref().ok().map(|(_, batched)| *batched);
             if let Some(batched) = batch {
                 record.note_batch(batched.started.saturating_duration_since(enqueued), batched.requests);

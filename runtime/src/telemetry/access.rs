@@ -254,7 +254,11 @@ impl Record {
         if self.written.swap(true, Ordering::Relaxed) {
             return;
         }
-        let names = self.names.locked();
+        // A copy, so no lock is held while the line is written.
+        let names = {
+            let names = self.names.locked();
+            Names { handler: names.handler.clone(), model: names.model.clone(), tenant: names.tenant.clone() }
+        };
         let none = "";
         tracing::info!(
             target: "kiln::access",

@@ -65,13 +65,13 @@ pub fn init(format: LogFormat) {
 /// NULs) written as `\u{..}` escapes, so nothing can start a line of its own or recolour the
 /// terminal, and cut to at most `max` bytes (at a character boundary, marked with `…`).
 pub fn printable(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max && !text.chars().any(char::is_control) {
+    if text.len() <= max && !text.chars().any(unprintable) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len().min(max) + 8);
     for c in text.chars() {
         let before = out.len();
-        if c.is_control() {
+        if unprintable(c) {
             use std::fmt::Write as _;
             let _ = write!(out, "\\u{{{:x}}}", c as u32);
         } else {
@@ -100,6 +100,12 @@ pub fn set_filter(text: &str) -> Result<String, LogError> {
     Ok(shown)
 }
 
+/// Control characters, and those that reorder or break a line on screen: bidirectional
+/// overrides and isolates, and the Unicode line and paragraph separators.
+fn unprintable(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +114,7 @@ mod tests {
     fn printable_text_escapes_controls_and_is_cut_at_a_character() {
         assert!(matches!(printable("plain words", 64), std::borrow::Cow::Borrowed(_)));
         assert_eq!(printable("a\nb\r\u{1b}[31mc\0", 64), "a\\u{a}b\\u{d}\\u{1b}[31mc\\u{0}");
+        assert_eq!(printable("x\u{202e}y\u{2028}z", 64), "x\\u{202e}y\\u{2028}z");
         let cut = printable("ééééé", 5);
         assert_eq!(cut, "éé…");
         assert!(printable(&"x".repeat(100), 10).len() <= 10 + '…'.len_utf8());

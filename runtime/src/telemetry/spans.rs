@@ -179,7 +179,7 @@ async fn export(
             let dropped = EXPORTER.get().map_or(0, |e| e.dropped.load(Ordering::Relaxed));
             // Once a minute at most: a receiver that is gone must not flood the log.
             if complained.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
-                tracing::warn!(%endpoint, lost, dropped_full = dropped, "cannot export traces (they are dropped; requests are not affected): {}", status.message());
+                tracing::warn!(%endpoint, lost, dropped_full = dropped, "cannot export traces (they are dropped; requests are not affected): {status}");
                 complained = Some(Instant::now());
             }
         }
