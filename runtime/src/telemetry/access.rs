@@ -61,22 +61,9 @@ impl TraceContext {
     /// scrambles a counter (no system call per request; unique within the process, and across
     /// processes but by chance).
     pub fn fresh() -> TraceContext {
-        static SEED: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        let seed = SEED.get_or_init(|| {
-            use ring::rand::SecureRandom as _;
-            let mut bytes = [0u8; 16];
-            let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-            let (high, low) = bytes.split_at(8);
-            [u64::from_le_bytes(high.try_into().unwrap_or_default()) | 1, u64::from_le_bytes(low.try_into().unwrap_or_default())]
-        });
-        let mut z = seed[1].wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
         let mut trace_id = [0u8; 16];
-        trace_id[..8].copy_from_slice(&seed[0].to_be_bytes());
-        trace_id[8..].copy_from_slice(&z.to_be_bytes());
+        trace_id[..8].copy_from_slice(&spans::process_prefix().to_be_bytes());
+        trace_id[8..].copy_from_slice(&spans::unique_id().to_be_bytes());
         TraceContext { trace_id, parent: None, sampled: true }
     }
 

@@ -93,22 +93,36 @@ pub fn sampled(trace_id: &[u8; 16], from_client: Option<bool>) -> bool {
     })
 }
 
-/// A new span id: unique within this process (a scrambled counter over a random seed), never
-/// zero.
-pub fn new_span_id() -> SpanId {
-    static SEED: OnceLock<u64> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let seed = *SEED.get_or_init(|| {
+/// Two random numbers drawn once per process.
+fn seed() -> [u64; 2] {
+    static SEED: OnceLock<[u64; 2]> = OnceLock::new();
+    *SEED.get_or_init(|| {
         use ring::rand::SecureRandom as _;
-        let mut bytes = [0u8; 8];
+        let mut bytes = [0u8; 16];
         let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-        u64::from_le_bytes(bytes)
-    });
-    let mut z = seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let (high, low) = bytes.split_at(8);
+        [u64::from_le_bytes(high.try_into().unwrap_or_default()), u64::from_le_bytes(low.try_into().unwrap_or_default())]
+    })
+}
+
+/// A random number of this process's, never zero: the high half of trace ids started here.
+pub fn process_prefix() -> u64 {
+    seed()[0] | 1
+}
+
+/// A number no other call in this process gets, that looks random (a counter scrambled over a
+/// random seed; no system call), never zero: span ids and the low half of trace ids.
+pub fn unique_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let mut z = seed()[1].wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z | 1).to_be_bytes()
+    (z ^ (z >> 31)) | 1
+}
+
+/// A new span id.
+pub fn new_span_id() -> SpanId {
+    unique_id().to_be_bytes()
 }
 
 /// Hands `span` to the exporter; dropped (and counted) when its queue is full.
