@@ -235,7 +235,7 @@ impl Fleet {
         }
         let started = Instant::now();
         docker(&[
-            "service", "create", "--detach", "--name", &service, "--replicas", &replicas.to_string(), "--endpoint-mode", "dnsrr", "--network", &network,
+            "service", "create", "--detach", "--no-resolve-image", "--name", &service, "--replicas", &replicas.to_string(), "--endpoint-mode", "dnsrr", "--network", &network,
             "--read-only", "--mount", &volume,
             "--config", &format!("source={kiln_config},target=/etc/kiln/kiln.toml,mode=0444"),
             "--secret", &format!("source={secret},target=/run/secrets/kiln-keys/tenant-keys/demo.keys,uid=10001,mode=0400"),
@@ -342,13 +342,20 @@ async fn three_replicas_roll_heal_and_roll_back_under_load_without_losing_reques
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     cleanup.later(&["image", "rm", "--force", &broken]);
     let bad = Instant::now();
-    let _ = docker_status(&["service", "update", "--detach=false", "--image", &broken, &service]);
+    // The image is local: without --no-resolve-image the CLI first asks a registry for its
+    // digest, which on a machine without one can take minutes before the update even starts.
+    let (code, out, err) = docker_status(&["service", "update", "--detach=false", "--no-resolve-image", "--image", &broken, &service]).expect("docker");
+    let update = format!("`service update --image {broken}` exited {code} after {:.0} s: {}{}", bad.elapsed().as_secs_f64(), out.trim(), err.trim());
+    let waiting = Instant::now();
     loop {
         let state = docker(&["service", "inspect", "--format", "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}", &service]).unwrap_or_default();
         if state.trim() == "rollback_completed" {
             break;
         }
-        assert!(bad.elapsed() < Duration::from_secs(240), "not rolled back: '{}'", state.trim());
+        if waiting.elapsed() > Duration::from_secs(240) {
+            let tasks = docker(&["service", "ps", "--no-trunc", &service]).unwrap_or_else(|e| e.to_string());
+            panic!("not rolled back: '{}'\n{update}\n{tasks}", state.trim());
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let image_now = docker(&["service", "inspect", "--format", "{{.Spec.TaskTemplate.ContainerSpec.Image}}", &service]).expect("inspect");
