@@ -4,7 +4,8 @@
 # followed by ,SETTING lines for the [server] table:
 #   scripts/bench-ab.sh auto=target/release/kiln 'memset=target/release/kiln,slot_reset = "memset"'
 #   scripts/bench-ab.sh old=build/bin/kiln-OLD new=target/release/kiln
-# Needs scripts/bench.sh's configs (run it once first). About 1.5 minutes per Kiln. The load
+# Each Kiln gets scripts/bench.sh's config with batching on (its own state directory under
+# build/bench/ab). About 1.5 minutes per Kiln. The load
 # generator is always target/release/kiln; the server's CPU µs and wake-ups per request come from
 # /v1/stats (absent for a server that predates them).
 set -euo pipefail
@@ -12,7 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KILN_ROOT"
 out=build/bench
 client=target/release/kiln
-[ -f "$out/batching-on.toml" ] || { echo "run scripts/bench.sh first (it writes $out/batching-on.toml)" >&2; exit 1; }
+mkdir -p "$out/ab"
 [ $# -ge 2 ] || { sed -n '2,9p' "$0" >&2; exit 2; }
 labels=(); binaries=()
 for spec in "$@"; do
@@ -20,7 +21,7 @@ for spec in "$@"; do
     IFS=, read -r -a parts <<< "$rest"
     labels+=("$label"); binaries+=("${parts[0]}")
     settings=$(printf '%s\\n' "${parts[@]:1}")
-    sed -e "s|^\[server\]|[server]\n$settings|" "$out/batching-on.toml" > "$out/ab-$label.toml"
+    bench_config "$out/ab" 64 | sed -e "s|^\[server\]|[server]\n$settings|" > "$out/ab-$label.toml"
 done
 KILN_KEY=$($client tenant add-key demo -c "$out/ab-${labels[0]}.toml" 2>/dev/null)
 KILN_ADMIN_KEY=$($client admin add-key -c "$out/ab-${labels[0]}.toml" 2>/dev/null)

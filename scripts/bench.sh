@@ -16,27 +16,9 @@ pngs=(build/holdout/digits/*.png)
 png=${pngs[0]}
 echo '{"sentences": ["A man is eating a piece of bread."]}' > "$out/sentence.json"
 
-# Configs: the examples with batching on and off, plus the echo guest and ResNet-18, with their
-# own state directory (and API key for tenant demo).
-write_config() { # NAME MAX_BATCH
-    examples_config "$out" -e "s|max_batch_size = 64|max_batch_size = $2|" > "$out/$1.toml"
-    cat >> "$out/$1.toml" <<TOML
-
-[[handler]]
-name = "echo"
-tenant = "demo"
-component = "$KILN_ROOT/target/wasm32-wasip2/guest/misbehave.wasm"
-
-[[model]]
-name = "resnet18"
-path = "$KILN_ROOT/build/models/resnet18.pt"
-inputs = [{ name = "image", dtype = "FP32", shape = [-1, 3, 224, 224] }]
-outputs = [{ name = "logits" }]
-threads = 2
-TOML
-}
-write_config batching-on 64
-write_config batching-off 1
+# Configs: the examples with batching on and off, plus the echo guest and ResNet-18.
+bench_config "$out" 64 > "$out/batching-on.toml"
+bench_config "$out" 1 > "$out/batching-off.toml"
 KILN_KEY=$($kiln tenant add-key demo -c "$out/batching-on.toml" 2>/dev/null)
 KILN_ADMIN_KEY=$($kiln admin add-key -c "$out/batching-on.toml" 2>/dev/null)
 export KILN_KEY KILN_ADMIN_KEY

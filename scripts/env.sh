@@ -15,6 +15,26 @@ examples_config() { # DIR [SED_ARGS...]
     sed -e "s|\.\./build/state|$dir/state|" -e "s|\.\./|$KILN_ROOT/|g" "$@" "$KILN_ROOT/examples/kiln.toml"
 }
 
+# The benchmarks' config on stdout: the examples (state under DIR) with batches of up to
+# MAX_BATCH, plus the echo guest (misbehave.wasm) and ResNet-18.
+bench_config() { # DIR MAX_BATCH
+    examples_config "$1" -e "s|max_batch_size = 64|max_batch_size = $2|"
+    cat <<TOML
+
+[[handler]]
+name = "echo"
+tenant = "demo"
+component = "$KILN_ROOT/target/wasm32-wasip2/guest/misbehave.wasm"
+
+[[model]]
+name = "resnet18"
+path = "$KILN_ROOT/build/models/resnet18.pt"
+inputs = [{ name = "image", dtype = "FP32", shape = [-1, 3, 224, 224] }]
+outputs = [{ name = "logits" }]
+threads = 2
+TOML
+}
+
 # Starts `BINARY serve ARGS...` in the background, its output in LOG, and waits until
 # http://127.0.0.1:PORT/v2/health/ready answers; sets $server to its process id. Fails (having
 # stopped it) when it exits first or is not ready within 60 s, so that nothing is measured against
