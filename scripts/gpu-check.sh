@@ -6,7 +6,7 @@
 #                                    the GPU test binary into build/gpu-check.tar.xz (< 64 MiB)
 #   scripts/gpu-check.sh             there, in a copy of this repository with that archive:
 #                                    runs the GPU tests (KILN_EXPECT_GPU=1), serves the digits and
-#                                    embeddings examples on cuda:0 in fp32 and bf16 and checks
+#                                    embeddings examples on cuda:0 in fp32, bf16 and auto, checks
 #                                    their answers, benchmarks raw libtorch against Kiln end to end
 #                                    on ResNet-18 at saturation, and prints one table last.
 #
@@ -96,7 +96,7 @@ PY
 step "devices"
 "$kiln" devices | tee "$root/devices.txt"
 
-step "GPU tests (examples on $device in fp32 and bf16)"
+step "GPU tests (examples on $device in fp32, bf16 and auto)"
 expect=1
 [ "$device" = cpu ] && expect=0
 tests_status=ok
@@ -167,7 +167,7 @@ rows = [
     ("GPU tests", tests + "".join(f" ({p} passed, {f} failed)" for p, f in re.findall(r"test result: \w+\. (\d+) passed; (\d+) failed", log))
                   + (" (skipped: no GPU)" if "skipped: no GPU" in log else "")),
 ]
-for precision in ("fp32", "bf16"):
+for precision in ("fp32", "bf16", "auto"):
     rows.append((f"examples on {device}, {precision}", checks.get(precision, "not run (no GPU)")))
 rows += [
     ("ResNet-18 raw libtorch", f"{best['rows_per_second']:.0f} img/s at batch {best['batch_size']} "

@@ -46,6 +46,12 @@ pub fn artifact(relative: &str) -> PathBuf {
 /// absolute paths, `server` lines added to `[server]`, `demo_models` more models for `demo`, and
 /// `extra` TOML appended (more sections).
 pub fn examples_config(server: &str, demo_models: &[&str], extra: &str) -> String {
+    examples_config_in("fp32", server, demo_models, extra)
+}
+
+/// [`examples_config`] with both models in `precision` (`auto`, as examples/kiln.toml ships
+/// them, searches at load: a few seconds, which most tests need not pay).
+pub fn examples_config_in(precision: &str, server: &str, demo_models: &[&str], extra: &str) -> String {
     let demo_models: String = demo_models.iter().map(|m| format!(", \"{m}\"")).collect();
     let model = |p: &str| artifact(p).display().to_string();
     format!(
@@ -58,6 +64,7 @@ name = "digits"
 path = "{digits}"
 inputs = [{{ name = "image", dtype = "FP32", shape = [-1, 1, 8, 8] }}]
 outputs = [{{ name = "logits" }}]
+precision = "{precision}"
 
 [[model]]
 name = "minilm"
@@ -70,6 +77,7 @@ outputs = [{{ name = "last_hidden_state", ragged_dim = 1 }}]
 batching = {{ max_batch_size = 64 }}
 # As examples/kiln.toml ships it: two single-threaded replicas sharing one copy of the weights.
 instances = 2
+precision = "{precision}"
 
 [[tenant]]
 name = "demo"

@@ -192,11 +192,27 @@ pub struct RawModel {
     pub instances: Option<toml::Value>,
     pub threads: Option<u32>,
     pub timeout_ms: Option<u64>,
+    /// `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` (the fastest that keeps the outputs within
+    /// `tolerance`, measured at load).
     pub precision: Option<String>,
+    /// How far a reduced precision's outputs may stray from FP32's for `"auto"` to pick it.
+    pub tolerance: Option<RawTolerance>,
+    /// Inputs `"auto"` compares precisions on, beside its own: files of OIP inference requests.
+    pub calibration: Option<Vec<String>>,
+    /// How long `"auto"` may spend timing precisions at load.
+    pub precision_budget_ms: Option<u64>,
     pub latency_objective_ms: Option<u64>,
     pub memory_headroom_mib: Option<u64>,
     /// Runs each replica in a confined worker process, as tenants' own models always do.
     pub worker: Option<bool>,
+}
+
+/// `tolerance = { cosine = 0.999, max_abs = 0.05 }`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTolerance {
+    pub cosine: Option<f64>,
+    pub max_abs: Option<f64>,
 }
 
 /// One version of a model: its number and its file.

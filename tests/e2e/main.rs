@@ -21,16 +21,16 @@ mod traces;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use kiln_tests::{Server, TempDir, examples_config, kiln};
+use kiln_tests::{Server, TempDir, examples_config_in, kiln};
 
 /// The shared server: the bundled examples (tenant `demo`) plus the misbehaving guest (tenant
-/// `mallory`).
+/// `mallory`), with `precision = "auto"` as examples/kiln.toml ships them.
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| {
         let extra = format!("{}{}{}", batching::extra_models(), deploy::tenants(), portable::extra());
         let demo_models = [batching::EXTRA_MODEL_NAMES, portable::MODEL_NAMES].concat();
-        let config = examples_config("", &demo_models, &extra);
+        let config = examples_config_in("auto", "", &demo_models, &extra);
         match Server::start(&config, &["demo", "mallory", "signed"]) {
             Ok(server) => server,
             Err(e) => panic!("cannot start the test server: {e:#}"),

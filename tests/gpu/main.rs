@@ -82,6 +82,20 @@ async fn digits_accuracy(server: &Server) -> f64 {
     right.iter().filter(|r| **r).count() as f64 / samples.len() as f64
 }
 
+/// What `precision = "auto"` chose for each model, from the models' info: `; chose digits: …`.
+async fn chosen(server: &Server) -> String {
+    let mut out = String::new();
+    for model in ["digits", "minilm"] {
+        let response = server.client("demo").get(server.url(&format!("/v1/models/{model}"))).send().await.expect("info");
+        let info: Value = response.json().await.expect("json");
+        let choice = &info["precision_search"][0];
+        assert!(choice.is_object(), "no search for {model}: {info}");
+        let candidates: Vec<&str> = choice["candidates"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        out.push_str(&format!("; {model}: {} ({})", choice["precision"].as_str().unwrap_or("?"), candidates.join(", ")));
+    }
+    out
+}
+
 /// The largest cosine distance from the `transformers` reference over the reference sentences.
 async fn embeddings_distance(server: &Server) -> f64 {
     let text = std::fs::read_to_string(artifact("build/reference/embeddings.json")).expect("reference");
@@ -115,13 +129,15 @@ async fn the_examples_answer_on_cuda_in_fp32_and_bf16() {
     if device != "cpu" && gpu("gpu::the_examples_answer_on_cuda_in_fp32_and_bf16").is_none() {
         return;
     }
-    for (precision, max_distance) in [("fp32", 1e-4), ("bf16", 2e-2)] {
+    // `auto` searches at load (fp16, bf16) and serves what it measured fastest within tolerance.
+    for (precision, max_distance) in [("fp32", 1e-4), ("bf16", 2e-2), ("auto", 2e-2)] {
         let server = server_on(&device, precision);
         let log = server.log_text();
         assert!(log.contains(&format!("device={device}")), "models not on {device}:\n{log}");
         let accuracy = digits_accuracy(&server).await;
         let distance = embeddings_distance(&server).await;
-        println!("gpu-check {precision}: digits accuracy {:.1}%, embeddings max cosine distance {distance:.2e}", accuracy * 100.0);
+        let chose = if precision == "auto" { chosen(&server).await } else { String::new() };
+        println!("gpu-check {precision}: digits accuracy {:.1}%, embeddings max cosine distance {distance:.2e}{chose}", accuracy * 100.0);
         assert!(accuracy >= 0.95, "{precision}: digits accuracy {accuracy}");
         assert!(distance < max_distance, "{precision}: embeddings cosine distance {distance}");
     }

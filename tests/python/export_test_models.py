@@ -167,6 +167,18 @@ class SetstateFromFile(torch.nn.Module):
         self.training = state[2]
 
 
+class Drift(torch.nn.Module):
+    """Exact in FP32 and ruined in bf16 and fp16: x is added to a large offset and taken off
+    again, and beside 4096 the reduced formats keep no bits (bf16) or two (fp16) for x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.tensor(4096.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.offset) - self.offset
+
+
 def main(build: Path) -> None:
     torch.manual_seed(11)
     models = build / "models"
@@ -184,6 +196,7 @@ def main(build: Path) -> None:
     torch.jit.script(OddOp().eval()).save(str(models / "odd-op.pt"))
     torch.jit.script(SortFromFile().eval()).save(str(models / "sort-from-file.pt"))
     torch.jit.script(SetstateFromFile().eval()).save(str(models / "setstate-from-file.pt"))
+    torch.jit.script(Drift().eval()).save(str(models / "drift.pt"))
     print(f"test models: wrote {models / 'tokenwise.pt'}")
 
 

@@ -88,10 +88,24 @@ fn a_tenant_loads_its_own_models_within_its_quota_and_no_other_tenant_sees_them(
         let (_, all) = json_of(server.admin_client().get(server.admin_url("/v1/models")).send().await.expect("list")).await;
         assert!(all["models"].as_array().expect("models").iter().any(|m| m["name"] == "acme:mine" && m["origin"] == "tenant"), "{all}");
 
-        // Its own `digits` comes before the operator's for it alone.
-        let (status, body) = json_of(put("acme", "digits", without_tenants(file(2, &d2))).await.expect("put")).await;
+        // Its own `digits` comes before the operator's for it alone. With `precision = "auto"`,
+        // searched for in its confined workers; it cannot name calibration files (the server's).
+        let mut auto = without_tenants(file(2, &d2));
+        auto["precision"] = json!("auto");
+        let mut calibrated = auto.clone();
+        calibrated["calibration"] = json!(["/etc/passwd"]);
+        let (status, body) = json_of(put("acme", "digits", calibrated).await.expect("put")).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap_or_default().starts_with("calibration: "), "{body}");
+        let (status, body) = json_of(put("acme", "digits", auto).await.expect("put")).await;
         assert_eq!(status, 201, "{body}");
         assert_eq!(offset_as(&server, "acme", "digits").await, (200, Some(2.0)));
+        let (_, info) = json_of(server.client("acme").get(server.url("/v1/models/digits")).send().await.expect("info")).await;
+        let choice = &info["precision_search"][0];
+        assert_eq!((choice["model"].as_str(), choice["device"].as_str()), (Some("digits"), Some("cpu")), "by the name it knows: {info}");
+        assert_eq!(choice["candidates"].as_array().map(Vec::len), Some(2), "{info}");
+        let chosen = choice["precision"].as_str().expect("precision");
+        assert!(info["precision"].as_str().is_some_and(|p| p.starts_with(chosen)), "{info}");
         let (_, meta) = json_of(server.client("demo").get(server.url("/v2/models/digits")).send().await.expect("meta")).await;
         assert_eq!(meta["inputs"][0]["name"], "image", "demo still gets the operator's digits: {meta}");
 

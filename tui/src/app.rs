@@ -504,7 +504,11 @@ impl App {
                     rate: old.map_or(0.0, |o| rate(m.inferences, o.inferences)),
                     replicas: m.replica_target,
                     max: m.instances.max,
-                    devices: devices.join(","),
+                    // FP32 goes without saying; a reduced or searched precision is shown.
+                    devices: match m.precision.as_str() {
+                        "" | "fp32" => devices.join(","),
+                        precision => format!("{} {precision}", devices.join(",")),
+                    },
                     paused: m.paused,
                     best_batch: m.best_batch(),
                 }
@@ -563,11 +567,14 @@ impl App {
         self.selected = self.selected.min(self.rows().saturating_sub(1));
     }
 
-    /// Scaling decisions and model workers' exits and restarts among the events, newest first,
-    /// each with the replica it came from (0 for the one server).
+    /// Scaling and precision decisions and model workers' exits and restarts among the events,
+    /// newest first, each with the replica it came from (0 for the one server).
     pub fn decisions(&self) -> impl Iterator<Item = &(usize, ServerEvent)> {
         self.events.iter().rev().filter(|(_, e)| {
-            matches!(e.kind, EventKind::Scaling(_) | EventKind::WorkerExited { .. } | EventKind::WorkerRestarted { .. })
+            matches!(
+                e.kind,
+                EventKind::Scaling(_) | EventKind::PrecisionChosen(_) | EventKind::WorkerExited { .. } | EventKind::WorkerRestarted { .. }
+            )
         })
     }
 }

@@ -393,6 +393,15 @@ fn draw_decisions(app: &App, frame: &mut Frame, area: Rect) {
                     let device = d.device.as_deref().map(|d| format!(" {d}")).unwrap_or_default();
                     (format!("{} {arrow} {}→{}{device}", d.model, d.from, d.to), color, d.reason.clone())
                 }
+                EventKind::PrecisionChosen(choice) => {
+                    let speed = if choice.precision == "fp32" { String::new() } else { format!(" {:.1}×", choice.speedup) };
+                    let detail = if choice.precision == "fp32" {
+                        choice.candidates.join("; ")
+                    } else {
+                        format!("worst cosine {:.4}; searched {:.1} s", choice.worst_cosine, choice.search_ms as f64 / 1e3)
+                    };
+                    (format!("{} ◆ {} {}{speed}", choice.model, choice.device, choice.precision), Color::Cyan, detail)
+                }
                 EventKind::WorkerExited { model, pid, reason, restart_in_ms } => {
                     (format!("{model} ✗ worker {pid}"), Color::Red, format!("{reason}; restart in {restart_in_ms} ms"))
                 }
@@ -413,12 +422,12 @@ fn draw_decisions(app: &App, frame: &mut Frame, area: Rect) {
         })
         .collect();
     let list = if items.is_empty() {
-        List::new([ListItem::new(Span::styled("no scaling decisions or worker restarts yet", Style::new().fg(Color::DarkGray)))])
+        List::new([ListItem::new(Span::styled("no scaling or precision decisions or worker restarts yet", Style::new().fg(Color::DarkGray)))])
     } else {
         List::new(items).highlight_style(Style::new().reversed())
     };
     let mut state = ratatui::widgets::ListState::default().with_selected(focused.then_some(app.selected));
-    frame.render_stateful_widget(list.block(panel("Scaling & workers", focused)), area, &mut state);
+    frame.render_stateful_widget(list.block(panel("Decisions & workers", focused)), area, &mut state);
 }
 
 const HELP: [(&str, &str); 16] = [

@@ -53,6 +53,7 @@ fn stats(t: u64, gpus: bool) -> Stats {
             CurvePoint { rows: 1, forward_ms: 0.3, samples: 40 },
             CurvePoint { rows: batch as u32, forward_ms: 0.3 + 0.05 * batch as f64, samples: 12 },
         ],
+        precision: if name == "minilm" { "bf16 2.9×".into() } else { "fp32".into() },
     };
     let route = |name: &str, rate: u64, bucket: usize, errors: u64, throttled: u64| RouteStats {
         name: name.into(),
@@ -134,13 +135,29 @@ fn event(at: u64, kind: EventKind) -> Msg {
     Msg::Event { source: 0, event: Box::new(ServerEvent { seq: at, at_unix_ms: at, kind }) }
 }
 
-/// Two snapshots a second apart, a few scaling decisions, and a tenant's model worker that
-/// crashed and was restarted.
+/// What `precision = "auto"` chose for MiniLM.
+fn precision_chosen(at: u64) -> Msg {
+    let choice = PrecisionChoice {
+        model: "minilm".into(),
+        device: "cpu".into(),
+        precision: "bf16".into(),
+        speedup: 2.9,
+        worst_cosine: 0.99962,
+        worst_abs: 0.02,
+        search_ms: 3100,
+        candidates: vec!["bf16: 2.90× fp32, worst cosine 0.9996".into(), "fp16: 0.40× fp32, not 1.1× or more (worst cosine 0.9999)".into()],
+    };
+    event(at, EventKind::PrecisionChosen(choice))
+}
+
+/// Two snapshots a second apart, a precision choice, a few scaling decisions, and a tenant's
+/// model worker that crashed and was restarted.
 fn app(gpus: bool) -> App {
     let mut app = App::new("http://127.0.0.1:8080".into(), Duration::from_secs(1));
     for t in 1..=3 {
         app.update(Msg::Stats { stats: Box::new(stats(t, gpus)), at: Duration::from_secs(t) });
     }
+    app.update(precision_chosen(1_794_999_990_000));
     app.update(decision(1_795_000_000_000, ScaleAction::Up, 1, 2, "queue wait p95 80.0 ms over the 50 ms objective", Some("cuda:1")));
     app.update(decision(1_795_000_002_000, ScaleAction::Hold, 2, 2, "cooldown after the last scale-up", None));
     app.update(decision(1_795_000_040_000, ScaleAction::Down, 2, 1, "idle for 30 s", None));

@@ -98,8 +98,17 @@ fn describe_for(entry: &ModelEntry, tenant: &str) -> ModelInfo {
     info.name = entry.config.model_name().to_owned();
     info.tenants = vec![tenant.to_owned()];
     info.path = String::new();
+    // Before a remote file is fetched there is no path, and replacing "" would mangle the text.
+    let file = entry.config.path.display().to_string();
+    let hide_file = |text: &str| if file.is_empty() { text.to_owned() } else { text.replace(&file, "its file") };
+    for choice in &mut info.precision_search {
+        choice.model = info.name.clone();
+        for line in &mut choice.candidates {
+            *line = hide_file(line);
+        }
+    }
     if matches!(entry.origin, ModelOrigin::Tenant) {
-        info.reason = info.reason.replace(&entry.config.path.display().to_string(), "its file");
+        info.reason = hide_file(&info.reason);
     } else {
         info.source = None;
         info.sha256 = None;
@@ -401,7 +410,7 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
         source: c.source.clone(),
         sha256: c.sha256.clone(),
         device: c.device.to_string(),
-        precision: c.precision.to_string(),
+        precision: entry.handle.as_ref().map_or_else(|| if c.auto_precision.is_some() { "auto".to_owned() } else { c.precision.to_string() }, ModelHandle::precision),
         inputs: c
             .inputs
             .iter()
@@ -425,5 +434,6 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
         versions: entry.versions.iter().map(u64::to_string).collect(),
         deployed_at: entry.deployed_at,
         replicas: entry.handle.as_ref().map(|h| h.replicas()).unwrap_or_default(),
+        precision_search: entry.handle.as_ref().map(ModelHandle::precision_search).unwrap_or_default(),
     }
 }

@@ -95,6 +95,7 @@ pub(super) async fn snapshot(State(app): State<Arc<AppState>>, _admin: AdminKey)
                     .into_iter()
                     .map(|(rows, us, samples)| CurvePoint { rows, forward_ms: us / 1e3, samples })
                     .collect(),
+                precision: model.precision(),
             }
         })
         .collect();

@@ -18,6 +18,13 @@ impl fmt::Display for Device {
     }
 }
 
+impl Device {
+    /// Whether it is a GPU: what a model's precision is chosen by, GPUs alike.
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
 impl std::str::FromStr for Device {
     type Err = String;
 

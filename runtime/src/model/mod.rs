@@ -2,7 +2,8 @@
 //! ([`spec`]), where a replica runs ([`device`]), merging requests into batches ([`batch`]), the
 //! [`backend`]s that run forward passes, the per-model [`scheduler`] (an actor: what it is told
 //! is [`command`]), its [`replica`] threads, the [`shared`] state both sides publish and read,
-//! the forward-time [`curve`] it learns, and the [`table`] of models being served. Callers get
+//! the forward-time [`curve`] it learns, the [`precision`] `precision = "auto"` picks by
+//! measuring, and the [`table`] of models being served. Callers get
 //! outputs or an [`error::InferError`]. No HTTP and no wasm
 //! here: the sandbox and the API reach a model through a [`handle::ModelHandle`]. Before a
 //! tenant's TorchScript is loaded at all, [`graph_check`] reads what its code can run.
@@ -14,6 +15,7 @@ pub mod device;
 pub mod error;
 pub mod graph_check;
 pub mod handle;
+pub mod precision;
 pub mod replica;
 pub mod scheduler;
 pub mod shared;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use kiln_wire::{EventKind, ReplicaState};
 
-use crate::model::backend::{Backend, BackendError, LoadedModel};
+use crate::model::backend::{Backend, BackendError, LoadedModel, forward_guarded};
 use crate::model::batch;
 use crate::model::command::{Batched, Command, Pending};
 use crate::model::device::{Device, Placement};
@@ -96,10 +96,15 @@ pub(super) fn load_replica<B: Backend>(
 ) -> Result<(B::Model, Vec<OutputMeta>), BackendError> {
     let config = &shared.config;
     let started = Instant::now();
-    let loaded = load_and_warm_up_timed(backend, config, placement.run_on);
+    // With `precision = "auto"`, the first replica on a kind of device searches first.
+    let loaded = shared.precision_on(backend, placement.run_on).and_then(|precision| {
+        let chosen = (precision != config.precision).then(|| config.with_precision(precision));
+        let config = chosen.as_ref().unwrap_or(config);
+        load_and_warm_up_timed(backend, config, placement.run_on).map(|(model, meta, times)| (model, meta, times, precision))
+    });
     match &loaded {
-        Ok((model, _, times)) => {
-            if let Some(difference) = padding_changes_outputs(model, config) {
+        Ok((model, _, times, precision)) => {
+            if let Some(difference) = padding_changes_outputs(model, config, *precision) {
                 shared.ragged_batching.store(false, Ordering::Relaxed);
                 tracing::warn!(
                     model = %config.name,
@@ -141,7 +146,7 @@ pub(super) fn load_replica<B: Backend>(
             });
         }
     }
-    loaded.map(|(model, meta, _)| (model, meta))
+    loaded.map(|(model, meta, _, _)| (model, meta))
 }
 
 pub(super) fn run_batch<M: LoadedModel>(model: &M, config: &ModelConfig, counters: &ModelCounters, batch: Vec<Pending>) {
@@ -284,7 +289,7 @@ pub(super) fn padding_tolerance(precision: Precision) -> f64 {
 /// over [`padding_tolerance`] (the model does not mask padding), or `None` when padding leaves
 /// the row's outputs alone. Probe values are 1 (or the nearest the declared range allows), so a
 /// mask input marks every probe position as real.
-pub(super) fn padding_changes_outputs<M: LoadedModel>(model: &M, config: &ModelConfig) -> Option<f64> {
+pub(super) fn padding_changes_outputs<M: LoadedModel>(model: &M, config: &ModelConfig, precision: Precision) -> Option<f64> {
     if !config.inputs.iter().any(|s| s.ragged.is_some()) {
         return None;
     }
@@ -336,11 +341,6 @@ pub(super) fn padding_changes_outputs<M: LoadedModel>(model: &M, config: &ModelC
             }
         }
     }
-    (worst > padding_tolerance(config.precision)).then_some(worst)
+    (worst > padding_tolerance(precision)).then_some(worst)
 }
 
-/// A panic inside the backend must fail one batch, not kill the instance.
-pub(super) fn forward_guarded<M: LoadedModel>(model: &M, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.forward(inputs)))
-        .unwrap_or(Err(BackendError::Panicked))
-}

@@ -5,12 +5,14 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kiln_wire::{ReplicaInfo, ReplicaState};
+use kiln_wire::{EventKind, ReplicaInfo, ReplicaState};
 
+use crate::model::backend::{Backend, BackendError};
 use crate::model::curve::ForwardCurve;
 use crate::model::device::Device;
+use crate::model::precision::{self, Decision};
 use crate::model::signature::OutputMeta;
-use crate::model::spec::{ModelConfig, Tuning};
+use crate::model::spec::{ModelConfig, Precision, Tuning};
 use crate::telemetry::EventLog;
 use crate::telemetry::histogram::{AtomicHistogram, BatchSizes};
 use crate::sync::MutexExt;
@@ -140,6 +142,10 @@ pub(super) struct Shared {
     pub(super) load_time: Mutex<Option<LoadTimes>>,
     /// The module's parameters (elements), as the first replica to load counted them.
     pub(super) parameters: AtomicU64,
+    /// `precision = "auto"`'s choices, one per kind of device (the CPU, GPUs) searched on.
+    pub(super) precisions: Mutex<Vec<Decision>>,
+    /// Held while a search runs, so that replicas loading together search once.
+    pub(super) searching: Mutex<()>,
 }
 
 impl Shared {
@@ -163,7 +169,28 @@ impl Shared {
             paused: AtomicBool::new(false),
             load_time: Mutex::new(None),
             parameters: AtomicU64::new(0),
+            precisions: Mutex::new(Vec::new()),
+            searching: Mutex::new(()),
         })
+    }
+
+    /// The precision a replica on `device` loads in: the config's, or for `precision = "auto"`
+    /// what the search chose for that kind of device, searching first if none has.
+    pub(super) fn precision_on<B: Backend>(&self, backend: &B, device: Device) -> Result<Precision, BackendError> {
+        let Some(auto) = &self.config.auto_precision else {
+            return Ok(self.config.precision);
+        };
+        let chosen = || self.precisions.locked().iter().find(|d| d.on_gpu() == device.is_gpu()).map(|d| d.precision);
+        let _one_search = self.searching.locked();
+        if let Some(precision) = chosen() {
+            return Ok(precision);
+        }
+        let decision = precision::search(backend, &self.config, auto, device)?;
+        tracing::info!(model = %self.config.name, "precision chosen: {}", decision.report.summary());
+        self.events.emit_for(self.config.owner(), EventKind::PrecisionChosen(decision.report.clone()));
+        let precision = decision.precision;
+        self.precisions.locked().push(decision);
+        Ok(precision)
     }
 
     #[cfg(test)]

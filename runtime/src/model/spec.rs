@@ -44,6 +44,9 @@ pub struct ModelConfig {
     /// The floating-point type the model runs in. Floating inputs are cast to it and floating
     /// outputs back to FP32, so guests see the same dtypes whatever the precision.
     pub precision: Precision,
+    /// Set by `precision = "auto"`: how the first replica to load picks `precision` by
+    /// measuring ([`crate::model::precision`]); until it has, `precision` is FP32.
+    pub auto_precision: Option<AutoPrecision>,
     /// Runs each replica's module in a confined worker process instead of in the server
     /// ([`crate::model::backend::worker`]): what a tenant's own model always does, and an
     /// operator's does when its config says `worker = true`.
@@ -58,6 +61,11 @@ impl ModelConfig {
             Precision::Fp32 => file_bytes,
             Precision::Fp16 | Precision::Bf16 => file_bytes / 2,
         }
+    }
+
+    /// This config with replicas loading in `precision`.
+    pub fn with_precision(&self, precision: Precision) -> ModelConfig {
+        ModelConfig { precision, ..self.clone() }
     }
 
     /// Whether the model runs in worker processes: asked for, or a tenant's own.
@@ -101,6 +109,11 @@ impl ModelConfig {
         key.split_once(OWNER_SEPARATOR).map_or(key, |(_, name)| name)
     }
 
+    /// The tenant that owns it, for a tenant's own model.
+    pub fn owner(&self) -> Option<&str> {
+        self.key().split_once(OWNER_SEPARATOR).map(|(owner, _)| owner)
+    }
+
     /// The name the model table keeps it under: `NAME`, or `TENANT:NAME` for a tenant's own.
     pub fn key(&self) -> &str {
         self.name.split_once('@').map_or(self.name.as_str(), |(name, _)| name)
@@ -134,6 +147,40 @@ impl fmt::Display for Precision {
         })
     }
 }
+
+/// What `precision = "auto"` measures by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoPrecision {
+    pub tolerance: Tolerance,
+    /// Files of OIP inference requests whose inputs the candidates are compared on, beside
+    /// inputs drawn from the declared signature.
+    pub calibration: Vec<PathBuf>,
+    /// The most the search may spend timing candidates (loading them and the first comparison
+    /// aside, which it cannot skip).
+    pub budget: Duration,
+}
+
+/// How far a candidate precision's outputs may stray from FP32's, per output: every row's
+/// cosine similarity at least `cosine`, and no value off by more than `max_abs` (by default,
+/// a tenth of the output's largest FP32 magnitude).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerance {
+    pub cosine: f64,
+    pub max_abs: Option<f64>,
+}
+
+impl Default for Tolerance {
+    fn default() -> Tolerance {
+        Tolerance { cosine: DEFAULT_COSINE, max_abs: None }
+    }
+}
+
+/// The cosine similarity a reduced precision must keep by default: bf16 keeps well over this on
+/// transformer hidden states and classifier logits; a model it truly breaks falls far below.
+pub const DEFAULT_COSINE: f64 = 0.999;
+/// The search's default budget: a few seconds per model, paid once at load.
+pub const DEFAULT_PRECISION_BUDGET: Duration = Duration::from_secs(5);
+pub const MAX_PRECISION_BUDGET: Duration = Duration::from_secs(60);
 
 /// How the scheduler merges concurrent requests for one model.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -48,6 +48,7 @@ pub(crate) fn tokenwise(batching: BatchPolicy, instances: u32) -> ModelConfig {
         threads: 1,
         timeout: Duration::from_secs(60),
         precision: Precision::Fp32,
+        auto_precision: None,
         latency_objective: Duration::from_millis(50),
         memory_headroom_bytes: 0,
     }
@@ -70,6 +71,7 @@ pub(crate) fn digits(batching: BatchPolicy) -> ModelConfig {
         threads: 1,
         timeout: Duration::from_secs(60),
         precision: Precision::Fp32,
+        auto_precision: None,
         latency_objective: Duration::from_millis(50),
         memory_headroom_bytes: 0,
     }

@@ -13,6 +13,11 @@ impl ModelRepository {
         if spec.get("tenants").is_some() {
             return Err(ModelError::Invalid("tenants: a tenant's own model is its own; leave `tenants` out".to_owned()));
         }
+        if spec.get("calibration").is_some() {
+            return Err(ModelError::Invalid(
+                "calibration: names files of the server's, which a tenant's model cannot; precision = \"auto\" compares on inputs drawn from the signature".to_owned(),
+            ));
+        }
         let (mut configs, _) = self.fields().from_json(name, spec).map_err(|e| ModelError::Invalid(e.to_string()))?;
         let key = owned_key(owner, name);
         for config in &mut configs {

@@ -60,5 +60,11 @@ pub trait LoadedModel: Send + 'static {
     fn parameters(&self) -> u64;
 }
 
+/// Runs `model`'s forward pass; a panic inside the backend fails this pass (one batch), not the
+/// replica's thread.
+pub fn forward_guarded<M: LoadedModel>(model: &M, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.forward(inputs))).unwrap_or(Err(BackendError::Panicked))
+}
+
 #[cfg(test)]
 pub(crate) mod fake;

@@ -1,49 +1,18 @@
 //! The scheduler alone, on a scripted backend: batching, isolation, cancellation and the
 //! replica set, in milliseconds and without a model file.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::*;
 use crate::model::error::*;
 use crate::model::shared::*;
-use crate::model::spec::{ModelConfig, Precision};
+use crate::model::spec::ModelConfig;
 use crate::model::tensor::HostTensor;
-use crate::model::backend::fake::{Fake, Script, f32_tensor, f32_values};
+use crate::model::backend::fake::{Fake, Script, config, f32_tensor, f32_values};
 use crate::model::handle::{InferOptions, ModelHandle};
-use crate::model::signature::{InputSpec, OutputSpec};
-use crate::model::spec::{BatchPolicy, DeviceChoice, Replicas};
-use crate::model::tensor::DType;
+use crate::model::spec::Replicas;
 use crate::telemetry::EventLog;
-
-fn config(max_batch_size: u32, replicas: Replicas) -> ModelConfig {
-    ModelConfig {
-        worker: false,
-        name: "fake".into(),
-        path: PathBuf::from("fake.pt"),
-        source: None,
-        sha256: None,
-        version: 1,
-        device: DeviceChoice::Cpu,
-        inputs: vec![InputSpec::new("x", DType::F32, vec![None, Some(1)], None)],
-        outputs: vec![OutputSpec { name: "y".into(), ragged_dim: None }],
-        warmup_runs: 1,
-        batching: BatchPolicy {
-            max_batch_size,
-            max_queue_delay: Duration::ZERO,
-            preferred_batch_sizes: Vec::new(),
-            max_queue_size: 1000,
-            max_rows: max_batch_size,
-        },
-        replicas,
-        latency_objective: Duration::from_millis(50),
-        memory_headroom_bytes: 0,
-        threads: 1,
-        timeout: Duration::from_secs(10),
-        precision: Precision::Fp32,
-    }
-}
 
 fn script(forward_ms: u64) -> Fake {
     Fake(Arc::new(Script { forward_delay: Duration::from_millis(forward_ms), ..Script::default() }))

@@ -239,7 +239,7 @@ fn a_minilm_row_padded_beside_longer_and_shorter_neighbours_matches_it_alone() {
         vec![i64_tensor(shape.clone(), ids), i64_tensor(shape, &vec![1; ids.len()])]
     };
     let alone = model.forward(&request(&middle)).expect("alone");
-    assert!(padding_changes_outputs(&model, &config).is_none(), "the load-time probe agrees");
+    assert!(padding_changes_outputs(&model, &config, config.precision).is_none(), "the load-time probe agrees");
     let batch = [request(&short), request(&middle), request(&long)];
     let parts: Vec<&[HostTensor]> = batch.iter().map(Vec::as_slice).collect();
     let merged = batch::merge(&config.inputs, &parts);
@@ -285,13 +285,13 @@ async fn a_model_that_does_not_mask_padding_never_batches_different_lengths() {
     config.inputs = vec![InputSpec::new("ids", DType::I64, vec![None, None], Some(Ragged { dim: 1, pad: 0.0 }))];
     config.outputs = vec![OutputSpec { name: "pooled".into(), ragged_dim: None }];
     let model = TorchModel::load(&config, Device::Cpu, Cast::Parameters).expect("load");
-    let difference = padding_changes_outputs(&model, &config).expect("padding changes its outputs");
+    let difference = padding_changes_outputs(&model, &config, config.precision).expect("padding changes its outputs");
     assert!(difference > 1e-3, "{difference}");
     // In reduced precision the noise is larger; the probe still tells the two apart.
     for (mut reduced, masks) in [(tokenwise(policy(8, 0), 1), true), (config.clone(), false)] {
         reduced.precision = Precision::Bf16;
         let (model, _) = load_and_warm_up(&Torch::default(), &reduced, Device::Cpu).expect("bf16 load");
-        assert_eq!(padding_changes_outputs(&model, &reduced).is_none(), masks, "{} in bf16", reduced.name);
+        assert_eq!(padding_changes_outputs(&model, &reduced, reduced.precision).is_none(), masks, "{} in bf16", reduced.name);
     }
     let handle = ready(config).await;
     assert!(!handle.ragged_batching());

@@ -6,10 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_codec::config::{RawBatching, RawModel};
+use kiln_codec::config::{RawBatching, RawModel, RawTolerance};
 use kiln_codec::source::{parse_digest, parse_source};
 
-use super::{BatchPolicy, DeviceChoice, MAX_REPLICAS, ModelConfig, Precision, Replicas, is_name, range, versioned_name};
+use super::{
+    AutoPrecision, BatchPolicy, DEFAULT_COSINE, DEFAULT_PRECISION_BUDGET, DeviceChoice, MAX_PRECISION_BUDGET, MAX_REPLICAS, ModelConfig, Precision,
+    Replicas, Tolerance, is_name, range, versioned_name,
+};
 use crate::model::device::Device;
 use crate::model::signature::{InputSpec, OutputSpec, Ragged, ValueRange};
 use crate::model::tensor::DType;
@@ -148,7 +151,7 @@ impl ModelFields<'_> {
         Err(invalid(field, format!("'{text}' is not a version policy; {usage}")))
     }
 
-    fn model(&self, i: usize, raw: RawModel) -> Result<ModelConfig, SpecError> {
+    fn model(&self, i: usize, mut raw: RawModel) -> Result<ModelConfig, SpecError> {
         let at = |f: &str| format!("model[{i}].{f}");
         if !is_name(&raw.name) {
             return Err(invalid(
@@ -324,17 +327,23 @@ impl ModelFields<'_> {
         }
         let timeout = range::timeout_ms(raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS))
             .map_err(|e| invalid(at("timeout_ms"), e.detail()))?;
-        let precision = match raw.precision.as_deref() {
-            None | Some("fp32") => Precision::Fp32,
-            Some("fp16") => Precision::Fp16,
-            Some("bf16") => Precision::Bf16,
+        let (precision, auto_precision) = match raw.precision.as_deref() {
+            None | Some("fp32") => (Precision::Fp32, None),
+            Some("fp16") => (Precision::Fp16, None),
+            Some("bf16") => (Precision::Bf16, None),
+            Some("auto") => (Precision::Fp32, Some(self.auto_precision(&at, raw.tolerance.take(), raw.calibration.take(), raw.precision_budget_ms)?)),
             Some(other) => {
                 return Err(invalid(
                     at("precision"),
-                    format!("'{other}' is not a precision; use \"fp32\", \"fp16\" or \"bf16\""),
+                    format!("'{other}' is not a precision; use \"fp32\", \"fp16\", \"bf16\" or \"auto\""),
                 ));
             }
         };
+        for (field, given) in [("tolerance", raw.tolerance.is_some()), ("calibration", raw.calibration.is_some()), ("precision_budget_ms", raw.precision_budget_ms.is_some())] {
+            if given && auto_precision.is_none() {
+                return Err(invalid(at(field), "applies only to precision = \"auto\""));
+            }
+        }
         let (path, source) = match (raw.path, raw.source) {
             (Some(_), Some(_)) => return Err(invalid(at("source"), "give `source` or `path`, not both")),
             (None, None) => {
@@ -353,6 +362,7 @@ impl ModelFields<'_> {
         Ok(ModelConfig {
             worker: raw.worker.unwrap_or(false),
             precision,
+            auto_precision,
             path,
             source,
             sha256,
@@ -368,6 +378,40 @@ impl ModelFields<'_> {
             timeout,
             latency_objective: Duration::from_millis(objective_ms),
             memory_headroom_bytes: headroom_mib << 20,
+        })
+    }
+
+    /// `precision = "auto"`'s settings: its tolerance, calibration files and budget.
+    fn auto_precision(
+        &self,
+        at: &dyn Fn(&str) -> String,
+        tolerance: Option<RawTolerance>,
+        calibration: Option<Vec<String>>,
+        budget_ms: Option<u64>,
+    ) -> Result<AutoPrecision, SpecError> {
+        let raw = tolerance.unwrap_or_default();
+        let cosine = raw.cosine.unwrap_or(DEFAULT_COSINE);
+        if !(0.0..=1.0).contains(&cosine) {
+            return Err(invalid(at("tolerance.cosine"), format!("{cosine} is not a cosine similarity (0 ..= 1)")));
+        }
+        if let Some(max_abs) = raw.max_abs.filter(|m| !m.is_finite() || *m <= 0.0) {
+            return Err(invalid(at("tolerance.max_abs"), format!("{max_abs} is not a positive error")));
+        }
+        let budget = budget_ms.map_or(DEFAULT_PRECISION_BUDGET, Duration::from_millis);
+        if budget > MAX_PRECISION_BUDGET {
+            return Err(invalid(
+                at("precision_budget_ms"),
+                format!("{} is over {}", budget.as_millis(), MAX_PRECISION_BUDGET.as_millis()),
+            ));
+        }
+        let calibration = calibration.unwrap_or_default();
+        if calibration.len() > 16 {
+            return Err(invalid(at("calibration"), format!("{} files; list at most 16", calibration.len())));
+        }
+        Ok(AutoPrecision {
+            tolerance: Tolerance { cosine, max_abs: raw.max_abs },
+            calibration: calibration.iter().map(|p| self.path(p)).collect(),
+            budget,
         })
     }
 

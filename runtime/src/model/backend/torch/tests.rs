@@ -111,6 +111,33 @@ fn reduced_precision_keeps_integer_buffers_casts_batch_norm_and_refuses_frozen_m
     assert!(error.contains("frozen") && error.contains("precision bf16"), "{error}");
 }
 
+/// `precision = "auto"` on real TorchScript: a model that bf16 and fp16 ruin stays FP32, and the
+/// report says why; the digits model gets a choice this machine can justify.
+#[test]
+fn auto_precision_keeps_a_drifting_model_in_fp32_and_justifies_any_other_choice() {
+    use crate::model::precision::search;
+    use crate::model::spec::{AutoPrecision, Tolerance};
+    let auto = AutoPrecision { tolerance: Tolerance::default(), calibration: Vec::new(), budget: std::time::Duration::from_secs(5) };
+    let x = InputSpec::new("x", DType::F32, vec![None, Some(32)], None);
+    let config = one_input_model("drift.pt", x, "y", Precision::Fp32);
+    let decision = search(&Torch::default(), &config, &auto, Device::Cpu).expect("search");
+    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert_eq!(decision.report.candidates.len(), 2, "{:?}", decision.report);
+    for line in &decision.report.candidates {
+        assert!(line.contains(": drifts on y (cosine "), "{line}");
+    }
+
+    let decision = search(&Torch::default(), &digits(policy(16, 0)), &auto, Device::Cpu).expect("search");
+    let report = &decision.report;
+    assert_eq!(report.candidates.len(), 2, "{report:?}");
+    match decision.precision {
+        Precision::Fp32 => assert_eq!((report.speedup, report.worst_cosine), (1.0, 1.0)),
+        _ => assert!(report.speedup >= 1.1 && report.worst_cosine >= 0.999, "{report:?}"),
+    }
+    assert!(report.search_ms < 20_000, "{report:?}");
+    eprintln!("digits on this machine: {}", report.summary());
+}
+
 /// Reduced precision on the CPU: the same inputs and output dtypes as FP32, values within the
 /// type's rounding, and the same predicted digit.
 #[test]

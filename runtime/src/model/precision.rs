@@ -1,0 +1,354 @@
+//! `precision = "auto"`: the fastest precision that keeps a model's answers, chosen by measuring
+//! at load.
+//!
+//! Peers leave the precision to whoever exports the model, who rarely knows the machine it will
+//! serve on: bf16 weights run a transformer three times faster on a CPU with AMX and slower on
+//! one with only AVX2. Kiln loads every model itself, so it can measure instead of guessing.
+//! Before a model's first replica loads, [`search`] loads it in FP32 and in each candidate
+//! precision the device may run faster, runs them on the same inputs (drawn from the declared
+//! signature, plus the model's calibration files), drops every candidate whose outputs stray
+//! past the [`Tolerance`], times the rest against FP32 at the batch sizes the scheduler forms,
+//! and picks the fastest that beats FP32 by a clear margin; else FP32. The search runs once per
+//! model and kind of device, within a time budget; every replica then loads what it chose.
+//!
+//! Backend-generic, like the scheduler: it loads through [`Backend::load`], so a tenant's model
+//! is searched in its confined worker processes, and the logic is tested on a scripted backend.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kiln_wire::PrecisionChoice;
+
+use crate::model::backend::{Backend, BackendError, LoadedModel, forward_guarded};
+use crate::model::batch::scalar_bytes;
+use crate::model::device::Device;
+use crate::model::signature::{InputSpec, arrange_inputs};
+use crate::model::spec::{AutoPrecision, ModelConfig, Precision, Tolerance};
+use crate::model::tensor::{DType, HostTensor};
+
+/// A candidate must be this much faster than FP32 to be served instead: a smaller gain is
+/// within the noise of a few timed passes, and not worth any drift.
+pub const MIN_SPEEDUP: f64 = 1.1;
+/// A candidate this much slower than FP32 on one row is not timed on a full batch: reduced
+/// precision that pays anywhere pays on one row too (bf16 on a CPU without native bf16 runs a
+/// transformer 3-9× slower).
+const GIVE_UP: f64 = 0.5;
+/// Timed passes per batch size, after the comparison's untimed ones; the median counts.
+const TIMED_RUNS: usize = 3;
+/// Length given to a dynamic dimension other than the batch (a sentence's tokens, an image's
+/// side) in the inputs drawn from the signature, unless its `max_dims` is smaller.
+const DYNAMIC_LEN: u32 = 16;
+/// The larger batch size timed, unless the model's `max_batch_size` is smaller.
+const LARGE_BATCH: u32 = 16;
+
+/// What the search chose, and the report of it.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub precision: Precision,
+    pub report: PrecisionChoice,
+    /// Where it was measured: the CPU or a GPU.
+    pub device: Device,
+}
+
+impl Decision {
+    pub fn on_gpu(&self) -> bool {
+        self.device.is_gpu()
+    }
+}
+
+/// The precisions worth trying on `device`, most promising first.
+pub fn candidates(device: Device) -> &'static [Precision] {
+    match device {
+        // bf16 has FP32's range (no overflow to guard) and runs natively with AVX-512 BF16 or
+        // AMX; fp16 matmuls are native only with AVX-512 FP16, but measuring costs little.
+        Device::Cpu => &[Precision::Bf16, Precision::Fp16],
+        // Tensor cores take both; fp16 is the more widely fast.
+        Device::Cuda(_) => &[Precision::Fp16, Precision::Bf16],
+    }
+}
+
+/// How one candidate fared.
+enum Outcome {
+    /// Within tolerance: its speed over FP32 and its worst agreement.
+    Kept { speedup: f64, worst: Agreement },
+    /// An output strayed past the tolerance.
+    Drifted { output: String, worst: Agreement, allowed_abs: f64 },
+    /// It did not load or run (an op without a kernel in that precision, say).
+    Failed(String),
+    /// The budget was spent before it could be tried.
+    NotTried,
+}
+
+/// How closely one set of outputs follows FP32's: the lowest cosine similarity of any row and
+/// the largest difference of any value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agreement {
+    pub cosine: f64,
+    pub max_abs: f64,
+}
+
+impl Agreement {
+    const EXACT: Agreement = Agreement { cosine: 1.0, max_abs: 0.0 };
+
+    fn worse(self, other: Agreement) -> Agreement {
+        Agreement { cosine: self.cosine.min(other.cosine), max_abs: self.max_abs.max(other.max_abs) }
+    }
+}
+
+/// Chooses `config`'s precision on `device` with `backend`, as `auto` says. Fails only when the
+/// model fails in FP32 too (it cannot load, or refuses the inputs): what a plain load would
+/// have reported.
+pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecision, device: Device) -> Result<Decision, BackendError> {
+    let started = Instant::now();
+    let sets = input_sets(config, auto)?;
+    let deadline = started + auto.budget;
+    let fp32 = backend.load(&config.with_precision(Precision::Fp32), device)?;
+    let outputs = sets
+        .iter()
+        .map(|set| forward_guarded(&fp32, &set.inputs))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BackendError::Forward(format!("precision search: the FP32 forward pass failed: {e}")))?;
+    let times = sets.iter().filter(|s| s.timed).map(|set| median_time(&fp32, &set.inputs, deadline)).collect::<Result<Vec<_>, _>>()?;
+    drop(fp32);
+    let baseline = Baseline { config, tolerance: auto.tolerance, sets, outputs, times, deadline };
+
+    let mut trials = Vec::new();
+    for &precision in candidates(device) {
+        if Instant::now() >= deadline {
+            trials.push((precision, Outcome::NotTried));
+            continue;
+        }
+        let outcome = match backend.load(&config.with_precision(precision), device) {
+            Err(e) => Outcome::Failed(e.to_string()),
+            Ok(model) => baseline.try_candidate(&model),
+        };
+        trials.push((precision, outcome));
+    }
+
+    let best = trials
+        .iter()
+        .filter_map(|(p, o)| match o {
+            Outcome::Kept { speedup, worst } if *speedup >= MIN_SPEEDUP => Some((*p, *speedup, *worst)),
+            _ => None,
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    let (precision, speedup, worst) = best.unwrap_or((Precision::Fp32, 1.0, Agreement::EXACT));
+    let report = PrecisionChoice {
+        model: config.name.clone(),
+        device: device.to_string(),
+        precision: precision.to_string(),
+        speedup,
+        worst_cosine: worst.cosine,
+        worst_abs: worst.max_abs,
+        search_ms: started.elapsed().as_millis() as u64,
+        candidates: trials.iter().map(|(p, o)| describe(*p, o, &auto.tolerance, auto.budget)).collect(),
+    };
+    Ok(Decision { precision, report, device })
+}
+
+/// FP32's answers and times on the search's inputs: what every candidate is held to.
+struct Baseline<'a> {
+    config: &'a ModelConfig,
+    tolerance: Tolerance,
+    sets: Vec<InputSet>,
+    /// FP32's outputs on each set.
+    outputs: Vec<Vec<HostTensor>>,
+    /// FP32's time on each timed set, in order.
+    times: Vec<Duration>,
+    /// When the budget is spent.
+    deadline: Instant,
+}
+
+impl Baseline<'_> {
+    /// Runs `model` (a candidate precision) on every set and compares with FP32; times it on
+    /// the timed sets when it stays within the tolerance.
+    fn try_candidate<M: LoadedModel>(&self, model: &M) -> Outcome {
+        let mut worst = Agreement::EXACT;
+        for (set, want) in self.sets.iter().zip(&self.outputs) {
+            let got = match forward_guarded(model, &set.inputs) {
+                Ok(got) => got,
+                Err(e) => return Outcome::Failed(e.to_string()),
+            };
+            for ((spec, want), got) in self.config.outputs.iter().zip(want).zip(&got) {
+                let agreement = compare(want, got);
+                let allowed_abs = self.tolerance.max_abs.unwrap_or_else(|| default_max_abs(want));
+                worst = worst.worse(agreement);
+                if !(agreement.cosine >= self.tolerance.cosine && agreement.max_abs <= allowed_abs) {
+                    return Outcome::Drifted { output: spec.name.clone(), worst: agreement, allowed_abs };
+                }
+            }
+        }
+        // The geometric mean over batch sizes (a lone request and a full batch count alike),
+        // smallest first: a candidate already far slower there is not timed on a full batch.
+        let (mut log_sum, mut timed) = (0.0, 0);
+        for (set, base) in self.sets.iter().filter(|s| s.timed).zip(&self.times) {
+            match median_time(model, &set.inputs, self.deadline) {
+                Ok(took) => log_sum += (base.as_secs_f64() / took.as_secs_f64().max(1e-9)).ln(),
+                Err(e) => return Outcome::Failed(e.to_string()),
+            }
+            timed += 1;
+            if (log_sum / f64::from(timed)).exp() < GIVE_UP {
+                break;
+            }
+        }
+        let speedup = (log_sum / f64::from(timed.max(1))).exp();
+        Outcome::Kept { speedup, worst }
+    }
+}
+
+/// The default bound on any value's error: a tenth of the output's largest FP32 magnitude, so
+/// a candidate that keeps the direction of every row but not its scale still fails.
+fn default_max_abs(reference: &HostTensor) -> f64 {
+    reference.values().fold(0.0f64, |m, v| m.max(v.abs())) * 0.1
+}
+
+/// How closely `got` follows `want`: per row (dimension 0), the cosine similarity of the row's
+/// values; over all, the largest absolute difference. A different shape, or a value that is not
+/// finite where FP32's is, agrees not at all.
+pub fn compare(want: &HostTensor, got: &HostTensor) -> Agreement {
+    const NONE: Agreement = Agreement { cosine: f64::NEG_INFINITY, max_abs: f64::INFINITY };
+    if want.shape != got.shape {
+        return NONE;
+    }
+    let rows = want.shape.first().map_or(1, |&r| r.max(1) as usize);
+    let (want, got): (Vec<f64>, Vec<f64>) = (want.values().collect(), got.values().collect());
+    let per_row = want.len() / rows;
+    let mut agreement = Agreement::EXACT;
+    for row in 0..rows {
+        let (a, b) = (&want[row * per_row..(row + 1) * per_row], &got[row * per_row..(row + 1) * per_row]);
+        let (mut dot, mut aa, mut bb) = (0.0, 0.0, 0.0);
+        for (&x, &y) in a.iter().zip(b) {
+            if x.is_finite() && !y.is_finite() {
+                return NONE;
+            }
+            dot += x * y;
+            aa += x * x;
+            bb += y * y;
+            agreement.max_abs = agreement.max_abs.max((x - y).abs());
+        }
+        let cosine = if aa == 0.0 && bb == 0.0 {
+            1.0
+        } else if aa == 0.0 || bb == 0.0 {
+            0.0
+        } else {
+            dot / (aa.sqrt() * bb.sqrt())
+        };
+        agreement.cosine = agreement.cosine.min(cosine);
+    }
+    agreement
+}
+
+/// The median of [`TIMED_RUNS`] passes of `model` on `inputs`, or of fewer (one at least) once
+/// `deadline` has passed: a candidate far slower than FP32 need not be timed to the end.
+fn median_time<M: LoadedModel>(model: &M, inputs: &[HostTensor], deadline: Instant) -> Result<Duration, BackendError> {
+    let mut times = Vec::with_capacity(TIMED_RUNS);
+    while times.len() < TIMED_RUNS && (times.is_empty() || Instant::now() < deadline) {
+        let started = Instant::now();
+        forward_guarded(model, inputs)?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// Inputs the candidates run on.
+struct InputSet {
+    inputs: Vec<HostTensor>,
+    /// Drawn at a batch size the scheduler forms, and timed.
+    timed: bool,
+}
+
+/// Inputs drawn from the signature at one row and at a full batch (timed), then each
+/// calibration file's.
+fn input_sets(config: &ModelConfig, auto: &AutoPrecision) -> Result<Vec<InputSet>, BackendError> {
+    let large = config.batching.max_batch_size.clamp(1, LARGE_BATCH);
+    let mut sets: Vec<InputSet> = [1, large]
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, rows)| i == 0 || rows > 1)
+        .map(|(i, rows)| InputSet { inputs: drawn(&config.inputs, rows, i as u64 + 1), timed: true })
+        .collect();
+    for file in &auto.calibration {
+        let failed = |why: String| BackendError::Load(format!("calibration file {}: {why}", file.display()));
+        let body = std::fs::read(file).map_err(|e| failed(e.to_string()))?;
+        let (_, named) = kiln_codec::oip::decode(None, Bytes::from(body)).map_err(|e| failed(e.0))?;
+        let inputs = arrange_inputs(&config.name, &config.inputs, config.batching.max_rows, named).map_err(|e| failed(e.to_string()))?;
+        sets.push(InputSet { inputs, timed: false });
+    }
+    Ok(sets)
+}
+
+/// Inputs of `rows` rows fitting `specs`, with values from a fixed seed: floating ones spread
+/// over the declared range (or -1 ..= 1), integer ones over theirs (or 0 when none is declared,
+/// as the warm-up's zeros); an integer input of two values or fewer (a mask, a flag) is set to
+/// its largest, so every position counts.
+pub fn drawn(specs: &[InputSpec], rows: u32, seed: u64) -> Vec<HostTensor> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        // xorshift64*: plenty for test inputs, and the same on every machine.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    specs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<u32> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match d {
+                    Some(d) => *d,
+                    None if axis == 0 => rows,
+                    None => spec.max_dims.get(axis).copied().flatten().map_or(DYNAMIC_LEN, |m| m.min(DYNAMIC_LEN)).max(1),
+                })
+                .collect();
+            let count = shape.iter().map(|&d| d as usize).product::<usize>();
+            let (lo, hi) = spec.range.map_or((None, None), |r| (r.min, r.max));
+            let floating = matches!(spec.dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64);
+            let mut data = Vec::with_capacity(count * spec.dtype.size());
+            for _ in 0..count {
+                let value = if floating {
+                    let (lo, hi) = (lo.unwrap_or(-1.0), hi.unwrap_or(1.0));
+                    lo + (hi - lo) * next()
+                } else {
+                    match (lo, hi) {
+                        (Some(lo), Some(hi)) if hi - lo <= 1.0 => hi,
+                        (Some(lo), Some(hi)) => (lo + ((hi - lo + 1.0) * next()).floor()).min(hi),
+                        (Some(lo), None) => lo,
+                        (None, Some(hi)) => hi.min(0.0),
+                        (None, None) => 0.0,
+                    }
+                };
+                data.extend_from_slice(&scalar_bytes(spec.dtype, value));
+            }
+            HostTensor { dtype: spec.dtype, shape, data }
+        })
+        .collect()
+}
+
+/// One line for a candidate in the report.
+fn describe(precision: Precision, outcome: &Outcome, tolerance: &Tolerance, budget: Duration) -> String {
+    match outcome {
+        Outcome::Kept { speedup, worst } if *speedup >= MIN_SPEEDUP => {
+            format!("{precision}: {speedup:.2}× fp32, worst cosine {:.4}", worst.cosine)
+        }
+        Outcome::Kept { speedup, worst } => format!(
+            "{precision}: {speedup:.2}× fp32, not {MIN_SPEEDUP}× or more (worst cosine {:.4})",
+            worst.cosine
+        ),
+        Outcome::Drifted { output, worst, allowed_abs } => {
+            if worst.cosine < tolerance.cosine {
+                format!("{precision}: drifts on {output} (cosine {:.4}, under {})", worst.cosine, tolerance.cosine)
+            } else {
+                format!("{precision}: drifts on {output} (off by {:.3}, over {allowed_abs:.3})", worst.max_abs)
+            }
+        }
+        Outcome::Failed(why) => format!("{precision}: fails ({why})"),
+        Outcome::NotTried => format!("{precision}: not tried, the {} ms budget was spent", budget.as_millis()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
