@@ -26,7 +26,8 @@ done
 KILN_KEY=$($client tenant add-key demo -c "$out/ab-${labels[0]}.toml" 2>/dev/null)
 KILN_ADMIN_KEY=$($client admin add-key -c "$out/ab-${labels[0]}.toml" 2>/dev/null)
 export KILN_KEY KILN_ADMIN_KEY
-png=$(ls build/holdout/digits/*.png | head -1)
+pngs=(build/holdout/digits/*.png)
+png=${pngs[0]}
 echo '{"sentences": ["The quick brown fox jumps over the lazy dog near the river bank."]}' > "$out/ab-sentence.json"
 runs=("echo 1" "echo 16" "digits 1" "digits 16" "digits 64" "embeddings 1" "embeddings 16" "embeddings 64")
 header="| round | kiln"; rule="|---|---"
