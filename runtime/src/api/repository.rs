@@ -101,10 +101,15 @@ fn describe_for(entry: &ModelEntry, tenant: &str) -> ModelInfo {
     // Before a remote file is fetched there is no path, and replacing "" would mangle the text.
     let file = entry.config.path.display().to_string();
     let hide_file = |text: &str| if file.is_empty() { text.to_owned() } else { text.replace(&file, "its file") };
+    let own = matches!(entry.origin, ModelOrigin::Tenant);
     for choice in &mut info.precision_search {
         choice.model = info.name.clone();
         for line in &mut choice.candidates {
             *line = hide_file(line);
+            // Why a candidate failed can name the server's files and programs: only for its own.
+            if let Some(at) = line.find(": fails (").filter(|_| !own) {
+                line.truncate(at + ": fails".len());
+            }
         }
     }
     if matches!(entry.origin, ModelOrigin::Tenant) {

@@ -393,13 +393,13 @@ impl ModelHandle {
         if self.shared.config.auto_precision.is_none() {
             return self.shared.config.precision.to_string();
         }
-        let chosen: Vec<String> = self
-            .shared
-            .precisions
-            .locked()
-            .iter()
-            .map(|d| if d.report.speedup > 1.0 { format!("{} {:.1}×", d.precision, d.report.speedup) } else { d.precision.to_string() })
-            .collect();
+        let decisions = self.shared.precisions.locked();
+        let label = |d: &crate::model::precision::Decision| {
+            // Where the CPU and GPUs chose apart, each says which it is.
+            let kind = if decisions.len() < 2 { "" } else if d.on_gpu() { "gpu " } else { "cpu " };
+            if d.report.speedup > 1.0 { format!("{kind}{} {:.1}×", d.precision, d.report.speedup) } else { format!("{kind}{}", d.precision) }
+        };
+        let chosen: Vec<String> = decisions.iter().map(label).collect();
         if chosen.is_empty() { "auto".to_owned() } else { chosen.join(", ") }
     }
 

@@ -96,19 +96,46 @@ impl Agreement {
 }
 
 /// Chooses `config`'s precision on `device` with `backend`, as `auto` says. Fails only when the
-/// model fails in FP32 too (it cannot load, or refuses the inputs): what a plain load would
-/// have reported.
+/// model cannot load in FP32 (what a plain load would have reported) or refuses a calibration
+/// file.
 pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecision, device: Device) -> Result<Decision, BackendError> {
     let started = Instant::now();
     let sets = input_sets(config, auto)?;
     let deadline = started + auto.budget;
     let fp32 = backend.load(&config.with_precision(Precision::Fp32), device)?;
-    let outputs = sets
-        .iter()
-        .map(|set| forward_guarded(&fp32, &set.inputs))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| BackendError::Forward(format!("precision search: the FP32 forward pass failed: {e}")))?;
-    let times = sets.iter().filter(|s| s.timed).map(|set| median_time(&fp32, &set.inputs, deadline)).collect::<Result<Vec<_>, _>>()?;
+    // Inputs drawn from a signature can miss what a model needs (a dynamic dimension that must
+    // be 3, say): then there is nothing to compare on, and the model is served in FP32 as it
+    // would be without `auto`. A calibration file the model refuses is the operator's mistake.
+    let skipped = |why: String| Decision {
+        precision: Precision::Fp32,
+        report: PrecisionChoice {
+            model: config.name.clone(),
+            device: device.to_string(),
+            precision: Precision::Fp32.to_string(),
+            speedup: 1.0,
+            worst_cosine: 1.0,
+            worst_abs: 0.0,
+            search_ms: started.elapsed().as_millis() as u64,
+            candidates: vec![format!(
+                "none tried: FP32 fails on inputs drawn from the signature ({why}); declare the inputs' ranges and max_dims, or calibration files"
+            )],
+        },
+        device,
+    };
+    let mut outputs = Vec::with_capacity(sets.len());
+    for set in &sets {
+        match (forward_guarded(&fp32, &set.inputs), &set.file) {
+            (Ok(out), _) => outputs.push(out),
+            (Err(e), None) => return Ok(skipped(e.to_string())),
+            (Err(e), Some(file)) => {
+                return Err(BackendError::Load(format!("calibration file {}: the FP32 forward pass failed: {e}", file.display())));
+            }
+        }
+    }
+    let times = match sets.iter().filter(|s| s.timed).map(|set| median_time(&fp32, &set.inputs, deadline)).collect::<Result<Vec<_>, _>>() {
+        Ok(times) => times,
+        Err(e) => return Ok(skipped(e.to_string())),
+    };
     drop(fp32);
     let baseline = Baseline { config, tolerance: auto.tolerance, sets, outputs, times, deadline };
 
@@ -196,15 +223,24 @@ impl Baseline<'_> {
     }
 }
 
-/// The default bound on any value's error: a tenth of the output's largest FP32 magnitude, so
-/// a candidate that keeps the direction of every row but not its scale still fails.
+/// The default bound on any value's error: for a floating output, a tenth of its largest finite
+/// FP32 magnitude, so a candidate that keeps the direction of every row but not its scale still
+/// fails; for an integer one (class or token ids), none: it must match exactly.
 fn default_max_abs(reference: &HostTensor) -> f64 {
-    reference.values().fold(0.0f64, |m, v| m.max(v.abs())) * 0.1
+    if !is_floating(reference.dtype) {
+        return 0.0;
+    }
+    reference.values().filter(|v| v.is_finite()).fold(0.0f64, |m, v| m.max(v.abs())) * 0.1
+}
+
+fn is_floating(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }
 
 /// How closely `got` follows `want`: per row (dimension 0), the cosine similarity of the row's
-/// values; over all, the largest absolute difference. A different shape, or a value that is not
-/// finite where FP32's is, agrees not at all.
+/// finite values; over all, the largest absolute difference. A different shape, a value that is
+/// not finite where FP32's is, or one that differs where FP32's is not finite (a masked `-inf`
+/// must stay `-inf`), agrees not at all.
 pub fn compare(want: &HostTensor, got: &HostTensor) -> Agreement {
     const NONE: Agreement = Agreement { cosine: f64::NEG_INFINITY, max_abs: f64::INFINITY };
     if want.shape != got.shape {
@@ -218,7 +254,13 @@ pub fn compare(want: &HostTensor, got: &HostTensor) -> Agreement {
         let (a, b) = (&want[row * per_row..(row + 1) * per_row], &got[row * per_row..(row + 1) * per_row]);
         let (mut dot, mut aa, mut bb) = (0.0, 0.0, 0.0);
         for (&x, &y) in a.iter().zip(b) {
-            if x.is_finite() && !y.is_finite() {
+            if !x.is_finite() {
+                if x == y || (x.is_nan() && y.is_nan()) {
+                    continue;
+                }
+                return NONE;
+            }
+            if !y.is_finite() {
                 return NONE;
             }
             dot += x * y;
@@ -256,6 +298,8 @@ struct InputSet {
     inputs: Vec<HostTensor>,
     /// Drawn at a batch size the scheduler forms, and timed.
     timed: bool,
+    /// The calibration file they come from, if not drawn.
+    file: Option<std::path::PathBuf>,
 }
 
 /// Inputs drawn from the signature at one row and at a full batch (timed), then each
@@ -266,14 +310,14 @@ fn input_sets(config: &ModelConfig, auto: &AutoPrecision) -> Result<Vec<InputSet
         .into_iter()
         .enumerate()
         .filter(|&(i, rows)| i == 0 || rows > 1)
-        .map(|(i, rows)| InputSet { inputs: drawn(&config.inputs, rows, i as u64 + 1), timed: true })
+        .map(|(i, rows)| InputSet { inputs: drawn(&config.inputs, rows, i as u64 + 1), timed: true, file: None })
         .collect();
     for file in &auto.calibration {
         let failed = |why: String| BackendError::Load(format!("calibration file {}: {why}", file.display()));
         let body = std::fs::read(file).map_err(|e| failed(e.to_string()))?;
         let (_, named) = kiln_codec::oip::decode(None, Bytes::from(body)).map_err(|e| failed(e.0))?;
         let inputs = arrange_inputs(&config.name, &config.inputs, config.batching.max_rows, named).map_err(|e| failed(e.to_string()))?;
-        sets.push(InputSet { inputs, timed: false });
+        sets.push(InputSet { inputs, timed: false, file: Some(file.clone()) });
     }
     Ok(sets)
 }
@@ -306,11 +350,12 @@ pub fn drawn(specs: &[InputSpec], rows: u32, seed: u64) -> Vec<HostTensor> {
                 .collect();
             let count = shape.iter().map(|&d| d as usize).product::<usize>();
             let (lo, hi) = spec.range.map_or((None, None), |r| (r.min, r.max));
-            let floating = matches!(spec.dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64);
+            let floating = is_floating(spec.dtype);
             let mut data = Vec::with_capacity(count * spec.dtype.size());
             for _ in 0..count {
                 let value = if floating {
-                    let (lo, hi) = (lo.unwrap_or(-1.0), hi.unwrap_or(1.0));
+                    // -1 ..= 1, or a span of 2 from the one bound declared, or the range.
+                    let (lo, hi) = (lo.or(hi.map(|h| h - 2.0)).unwrap_or(-1.0), hi.or(lo.map(|l| l + 2.0)).unwrap_or(1.0));
                     lo + (hi - lo) * next()
                 } else {
                     match (lo, hi) {

@@ -107,6 +107,18 @@ fn a_model_failing_in_fp32_fails_the_search_as_its_load_would() {
     assert_eq!(error, BackendError::Load("scripted load failure".into()));
 }
 
+#[test]
+fn a_model_refusing_the_drawn_inputs_is_served_in_fp32_without_a_search() {
+    // The fake refuses negative values; undeclared, the drawn ones span -1 ..= 1.
+    let fake = fake(1, &[(Precision::Bf16, 1, 0.0, false)]);
+    let mut config = auto_config(Replicas::fixed(1), &auto(Duration::from_secs(5)));
+    config.inputs[0].range = None;
+    let decision = search(&fake, &config, &auto(Duration::from_secs(5)), Device::Cpu).expect("not a load failure");
+    assert_eq!(decision.precision, Precision::Fp32);
+    assert!(decision.report.candidates[0].starts_with("none tried: FP32 fails on inputs drawn from the signature (negative input)"), "{:?}", decision.report);
+    assert_eq!(fake.0.loads(), [Precision::Fp32], "no candidate loaded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_loading_together_search_once_and_all_load_the_choice() {
     let fake = fake(12, &[(Precision::Bf16, 2, 1e-4, false), (Precision::Fp16, 12, 0.0, false)]);
@@ -157,6 +169,16 @@ fn agreement_is_per_row_cosine_and_the_largest_difference() {
     // All-zero rows on both sides agree.
     let zeros = tensor(vec![1, 2], &[0.0, 0.0]);
     assert_eq!(compare(&zeros, &zeros).cosine, 1.0);
+    // A masked -inf must stay -inf, and does not blind the comparison of the rest.
+    let masked = tensor(vec![1, 3], &[f32::NEG_INFINITY, 3.0, 4.0]);
+    assert_eq!(compare(&masked, &masked), Agreement { cosine: 1.0, max_abs: 0.0 });
+    assert_eq!(compare(&masked, &tensor(vec![1, 3], &[-1e30, 3.0, 4.0])).cosine, f64::NEG_INFINITY);
+    let a = compare(&masked, &tensor(vec![1, 3], &[f32::NEG_INFINITY, 4.0, -3.0]));
+    assert!(a.cosine.abs() < 1e-12 && a.max_abs == 7.0, "{a:?}");
+    assert_eq!(default_max_abs(&masked), 0.4, "from the finite values");
+    // Integer outputs (class ids) must match exactly unless max_abs says otherwise.
+    let ids = HostTensor { dtype: DType::I64, shape: vec![2], data: [7i64, 30000].iter().flat_map(|v| v.to_le_bytes()).collect() };
+    assert_eq!(default_max_abs(&ids), 0.0);
 }
 
 #[test]
@@ -169,7 +191,9 @@ fn drawn_inputs_fit_the_signature_its_ranges_and_its_dimension_limits() {
     let mut image = InputSpec::new("image", DType::F32, vec![None, Some(1), Some(8), Some(8)], None);
     image.range = Some(ValueRange { min: Some(0.0), max: Some(16.0) });
     let plain = InputSpec::new("x", DType::F32, vec![None, None], None);
-    let specs = [ids, mask, image, plain];
+    let mut above = InputSpec::new("above", DType::F32, vec![None], None);
+    above.range = Some(ValueRange { min: Some(5.0), max: None });
+    let specs = [ids, mask, image, plain, above];
     let drawn = drawn(&specs, 4, 1);
     assert_eq!(drawn[0].shape, [4, 16]);
     assert_eq!(drawn[1].shape, [4, 8], "max_dims caps a dynamic dimension");
@@ -180,6 +204,7 @@ fn drawn_inputs_fit_the_signature_its_ranges_and_its_dimension_limits() {
     assert!(drawn[1].values().all(|v| v == 1.0), "a mask is all set");
     assert!(drawn[2].values().all(|v| (0.0..=16.0).contains(&v)));
     assert!(drawn[3].values().all(|v| (-1.0..=1.0).contains(&v)));
+    assert!(drawn[4].values().all(|v| (5.0..=7.0).contains(&v)), "a one-sided range is kept");
     // The same seed draws the same inputs, on every machine; another seed others.
     assert_eq!(super::drawn(&specs, 4, 1), drawn);
     assert_ne!(super::drawn(&specs, 4, 2)[2], drawn[2]);
