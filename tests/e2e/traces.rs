@@ -54,7 +54,7 @@ async fn a_request_is_a_span_tree_and_a_batch_one_forward_span_linked_to_each_ca
     let receiver = Receiver(child);
     let endpoint = format!("http://127.0.0.1:{}", port.trim());
     let server = tokio::task::spawn_blocking(move || {
-        Server::start_with_env(&examples_config("", &[], ""), &["demo"], &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())])
+        Server::start_with_env(&examples_config("", &[], ""), &["demo"], &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("KILN_LOG", "info,kiln=debug,kiln::access=off")])
     })
     .await
     .expect("start thread")
@@ -108,6 +108,8 @@ async fn a_request_is_a_span_tree_and_a_batch_one_forward_span_linked_to_each_ca
     for span in &of_trace {
         assert!(span["start"].as_u64() <= span["end"].as_u64(), "{span}");
     }
+    // Access lines are off in this server: the spans are complete without them.
+    assert!(!server.log_text().contains("kiln::access"), "an access line was written with kiln::access=off");
     // Never a key or a body.
     let text = serde_json::to_string(&all).expect("JSON");
     assert!(!text.contains(server.key("demo")) && !text.to_lowercase().contains("authorization"), "a key in a span");

@@ -199,7 +199,7 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
         let answer = self.inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body)));
         let app = Arc::clone(&self.app);
         // Cancelled (its client's grpc-timeout, a reset stream): CANCELLED in its line.
-        let mut unanswered = Unanswered(Some(Arc::clone(&record)), Some(Code::Cancelled as i32));
+        let mut unanswered = Unanswered(record.wanted().then(|| Arc::clone(&record)), Some(Code::Cancelled as i32));
         Box::pin(Arc::clone(&record).scope(async move {
             let response = answer.await;
             unanswered.answered();
@@ -217,6 +217,9 @@ impl Service<http::Request<tonic::body::Body>> for Authenticated {
 
 /// `response` with its access line written once its body is sent (see [`Metered`]).
 fn metered(response: http::Response<tonic::body::Body>, record: Arc<Record>) -> http::Response<tonic::body::Body> {
+    if !record.wanted() {
+        return response;
+    }
     let status = response.status().as_u16();
     let trailers_only = super::requests::grpc_status(response.headers());
     response.map(|body| {
@@ -350,7 +353,11 @@ where
 
 /// Gives an answer a fresh `kiln-request-id`.
 fn tag_response(app: &AppState, headers: &mut http::HeaderMap) {
-    let id = Record::current().map_or_else(|| app.requests.fresh_id(), |record| record.request_id.clone());
+    let record = Record::current();
+    let id = match &record {
+        Some(record) => std::borrow::Cow::Borrowed(record.request_id.as_str()),
+        None => std::borrow::Cow::Owned(app.requests.fresh_id()),
+    };
     if let Ok(value) = http::HeaderValue::from_str(&id) {
         headers.insert(kiln_wire::headers::REQUEST_ID, value);
     }

@@ -43,10 +43,12 @@ pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Reque
     // Forgotten however this ends: answered, cancelled, or dropped because the client went away.
     let _registered = Registered(requests, n);
     let trace = TraceContext::from_header(request.headers().get(TRACEPARENT).map(HeaderValue::as_bytes));
-    let record = Record::new("http", request.method().as_str(), request.uri().path(), id.clone(), trace);
-    let request = request.map(|body| axum::body::Body::new(Metered::incoming(body, &record)));
+    let record = Record::new("http", request.method().as_str(), request.uri().path(), id, trace);
+    // Metered only when its line or span is wanted: the wrapping costs two allocations.
+    let wanted = record.wanted();
+    let request = if wanted { request.map(|body| axum::body::Body::new(Metered::incoming(body, &record))) } else { request };
     // A client that goes away before its answer starts still gets its line.
-    let mut unanswered = Unanswered(Some(Arc::clone(&record)), None);
+    let mut unanswered = Unanswered(wanted.then(|| Arc::clone(&record)), None);
     let handled = Arc::clone(&record).scope(async {
         match peer {
             Some(ip) => PEER.scope(ip, next.run(request)).await,
@@ -57,13 +59,16 @@ pub(crate) async fn tag_request(State(app): State<Arc<AppState>>, request: Reque
     // aborted, and its queued inference is skipped by the model's scheduler.
     let mut response = tokio::select! {
         response = handled => response,
-        Ok(()) = cancelled => ApiError::Cancelled(id.clone()).into_response(),
+        Ok(()) = cancelled => ApiError::Cancelled(record.request_id.clone()).into_response(),
     };
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    if let Ok(value) = HeaderValue::from_str(&record.request_id) {
         response.headers_mut().insert(kiln_wire::headers::REQUEST_ID, value);
     }
     let status = response.status().as_u16();
     unanswered.answered();
+    if !wanted {
+        return response;
+    }
     response.map(|body| axum::body::Body::new(Metered::outgoing(body, record, status)))
 }
 

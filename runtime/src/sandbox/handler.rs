@@ -372,8 +372,7 @@ impl Handler {
     }
 
     fn new_store(&self, deadline: Instant, options: InferOptions, cpu: Arc<Semaphore>) -> Store<RequestState> {
-        let request_id: Arc<str> = Record::current().map_or_else(|| Arc::from(""), |r| Arc::from(r.request_id.as_str()));
-        let budget = Arc::new(LogBudget::new(&self.name, &self.tenant, request_id));
+        let budget = Arc::new(LogBudget::new(&self.name, &self.tenant, Record::current()));
         let mut wasi = WasiCtx::builder();
         wasi.stdout(GuestLog::new(&budget, "stdout"))
             .stderr(GuestLog::new(&budget, "stderr"))

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use crate::sync::MutexExt;
+use crate::telemetry::access::Record;
 
 /// Lines a guest writes to stdout/stderr are cut at this length in the log.
 const MAX_LOG_LINE: usize = 4096;
@@ -23,20 +24,25 @@ const LOG_BUDGET_BYTES: usize = 64 << 10;
 pub(super) struct LogBudget {
     pub(super) handler: Arc<str>,
     pub(super) tenant: Arc<str>,
-    /// The request's `kiln-request-id` (empty at build time).
-    pub(super) request_id: Arc<str>,
+    /// The request's record, for its `kiln-request-id` (none at build time).
+    request: Option<Arc<Record>>,
     /// Lines and bytes still allowed; the line that finds them spent says so, once.
     left: std::sync::Mutex<(u32, usize, bool)>,
 }
 
 impl LogBudget {
-    pub(super) fn new(handler: &Arc<str>, tenant: &Arc<str>, request_id: Arc<str>) -> LogBudget {
+    pub(super) fn new(handler: &Arc<str>, tenant: &Arc<str>, request: Option<Arc<Record>>) -> LogBudget {
         LogBudget {
             handler: Arc::clone(handler),
             tenant: Arc::clone(tenant),
-            request_id,
+            request,
             left: std::sync::Mutex::new((LOG_BUDGET_LINES, LOG_BUDGET_BYTES, false)),
         }
+    }
+
+    /// The request's `kiln-request-id` (empty at build time).
+    pub(super) fn request_id(&self) -> &str {
+        self.request.as_deref().map_or("", |r| r.request_id.as_str())
     }
 
     /// Takes one line of `bytes` from the budget: whether to write it. The first line refused
@@ -55,7 +61,7 @@ impl LogBudget {
                 target: "kiln::guest",
                 handler = %self.handler,
                 tenant = %self.tenant,
-                request_id = %self.request_id,
+                request_id = self.request_id(),
                 "log output truncated: this request used its {LOG_BUDGET_LINES} lines / {LOG_BUDGET_BYTES} bytes"
             );
         }
@@ -112,7 +118,7 @@ impl GuestLogWriter {
                 target: "kiln::guest",
                 handler = %budget.handler,
                 tenant = %budget.tenant,
-                request_id = %budget.request_id,
+                request_id = budget.request_id(),
                 stream = self.log.stream,
                 "{text}"
             );

@@ -44,7 +44,7 @@ impl RequestState {
     pub(super) fn at_build_time() -> RequestState {
         let name: Arc<str> = Arc::from("pre-initialisation");
         let tenant: Arc<str> = Arc::from("build");
-        let budget = Arc::new(LogBudget::new(&name, &tenant, Arc::from("")));
+        let budget = Arc::new(LogBudget::new(&name, &tenant, None));
         let limits = NnLimits { max_compute_bytes: 64 << 20, max_compute_calls: 0 };
         RequestState {
             table: ResourceTable::new(),
@@ -114,7 +114,7 @@ impl WasiHttpHooks for DenyOutgoing {
             tracing::info!(
                 handler = %self.log.handler,
                 tenant = %self.log.tenant,
-                request_id = %self.log.request_id,
+                request_id = self.log.request_id(),
                 uri = %uri,
                 "outgoing HTTP request denied"
             );

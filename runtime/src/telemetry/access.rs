@@ -8,6 +8,11 @@
 //! without being handed anything; a guest's task is given its request's record. The line is
 //! written once, when the answer's body has been sent or given up, under the target
 //! `kiln::access` (so `KILN_LOG=info,kiln::access=off` turns the lines off).
+//!
+//! A request whose answer writes nothing (access lines off, its trace not exported) gets a
+//! record that notes nothing: its request id, for guests' log lines, and no more. The servers
+//! then leave its bodies unmetered ([`Record::wanted`]), so that what is not asked for is not
+//! paid for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -111,6 +116,8 @@ pub struct Record {
     computes: AtomicU32,
     names: std::sync::Mutex<Names>,
     written: AtomicBool,
+    /// Whether its answer writes anything: an access line or a span.
+    wanted: bool,
     /// Its span, when traces are exported and this one is sampled.
     span: Option<SpanContext>,
     /// The span its model calls are children of (the sandbox's run), else 0 for its own.
@@ -128,14 +135,16 @@ impl Record {
     pub fn new(protocol: &'static str, method: &str, route: &str, request_id: String, trace: TraceContext) -> Arc<Record> {
         let sampled = spans::enabled() && spans::sampled(&trace.trace_id, trace.parent.map(|_| trace.sampled));
         let span = sampled.then(|| SpanContext { trace_id: trace.trace_id, span_id: spans::new_span_id() });
+        let wanted = span.is_some() || tracing::enabled!(target: "kiln::access", tracing::Level::INFO);
+        let kept = |text: &str, max: usize| if wanted { super::logging::printable(text, max).into_owned() } else { String::new() };
         Arc::new(Record {
             span,
             compute_parent: AtomicU64::new(0),
             request_id,
             trace,
             protocol,
-            method: super::logging::printable(method, 16).into_owned(),
-            route: super::logging::printable(route, MAX_ROUTE).into_owned(),
+            method: kept(method, 16),
+            route: kept(route, MAX_ROUTE),
             started: Instant::now(),
             bytes_in: AtomicU64::new(0),
             queue_wait_us: AtomicU64::new(0),
@@ -143,7 +152,14 @@ impl Record {
             computes: AtomicU32::new(0),
             names: std::sync::Mutex::new(Names::default()),
             written: AtomicBool::new(false),
+            wanted,
         })
+    }
+
+    /// Whether answering it writes anything (an access line, a span), so that its bodies are
+    /// worth metering and the names it is given worth keeping.
+    pub fn wanted(&self) -> bool {
+        self.wanted
     }
 
     /// The record of the request this task is handling, if any.
@@ -172,12 +188,18 @@ impl Record {
 
     /// The handler (or front end: `oip`, `grpc`) and tenant the request turned out to be for.
     pub fn note_call(&self, handler: &str, tenant: &str) {
+        if !self.wanted {
+            return;
+        }
         let mut names = self.names.locked();
         names.handler = Some(handler.to_owned());
         names.tenant = Some(tenant.to_owned());
     }
 
     pub fn note_model(&self, model: &str) {
+        if !self.wanted {
+            return;
+        }
         let mut names = self.names.locked();
         if names.model.as_deref() != Some(model) {
             names.model = Some(model.to_owned());
@@ -238,7 +260,7 @@ impl Record {
 
     /// Writes the access line, once: the answer's `status` (and gRPC status), `bytes_out` sent.
     pub fn write(&self, status: u16, grpc_status: Option<i32>, bytes_out: u64) {
-        if self.written.swap(true, Ordering::Relaxed) {
+        if !self.wanted || self.written.swap(true, Ordering::Relaxed) {
             return;
         }
         // A copy, so no lock is held while the line is written.
@@ -303,6 +325,36 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn noted(record: &Record) -> (String, String, Option<String>, Option<String>) {
+        let names = record.names.locked();
+        (record.method.clone(), record.route.clone(), names.handler.clone(), names.model.clone())
+    }
+
+    #[test]
+    fn a_record_whose_answer_writes_nothing_keeps_nothing_but_its_id() {
+        // Unit tests install no logger: no access line is wanted, and no trace is exported.
+        let quiet = Record::new("http", "POST", "/v1/handlers/digits/", "r1".to_owned(), TraceContext::fresh());
+        assert!(!quiet.wanted());
+        quiet.note_call("digits", "demo");
+        quiet.note_model("digits");
+        assert_eq!(noted(&quiet), (String::new(), String::new(), None, None));
+        assert_eq!(quiet.request_id, "r1");
+        // With a logger that writes `kiln::access` at info, the same record keeps what its line says.
+        let logger = tracing_subscriber::fmt().with_writer(std::io::sink).with_max_level(tracing::Level::INFO).finish();
+        tracing::subscriber::with_default(logger, || {
+            let kept = Record::new("http", "POST", "/v1/handlers/digits/", "r2".to_owned(), TraceContext::fresh());
+            assert!(kept.wanted());
+            kept.note_call("digits", "demo");
+            kept.note_model("digits");
+            let expected = ("POST".to_owned(), "/v1/handlers/digits/".to_owned(), Some("digits".to_owned()), Some("digits".to_owned()));
+            assert_eq!(noted(&kept), expected);
+        });
+        let off = tracing_subscriber::fmt().with_writer(std::io::sink).with_env_filter("info,kiln::access=off").finish();
+        tracing::subscriber::with_default(off, || {
+            assert!(!Record::new("http", "GET", "/", "r3".to_owned(), TraceContext::fresh()).wanted());
+        });
+    }
 
     #[test]
     fn a_traceparent_is_taken_only_when_it_is_one() {
