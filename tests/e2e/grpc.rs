@@ -2,7 +2,7 @@
 //! `tritonclient[grpc]`, and by raw messages (grpcio's generic calls) where what matters is
 //! whether the server decoded them.
 
-use super::server;
+use super::{server, served_precision};
 use kiln_tests::{Server, artifact, python_checks};
 
 #[test]
@@ -16,7 +16,7 @@ fn the_official_grpc_tritonclient_infers_and_manages_models() {
             artifact("build/models/minilm.pt").display().to_string(),
             artifact("build/models").display().to_string(),
         ],
-        &[("KILN_KEY", server.key("demo")), ("KILN_ADMIN_KEY", server.admin_key())],
+        &[("KILN_KEY", server.key("demo")), ("KILN_ADMIN_KEY", server.admin_key()), ("SERVED_PRECISION", &served_precision("minilm"))],
         "grpc",
         || server.log_text(),
     );

@@ -48,6 +48,18 @@ fn mallory() -> reqwest::Client {
     server().client("mallory")
 }
 
+/// The precision `precision = "auto"` chose for `model` on this machine (`fp32`, `bf16` or
+/// `fp16`): what answers over the wire are compared to TorchScript's FP32 in.
+fn served_precision(model: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let info: serde_json::Value = runtime.block_on(async {
+        let response = client().get(server().url(&format!("/v1/models/{model}"))).send().await.expect("model info");
+        json_of(response).await.1
+    });
+    let precision = info["precision"].as_str().unwrap_or_else(|| panic!("no precision in {info}"));
+    precision.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or(precision).to_owned()
+}
+
 /// Status and parsed JSON body of a response.
 async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();

@@ -10,6 +10,7 @@ import sys
 import grpc
 import numpy as np
 import torch
+from precision import close_to_fp32
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -95,7 +96,7 @@ def main(url: str, digits_pt: str, minilm_pt: str, models: str) -> None:
     b = grpcclient.InferInput("attention_mask", list(mask.shape), "INT64")
     b.set_data_from_numpy(mask)
     got = client.infer("minilm", [a, b], headers=tenant).as_numpy("last_hidden_state")
-    check(got is not None and got.shape == hidden.shape and np.allclose(got, hidden, rtol=1e-4, atol=1e-5),
+    check(got is not None and got.shape == hidden.shape and close_to_fp32(got, hidden),
           "minilm over gRPC (raw contents) matches TorchScript")
     request = service_pb2.ModelInferRequest(model_name="minilm", inputs=[
         service_pb2.ModelInferRequest.InferInputTensor(
@@ -104,7 +105,7 @@ def main(url: str, digits_pt: str, minilm_pt: str, models: str) -> None:
         for name, t in (("input_ids", ids), ("attention_mask", mask))])
     response = stub.ModelInfer(request, metadata=metadata)
     got = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(list(response.outputs[0].shape))
-    check(np.allclose(got, hidden, rtol=1e-4, atol=1e-5), "minilm over gRPC (typed contents) matches TorchScript")
+    check(close_to_fp32(got, hidden), "minilm over gRPC (typed contents) matches TorchScript")
 
     # The errors: the HTTP API's messages, under the nearest gRPC codes.
     near_miss = key[:-1] + ("A" if key[-1] != "A" else "B")
