@@ -124,6 +124,9 @@ pub struct RawServer {
     /// The share of traces started here that are exported (0.0 ..= 1.0, default 1.0); a
     /// client's `traceparent` decides for its own.
     pub otlp_sample_ratio: Option<f64>,
+    /// Whether a long CPU forward pass that starts while cores are idle runs on them too
+    /// (default true); false holds every pass to its replica's `threads`.
+    pub spread_idle_cores: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

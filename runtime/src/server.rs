@@ -219,6 +219,7 @@ pub async fn serve(
     let grpc_tls = live_tls(tls.grpc().filter(|_| config.server.grpc_listen.is_some()), false)?;
     let metrics_tls = live_tls(tls.metrics().filter(|_| config.server.metrics_listen.is_some()), true)?;
     start_traces(config)?;
+    crate::model::cores::machine().set_spreading(config.server.spread_idle_cores);
     let state = Arc::new(build(config)?);
     let scheme = |tls: &Option<Arc<LiveTls>>| if tls.is_some() { "https" } else { "http" };
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;

@@ -60,6 +60,7 @@ pub const SERVER_FIELDS: &[&str] = &[
     "metrics_tls_key",
     "otlp_endpoint",
     "otlp_sample_ratio",
+    "spread_idle_cores",
 ];
 
 /// How the config file was found.
@@ -248,6 +249,7 @@ impl ServerConfig {
             ("metrics_tls_key", own(&self.tls.metrics).map(|t| text(&t.key.display()))),
             ("otlp_endpoint", self.otlp_endpoint.as_ref().map(|e| text(e))),
             ("otlp_sample_ratio", Some(toml::Value::Float(self.otlp_sample_ratio))),
+            ("spread_idle_cores", Some(Boolean(self.spread_idle_cores))),
         ];
         values
     }
@@ -358,7 +360,7 @@ mod tests {
                 f if f.ends_with("_bytes") || f.ends_with("_ms") || f.ends_with("_s") || f == "max_instances" || f == "oip_max_priority" => toml::Value::Integer(1),
                 f if f.ends_with("_tls") => toml::Value::Boolean(true),
                 f if f.ends_with("_ratio") => toml::Value::Float(0.5),
-                "allow_unpinned" | "tenant_private_sources" | "cluster" => toml::Value::Boolean(true),
+                "allow_unpinned" | "tenant_private_sources" | "cluster" | "spread_idle_cores" => toml::Value::Boolean(true),
                 _ => toml::Value::String("x".into()),
             };
             table.insert((*field).to_owned(), value);

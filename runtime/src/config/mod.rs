@@ -93,6 +93,8 @@ pub struct ServerConfig {
     /// Where traces go (`otlp_endpoint`); `None` when the config does not say.
     pub otlp_endpoint: Option<String>,
     pub otlp_sample_ratio: f64,
+    /// Whether CPU passes spread over idle cores ([`crate::model::cores`]).
+    pub spread_idle_cores: bool,
     /// How long a model may take to load and warm up before its load fails.
     pub load_timeout: Duration,
     /// How long a tenant's model download may take in all.

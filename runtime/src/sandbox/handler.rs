@@ -268,6 +268,8 @@ impl Handler {
             // guest that answers and then computes on still holds a sandbox and a core.
             let _held = held;
             let _running = Running::enter(&activity);
+            // A core of the machine's, given back while it waits for a model call (`nn`).
+            let _core = crate::model::cores::machine().take();
             let run = async {
                 let instantiating = Instant::now();
                 let proxy = pre.instantiate_async(&mut store).await?;

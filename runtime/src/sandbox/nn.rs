@@ -393,7 +393,11 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         for expectation in &mut self.ctx.expected {
             expectation.arrived(&model);
         }
-        let outputs = match model.infer(arranged, self.ctx.options).await {
+        // Its guest's core is free while the call waits (the guest holds one while it runs).
+        let waiting = crate::model::cores::machine().wait();
+        let answered = model.infer(arranged, self.ctx.options).await;
+        drop(waiting);
+        let outputs = match answered {
             Ok(outputs) => outputs,
             Err(e) => return self.fail(error_code(&e), e.to_string()),
         };

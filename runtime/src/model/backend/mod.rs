@@ -58,6 +58,16 @@ pub trait LoadedModel: Send + 'static {
 
     /// Elements of the module's parameters (0 when unknown).
     fn parameters(&self) -> u64;
+
+    /// Whether its passes run on this machine's CPU (in this process or in a worker): each then
+    /// holds a core while it runs ([`crate::model::cores`]).
+    fn on_cpu(&self) -> bool {
+        false
+    }
+
+    /// Runs its next passes on `threads` libtorch threads, where it can: called on the thread
+    /// that runs them.
+    fn use_threads(&self, _threads: u32) {}
 }
 
 /// Runs `model`'s forward pass; a panic inside the backend fails this pass (one batch), not the

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
 
@@ -139,6 +140,16 @@ impl LoadedModel for TorchModel {
     fn parameters(&self) -> u64 {
         self.module.named_parameters().map_or(0, |params| params.iter().map(|(_, t)| t.numel() as u64).sum())
     }
+
+    fn on_cpu(&self) -> bool {
+        self.device == TchDevice::Cpu
+    }
+
+    fn use_threads(&self, threads: u32) {
+        if self.on_cpu() && self.threads.swap(threads, Ordering::Relaxed) != threads {
+            use_threads(threads);
+        }
+    }
 }
 
 /// What a reduced precision converts. libtorch's C++ API casts a module's parameters and
@@ -158,6 +169,9 @@ pub struct TorchModel {
     output_names: usize,
     /// The kind floating tensors are cast to, when the model runs in reduced precision.
     reduced: Option<Kind>,
+    /// The libtorch threads its replica's thread was last set to by [`LoadedModel::use_threads`]
+    /// (0 before then).
+    threads: AtomicU32,
 }
 
 fn tch_device(device: Device) -> Result<TchDevice, BackendError> {
@@ -271,6 +285,7 @@ impl TorchModel {
             device,
             output_names: wanted.outputs,
             reduced,
+            threads: AtomicU32::new(0),
         })
     }
 
@@ -281,6 +296,7 @@ impl TorchModel {
             device: TchDevice::Cpu,
             output_names: config.outputs.len(),
             reduced: reduced_kind(config.precision),
+            threads: AtomicU32::new(0),
         }
     }
 

@@ -213,6 +213,11 @@ impl WorkerModel {
 }
 
 impl LoadedModel for WorkerModel {
+    /// Its worker's passes take a core like the server's own; their threads stay the worker's.
+    fn on_cpu(&self) -> bool {
+        self.spec.device == Device::Cpu
+    }
+
     fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, BackendError> {
         let mut state = self.state.locked();
         let mut process = match state.process.take() {

@@ -1,0 +1,116 @@
+//! The machine's cores as forward passes see them. A guest executing and a forward pass running
+//! on the CPU each hold a core ([`Busy`]); a guest waiting for its model call gives its core
+//! back meanwhile ([`Waiting`]). A CPU pass that starts with cores idle spreads over them: its
+//! replica runs that pass on more libtorch threads than configured ([`Cores::threads_for_pass`]).
+//! So a lone request is not held to one core while the others idle, and a loaded server, whose
+//! cores are all taken, runs every pass on its replicas' own threads, as configured.
+//!
+//! The count is process-wide ([`machine`]): every model's replicas and every engine's guests
+//! share the machine. `[server] spread_idle_cores = false` turns the spreading off.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Cores, and how many are held now.
+#[derive(Debug)]
+pub struct Cores {
+    cores: usize,
+    busy: AtomicUsize,
+    spread: AtomicBool,
+}
+
+/// This process's cores (its CPU affinity and cgroup quota respected).
+pub fn machine() -> &'static Cores {
+    static MACHINE: OnceLock<Cores> = OnceLock::new();
+    MACHINE.get_or_init(|| Cores::new(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)))
+}
+
+impl Cores {
+    pub fn new(cores: usize) -> Cores {
+        Cores { cores, busy: AtomicUsize::new(0), spread: AtomicBool::new(true) }
+    }
+
+    /// Whether passes spread over idle cores (they do unless told not to).
+    pub fn set_spreading(&self, spread: bool) {
+        self.spread.store(spread, Ordering::Relaxed);
+    }
+
+    /// Cores nobody holds now.
+    pub fn idle(&self) -> usize {
+        self.cores.saturating_sub(self.busy.load(Ordering::Relaxed))
+    }
+
+    /// One core held, for as long as the guard lives.
+    pub fn take(&'static self) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// A core given back, for as long as the guard lives, by whoever holds a [`Busy`]: a guest
+    /// waiting for its model call.
+    pub fn wait(&'static self) -> Waiting {
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        Waiting(self)
+    }
+
+    /// The libtorch threads a CPU pass that holds a core of its own runs on: its replica's
+    /// `configured` threads, or its own core and every idle one when that is more (and
+    /// spreading is on).
+    pub fn threads_for_pass(&self, configured: u32) -> u32 {
+        if !self.spread.load(Ordering::Relaxed) {
+            return configured;
+        }
+        configured.max(u32::try_from(1 + self.idle()).unwrap_or(u32::MAX))
+    }
+}
+
+/// A core held (see [`Cores::take`]).
+#[derive(Debug)]
+pub struct Busy(&'static Cores);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A core given back for a while (see [`Cores::wait`]).
+#[derive(Debug)]
+pub struct Waiting(&'static Cores);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.busy.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_spreads_over_the_cores_nobody_holds_and_only_those() {
+        let cores: &'static Cores = Box::leak(Box::new(Cores::new(4)));
+        let pass = cores.take();
+        assert_eq!((cores.idle(), cores.threads_for_pass(1)), (3, 4), "alone: every core");
+        let guest = cores.take();
+        assert_eq!((cores.idle(), cores.threads_for_pass(1)), (2, 3));
+        {
+            // The guest waits for its model call: its core is free meanwhile.
+            let _waiting = cores.wait();
+            assert_eq!(cores.idle(), 3);
+        }
+        assert_eq!(cores.idle(), 2);
+        drop(guest);
+        let crowd: Vec<Busy> = (0..4).map(|_| cores.take()).collect();
+        assert_eq!(cores.idle(), 0);
+        assert_eq!(cores.threads_for_pass(1), 1, "every core taken: the configured threads");
+        assert_eq!(cores.threads_for_pass(3), 3, "never fewer than configured");
+        drop(crowd);
+        assert_eq!(cores.threads_for_pass(1), 4);
+        cores.set_spreading(false);
+        assert_eq!((cores.threads_for_pass(1), cores.threads_for_pass(2)), (1, 2), "spreading off: as configured");
+        drop(pass);
+        assert_eq!(cores.idle(), 4);
+    }
+}
