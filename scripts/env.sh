@@ -16,9 +16,12 @@ examples_config() { # DIR [SED_ARGS...]
 }
 
 # The benchmarks' config on stdout: the examples (state under DIR) with batches of up to
-# MAX_BATCH, plus the echo guest (misbehave.wasm) and ResNet-18.
+# MAX_BATCH, plus the echo guest (misbehave.wasm) and ResNet-18. BENCH_PRECISION, when set,
+# pins the examples' models to that precision instead of "auto" (to compare with a Kiln from
+# before precision = "auto", or one precision with another).
 bench_config() { # DIR MAX_BATCH
-    examples_config "$1" -e "s|max_batch_size = 64|max_batch_size = $2|"
+    examples_config "$1" -e "s|max_batch_size = 64|max_batch_size = $2|" \
+        -e "s|precision = \"auto\"|precision = \"${BENCH_PRECISION:-auto}\"|"
     cat <<TOML
 
 [[handler]]

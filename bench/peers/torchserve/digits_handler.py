@@ -34,6 +34,10 @@ class DigitsHandler(BaseHandler):
         if os.environ.get("PEER_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["PEER_TORCH_THREADS"]))
         super().initialize(context)
+        # PEER_PRECISION=bf16: the model's floating weights in bf16, inputs cast to match (the
+        # same precision Kiln's `precision = "bf16"` serves in).
+        self.dtype = torch.bfloat16 if os.environ.get("PEER_PRECISION") == "bf16" else torch.float32
+        self.model = self.model.to(self.dtype)
 
     def preprocess(self, data):
         grids, self.bad = [], {}
@@ -47,7 +51,7 @@ class DigitsHandler(BaseHandler):
 
     def inference(self, batch, *args, **kwargs):
         with torch.inference_mode():
-            return self.model(batch)
+            return self.model(batch.to(self.dtype)).float()
 
     def postprocess(self, logits):
         answers = []

@@ -34,6 +34,10 @@ class EmbeddingsHandler(BaseHandler):
         if os.environ.get("PEER_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["PEER_TORCH_THREADS"]))
         super().initialize(context)
+        # PEER_PRECISION=bf16: the model's floating weights in bf16 (integer buffers stay), its
+        # hidden states pooled in FP32 (the same precision Kiln's `precision = "bf16"` serves in).
+        if os.environ.get("PEER_PRECISION") == "bf16":
+            self.model = self.model.to(torch.bfloat16)
         vocab = os.path.join(context.system_properties["model_dir"], "minilm-vocab.txt")
         self.tokenizer = BertWordPieceTokenizer(vocab, lowercase=True)
         self.tokenizer.enable_truncation(MAX_TOKENS)
@@ -61,7 +65,7 @@ class EmbeddingsHandler(BaseHandler):
             return None
         ids, mask = batch
         with torch.inference_mode():
-            hidden = self.model(ids, mask)
+            hidden = self.model(ids, mask).float()
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             return F.normalize(pooled, p=2, dim=1)
