@@ -11,6 +11,10 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+/// The most threads a spread pass runs on: past a handful, a pass of milliseconds gains little
+/// more, and each replica thread that spreads keeps its own pool of libtorch threads.
+const MAX_SPREAD: usize = 8;
+
 /// Cores, and how many are held now.
 #[derive(Debug)]
 pub struct Cores {
@@ -54,13 +58,13 @@ impl Cores {
     }
 
     /// The libtorch threads a CPU pass that holds a core of its own runs on: its replica's
-    /// `configured` threads, or its own core and every idle one when that is more (and
-    /// spreading is on).
+    /// `configured` threads, or its own core and every idle one (up to [`MAX_SPREAD`]) when that
+    /// is more and spreading is on.
     pub fn threads_for_pass(&self, configured: u32) -> u32 {
         if !self.spread.load(Ordering::Relaxed) {
             return configured;
         }
-        configured.max(u32::try_from(1 + self.idle()).unwrap_or(u32::MAX))
+        configured.max(u32::try_from((1 + self.idle()).min(MAX_SPREAD)).unwrap_or(1))
     }
 }
 
@@ -112,5 +116,8 @@ mod tests {
         assert_eq!((cores.threads_for_pass(1), cores.threads_for_pass(2)), (1, 2), "spreading off: as configured");
         drop(pass);
         assert_eq!(cores.idle(), 4);
+        let many: &'static Cores = Box::leak(Box::new(Cores::new(64)));
+        let _pass = many.take();
+        assert_eq!(many.threads_for_pass(1), MAX_SPREAD as u32, "at most a handful");
     }
 }
