@@ -125,7 +125,7 @@ pub struct RawServer {
     /// client's `traceparent` decides for its own.
     pub otlp_sample_ratio: Option<f64>,
     /// Whether a long CPU forward pass that starts while cores are idle runs on them too
-    /// (default true); false holds every pass to its replica's `threads`.
+    /// (default false: every pass on its replica's `threads`).
     pub spread_idle_cores: Option<bool>,
 }
 

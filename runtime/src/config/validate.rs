@@ -241,7 +241,7 @@ impl Validator<'_> {
             tls,
             otlp_endpoint,
             otlp_sample_ratio,
-            spread_idle_cores: raw.spread_idle_cores.unwrap_or(true),
+            spread_idle_cores: raw.spread_idle_cores.unwrap_or(false),
             load_timeout,
             tenant_fetch_timeout,
             listen,

@@ -6,7 +6,10 @@
 //! cores are all taken, runs every pass on its replicas' own threads, as configured.
 //!
 //! The count is process-wide ([`machine`]): every model's replicas and every engine's guests
-//! share the machine. `[server] spread_idle_cores = false` turns the spreading off.
+//! share the machine. Spreading is off unless `[server] spread_idle_cores = true`: on the 2-core
+//! VMs Kiln is measured on, a MiniLM pass spread over both cores made a lone request slower
+//! (84-92 → 68 req/s, 120 more thread wake-ups a request), though the same pass in Python runs
+//! 1.7x faster on two threads than on one (docs/BENCHMARKS.md, issue 27).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,10 +34,10 @@ pub fn machine() -> &'static Cores {
 
 impl Cores {
     pub fn new(cores: usize) -> Cores {
-        Cores { cores, busy: AtomicUsize::new(0), spread: AtomicBool::new(true) }
+        Cores { cores, busy: AtomicUsize::new(0), spread: AtomicBool::new(false) }
     }
 
-    /// Whether passes spread over idle cores (they do unless told not to).
+    /// Whether passes spread over idle cores (they do not until told to).
     pub fn set_spreading(&self, spread: bool) {
         self.spread.store(spread, Ordering::Relaxed);
     }
@@ -95,6 +98,7 @@ mod tests {
     #[test]
     fn a_pass_spreads_over_the_cores_nobody_holds_and_only_those() {
         let cores: &'static Cores = Box::leak(Box::new(Cores::new(4)));
+        cores.set_spreading(true);
         let pass = cores.take();
         assert_eq!((cores.idle(), cores.threads_for_pass(1)), (3, 4), "alone: every core");
         let guest = cores.take();
@@ -117,6 +121,7 @@ mod tests {
         drop(pass);
         assert_eq!(cores.idle(), 4);
         let many: &'static Cores = Box::leak(Box::new(Cores::new(64)));
+        many.set_spreading(true);
         let _pass = many.take();
         assert_eq!(many.threads_for_pass(1), MAX_SPREAD as u32, "at most a handful");
     }
