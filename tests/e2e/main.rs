@@ -48,7 +48,7 @@ fn mallory() -> reqwest::Client {
     server().client("mallory")
 }
 
-/// The precision `precision = "auto"` chose for `model` on this machine (`fp32`, `bf16` or
+/// The precision `precision = "auto"` chose for `model` on this server's CPU (`fp32`, `bf16` or
 /// `fp16`): what answers over the wire are compared to TorchScript's FP32 in.
 fn served_precision(model: &str) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -56,8 +56,11 @@ fn served_precision(model: &str) -> String {
         let response = client().get(server().url(&format!("/v1/models/{model}"))).send().await.expect("model info");
         json_of(response).await.1
     });
-    let precision = info["precision"].as_str().unwrap_or_else(|| panic!("no precision in {info}"));
-    precision.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or(precision).to_owned()
+    let searched = info["precision_search"].as_array().unwrap_or_else(|| panic!("no precision_search in {info}"));
+    let on_cpu = searched.iter().find(|c| c["device"] == "cpu").unwrap_or_else(|| panic!("no search on the CPU: {info}"));
+    let precision = on_cpu["precision"].as_str().unwrap_or_else(|| panic!("no precision in {on_cpu}"));
+    assert!(["fp32", "bf16", "fp16"].contains(&precision), "'{precision}' is not a precision: {on_cpu}");
+    precision.to_owned()
 }
 
 /// Status and parsed JSON body of a response.

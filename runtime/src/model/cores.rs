@@ -1,9 +1,11 @@
-//! The machine's cores as forward passes see them. A guest executing and a forward pass running
-//! on the CPU each hold a core ([`Busy`]); a guest waiting for its model call gives its core
-//! back meanwhile ([`Waiting`]). A CPU pass that starts with cores idle spreads over them: its
-//! replica runs that pass on more libtorch threads than configured ([`Cores::threads_for_pass`]).
-//! So a lone request is not held to one core while the others idle, and a loaded server, whose
-//! cores are all taken, runs every pass on its replicas' own threads, as configured.
+//! The machine's cores as forward passes see them. A guest holds a core for its whole life
+//! ([`Busy`]: instantiation, its own work, its other waits, which over-counts and only errs
+//! towards not spreading) but gives it back while it waits for a model call ([`Waiting`]); a
+//! forward pass on the CPU holds one while it runs. With spreading on, a CPU pass of a model in
+//! this process that starts with cores idle spreads over them: its replica runs that pass on
+//! more libtorch threads than configured ([`Cores::threads_for_pass`]). So a lone request need
+//! not be held to one core while the others idle, and a loaded server, whose cores are all
+//! taken, runs every pass on its replicas' own threads, as configured.
 //!
 //! The count is process-wide ([`machine`]): every model's replicas and every engine's guests
 //! share the machine. Spreading is off unless `[server] spread_idle_cores = true`: on the 2-core
@@ -40,6 +42,10 @@ impl Cores {
     /// Whether passes spread over idle cores (they do not until told to).
     pub fn set_spreading(&self, spread: bool) {
         self.spread.store(spread, Ordering::Relaxed);
+    }
+
+    pub fn spreading(&self) -> bool {
+        self.spread.load(Ordering::Relaxed)
     }
 
     /// Cores nobody holds now.

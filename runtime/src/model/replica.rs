@@ -28,15 +28,20 @@ const SPREAD_FROM_US: f64 = 2_000.0;
 
 impl ReplicaSlot {
     /// Runs one batch on `model`, keeping this replica's and the model's counters.
-    /// A pass on the CPU holds a core while it runs, and one long enough to gain from more
-    /// threads spreads over the cores nobody holds.
+    /// A pass on the CPU holds a core while it runs; with spreading on, one long enough to gain
+    /// from more threads, of a model that runs in this process, spreads over the cores nobody
+    /// holds.
     pub(super) fn run<M: LoadedModel>(&self, model: &M, shared: &Shared, batch: Vec<Pending>) {
         let rows: u32 = batch.iter().map(|p| p.rows).sum();
         let configured = shared.config.threads;
         let cpu = model.on_cpu();
-        let _core = cpu.then(|| cores::machine().take());
-        let worth_spreading = cpu && shared.curve().estimate_us(rows).is_some_and(|us| us >= SPREAD_FROM_US);
-        let threads = if worth_spreading { cores::machine().threads_for_pass(configured) } else { configured };
+        let machine = cores::machine();
+        let _core = cpu.then(|| machine.take());
+        let worth_spreading = cpu
+            && machine.spreading()
+            && model.sets_threads()
+            && shared.curve().estimate_us(rows).is_some_and(|us| us >= SPREAD_FROM_US);
+        let threads = if worth_spreading { machine.threads_for_pass(configured) } else { configured };
         model.use_threads(threads);
         let started = Instant::now();
         run_batch(model, &shared.config, &shared.counters, batch);

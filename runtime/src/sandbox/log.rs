@@ -61,7 +61,7 @@ impl LogBudget {
                 target: "kiln::guest",
                 handler = %self.handler,
                 tenant = %self.tenant,
-                request_id = self.request_id(),
+                request_id = %self.request_id(),
                 "log output truncated: this request used its {LOG_BUDGET_LINES} lines / {LOG_BUDGET_BYTES} bytes"
             );
         }
@@ -118,7 +118,7 @@ impl GuestLogWriter {
                 target: "kiln::guest",
                 handler = %budget.handler,
                 tenant = %budget.tenant,
-                request_id = budget.request_id(),
+                request_id = %budget.request_id(),
                 stream = self.log.stream,
                 "{text}"
             );

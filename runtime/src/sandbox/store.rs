@@ -114,7 +114,7 @@ impl WasiHttpHooks for DenyOutgoing {
             tracing::info!(
                 handler = %self.log.handler,
                 tenant = %self.log.tenant,
-                request_id = self.log.request_id(),
+                request_id = %self.log.request_id(),
                 uri = %uri,
                 "outgoing HTTP request denied"
             );

@@ -10,9 +10,11 @@
 //! `kiln::access` (so `KILN_LOG=info,kiln::access=off` turns the lines off).
 //!
 //! A request whose answer writes nothing (access lines off, its trace not exported) gets a
-//! record that notes nothing: its request id, for guests' log lines, and no more. The servers
-//! then leave its bodies unmetered ([`Record::wanted`]), so that what is not asked for is not
-//! paid for.
+//! record that keeps no text but its request id (for guests' log lines): no method, route or
+//! names; and the HTTP server leaves its bodies unwrapped ([`Record::wanted`]), so that what is
+//! not asked for is not paid for. Counters stay (atomics; a gRPC request's body is wrapped
+//! anyway, to bound its size). Whether a line is wanted is decided when the request arrives: a
+//! log filter changed meanwhile applies from the next request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -65,6 +65,12 @@ pub trait LoadedModel: Send + 'static {
         false
     }
 
+    /// Whether [`LoadedModel::use_threads`] changes anything (a model in a worker process keeps
+    /// the worker's threads).
+    fn sets_threads(&self) -> bool {
+        false
+    }
+
     /// Runs its next passes on `threads` libtorch threads, where it can: called on the thread
     /// that runs them.
     fn use_threads(&self, _threads: u32) {}

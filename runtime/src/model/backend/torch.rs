@@ -145,6 +145,10 @@ impl LoadedModel for TorchModel {
         self.device == TchDevice::Cpu
     }
 
+    fn sets_threads(&self) -> bool {
+        self.on_cpu()
+    }
+
     fn use_threads(&self, threads: u32) {
         if self.on_cpu() && self.threads.swap(threads, Ordering::Relaxed) != threads {
             use_threads(threads);
