@@ -53,17 +53,27 @@ impl Cores {
         self.cores.saturating_sub(self.busy.load(Ordering::Relaxed))
     }
 
-    /// One core held, for as long as the guard lives.
+    /// One core held, for as long as the guard lives. With spreading off nothing reads the
+    /// count, so nothing is counted: every request would otherwise touch one shared atomic four
+    /// times for nobody.
     pub fn take(&'static self) -> Busy {
+        if !self.spreading() {
+            return Busy(None);
+        }
         self.busy.fetch_add(1, Ordering::Relaxed);
-        Busy(self)
+        Busy(Some(self))
     }
 
     /// A core given back, for as long as the guard lives, by whoever holds a [`Busy`]: a guest
-    /// waiting for its model call.
+    /// waiting for its model call. Each guard undoes only what it did, so a count taken across
+    /// a change of [`Cores::set_spreading`] comes back to zero (meanwhile it may read a core
+    /// busier, never idler, than it is).
     pub fn wait(&'static self) -> Waiting {
+        if !self.spreading() {
+            return Waiting(None);
+        }
         self.busy.fetch_sub(1, Ordering::Relaxed);
-        Waiting(self)
+        Waiting(Some(self))
     }
 
     /// The libtorch threads a CPU pass that holds a core of its own runs on: its replica's
@@ -77,23 +87,27 @@ impl Cores {
     }
 }
 
-/// A core held (see [`Cores::take`]).
+/// A core held (see [`Cores::take`]), if counted.
 #[derive(Debug)]
-pub struct Busy(&'static Cores);
+pub struct Busy(Option<&'static Cores>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        if let Some(cores) = self.0 {
+            cores.busy.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// A core given back for a while (see [`Cores::wait`]).
+/// A core given back for a while (see [`Cores::wait`]), if counted.
 #[derive(Debug)]
-pub struct Waiting(&'static Cores);
+pub struct Waiting(Option<&'static Cores>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.busy.fetch_add(1, Ordering::Relaxed);
+        if let Some(cores) = self.0 {
+            cores.busy.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -124,8 +138,18 @@ mod tests {
         assert_eq!(cores.threads_for_pass(1), 4);
         cores.set_spreading(false);
         assert_eq!((cores.threads_for_pass(1), cores.threads_for_pass(2)), (1, 2), "spreading off: as configured");
+        // Off, nothing is counted; a guard taken before undoes its own count.
+        let uncounted = cores.take();
+        assert_eq!(cores.idle(), 3);
         drop(pass);
         assert_eq!(cores.idle(), 4);
+        // Taken off and waited on after spreading is on again: back to zero once both go.
+        cores.set_spreading(true);
+        let waiting = cores.wait();
+        assert_eq!(cores.idle(), 0, "read busier than it is, never idler");
+        drop(waiting);
+        drop(uncounted);
+        assert_eq!((cores.idle(), cores.busy.load(Ordering::Relaxed)), (4, 0));
         let many: &'static Cores = Box::leak(Box::new(Cores::new(64)));
         many.set_spreading(true);
         let _pass = many.take();
