@@ -105,11 +105,7 @@ fn describe_for(entry: &ModelEntry, tenant: &str) -> ModelInfo {
     for choice in &mut info.precision_search {
         choice.model = info.name.clone();
         for line in &mut choice.candidates {
-            *line = hide_file(line);
-            // Why a candidate failed can name the server's files and programs: only for its own.
-            if let Some(at) = line.find(": fails (").filter(|_| !own) {
-                line.truncate(at + ": fails".len());
-            }
+            *line = candidate_for_tenant(line, &file, own);
         }
     }
     if matches!(entry.origin, ModelOrigin::Tenant) {
@@ -396,6 +392,17 @@ async fn read_json(body: Body, headers: &HeaderMap) -> Result<Value, ApiError> {
     if value.is_object() { Ok(value) } else { Err(ApiError::BadRequest("the request body must be a JSON object".to_owned())) }
 }
 
+/// A line of a model's precision search as a tenant sees it: the model's file named "its
+/// file", and why a candidate failed only for the tenant's own model (for the operator's it can
+/// name the server's files and programs).
+fn candidate_for_tenant(line: &str, file: &str, own: bool) -> String {
+    let mut line = if file.is_empty() { line.to_owned() } else { line.replace(file, "its file") };
+    if let Some(at) = line.find(": fails (").filter(|_| !own) {
+        line.truncate(at + ": fails".len());
+    }
+    line
+}
+
 fn describe(entry: &ModelEntry) -> ModelInfo {
     let c = &entry.config;
     // The live knobs of the model served, else the definition's.
@@ -440,5 +447,24 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
         deployed_at: entry.deployed_at,
         replicas: entry.handle.as_ref().map(|h| h.replicas()).unwrap_or_default(),
         precision_search: entry.handle.as_ref().map(ModelHandle::precision_search).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::candidate_for_tenant;
+
+    #[test]
+    fn a_tenant_sees_why_a_candidate_failed_only_for_its_own_model_and_never_the_file() {
+        let failed = "fp16: fails (cannot load TorchScript file /srv/models/secret.pt: no Half kernel in /opt/torch/lib)";
+        assert_eq!(candidate_for_tenant(failed, "/srv/models/secret.pt", false), "fp16: fails");
+        assert_eq!(
+            candidate_for_tenant(failed, "/srv/models/secret.pt", true),
+            "fp16: fails (cannot load TorchScript file its file: no Half kernel in /opt/torch/lib)"
+        );
+        let kept = "bf16: 2.90× fp32, worst cosine 0.9996";
+        assert_eq!(candidate_for_tenant(kept, "/srv/models/secret.pt", false), kept);
+        // Before a remote file is fetched there is no path: nothing is replaced.
+        assert_eq!(candidate_for_tenant(kept, "", false), kept);
     }
 }
