@@ -177,7 +177,13 @@ impl Response {
         &self.body
     }
 
-    fn send(self, out: ResponseOutparam) {
+    fn send(mut self, out: ResponseOutparam) {
+        // The length is known, so say it: the host then sends the answer as it is rather than
+        // in chunks, and clients read it without decoding chunked framing.
+        if !self.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
+            let length = self.body.len().to_string().into_bytes();
+            self.headers.push(("content-length".to_owned(), length));
+        }
         let headers = match Fields::from_list(&self.headers) {
             Ok(fields) => fields,
             Err(e) => {

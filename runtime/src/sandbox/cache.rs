@@ -260,6 +260,11 @@ pub fn capture<B>(
         head.headers.insert(CACHE_HEADER, HeaderValue::from_static("miss"));
         Store {
             kept: Vec::new(),
+            length: head
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
             headers: head.headers.clone(),
             key,
             lifetime,
@@ -268,6 +273,14 @@ pub fn capture<B>(
             telemetry: Arc::clone(telemetry),
         }
     });
+    // An empty answer of declared length is whole already: its body may never be polled.
+    let store = match store {
+        Some(store) if store.length == Some(0) => {
+            store.finish();
+            None
+        }
+        store => store,
+    };
     http::Response::from_parts(head, Capture { body, store })
 }
 
@@ -281,6 +294,9 @@ pub struct Capture<B> {
 /// What is needed to keep an answer once its body has ended.
 struct Store {
     kept: Vec<u8>,
+    /// The length the answer declares: once that much is kept the answer is whole, and it is
+    /// stored then, as the server stops polling a body of known length at its last byte.
+    length: Option<usize>,
     headers: HeaderMap,
     key: [u8; 32],
     lifetime: Duration,
@@ -319,6 +335,11 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Capture<B> {
                 if let (Some(store), Some(data)) = (&mut this.store, frame.data_ref()) {
                     if store.kept.len() + data.len() <= store.cache.policy().max_bytes {
                         store.kept.extend_from_slice(data);
+                        if store.length == Some(store.kept.len())
+                            && let Some(store) = this.store.take()
+                        {
+                            store.finish();
+                        }
                     } else {
                         this.store = None;
                     }
