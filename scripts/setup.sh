@@ -64,7 +64,8 @@ export_if_stale tests/python/export_test_models.py build/models/tokenwise.pt bui
     build/models/positions-frozen.pt build/models/normed.pt build/models/unmasked.pt \
     build/models/offset-1.pt build/models/offset-2.pt build/models/offset-3.pt build/models/hang.pt \
     build/models/from-file.pt build/models/odd-op.pt build/models/sort-from-file.pt \
-    build/models/setstate-from-file.pt build/models/drift.pt
+    build/models/setstate-from-file.pt build/models/drift.pt \
+    build/models/drift-frozen.pt
 export_if_stale examples/export/resnet18.py build/models/resnet18.pt
 export_if_stale examples/export/embeddings.py build/models/minilm.pt build/models/minilm-vocab.txt \
     build/reference/embeddings.json

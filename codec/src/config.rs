@@ -210,10 +210,21 @@ pub struct RawModel {
     pub worker: Option<bool>,
 }
 
-/// `tolerance = { cosine = 0.999, max_abs = 0.05 }`.
+/// `tolerance = { cosine = 0.999, max_abs = 0.05, outputs = { logits = { max_abs = 0.5 } } }`:
+/// bounds for every output, and an output's own over them.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTolerance {
+    pub cosine: Option<f64>,
+    pub max_abs: Option<f64>,
+    /// Bounds of one output, by its name; a field left out is the model-wide one.
+    pub outputs: Option<std::collections::BTreeMap<String, RawOutputTolerance>>,
+}
+
+/// One output's own `{ cosine = 0.99, max_abs = 0.5 }`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutputTolerance {
     pub cosine: Option<f64>,
     pub max_abs: Option<f64>,
 }

@@ -217,6 +217,10 @@ enum Command {
         /// in this process: the difference is what the worker costs per batch.
         #[arg(long)]
         worker: bool,
+        /// `fp32`, `fp16`, `bf16`, `bf16-autocast`, or `auto` (search as the server would, and
+        /// time the choice); by default the model's own `precision`, searched when it is `auto`.
+        #[arg(long)]
+        precision: Option<String>,
     },
     /// Internal: read a TorchScript archive on stdin and answer in JSON what its code can run,
     /// without running it. The server's load-time model check runs this as a confined child.
@@ -663,6 +667,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             device,
             worker,
+            precision,
         } => {
             let config = Config::load(&config_path(config)?)?;
             let model = config
@@ -677,12 +682,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 Some(d) => d.parse::<Device>().map_err(|e| anyhow::anyhow!("--device: {e}"))?,
             };
-            let rows = kiln::cli::bench::raw(model, device, &batch_sizes, dim, seconds, worker)?;
+            let precision = match precision.as_deref() {
+                None => kiln::cli::bench::RawPrecision::Configured,
+                Some("auto") => kiln::cli::bench::RawPrecision::Search,
+                Some(name) => kiln::cli::bench::RawPrecision::Pinned(name.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?),
+            };
+            let (precision, rows) = kiln::cli::bench::raw(model, device, &batch_sizes, dim, seconds, worker, precision)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 let process = if worker { "a worker process" } else { "this process" };
-                println!("model {} on {device} in {process} (dynamic dims = {dim})", model.name);
+                println!("model {} on {device} in {precision}, in {process} (dynamic dims = {dim})", model.name);
                 println!("{:>6} {:>12} {:>14}", "batch", "forward ms", "rows/s");
                 for r in rows {
                     println!("{:>6} {:>12.3} {:>14.1}", r.batch_size, r.forward_ms, r.rows_per_second);

@@ -50,12 +50,12 @@ async fn stated_distance() -> (String, f64) {
     assert_eq!(searched.len(), 1, "one search, on the CPU: {info}");
     let choice = &searched[0];
     assert_eq!((choice["model"].as_str(), choice["device"].as_str()), (Some("minilm"), Some("cpu")), "{choice}");
-    assert_eq!(choice["candidates"].as_array().map(Vec::len), Some(2), "{choice}");
+    assert_eq!(choice["candidates"].as_array().map(Vec::len), Some(3), "{choice}");
     let precision = choice["precision"].as_str().expect("precision").to_owned();
     assert!(info["precision"].as_str().is_some_and(|p| p.starts_with(&precision)), "{info}");
     match precision.as_str() {
         "fp32" => (precision, 1e-4),
-        "bf16" | "fp16" => {
+        "bf16" | "fp16" | "bf16-autocast" => {
             assert!(choice["worst_cosine"].as_f64().is_some_and(|c| c >= 0.999), "{choice}");
             (precision, 5e-3)
         }
@@ -103,4 +103,37 @@ async fn embeddings_reject_bad_requests_with_400() {
         assert_eq!(status, 400, "{body} -> {answer}");
         assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
     }
+}
+
+/// `kiln bench-raw` times a model in the precision it is given, or searches as the server does.
+#[test]
+fn bench_raw_times_the_precision_it_is_given_or_the_one_the_search_chooses() {
+    let config = kiln_tests::root().join("examples/kiln.toml");
+    let run = |model: &str, precision: &str| {
+        let output = std::process::Command::new(kiln_tests::kiln_bin())
+            .args(["bench-raw", "-c", &config.display().to_string(), "--model", model, "--batch-sizes", "1,4", "--seconds", "0.1"])
+            .args(["--precision", precision])
+            .output()
+            .expect("kiln bench-raw");
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned());
+        assert!(output.status.success(), "{stdout}{stderr}");
+        (stdout, stderr)
+    };
+    let (stdout, _) = run("minilm", "bf16-autocast");
+    assert!(stdout.starts_with("model minilm on cpu in bf16-autocast, in this process"), "{stdout}");
+    assert_eq!(stdout.lines().count(), 4, "a header, a title and two batch sizes: {stdout}");
+    let (stdout, stderr) = run("digits", "auto");
+    let searched = stderr.lines().find(|l| l.starts_with("precision search: digits: ")).unwrap_or_else(|| panic!("{stderr}"));
+    for candidate in ["bf16: ", "fp16: ", "bf16-autocast: "] {
+        assert!(stderr.lines().any(|l| l.trim_start().starts_with(candidate)), "{candidate} not reported: {stderr}");
+    }
+    // The title names what the search chose.
+    let chosen = searched["precision search: digits: ".len()..].split([' ', ',']).next().expect("choice");
+    assert!(stdout.starts_with(&format!("model digits on cpu in {chosen}, ")), "{searched}\n{stdout}");
+    let error = std::process::Command::new(kiln_tests::kiln_bin())
+        .args(["bench-raw", "-c", &config.display().to_string(), "--model", "digits", "--precision", "int8"])
+        .output()
+        .expect("kiln bench-raw");
+    let stderr = String::from_utf8_lossy(&error.stderr);
+    assert!(!error.status.success() && stderr.contains("--precision: 'int8' is not a precision"), "{stderr}");
 }

@@ -168,15 +168,17 @@ class SetstateFromFile(torch.nn.Module):
 
 
 class Drift(torch.nn.Module):
-    """Exact in FP32 and ruined in bf16 and fp16: x is added to a large offset and taken off
-    again, and beside 4096 the reduced formats keep no bits (bf16) or two (fp16) for x."""
+    """Exact in FP32 and ruined in bf16, fp16 and under bf16 autocast: x is added to a large
+    offset, passed through an identity matrix product and taken off again, and beside 4096 the
+    reduced formats keep no bits (bf16) or two (fp16) for x; autocast runs the product in bf16."""
 
     def __init__(self) -> None:
         super().__init__()
         self.offset = torch.nn.Parameter(torch.tensor(4096.0))
+        self.identity = torch.nn.Parameter(torch.eye(32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.offset) - self.offset
+        return torch.matmul(x + self.offset, self.identity) - self.offset
 
 
 def main(build: Path) -> None:
@@ -196,7 +198,9 @@ def main(build: Path) -> None:
     torch.jit.script(OddOp().eval()).save(str(models / "odd-op.pt"))
     torch.jit.script(SortFromFile().eval()).save(str(models / "sort-from-file.pt"))
     torch.jit.script(SetstateFromFile().eval()).save(str(models / "setstate-from-file.pt"))
-    torch.jit.script(Drift().eval()).save(str(models / "drift.pt"))
+    drift = torch.jit.script(Drift().eval())
+    drift.save(str(models / "drift.pt"))
+    torch.jit.freeze(drift).save(str(models / "drift-frozen.pt"))
     print(f"test models: wrote {models / 'tokenwise.pt'}")
 
 

@@ -103,7 +103,7 @@ fn a_tenant_loads_its_own_models_within_its_quota_and_no_other_tenant_sees_them(
         let (_, info) = json_of(server.client("acme").get(server.url("/v1/models/digits")).send().await.expect("info")).await;
         let choice = &info["precision_search"][0];
         assert_eq!((choice["model"].as_str(), choice["device"].as_str()), (Some("digits"), Some("cpu")), "by the name it knows: {info}");
-        assert_eq!(choice["candidates"].as_array().map(Vec::len), Some(2), "{info}");
+        assert_eq!(choice["candidates"].as_array().map(Vec::len), Some(3), "{info}");
         let chosen = choice["precision"].as_str().expect("precision");
         assert!(info["precision"].as_str().is_some_and(|p| p.starts_with(chosen)), "{info}");
         let (_, meta) = json_of(server.client("demo").get(server.url("/v2/models/digits")).send().await.expect("meta")).await;

@@ -536,6 +536,18 @@ pub struct RawRow {
 
 /// Times the module's own forward at each batch size for about `seconds` each, with dynamic
 /// non-batch dimensions set to `dim`. Integer inputs get small ids; floats a ramp.
+/// The precision `kiln bench-raw` times a model in.
+#[derive(Debug, Clone, Copy)]
+pub enum RawPrecision {
+    /// The model's own: pinned, or searched when it is `auto`, as the server would.
+    Configured,
+    /// Searched, whatever the model says (with its `auto` settings where it has them).
+    Search,
+    Pinned(crate::model::spec::Precision),
+}
+
+/// Times `config`'s forward pass on `device` at each of `batch_sizes`, in the precision
+/// `precision` comes to (returned beside the rows; a search's report goes to stderr).
 pub fn raw(
     config: &crate::model::spec::ModelConfig,
     device: crate::model::device::Device,
@@ -543,13 +555,14 @@ pub fn raw(
     dim: u32,
     seconds: f64,
     worker: bool,
-) -> anyhow::Result<Vec<RawRow>> {
+    precision: RawPrecision,
+) -> anyhow::Result<(crate::model::spec::Precision, Vec<RawRow>)> {
     if worker {
         let events = std::sync::Arc::new(crate::telemetry::EventLog::new(16));
         let workers = crate::model::backend::worker::Worker::this_executable(events, std::time::Duration::from_secs(600))?;
-        return raw_on(&workers, config, device, batch_sizes, dim, seconds);
+        return raw_on(&workers, config, device, batch_sizes, dim, seconds, precision);
     }
-    raw_on(&crate::model::backend::torch::Torch::default(), config, device, batch_sizes, dim, seconds)
+    raw_on(&crate::model::backend::torch::Torch::default(), config, device, batch_sizes, dim, seconds, precision)
 }
 
 fn raw_on<B: crate::model::backend::Backend>(
@@ -559,9 +572,26 @@ fn raw_on<B: crate::model::backend::Backend>(
     batch_sizes: &[u32],
     dim: u32,
     seconds: f64,
-) -> anyhow::Result<Vec<RawRow>> {
+    precision: RawPrecision,
+) -> anyhow::Result<(crate::model::spec::Precision, Vec<RawRow>)> {
     use crate::model::backend::LoadedModel as _;
+    use crate::model::spec::AutoPrecision;
     use crate::model::tensor::{DType, HostTensor};
+    let search = |auto: &AutoPrecision| -> anyhow::Result<crate::model::spec::Precision> {
+        let decision = crate::model::precision::search(backend, config, auto, device)?;
+        eprintln!("precision search: {}", decision.report.summary());
+        for line in &decision.report.candidates {
+            eprintln!("  {line}");
+        }
+        Ok(decision.precision)
+    };
+    let precision = match (precision, &config.auto_precision) {
+        (RawPrecision::Pinned(p), _) => p,
+        (RawPrecision::Configured | RawPrecision::Search, Some(auto)) => search(auto)?,
+        (RawPrecision::Search, None) => search(&AutoPrecision::default())?,
+        (RawPrecision::Configured, None) => config.precision,
+    };
+    let config = &config.with_precision(precision);
     let (model, _) = crate::model::replica::load_and_warm_up(backend, config, device)?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {
@@ -598,7 +628,7 @@ fn raw_on<B: crate::model::backend::Backend>(
             rows_per_second: forwards as f64 * f64::from(batch) / elapsed,
         });
     }
-    Ok(rows)
+    Ok((precision, rows))
 }
 
 /// Every file in `dir`, in name order: the other bodies of `--vary`.

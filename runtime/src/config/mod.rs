@@ -420,6 +420,32 @@ mod tests {
     }
 
     #[test]
+    fn an_outputs_own_tolerance_takes_what_it_leaves_out_from_the_model_wide_one() {
+        let text = r#"
+            [[model]]
+            name = "m"
+            path = "m.pt"
+            precision = "auto"
+            tolerance = { cosine = 0.99, max_abs = 0.5, outputs = { logits = { cosine = 0.9 }, ids = { max_abs = 1.0 } } }
+            inputs = [{ name = "x", dtype = "FP32", shape = [-1, 3] }]
+            outputs = [{ name = "hidden" }, { name = "logits" }, { name = "ids" }]
+        "#;
+        let config = Config::parse(text, Path::new("t.toml"), Path::new("/srv")).expect("valid");
+        let auto = config.models[0].auto_precision.as_ref().expect("auto");
+        let of = |name: &str| {
+            let t = auto.tolerance_of(name);
+            (t.cosine, t.max_abs)
+        };
+        assert_eq!(of("hidden"), (0.99, Some(0.5)));
+        assert_eq!(of("logits"), (0.9, Some(0.5)));
+        assert_eq!(of("ids"), (0.99, Some(1.0)));
+        // A precision pinned by name.
+        let pinned = text.replace("precision = \"auto\"", "precision = \"bf16-autocast\"").replace("tolerance = ", "# ");
+        let config = Config::parse(&pinned, Path::new("t.toml"), Path::new("/srv")).expect("valid");
+        assert_eq!(config.models[0].precision, crate::model::spec::Precision::Bf16Autocast);
+    }
+
+    #[test]
     fn devices_and_replica_bounds_take_every_documented_form() {
         let parse = |device: &str, instances: &str| {
             let text = format!(

@@ -303,7 +303,7 @@ const PROBE_NEIGHBOUR_LEN: u32 = 7;
 pub(super) fn padding_tolerance(precision: Precision) -> f64 {
     match precision {
         Precision::Fp32 => 1e-4,
-        Precision::Fp16 | Precision::Bf16 => 5e-2,
+        Precision::Fp16 | Precision::Bf16 | Precision::Bf16Autocast => 5e-2,
     }
 }
 

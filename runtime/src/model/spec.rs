@@ -55,10 +55,10 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// One replica's weights estimated from its file's size, before any has loaded: the file,
-    /// halved in reduced precision.
+    /// halved in a reduced precision's weights.
     pub fn weights_of_file(&self, file_bytes: u64) -> u64 {
         match self.precision {
-            Precision::Fp32 => file_bytes,
+            Precision::Fp32 | Precision::Bf16Autocast => file_bytes,
             Precision::Fp16 | Precision::Bf16 => file_bytes / 2,
         }
     }
@@ -136,6 +136,31 @@ pub enum Precision {
     Fp32,
     Fp16,
     Bf16,
+    /// FP32 weights, with libtorch's autocast running the ops that gain from it (matrix
+    /// products, convolutions) in bf16 and keeping the rest (softmax, norms, sums) in FP32:
+    /// slower than bf16 weights, as every pass casts the weights again, but closer to FP32, and
+    /// it needs no parameters to cast, so frozen modules take it too.
+    Bf16Autocast,
+}
+
+impl Precision {
+    /// Every precision, by its name in a config.
+    pub const ALL: [Precision; 4] = [Precision::Fp32, Precision::Fp16, Precision::Bf16, Precision::Bf16Autocast];
+
+    /// Whether FP32 numbers change: any precision but FP32.
+    pub fn is_reduced(self) -> bool {
+        self != Precision::Fp32
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Precision, String> {
+        Precision::ALL.into_iter().find(|p| p.to_string() == name).ok_or_else(|| {
+            format!("'{name}' is not a precision; use \"fp32\", \"fp16\", \"bf16\", \"bf16-autocast\" or \"auto\"")
+        })
+    }
 }
 
 impl fmt::Display for Precision {
@@ -144,6 +169,7 @@ impl fmt::Display for Precision {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
             Precision::Bf16 => "bf16",
+            Precision::Bf16Autocast => "bf16-autocast",
         })
     }
 }
@@ -151,13 +177,35 @@ impl fmt::Display for Precision {
 /// What `precision = "auto"` measures by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoPrecision {
+    /// Every output's bounds, unless it has its own.
     pub tolerance: Tolerance,
+    /// Outputs with bounds of their own, by name.
+    pub output_tolerances: Vec<(String, Tolerance)>,
     /// Files of OIP inference requests whose inputs the candidates are compared on, beside
     /// inputs drawn from the declared signature.
     pub calibration: Vec<PathBuf>,
     /// The most the search may spend timing candidates (loading them and the first comparison
     /// aside, which it cannot skip).
     pub budget: Duration,
+}
+
+impl Default for AutoPrecision {
+    /// `precision = "auto"` with nothing else said.
+    fn default() -> AutoPrecision {
+        AutoPrecision {
+            tolerance: Tolerance::default(),
+            output_tolerances: Vec::new(),
+            calibration: Vec::new(),
+            budget: DEFAULT_PRECISION_BUDGET,
+        }
+    }
+}
+
+impl AutoPrecision {
+    /// The bounds `output` is held to.
+    pub fn tolerance_of(&self, output: &str) -> Tolerance {
+        self.output_tolerances.iter().find(|(name, _)| name == output).map_or(self.tolerance, |(_, own)| *own)
+    }
 }
 
 /// How far a candidate precision's outputs may stray from FP32's, per output: every row's

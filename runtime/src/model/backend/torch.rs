@@ -114,7 +114,7 @@ impl Wanted {
 /// (batch norm's running statistics), and it is loaded again with everything cast.
 pub fn load_checked(wanted: &Wanted, module: Module<'_>, device: Device, probe: &[HostTensor]) -> Result<TorchModel, BackendError> {
     let model = TorchModel::load_module(wanted, module, device, Cast::Parameters)?;
-    if wanted.precision == Precision::Fp32 {
+    if reduced_kind(wanted.precision).is_none() {
         return Ok(model);
     }
     match model.forward(probe) {
@@ -173,6 +173,8 @@ pub struct TorchModel {
     output_names: usize,
     /// The kind floating tensors are cast to, when the model runs in reduced precision.
     reduced: Option<Kind>,
+    /// Whether its passes run under bf16 autocast.
+    autocast: bool,
     /// The libtorch threads its replica's thread was last set to by [`LoadedModel::use_threads`]
     /// (0 before then).
     threads: AtomicU32,
@@ -194,10 +196,10 @@ fn tch_device(device: Device) -> Result<TchDevice, BackendError> {
     }
 }
 
-/// The kind a reduced precision casts floating tensors to; `None` for fp32.
+/// The kind a reduced precision casts floating tensors to; `None` where the weights stay FP32.
 fn reduced_kind(precision: Precision) -> Option<Kind> {
     match precision {
-        Precision::Fp32 => None,
+        Precision::Fp32 | Precision::Bf16Autocast => None,
         Precision::Fp16 => Some(Kind::Half),
         Precision::Bf16 => Some(Kind::BFloat16),
     }
@@ -289,6 +291,7 @@ impl TorchModel {
             device,
             output_names: wanted.outputs,
             reduced,
+            autocast: wanted.precision == Precision::Bf16Autocast,
             threads: AtomicU32::new(0),
         })
     }
@@ -300,6 +303,7 @@ impl TorchModel {
             device: TchDevice::Cpu,
             output_names: config.outputs.len(),
             reduced: reduced_kind(config.precision),
+            autocast: config.precision == Precision::Bf16Autocast,
             threads: AtomicU32::new(0),
         }
     }
@@ -337,10 +341,11 @@ impl TorchModel {
     /// still on the model's device. Call it under no-grad.
     pub fn forward_tensors(&self, args: Vec<Tensor>) -> Result<Vec<Tensor>, BackendError> {
         let args = args.into_iter().map(|t| self.prepare(t).map(IValue::Tensor)).collect::<Result<Vec<_>, _>>()?;
-        let out = self
-            .module
-            .forward_is(&args)
-            .map_err(|e| BackendError::Forward(format!("forward failed: {}", torch_reason(&e.to_string()))))?;
+        let out = {
+            let _autocast = self.autocast.then(|| autocast::Bf16::enter(self.device));
+            self.module.forward_is(&args)
+        }
+        .map_err(|e| BackendError::Forward(format!("forward failed: {}", torch_reason(&e.to_string()))))?;
         let mut tensors = Vec::with_capacity(self.output_names);
         flatten_outputs(out, &mut tensors)?;
         if tensors.len() < self.output_names {
@@ -353,12 +358,19 @@ impl TorchModel {
         tensors.truncate(self.output_names);
         tensors
             .into_iter()
-            .map(|t| match self.reduced {
-                // Back to the FP32 a guest expects of a model served in reduced precision.
-                Some(_) if t.is_floating_point() => {
+            .map(|t| {
+                // Back to the FP32 a guest expects of a model served in reduced precision (under
+                // autocast, only what autocast made half).
+                let to_fp32 = match t.kind() {
+                    Kind::Float => false,
+                    Kind::Half | Kind::BFloat16 => self.reduced.is_some() || self.autocast,
+                    _ => self.reduced.is_some() && t.is_floating_point(),
+                };
+                if to_fp32 {
                     t.f_to_kind(Kind::Float).map_err(|e| BackendError::Output(format!("cannot cast output to FP32: {e}")))
+                } else {
+                    Ok(t)
                 }
-                _ => Ok(t),
             })
             .collect()
     }
@@ -448,6 +460,7 @@ fn torch_reason(s: &str) -> &str {
         .map_or(s, str::trim)
 }
 
+mod autocast;
 pub mod cuda;
 #[cfg(test)]
 mod tests;

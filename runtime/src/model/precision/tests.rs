@@ -16,7 +16,7 @@ use crate::model::spec::{Replicas, Tolerance};
 use crate::telemetry::EventLog;
 
 fn auto(budget: Duration) -> AutoPrecision {
-    AutoPrecision { tolerance: Tolerance::default(), calibration: Vec::new(), budget }
+    AutoPrecision { tolerance: Tolerance::default(), output_tolerances: Vec::new(), calibration: Vec::new(), budget }
 }
 
 /// A fake whose FP32 pass takes `fp32_ms`, and each of `precisions` its own time and error.
@@ -54,8 +54,10 @@ fn the_fastest_candidate_within_tolerance_is_chosen_and_every_one_is_reported() 
     assert_eq!((report.model.as_str(), report.device.as_str(), report.precision.as_str()), ("fake", "cpu", "bf16"));
     assert!(report.candidates[0].starts_with("bf16: ") && report.candidates[1].starts_with("fp16: "), "{report:?}");
     assert!(report.summary().starts_with("fake: bf16, "), "{}", report.summary());
+    let autocast = &report.candidates[2];
+    assert!(autocast.starts_with("bf16-autocast: ") && autocast.contains("not 1.1× or more"), "unscripted, as fast as FP32: {report:?}");
     // FP32 once, then each candidate once.
-    assert_eq!(fake.0.loads(), [Precision::Fp32, Precision::Bf16, Precision::Fp16]);
+    assert_eq!(fake.0.loads(), [Precision::Fp32, Precision::Bf16, Precision::Fp16, Precision::Bf16Autocast]);
 }
 
 #[test]
@@ -83,6 +85,22 @@ fn a_declared_max_abs_holds_back_what_the_cosine_lets_through() {
 }
 
 #[test]
+fn an_outputs_own_tolerance_overrides_the_model_wide_one() {
+    let fake = fake(12, &[(Precision::Bf16, 2, 0.01, false), (Precision::Fp16, 12, 0.0, false)]);
+    let mut own = auto(Duration::from_secs(5));
+    own.tolerance.max_abs = Some(0.001);
+    own.output_tolerances = vec![("y".into(), Tolerance { cosine: 0.99, max_abs: Some(0.05) })];
+    let config = auto_config(Replicas::fixed(1), &own);
+    let decision = search(&fake, &config, &own, Device::Cpu).expect("search");
+    assert_eq!(decision.precision, Precision::Bf16, "y may be off by 0.05: {:?}", decision.report);
+    // Its own cosine holds it too.
+    own.output_tolerances[0].1 = Tolerance { cosine: 1.0, max_abs: Some(0.05) };
+    let decision = search(&fake, &config, &own, Device::Cpu).expect("search");
+    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert!(decision.report.candidates[0].contains("drifts on y (cosine") && decision.report.candidates[0].contains("under 1)"), "{:?}", decision.report);
+}
+
+#[test]
 fn a_candidate_no_faster_than_fp32_leaves_fp32() {
     let fake = fake(4, &[(Precision::Bf16, 4, 0.0, false), (Precision::Fp16, 12, 0.0, false)]);
     let decision = decide(&fake, Duration::from_secs(5));
@@ -95,7 +113,10 @@ fn a_spent_budget_leaves_the_rest_untried() {
     let fake = fake(4, &[(Precision::Bf16, 1, 0.0, false)]);
     let decision = decide(&fake, Duration::ZERO);
     assert_eq!(decision.precision, Precision::Fp32);
-    assert_eq!(decision.report.candidates, ["bf16: not tried, the 0 ms budget was spent", "fp16: not tried, the 0 ms budget was spent"]);
+    assert_eq!(
+        decision.report.candidates,
+        ["bf16: not tried, the 0 ms budget was spent", "fp16: not tried, the 0 ms budget was spent", "bf16-autocast: not tried, the 0 ms budget was spent"]
+    );
     assert_eq!(fake.0.loads(), [Precision::Fp32]);
 }
 
@@ -131,13 +152,16 @@ async fn replicas_loading_together_search_once_and_all_load_the_choice() {
         assert!(std::time::Instant::now() < deadline, "not ready: {:?}", handle.state());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    while fake.0.loads().len() < 6 {
+    while fake.0.loads().len() < 7 {
         assert!(std::time::Instant::now() < deadline, "{:?}", fake.0.loads());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // The search's three loads, then each replica's own in bf16.
+    // The search's four loads, then each replica's own in bf16.
     let loads = fake.0.loads();
-    assert_eq!(loads, [Precision::Fp32, Precision::Bf16, Precision::Fp16, Precision::Bf16, Precision::Bf16, Precision::Bf16]);
+    assert_eq!(
+        loads,
+        [Precision::Fp32, Precision::Bf16, Precision::Fp16, Precision::Bf16Autocast, Precision::Bf16, Precision::Bf16, Precision::Bf16]
+    );
     let chosen: Vec<_> = events.follow().0.into_iter().filter_map(|e| match e.kind {
         EventKind::PrecisionChosen(choice) => Some(choice),
         _ => None,

@@ -10,7 +10,7 @@ use kiln_codec::config::{RawBatching, RawModel, RawTolerance};
 use kiln_codec::source::{parse_digest, parse_source};
 
 use super::{
-    AutoPrecision, BatchPolicy, DEFAULT_COSINE, DEFAULT_PRECISION_BUDGET, DeviceChoice, MAX_PRECISION_BUDGET, MAX_REPLICAS, ModelConfig, Precision,
+    AutoPrecision, BatchPolicy, DEFAULT_PRECISION_BUDGET, DeviceChoice, MAX_PRECISION_BUDGET, MAX_REPLICAS, ModelConfig, Precision,
     Replicas, Tolerance, is_name, range, versioned_name,
 };
 use crate::model::device::Device;
@@ -328,16 +328,13 @@ impl ModelFields<'_> {
         let timeout = range::timeout_ms(raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS))
             .map_err(|e| invalid(at("timeout_ms"), e.detail()))?;
         let (precision, auto_precision) = match raw.precision.as_deref() {
-            None | Some("fp32") => (Precision::Fp32, None),
-            Some("fp16") => (Precision::Fp16, None),
-            Some("bf16") => (Precision::Bf16, None),
-            Some("auto") => (Precision::Fp32, Some(self.auto_precision(&at, raw.tolerance.take(), raw.calibration.take(), raw.precision_budget_ms)?)),
-            Some(other) => {
-                return Err(invalid(
-                    at("precision"),
-                    format!("'{other}' is not a precision; use \"fp32\", \"fp16\", \"bf16\" or \"auto\""),
-                ));
+            None => (Precision::Fp32, None),
+            Some("auto") => {
+                let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+                let auto = self.auto_precision(&at, &names, raw.tolerance.take(), raw.calibration.take(), raw.precision_budget_ms)?;
+                (Precision::Fp32, Some(auto))
             }
+            Some(name) => (name.parse().map_err(|e: String| invalid(at("precision"), e))?, None),
         };
         for (field, given) in [("tolerance", raw.tolerance.is_some()), ("calibration", raw.calibration.is_some()), ("precision_budget_ms", raw.precision_budget_ms.is_some())] {
             if given && auto_precision.is_none() {
@@ -381,21 +378,35 @@ impl ModelFields<'_> {
         })
     }
 
-    /// `precision = "auto"`'s settings: its tolerance, calibration files and budget.
+    /// `precision = "auto"`'s settings: its tolerance (model-wide, and for any of `outputs`),
+    /// calibration files and budget.
     fn auto_precision(
         &self,
         at: &dyn Fn(&str) -> String,
+        outputs: &[&str],
         tolerance: Option<RawTolerance>,
         calibration: Option<Vec<String>>,
         budget_ms: Option<u64>,
     ) -> Result<AutoPrecision, SpecError> {
         let raw = tolerance.unwrap_or_default();
-        let cosine = raw.cosine.unwrap_or(DEFAULT_COSINE);
-        if !(0.0..=1.0).contains(&cosine) {
-            return Err(invalid(at("tolerance.cosine"), format!("{cosine} is not a cosine similarity (0 ..= 1)")));
-        }
-        if let Some(max_abs) = raw.max_abs.filter(|m| !m.is_finite() || *m <= 0.0) {
-            return Err(invalid(at("tolerance.max_abs"), format!("{max_abs} is not a positive error")));
+        let bounds = |field: &str, cosine: Option<f64>, max_abs: Option<f64>, default: Tolerance| {
+            let cosine = cosine.unwrap_or(default.cosine);
+            if !(0.0..=1.0).contains(&cosine) {
+                return Err(invalid(at(&format!("{field}.cosine")), format!("{cosine} is not a cosine similarity (0 ..= 1)")));
+            }
+            if let Some(max_abs) = max_abs.filter(|m| !m.is_finite() || *m <= 0.0) {
+                return Err(invalid(at(&format!("{field}.max_abs")), format!("{max_abs} is not a positive error")));
+            }
+            Ok(Tolerance { cosine, max_abs: max_abs.or(default.max_abs) })
+        };
+        let tolerance = bounds("tolerance", raw.cosine, raw.max_abs, Tolerance::default())?;
+        let mut output_tolerances = Vec::new();
+        for (name, own) in raw.outputs.unwrap_or_default() {
+            let field = format!("tolerance.outputs.{name}");
+            if !outputs.iter().any(|o| *o == name) {
+                return Err(invalid(at(&field), format!("'{name}' is not one of the model's outputs ({})", outputs.join(", "))));
+            }
+            output_tolerances.push((name, bounds(&field, own.cosine, own.max_abs, tolerance)?));
         }
         let budget = budget_ms.map_or(DEFAULT_PRECISION_BUDGET, Duration::from_millis);
         if budget > MAX_PRECISION_BUDGET {
@@ -409,7 +420,8 @@ impl ModelFields<'_> {
             return Err(invalid(at("calibration"), format!("{} files; list at most 16", calibration.len())));
         }
         Ok(AutoPrecision {
-            tolerance: Tolerance { cosine, max_abs: raw.max_abs },
+            tolerance,
+            output_tolerances,
             calibration: calibration.iter().map(|p| self.path(p)).collect(),
             budget,
         })

@@ -106,9 +106,19 @@ fn reduced_precision_keeps_integer_buffers_casts_batch_norm_and_refuses_frozen_m
     assert_eq!(model.forward(&[input]).expect("forward")[0].dtype, DType::F32);
 
     // A frozen module has nothing to cast: refused, not silently served in FP32.
-    let config = one_input_model("positions-frozen.pt", ids, "hidden", Precision::Bf16);
+    let config = one_input_model("positions-frozen.pt", ids.clone(), "hidden", Precision::Bf16);
     let error = load_and_warm_up(&Torch::default(), &config, Device::Cpu).err().expect("frozen in bf16").to_string();
     assert!(error.contains("frozen") && error.contains("precision bf16"), "{error}");
+    // Autocast casts nothing at load, so the frozen module takes it; embedding lookups and
+    // layer norm are ops it keeps in FP32, so the answer is FP32's to the bit.
+    let config = one_input_model("positions-frozen.pt", ids.clone(), "hidden", Precision::Bf16Autocast);
+    let (model, meta) = load_and_warm_up(&Torch::default(), &config, Device::Cpu).expect("frozen under autocast");
+    assert_eq!(meta[0].dtype, DType::F32);
+    let got = f32_values(&model.forward(std::slice::from_ref(&long)).expect("autocast forward")[0]);
+    let frozen = one_input_model("positions-frozen.pt", ids, "hidden", Precision::Fp32);
+    let (reference, _) = load_and_warm_up(&Torch::default(), &frozen, Device::Cpu).expect("frozen fp32");
+    let want = f32_values(&reference.forward(std::slice::from_ref(&long)).expect("fp32 forward")[0]);
+    assert_eq!(got, want, "autocast changed ops it keeps in FP32");
 }
 
 /// `precision = "auto"` on real TorchScript: a model that bf16 and fp16 ruin stays FP32, and the
@@ -117,19 +127,29 @@ fn reduced_precision_keeps_integer_buffers_casts_batch_norm_and_refuses_frozen_m
 fn auto_precision_keeps_a_drifting_model_in_fp32_and_justifies_any_other_choice() {
     use crate::model::precision::search;
     use crate::model::spec::{AutoPrecision, Tolerance};
-    let auto = AutoPrecision { tolerance: Tolerance::default(), calibration: Vec::new(), budget: std::time::Duration::from_secs(5) };
+    let auto = AutoPrecision { tolerance: Tolerance::default(), output_tolerances: Vec::new(), calibration: Vec::new(), budget: std::time::Duration::from_secs(5) };
     let x = InputSpec::new("x", DType::F32, vec![None, Some(32)], None);
     let config = one_input_model("drift.pt", x, "y", Precision::Fp32);
     let decision = search(&Torch::default(), &config, &auto, Device::Cpu).expect("search");
     assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
-    assert_eq!(decision.report.candidates.len(), 2, "{:?}", decision.report);
+    assert_eq!(decision.report.candidates.len(), 3, "{:?}", decision.report);
     for line in &decision.report.candidates {
         assert!(line.contains(": drifts on y (cosine "), "{line}");
     }
 
+    // Frozen, the same model cannot take bf16 or fp16 weights (its weights are constants) but
+    // does run under autocast, whose bf16 matrix product ruins it as well.
+    let x = InputSpec::new("x", DType::F32, vec![None, Some(32)], None);
+    let decision = search(&Torch::default(), &one_input_model("drift-frozen.pt", x, "y", Precision::Fp32), &auto, Device::Cpu).expect("search");
+    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    let lines = &decision.report.candidates;
+    assert!(lines[0].starts_with("bf16: fails (") && lines[0].contains("frozen"), "{lines:?}");
+    assert!(lines[1].starts_with("fp16: fails (") && lines[1].contains("frozen"), "{lines:?}");
+    assert!(lines[2].starts_with("bf16-autocast: drifts on y (cosine "), "{lines:?}");
+
     let decision = search(&Torch::default(), &digits(policy(16, 0)), &auto, Device::Cpu).expect("search");
     let report = &decision.report;
-    assert_eq!(report.candidates.len(), 2, "{report:?}");
+    assert_eq!(report.candidates.len(), 3, "{report:?}");
     match decision.precision {
         Precision::Fp32 => assert_eq!((report.speedup, report.worst_cosine), (1.0, 1.0)),
         _ => assert!(report.speedup >= 1.1 && report.worst_cosine >= 0.999, "{report:?}"),
@@ -156,7 +176,7 @@ fn reduced_precision_casts_model_and_inputs_and_returns_fp32() {
             .map(|row| row.iter().enumerate().fold(0, |best, (i, x)| if *x > row[best] { i } else { best }))
             .collect()
     };
-    for (precision, tolerance) in [(Precision::Bf16, 0.25f32), (Precision::Fp16, 0.05)] {
+    for (precision, tolerance) in [(Precision::Bf16, 0.25f32), (Precision::Fp16, 0.05), (Precision::Bf16Autocast, 0.25)] {
         let mut config = digits(policy(1, 0));
         config.precision = precision;
         let loaded = load_and_warm_up(&Torch::default(), &config, Device::Cpu);

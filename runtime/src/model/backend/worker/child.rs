@@ -103,11 +103,7 @@ impl Worker {
         self.channel.read_exact(&mut archive).map_err(&load_error)?;
         let probe = self.read_inputs(&request.probe)?;
         let device: Device = request.device.parse().map_err(BackendError::Device)?;
-        let precision = match request.precision.as_str() {
-            "fp16" => Precision::Fp16,
-            "bf16" => Precision::Bf16,
-            _ => Precision::Fp32,
-        };
+        let precision: Precision = request.precision.parse().map_err(BackendError::Load)?;
         let mut limits = kiln_torchscan::Limits {
             memory_bytes: request.memory_bytes,
             file_bytes: Some(0),
