@@ -198,6 +198,9 @@ pub struct RawModel {
     /// `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` (the fastest that keeps the outputs within
     /// `tolerance`, measured at load).
     pub precision: Option<String>,
+    /// Lays 4-D floating weights and inputs out channels-last (for convolutions); `"auto"`
+    /// tries it for a model with an image input, so it is for a pinned precision only.
+    pub channels_last: Option<bool>,
     /// How far a reduced precision's outputs may stray from FP32's for `"auto"` to pick it.
     pub tolerance: Option<RawTolerance>,
     /// Inputs `"auto"` compares precisions on, beside its own: files of OIP inference requests.

@@ -221,6 +221,9 @@ enum Command {
         /// time the choice); by default the model's own `precision`, searched when it is `auto`.
         #[arg(long)]
         precision: Option<String>,
+        /// With a pinned --precision: lay 4-D weights and inputs out channels-last.
+        #[arg(long)]
+        channels_last: bool,
     },
     /// Internal: read a TorchScript archive on stdin and answer in JSON what its code can run,
     /// without running it. The server's load-time model check runs this as a confined child.
@@ -668,6 +671,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             worker,
             precision,
+            channels_last,
         } => {
             let config = Config::load(&config_path(config)?)?;
             let model = config
@@ -682,10 +686,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 Some(d) => d.parse::<Device>().map_err(|e| anyhow::anyhow!("--device: {e}"))?,
             };
+            use kiln::cli::bench::RawPrecision;
             let precision = match precision.as_deref() {
-                None => kiln::cli::bench::RawPrecision::Configured,
-                Some("auto") => kiln::cli::bench::RawPrecision::Search,
-                Some(name) => kiln::cli::bench::RawPrecision::Pinned(name.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?),
+                None | Some("auto") if channels_last => anyhow::bail!("--channels-last needs a pinned --precision (auto tries it itself)"),
+                None => RawPrecision::Configured,
+                Some("auto") => RawPrecision::Search,
+                Some(name) => RawPrecision::Pinned(kiln::model::spec::Form {
+                    precision: name.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?,
+                    channels_last,
+                }),
             };
             let (precision, rows) = kiln::cli::bench::raw(model, device, &batch_sizes, dim, seconds, worker, precision)?;
             if json {

@@ -45,6 +45,7 @@ fn config(name: &str, file: &str, inputs: Vec<InputSpec>, outputs: Vec<OutputSpe
         threads: 1,
         timeout: Duration::from_secs(2),
         precision: Precision::Fp32,
+        channels_last: false,
         auto_precision: None,
         worker: true,
     }

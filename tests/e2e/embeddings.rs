@@ -124,11 +124,12 @@ fn bench_raw_times_the_precision_it_is_given_or_the_one_the_search_chooses() {
     assert_eq!(stdout.lines().count(), 4, "a header, a title and two batch sizes: {stdout}");
     let (stdout, stderr) = run("digits", "auto");
     let searched = stderr.lines().find(|l| l.starts_with("precision search: digits: ")).unwrap_or_else(|| panic!("{stderr}"));
-    for candidate in ["bf16: ", "fp16: ", "bf16-autocast: "] {
+    for candidate in ["fp32 channels-last: ", "bf16: ", "bf16 channels-last: ", "fp16: ", "bf16-autocast: "] {
         assert!(stderr.lines().any(|l| l.trim_start().starts_with(candidate)), "{candidate} not reported: {stderr}");
     }
     // The title names what the search chose.
-    let chosen = searched["precision search: digits: ".len()..].split([' ', ',']).next().expect("choice");
+    let rest = &searched["precision search: digits: ".len()..];
+    let chosen = rest[..rest.find([',', '(']).unwrap_or(rest.len())].trim();
     assert!(stdout.starts_with(&format!("model digits on cpu in {chosen}, ")), "{searched}\n{stdout}");
     let error = std::process::Command::new(kiln_tests::kiln_bin())
         .args(["bench-raw", "-c", &config.display().to_string(), "--model", "digits", "--precision", "int8"])

@@ -48,8 +48,8 @@ fn mallory() -> reqwest::Client {
     server().client("mallory")
 }
 
-/// The precision `precision = "auto"` chose for `model` on this server's CPU (`fp32`, `bf16`,
-/// `fp16` or `bf16-autocast`): what answers over the wire are compared to TorchScript's FP32 in.
+/// The form `precision = "auto"` chose for `model` on this server's CPU (`fp32`, `bf16`,
+/// `fp16` or `bf16-autocast`, and for an image model maybe ` channels-last`): what answers over the wire are compared to TorchScript's FP32 in.
 fn served_precision(model: &str) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let info: serde_json::Value = runtime.block_on(async {
@@ -59,7 +59,8 @@ fn served_precision(model: &str) -> String {
     let searched = info["precision_search"].as_array().unwrap_or_else(|| panic!("no precision_search in {info}"));
     let on_cpu = searched.iter().find(|c| c["device"] == "cpu").unwrap_or_else(|| panic!("no search on the CPU: {info}"));
     let precision = on_cpu["precision"].as_str().unwrap_or_else(|| panic!("no precision in {on_cpu}"));
-    assert!(["fp32", "bf16", "fp16", "bf16-autocast"].contains(&precision), "'{precision}' is not a precision: {on_cpu}");
+    let (base, layout) = precision.split_once(' ').unwrap_or((precision, ""));
+    assert!(["fp32", "bf16", "fp16", "bf16-autocast"].contains(&base) && ["", "channels-last"].contains(&layout), "'{precision}' is not a form: {on_cpu}");
     precision.to_owned()
 }
 

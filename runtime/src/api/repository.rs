@@ -422,7 +422,7 @@ fn describe(entry: &ModelEntry) -> ModelInfo {
         source: c.source.clone(),
         sha256: c.sha256.clone(),
         device: c.device.to_string(),
-        precision: entry.handle.as_ref().map_or_else(|| if c.auto_precision.is_some() { "auto".to_owned() } else { c.precision.to_string() }, ModelHandle::precision),
+        precision: entry.handle.as_ref().map_or_else(|| if c.auto_precision.is_some() { "auto".to_owned() } else { c.form().to_string() }, ModelHandle::precision),
         inputs: c
             .inputs
             .iter()

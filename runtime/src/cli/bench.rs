@@ -543,11 +543,11 @@ pub enum RawPrecision {
     Configured,
     /// Searched, whatever the model says (with its `auto` settings where it has them).
     Search,
-    Pinned(crate::model::spec::Precision),
+    Pinned(crate::model::spec::Form),
 }
 
-/// Times `config`'s forward pass on `device` at each of `batch_sizes`, in the precision
-/// `precision` comes to (returned beside the rows; a search's report goes to stderr).
+/// Times `config`'s forward pass on `device` at each of `batch_sizes`, in the form `precision`
+/// comes to (returned beside the rows; a search's report goes to stderr).
 pub fn raw(
     config: &crate::model::spec::ModelConfig,
     device: crate::model::device::Device,
@@ -556,7 +556,7 @@ pub fn raw(
     seconds: f64,
     worker: bool,
     precision: RawPrecision,
-) -> anyhow::Result<(crate::model::spec::Precision, Vec<RawRow>)> {
+) -> anyhow::Result<(crate::model::spec::Form, Vec<RawRow>)> {
     if worker {
         let events = std::sync::Arc::new(crate::telemetry::EventLog::new(16));
         let workers = crate::model::backend::worker::Worker::this_executable(events, std::time::Duration::from_secs(600))?;
@@ -573,25 +573,25 @@ fn raw_on<B: crate::model::backend::Backend>(
     dim: u32,
     seconds: f64,
     precision: RawPrecision,
-) -> anyhow::Result<(crate::model::spec::Precision, Vec<RawRow>)> {
+) -> anyhow::Result<(crate::model::spec::Form, Vec<RawRow>)> {
     use crate::model::backend::LoadedModel as _;
     use crate::model::spec::AutoPrecision;
     use crate::model::tensor::{DType, HostTensor};
-    let search = |auto: &AutoPrecision| -> anyhow::Result<crate::model::spec::Precision> {
+    let search = |auto: &AutoPrecision| -> anyhow::Result<crate::model::spec::Form> {
         let decision = crate::model::precision::search(backend, config, auto, device)?;
         eprintln!("precision search: {}", decision.report.summary());
         for line in &decision.report.candidates {
             eprintln!("  {line}");
         }
-        Ok(decision.precision)
+        Ok(decision.form)
     };
     let precision = match (precision, &config.auto_precision) {
         (RawPrecision::Pinned(p), _) => p,
         (RawPrecision::Configured | RawPrecision::Search, Some(auto)) => search(auto)?,
         (RawPrecision::Search, None) => search(&AutoPrecision::default())?,
-        (RawPrecision::Configured, None) => config.precision,
+        (RawPrecision::Configured, None) => config.form(),
     };
-    let config = &config.with_precision(precision);
+    let config = &config.with_form(precision);
     let (model, _) = crate::model::replica::load_and_warm_up(backend, config, device)?;
     let mut rows = Vec::new();
     for &batch in batch_sizes {

@@ -440,9 +440,11 @@ mod tests {
         assert_eq!(of("logits"), (0.9, Some(0.5)));
         assert_eq!(of("ids"), (0.99, Some(1.0)));
         // A precision pinned by name.
-        let pinned = text.replace("precision = \"auto\"", "precision = \"bf16-autocast\"").replace("tolerance = ", "# ");
+        let pinned = text.replace("precision = \"auto\"", "precision = \"bf16-autocast\"\nchannels_last = true").replace("tolerance = ", "# ");
         let config = Config::parse(&pinned, Path::new("t.toml"), Path::new("/srv")).expect("valid");
-        assert_eq!(config.models[0].precision, crate::model::spec::Precision::Bf16Autocast);
+        let form = config.models[0].form();
+        assert_eq!((form.precision, form.channels_last), (crate::model::spec::Precision::Bf16Autocast, true));
+        assert_eq!(form.to_string(), "bf16-autocast channels-last");
     }
 
     #[test]

@@ -194,6 +194,7 @@ pub(crate) mod tests {
             threads: 1,
             timeout: Duration::from_secs(1),
             precision: Precision::Fp32,
+            channels_last: false,
             auto_precision: None,
             latency_objective: Duration::from_millis(50),
             memory_headroom_bytes: headroom_mib << 20,

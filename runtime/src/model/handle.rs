@@ -391,13 +391,13 @@ impl ModelHandle {
     /// search has run.
     pub fn precision(&self) -> String {
         if self.shared.config.auto_precision.is_none() {
-            return self.shared.config.precision.to_string();
+            return self.shared.config.form().to_string();
         }
         let decisions = self.shared.precisions.locked();
         let label = |d: &crate::model::precision::Decision| {
             // Where the CPU and GPUs chose apart, each says which it is.
             let kind = if decisions.len() < 2 { "" } else if d.on_gpu() { "gpu " } else { "cpu " };
-            if d.report.speedup > 1.0 { format!("{kind}{} {:.1}×", d.precision, d.report.speedup) } else { format!("{kind}{}", d.precision) }
+            if d.report.speedup > 1.0 { format!("{kind}{} {:.1}×", d.form, d.report.speedup) } else { format!("{kind}{}", d.form) }
         };
         let chosen: Vec<String> = decisions.iter().map(label).collect();
         if chosen.is_empty() { "auto".to_owned() } else { chosen.join(", ") }

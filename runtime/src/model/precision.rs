@@ -23,7 +23,7 @@ use crate::model::backend::{Backend, BackendError, LoadedModel, forward_guarded}
 use crate::model::batch::scalar_bytes;
 use crate::model::device::Device;
 use crate::model::signature::{InputSpec, arrange_inputs};
-use crate::model::spec::{AutoPrecision, ModelConfig, Precision, Tolerance};
+use crate::model::spec::{AutoPrecision, Form, ModelConfig, Precision, Tolerance};
 use crate::model::tensor::{DType, HostTensor};
 
 /// A candidate must be this much faster than FP32 to be served instead: a smaller gain is
@@ -33,8 +33,12 @@ pub const MIN_SPEEDUP: f64 = 1.1;
 /// precision that pays anywhere pays on one row too (bf16 on a CPU without native bf16 runs a
 /// transformer 3-9× slower).
 const GIVE_UP: f64 = 0.5;
-/// Timed passes per batch size, after the comparison's untimed ones; the median counts.
+/// Timings per batch size, after the comparison's untimed passes; the median counts.
 const TIMED_RUNS: usize = 3;
+/// The least one timing lasts: shorter passes are timed several at a time.
+const MIN_TIMED: Duration = Duration::from_millis(2);
+/// The most passes in one timing.
+const MAX_GROUP: u32 = 1000;
 /// Length given to a dynamic dimension other than the batch (a sentence's tokens, an image's
 /// side) in the inputs drawn from the signature, unless its `max_dims` is smaller.
 const DYNAMIC_LEN: u32 = 16;
@@ -44,7 +48,7 @@ const LARGE_BATCH: u32 = 16;
 /// What the search chose, and the report of it.
 #[derive(Debug, Clone)]
 pub struct Decision {
-    pub precision: Precision,
+    pub form: Form,
     pub report: PrecisionChoice,
     /// Where it was measured: the CPU or a GPU.
     pub device: Device,
@@ -56,17 +60,27 @@ impl Decision {
     }
 }
 
-/// The precisions worth trying on `device`, most promising first.
-pub fn candidates(device: Device) -> &'static [Precision] {
-    match device {
+/// The forms worth trying for `config` on `device`, most promising first.
+pub fn candidates(config: &ModelConfig, device: Device) -> Vec<Form> {
+    use Precision::*;
+    let precisions = match device {
         // bf16 has FP32's range (no overflow to guard) and runs natively with AVX-512 BF16 or
         // AMX; fp16 matmuls are native only with AVX-512 FP16, but measuring costs little.
         // Autocast comes last: it casts the weights again on every pass, so it wins only where
         // bf16 weights drift past the tolerance and FP32's softmax and norms bring it back.
-        Device::Cpu => &[Precision::Bf16, Precision::Fp16, Precision::Bf16Autocast],
+        Device::Cpu => [Bf16, Fp16, Bf16Autocast],
         // Tensor cores take both; fp16 is the more widely fast.
-        Device::Cuda(_) => &[Precision::Fp16, Precision::Bf16, Precision::Bf16Autocast],
+        Device::Cuda(_) => [Fp16, Bf16, Bf16Autocast],
+    };
+    let mut forms: Vec<Form> = precisions.into_iter().map(Form::new).collect();
+    if config.takes_images() {
+        // Convolutions run faster on channels-last weights and images (oneDNN, cuDNN); FP32 so
+        // laid out changes no value, so it goes first, then with the precision most likely to
+        // pay.
+        forms.insert(0, Form::channels_last(Fp32));
+        forms.insert(2, Form::channels_last(precisions[0]));
     }
+    forms
 }
 
 /// How one candidate fared.
@@ -104,12 +118,12 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
     let started = Instant::now();
     let sets = input_sets(config, auto)?;
     let deadline = started + auto.budget;
-    let fp32 = backend.load(&config.with_precision(Precision::Fp32), device)?;
+    let fp32 = backend.load(&config.with_form(Form::default()), device)?;
     // Inputs drawn from a signature can miss what a model needs (a dynamic dimension that must
     // be 3, say): then there is nothing to compare on, and the model is served in FP32 as it
     // would be without `auto`. A calibration file the model refuses is the operator's mistake.
     let skipped = |why: String| Decision {
-        precision: Precision::Fp32,
+        form: Form::default(),
         report: PrecisionChoice {
             model: config.name.clone(),
             device: device.to_string(),
@@ -143,16 +157,16 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
     let baseline = Baseline { config, tolerances, sets, outputs, times, deadline };
 
     let mut trials = Vec::new();
-    for &precision in candidates(device) {
+    for form in candidates(config, device) {
         if Instant::now() >= deadline {
-            trials.push((precision, Outcome::NotTried));
+            trials.push((form, Outcome::NotTried));
             continue;
         }
-        let outcome = match backend.load(&config.with_precision(precision), device) {
+        let outcome = match backend.load(&config.with_form(form), device) {
             Err(e) => Outcome::Failed(e.to_string()),
             Ok(model) => baseline.try_candidate(&model),
         };
-        trials.push((precision, outcome));
+        trials.push((form, outcome));
     }
 
     let best = trials
@@ -162,18 +176,18 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
             _ => None,
         })
         .max_by(|a, b| a.1.total_cmp(&b.1));
-    let (precision, speedup, worst) = best.unwrap_or((Precision::Fp32, 1.0, Agreement::EXACT));
+    let (form, speedup, worst) = best.unwrap_or((Form::default(), 1.0, Agreement::EXACT));
     let report = PrecisionChoice {
         model: config.name.clone(),
         device: device.to_string(),
-        precision: precision.to_string(),
+        precision: form.to_string(),
         speedup,
         worst_cosine: worst.cosine,
         worst_abs: worst.max_abs,
         search_ms: started.elapsed().as_millis() as u64,
         candidates: trials.iter().map(|(p, o)| describe(*p, o, auto.budget)).collect(),
     };
-    Ok(Decision { precision, report, device })
+    Ok(Decision { form, report, device })
 }
 
 /// FP32's answers and times on the search's inputs: what every candidate is held to.
@@ -284,14 +298,25 @@ pub fn compare(want: &HostTensor, got: &HostTensor) -> Agreement {
     agreement
 }
 
-/// The median of [`TIMED_RUNS`] passes of `model` on `inputs`, or of fewer (one at least) once
-/// `deadline` has passed: a candidate far slower than FP32 need not be timed to the end.
+/// The median of [`TIMED_RUNS`] timings of `model` on `inputs`, or of fewer (one at least) once
+/// `deadline` has passed: a candidate far slower than FP32 need not be timed to the end. A pass
+/// shorter than [`MIN_TIMED`] is timed that many at a time, so that for a model of microseconds
+/// the clock and the scheduler's noise do not decide between two forms.
 fn median_time<M: LoadedModel>(model: &M, inputs: &[HostTensor], deadline: Instant) -> Result<Duration, BackendError> {
+    let started = Instant::now();
+    forward_guarded(model, inputs)?;
+    let first = started.elapsed();
+    let group = u32::try_from(MIN_TIMED.as_nanos() / first.as_nanos().max(1)).unwrap_or(u32::MAX).clamp(1, MAX_GROUP);
     let mut times = Vec::with_capacity(TIMED_RUNS);
+    if group == 1 {
+        times.push(first);
+    }
     while times.len() < TIMED_RUNS && (times.is_empty() || Instant::now() < deadline) {
         let started = Instant::now();
-        forward_guarded(model, inputs)?;
-        times.push(started.elapsed());
+        for _ in 0..group {
+            forward_guarded(model, inputs)?;
+        }
+        times.push(started.elapsed() / group);
     }
     times.sort();
     Ok(times[times.len() / 2])
@@ -378,7 +403,7 @@ pub fn drawn(specs: &[InputSpec], rows: u32, seed: u64) -> Vec<HostTensor> {
 }
 
 /// One line for a candidate in the report.
-fn describe(precision: Precision, outcome: &Outcome, budget: Duration) -> String {
+fn describe(precision: Form, outcome: &Outcome, budget: Duration) -> String {
     match outcome {
         Outcome::Kept { speedup, worst } if *speedup >= MIN_SPEEDUP => {
             format!("{precision}: {speedup:.2}× fp32, worst cosine {:.4}", worst.cosine)

@@ -120,10 +120,10 @@ pub(super) fn load_replica<B: Backend>(
     let config = &shared.config;
     let started = Instant::now();
     // With `precision = "auto"`, the first replica on a kind of device searches first.
-    let loaded = shared.precision_on(backend, placement.run_on).and_then(|precision| {
-        let chosen = (precision != config.precision).then(|| config.with_precision(precision));
+    let loaded = shared.form_on(backend, placement.run_on).and_then(|form| {
+        let chosen = (form != config.form()).then(|| config.with_form(form));
         let config = chosen.as_ref().unwrap_or(config);
-        load_and_warm_up_timed(backend, config, placement.run_on).map(|(model, meta, times)| (model, meta, times, precision))
+        load_and_warm_up_timed(backend, config, placement.run_on).map(|(model, meta, times)| (model, meta, times, form.precision))
     });
     match &loaded {
         Ok((model, _, times, precision)) => {

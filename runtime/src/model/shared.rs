@@ -12,7 +12,7 @@ use crate::model::curve::ForwardCurve;
 use crate::model::device::Device;
 use crate::model::precision::{self, Decision};
 use crate::model::signature::OutputMeta;
-use crate::model::spec::{ModelConfig, Precision, Tuning};
+use crate::model::spec::{Form, ModelConfig, Tuning};
 use crate::telemetry::EventLog;
 use crate::telemetry::histogram::{AtomicHistogram, BatchSizes};
 use crate::sync::MutexExt;
@@ -174,23 +174,23 @@ impl Shared {
         })
     }
 
-    /// The precision a replica on `device` loads in: the config's, or for `precision = "auto"`
+    /// What a replica on `device` loads as: the config's form, or for `precision = "auto"`
     /// what the search chose for that kind of device, searching first if none has.
-    pub(super) fn precision_on<B: Backend>(&self, backend: &B, device: Device) -> Result<Precision, BackendError> {
+    pub(super) fn form_on<B: Backend>(&self, backend: &B, device: Device) -> Result<Form, BackendError> {
         let Some(auto) = &self.config.auto_precision else {
-            return Ok(self.config.precision);
+            return Ok(self.config.form());
         };
-        let chosen = || self.precisions.locked().iter().find(|d| d.on_gpu() == device.is_gpu()).map(|d| d.precision);
+        let chosen = || self.precisions.locked().iter().find(|d| d.on_gpu() == device.is_gpu()).map(|d| d.form);
         let _one_search = self.searching.locked();
-        if let Some(precision) = chosen() {
-            return Ok(precision);
+        if let Some(form) = chosen() {
+            return Ok(form);
         }
         let decision = precision::search(backend, &self.config, auto, device)?;
         tracing::info!(model = %self.config.name, "precision chosen: {}", decision.report.summary());
         self.events.emit_for(self.config.owner(), EventKind::PrecisionChosen(decision.report.clone()));
-        let precision = decision.precision;
+        let form = decision.form;
         self.precisions.locked().push(decision);
-        Ok(precision)
+        Ok(form)
     }
 
     #[cfg(test)]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::model::signature::{InputSpec, OutputSpec};
+use crate::model::tensor::DType;
 
 pub mod parse;
 
@@ -44,8 +45,11 @@ pub struct ModelConfig {
     /// The floating-point type the model runs in. Floating inputs are cast to it and floating
     /// outputs back to FP32, so guests see the same dtypes whatever the precision.
     pub precision: Precision,
-    /// Set by `precision = "auto"`: how the first replica to load picks `precision` by
-    /// measuring ([`crate::model::precision`]); until it has, `precision` is FP32.
+    /// Whether 4-D floating weights and inputs (convolutions' and images') lie channels-last in
+    /// memory, which oneDNN's and cuDNN's convolutions run faster on.
+    pub channels_last: bool,
+    /// Set by `precision = "auto"`: how the first replica to load picks `precision` and
+    /// `channels_last` by measuring ([`crate::model::precision`]); until it has, FP32.
     pub auto_precision: Option<AutoPrecision>,
     /// Runs each replica's module in a confined worker process instead of in the server
     /// ([`crate::model::backend::worker`]): what a tenant's own model always does, and an
@@ -63,9 +67,19 @@ impl ModelConfig {
         }
     }
 
-    /// This config with replicas loading in `precision`.
-    pub fn with_precision(&self, precision: Precision) -> ModelConfig {
-        ModelConfig { precision, ..self.clone() }
+    /// What its replicas load as.
+    pub fn form(&self) -> Form {
+        Form { precision: self.precision, channels_last: self.channels_last }
+    }
+
+    /// This config with replicas loading as `form`.
+    pub fn with_form(&self, form: Form) -> ModelConfig {
+        ModelConfig { precision: form.precision, channels_last: form.channels_last, ..self.clone() }
+    }
+
+    /// Whether an input is a batch of images (floating, 4-D): what a channels-last layout is for.
+    pub fn takes_images(&self) -> bool {
+        self.inputs.iter().any(|i| i.shape.len() == 4 && matches!(i.dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64))
     }
 
     /// Whether the model runs in worker processes: asked for, or a tenant's own.
@@ -171,6 +185,29 @@ impl fmt::Display for Precision {
             Precision::Bf16 => "bf16",
             Precision::Bf16Autocast => "bf16-autocast",
         })
+    }
+}
+
+/// What a model's replicas run as: a precision, and the layout of its 4-D tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Form {
+    pub precision: Precision,
+    pub channels_last: bool,
+}
+
+impl Form {
+    pub const fn new(precision: Precision) -> Form {
+        Form { precision, channels_last: false }
+    }
+
+    pub const fn channels_last(precision: Precision) -> Form {
+        Form { precision, channels_last: true }
+    }
+}
+
+impl fmt::Display for Form {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.precision, if self.channels_last { " channels-last" } else { "" })
     }
 }
 

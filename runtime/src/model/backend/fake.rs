@@ -126,6 +126,7 @@ pub(crate) fn config(max_batch_size: u32, replicas: Replicas) -> ModelConfig {
         threads: 1,
         timeout: Duration::from_secs(10),
         precision: Precision::Fp32,
+        channels_last: false,
         auto_precision: None,
     }
 }

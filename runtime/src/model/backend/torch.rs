@@ -12,7 +12,7 @@ use tch::{CModule, Device as TchDevice, IValue, Kind, Tensor};
 
 use super::{Backend, BackendError, LoadedModel};
 use crate::model::device::Device;
-use crate::model::spec::{ModelConfig, Precision};
+use crate::model::spec::{Form, ModelConfig, Precision};
 use crate::model::signature::warmup_inputs;
 use crate::model::tensor::{DType, HostTensor};
 use crate::sync::MutexExt;
@@ -24,8 +24,8 @@ use crate::sync::MutexExt;
 /// again. (Each GPU replica loads its own, on its own device.)
 #[derive(Debug, Default)]
 pub struct Torch {
-    /// CPU modules by file and precision.
-    on_cpu: Mutex<HashMap<(PathBuf, Precision), CpuEntry>>,
+    /// CPU modules by file and form.
+    on_cpu: Mutex<HashMap<(PathBuf, Form), CpuEntry>>,
 }
 
 /// One file's module on the CPU while a replica uses it. The entry stays locked while the module
@@ -41,7 +41,7 @@ impl Torch {
             // A locked entry is loading: keep it.
             Arc::strong_count(entry) > 1 || entry.try_lock().map_or(true, |module| module.strong_count() > 0)
         });
-        Arc::clone(cache.entry((config.path.clone(), config.precision)).or_default())
+        Arc::clone(cache.entry((config.path.clone(), config.form())).or_default())
     }
 }
 
@@ -99,13 +99,20 @@ pub struct Wanted {
     /// What error messages call the module (its file, or the model's name).
     pub label: String,
     pub precision: Precision,
+    /// Lay 4-D floating weights and inputs out channels-last.
+    pub channels_last: bool,
     /// Outputs configured: a pass returns this many tensors.
     pub outputs: usize,
 }
 
 impl Wanted {
     pub fn of(config: &ModelConfig) -> Wanted {
-        Wanted { label: config.path.display().to_string(), precision: config.precision, outputs: config.outputs.len() }
+        Wanted {
+            label: config.path.display().to_string(),
+            precision: config.precision,
+            channels_last: config.channels_last,
+            outputs: config.outputs.len(),
+        }
     }
 }
 
@@ -175,6 +182,8 @@ pub struct TorchModel {
     reduced: Option<Kind>,
     /// Whether its passes run under bf16 autocast.
     autocast: bool,
+    /// Whether 4-D floating inputs are laid out channels-last, as its weights are.
+    channels_last: bool,
     /// The libtorch threads its replica's thread was last set to by [`LoadedModel::use_threads`]
     /// (0 before then).
     threads: AtomicU32,
@@ -286,12 +295,22 @@ impl TorchModel {
                 Cast::Everything => module.to(device, kind, false),
             }
         }
+        if wanted.channels_last {
+            let params = module
+                .named_parameters()
+                .map_err(|e| BackendError::Load(format!("cannot read the module's parameters: {e}")))?;
+            for (_, mut t) in params.into_iter().filter(|(_, t)| t.dim() == 4 && t.is_floating_point()) {
+                let laid = channels_last(&t).map_err(|e| BackendError::Load(format!("cannot lay a weight out channels-last: {e}")))?;
+                t.set_data(&laid);
+            }
+        }
         Ok(TorchModel {
             module: Arc::new(module),
             device,
             output_names: wanted.outputs,
             reduced,
             autocast: wanted.precision == Precision::Bf16Autocast,
+            channels_last: wanted.channels_last,
             threads: AtomicU32::new(0),
         })
     }
@@ -304,6 +323,7 @@ impl TorchModel {
             output_names: config.outputs.len(),
             reduced: reduced_kind(config.precision),
             autocast: config.precision == Precision::Bf16Autocast,
+            channels_last: config.channels_last,
             threads: AtomicU32::new(0),
         }
     }
@@ -389,13 +409,24 @@ impl TorchModel {
             cpu.f_to_device(self.device)
                 .map_err(|e| BackendError::Forward(format!("cannot move input to {:?}: {e}", self.device)))?
         };
-        match self.reduced {
+        let cast = match self.reduced {
             Some(kind) if on_device.is_floating_point() => on_device
                 .f_to_kind(kind)
-                .map_err(|e| BackendError::Forward(format!("cannot cast input to {kind:?}: {e}"))),
-            _ => Ok(on_device),
+                .map_err(|e| BackendError::Forward(format!("cannot cast input to {kind:?}: {e}")))?,
+            _ => on_device,
+        };
+        if self.channels_last && cast.dim() == 4 && cast.is_floating_point() {
+            return channels_last(&cast).map_err(|e| BackendError::Forward(format!("cannot lay an input out channels-last: {e}")));
         }
+        Ok(cast)
     }
+}
+
+/// `t` (N, C, H, W) with the same shape and values, laid out channels-last in memory (strides of
+/// N, H, W, C), which libtorch's convolutions recognise and keep. tch has no memory-format
+/// argument, so the layout is made by permuting, copying and permuting back.
+fn channels_last(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    t.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_permute([0, 3, 1, 2])
 }
 
 fn flatten_outputs(value: IValue, out: &mut Vec<Tensor>) -> Result<(), BackendError> {

@@ -46,7 +46,7 @@ fn decide(fake: &Fake, budget: Duration) -> Decision {
 fn the_fastest_candidate_within_tolerance_is_chosen_and_every_one_is_reported() {
     let fake = fake(12, &[(Precision::Bf16, 2, 1e-4, false), (Precision::Fp16, 5, 1e-4, false)]);
     let decision = decide(&fake, Duration::from_secs(5));
-    assert_eq!(decision.precision, Precision::Bf16, "{:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Bf16, "{:?}", decision.report);
     let report = &decision.report;
     assert!(report.speedup > 3.0, "{report:?}");
     assert!(report.worst_cosine > 0.999 && report.worst_cosine < 1.0, "{report:?}");
@@ -65,7 +65,7 @@ fn a_candidate_whose_outputs_drift_is_never_chosen_however_fast() {
     // The fake's outputs are twice its inputs (0 ..= 2); ±0.5 on alternate values turns rows.
     let fake = fake(12, &[(Precision::Bf16, 1, 0.5, false), (Precision::Fp16, 1, 0.0, true)]);
     let decision = decide(&fake, Duration::from_secs(5));
-    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Fp32, "{:?}", decision.report);
     let report = &decision.report;
     assert_eq!((report.speedup, report.worst_cosine, report.worst_abs), (1.0, 1.0, 0.0));
     assert!(report.candidates[0].starts_with("bf16: drifts on y ("), "{report:?}");
@@ -80,7 +80,7 @@ fn a_declared_max_abs_holds_back_what_the_cosine_lets_through() {
     strict.tolerance.max_abs = Some(0.001);
     let config = auto_config(Replicas::fixed(1), &strict);
     let decision = search(&fake, &config, &strict, Device::Cpu).expect("search");
-    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Fp32, "{:?}", decision.report);
     assert!(decision.report.candidates[0].contains("off by 0.010, over 0.001"), "{:?}", decision.report);
 }
 
@@ -92,11 +92,11 @@ fn an_outputs_own_tolerance_overrides_the_model_wide_one() {
     own.output_tolerances = vec![("y".into(), Tolerance { cosine: 0.99, max_abs: Some(0.05) })];
     let config = auto_config(Replicas::fixed(1), &own);
     let decision = search(&fake, &config, &own, Device::Cpu).expect("search");
-    assert_eq!(decision.precision, Precision::Bf16, "y may be off by 0.05: {:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Bf16, "y may be off by 0.05: {:?}", decision.report);
     // Its own cosine holds it too.
     own.output_tolerances[0].1 = Tolerance { cosine: 1.0, max_abs: Some(0.05) };
     let decision = search(&fake, &config, &own, Device::Cpu).expect("search");
-    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Fp32, "{:?}", decision.report);
     assert!(decision.report.candidates[0].contains("drifts on y (cosine") && decision.report.candidates[0].contains("under 1)"), "{:?}", decision.report);
 }
 
@@ -104,7 +104,7 @@ fn an_outputs_own_tolerance_overrides_the_model_wide_one() {
 fn a_candidate_no_faster_than_fp32_leaves_fp32() {
     let fake = fake(4, &[(Precision::Bf16, 4, 0.0, false), (Precision::Fp16, 12, 0.0, false)]);
     let decision = decide(&fake, Duration::from_secs(5));
-    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Fp32, "{:?}", decision.report);
     assert!(decision.report.candidates.iter().all(|c| c.contains("not 1.1× or more")), "{:?}", decision.report);
 }
 
@@ -112,7 +112,7 @@ fn a_candidate_no_faster_than_fp32_leaves_fp32() {
 fn a_spent_budget_leaves_the_rest_untried() {
     let fake = fake(4, &[(Precision::Bf16, 1, 0.0, false)]);
     let decision = decide(&fake, Duration::ZERO);
-    assert_eq!(decision.precision, Precision::Fp32);
+    assert_eq!(decision.form.precision, Precision::Fp32);
     assert_eq!(
         decision.report.candidates,
         ["bf16: not tried, the 0 ms budget was spent", "fp16: not tried, the 0 ms budget was spent", "bf16-autocast: not tried, the 0 ms budget was spent"]
@@ -135,7 +135,7 @@ fn a_model_refusing_the_drawn_inputs_is_served_in_fp32_without_a_search() {
     let mut config = auto_config(Replicas::fixed(1), &auto(Duration::from_secs(5)));
     config.inputs[0].range = None;
     let decision = search(&fake, &config, &auto(Duration::from_secs(5)), Device::Cpu).expect("not a load failure");
-    assert_eq!(decision.precision, Precision::Fp32);
+    assert_eq!(decision.form.precision, Precision::Fp32);
     assert!(decision.report.candidates[0].starts_with("none tried: FP32 fails on inputs drawn from the signature (negative input)"), "{:?}", decision.report);
     assert_eq!(fake.0.loads(), [Precision::Fp32], "no candidate loaded");
 }

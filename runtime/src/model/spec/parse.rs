@@ -341,6 +341,10 @@ impl ModelFields<'_> {
                 return Err(invalid(at(field), "applies only to precision = \"auto\""));
             }
         }
+        let channels_last = raw.channels_last.unwrap_or(false);
+        if raw.channels_last.is_some() && auto_precision.is_some() {
+            return Err(invalid(at("channels_last"), "precision = \"auto\" tries it for a model with an image input; set it only with a precision pinned"));
+        }
         let (path, source) = match (raw.path, raw.source) {
             (Some(_), Some(_)) => return Err(invalid(at("source"), "give `source` or `path`, not both")),
             (None, None) => {
@@ -359,6 +363,7 @@ impl ModelFields<'_> {
         Ok(ModelConfig {
             worker: raw.worker.unwrap_or(false),
             precision,
+            channels_last,
             auto_precision,
             path,
             source,

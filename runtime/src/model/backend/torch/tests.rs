@@ -131,7 +131,7 @@ fn auto_precision_keeps_a_drifting_model_in_fp32_and_justifies_any_other_choice(
     let x = InputSpec::new("x", DType::F32, vec![None, Some(32)], None);
     let config = one_input_model("drift.pt", x, "y", Precision::Fp32);
     let decision = search(&Torch::default(), &config, &auto, Device::Cpu).expect("search");
-    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Fp32, "{:?}", decision.report);
     assert_eq!(decision.report.candidates.len(), 3, "{:?}", decision.report);
     for line in &decision.report.candidates {
         assert!(line.contains(": drifts on y (cosine "), "{line}");
@@ -141,18 +141,22 @@ fn auto_precision_keeps_a_drifting_model_in_fp32_and_justifies_any_other_choice(
     // does run under autocast, whose bf16 matrix product ruins it as well.
     let x = InputSpec::new("x", DType::F32, vec![None, Some(32)], None);
     let decision = search(&Torch::default(), &one_input_model("drift-frozen.pt", x, "y", Precision::Fp32), &auto, Device::Cpu).expect("search");
-    assert_eq!(decision.precision, Precision::Fp32, "{:?}", decision.report);
+    assert_eq!(decision.form.precision, Precision::Fp32, "{:?}", decision.report);
     let lines = &decision.report.candidates;
     assert!(lines[0].starts_with("bf16: fails (") && lines[0].contains("frozen"), "{lines:?}");
     assert!(lines[1].starts_with("fp16: fails (") && lines[1].contains("frozen"), "{lines:?}");
     assert!(lines[2].starts_with("bf16-autocast: drifts on y (cosine "), "{lines:?}");
 
+    // Digits takes images, so channels-last forms are tried too, FP32 first.
     let decision = search(&Torch::default(), &digits(policy(16, 0)), &auto, Device::Cpu).expect("search");
     let report = &decision.report;
-    assert_eq!(report.candidates.len(), 3, "{report:?}");
-    match decision.precision {
-        Precision::Fp32 => assert_eq!((report.speedup, report.worst_cosine), (1.0, 1.0)),
-        _ => assert!(report.speedup >= 1.1 && report.worst_cosine >= 0.999, "{report:?}"),
+    let tried: Vec<&str> = report.candidates.iter().map(|l| l.split(':').next().unwrap_or_default()).collect();
+    assert_eq!(tried, ["fp32 channels-last", "bf16", "bf16 channels-last", "fp16", "bf16-autocast"], "{report:?}");
+    assert_eq!(report.precision, decision.form.to_string());
+    if decision.form == crate::model::spec::Form::default() {
+        assert_eq!((report.speedup, report.worst_cosine), (1.0, 1.0));
+    } else {
+        assert!(report.speedup >= 1.1 && report.worst_cosine >= 0.999, "{report:?}");
     }
     assert!(report.search_ms < 20_000, "{report:?}");
     eprintln!("digits on this machine: {}", report.summary());
@@ -197,6 +201,21 @@ fn reduced_precision_casts_model_and_inputs_and_returns_fp32() {
             }
         }
     }
+    // Channels-last weights and images change the layout, not the values (beyond the order
+    // of a sum's terms).
+    let mut config = digits(policy(1, 0));
+    config.channels_last = true;
+    let (model, _) = load_and_warm_up(&Torch::default(), &config, Device::Cpu).expect("channels-last");
+    let values = f32_values(&model.forward(std::slice::from_ref(&input)).expect("channels-last forward")[0]);
+    let worst = values.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "channels-last logits differ by up to {worst}");
+    assert_eq!(argmax(&values), argmax(&reference));
+    let laid = model.module.named_parameters().expect("parameters");
+    // (With one input channel the two layouts are the same bytes; a later convolution has more.)
+    let (name, weight) = laid.iter().find(|(_, t)| t.dim() == 4 && t.size()[1] > 1).expect("a convolution's weight");
+    let [_, c, h, w] = weight.size()[..] else { panic!("{name} is not 4-D") };
+    assert_eq!(weight.stride(), [h * w * c, 1, w * c, c], "{name} is not channels-last");
+
     // Integer inputs stay integers: the token model runs in bf16 with INT64 ids.
     let mut config = tokenwise(policy(1, 0), 1);
     config.precision = Precision::Bf16;

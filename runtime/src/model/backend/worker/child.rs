@@ -118,7 +118,7 @@ impl Worker {
         }
         let confinement = kiln_torchscan::confine(limits).map_err(|e| BackendError::Load(e.to_string()))?;
         torch::use_threads(request.threads.max(1));
-        let wanted = Wanted { label: request.model, precision, outputs: request.outputs };
+        let wanted = Wanted { label: request.model, precision, channels_last: request.channels_last, outputs: request.outputs };
         let model = torch::load_checked(&wanted, Module::Bytes(&archive), device, &probe)?;
         drop(archive);
         let reply = Reply::Loaded {

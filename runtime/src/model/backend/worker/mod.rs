@@ -369,6 +369,7 @@ impl Process {
             model: config.name.clone(),
             device: spec.device.to_string(),
             precision: config.precision.to_string(),
+            channels_last: config.channels_last,
             threads: config.threads,
             outputs: config.outputs.len(),
             probe,

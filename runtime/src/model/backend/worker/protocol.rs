@@ -43,6 +43,7 @@ pub(super) struct Load {
     pub(super) model: String,
     pub(super) device: String,
     pub(super) precision: String,
+    pub(super) channels_last: bool,
     pub(super) threads: u32,
     pub(super) outputs: usize,
     pub(super) probe: Vec<Slot>,
