@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// The deployment config (TOML with [server], [[model]] and [[handler]]).
+    /// The deployment config (TOML with [server], [[model]], [[tenant]], [[handler]], [scaler] and [gpus]).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Address to listen on; overrides [server].listen.
