@@ -195,8 +195,8 @@ pub struct RawModel {
     pub instances: Option<toml::Value>,
     pub threads: Option<u32>,
     pub timeout_ms: Option<u64>,
-    /// `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` (the fastest that keeps the outputs within
-    /// `tolerance`, measured at load).
+    /// `"fp32"`, `"fp16"`, `"bf16"`, `"bf16-autocast"` or `"auto"` (the fastest that keeps the
+    /// outputs within `tolerance`, measured at load).
     pub precision: Option<String>,
     /// Lays 4-D floating weights and inputs out channels-last (for convolutions); `"auto"`
     /// tries it for a model with an image input, so it is for a pinned precision only.

@@ -179,8 +179,10 @@ impl Response {
 
     fn send(mut self, out: ResponseOutparam) {
         // The length is known, so say it: the host then sends the answer as it is rather than
-        // in chunks, and clients read it without decoding chunked framing.
-        if !self.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
+        // in chunks, and clients read it without decoding chunked framing. (Answers that have no
+        // body by definition carry no length: 1xx, 204, 304.)
+        let bodiless = matches!(self.status, 100..=199 | 204 | 304);
+        if !bodiless && !self.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
             let length = self.body.len().to_string().into_bytes();
             self.headers.push(("content-length".to_owned(), length));
         }

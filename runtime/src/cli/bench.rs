@@ -534,8 +534,6 @@ pub struct RawRow {
     pub rows_per_second: f64,
 }
 
-/// Times the module's own forward at each batch size for about `seconds` each, with dynamic
-/// non-batch dimensions set to `dim`. Integer inputs get small ids; floats a ramp.
 /// The precision `kiln bench-raw` times a model in.
 #[derive(Debug, Clone, Copy)]
 pub enum RawPrecision {
@@ -546,8 +544,9 @@ pub enum RawPrecision {
     Pinned(crate::model::spec::Form),
 }
 
-/// Times `config`'s forward pass on `device` at each of `batch_sizes`, in the form `precision`
-/// comes to (returned beside the rows; a search's report goes to stderr).
+/// Times the module's own forward at each batch size for about `seconds` each, with dynamic
+/// non-batch dimensions set to `dim`, in the form `precision` comes to (returned beside the
+/// rows; a search's report goes to stderr). Integer inputs get small ids; floats a ramp.
 pub fn raw(
     config: &crate::model::spec::ModelConfig,
     device: crate::model::device::Device,

@@ -440,11 +440,17 @@ mod tests {
         assert_eq!(of("logits"), (0.9, Some(0.5)));
         assert_eq!(of("ids"), (0.99, Some(1.0)));
         // A precision pinned by name.
-        let pinned = text.replace("precision = \"auto\"", "precision = \"bf16-autocast\"\nchannels_last = true").replace("tolerance = ", "# ");
+        let pinned = text
+            .replace("precision = \"auto\"", "precision = \"bf16-autocast\"\nchannels_last = true")
+            .replace("tolerance = ", "# ")
+            .replace("shape = [-1, 3]", "shape = [-1, 3, 8, 8]");
         let config = Config::parse(&pinned, Path::new("t.toml"), Path::new("/srv")).expect("valid");
         let form = config.models[0].form();
         assert_eq!((form.precision, form.channels_last), (crate::model::spec::Precision::Bf16Autocast, true));
         assert_eq!(form.to_string(), "bf16-autocast channels-last");
+        // Said false beside auto, it says what auto would do anyway.
+        let said = text.replace("precision = \"auto\"", "precision = \"auto\"\nchannels_last = false");
+        assert!(Config::parse(&said, Path::new("t.toml"), Path::new("/srv")).is_ok());
     }
 
     #[test]

@@ -65,9 +65,9 @@ impl Cores {
     }
 
     /// A core given back, for as long as the guard lives, by whoever holds a [`Busy`]: a guest
-    /// waiting for its model call. Each guard undoes only what it did, so a count taken across
-    /// a change of [`Cores::set_spreading`] comes back to zero (meanwhile it may read a core
-    /// busier, never idler, than it is).
+    /// waiting for its model call. Each guard undoes only what it did, so once the guards that
+    /// straddle a change of [`Cores::set_spreading`] are gone the count is right again;
+    /// meanwhile it can be off by them. (The server sets spreading once, before serving.)
     pub fn wait(&'static self) -> Waiting {
         if !self.spreading() {
             return Waiting(None);
@@ -143,10 +143,9 @@ mod tests {
         assert_eq!(cores.idle(), 3);
         drop(pass);
         assert_eq!(cores.idle(), 4);
-        // Taken off and waited on after spreading is on again: back to zero once both go.
+        // Taken off and waited on after spreading is on again: right again once both go.
         cores.set_spreading(true);
         let waiting = cores.wait();
-        assert_eq!(cores.idle(), 0, "read busier than it is, never idler");
         drop(waiting);
         drop(uncounted);
         assert_eq!((cores.idle(), cores.busy.load(Ordering::Relaxed)), (4, 0));

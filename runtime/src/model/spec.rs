@@ -77,9 +77,9 @@ impl ModelConfig {
         ModelConfig { precision: form.precision, channels_last: form.channels_last, ..self.clone() }
     }
 
-    /// Whether an input is a batch of images (floating, 4-D): what a channels-last layout is for.
+    /// Whether an input is a batch of images: what a channels-last layout is for.
     pub fn takes_images(&self) -> bool {
-        self.inputs.iter().any(|i| i.shape.len() == 4 && matches!(i.dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64))
+        takes_images(&self.inputs)
     }
 
     /// Whether the model runs in worker processes: asked for, or a tenant's own.
@@ -151,9 +151,11 @@ pub enum Precision {
     Fp16,
     Bf16,
     /// FP32 weights, with libtorch's autocast running the ops that gain from it (matrix
-    /// products, convolutions) in bf16 and keeping the rest (softmax, norms, sums) in FP32:
-    /// slower than bf16 weights, as every pass casts the weights again, but closer to FP32, and
-    /// it needs no parameters to cast, so frozen modules take it too.
+    /// products, convolutions) in bf16 on copies of their weights made for the pass; other ops
+    /// run in their inputs' type. Slower than bf16 weights, as every pass casts the weights
+    /// again, but weights that no matrix product uses (embeddings, norms) stay FP32, and it
+    /// needs no parameters to cast, so frozen modules take it too. A pass holds the bf16
+    /// copies beside the FP32 weights: up to half as much again, within the headroom.
     Bf16Autocast,
 }
 
@@ -186,6 +188,11 @@ impl fmt::Display for Precision {
             Precision::Bf16Autocast => "bf16-autocast",
         })
     }
+}
+
+/// Whether any of `inputs` is a batch of images (floating, 4-D).
+pub fn takes_images(inputs: &[InputSpec]) -> bool {
+    inputs.iter().any(|i| i.shape.len() == 4 && matches!(i.dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64))
 }
 
 /// What a model's replicas run as: a precision, and the layout of its 4-D tensors.

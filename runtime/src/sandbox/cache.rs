@@ -347,7 +347,8 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Capture<B> {
             }
             Poll::Ready(Some(Err(_))) => this.store = None,
             Poll::Ready(None) => {
-                if let Some(store) = this.store.take() {
+                // An end short of the declared length is not an answer to keep.
+                if let Some(store) = this.store.take().filter(|s| s.length.is_none_or(|n| n == s.kept.len())) {
                     store.finish();
                 }
             }
@@ -391,6 +392,51 @@ mod tests {
         }
         assert_eq!(lifetime(StatusCode::CREATED, &headers("public, max-age=10"), ttl), None);
         assert_eq!(lifetime(ok, &HeaderMap::new(), ttl), None);
+    }
+
+    /// `frames` as a body behind a public, cacheable head declaring `length`, captured under
+    /// key [7; 32]; the cache it goes to.
+    fn captured(frames: &[&'static [u8]], length: Option<usize>) -> (Arc<ResponseCache>, http::Response<Capture<impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin>>) {
+        use http_body_util::StreamBody;
+        let cache = Arc::new(ResponseCache::new(CachePolicy { ttl: Duration::from_secs(60), max_entries: 8, max_bytes: 1024 }));
+        let telemetry = Arc::new(Telemetry::new(Arc::new(crate::telemetry::EventLog::new(8))));
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> =
+            frames.iter().map(|f| Ok(http_body::Frame::data(Bytes::from_static(f)))).collect();
+        let mut head = http::Response::builder().header(http::header::CACHE_CONTROL, "public, max-age=60");
+        if let Some(n) = length {
+            head = head.header(http::header::CONTENT_LENGTH, n);
+        }
+        let response = head.body(StreamBody::new(futures::stream::iter(frames))).expect("response");
+        let handler: Arc<str> = Arc::from("h");
+        let response = capture(Some(&cache), &handler, &telemetry, Some([7; 32]), response);
+        (cache, response)
+    }
+
+    fn kept(cache: &ResponseCache) -> Option<Bytes> {
+        cache.get(&[7; 32], Instant::now()).map(|c| c.body)
+    }
+
+    #[test]
+    fn an_answer_of_declared_length_is_kept_at_its_last_byte_and_only_whole() {
+        use http_body_util::BodyExt as _;
+        use futures::executor::block_on;
+        // The server stops polling at the last declared byte: the end never comes.
+        let (cache, mut response) = captured(&[b"abc", b"def"], Some(6));
+        block_on(response.body_mut().frame()).expect("frame").expect("data");
+        assert_eq!(kept(&cache), None, "half an answer is not kept");
+        block_on(response.body_mut().frame()).expect("frame").expect("data");
+        assert_eq!(kept(&cache).as_deref(), Some(&b"abcdef"[..]));
+        // An empty answer of declared length is kept at once, its body never polled.
+        let (cache, _response) = captured(&[], Some(0));
+        assert_eq!(kept(&cache).as_deref(), Some(&b""[..]));
+        // A body that ends short of its declared length is not kept.
+        let (cache, response) = captured(&[b"abc"], Some(10));
+        let _ = block_on(response.into_body().collect());
+        assert_eq!(kept(&cache), None);
+        // Of unknown length, it is kept when it ends.
+        let (cache, response) = captured(&[b"ab", b"c"], None);
+        let _ = block_on(response.into_body().collect());
+        assert_eq!(kept(&cache).as_deref(), Some(&b"abc"[..]));
     }
 
     #[test]

@@ -342,8 +342,11 @@ impl ModelFields<'_> {
             }
         }
         let channels_last = raw.channels_last.unwrap_or(false);
-        if raw.channels_last.is_some() && auto_precision.is_some() {
+        if channels_last && auto_precision.is_some() {
             return Err(invalid(at("channels_last"), "precision = \"auto\" tries it for a model with an image input; set it only with a precision pinned"));
+        }
+        if channels_last && !crate::model::spec::takes_images(&inputs) {
+            return Err(invalid(at("channels_last"), "lays out 4-D floating inputs and weights, and the model has no 4-D floating input"));
         }
         let (path, source) = match (raw.path, raw.source) {
             (Some(_), Some(_)) => return Err(invalid(at("source"), "give `source` or `path`, not both")),

@@ -1,6 +1,8 @@
 //! bf16 autocast around a forward pass: libtorch runs the ops that gain from a lower precision
-//! (matrix products, convolutions) in bf16 and keeps the rest in FP32, from a thread-local
-//! switch, exactly as `torch.autocast(device, dtype=torch.bfloat16)` does in Python.
+//! (matrix products, convolutions) in bf16 on inputs and weights it casts for them, from a
+//! thread-local switch, exactly as `torch.autocast(device, dtype=torch.bfloat16)` does in
+//! Python. Ops it does not list run in their inputs' type (on the CPU, softmax and layer norm
+//! after a bf16 matrix product run in bf16; CUDA's list keeps more of them in FP32).
 //!
 //! tch wraps only CUDA's switch (`at::autocast::set_enabled`), so Kiln calls libtorch's own
 //! functions, which take a device type and a scalar type. They are C++ functions of plain
@@ -31,17 +33,21 @@ unsafe extern "C" {
     fn increment_nesting() -> i32;
     #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
     fn decrement_nesting() -> i32;
-    #[link_name = "_ZN2at8autocast11clear_cacheEv"]
-    fn clear_cache();
+    #[link_name = "_ZN2at8autocast25is_autocast_cache_enabledEv"]
+    fn is_autocast_cache_enabled() -> bool;
+    #[link_name = "_ZN2at8autocast26set_autocast_cache_enabledEb"]
+    fn set_autocast_cache_enabled(enabled: bool);
 }
 
 /// bf16 autocast on the calling thread for `device` while it lives; dropping it restores what
-/// was set before and, leaving the outermost autocast, drops the bf16 copies of the weights
-/// made for the pass (as Python's context manager does).
+/// was set before. Autocast's cache of cast weights is off meanwhile: it is one map for the
+/// whole process behind one lock, and CPU replicas share their module, so one replica's pass
+/// ending would clear the copies another's is using; a pass uses each weight once anyway.
 pub(super) struct Bf16 {
     device: i8,
     was_enabled: bool,
     was_dtype: i8,
+    was_caching: bool,
 }
 
 impl Bf16 {
@@ -49,9 +55,15 @@ impl Bf16 {
         let device = if device == Device::Cpu { CPU } else { CUDA };
         // SAFETY: thread-local setters of libtorch taking plain values; none throws.
         unsafe {
-            let guard = Bf16 { device, was_enabled: is_autocast_enabled(device), was_dtype: get_autocast_dtype(device) };
+            let guard = Bf16 {
+                device,
+                was_enabled: is_autocast_enabled(device),
+                was_dtype: get_autocast_dtype(device),
+                was_caching: is_autocast_cache_enabled(),
+            };
             set_autocast_enabled(device, true);
             set_autocast_dtype(device, BF16);
+            set_autocast_cache_enabled(false);
             increment_nesting();
             guard
         }
@@ -60,12 +72,10 @@ impl Bf16 {
 
 impl Drop for Bf16 {
     fn drop(&mut self) {
-        // SAFETY: as in `enter`; clearing the cache takes a lock and frees tensors, throwing
-        // nothing.
+        // SAFETY: as in `enter`. Nothing was cached, so there is no cache to clear.
         unsafe {
-            if decrement_nesting() == 0 {
-                clear_cache();
-            }
+            decrement_nesting();
+            set_autocast_cache_enabled(self.was_caching);
             set_autocast_enabled(self.device, self.was_enabled);
             set_autocast_dtype(self.device, self.was_dtype);
         }
@@ -91,8 +101,9 @@ mod tests {
             }
             // Leaving a nested autocast keeps the outer one on.
             assert_eq!(a.matmul(&b).kind(), Kind::BFloat16);
-            // Ops autocast keeps in FP32 stay there.
-            assert_eq!(a.softmax(-1, Kind::Float).kind(), Kind::Float);
+            // Ops autocast does not list run in their inputs' type.
+            assert_eq!(a.softmax(-1, None::<Kind>).kind(), Kind::Float);
+            assert_eq!(a.matmul(&b).softmax(-1, None::<Kind>).kind(), Kind::BFloat16);
         }
         assert_eq!(a.matmul(&b).kind(), Kind::Float);
     }
