@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up, then serves the bundled examples on http://127.0.0.1:8080 (CPU), with the
+# Sets up what serving needs (scripts/setup.sh --serve), then serves the bundled examples on http://127.0.0.1:8080 (CPU), with the
 # admin API on 127.0.0.1:8081. Extra arguments go to `kiln serve`.
 #
 # The examples run as tenant 'demo'. On first use this makes an API key for it and an admin key,
@@ -8,7 +8,7 @@
 # (build/state); production keys are made with `kiln tenant add-key` and handed out once.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-"$KILN_ROOT/scripts/setup.sh"
+"$KILN_ROOT/scripts/setup.sh" --serve
 cd "$KILN_ROOT"
 
 # KEYFILE is still valid when its id is among the hashes in KEYS.
