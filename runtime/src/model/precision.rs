@@ -67,7 +67,8 @@ pub fn candidates(config: &ModelConfig, device: Device) -> Vec<Form> {
         // bf16 has FP32's range (no overflow to guard) and runs natively with AVX-512 BF16 or
         // AMX; fp16 matmuls are native only with AVX-512 FP16, but measuring costs little.
         // Autocast comes last: it casts the weights again on every pass, so it wins only where
-        // bf16 weights drift past the tolerance and FP32's softmax and norms bring it back.
+        // bf16 weights drift past the tolerance and keeping the weights no matrix product uses
+        // (embeddings, norms' scales) in FP32 brings them back.
         Device::Cpu => [Bf16, Fp16, Bf16Autocast],
         // Tensor cores take both; fp16 is the more widely fast.
         Device::Cuda(_) => [Fp16, Bf16, Bf16Autocast],
