@@ -24,7 +24,7 @@ use crate::model::batch::scalar_bytes;
 use crate::model::device::Device;
 use crate::model::signature::{InputSpec, arrange_inputs};
 use crate::model::spec::{AutoPrecision, Form, ModelConfig, Precision, Tolerance};
-use crate::model::tensor::{DType, HostTensor};
+use crate::model::tensor::HostTensor;
 
 /// A candidate must be this much faster than FP32 to be served instead: a smaller gain is
 /// within the noise of a few timed passes, and not worth any drift.
@@ -246,14 +246,10 @@ impl Baseline<'_> {
 /// FP32 magnitude, so a candidate that keeps the direction of every row but not its scale still
 /// fails; for an integer one (class or token ids), none: it must match exactly.
 fn default_max_abs(reference: &HostTensor) -> f64 {
-    if !is_floating(reference.dtype) {
+    if !reference.dtype.is_float() {
         return 0.0;
     }
     reference.values().filter(|v| v.is_finite()).fold(0.0f64, |m, v| m.max(v.abs())) * 0.1
-}
-
-fn is_floating(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }
 
 /// How closely `got` follows `want`: per row (dimension 0), the cosine similarity of the row's
@@ -380,7 +376,7 @@ pub fn drawn(specs: &[InputSpec], rows: u32, seed: u64) -> Vec<HostTensor> {
                 .collect();
             let count = shape.iter().map(|&d| d as usize).product::<usize>();
             let (lo, hi) = spec.range.map_or((None, None), |r| (r.min, r.max));
-            let floating = is_floating(spec.dtype);
+            let floating = spec.dtype.is_float();
             let mut data = Vec::with_capacity(count * spec.dtype.size());
             for _ in 0..count {
                 let value = if floating {

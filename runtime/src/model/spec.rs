@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::model::signature::{InputSpec, OutputSpec};
-use crate::model::tensor::DType;
 
 pub mod parse;
 
@@ -162,11 +161,6 @@ pub enum Precision {
 impl Precision {
     /// Every precision, by its name in a config.
     pub const ALL: [Precision; 4] = [Precision::Fp32, Precision::Fp16, Precision::Bf16, Precision::Bf16Autocast];
-
-    /// Whether FP32 numbers change: any precision but FP32.
-    pub fn is_reduced(self) -> bool {
-        self != Precision::Fp32
-    }
 }
 
 impl std::str::FromStr for Precision {
@@ -192,7 +186,7 @@ impl fmt::Display for Precision {
 
 /// Whether any of `inputs` is a batch of images (floating, 4-D).
 pub fn takes_images(inputs: &[InputSpec]) -> bool {
-    inputs.iter().any(|i| i.shape.len() == 4 && matches!(i.dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64))
+    inputs.iter().any(|i| i.shape.len() == 4 && i.dtype.is_float())
 }
 
 /// What a model's replicas run as: a precision, and the layout of its 4-D tensors.

@@ -13,6 +13,7 @@ use crate::model::handle::ModelHandle;
 use crate::model::shared::ModelState;
 use crate::model::signature::{Ragged, ValueRange};
 use crate::model::spec::{Replicas, Tolerance};
+use crate::model::tensor::DType;
 use crate::telemetry::EventLog;
 
 fn auto(budget: Duration) -> AutoPrecision {
