@@ -384,8 +384,10 @@ async fn higher_priority_runs_first_and_a_lone_request_never_waits() {
     let blocker = occupy(&handle, &mut rng).await;
     let mut tasks = Vec::new();
     for (label, priority) in [("low-1", 0), ("low-2", 0), ("low-3", 0), ("high", 9)] {
-        // Each runs for about a millisecond, well apart from task wake-up noise.
-        let (h, inputs) = (handle.clone(), token_request(&mut rng, 64, 512));
+        // Each runs for tens of milliseconds: a task's wake-up, late by a few milliseconds on
+        // two loaded cores, cannot reorder the completions (at about a millisecond each, it
+        // did once in a CI run beside a build).
+        let (h, inputs) = (handle.clone(), token_request(&mut rng, 128, 2048));
         tasks.push(tokio::spawn(async move {
             h.infer(inputs, InferOptions { priority, timeout: None }).await.expect("infer");
             (Instant::now(), label)
