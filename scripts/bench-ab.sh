@@ -49,7 +49,7 @@ for round in 1 2 3; do
                 digits) args=(--handler digits --body "$png") ;;
                 embeddings) args=(--handler embeddings --body "$out/ab-sentence.json") ;;
             esac
-            $client bench --server http://127.0.0.1:18080 --duration 3s --json "${args[@]}" -c "$2" > "$out/ab.json"
+            $client bench --url http://127.0.0.1:18080 --duration 3s --json "${args[@]}" --concurrency "$2" > "$out/ab.json"
             row="$row | $(.venv/bin/python -c "
 import json; r = json.load(open('$out/ab.json')); e = sum(r['errors'].values()); c = r.get('server_cost')
 cost = f\"; {c['cpu_us_per_request']:.0f}, {c['wakeups_per_request']:.1f}, {c.get('allocations_per_request', 0):.0f}\" if c else ''

@@ -25,7 +25,7 @@ for mode in off on; do
         --admin-listen 127.0.0.1:18081 --grpc-listen off || exit 1
     for c in 1 16 64; do
         before=$(curl -sf -H "Authorization: Bearer $KILN_ADMIN_KEY" http://127.0.0.1:18080/v1/stats)
-        $kiln bench --server http://127.0.0.1:18080 --handler digits --body "$png" --vary build/holdout/digits \
+        $kiln bench --url http://127.0.0.1:18080 --handler digits --body "$png" --vary build/holdout/digits \
             --repeat-percent 90 --duration 5s --json -c "$c" > "$out/cache.json"
         after=$(curl -sf -H "Authorization: Bearer $KILN_ADMIN_KEY" http://127.0.0.1:18080/v1/stats)
         .venv/bin/python - "$mode" "$c" "$before" "$after" <<'PY'

@@ -33,9 +33,9 @@ echo "| model | c | HTTP req/s | gRPC req/s | HTTP p50 / p99 ms | gRPC p50 / p99
 echo "|---|---:|---:|---:|---:|---:|"
 for model in digits minilm; do
     for c in 1 16 64; do
-        $kiln bench --server http://127.0.0.1:18080 --model "$model" --body "$out/$model.json" \
+        $kiln bench --url http://127.0.0.1:18080 --model "$model" --body "$out/$model.json" \
             --duration "${run_s}s" -c "$c" --json > "$out/http.json"
-        $kiln bench --server http://127.0.0.1:18080 --model "$model" --body "$out/$model.json" \
+        $kiln bench --url http://127.0.0.1:18080 --model "$model" --body "$out/$model.json" \
             --grpc 127.0.0.1:18001 --duration "${run_s}s" -c "$c" --json > "$out/grpc.json"
         .venv/bin/python - "$model" "$c" "$out" <<'PY'
 import json, sys

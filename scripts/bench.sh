@@ -24,9 +24,9 @@ KILN_ADMIN_KEY=$($kiln admin add-key -c "$out/batching-on.toml" 2>/dev/null)
 export KILN_KEY KILN_ADMIN_KEY
 
 echo "==> raw libtorch ceiling" >&2
-$kiln bench-raw -c "$out/batching-on.toml" --model digits --seconds 1 --json > "$out/raw-digits.json"
-$kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --seconds 3 --json > "$out/raw-minilm.json"
-$kiln bench-raw -c "$out/batching-on.toml" --model resnet18 --batch-sizes 1,2,4,8,16 --seconds 2 --json > "$out/raw-resnet18.json"
+$kiln bench-raw -c "$out/batching-on.toml" --model digits --duration 1s --json > "$out/raw-digits.json"
+$kiln bench-raw -c "$out/batching-on.toml" --model minilm --dim 12 --duration 3s --json > "$out/raw-minilm.json"
+$kiln bench-raw -c "$out/batching-on.toml" --model resnet18 --batch-sizes 1,2,4,8,16 --duration 2s --json > "$out/raw-resnet18.json"
 
 serve() { # CONFIG
     start_server "$kiln" "$out/$1.log" 18080 -c "$out/$1.toml" --listen 127.0.0.1:18080 \
@@ -34,23 +34,23 @@ serve() { # CONFIG
 }
 load() { # NAME ARGS...
     local name=$1; shift
-    $kiln bench --server http://127.0.0.1:18080 --duration "${run_s}s" --json "$@" > "$out/$name.json"
+    $kiln bench --url http://127.0.0.1:18080 --duration "${run_s}s" --json "$@" > "$out/$name.json"
 }
 
 for mode in on off; do
     echo "==> end to end, batching $mode" >&2
     serve "batching-$mode"
     for c in 1 4 16 64; do
-        load "digits-$mode-c$c" --handler digits --body "$png" -c "$c"
-        load "embeddings-$mode-c$c" --handler embeddings --body "$out/sentence.json" -c "$c"
+        load "digits-$mode-c$c" --handler digits --body "$png" --concurrency "$c"
+        load "embeddings-$mode-c$c" --handler embeddings --body "$out/sentence.json" --concurrency "$c"
     done
     if [ "$mode" = on ]; then
         echo "==> sandbox overhead" >&2
         # Interleaved and repeated: the median of three is steadier on a shared VM.
         for c in 1 16; do
             for i in 1 2 3; do
-                load "live-c$c-$i" --url /v2/health/live -c "$c"
-                load "echo-c$c-$i" --handler echo --path echo -c "$c"
+                load "live-c$c-$i" --endpoint /v2/health/live --concurrency "$c"
+                load "echo-c$c-$i" --handler echo --path echo --concurrency "$c"
             done
         done
     fi

@@ -123,7 +123,7 @@ models = ["resnet18"]
 quota = { requests_per_second = 1000000, max_concurrent = 4096, max_body_bytes = 4194304 }
 TOML
 "$kiln" bench-raw -c "$root/bench.toml" --model resnet18 --device "$device" --batch-sizes 1,8,32,64 \
-    --seconds 3 --json > "$root/raw.json"
+    --duration 3s --json > "$root/raw.json"
 
 step "Kiln end to end: ResNet-18 over OIP (binary tensors), concurrency 128"
 "$python" - "$root/body.bin" <<'PY'
@@ -146,10 +146,10 @@ for _ in $(seq 600); do
         2>/dev/null && break
     sleep 0.2
 done
-"$kiln" bench --server http://127.0.0.1:18090 --model resnet18 --body "$root/body.bin" \
+"$kiln" bench --url http://127.0.0.1:18090 --model resnet18 --body "$root/body.bin" \
     --content-type application/octet-stream \
     --header "Inference-Header-Content-Length: $(cat "$root/body.bin.len")" \
-    -c 128 --duration "${run_s}s" --json > "$root/e2e.json"
+    --concurrency 128 --duration "${run_s}s" --json > "$root/e2e.json"
 kill "$server"; wait "$server" 2>/dev/null || true
 
 "$python" - "$root" "$device" "$tests_status" "$run_s" <<'PY'

@@ -28,10 +28,10 @@ rss() { awk '/^VmRSS/ { print int($2 / 1024) }' "/proc/$server/status"; }
 
 bench() { # NAME ARGS...
     local name=$1; shift
-    $kiln bench --server http://127.0.0.1:18180 --handler digits --body "${pngs[0]}" --json "$@" > "$out/$name.json"
+    $kiln bench --url http://127.0.0.1:18180 --handler digits --body "${pngs[0]}" --json "$@" > "$out/$name.json"
 }
 echo "==> saturated rate (closed loop, c=64, 5 s)" >&2
-bench saturated -c 64 --duration 5s
+bench saturated --concurrency 64 --duration 5s
 saturated=$(python3 -c "import json; print(json.load(open('$out/saturated.json'))['throughput_rps'])")
 rate=$(python3 -c "print(round($saturated * $factor))")
 idle_rss=$(rss)

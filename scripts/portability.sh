@@ -94,7 +94,7 @@ for url in http://127.0.0.1:18180/v2/health/ready http://127.0.0.1:18190/ http:/
     http://127.0.0.1:18193/; do
     for _ in $(seq 300); do curl -s -o /dev/null "$url" 2> /dev/null && break; sleep 0.2; done
 done
-$kiln deploy "$words" --name words --tenant demo --admin-url http://127.0.0.1:18181 > /dev/null
+$kiln handler deploy "$words" --name words --tenant demo --admin-url http://127.0.0.1:18181 > /dev/null
 
 step "sending the same requests to both hosts"
 "$KILN_PYTHON" - "$out" "$wasmtime_version" <<'PY'

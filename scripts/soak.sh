@@ -55,9 +55,9 @@ started=$(date +%s)
 windows=$((minutes * 6))
 echo "==> soaking for $minutes minutes ($windows windows of 10 s)" >&2
 for w in $(seq "$windows"); do
-    $kiln bench --server http://127.0.0.1:18280 --handler digits --body "${pngs[0]}" -c 8 --duration 10s --json > "$out/digits.json" &
+    $kiln bench --url http://127.0.0.1:18280 --handler digits --body "${pngs[0]}" --concurrency 8 --duration 10s --json > "$out/digits.json" &
     digits=$!
-    $kiln bench --server http://127.0.0.1:18280 --handler embeddings --body "$out/sentence.json" -c 2 --duration 10s --json > "$out/embeddings.json"
+    $kiln bench --url http://127.0.0.1:18280 --handler embeddings --body "$out/sentence.json" --concurrency 2 --duration 10s --json > "$out/embeddings.json"
     wait $digits
     rss=$(awk '/^VmRSS/ { print int($2 / 1024) }' "/proc/$server/status")
     fds=$(ls "/proc/$server/fd" | wc -l)

@@ -1,39 +1,7 @@
 //! `kiln serve`: the config found and adjusted by the command line, the server run until a
 //! signal, and the signals (the first drains, a second exits at once).
 
-use std::path::PathBuf;
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// The deployment config (TOML with [server], [[model]], [[tenant]], [[handler]], [scaler] and [gpus]).
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Address to listen on; overrides [server].listen.
-    #[arg(long)]
-    pub listen: Option<std::net::SocketAddr>,
-    /// Address of the admin API; overrides [server].admin_listen.
-    #[arg(long)]
-    pub admin_listen: Option<std::net::SocketAddr>,
-    /// Address of the gRPC API, or `off`; overrides [server].grpc_listen.
-    #[arg(long, value_name = "ADDR|off")]
-    pub grpc_listen: Option<String>,
-    /// Serve TLS on every listener with this certificate chain (PEM, read again when it
-    /// changes), unless a listener's own [server] fields say otherwise; with --tls-key,
-    /// overrides [server].tls_cert and tls_key.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Load remote model sources that have no sha256 pin (each one's digest is logged, to
-    /// pin it); overrides [server].allow_unpinned.
-    #[arg(long)]
-    pub allow_unpinned: bool,
-    /// Exit when standard input closes (lets a supervising process, such as the test
-    /// harness, take the server down with it).
-    #[arg(long, hide = true)]
-    pub stop_on_stdin_close: bool,
-}
+use crate::cli::args::ServeArgs;
 
 /// Runs the server of `args` until SIGTERM or Ctrl-C, then drains.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {

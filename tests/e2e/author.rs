@@ -94,7 +94,7 @@ async fn a_handler_goes_from_kiln_new_to_served_and_redeployed_offline() {
         let path = component.display().to_string();
         run(
             &kiln_bin(),
-            &["deploy", &path, "--name", "authored-rows", "--tenant", "demo", "--admin-url", &server.admin],
+            &["handler", "deploy", &path, "--name", "authored-rows", "--tenant", "demo", "--admin-url", &server.admin],
             &[("KILN_ADMIN_KEY", std::path::Path::new(server.admin_key()))],
         )
     };
@@ -182,7 +182,7 @@ async fn kiln_build_pre_initialises_a_handler_that_opts_in() {
     let client = server.client("demo");
     for (name, component) in [("probe-plain", &plain), ("probe-initialized", &initialized)] {
         let path = component.display().to_string();
-        run(&kiln_bin(), &["deploy", &path, "--name", name, "--tenant", "demo", "--admin-url", &server.admin], &admin_key);
+        run(&kiln_bin(), &["handler", "deploy", &path, "--name", name, "--tenant", "demo", "--admin-url", &server.admin], &admin_key);
     }
     for _ in 0..2 {
         let url = server.url("/v1/handlers/probe-initialized/");
@@ -204,7 +204,7 @@ async fn kiln_build_pre_initialises_a_handler_that_opts_in() {
     // One that never returns is stopped at the timeout.
     std::fs::write(crate_dir.join("src/lib.rs"), PROBE.replace("WARMED.get_or_init", "loop { std::hint::black_box(0); } #[allow(unreachable_code)] WARMED.get_or_init"))
         .expect("write lib.rs");
-    let text = failing(&["build", &crate_path, "--init-timeout-s", "1"], &offline);
+    let text = failing(&["build", &crate_path, "--init-timeout", "1s"], &offline);
     assert!(text.contains("`wizer-initialize` ran past 1 s"), "{text}");
 }
 
@@ -227,7 +227,7 @@ async fn the_pre_initialised_text_template_answers_like_its_plain_build() {
     let mut answers = Vec::new();
     for (name, file) in [("words-plain", "words.wasm"), ("words-initialized", "words.initialized.wasm")] {
         let path = target.join("wasm32-wasip2/release").join(file).display().to_string();
-        run(&kiln_bin(), &["deploy", &path, "--name", name, "--tenant", "demo", "--admin-url", &server.admin], &admin_key);
+        run(&kiln_bin(), &["handler", "deploy", &path, "--name", name, "--tenant", "demo", "--admin-url", &server.admin], &admin_key);
         let answer = server.client("demo").post(server.url(&format!("/v1/handlers/{name}/"))).json(&texts).send().await.expect("call");
         let status = answer.status().as_u16();
         let body: serde_json::Value = answer.json().await.expect("JSON");

@@ -1,4 +1,4 @@
-//! Deploying handlers at run time: the admin API, `kiln deploy`, validation, signatures and
+//! Deploying handlers at run time: the admin API, `kiln handler deploy`, validation, signatures and
 //! atomic hot swaps.
 
 use std::sync::Arc;
@@ -141,7 +141,7 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
         "signed-1",
         "--tenant",
         "signed",
-        "--key",
+        "--signing-key",
         &key.display().to_string(),
         "--out",
         &sig_file.display().to_string(),
@@ -182,7 +182,7 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
         "signed-1",
         "--tenant",
         "signed",
-        "--key",
+        "--signing-key",
         &other.with_extension("key").display().to_string(),
         "--out",
         &other_sig.display().to_string(),
@@ -197,6 +197,7 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
 
     // The real CLI, with the good signature.
     let out = run_kiln(&[
+        "handler",
         "deploy",
         &component.display().to_string(),
         "--name",
@@ -214,9 +215,9 @@ async fn a_tenant_with_a_signing_key_accepts_only_components_it_signed() {
     assert_eq!(deployed["signed"], true, "{deployed}");
     assert_eq!(call("signed", "signed-1", "x").await, (200, "hello from greeter (1 bytes)".into()));
 
-    let listing = run_kiln(&["handlers", "--admin-url", &server().admin, "--admin-key", server().admin_key()]);
+    let listing = run_kiln(&["handler", "ls", "--admin-url", &server().admin, "--admin-key", server().admin_key()]);
     assert!(listing.lines().any(|l| l.starts_with("signed-1") && l.contains("deployed")), "{listing}");
-    run_kiln(&["undeploy", "signed-1", "--admin-url", &server().admin, "--admin-key", server().admin_key()]);
+    run_kiln(&["handler", "undeploy", "signed-1", "--admin-url", &server().admin, "--admin-key", server().admin_key()]);
     assert_eq!(call("signed", "signed-1", "x").await.0, 404);
 }
 

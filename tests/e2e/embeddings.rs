@@ -111,7 +111,7 @@ fn bench_raw_times_the_precision_it_is_given_or_the_one_the_search_chooses() {
     let config = kiln_tests::root().join("examples/kiln.toml");
     let run = |model: &str, precision: &str| {
         let output = std::process::Command::new(kiln_tests::kiln_bin())
-            .args(["bench-raw", "-c", &config.display().to_string(), "--model", model, "--batch-sizes", "1,4", "--seconds", "0.1"])
+            .args(["bench-raw", "-c", &config.display().to_string(), "--model", model, "--batch-sizes", "1,4", "--duration", "100ms"])
             .args(["--precision", precision])
             .output()
             .expect("kiln bench-raw");

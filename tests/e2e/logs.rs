@@ -77,8 +77,8 @@ async fn every_log_line_is_json_and_every_request_has_one_access_line() {
     std::fs::write(&oip, serde_json::json!({ "inputs": [{ "name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": pixels }] }).to_string()).expect("oip");
     let grpc_trace = traceparent(999);
     let bench = std::process::Command::new(kiln_bin())
-        .args(["bench", "--model", "digits", "--grpc", &server.grpc, "--body", &oip.display().to_string(), "--requests", "12", "-c", "4", "--json"])
-        .args(["--key", server.key("demo"), "--header", &format!("traceparent:{grpc_trace}")])
+        .args(["bench", "--model", "digits", "--grpc", &server.grpc, "--body", &oip.display().to_string(), "--requests", "12", "--concurrency", "4", "--json"])
+        .args(["--tenant-key", server.key("demo"), "--header", &format!("traceparent:{grpc_trace}")])
         .output()
         .expect("kiln bench");
     let report: Value = serde_json::from_slice(&bench.stdout).unwrap_or_else(|_| panic!("bench: {}", String::from_utf8_lossy(&bench.stderr)));

@@ -417,7 +417,7 @@ fn a_served_model_pauses_resumes_flushes_retunes_and_its_requests_cancel_by_id()
         let refused = tenant.delete(server.admin_url(&format!("/v1/requests/{id}"))).send().await.expect("cancel");
         assert_eq!(refused.status(), 403, "a tenant key cannot cancel requests");
 
-        // The same through `kiln model` and `kiln requests`.
+        // The same through `kiln model` and `kiln request`.
         let cli = |args: &[&str]| {
             let mut all = args.to_vec();
             all.extend_from_slice(&["--admin-url", &server.admin, "--admin-key", server.admin_key()]);
@@ -428,7 +428,7 @@ fn a_served_model_pauses_resumes_flushes_retunes_and_its_requests_cancel_by_id()
         assert!(said.contains("max_batch_size 8") && said.contains("instances 1..=2"), "{said}");
         assert_eq!(model_state(&server, "offset").await.1["instances"], json!({ "min": 1, "max": 2 }));
         assert_eq!(cli(&["model", "resume", "offset"]).trim(), "resumed");
-        assert!(cli(&["requests"]).starts_with("ID "), "a table of requests");
+        assert!(cli(&["request", "ls"]).starts_with("ID "), "a table of requests");
         // Deleting a paused model does not strand what it queued: those requests run on it.
         act("pause").await;
         let waiting = calls(1);

@@ -277,7 +277,7 @@ async fn a_signed_deployment_is_checked_again_at_start_against_the_current_key()
     let sig = dir.path.join("greeter.sig");
     kiln_tests::kiln(&[
         "sign", &component.display().to_string(), "--handler", "rotating", "--tenant", "demo",
-        "--key", &dir.path.join("old.key").display().to_string(), "--out", &sig.display().to_string(),
+        "--signing-key", &dir.path.join("old.key").display().to_string(), "--out", &sig.display().to_string(),
     ])
     .expect("sign");
     let signature = std::fs::read_to_string(&sig).expect("signature");

@@ -85,7 +85,7 @@ fn a_server_found_through_its_environment_serves_reports_its_settings_and_answer
     server.kill().expect("kill");
     server.wait().expect("wait");
     let probe = kiln(&["health", "--url", &url, "--timeout", "2s"]);
-    assert_eq!(probe.status.code(), Some(1), "a server that is gone is not healthy");
+    assert_eq!(probe.status.code(), Some(3), "a server that is gone is not healthy, and not there: exit code 3");
     let said = String::from_utf8_lossy(&probe.stderr);
     assert!(said.contains("cannot reach") && said.contains("/v2/health/ready"), "{said}");
 

@@ -68,7 +68,7 @@ impl Load {
         let body = server.dir.path.join("sentence.json");
         std::fs::write(&body, r#"{"sentences": ["A man is eating a piece of bread."]}"#).expect("body");
         let bench = Command::new(kiln_bin())
-            .args(["bench", "--server", &server.base, "--handler", "embeddings", "-c", &callers.to_string(), "--duration", "180s", "--body"])
+            .args(["bench", "--url", &server.base, "--handler", "embeddings", "--concurrency", &callers.to_string(), "--duration", "180s", "--body"])
             .arg(&body)
             .env("KILN_KEY", server.key("demo"))
             .stdout(Stdio::null())
@@ -123,7 +123,7 @@ fn kiln_top_shows_queues_rates_and_scaling_and_answers_its_keys() {
 
     let top = root().join("target/release/kiln-top");
     assert!(top.exists(), "{} is missing: run scripts/setup.sh", top.display());
-    let command = format!("{} {} --refresh-ms 500 --admin-url {}", top.display(), server.base, server.admin);
+    let command = format!("{} --url {} --refresh 500ms --admin-url {}", top.display(), server.base, server.admin);
     let env = format!("KILN_ADMIN_KEY={}", server.admin_key());
     let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "120", "-y", "40", "-e", &env, &command]);
     assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
@@ -201,6 +201,7 @@ fn kiln_top_watches_the_replicas_of_a_fleet_at_once() {
     let _loads = (Load::embeddings(&a, 4), Load::embeddings(&b, 4));
 
     let top = root().join("target/release/kiln-top");
+    // The previous release's spelling (URLs as arguments, --refresh-ms) still works.
     let command = format!("{} {} {} --refresh-ms 500", top.display(), a.base, b.base);
     let env = format!("KILN_ADMIN_KEY={}", a.admin_key());
     let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "120", "-y", "40", "-e", &env, &command]);
@@ -241,7 +242,7 @@ fn kiln_top_speaks_tls_and_presents_its_client_certificate() {
     let env = format!("KILN_ADMIN_KEY={}", server.admin_key());
     let start = |flags: &str| {
         let _ = tmux.run(&["kill-session", "-t", "top"]);
-        let command = format!("{} {} --refresh-ms 300 --admin-url {} {flags}", top.display(), server.base, server.admin);
+        let command = format!("{} --url {} --refresh 300ms --admin-url {} {flags}", top.display(), server.base, server.admin);
         let started = tmux.run(&["new-session", "-d", "-s", "top", "-x", "160", "-y", "40", "-e", &env, &command]);
         assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
     };

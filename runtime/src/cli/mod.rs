@@ -1,5 +1,6 @@
 //! The operator commands beside `serve`: keys, signing, and deploying through the admin API.
 
+pub mod args;
 pub mod author;
 pub mod bench;
 pub mod connect;
@@ -37,14 +38,57 @@ pub fn add_key(config: &Config, principal: &Principal) -> anyhow::Result<()> {
 }
 
 /// `kiln tenant keys` / `kiln admin keys`: ids and creation times, never secrets.
-pub fn list_keys(config: &Config, principal: &Principal) -> anyhow::Result<()> {
+pub fn list_keys(config: &Config, principal: &Principal, json: bool) -> anyhow::Result<()> {
     check_principal(config, principal)?;
     let records = keys::list(&config.server.keys_dir, principal);
+    if json {
+        let list: Vec<Value> = records.iter().map(|r| serde_json::json!({ "id": r.id(), "created": r.created() })).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
     if records.is_empty() {
         eprintln!("{principal} has no keys");
     }
     for r in records {
         println!("{}  created {}", r.id(), r.created());
+    }
+    Ok(())
+}
+
+/// `kiln tenant ls`: the config's tenants, each with its key count, models, signing and the
+/// quotas a caller meets first.
+pub fn list_tenants(config: &Config, json: bool) -> anyhow::Result<()> {
+    let rows: Vec<Value> = config
+        .tenants
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name,
+                "keys": keys::list(&config.server.keys_dir, &Principal::Tenant(t.name.clone())).len(),
+                "models": t.models,
+                "signed_deployments": t.signing_key.is_some(),
+                "requests_per_second": t.quota.requests_per_second,
+                "max_concurrent": t.quota.max_concurrent,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<20} {:>4} {:<7} {:>8} {:>9} MODELS", "TENANT", "KEYS", "SIGNED", "RATE/S", "IN-FLIGHT")?;
+    for (t, row) in config.tenants.iter().zip(&rows) {
+        writeln!(
+            out,
+            "{:<20} {:>4} {:<7} {:>8} {:>9} {}",
+            t.name,
+            row["keys"],
+            if t.signing_key.is_some() { "yes" } else { "no" },
+            t.quota.requests_per_second,
+            t.quota.max_concurrent,
+            t.models.join(",")
+        )?;
     }
     Ok(())
 }
@@ -94,7 +138,7 @@ pub fn keygen(prefix: &Path) -> anyhow::Result<()> {
 }
 
 /// What `kiln sign` signs: a component, as one handler of one tenant, with its models and
-/// priorities (the same flags as `kiln deploy`).
+/// priorities (the same flags as `kiln handler deploy`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct SignedDeployment {
     /// The component (.wasm).
@@ -108,8 +152,10 @@ pub struct SignedDeployment {
     /// Models it may load (default: all of the tenant's).
     #[arg(long, value_delimiter = ',')]
     pub models: Vec<String>,
+    /// The scheduling priority it will be deployed with (0-9).
     #[arg(long)]
     pub priority: Option<u8>,
+    /// The highest priority its requests may ask for (0-9).
     #[arg(long)]
     pub max_priority: Option<u8>,
 }
@@ -151,7 +197,7 @@ pub struct AdminTarget {
     pub tls: crate::tls::ClientTls,
 }
 
-/// A deployment as the CLI sends it (`kiln deploy`'s arguments).
+/// A deployment as the CLI sends it (`kiln handler deploy`'s arguments).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeployRequest {
     /// The component (.wasm).
@@ -171,8 +217,11 @@ pub struct DeployRequest {
     /// Guest memory limit, at most the tenant's quota.
     #[arg(long)]
     pub memory_limit_mib: Option<u64>,
-    /// Guest wall-clock deadline, at most the tenant's quota.
-    #[arg(long)]
+    /// Guest wall-clock deadline (like 2s), at most the tenant's quota.
+    #[arg(long, value_parser = args::parse_duration)]
+    pub deadline: Option<std::time::Duration>,
+    /// The previous release's --deadline, in milliseconds.
+    #[arg(long, hide = true, conflicts_with = "deadline")]
     pub deadline_ms: Option<u64>,
     /// Scheduling priority of the handler's inference (0-9).
     #[arg(long)]
@@ -181,11 +230,16 @@ pub struct DeployRequest {
     #[arg(long)]
     pub max_priority: Option<u8>,
     /// Give the handler a response cache: answers its guest marks `cache-control: public,
-    /// max-age=N` are kept for at most this long (any --cache-* turns the cache on).
-    #[arg(long)]
+    /// max-age=N` are kept for at most this long (like 60s; any --cache-* turns the cache on).
+    #[arg(long, value_parser = args::parse_duration)]
+    pub cache_ttl: Option<std::time::Duration>,
+    /// The previous release's --cache-ttl, in milliseconds.
+    #[arg(long, hide = true, conflicts_with = "cache_ttl")]
     pub cache_ttl_ms: Option<u64>,
+    /// The response cache's most answers kept at once.
     #[arg(long)]
     pub cache_max_entries: Option<u64>,
+    /// The response cache's most bytes of answers kept at once.
     #[arg(long)]
     pub cache_max_bytes: Option<u64>,
 }
@@ -200,10 +254,10 @@ pub fn deploy(target: &AdminTarget, request: &DeployRequest) -> anyhow::Result<(
     }
     for (k, v) in [
         ("memory_limit_mib", request.memory_limit_mib),
-        ("deadline_ms", request.deadline_ms),
+        ("deadline_ms", request.deadline.map(millis).or(request.deadline_ms)),
         ("priority", request.priority.map(u64::from)),
         ("max_priority", request.max_priority.map(u64::from)),
-        ("cache_ttl_ms", request.cache_ttl_ms),
+        ("cache_ttl_ms", request.cache_ttl.map(millis).or(request.cache_ttl_ms)),
         ("cache_max_entries", request.cache_max_entries),
         ("cache_max_bytes", request.cache_max_bytes),
     ] {
@@ -222,6 +276,12 @@ pub fn deploy(target: &AdminTarget, request: &DeployRequest) -> anyhow::Result<(
     Ok(())
 }
 
+/// Whole milliseconds, at least 1 for any non-zero duration (the admin API counts in them).
+fn millis(d: std::time::Duration) -> u64 {
+    let ms = d.as_millis() as u64;
+    if ms == 0 && !d.is_zero() { 1 } else { ms }
+}
+
 pub fn undeploy(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
     check_name(name).map_err(|m| anyhow::anyhow!("handler name {m}"))?;
     let value = call(target, http::Method::DELETE, &format!("/v1/handlers/{name}"), Vec::new(), &[])?;
@@ -229,8 +289,11 @@ pub fn undeploy(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn list_handlers(target: &AdminTarget) -> anyhow::Result<()> {
+pub fn list_handlers(target: &AdminTarget, json: bool) -> anyhow::Result<()> {
     let value = call(target, http::Method::GET, "/v1/handlers", Vec::new(), &[])?;
+    if json {
+        return print_json(&value);
+    }
     let list: kiln_wire::HandlerList =
         serde_json::from_value(value).context("the admin API answered something other than a handler list")?;
     let mut out = std::io::stdout().lock();
@@ -304,14 +367,19 @@ pub fn tune_model(target: &AdminTarget, name: &str, knobs: &Value) -> anyhow::Re
     Ok(())
 }
 
-/// `kiln requests`: every request in flight, oldest first; `kiln requests --cancel ID`.
-pub fn requests(target: &AdminTarget, cancel: Option<&str>) -> anyhow::Result<()> {
-    if let Some(id) = cancel {
-        call(target, http::Method::DELETE, &format!("/v1/requests/{id}"), Vec::new(), &[])?;
-        println!("cancelled {id}");
-        return Ok(());
-    }
+/// `kiln request cancel ID`.
+pub fn cancel_request(target: &AdminTarget, id: &str) -> anyhow::Result<()> {
+    call(target, http::Method::DELETE, &format!("/v1/requests/{id}"), Vec::new(), &[])?;
+    println!("cancelled {id}");
+    Ok(())
+}
+
+/// `kiln request ls`: every request in flight, oldest first.
+pub fn list_requests(target: &AdminTarget, json: bool) -> anyhow::Result<()> {
     let value = call(target, http::Method::GET, "/v1/requests", Vec::new(), &[])?;
+    if json {
+        return print_json(&value["requests"]);
+    }
     let list: Vec<kiln_wire::RequestInFlight> =
         serde_json::from_value(value["requests"].clone()).context("the admin API answered something other than a request list")?;
     let mut out = std::io::stdout().lock();
@@ -329,8 +397,11 @@ fn show_model(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
 }
 
 /// `kiln model ls`: every model of the repository, served or not.
-pub fn list_models(target: &AdminTarget) -> anyhow::Result<()> {
+pub fn list_models(target: &AdminTarget, json: bool) -> anyhow::Result<()> {
     let value = call(target, http::Method::GET, "/v1/models", Vec::new(), &[])?;
+    if json {
+        return print_json(&value);
+    }
     let list: kiln_wire::ModelList =
         serde_json::from_value(value).context("the admin API answered something other than a model list")?;
     let mut out = std::io::stdout().lock();
@@ -354,7 +425,7 @@ fn model_cache(config: &Config, allow_unpinned: bool) -> ModelCache {
     ModelCache::new(config.server.cache_dir.clone(), config.server.cache_max_bytes, allow_unpinned)
 }
 
-/// `kiln model pull`: downloads `source` into the config's model cache, with a progress bar on a
+/// `kiln model cache pull`: downloads `source` into the config's model cache, with a progress bar on a
 /// terminal; prints the file's digest and path.
 pub fn pull_model(config: &Config, source: &str, sha256: Option<&str>, allow_unpinned: bool) -> anyhow::Result<()> {
     let remote = sources::parse_source(source)
@@ -388,10 +459,24 @@ pub fn pull_model(config: &Config, source: &str, sha256: Option<&str>, allow_unp
     Ok(())
 }
 
-/// `kiln model ls --cache`: the model cache's files, least recently used first.
-pub fn list_cache(config: &Config) -> anyhow::Result<()> {
+/// `kiln model cache ls`: the model cache's files, least recently used first.
+pub fn list_cache(config: &Config, json: bool) -> anyhow::Result<()> {
     let cache = model_cache(config, false);
     let files = cache.list().with_context(|| format!("cannot read the model cache {}", cache.dir().display()))?;
+    if json {
+        let list: Vec<Value> = files
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "sha256": f.sha256,
+                    "bytes": f.bytes,
+                    "idle_seconds": f.last_used.elapsed().map_or(0, |d| d.as_secs()),
+                    "sources": f.meta.sources,
+                })
+            })
+            .collect();
+        return print_json(&Value::Array(list));
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{:<64} {:>12} {:>10} SOURCES", "SHA256", "BYTES", "IDLE")?;
     for file in files {
@@ -401,7 +486,7 @@ pub fn list_cache(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kiln model rm`: removes one file from the model cache.
+/// `kiln model cache rm`: removes one file from the model cache.
 pub fn remove_cached(config: &Config, sha256: &str) -> anyhow::Result<()> {
     let digest = sources::parse_digest(sha256).map_err(anyhow::Error::msg)?;
     let cache = model_cache(config, false);
@@ -410,6 +495,40 @@ pub fn remove_cached(config: &Config, sha256: &str) -> anyhow::Result<()> {
     }
     println!("removed {digest}");
     Ok(())
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// The server could not be reached at all: nothing listens there, the name does not resolve,
+/// or the TLS handshake failed. `kiln` exits with [`kiln_wire::cli::EXIT_UNREACHABLE`] for it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach {what}: {why}")]
+pub struct Unreachable {
+    pub what: String,
+    pub why: String,
+}
+
+impl Unreachable {
+    /// `error` as an [`Unreachable`] when it is a failure to connect, else as it is.
+    fn or_error(what: &str, error: hyper_util::client::legacy::Error) -> anyhow::Error {
+        if error.is_connect() {
+            let why = std::error::Error::source(&error).map_or_else(|| error.to_string(), ToString::to_string);
+            return Unreachable { what: what.to_owned(), why }.into();
+        }
+        anyhow::Error::new(error).context(format!("no answer from {what}"))
+    }
+}
+
+/// The exit code for an error: 3 when a server could not be reached, else 1.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|e| e.is::<Unreachable>()) {
+        kiln_wire::cli::EXIT_UNREACHABLE
+    } else {
+        kiln_wire::cli::EXIT_FAILED
+    }
 }
 
 /// One admin API call; a non-2xx answer becomes an error carrying the server's message.
@@ -435,7 +554,7 @@ fn call(
         let response = client
             .request(request)
             .await
-            .with_context(|| format!("cannot reach the admin API at {}", target.url))?;
+            .map_err(|e| Unreachable::or_error(&format!("the admin API at {}", target.url), e))?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
@@ -459,7 +578,7 @@ pub fn health(url: &str, tls: &crate::tls::ClientTls, timeout: std::time::Durati
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let probe_it = async {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connect::http(tls, connect::is_https(&probe))?);
-        let response = client.request(request).await.with_context(|| format!("cannot reach {probe}"))?;
+        let response = client.request(request).await.map_err(|e| Unreachable::or_error(&probe, e))?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))

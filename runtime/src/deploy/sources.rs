@@ -58,7 +58,7 @@ const ATTEMPTS: u32 = 5;
 #[non_exhaustive]
 pub enum FetchError {
     #[error(
-        "source {origin} has no sha256 pin: add `sha256 = \"...\"` (kiln model pull {origin} --allow-unpinned prints it), or allow unpinned sources"
+        "source {origin} has no sha256 pin: add `sha256 = \"...\"` (kiln model cache pull {origin} --allow-unpinned prints it), or allow unpinned sources"
     )]
     Unpinned { origin: String },
     #[error("{origin}: its sha256 is {actual}, not the pinned {expected}; nothing was kept")]
@@ -79,7 +79,7 @@ pub enum FetchError {
 /// Who a fetch is for, which decides what it may do.
 #[derive(Debug, Clone)]
 pub enum Requester {
-    /// The operator: the config file, the admin API, `kiln model pull`. Loads of one digest at
+    /// The operator: the config file, the admin API, `kiln model cache pull`. Loads of one digest at
     /// once share one download, an interrupted one is resumed by the next, hub sources carry
     /// `HF_TOKEN`, and the environment's proxy is used.
     Operator,
@@ -134,7 +134,7 @@ pub struct CachedMeta {
     pub fetched_by: Vec<String>,
 }
 
-/// One file of the cache, as `kiln model ls --cache` shows it.
+/// One file of the cache, as `kiln model cache ls` shows it.
 #[derive(Debug, Clone)]
 pub struct CachedFile {
     pub sha256: String,

@@ -70,7 +70,7 @@ async fn snapshot(bytes: &[u8], timeout: std::time::Duration) -> wasmtime::Resul
     init.call_async(&mut store, ()).await.map_err(|e| {
         let timed_out = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
         let why = if timed_out {
-            format!("`{INIT_EXPORT}` ran past {} s (kiln build --init-timeout-s)", timeout.as_secs_f64())
+            format!("`{INIT_EXPORT}` ran past {} s (kiln build --init-timeout)", timeout.as_secs_f64())
         } else {
             format!(
                 "`{INIT_EXPORT}` failed (while pre-initialising there are no models, no outgoing \
