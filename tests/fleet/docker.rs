@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-/// The image under test: the tag `scripts/image.sh` gives by default, the one README runs.
+/// The image under test: the tag `scripts/image.sh` gives by default, the one docs/operating.md runs.
 pub(crate) const IMAGE: &str = "kiln:cpu";
 
 /// Runs `docker args` and returns its standard output, failing with its standard error.
