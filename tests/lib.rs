@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 pub mod certs;
+pub mod files;
 
 /// The repository root: `$KILN_ROOT` (for a prebuilt test binary run elsewhere, as
 /// `scripts/gpu-check.sh` does), or where this crate was built.

@@ -122,3 +122,57 @@ fn headings_become_the_anchors_github_gives_them() {
     assert_eq!(anchors, want);
     assert_eq!(link_targets("see [a](x.md#y) and [b](z \"title\") or [c](https://e)"), ["x.md#y", "z", "https://e"]);
 }
+
+/// Where a repository path may start: the tracked top-level folders. A path under `build/` or
+/// `target/` is made by the set-up, so the docs may name one that does not exist yet.
+fn tracked_roots(files: &[String]) -> BTreeSet<String> {
+    files.iter().filter_map(|f| f.split_once('/').map(|(top, _)| format!("{top}/"))).collect()
+}
+
+/// The inline code spans of `line` that name a repository path: they start with a tracked
+/// top-level folder, and are a plain path (no spaces, placeholders, globs or variables, which
+/// make them a pattern or a command rather than a file's name).
+fn named_paths<'a>(line: &'a str, roots: &BTreeSet<String>) -> Vec<&'a str> {
+    line.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|span| span.trim_end_matches([':', ',', '.']))
+        .filter(|span| roots.iter().any(|r| span.starts_with(r.as_str())))
+        .filter(|span| !span.contains([' ', '*', '{', '<', '$', '…', '=', '(', '?', '|']) && !span.contains("..."))
+        .map(|span| span.split_once('#').map_or(span, |(path, _)| path))
+        .collect()
+}
+
+#[test]
+fn every_repository_path_the_docs_name_exists() {
+    let root = root();
+    let output = std::process::Command::new("git").args(["ls-files", "-z"]).current_dir(&root).output().expect("git ls-files");
+    let files: Vec<String> = output.stdout.split(|&b| b == 0).filter(|f| !f.is_empty()).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    let roots = tracked_roots(&files);
+    let exists = |path: &str| {
+        let path = path.trim_end_matches('/');
+        files.iter().any(|f| f == path || f.starts_with(&format!("{path}/")))
+    };
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for file in markdown_files() {
+        let text = std::fs::read_to_string(root.join(&file)).unwrap_or_default();
+        for (number, line) in prose(&text) {
+            for path in named_paths(line, &roots) {
+                checked += 1;
+                if !exists(path) {
+                    missing.push(format!("{}:{number}: `{path}` is not in the repository", file.display()));
+                }
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} repository paths named: is the notation still read?");
+    assert!(missing.is_empty(), "paths the docs name that do not exist:\n{}", missing.join("\n"));
+}
+
+#[test]
+fn only_plain_repository_paths_count_as_named() {
+    let roots: BTreeSet<String> = ["docs/", "scripts/"].into_iter().map(String::from).collect();
+    let line = "see `docs/SECURITY.md`, `scripts/test.sh --quick`, `docs/*.md`, `build/x`, `docs/NAME.md`: `scripts/serve.sh`.";
+    assert_eq!(named_paths(line, &roots), ["docs/SECURITY.md", "docs/NAME.md", "scripts/serve.sh"]);
+}

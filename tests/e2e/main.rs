@@ -7,6 +7,7 @@ mod deploy;
 mod digits;
 mod embeddings;
 mod errors;
+mod examples;
 mod grpc;
 mod logs;
 mod observability;

@@ -1,148 +1,16 @@
 //! Remote model sources: files served by a local HTTP server in this process (no internet),
 //! fetched by digest into the model cache, resumed after a cut, refused on a wrong digest,
 //! downloaded once for concurrent loads, evicted least recently used, and pulled ahead of time
-//! with `kiln model pull`.
+//! with `kiln model cache pull`.
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+pub(crate) use kiln_tests::files::{FileServer, sha256};
 use kiln_tests::{Server, artifact, examples_config};
 use serde_json::{Value, json};
 
 use super::{json_of, model_state, runtime, until_ready};
-
-/// A file server for the tests. The first folder of a path says how it answers; the last part
-/// names the file:
-/// - `/files/F`: the whole file, or from a `Range: bytes=N-` on;
-/// - `/cut/F`: the first request without a range gets half the file and a closed connection;
-/// - `/slow/F`: the file in 10 pieces, 80 ms apart;
-/// - `/trickle/F`: the file 16 bytes at a time, 100 ms apart (a download that takes minutes);
-/// - `/hf/ORG/REPO/resolve/REV/F`: as `/files/F` (Hugging Face's URL layout).
-pub(crate) struct FileServer {
-    base: String,
-    /// Every request: its path, its Range header and its Authorization header (empty without).
-    requests: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl FileServer {
-    pub(crate) fn start(files: HashMap<String, Vec<u8>>) -> FileServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the file server");
-        let base = format!("http://{}", listener.local_addr().expect("address"));
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let (files, log) = (Arc::new(files), Arc::clone(&requests));
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (files, log) = (Arc::clone(&files), Arc::clone(&log));
-                std::thread::spawn(move || serve(stream, &files, &log));
-            }
-        });
-        FileServer { base, requests }
-    }
-
-    pub(crate) fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// The requests whose path starts with `prefix`, with their ranges.
-    fn requests_to(&self, prefix: &str) -> Vec<(String, String)> {
-        let requests = self.requests.lock().expect("requests");
-        requests.iter().filter(|r| r.path.starts_with(prefix)).map(|r| (r.path.clone(), r.range.clone())).collect()
-    }
-
-    /// The Authorization headers of the requests whose path starts with `prefix`.
-    pub(crate) fn authorizations_to(&self, prefix: &str) -> Vec<String> {
-        let requests = self.requests.lock().expect("requests");
-        requests.iter().filter(|r| r.path.starts_with(prefix)).map(|r| r.authorization.clone()).collect()
-    }
-}
-
-/// One request as the file server saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    range: String,
-    authorization: String,
-}
-
-fn serve(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Vec<Seen>>) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone the stream"));
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or_default().to_owned();
-    let mut range = String::new();
-    let mut authorization = String::new();
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("range") {
-                range = value.trim().to_owned();
-            } else if name.eq_ignore_ascii_case("authorization") {
-                authorization = value.trim().to_owned();
-            }
-        }
-    }
-    log.lock().expect("log").push(Seen { path: path.clone(), range: range.clone(), authorization });
-    let name = path.rsplit('/').next().unwrap_or_default();
-    let Some(body) = files.get(name) else {
-        let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        return;
-    };
-    let start: usize = range
-        .strip_prefix("bytes=")
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-        .min(body.len());
-    let head = match start {
-        0 => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len()),
-        _ => format!(
-            "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{}\r\nconnection: close\r\n\r\n",
-            body.len() - start,
-            body.len() - 1,
-            body.len()
-        ),
-    };
-    let _ = stream.write_all(head.as_bytes());
-    let rest = &body[start..];
-    if path.starts_with("/cut/") && range.is_empty() {
-        let _ = stream.write_all(&rest[..rest.len() / 2]);
-        let _ = stream.flush();
-        let _ = stream.shutdown(std::net::Shutdown::Both);
-        return;
-    }
-    if path.starts_with("/trickle/") {
-        for piece in rest.chunks(16) {
-            std::thread::sleep(Duration::from_millis(100));
-            if stream.write_all(piece).and_then(|()| stream.flush()).is_err() {
-                return;
-            }
-        }
-        return;
-    }
-    if path.starts_with("/slow/") {
-        for piece in rest.chunks(rest.len().div_ceil(10).max(1)) {
-            std::thread::sleep(Duration::from_millis(80));
-            if stream.write_all(piece).and_then(|()| stream.flush()).is_err() {
-                return;
-            }
-        }
-        return;
-    }
-    let _ = stream.write_all(rest);
-}
-
-pub(crate) fn sha256(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 pub(crate) fn offset_bytes(version: u32) -> Vec<u8> {
     std::fs::read(artifact("build/models").join(format!("offset-{version}.pt"))).expect("offset model")
@@ -276,23 +144,24 @@ fn a_model_fetched_by_digest_from_a_local_server_serves_and_a_bad_download_keeps
     });
     assert_eq!(web.requests_to("/slow/").len() + web.requests_to("/hf/").len(), 2, "no download after the restart");
 
-    // `kiln model pull` fills the same cache ahead of time; `ls --cache` and `rm` manage it.
+    // `kiln model cache pull` fills the same cache ahead of time; `kiln model cache ls` and `rm` manage it.
     let config_arg = server.config.display().to_string();
     let url = web.url("/files/offset-1.pt");
-    let pulled = kiln_tests::kiln(&["model", "pull", &url, "--sha256", &d1, "--config", &config_arg]).expect("pull");
+    let pulled = kiln_tests::kiln(&["model", "cache", "pull", &url, "--sha256", &d1, "--config", &config_arg]).expect("pull");
     assert!(pulled.contains("downloaded") && pulled.contains(&d1), "{pulled}");
-    let again = kiln_tests::kiln(&["model", "pull", &url, "--sha256", &d1, "--config", &config_arg]).expect("pull");
+    let again = kiln_tests::kiln(&["model", "cache", "pull", &url, "--sha256", &d1, "--config", &config_arg]).expect("pull");
     assert!(again.contains("already cached"), "{again}");
-    let unpinned = kiln_tests::kiln(&["model", "pull", &url, "--config", &config_arg]).expect_err("unpinned pull");
+    let unpinned = kiln_tests::kiln(&["model", "cache", "pull", &url, "--config", &config_arg]).expect_err("unpinned pull");
     assert!(unpinned.to_string().contains("--allow-unpinned"), "{unpinned:#}");
-    let printed = kiln_tests::kiln(&["model", "pull", &url, "--allow-unpinned", "--config", &config_arg]).expect("pull");
+    let printed = kiln_tests::kiln(&["model", "cache", "pull", &url, "--allow-unpinned", "--config", &config_arg]).expect("pull");
     assert!(printed.contains(&format!("sha256 = \"{d1}\"")), "the digest to pin is printed: {printed}");
     let other = sha256(b"another file");
-    let wrong = kiln_tests::kiln(&["model", "pull", &url, "--sha256", &other, "--config", &config_arg]).expect_err("wrong pin");
+    let wrong = kiln_tests::kiln(&["model", "cache", "pull", &url, "--sha256", &other, "--config", &config_arg]).expect_err("wrong pin");
     assert!(wrong.to_string().contains(&d1) && wrong.to_string().contains(&other), "{wrong:#}");
-    let listed = kiln_tests::kiln(&["model", "ls", "--cache", "--config", &config_arg]).expect("ls");
+    let listed = kiln_tests::kiln(&["model", "cache", "ls", "--config", &config_arg]).expect("ls");
     assert!(listed.lines().any(|l| l.starts_with(&d1) && l.contains(&url)), "{listed}");
-    kiln_tests::kiln(&["model", "rm", &d1, "--config", &config_arg]).expect("rm");
+    kiln_tests::kiln(&["model", "cache", "rm", &d1, "--config", &config_arg]).expect("rm");
+    // The previous release's spelling of `model cache ls` still works.
     let listed = kiln_tests::kiln(&["model", "ls", "--cache", "--config", &config_arg]).expect("ls");
     assert!(!listed.contains(&d1) && listed.contains(&d3), "{listed}");
 }
