@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 
 pub mod certs;
 pub mod files;
+pub mod registry;
 
 /// The repository root: `$KILN_ROOT` (for a prebuilt test binary run elsewhere, as
 /// `scripts/gpu-check.sh` does), or where this crate was built.

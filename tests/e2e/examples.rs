@@ -8,13 +8,15 @@
 //! server's addresses and keys, and ids and digests that exist, made just before the example
 //! that needs them. An example passes when it exits 0; `kiln serve` when the server it starts
 //! gets ready and stops cleanly on SIGTERM, `kiln-top` when it is still running after a few
-//! seconds on a terminal.
+//! seconds on a terminal. `kiln push` and `kiln pull` use a registry on loopback (Debian's
+//! docker-registry; recorded as skipped where it is not installed).
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_tests::files::{FileServer, sha256};
+use kiln_tests::registry::Registry;
 use kiln_tests::{Server, TempDir, artifact, examples_config, free_port, kiln_bin, root};
 use serde_json::Value;
 
@@ -63,6 +65,8 @@ const SET_UP: [&str; 2] = ["scripts/serve.sh", "scripts/test.sh"];
 
 struct Bench {
     server: Server,
+    /// For `kiln push` and `kiln pull`, where Debian's docker-registry is installed.
+    registry: Option<Registry>,
     /// The key files and the scratch folder the examples' `/tmp` becomes.
     _dir: TempDir,
     /// Text as the examples write it, and what it is here.
@@ -93,6 +97,14 @@ impl Bench {
             ("build/admin.key".to_owned(), admin_key.display().to_string()),
             ("https://models.example/".to_owned(), files.url("/files/")),
         ];
+        let registry = Registry::start("e2e::examples: kiln push and kiln pull");
+        let mut replace = replace;
+        let mut env_registry = Vec::new();
+        if let Some(registry) = &registry {
+            replace.push(("registry.example:5000".to_owned(), registry.addr.clone()));
+            env_registry.push(("KILN_REGISTRY_AUTH".to_owned(), registry.file("auth.json")));
+            env_registry.push(("KILN_REGISTRY_CA".to_owned(), registry.file("ca.pem")));
+        }
         let bin = kiln_bin().parent().expect("the binaries' folder").display().to_string();
         let env = vec![
             ("PATH".to_owned(), format!("{bin}:{}", std::env::var("PATH").unwrap_or_default())),
@@ -107,7 +119,8 @@ impl Bench {
             ("CARGO_NET_OFFLINE".to_owned(), "true".to_owned()),
             ("CARGO_TARGET_DIR".to_owned(), root().join("target/authors").display().to_string()),
         ];
-        Bench { server, _dir: dir, replace, env }
+        let env = [env, env_registry].concat();
+        Bench { server, registry, _dir: dir, replace, env }
     }
 
     fn shell(&self, script: &str) -> Command {
@@ -249,6 +262,9 @@ async fn every_example_in_the_help_and_the_readme_runs() {
     let bench = std::sync::Arc::new(bench);
     for (command, example) in examples {
         let b = std::sync::Arc::clone(&bench);
+        if example.contains("registry.example") && bench.registry.is_none() {
+            continue;
+        }
         if example.contains("REQUEST_ID") {
             cancel_a_request(&bench, &example).await;
             continue;

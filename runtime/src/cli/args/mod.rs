@@ -222,8 +222,17 @@ Examples:
     },
     /// Push a component to an OCI registry as a WebAssembly artifact (wkg and Spin read it),
     /// its signature attached; prints the oci://…@sha256 reference to pin in a config.
+    #[command(after_help = "\
+Examples:
+  kiln push target/wasm32-wasip2/guest/digits.wasm oci://registry.example:5000/acme/digits:1
+      Prints oci://registry.example:5000/acme/digits@sha256:…, the pin for a handler's component
+      (credentials: --registry-auth or $DOCKER_CONFIG/config.json).")]
     Push(crate::cli::oci::PushArgs),
     /// Pull a component from an OCI registry, verified against its digests; prints its pin.
+    #[command(after_help = "\
+Examples:
+  kiln pull oci://registry.example:5000/acme/digits:1 --out /tmp/digits.wasm
+      Writes the component, and prints the tag's pin (oci://…@sha256:…).")]
     Pull(crate::cli::oci::PullArgs),
     /// Put load on a handler or a model's OIP endpoint and report latency, throughput, errors
     /// and the server's average batch size.
