@@ -96,6 +96,11 @@ mod tests {
     }
 
     #[test]
+    fn its_help_shows_examples() {
+        assert!(kiln_wire::cli::without_examples(&Args::command()).is_empty());
+    }
+
+    #[test]
     fn urls_come_from_flags_commas_or_the_old_arguments() {
         let parse = |line: &[&str]| Args::try_parse_from(line).expect("parses").urls();
         assert_eq!(parse(&["kiln-top"]), ["http://127.0.0.1:8080"]);

@@ -77,6 +77,28 @@ mod reference {
         missing
     }
 
+    /// Each visible command that runs something (one without subcommands) whose help shows no
+    /// `Examples:` of its own.
+    pub fn without_examples(root: &Command) -> Vec<String> {
+        fn leaves(command: &Command, line: &str, out: &mut Vec<String>) {
+            let subcommands: Vec<&Command> = command.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help").collect();
+            if subcommands.is_empty() {
+                let help = command.get_after_help().or(command.get_after_long_help()).map(ToString::to_string).unwrap_or_default();
+                if !help.lines().any(|l| l == "Examples:") {
+                    out.push(line.to_owned());
+                }
+            }
+            for sub in subcommands {
+                leaves(sub, &format!("{line} {}", sub.get_name()), out);
+            }
+        }
+        let mut root = root.clone();
+        root.build();
+        let mut out = Vec::new();
+        leaves(&root, root.get_name(), &mut out);
+        out
+    }
+
     fn walk(command: &Command, line: &str, missing: &mut Vec<String>) {
         if command.get_about().is_none() && command.get_long_about().is_none() {
             missing.push(line.to_owned());
@@ -98,7 +120,7 @@ mod reference {
 }
 
 #[cfg(feature = "clap")]
-pub use reference::{reference, undocumented};
+pub use reference::{reference, undocumented, without_examples};
 
 #[cfg(test)]
 mod tests {

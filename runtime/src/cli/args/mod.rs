@@ -513,6 +513,17 @@ mod tests {
         assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
 
+    #[test]
+    fn every_command_shows_its_own_examples() {
+        let missing = kiln_wire::cli::without_examples(&Cli::command());
+        assert!(missing.is_empty(), "without examples in their --help: {missing:#?}");
+        let bare = clap::Command::new("x")
+            .subcommand(clap::Command::new("shown").after_help("Examples:\n  x shown"))
+            .subcommand(clap::Command::new("bare").about("no examples"));
+        assert_eq!(kiln_wire::cli::without_examples(&bare), ["x bare"]);
+        assert_eq!(kiln_wire::cli::undocumented(&bare), ["x", "x shown"]);
+    }
+
     /// `-c` means `--config` wherever it is shown.
     #[test]
     fn dash_c_is_only_ever_config() {
