@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser as _;
 use kiln::cli::args::{
@@ -150,10 +151,11 @@ fn model(command: ModelCommand) -> anyhow::Result<()> {
             if let Some(n) = max_batch_size {
                 knobs.insert("max_batch_size".into(), n.into());
             }
-            if let Some(us) = max_queue_delay.map(|d| d.as_micros() as u64).or(max_queue_delay_us) {
+            let whole = kiln_wire::cli::whole;
+            if let Some(us) = max_queue_delay.map(|d| whole(d, Duration::from_micros(1))).or(max_queue_delay_us) {
                 knobs.insert("max_queue_delay_us".into(), us.into());
             }
-            if let Some(ms) = timeout.map(|d| d.as_millis() as u64).or(timeout_ms) {
+            if let Some(ms) = timeout.map(|d| whole(d, Duration::from_millis(1))).or(timeout_ms) {
                 knobs.insert("timeout_ms".into(), ms.into());
             }
             if let Some(text) = instances {
@@ -223,7 +225,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (_, Some(m), _) => format!("{server}/v2/models/{m}/infer"),
         (_, _, Some(u)) if u.starts_with("http") => u.clone(),
         (_, _, Some(u)) => format!("{server}/{}", u.trim_start_matches('/')),
-        _ => anyhow::bail!("say what to load: --handler NAME, --model NAME or --endpoint PATH"),
+        _ => anyhow::bail!("say what to load: --handler NAME, --model NAME or --endpoint PATH (--url is the server's address)"),
     };
     let body = kiln::cli::bench::read_body(&args.body)?;
     let body_for_grpc = body.clone();
@@ -277,14 +279,19 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(kiln::cli::bench::run(spec))?;
-    if report.ok == 0 && !report.errors.is_empty() && report.errors.keys().all(|k| k.starts_with("connect")) {
-        let why = report.errors.keys().next().cloned().unwrap_or_default();
-        return Err(kiln::cli::Unreachable { what: server, why }.into());
-    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{report}");
+    }
+    // A run in which nothing succeeded measured nothing: say so in the exit code too (3 when
+    // no request could connect).
+    if report.ok == 0 && !report.errors.is_empty() && report.errors.keys().all(|k| k.starts_with("connect")) {
+        let why = report.errors.keys().next().cloned().unwrap_or_default();
+        return Err(kiln::cli::Unreachable(format!("cannot reach {}: {why}", report.url)).into());
+    }
+    if report.ok == 0 {
+        anyhow::bail!("no request succeeded ({} sent): see the errors in the report", report.requests);
     }
     Ok(())
 }

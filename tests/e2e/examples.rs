@@ -96,6 +96,10 @@ impl Bench {
             ("build/demo.key".to_owned(), demo_key.display().to_string()),
             ("build/admin.key".to_owned(), admin_key.display().to_string()),
             ("https://models.example/".to_owned(), files.url("/files/")),
+            // The fleet example's two replicas are this server twice.
+            ("http://10.0.0.5:8080".to_owned(), server.base.clone()),
+            ("http://10.0.0.6:8080".to_owned(), server.base.clone()),
+            ("http://10.0.0.5:8081".to_owned(), server.admin.clone()),
         ];
         let registry = Registry::start("e2e::examples: kiln push and kiln pull");
         let mut replace = replace;
@@ -199,20 +203,19 @@ impl Bench {
         assert!(status.success(), "`{example}` did not stop cleanly on SIGTERM: {status}");
     }
 
-    /// `kiln-top ...` on a terminal (script(1) gives it one): still running after 3 s.
+    /// `kiln-top ...` on a terminal (script(1) gives it one): still running after 4 s, having
+    /// drawn this server's models.
     fn top(&self, example: &str) {
         let output = self
-            .shell(&format!("timeout 3 script -qec {} /dev/null", shell_quote(example)))
+            // script's terminal starts with no size: give it one to draw on.
+            // Its input stays open and silent (a closed one reads as keys).
+            .shell(&format!("sleep 5 | timeout 4 script -qec {} /dev/null", shell_quote(&format!("stty cols 140 rows 45; exec {example}"))))
             .env("TERM", "xterm")
             .output()
             .expect("script");
-        assert_eq!(
-            output.status.code(),
-            Some(124),
-            "`{example}` should still run after 3 s:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let screen = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(124), "`{example}` should still run after 4 s:\n{screen}{}", String::from_utf8_lossy(&output.stderr));
+        assert!(screen.contains("minilm") && !screen.contains("DISCONNECTED"), "`{example}` did not show the server's models:\n{screen}");
     }
 }
 
@@ -224,6 +227,10 @@ fn shell_quote(text: &str) -> String {
 /// id; it answers 503.
 async fn cancel_a_request(bench: &Bench, example: &str) {
     let admin = bench.server.admin_client();
+    // An example before this one set a 2 s timeout: long enough for a paused queue to hold the
+    // request while a slow machine starts the cancelling command.
+    let patient = admin.patch(bench.server.admin_url("/v1/models/digits")).json(&serde_json::json!({ "timeout_ms": 120_000 })).send().await.expect("timeout");
+    assert!(patient.status().is_success(), "timeout: {}", patient.status());
     let pause = admin.post(bench.server.admin_url("/v1/models/digits/pause")).send().await.expect("pause");
     assert!(pause.status().is_success(), "pause: {}", pause.status());
     let client = bench.server.client("demo");
@@ -273,6 +280,10 @@ async fn every_example_in_the_help_and_the_readme_runs() {
             let line = b.prepare(&command, &example);
             if line.starts_with("kiln serve") {
                 b.serve(&line);
+            } else if line.starts_with("kiln health") {
+                // Without --url it finds the server through the config, not KILN_URL.
+                let output = b.shell(&line).env_remove("KILN_URL").output().expect("bash");
+                assert!(output.status.success(), "`{line}` failed: {}", String::from_utf8_lossy(&output.stderr));
             } else if line.starts_with("kiln-top") {
                 b.top(&line);
             } else {

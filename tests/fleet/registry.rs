@@ -222,13 +222,13 @@ async fn a_tenant_with_a_signing_key_runs_only_a_component_signed_for_this_handl
     let refused = serve_refuses(&config(&registry, &unsigned, line.trim(), ""));
     assert!(refused.contains("requires signed components") && refused.contains("dev.kiln.signature"), "{refused}");
     // Signed for another handler name: refused.
-    kiln(&["sign", &wasm, "--handler", "other", "--tenant", "demo", "--models", "digits", "--key", &key, "--out", &sig]).expect("sign");
+    kiln(&["sign", &wasm, "--handler", "other", "--tenant", "demo", "--models", "digits", "--signing-key", &key, "--out", &sig]).expect("sign");
     let (ok, wrong, err) = registry.kiln(&["push", &wasm, &format!("{repo}:wrong"), "--signature", &sig], "auth.json");
     assert!(ok, "{err}");
     let refused = serve_refuses(&config(&registry, &wrong, line.trim(), ""));
     assert!(refused.contains("does not verify against tenant 'demo'"), "{refused}");
     // Signed for this handler as the config deploys it: served.
-    kiln(&["sign", &wasm, "--handler", "digits", "--tenant", "demo", "--models", "digits", "--key", &key, "--out", &sig]).expect("sign");
+    kiln(&["sign", &wasm, "--handler", "digits", "--tenant", "demo", "--models", "digits", "--signing-key", &key, "--out", &sig]).expect("sign");
     let (ok, signed, err) = registry.kiln(&["push", &wasm, &format!("{repo}:v1"), "--signature", &sig], "auth.json");
     assert!(ok, "{err}");
     let server = Server::start(&config(&registry, &signed, line.trim(), ""), &["demo"]).expect("server");

@@ -24,10 +24,11 @@ Examples:
 pub struct Args {
     /// The server's address (its admin API's serves the same); repeat it, or separate with
     /// commas, to watch a fleet: one row each, queues, rates and latencies summed over them.
-    #[arg(long, env = "KILN_URL", value_delimiter = ',')]
+    /// Without it, KILN_URL (commas too), else http://127.0.0.1:8080.
+    #[arg(long, value_delimiter = ',')]
     pub url: Vec<String>,
     /// The previous release's way to give --url: as arguments.
-    #[arg(hide = true)]
+    #[arg(hide = true, conflicts_with = "url")]
     pub urls: Vec<String>,
     /// An admin key (`kiln admin add-key`).
     #[arg(long, alias = "key", env = "KILN_ADMIN_KEY", hide_env_values = true)]
@@ -54,11 +55,21 @@ pub struct Args {
 }
 
 impl Args {
-    /// The servers to watch, without trailing slashes: --url (or KILN_URL), else the old
-    /// arguments, else the default server.
+    /// The servers to watch, without trailing slashes: those the command line names (--url, or
+    /// the old arguments), else KILN_URL's, else the default server.
     pub fn urls(&self) -> Vec<String> {
+        self.urls_with(std::env::var("KILN_URL").ok().as_deref())
+    }
+
+    fn urls_with(&self, env: Option<&str>) -> Vec<String> {
+        let clean = |list: Vec<&str>| -> Vec<String> {
+            list.into_iter().map(|u| u.trim().trim_end_matches('/').to_owned()).filter(|u| !u.is_empty()).collect()
+        };
         let given = if self.url.is_empty() { &self.urls } else { &self.url };
-        let urls: Vec<String> = given.iter().map(|u| u.trim().trim_end_matches('/').to_owned()).filter(|u| !u.is_empty()).collect();
+        let mut urls = clean(given.iter().map(String::as_str).collect());
+        if urls.is_empty() {
+            urls = clean(env.unwrap_or_default().split(',').collect());
+        }
         if urls.is_empty() { vec!["http://127.0.0.1:8080".to_owned()] } else { urls }
     }
 
@@ -102,11 +113,17 @@ mod tests {
 
     #[test]
     fn urls_come_from_flags_commas_or_the_old_arguments() {
-        let parse = |line: &[&str]| Args::try_parse_from(line).expect("parses").urls();
+        let parse = |line: &[&str]| Args::try_parse_from(line).expect("parses").urls_with(None);
         assert_eq!(parse(&["kiln-top"]), ["http://127.0.0.1:8080"]);
         assert_eq!(parse(&["kiln-top", "--url", "http://a:1/", "--url", "http://b:2"]), ["http://a:1", "http://b:2"]);
         assert_eq!(parse(&["kiln-top", "--url", "http://a:1,http://b:2"]), ["http://a:1", "http://b:2"]);
         assert_eq!(parse(&["kiln-top", "http://a:1", "http://b:2"]), ["http://a:1", "http://b:2"]);
+        // The command line wins over KILN_URL, which wins over the default.
+        let with_env = |line: &[&str]| Args::try_parse_from(line).expect("parses").urls_with(Some("http://e:1,http://e:2/"));
+        assert_eq!(with_env(&["kiln-top"]), ["http://e:1", "http://e:2"]);
+        assert_eq!(with_env(&["kiln-top", "http://a:1"]), ["http://a:1"]);
+        assert_eq!(with_env(&["kiln-top", "--url", "http://b:2"]), ["http://b:2"]);
+        assert!(Args::try_parse_from(["kiln-top", "--url", "http://a:1", "http://b:2"]).is_err(), "both ways at once are refused");
     }
 
     #[test]

@@ -21,7 +21,29 @@ Exit codes:
   0  ok
   1  failed (the server refused, a check did not pass, a file could not be read)
   2  usage (an unknown flag, a missing argument, a value that does not parse)
-  3  the server could not be reached (refused, no such host, TLS handshake failed)";
+  3  the server could not be reached (refused, no such host, TLS handshake failed, no answer
+     in time)";
+
+/// A server (or a registry) could not be reached at all: nothing listens there, the name does
+/// not resolve, the TLS handshake failed, or nothing answered in time. The commands exit with
+/// [`EXIT_UNREACHABLE`] for an error whose chain holds one. The text is the whole message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whole units of `unit` in `d`, at least 1 when `d` is not zero: a small duration never turns
+/// into 0, which the admin API reads as "none" or refuses.
+pub fn whole(d: Duration, unit: Duration) -> u64 {
+    let n = (d.as_nanos() / unit.as_nanos().max(1)) as u64;
+    if n == 0 && !d.is_zero() { 1 } else { n }
+}
 
 /// A duration as the command lines take it: a number and a unit, `us`, `ms`, `s` or `m`
 /// (`250us`, `500ms`, `10s`, `1.5m`); a bare number is seconds.
@@ -133,6 +155,14 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn whole_units_never_round_a_small_duration_to_zero() {
+        assert_eq!(whole(Duration::from_micros(1500), Duration::from_millis(1)), 1);
+        assert_eq!(whole(Duration::from_nanos(300), Duration::from_micros(1)), 1);
+        assert_eq!(whole(Duration::from_secs(2), Duration::from_millis(1)), 2000);
+        assert_eq!(whole(Duration::ZERO, Duration::from_millis(1)), 0);
     }
 
     #[test]

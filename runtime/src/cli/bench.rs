@@ -175,7 +175,15 @@ impl GrpcClient {
             .with_context(|| format!("--grpc {}", load.addr))?
             .connect_with_connector(super::connect::grpc(tls, super::connect::is_https(&uri))?)
             .await
-            .with_context(|| format!("cannot connect to {}", load.addr))?;
+            .map_err(|e| {
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                kiln_wire::cli::Unreachable(format!("cannot reach {}: {why}", load.addr))
+            })?;
         let mut headers_map = http::HeaderMap::new();
         for (k, v) in headers {
             let name = http::HeaderName::from_bytes(k.to_lowercase().as_bytes()).with_context(|| format!("header '{k}'"))?;

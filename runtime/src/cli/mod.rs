@@ -278,8 +278,7 @@ pub fn deploy(target: &AdminTarget, request: &DeployRequest) -> anyhow::Result<(
 
 /// Whole milliseconds, at least 1 for any non-zero duration (the admin API counts in them).
 fn millis(d: std::time::Duration) -> u64 {
-    let ms = d.as_millis() as u64;
-    if ms == 0 && !d.is_zero() { 1 } else { ms }
+    kiln_wire::cli::whole(d, std::time::Duration::from_millis(1))
 }
 
 pub fn undeploy(target: &AdminTarget, name: &str) -> anyhow::Result<()> {
@@ -502,24 +501,15 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server could not be reached at all: nothing listens there, the name does not resolve,
-/// or the TLS handshake failed. `kiln` exits with [`kiln_wire::cli::EXIT_UNREACHABLE`] for it.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot reach {what}: {why}")]
-pub struct Unreachable {
-    pub what: String,
-    pub why: String,
-}
+pub use kiln_wire::cli::Unreachable;
 
-impl Unreachable {
-    /// `error` as an [`Unreachable`] when it is a failure to connect, else as it is.
-    fn or_error(what: &str, error: hyper_util::client::legacy::Error) -> anyhow::Error {
-        if error.is_connect() {
-            let why = std::error::Error::source(&error).map_or_else(|| error.to_string(), ToString::to_string);
-            return Unreachable { what: what.to_owned(), why }.into();
-        }
-        anyhow::Error::new(error).context(format!("no answer from {what}"))
+/// `error` as an [`Unreachable`] when it is a failure to connect, else as it is.
+fn unreachable_or(what: &str, error: hyper_util::client::legacy::Error) -> anyhow::Error {
+    if error.is_connect() {
+        let why = std::error::Error::source(&error).map_or_else(|| error.to_string(), ToString::to_string);
+        return Unreachable(format!("cannot reach {what}: {why}")).into();
     }
+    anyhow::Error::new(error).context(format!("no answer from {what}"))
 }
 
 /// The exit code for an error: 3 when a server could not be reached, else 1.
@@ -554,7 +544,7 @@ fn call(
         let response = client
             .request(request)
             .await
-            .map_err(|e| Unreachable::or_error(&format!("the admin API at {}", target.url), e))?;
+            .map_err(|e| unreachable_or(&format!("the admin API at {}", target.url), e))?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
@@ -578,13 +568,13 @@ pub fn health(url: &str, tls: &crate::tls::ClientTls, timeout: std::time::Durati
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let probe_it = async {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connect::http(tls, connect::is_https(&probe))?);
-        let response = client.request(request).await.map_err(|e| Unreachable::or_error(&probe, e))?;
+        let response = client.request(request).await.map_err(|e| unreachable_or(&probe, e))?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
     };
     let answer = runtime.block_on(async { tokio::time::timeout(timeout, probe_it).await });
-    let (status, body) = answer.map_err(|_| anyhow::anyhow!("{probe}: no answer within {timeout:?}"))??;
+    let (status, body) = answer.map_err(|_| Unreachable(format!("cannot reach {probe}: no answer within {timeout:?}")))??;
     if status != http::StatusCode::OK {
         bail!("{probe}: not ready ({status}): {}", String::from_utf8_lossy(&body).chars().take(200).collect::<String>());
     }

@@ -154,7 +154,8 @@ fn registry_error(r: &OciRef, what: &str, e: oci_client::errors::OciDistribution
             format!("{r}: not in {} ({})", r.registry, envelope.errors.iter().map(|x| x.message.clone()).collect::<Vec<_>>().join("; "))
         }
         E::RequestError(inner) if inner.is_connect() || inner.is_timeout() => {
-            format!("cannot reach {} ({})", r.registry, full_chain(inner))
+            let why = format!("{what} {r}: cannot reach {} ({})", r.registry, full_chain(inner));
+            return kiln_wire::cli::Unreachable(why).into();
         }
         E::RequestError(inner) => format!("{} broke off ({})", r.registry, full_chain(inner)),
         other => format!("{other}"),
