@@ -7,8 +7,8 @@
 //! files, and names the reader fills in (KEY_ID, REQUEST_ID, SHA256). Here those become this
 //! server's addresses and keys, and ids and digests that exist, made just before the example
 //! that needs them. An example passes when it exits 0; `kiln serve` when the server it starts
-//! gets ready and stops cleanly on SIGTERM, `kiln-top` when it is still running after a few
-//! seconds on a terminal. `kiln push` and `kiln pull` use a registry on loopback (Debian's
+//! gets ready and stops cleanly on SIGTERM, `kiln-top` when it has drawn the server's models on
+//! a terminal and is still running after a few seconds. `kiln push` and `kiln pull` use a registry on loopback (Debian's
 //! docker-registry; recorded as skipped where it is not installed).
 
 use std::collections::HashMap;
@@ -79,6 +79,7 @@ impl Bench {
         let server = Server::start(&examples_config("", &[], ""), &["demo"]).expect("server");
         let dir = TempDir::new("kiln-examples").expect("temp dir");
         let digits = std::fs::read(artifact("build/models/digits.pt")).expect("digits.pt");
+        let digest = sha256(&digits);
         let files = FileServer::start(HashMap::from([("digits.pt".to_owned(), digits)]));
         let demo_key = dir.path.join("demo.key");
         let admin_key = dir.path.join("admin.key");
@@ -96,6 +97,7 @@ impl Bench {
             ("build/demo.key".to_owned(), demo_key.display().to_string()),
             ("build/admin.key".to_owned(), admin_key.display().to_string()),
             ("https://models.example/".to_owned(), files.url("/files/")),
+            ("SHA256".to_owned(), digest),
             // The fleet example's two replicas are this server twice.
             ("http://10.0.0.5:8080".to_owned(), server.base.clone()),
             ("http://10.0.0.6:8080".to_owned(), server.base.clone()),
@@ -135,27 +137,23 @@ impl Bench {
         command
     }
 
-    /// `example` with this server's addresses and keys, and the names a reader fills in made
-    /// real.
+    /// `example` with this server's addresses, keys and the file digest, and a key id made for
+    /// it where it revokes one.
     fn prepare(&self, command: &str, example: &str) -> String {
         let mut text = example.to_owned();
         for (from, to) in &self.replace {
             text = text.replace(from, to);
         }
         if text.contains("KEY_ID") {
-            let principal: &[&str] = if command.starts_with("kiln admin") { &["admin"] } else { &["tenant"] };
-            let (add, list) = match principal {
-                ["admin"] => ("kiln admin add-key", "kiln admin keys --json"),
-                _ => ("kiln tenant add-key demo", "kiln tenant keys demo --json"),
+            let (add, list) = if command.starts_with("kiln admin") {
+                ("kiln admin add-key", "kiln admin keys --json")
+            } else {
+                ("kiln tenant add-key demo", "kiln tenant keys demo --json")
             };
             self.must(&format!("{add} > /dev/null"));
             let keys: Value = serde_json::from_str(&self.must(list)).expect("keys as JSON");
             let id = keys.as_array().and_then(|k| k.last()).and_then(|k| k["id"].as_str()).expect("a key id").to_owned();
             text = text.replace("KEY_ID", &id);
-        }
-        if text.contains("SHA256") {
-            let digits = std::fs::read(artifact("build/models/digits.pt")).expect("digits.pt");
-            text = text.replace("SHA256", &sha256(&digits));
         }
         text
     }

@@ -144,6 +144,16 @@ mod reference {
 #[cfg(feature = "clap")]
 pub use reference::{reference, undocumented, without_examples};
 
+/// For a test: `file` (a generated reference page) holds `made`; with `KILN_BLESS` set, it is
+/// written first. A page that differs fails, naming `bless`, the command that rewrites it.
+pub fn check_reference(file: &std::path::Path, made: &str, bless: &str) {
+    if std::env::var_os("KILN_BLESS").is_some() {
+        std::fs::write(file, made).unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+    }
+    let kept = std::fs::read_to_string(file).unwrap_or_default();
+    assert!(kept == made, "{} differs from the binary's --help: run {bless}", file.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

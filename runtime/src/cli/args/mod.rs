@@ -574,12 +574,7 @@ mod tests {
     #[test]
     fn cli_reference() {
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reference/cli.md");
-        let made = reference();
-        if std::env::var_os("KILN_BLESS").is_some() {
-            std::fs::write(&file, &made).expect("write the reference");
-        }
-        let kept = std::fs::read_to_string(&file).unwrap_or_default();
-        assert!(kept == made, "{} differs from `kiln --help`: run KILN_BLESS=1 cargo test --release -p kiln --lib cli_reference", file.display());
+        kiln_wire::cli::check_reference(&file, &reference(), "KILN_BLESS=1 cargo test --release -p kiln --lib cli_reference");
     }
 
     #[test]
