@@ -255,6 +255,9 @@ async fn cancel_a_request(bench: &Bench, example: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_in_the_help_and_the_readme_runs() {
+    // The shared server first: its precision search times passes at start, and this test's
+    // load (kiln bench, a second kiln serve) must not skew those timings into another choice.
+    tokio::task::spawn_blocking(super::server).await.expect("the shared server");
     let bench = tokio::task::spawn_blocking(Bench::new).await.expect("set-up");
     let docs = root().join("docs/reference");
     let mut examples = Vec::new();
