@@ -30,7 +30,7 @@ pub mod headers {
 }
 
 /// The body of every error Kiln answers (4xx and 5xx): what went wrong for people, and a
-/// stable word for code (`not_found`, `quota`, `guest_trap`, ...).
+/// stable word for code (`not_found`, `quota`, `trap`, ...; docs/reference/errors.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
