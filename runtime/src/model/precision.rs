@@ -33,7 +33,8 @@ pub const MIN_SPEEDUP: f64 = 1.1;
 /// precision that pays anywhere pays on one row too (bf16 on a CPU without native bf16 runs a
 /// transformer 3-9× slower).
 const GIVE_UP: f64 = 0.5;
-/// Timings per batch size, after the comparison's untimed passes; the median counts.
+/// Rounds of timing per batch size, after the comparison's untimed passes; the median ratio
+/// counts.
 const TIMED_RUNS: usize = 3;
 /// The least one timing lasts: shorter passes are timed several at a time.
 const MIN_TIMED: Duration = Duration::from_millis(2);
@@ -149,13 +150,9 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
             }
         }
     }
-    let times = match sets.iter().filter(|s| s.timed).map(|set| median_time(&fp32, &set.inputs, deadline)).collect::<Result<Vec<_>, _>>() {
-        Ok(times) => times,
-        Err(e) => return Ok(skipped(e.to_string())),
-    };
-    drop(fp32);
+    // FP32 stays loaded beside each candidate: they are timed in turns (see `paired_speedup`).
     let tolerances = config.outputs.iter().map(|o| auto.tolerance_of(&o.name)).collect();
-    let baseline = Baseline { config, tolerances, sets, outputs, times, deadline };
+    let baseline = Baseline { config, fp32: &fp32, tolerances, sets, outputs, deadline };
 
     let mut trials = Vec::new();
     for form in candidates(config, device) {
@@ -191,21 +188,21 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
     Ok(Decision { form, report, device })
 }
 
-/// FP32's answers and times on the search's inputs: what every candidate is held to.
-struct Baseline<'a> {
+/// FP32, and its answers on the search's inputs: what every candidate is held to.
+struct Baseline<'a, F> {
     config: &'a ModelConfig,
+    /// The model in FP32, timed beside each candidate.
+    fp32: &'a F,
     /// Each output's bounds, in the config's order.
     tolerances: Vec<Tolerance>,
     sets: Vec<InputSet>,
     /// FP32's outputs on each set.
     outputs: Vec<Vec<HostTensor>>,
-    /// FP32's time on each timed set, in order.
-    times: Vec<Duration>,
     /// When the budget is spent.
     deadline: Instant,
 }
 
-impl Baseline<'_> {
+impl<F: LoadedModel> Baseline<'_, F> {
     /// Runs `model` (a candidate precision) on every set and compares with FP32; times it on
     /// the timed sets when it stays within the tolerance.
     fn try_candidate<M: LoadedModel>(&self, model: &M) -> Outcome {
@@ -227,10 +224,10 @@ impl Baseline<'_> {
         // The geometric mean over batch sizes (a lone request and a full batch count alike),
         // smallest first: a candidate already far slower there is not timed on a full batch.
         let (mut log_sum, mut timed) = (0.0, 0);
-        for (set, base) in self.sets.iter().filter(|s| s.timed).zip(&self.times) {
-            match median_time(model, &set.inputs, self.deadline) {
-                Ok(took) => log_sum += (base.as_secs_f64() / took.as_secs_f64().max(1e-9)).ln(),
-                Err(e) => return Outcome::Failed(e.to_string()),
+        for set in self.sets.iter().filter(|s| s.timed) {
+            match paired_speedup(self.fp32, model, &set.inputs, self.deadline) {
+                Ok(speedup) => log_sum += speedup.ln(),
+                Err(why) => return Outcome::Failed(why),
             }
             timed += 1;
             if (log_sum / f64::from(timed)).exp() < GIVE_UP {
@@ -295,28 +292,50 @@ pub fn compare(want: &HostTensor, got: &HostTensor) -> Agreement {
     agreement
 }
 
-/// The median of [`TIMED_RUNS`] timings of `model` on `inputs`, or of fewer (one at least) once
-/// `deadline` has passed: a candidate far slower than FP32 need not be timed to the end. A pass
-/// shorter than [`MIN_TIMED`] is timed that many at a time, so that for a model of microseconds
-/// the clock and the scheduler's noise do not decide between two forms.
-fn median_time<M: LoadedModel>(model: &M, inputs: &[HostTensor], deadline: Instant) -> Result<Duration, BackendError> {
+/// How many times faster `candidate` runs `inputs` than `fp32`: the median ratio over
+/// [`TIMED_RUNS`] rounds, or fewer (one at least) once `deadline` has passed, so that a candidate
+/// far slower than FP32 need not be timed to the end. Each round times both back to back, in
+/// turn first: load from outside the server that comes and goes during a search (a build, a
+/// neighbour's burst) slows both sides of a ratio alike, where timing FP32 once and each
+/// candidate later let a quiet moment decide. A pass shorter than [`MIN_TIMED`] is timed that
+/// many at a time, so that for a model of microseconds the clock and the scheduler's noise do not
+/// decide between two forms. The error says which side failed.
+fn paired_speedup<F: LoadedModel, M: LoadedModel>(fp32: &F, candidate: &M, inputs: &[HostTensor], deadline: Instant) -> Result<f64, String> {
+    let on_fp32 = |e: BackendError| format!("FP32, timed beside it, failed: {e}");
+    let (fp32_group, candidate_group) = (group_size(fp32, inputs).map_err(on_fp32)?, group_size(candidate, inputs).map_err(|e| e.to_string())?);
+    let mut ratios = Vec::with_capacity(TIMED_RUNS);
+    while ratios.len() < TIMED_RUNS && (ratios.is_empty() || Instant::now() < deadline) {
+        let fp32_first = ratios.len() % 2 == 0;
+        let mut base = Duration::ZERO;
+        if fp32_first {
+            base = time_group(fp32, inputs, fp32_group).map_err(on_fp32)?;
+        }
+        let took = time_group(candidate, inputs, candidate_group).map_err(|e| e.to_string())?;
+        if !fp32_first {
+            base = time_group(fp32, inputs, fp32_group).map_err(on_fp32)?;
+        }
+        ratios.push(base.as_secs_f64() / took.as_secs_f64().max(1e-9));
+    }
+    ratios.sort_by(f64::total_cmp);
+    Ok(ratios[ratios.len() / 2])
+}
+
+/// How many passes of `model` on `inputs` one timing takes to last [`MIN_TIMED`] (one at least,
+/// [`MAX_GROUP`] at most), from one untimed pass.
+fn group_size<M: LoadedModel>(model: &M, inputs: &[HostTensor]) -> Result<u32, BackendError> {
     let started = Instant::now();
     forward_guarded(model, inputs)?;
     let first = started.elapsed();
-    let group = u32::try_from(MIN_TIMED.as_nanos() / first.as_nanos().max(1)).unwrap_or(u32::MAX).clamp(1, MAX_GROUP);
-    let mut times = Vec::with_capacity(TIMED_RUNS);
-    if group == 1 {
-        times.push(first);
+    Ok(u32::try_from(MIN_TIMED.as_nanos() / first.as_nanos().max(1)).unwrap_or(u32::MAX).clamp(1, MAX_GROUP))
+}
+
+/// The time of one pass of `model` on `inputs`, averaged over `group` passes in a row.
+fn time_group<M: LoadedModel>(model: &M, inputs: &[HostTensor], group: u32) -> Result<Duration, BackendError> {
+    let started = Instant::now();
+    for _ in 0..group {
+        forward_guarded(model, inputs)?;
     }
-    while times.len() < TIMED_RUNS && (times.is_empty() || Instant::now() < deadline) {
-        let started = Instant::now();
-        for _ in 0..group {
-            forward_guarded(model, inputs)?;
-        }
-        times.push(started.elapsed() / group);
-    }
-    times.sort();
-    Ok(times[times.len() / 2])
+    Ok(started.elapsed() / group)
 }
 
 /// Inputs the candidates run on.

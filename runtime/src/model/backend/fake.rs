@@ -4,12 +4,13 @@
 //! when any value is negative (a caller's bad input), and is recorded; a load takes
 //! `load_delay`, and the next `fail_loads` loads fail. For the precision search, a precision
 //! can be given its own pass time, an error it adds to every other output value, or a failing
-//! load.
+//! load; and every pass that starts before a given moment takes longer, as on a machine that
+//! something outside the server loads for a while.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Backend, BackendError, LoadedModel};
 use crate::model::device::Device;
@@ -30,6 +31,8 @@ pub(crate) struct Script {
     pub(crate) precisions: Vec<(Precision, Duration, f32, bool)>,
     /// Every load's precision, in order.
     pub(crate) loads: Mutex<Vec<Precision>>,
+    /// Until when passes are slowed, and by how much each (outside load).
+    pub(crate) busy: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Script {
@@ -74,7 +77,8 @@ impl LoadedModel for FakeModel {
         };
         let values = f32_values(input);
         self.script.passes.locked().push(values.clone());
-        std::thread::sleep(self.delay);
+        let busy = self.script.busy.locked().filter(|(until, _)| Instant::now() < *until).map_or(Duration::ZERO, |(_, extra)| extra);
+        std::thread::sleep(self.delay + busy);
         if values.iter().any(|v| *v < 0.0) {
             return Err(BackendError::Forward("negative input".into()));
         }
