@@ -33,8 +33,8 @@ pub const MIN_SPEEDUP: f64 = 1.1;
 /// precision that pays anywhere pays on one row too (bf16 on a CPU without native bf16 runs a
 /// transformer 3-9× slower).
 const GIVE_UP: f64 = 0.5;
-/// Rounds of timing per batch size, after the comparison's untimed passes; the median ratio
-/// counts.
+/// Rounds of timing per batch size, after the comparison's untimed passes; each side's
+/// quickest counts.
 const TIMED_RUNS: usize = 3;
 /// The least one timing lasts: shorter passes are timed several at a time.
 const MIN_TIMED: Duration = Duration::from_millis(2);
@@ -292,41 +292,36 @@ pub fn compare(want: &HostTensor, got: &HostTensor) -> Agreement {
     agreement
 }
 
-/// How many times faster `candidate` runs `inputs` than `fp32`: the median ratio over
+/// How many times faster `candidate` runs `inputs` than `fp32`: each side's quickest timing over
 /// [`TIMED_RUNS`] rounds, or fewer (one at least) once `deadline` has passed, so that a candidate
-/// far slower than FP32 need not be timed to the end. Each round times both back to back, in
-/// turn first: load from outside the server that comes and goes during a search (a build, a
-/// neighbour's burst) slows both sides of a ratio alike, where timing FP32 once and each
-/// candidate later let a quiet moment decide. A pass shorter than [`MIN_TIMED`] is timed that
-/// many at a time, so that for a model of microseconds the clock and the scheduler's noise do not
+/// far slower than FP32 need not be timed to the end. Load from outside the server (a build, a
+/// neighbour's burst, the scheduler's time slices) only ever adds time, so the quickest timing is
+/// the least disturbed one; and since each round times both back to back, in turn first, with the
+/// same number of passes, both sides get the same quiet moments. (Timing FP32 once and each
+/// candidate later had let a quiet moment decide which won.) A pass shorter than [`MIN_TIMED`] is
+/// timed that many at a time, so that for a model of microseconds the clock's resolution does not
 /// decide between two forms. The error says which side failed.
 fn paired_speedup<F: LoadedModel, M: LoadedModel>(fp32: &F, candidate: &M, inputs: &[HostTensor], deadline: Instant) -> Result<f64, String> {
     let on_fp32 = |e: BackendError| format!("FP32, timed beside it, failed: {e}");
-    let (fp32_group, candidate_group) = (group_size(fp32, inputs).map_err(on_fp32)?, group_size(candidate, inputs).map_err(|e| e.to_string())?);
-    let mut ratios = Vec::with_capacity(TIMED_RUNS);
-    while ratios.len() < TIMED_RUNS && (ratios.is_empty() || Instant::now() < deadline) {
-        let fp32_first = ratios.len() % 2 == 0;
-        let mut base = Duration::ZERO;
-        if fp32_first {
-            base = time_group(fp32, inputs, fp32_group).map_err(on_fp32)?;
+    let on_candidate = |e: BackendError| e.to_string();
+    let fp32_pass = time_group(fp32, inputs, 1).map_err(on_fp32)?;
+    let candidate_pass = time_group(candidate, inputs, 1).map_err(on_candidate)?;
+    let quicker = fp32_pass.min(candidate_pass).as_nanos().max(1);
+    let group = u32::try_from(MIN_TIMED.as_nanos() / quicker).unwrap_or(u32::MAX).clamp(1, MAX_GROUP);
+    let (mut base, mut took) = (Duration::MAX, Duration::MAX);
+    for round in 0..TIMED_RUNS {
+        if round > 0 && Instant::now() >= deadline {
+            break;
         }
-        let took = time_group(candidate, inputs, candidate_group).map_err(|e| e.to_string())?;
-        if !fp32_first {
-            base = time_group(fp32, inputs, fp32_group).map_err(on_fp32)?;
+        if round % 2 == 0 {
+            base = base.min(time_group(fp32, inputs, group).map_err(on_fp32)?);
+            took = took.min(time_group(candidate, inputs, group).map_err(on_candidate)?);
+        } else {
+            took = took.min(time_group(candidate, inputs, group).map_err(on_candidate)?);
+            base = base.min(time_group(fp32, inputs, group).map_err(on_fp32)?);
         }
-        ratios.push(base.as_secs_f64() / took.as_secs_f64().max(1e-9));
     }
-    ratios.sort_by(f64::total_cmp);
-    Ok(ratios[ratios.len() / 2])
-}
-
-/// How many passes of `model` on `inputs` one timing takes to last [`MIN_TIMED`] (one at least,
-/// [`MAX_GROUP`] at most), from one untimed pass.
-fn group_size<M: LoadedModel>(model: &M, inputs: &[HostTensor]) -> Result<u32, BackendError> {
-    let started = Instant::now();
-    forward_guarded(model, inputs)?;
-    let first = started.elapsed();
-    Ok(u32::try_from(MIN_TIMED.as_nanos() / first.as_nanos().max(1)).unwrap_or(u32::MAX).clamp(1, MAX_GROUP))
+    Ok(base.as_secs_f64() / took.as_secs_f64().max(1e-9))
 }
 
 /// The time of one pass of `model` on `inputs`, averaged over `group` passes in a row.

@@ -113,7 +113,7 @@ fn a_candidate_no_faster_than_fp32_leaves_fp32() {
 fn load_from_outside_that_ends_during_the_search_does_not_make_a_candidate_look_faster() {
     // bf16 is no faster than FP32, but every pass is three times slower for the first 150 ms:
     // all of FP32's timing when it was timed once before the candidates. Timed in turns beside
-    // FP32, at most one round of each batch size sees the load end between its two sides.
+    // FP32, both sides have rounds after the load, and each side's quickest counts.
     let fake = fake(6, &[(Precision::Bf16, 6, 0.0, false), (Precision::Fp16, 60, 0.0, false)]);
     *fake.0.busy.lock().expect("busy") = Some((Instant::now() + Duration::from_millis(150), Duration::from_millis(12)));
     let decision = decide(&fake, Duration::from_secs(5));
