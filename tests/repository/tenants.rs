@@ -144,3 +144,78 @@ fn a_tenant_loads_its_own_models_within_its_quota_and_no_other_tenant_sees_them(
         assert_eq!(offset_as(&server, "demo", "mine").await.0, 404);
     });
 }
+
+/// Two tenants at once on one server, sharing its cores, its sandbox pool, the operator's digits
+/// model and the model repository: while `acme` loads its own MiniLM with `precision = "auto"`
+/// (downloaded, confined in its workers, and searched there: seconds of every core it gets) and
+/// calls digits through its own handler, `demo` calls digits through the examples' handler.
+/// acme outruns its rate quota; none of demo's calls fails or answers differently from before,
+/// and acme's search finishes, reported to acme under its own name.
+#[test]
+fn a_neighbour_s_precision_search_never_fails_or_changes_another_tenant_s_answers() {
+    let minilm = std::fs::read(artifact("build/models/minilm.pt")).expect("minilm.pt");
+    let digest = sha256(&minilm);
+    let bytes = minilm.len();
+    let web = FileServer::start(HashMap::from([("minilm.pt".to_owned(), minilm)]));
+    let acme = format!(
+        "[[tenant]]\nname = \"acme\"\nmodels = [\"digits\"]\nquota = {{ max_models = 1, max_model_bytes = {} }}\n\
+         [[handler]]\nname = \"acme-digits\"\ntenant = \"acme\"\nmodels = [\"digits\"]\ncomponent = \"{}\"\n",
+        bytes * 2,
+        artifact("target/wasm32-wasip2/guest/digits.wasm").display()
+    );
+    let config = examples_config("tenant_private_sources = true", &[], &acme);
+    let server = Server::start(&config, &["demo", "acme"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let rt = runtime();
+    rt.block_on(async {
+        let digits = |png: Vec<u8>| server.client("demo").post(server.url("/v1/handlers/digits/")).body(png).send();
+        let acme_digits = |png: Vec<u8>| server.client("acme").post(server.url("/v1/handlers/acme-digits/")).body(png).send();
+        let mut baseline = Vec::new();
+        for (png, _) in kiln_tests::holdout(8) {
+            let (status, body) = json_of(digits(png.clone()).await.expect("digits")).await;
+            assert_eq!(status, 200, "{body}");
+            baseline.push((png, body));
+        }
+        let spec = json!({
+            "source": web.url("/files/minilm.pt"), "sha256": digest, "precision": "auto",
+            "inputs": [
+                { "name": "input_ids", "dtype": "INT64", "shape": [-1, -1], "ragged_dim": 1, "pad": 0, "min": 0, "max": 30521, "max_dims": [-1, 512] },
+                { "name": "attention_mask", "dtype": "INT64", "shape": [-1, -1], "ragged_dim": 1, "pad": 0, "min": 0, "max": 1, "max_dims": [-1, 512] },
+            ],
+            "outputs": [{ "name": "last_hidden_state", "ragged_dim": 1 }],
+        });
+        let put = server.client("acme").put(server.url("/v1/models/embedder")).json(&spec).send();
+        let loading = tokio::spawn(async move { json_of(put.await.expect("put")).await });
+        // Four callers of each tenant at a time, round after round, until acme's load has answered.
+        let (mut rounds_while_loading, mut acme_answered) = (0, 0);
+        while !loading.is_finished() {
+            let calls: Vec<_> = baseline.iter().take(4).map(|(png, _)| digits(png.clone())).collect();
+            let theirs: Vec<_> = baseline.iter().skip(4).take(4).map(|(png, _)| acme_digits(png.clone())).collect();
+            let (calls, theirs) = futures::future::join(futures::future::join_all(calls), futures::future::join_all(theirs)).await;
+            for call in theirs {
+                // acme calls past its default rate (1000/s) too: its own quota answers.
+                let (status, got) = json_of(call.expect("acme's digits")).await;
+                assert!(status == 200 || (status == 429 && got["kind"] == "quota"), "acme's own digits call ({status}): {got}");
+                acme_answered += usize::from(status == 200);
+            }
+            for ((call, (_, want)), i) in calls.into_iter().zip(&baseline).zip(0..) {
+                let (status, got) = json_of(call.expect("digits")).await;
+                assert_eq!(status, 200, "demo's call {i} while acme searched: {got}");
+                assert_eq!(got["digit"], want["digit"], "demo's answer changed while acme searched");
+                let p = |v: &Value| -> Vec<f64> { v["probabilities"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default() };
+                assert!(p(&got).len() == 10 && p(&got).iter().zip(p(want)).all(|(a, b)| (a - b).abs() < 1e-5), "{got} against {want}");
+            }
+            rounds_while_loading += 1;
+        }
+        let (status, body) = loading.await.expect("load task");
+        assert_eq!(status, 201, "{body}");
+        assert!(rounds_while_loading >= 3, "demo's calls overlapped acme's load only {rounds_while_loading} times");
+        assert!(acme_answered > 0, "acme's own calls were answered too");
+
+        let (_, info) = json_of(server.client("acme").get(server.url("/v1/models/embedder")).send().await.expect("info")).await;
+        let choice = &info["precision_search"][0];
+        assert_eq!((choice["model"].as_str(), choice["device"].as_str()), (Some("embedder"), Some("cpu")), "{info}");
+        assert_eq!(choice["candidates"].as_array().map(Vec::len), Some(3), "every candidate reported: {info}");
+        let (status, _) = json_of(server.client("demo").get(server.url("/v1/models/embedder")).send().await.expect("info")).await;
+        assert_eq!(status, 404, "demo does not see acme's model");
+    });
+}
