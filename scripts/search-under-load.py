@@ -4,7 +4,7 @@
 Runs `kiln bench-raw --precision auto` on one model again and again. Beside each run, SPINNERS
 busy processes spin from START seconds after kiln starts for WIDTH seconds; START steps by 50 ms
 from 0.2 s over RUNS runs, so the load begins or ends at a different point of each search. Prints
-how many searches chose what (the search's own summary, up to its first comma).
+how many searches chose what.
 
     scripts/search-under-load.py [--kiln target/release/kiln] [--model digits]
         [--spinners 4] [--runs 24] [--width W | --ends]
@@ -42,8 +42,8 @@ def search_once(kiln, config, model, begin, width, spinners):
     summary = next((l for l in out.splitlines() if l.startswith("precision search: ")), None)
     if summary is None:
         raise SystemExit(f"no 'precision search:' line in kiln's output:\n{out}")
-    # "precision search: MODEL: CHOICE, 1.2× fp32, ..." -> "CHOICE"
-    return summary.split(": ", 2)[2].split(",")[0]
+    # "precision search: MODEL: CHOICE, 1.2× fp32, ..." or "...: MODEL: fp32 (bf16: ...)" -> CHOICE
+    return summary.split(": ", 2)[2].split(",")[0].split(" (")[0]
 
 
 def main():

@@ -149,8 +149,9 @@ fn a_tenant_loads_its_own_models_within_its_quota_and_no_other_tenant_sees_them(
 /// model and the model repository: while `acme` loads its own MiniLM with `precision = "auto"`
 /// (downloaded, confined in its workers, and searched there: seconds of every core it gets) and
 /// calls digits through its own handler, `demo` calls digits through the examples' handler.
-/// acme outruns its rate quota; none of demo's calls fails or answers differently from before,
-/// and acme's search finishes, reported to acme under its own name.
+/// acme calls as fast as it gets answers, past its rate quota (1000/s) where the machine is fast
+/// enough: those 429s are its own. None of demo's calls fails or answers differently from
+/// before, and acme's search finishes, reported to acme under its own name.
 #[test]
 fn a_neighbour_s_precision_search_never_fails_or_changes_another_tenant_s_answers() {
     let minilm = std::fs::read(artifact("build/models/minilm.pt")).expect("minilm.pt");

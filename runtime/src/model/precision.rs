@@ -124,6 +124,7 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
     // Inputs drawn from a signature can miss what a model needs (a dynamic dimension that must
     // be 3, say): then there is nothing to compare on, and the model is served in FP32 as it
     // would be without `auto`. A calibration file the model refuses is the operator's mistake.
+    // FP32 failing later, while timed, ends the search the same way.
     let skipped = |why: String| Decision {
         form: Form::default(),
         report: PrecisionChoice {
@@ -134,25 +135,42 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
             worst_cosine: 1.0,
             worst_abs: 0.0,
             search_ms: started.elapsed().as_millis() as u64,
-            candidates: vec![format!(
-                "none tried: FP32 fails on inputs drawn from the signature ({why}); declare the inputs' ranges and max_dims, or calibration files"
-            )],
+            candidates: vec![why],
         },
         device,
+    };
+    let unusable = |e: BackendError| {
+        format!("none tried: FP32 fails on inputs drawn from the signature ({e}); declare the inputs' ranges and max_dims, or calibration files")
     };
     let mut outputs = Vec::with_capacity(sets.len());
     for set in &sets {
         match (forward_guarded(&fp32, &set.inputs), &set.file) {
             (Ok(out), _) => outputs.push(out),
-            (Err(e), None) => return Ok(skipped(e.to_string())),
+            (Err(e), None) => return Ok(skipped(unusable(e))),
             (Err(e), Some(file)) => {
                 return Err(BackendError::Load(format!("calibration file {}: the FP32 forward pass failed: {e}", file.display())));
             }
         }
     }
-    // FP32 stays loaded beside each candidate: they are timed in turns (see `paired_speedup`).
+    // On the CPU, FP32 stays loaded and is timed in turns with each candidate (`paired_speedup`):
+    // load from outside comes and goes there, and the memory is the host's. On a GPU, where
+    // placement reserved room for one copy of the weights, FP32 is timed first, alone, and
+    // unloaded before any candidate loads.
+    let reference = if device.is_gpu() {
+        let mut times = Vec::new();
+        for set in sets.iter().filter(|s| s.timed) {
+            match quickest_alone(&fp32, &set.inputs, deadline) {
+                Ok(took) => times.push(took),
+                Err(e) => return Ok(skipped(unusable(e))),
+            }
+        }
+        drop(fp32);
+        Reference::Before(times)
+    } else {
+        Reference::Beside(&fp32)
+    };
     let tolerances = config.outputs.iter().map(|o| auto.tolerance_of(&o.name)).collect();
-    let baseline = Baseline { config, fp32: &fp32, tolerances, sets, outputs, deadline };
+    let baseline = Baseline { config, reference, tolerances, sets, outputs, deadline };
 
     let mut trials = Vec::new();
     for form in candidates(config, device) {
@@ -160,9 +178,10 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
             trials.push((form, Outcome::NotTried));
             continue;
         }
-        let outcome = match backend.load(&config.with_form(form), device) {
+        let outcome = match backend.load(&config.with_form(form), device).map(|model| baseline.try_candidate(&model)) {
             Err(e) => Outcome::Failed(e.to_string()),
-            Ok(model) => baseline.try_candidate(&model),
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => return Ok(skipped(format!("stopped at {form}: FP32 failed while timed beside it ({e}); served in FP32"))),
         };
         trials.push((form, outcome));
     }
@@ -188,11 +207,19 @@ pub fn search<B: Backend>(backend: &B, config: &ModelConfig, auto: &AutoPrecisio
     Ok(Decision { form, report, device })
 }
 
+/// What a candidate's time is held to.
+enum Reference<'a, F> {
+    /// FP32 itself, timed in turns with each candidate (on the CPU).
+    Beside(&'a F),
+    /// FP32's quickest time on each timed set, in order, taken before any candidate loaded (on a
+    /// GPU).
+    Before(Vec<Duration>),
+}
+
 /// FP32, and its answers on the search's inputs: what every candidate is held to.
 struct Baseline<'a, F> {
     config: &'a ModelConfig,
-    /// The model in FP32, timed beside each candidate.
-    fp32: &'a F,
+    reference: Reference<'a, F>,
     /// Each output's bounds, in the config's order.
     tolerances: Vec<Tolerance>,
     sets: Vec<InputSet>,
@@ -204,38 +231,47 @@ struct Baseline<'a, F> {
 
 impl<F: LoadedModel> Baseline<'_, F> {
     /// Runs `model` (a candidate precision) on every set and compares with FP32; times it on
-    /// the timed sets when it stays within the tolerance.
-    fn try_candidate<M: LoadedModel>(&self, model: &M) -> Outcome {
+    /// the timed sets when it stays within the tolerance. An error is FP32's, failing while
+    /// timed beside it: the search cannot go on.
+    fn try_candidate<M: LoadedModel>(&self, model: &M) -> Result<Outcome, BackendError> {
         let mut worst = Agreement::EXACT;
         for (set, want) in self.sets.iter().zip(&self.outputs) {
             let got = match forward_guarded(model, &set.inputs) {
                 Ok(got) => got,
-                Err(e) => return Outcome::Failed(e.to_string()),
+                Err(e) => return Ok(Outcome::Failed(e.to_string())),
             };
             for (((spec, allowed), want), got) in self.config.outputs.iter().zip(&self.tolerances).zip(want).zip(&got) {
                 let agreement = compare(want, got);
                 let allowed_abs = allowed.max_abs.unwrap_or_else(|| default_max_abs(want));
                 worst = worst.worse(agreement);
                 if !(agreement.cosine >= allowed.cosine && agreement.max_abs <= allowed_abs) {
-                    return Outcome::Drifted { output: spec.name.clone(), worst: agreement, allowed: *allowed, allowed_abs };
+                    return Ok(Outcome::Drifted { output: spec.name.clone(), worst: agreement, allowed: *allowed, allowed_abs });
                 }
             }
         }
         // The geometric mean over batch sizes (a lone request and a full batch count alike),
         // smallest first: a candidate already far slower there is not timed on a full batch.
         let (mut log_sum, mut timed) = (0.0, 0);
-        for set in self.sets.iter().filter(|s| s.timed) {
-            match paired_speedup(self.fp32, model, &set.inputs, self.deadline) {
-                Ok(speedup) => log_sum += speedup.ln(),
-                Err(why) => return Outcome::Failed(why),
-            }
+        for (i, set) in self.sets.iter().filter(|s| s.timed).enumerate() {
+            let speedup = match &self.reference {
+                Reference::Beside(fp32) => match paired_speedup(*fp32, model, &set.inputs, self.deadline) {
+                    Ok(speedup) => speedup,
+                    Err(Failed::Fp32(e)) => return Err(e),
+                    Err(Failed::Candidate(e)) => return Ok(Outcome::Failed(e.to_string())),
+                },
+                Reference::Before(times) => match quickest_alone(model, &set.inputs, self.deadline) {
+                    Ok(took) => times[i].as_secs_f64() / took.as_secs_f64().max(1e-9),
+                    Err(e) => return Ok(Outcome::Failed(e.to_string())),
+                },
+            };
+            log_sum += speedup.ln();
             timed += 1;
             if (log_sum / f64::from(timed)).exp() < GIVE_UP {
                 break;
             }
         }
         let speedup = (log_sum / f64::from(timed.max(1))).exp();
-        Outcome::Kept { speedup, worst }
+        Ok(Outcome::Kept { speedup, worst })
     }
 }
 
@@ -292,36 +328,66 @@ pub fn compare(want: &HostTensor, got: &HostTensor) -> Agreement {
     agreement
 }
 
+/// Which side of a comparison failed.
+enum Failed {
+    Fp32(BackendError),
+    Candidate(BackendError),
+}
+
 /// How many times faster `candidate` runs `inputs` than `fp32`: each side's quickest timing over
-/// [`TIMED_RUNS`] rounds, or fewer (one at least) once `deadline` has passed, so that a candidate
-/// far slower than FP32 need not be timed to the end. Load from outside the server (a build, a
-/// neighbour's burst, the scheduler's time slices) only ever adds time, so the quickest timing is
-/// the least disturbed one; and since each round times both back to back, in turn first, with the
-/// same number of passes, both sides get the same quiet moments. (Timing FP32 once and each
-/// candidate later had let a quiet moment decide which won.) A pass shorter than [`MIN_TIMED`] is
-/// timed that many at a time, so that for a model of microseconds the clock's resolution does not
-/// decide between two forms. The error says which side failed.
-fn paired_speedup<F: LoadedModel, M: LoadedModel>(fp32: &F, candidate: &M, inputs: &[HostTensor], deadline: Instant) -> Result<f64, String> {
-    let on_fp32 = |e: BackendError| format!("FP32, timed beside it, failed: {e}");
-    let on_candidate = |e: BackendError| e.to_string();
-    let fp32_pass = time_group(fp32, inputs, 1).map_err(on_fp32)?;
-    let candidate_pass = time_group(candidate, inputs, 1).map_err(on_candidate)?;
-    let quicker = fp32_pass.min(candidate_pass).as_nanos().max(1);
-    let group = u32::try_from(MIN_TIMED.as_nanos() / quicker).unwrap_or(u32::MAX).clamp(1, MAX_GROUP);
+/// [`TIMED_RUNS`] rounds, or fewer once `deadline` has passed (then the first untimed pass of
+/// each counts, so that a candidate far slower than FP32 need not be timed to the end). Load from
+/// outside the server (a build, a neighbour's burst, the scheduler's time slices) only ever adds
+/// time, so the quickest timing is the least disturbed one; and since each round times both back
+/// to back, in turn first, with the same number of passes, both sides get the same quiet moments.
+/// (Timing FP32 once and each candidate later had let a quiet moment decide which won.)
+fn paired_speedup<F: LoadedModel, M: LoadedModel>(fp32: &F, candidate: &M, inputs: &[HostTensor], deadline: Instant) -> Result<f64, Failed> {
+    let fp32_pass = time_group(fp32, inputs, 1).map_err(Failed::Fp32)?;
+    let candidate_pass = time_group(candidate, inputs, 1).map_err(Failed::Candidate)?;
+    let ratio = |base: Duration, took: Duration| base.as_secs_f64() / took.as_secs_f64().max(1e-9);
+    if Instant::now() >= deadline {
+        return Ok(ratio(fp32_pass, candidate_pass));
+    }
+    let group = group_for(fp32_pass.min(candidate_pass));
     let (mut base, mut took) = (Duration::MAX, Duration::MAX);
     for round in 0..TIMED_RUNS {
         if round > 0 && Instant::now() >= deadline {
             break;
         }
         if round % 2 == 0 {
-            base = base.min(time_group(fp32, inputs, group).map_err(on_fp32)?);
-            took = took.min(time_group(candidate, inputs, group).map_err(on_candidate)?);
+            base = base.min(time_group(fp32, inputs, group).map_err(Failed::Fp32)?);
+            took = took.min(time_group(candidate, inputs, group).map_err(Failed::Candidate)?);
         } else {
-            took = took.min(time_group(candidate, inputs, group).map_err(on_candidate)?);
-            base = base.min(time_group(fp32, inputs, group).map_err(on_fp32)?);
+            took = took.min(time_group(candidate, inputs, group).map_err(Failed::Candidate)?);
+            base = base.min(time_group(fp32, inputs, group).map_err(Failed::Fp32)?);
         }
     }
-    Ok(base.as_secs_f64() / took.as_secs_f64().max(1e-9))
+    Ok(ratio(base, took))
+}
+
+/// `model`'s quickest timing on `inputs` over [`TIMED_RUNS`] rounds, or fewer once `deadline` has
+/// passed (then its first untimed pass counts): how a GPU search times FP32 before the
+/// candidates, and each candidate after it.
+fn quickest_alone<M: LoadedModel>(model: &M, inputs: &[HostTensor], deadline: Instant) -> Result<Duration, BackendError> {
+    let pass = time_group(model, inputs, 1)?;
+    if Instant::now() >= deadline {
+        return Ok(pass);
+    }
+    let group = group_for(pass);
+    let mut quickest = Duration::MAX;
+    for round in 0..TIMED_RUNS {
+        if round > 0 && Instant::now() >= deadline {
+            break;
+        }
+        quickest = quickest.min(time_group(model, inputs, group)?);
+    }
+    Ok(quickest)
+}
+
+/// How many passes one timing takes to last [`MIN_TIMED`] when one pass takes `pass`: for a
+/// model of microseconds, the clock's resolution must not decide between two forms.
+fn group_for(pass: Duration) -> u32 {
+    u32::try_from(MIN_TIMED.as_nanos() / pass.as_nanos().max(1)).unwrap_or(u32::MAX).clamp(1, MAX_GROUP)
 }
 
 /// The time of one pass of `model` on `inputs`, averaged over `group` passes in a row.

@@ -4,11 +4,11 @@
 //! when any value is negative (a caller's bad input), and is recorded; a load takes
 //! `load_delay`, and the next `fail_loads` loads fail. For the precision search, a precision
 //! can be given its own pass time, an error it adds to every other output value, or a failing
-//! load; and every pass that starts before a given moment takes longer, as on a machine that
-//! something outside the server loads for a while.
+//! load, or passes that fail after a number of them; and every pass that starts before a given
+//! moment takes longer, as on a machine that something outside the server loads for a while.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,11 @@ pub(crate) struct Script {
     pub(crate) loads: Mutex<Vec<Precision>>,
     /// Until when passes are slowed, and by how much each (outside load).
     pub(crate) busy: Mutex<Option<(Instant, Duration)>>,
+    /// A model loaded in this precision fails every pass after its first N.
+    pub(crate) fail_after: Option<(Precision, usize)>,
+    /// Models loaded and not yet dropped, now and at most.
+    pub(crate) alive: AtomicU32,
+    pub(crate) most_alive: AtomicU32,
 }
 
 impl Script {
@@ -52,6 +57,14 @@ pub(crate) struct FakeModel {
     script: Arc<Script>,
     delay: Duration,
     error: f32,
+    /// Passes that still succeed, for a precision scripted to fail after some.
+    passes_left: Option<AtomicUsize>,
+}
+
+impl Drop for FakeModel {
+    fn drop(&mut self) {
+        self.script.alive.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Backend for Fake {
@@ -66,7 +79,10 @@ impl Backend for Fake {
             return Err(BackendError::Load("scripted load failure".into()));
         }
         let (delay, error) = own.map_or((self.0.forward_delay, 0.0), |p| (p.1, p.2));
-        Ok(FakeModel { script: Arc::clone(&self.0), delay, error })
+        let passes_left = self.0.fail_after.filter(|(p, _)| *p == config.precision).map(|(_, n)| AtomicUsize::new(n));
+        let alive = self.0.alive.fetch_add(1, Ordering::AcqRel) + 1;
+        self.0.most_alive.fetch_max(alive, Ordering::AcqRel);
+        Ok(FakeModel { script: Arc::clone(&self.0), delay, error, passes_left })
     }
 }
 
@@ -77,6 +93,11 @@ impl LoadedModel for FakeModel {
         };
         let values = f32_values(input);
         self.script.passes.locked().push(values.clone());
+        if let Some(left) = &self.passes_left
+            && left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_err()
+        {
+            return Err(BackendError::Forward("scripted pass failure".into()));
+        }
         let busy = self.script.busy.locked().filter(|(until, _)| Instant::now() < *until).map_or(Duration::ZERO, |(_, extra)| extra);
         std::thread::sleep(self.delay + busy);
         if values.iter().any(|v| *v < 0.0) {

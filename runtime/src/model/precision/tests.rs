@@ -3,6 +3,7 @@
 //! models is in the Torch backend's tests.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use kiln_wire::EventKind;
@@ -119,6 +120,35 @@ fn load_from_outside_that_ends_during_the_search_does_not_make_a_candidate_look_
     let decision = decide(&fake, Duration::from_secs(5));
     assert_eq!(decision.form.precision, Precision::Fp32, "{:?}", decision.report);
     assert!(decision.report.candidates[0].starts_with("bf16: ") && decision.report.candidates[0].contains("not 1.1× or more"), "{:?}", decision.report);
+}
+
+#[test]
+fn on_the_cpu_fp32_stays_loaded_beside_each_candidate_and_on_a_gpu_it_goes_first() {
+    let cpu = fake(2, &[(Precision::Bf16, 1, 0.0, false)]);
+    decide(&cpu, Duration::from_secs(5));
+    assert_eq!(cpu.0.most_alive.load(Ordering::Acquire), 2, "FP32 and one candidate at a time");
+    let gpu = fake(2, &[(Precision::Fp16, 1, 0.0, false)]);
+    let config = auto_config(Replicas::fixed(1), &auto(Duration::from_secs(5)));
+    let decision = search(&gpu, &config, &auto(Duration::from_secs(5)), Device::Cuda(0)).expect("search");
+    assert_eq!(gpu.0.most_alive.load(Ordering::Acquire), 1, "placement reserved one copy of the weights");
+    assert_eq!(decision.form.precision, Precision::Fp16, "timed against FP32's time from before: {:?}", decision.report);
+    assert_eq!(gpu.0.alive.load(Ordering::Acquire), 0, "the search keeps no model");
+}
+
+#[test]
+fn fp32_failing_while_timed_ends_the_search_in_fp32_and_says_so() {
+    // Its two comparison passes succeed; the first timed one fails, beside bf16.
+    let fake = Fake(Arc::new(Script {
+        forward_delay: Duration::from_millis(1),
+        fail_after: Some((Precision::Fp32, 2)),
+        ..Script::default()
+    }));
+    let decision = decide(&fake, Duration::from_secs(5));
+    assert_eq!(decision.form.precision, Precision::Fp32);
+    assert_eq!(decision.report.candidates.len(), 1, "{:?}", decision.report);
+    let why = &decision.report.candidates[0];
+    assert!(why.starts_with("stopped at bf16: FP32 failed while timed beside it (") && why.contains("scripted pass failure"), "{why}");
+    assert_eq!(fake.0.loads(), [Precision::Fp32, Precision::Bf16], "no candidate loads after it");
 }
 
 #[test]
