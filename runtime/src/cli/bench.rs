@@ -175,15 +175,8 @@ impl GrpcClient {
             .with_context(|| format!("--grpc {}", load.addr))?
             .connect_with_connector(super::connect::grpc(tls, super::connect::is_https(&uri))?)
             .await
-            .map_err(|e| {
-                let mut why = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    why.push_str(&format!(": {s}"));
-                    source = s.source();
-                }
-                kiln_wire::cli::Unreachable(format!("cannot reach {}: {why}", load.addr))
-            })?;
+            // anyhow's alternate form writes the error with its causes, "a: b: c".
+            .map_err(|e| kiln_wire::cli::Unreachable(format!("cannot reach {}: {:#}", load.addr, anyhow::Error::new(e))))?;
         let mut headers_map = http::HeaderMap::new();
         for (k, v) in headers {
             let name = http::HeaderName::from_bytes(k.to_lowercase().as_bytes()).with_context(|| format!("header '{k}'"))?;
