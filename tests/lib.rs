@@ -474,6 +474,13 @@ pub fn a_digit() -> Vec<u8> {
     holdout(1).swap_remove(0).0
 }
 
+/// Whether the digits handler's answer `got` is `want`: the same digit, and ten probabilities
+/// each within 1e-5 of `want`'s.
+pub fn same_digits_answer(got: &serde_json::Value, want: &serde_json::Value) -> bool {
+    let p = |v: &serde_json::Value| -> Vec<f64> { v["probabilities"].as_array().map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect()).unwrap_or_default() };
+    got["digit"] == want["digit"] && p(got).len() == 10 && p(got).iter().zip(p(want)).all(|(a, b)| (a - b).abs() < 1e-5)
+}
+
 /// The held-out digits as (PNG, label), the first `n` by name.
 pub fn holdout(n: usize) -> Vec<(Vec<u8>, u64)> {
     let mut paths: Vec<_> = std::fs::read_dir(artifact("build/holdout/digits"))

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use kiln_tests::{Server, artifact, examples_config};
+use kiln_tests::{Server, artifact, examples_config, same_digits_answer};
 use serde_json::{Value, json};
 
 /// `demo` is the victim (the digits and embeddings examples); `mallory` the attacker, with the
@@ -164,11 +164,6 @@ async fn digits_baseline(client: &reqwest::Client) -> Vec<(Vec<u8>, Value)> {
         baseline.push((png, body));
     }
     baseline
-}
-
-fn same_digits_answer(got: &Value, want: &Value) -> bool {
-    let p = |v: &Value| -> Vec<f64> { v["probabilities"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default() };
-    got["digit"] == want["digit"] && p(got).len() == 10 && p(got).iter().zip(p(want)).all(|(a, b)| (a - b).abs() < 1e-5)
 }
 
 /// Item 3: hundreds of requests whose guests answer at once and then spin to their deadline.
